@@ -1,0 +1,5 @@
+"""qwen2vl: Qwen2-VL from scratch in PyTorch, with an inference engine, server, CLI and web page."""
+
+from qwen2vl.model import Qwen2VL
+
+__all__ = ["Qwen2VL"]

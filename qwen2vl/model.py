@@ -1,0 +1,91 @@
+"""Qwen2-VL: vision tower + text decoder, glued by scattering visual tokens into the embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from qwen2vl.attention import causal_attend
+from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.hub import resolve_model_path
+from qwen2vl.loader import checkpoint_dtype, load_weights
+from qwen2vl.positions import mrope_positions
+from qwen2vl.text import Attend, TextModel
+from qwen2vl.vision import VisionTower
+
+
+class Qwen2VL(nn.Module):
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTower(config.vision)
+        self.model = TextModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2VL:
+        """Load a checkpoint folder (or hub repo id) straight into `dtype` on `device`."""
+        folder = resolve_model_path(name_or_path)
+        config = Qwen2VLConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, Path(folder), dtype or checkpoint_dtype(folder), device, config.tie_word_embeddings)
+        return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def embed(self, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [N, D] with vision_embeds rows placed, in order, at the image/video pads."""
+        x = self.model.embed_tokens(input_ids)
+        is_pad = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+        num_pads = int(is_pad.sum())
+        num_rows = 0 if vision_embeds is None else vision_embeds.shape[0]
+        if num_pads != num_rows:
+            raise ValueError(f"{num_pads} image/video pad tokens but {num_rows} vision embeddings to place")
+        if num_pads:
+            x[is_pad] = vision_embeds.to(x.dtype)
+        return x
+
+    def encode_vision(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Vision embeddings for every pad token of `input_ids`, in sequence order, or None."""
+        pad_ids = input_ids[(input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)]
+        if pad_ids.numel() == 0:
+            return None
+        out = torch.empty(pad_ids.numel(), self.config.text.hidden_size, dtype=self.dtype, device=self.device)
+        for pixels, grid, token in (
+            (pixel_values, image_grid_thw, self.config.image_token_id),
+            (pixel_values_videos, video_grid_thw, self.config.video_token_id),
+        ):
+            if pixels is not None:
+                rows = pad_ids == token
+                feats = self.visual(pixels.to(self.device), grid)
+                if feats.shape[0] != int(rows.sum()):
+                    raise ValueError(f"{int(rows.sum())} pad tokens (id {token}) but {feats.shape[0]} vision tokens")
+                out[rows] = feats
+        return out
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend = causal_attend) -> torch.Tensor:
+        return self.model(x, positions, attend)
+
+    @torch.inference_mode()
+    def logits(
+        self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None
+    ) -> torch.Tensor:
+        """Logits [L, vocab] (float32) of one whole sequence, no cache: for tests and tools."""
+        input_ids = torch.as_tensor(input_ids, device=self.device).long()
+        assert input_ids.dim() == 1, "logits() takes one sequence: a 1-D tensor of token ids"
+        positions, _ = mrope_positions(input_ids.cpu(), image_grid_thw, video_grid_thw, self.config)
+        vis = self.encode_vision(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        x = self.embed(input_ids, vis)
+        return self.compute_logits(self.model(x, positions.to(self.device), causal_attend))

@@ -1,0 +1,140 @@
+"""Random-weight Qwen2-VL checkpoints built with transformers (the oracle), saved as real folders.
+
+`build_reference(**overrides)` makes a transformers model from a tiny config with every tensor
+randomized (biases and norm weights too, so a forgotten bias shows up); `save_checkpoint` writes it
+in one of the layouts found in the wild:
+- "hub":  what the published checkpoints and transformers' save_pretrained write (`model.layers.*`,
+          `visual.*`, nested transformers-5 config),
+- "v5":   the in-memory names (`model.language_model.*`, `model.visual.*`),
+- "flat": hub weight names with the published flat config.json (`rope_scaling`, `in_chans`),
+optionally sharded with an index.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# small ids inside a small vocab: tests must not depend on the published ids being hard-coded
+TINY_IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def tiny_config(
+    *,
+    vocab_size=256,
+    hidden_size=64,
+    num_heads=4,
+    num_kv_heads=2,
+    layers=2,
+    intermediate_size=96,
+    mrope_section=(2, 3, 3),
+    vision_depth=2,
+    vision_dim=32,
+    vision_heads=2,
+    tie=True,
+    ids=None,
+):
+    from transformers import Qwen2VLConfig
+
+    ids = ids or (TINY_IDS if vocab_size < 151657 else QWEN_IDS)
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            rope_parameters={"rope_type": "default", "mrope_section": list(mrope_section), "rope_theta": 10000.0},
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=tie,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            embed_dim=vision_dim,
+            num_heads=vision_heads,
+            mlp_ratio=2,
+            hidden_size=hidden_size,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+        ),
+        tie_word_embeddings=tie,
+        **ids,
+    )
+
+
+def build_reference(seed=0, **config_kwargs):
+    """A transformers Qwen2VLForConditionalGeneration in float32 with all tensors random."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(tiny_config(**config_kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.08)
+    return model
+
+
+def _hub_state_dict(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in model.state_dict().items():
+        name = name.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        out[name] = t.contiguous()
+    if model.config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def _flat_config(config_dict: dict) -> dict:
+    """The published layout: text keys at the top, rope_scaling for M-RoPE, vision in_chans."""
+    text = dict(config_dict.pop("text_config"))
+    rope = text.pop("rope_parameters")
+    flat = {**text, **config_dict, "model_type": "qwen2_vl"}
+    flat["rope_theta"] = rope["rope_theta"]
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    vision = dict(flat["vision_config"])
+    vision["in_chans"] = vision.pop("in_channels")
+    vision.pop("rope_parameters", None)
+    flat["vision_config"] = vision
+    return flat
+
+
+def save_checkpoint(model, folder, layout="hub", shards=1, dtype=torch.float32, tokenizer_dir=None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(dtype) for k, v in _hub_state_dict(model).items()}
+    if layout == "v5":
+        rename = lambda k: "model.language_model." + k[6:] if k.startswith("model.") else k
+        state = {("model." + k if k.startswith("visual.") else rename(k)): v for k, v in state.items()}
+    config_dict = model.config.to_dict()
+    config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    if layout == "flat":
+        config_dict = _flat_config(config_dict)
+    (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
+    names = sorted(state)
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i in range(shards):
+            part = names[i::shards]
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: state[k] for k in part}, str(folder / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy(f, folder / f.name)
+    return folder
