@@ -1,0 +1,113 @@
+"""One step on the model: pack the scheduled tokens, attach vision rows, run, sample.
+
+Packing: sequence by sequence, the tokens [num_cached_tokens, num_cached_tokens + num_scheduled)
+go into one row list of length N, with their M-RoPE positions [3, N] and the cache slot each
+token's k/v goes to (`slot_mapping`). Only sequences whose chunk reaches their last token are
+sampled; a prompt chunk that stops short only fills the cache.
+
+Vision: an image's encoder output is needed when a chunk covers any of its pads. It comes from the
+sequence (held while its prompt is being prefilled), else the vision cache, else the encoder, which
+runs once per step over every missing picture of every sequence; each chunk takes its slice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen2vl.engine.kv_cache import KVCache
+from qwen2vl.engine.paged_attention import PagedBatch, paged_attention
+from qwen2vl.engine.sampler import sample
+from qwen2vl.engine.sequence import Sequence
+from qwen2vl.engine.vision_cache import VisionCache
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache, vision_cache: VisionCache, attention=paged_attention):
+        self.model = model
+        self.cache = cache
+        self.vision_cache = vision_cache
+        self.attention = attention  # (q, k, v, k_cache, v_cache, PagedBatch) -> out
+        self.device = model.device
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence]) -> tuple[list[int | None], list]:
+        """Tokens (None for a prompt chunk that stops short) and logprob entries, one per sequence."""
+        ids, positions, batch = self.prepare(seqs)
+        x = self.model.embed(ids, vision_embeds=self.vision_rows(seqs))
+
+        def attend(layer, q, k, v):
+            self.cache.write(layer, k, v, batch.slot_mapping)
+            return self.attention(q, k, v, self.cache.k[layer], self.cache.v[layer], batch)
+
+        hidden = self.model.model(x, positions, attend)  # [N, D]
+        done = [i for i, s in enumerate(seqs) if s.num_cached_tokens + s.num_scheduled_tokens == s.num_tokens]
+        tokens: list[int | None] = [None] * len(seqs)
+        logprobs: list = [None] * len(seqs)
+        if done:
+            rows = torch.tensor([batch.q_starts[i] + batch.q_lens[i] - 1 for i in done], device=self.device)
+            sampled, lps = sample(self.model.compute_logits(hidden[rows]), [seqs[i] for i in done])
+            for i, t, lp in zip(done, sampled, lps):
+                tokens[i], logprobs[i] = t, lp
+        return tokens, logprobs
+
+    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
+        bs = self.cache.block_size
+        ids, positions, slots = [], [], []
+        q_starts, q_lens, ctx_lens = [], [], []
+        n = 0
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+            ids.extend(seq.token_ids[start:end])
+            positions.append(seq.prompt.positions_for(start, end))
+            slots.extend(seq.block_table[i // bs] * bs + i % bs for i in range(start, end))
+            q_starts.append(n)
+            q_lens.append(end - start)
+            ctx_lens.append(end)
+            n += end - start
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        dev = self.device
+        batch = PagedBatch(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            q_starts=q_starts, q_lens=q_lens, ctx_lens=ctx_lens,
+            block_tables=torch.tensor(tables, dtype=torch.long).to(dev, non_blocking=True),
+            ctx_lens_t=torch.tensor(ctx_lens, dtype=torch.long).to(dev, non_blocking=True),
+            block_size=bs,
+        )
+        ids_t = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        return ids_t, torch.cat(positions, dim=1).to(dev, non_blocking=True), batch
+
+    def vision_rows(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Encoder rows for every pad token in this step's chunks, in packing order."""
+        slices, missing = [], {}
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+            for j, item in enumerate(seq.prompt.vision):
+                if item.end <= start or item.offset >= end:
+                    continue
+                if j not in seq.vision_embeds:
+                    embeds = self.vision_cache.get(item.content_hash)
+                    if embeds is None:
+                        missing[item.content_hash] = item
+                    else:
+                        seq.vision_embeds[j] = embeds
+                slices.append((seq, j, max(start, item.offset) - item.offset, min(end, item.end) - item.offset))
+        if not slices:
+            return None
+        if missing:
+            encoded = self.encode(list(missing.values()))
+            for seq, j, _, _ in slices:
+                if j not in seq.vision_embeds:
+                    seq.vision_embeds[j] = encoded[seq.prompt.vision[j].content_hash]
+        return torch.cat([seq.vision_embeds[j][lo:hi] for seq, j, lo, hi in slices])
+
+    def encode(self, items: list) -> dict[int, torch.Tensor]:
+        """Run the vision tower once over several pictures; cache and return their rows by hash."""
+        pixels = torch.cat([it.pixel_values for it in items]).to(self.device, self.model.dtype)
+        grids = torch.tensor([it.grid_thw for it in items], dtype=torch.long)  # the tower reads it on the host
+        rows = self.model.visual(pixels, grids)  # [sum(t*h*w) / merge^2, D], grid order
+        out = {}
+        for it, embeds in zip(items, torch.split(rows, [it.num_tokens for it in items])):
+            out[it.content_hash] = embeds
+            self.vision_cache.put(it.content_hash, embeds)
+        return out

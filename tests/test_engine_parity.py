@@ -1,0 +1,154 @@
+"""LLM.chat (greedy) against transformers `generate` (greedy), token for token, in float32.
+
+Both run the same random-weight checkpoint (untied head: a tied random model repeats one token,
+which would hide position or cache mistakes) on the same processor output. Beyond the ids, each
+step's logprob of the chosen token is compared with transformers' raw logits, so a wrong position
+or a stale cache slot shows up even where the argmax happens to survive it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen2vl.engine.llm import LLM
+from qwen2vl.engine.sampling_params import SamplingParams
+from tests.helpers.checkpoints import build_reference, save_checkpoint
+from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
+
+MAX_TOKENS = 8
+PREPROCESSOR = {
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+
+def image(seed: int, w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def user(*content) -> dict:
+    return {"role": "user", "content": [c if isinstance(c, dict) else {"type": "text", "text": c} for c in content]}
+
+
+def img(seed, w=56, h=84) -> dict:
+    return {"type": "image", "image": image(seed, w, h)}
+
+
+CONVERSATIONS = {
+    "text": [user("Hello, tell me a story about a cat.")],
+    "one_image": [user(img(1), "What is in this image?")],
+    "two_images": [user(img(2, 84, 56), "and", img(3, 112, 56), "compare them")],
+    # 4 frames -> grid (2, 4, 6): t <= max(h, w)/2, where transformers 5 positions agree (REFERENCE 2.4)
+    "video": [user({"type": "video", "video": [image(10 + i, 84, 56) for i in range(4)],
+                    "resized_height": 56, "resized_width": 84}, "What happens?")],
+    "multi_turn": [user(img(4), "Describe it."), {"role": "assistant", "content": "A noisy square."},
+                   user("Are you sure?")],
+}
+
+
+def make_checkpoint(folder):
+    hf = build_reference(vocab_size=151936, tie=False)
+    save_checkpoint(hf, folder, tokenizer_dir=qwen_tokenizer_dir())
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    return hf
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine_ckpt")
+    hf = make_checkpoint(folder)
+    return folder, hf
+
+
+def reference(hf, llm: LLM, conversation) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and the logprob of each under its raw logits."""
+    inputs = llm.processor(conversation, add_generation_prompt=True)
+    ids = inputs["input_ids"][None]
+    types = torch.zeros_like(ids)
+    types[ids == llm.model.config.image_token_id] = 1
+    types[ids == llm.model.config.video_token_id] = 2
+    vision = {k: v for k, v in inputs.items() if k != "input_ids" and v is not None}
+    if vision:  # transformers 5 wants the token types whenever grids are given
+        vision["mm_token_type_ids"] = types
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), **vision,
+            max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=sorted(llm.engine.scheduler.eos_token_ids),
+            pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    logprobs = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
+@pytest.fixture(scope="module")
+def expected(setup, llm):
+    _, hf = setup
+    return {name: reference(hf, llm, conv) for name, conv in CONVERSATIONS.items()}
+
+
+@pytest.fixture(scope="module")
+def llm(setup):
+    folder, _ = setup
+    return LLM(str(folder), dtype="float32", kv_cache_gib=0.02, block_size=4)
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0)
+
+
+def check(out, want):
+    tokens, logprobs = want
+    assert out.token_ids == tokens
+    got = [lp.logprob for lp in out.logprobs]
+    np.testing.assert_allclose(got, logprobs, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_single_request_matches_transformers(llm, expected, name):
+    (out,) = llm.chat(CONVERSATIONS[name], GREEDY)
+    check(out, expected[name])
+    assert out.usage.completion_tokens == len(out.token_ids)
+    assert out.text == llm.processor.decode(out.token_ids)
+
+
+def test_batch_of_mixed_requests_matches_transformers(llm, expected):
+    names = list(CONVERSATIONS)
+    outs = llm.chat([CONVERSATIONS[n] for n in names], GREEDY)
+    assert len(outs) == len(names)
+    for name, out in zip(names, outs):
+        check(out, expected[name])
+
+
+def test_chunked_prefill_and_tiny_cache_match_transformers(setup, expected):
+    """Prompt chunks of 5 tokens (cutting through images), and a cache so small that the batch
+    must preempt and recompute: the tokens must not change."""
+    folder, _ = setup
+    # 20 blocks of 4 tokens: each request fits alone (prompts <= ~60 tokens + 8), not all together
+    small = LLM(str(folder), dtype="float32", block_size=4, max_num_batched_tokens=5, enable_prefix_caching=False,
+                kv_cache_gib=20 * 4 * 2 * 2 * 2 * 16 * 4 / 2**30)
+    assert small.engine.cache.num_blocks == 20
+    names = list(CONVERSATIONS)
+    outs = small.chat([CONVERSATIONS[n] for n in names], GREEDY)
+    for name, out in zip(names, outs):
+        check(out, expected[name])
+    stats = small.engine.stats()
+    assert stats.num_preemptions > 0
+    assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_prefix_cache_hit_keeps_tokens(llm, expected):
+    """The second turn of a conversation reuses the first turn's blocks (image included)."""
+    first = CONVERSATIONS["multi_turn"][:1]
+    llm.chat(first, GREEDY)
+    before = llm.engine.stats()
+    (out,) = llm.chat(CONVERSATIONS["multi_turn"], GREEDY)
+    after = llm.engine.stats()
+    assert out.usage.cached_tokens > 0
+    assert after.prefix_cache_hits > before.prefix_cache_hits
+    check(out, expected["multi_turn"])
