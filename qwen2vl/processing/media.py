@@ -12,6 +12,7 @@ import base64
 import binascii
 import http.client
 import ipaddress
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class MediaPolicy:
     max_image_pixels: int = 8192 * 8192  # width*height read from the header, before decoding
     max_video_seconds: float = 4 * 3600.0
     max_video_frames: int = 768  # frames sampled from one video
-    timeout: float = 20.0  # seconds for one whole download, redirects included
+    timeout: float = 20.0  # seconds for a whole download, redirects included (overshoot < one more)
     max_redirects: int = 5
     allow_local_files: bool = True
     local_roots: tuple[str | Path, ...] | None = None  # None: any folder
@@ -63,7 +64,7 @@ def open_source(source, policy: MediaPolicy, *, max_bytes: int, what: str = "med
     if source.startswith("file://"):
         # As qwen-vl-utils: everything after "file://" is the path, so file:///a/b is /a/b.
         source = source[len("file://"):]
-    elif "://" in source.split("/", 1)[0] + "/":
+    elif re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", source):
         raise MediaError(f"unsupported URL scheme in {what} source {source[:80]!r}")
     return local_path(source, policy, max_bytes=max_bytes, what=what)
 
@@ -112,7 +113,7 @@ def fetch_url(url: str, policy: MediaPolicy, *, max_bytes: int, what: str = "med
                 continue
             if response.status != 200:
                 raise MediaError(f"{what} URL {url!r}: HTTP {response.status} {response.reason}")
-            return _read_body(response, conn, deadline, max_bytes, what, url)
+            return _read_body(response, deadline, max_bytes, what, url)
         finally:
             conn.close()
     raise MediaError(f"{what} URL: more than {policy.max_redirects} redirects (MediaPolicy.max_redirects)")
@@ -148,15 +149,15 @@ def _request(url: str, policy: MediaPolicy, deadline: float, what: str):
         raise MediaError(f"{what} URL {url[:80]!r}: {type(e).__name__}: {e}") from None
 
 
-def _read_body(response, conn, deadline: float, max_bytes: int, what: str, url: str) -> bytes:
+def _read_body(response, deadline: float, max_bytes: int, what: str, url: str) -> bytes:
     length = response.getheader("Content-Length")
     if length is not None and length.isdigit():
         _check_size(int(length), max_bytes, what)
     chunks, total = [], 0
     try:
         while True:
-            conn.sock.settimeout(_remaining(deadline, what))
-            chunk = response.read(64 * 1024)
+            _remaining(deadline, what)  # each read waits at most the socket timeout set at connect
+            chunk = response.read1(64 * 1024)  # whatever has arrived: a slow drip can't stall us
             if not chunk:
                 return b"".join(chunks)
             total += len(chunk)
