@@ -40,27 +40,25 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        _check(self.n, int, "n", self.n >= 1, ">= 1")
-        _check(self.temperature, float, "temperature", 0 <= self.temperature <= 100, "in [0, 100]")
-        _check(self.top_p, float, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
-        _check(self.top_k, int, "top_k", self.top_k >= 0, ">= 0 (0 or -1 turns it off)")
-        _check(self.min_p, float, "min_p", 0 <= self.min_p <= 1, "in [0, 1]")
-        _check(self.repetition_penalty, float, "repetition_penalty", 0 < self.repetition_penalty <= 10,
-               "in (0, 10]")
-        _check(self.presence_penalty, float, "presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]")
-        _check(self.frequency_penalty, float, "frequency_penalty", -2 <= self.frequency_penalty <= 2,
-               "in [-2, 2]")
+        _check(self.n, int, "n", lambda v: v >= 1, ">= 1")
+        _check(self.temperature, float, "temperature", lambda v: 0 <= v <= 100, "in [0, 100]")
+        _check(self.top_p, float, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        _check(self.top_k, int, "top_k", lambda v: v >= 0, ">= 0 (0 or -1 turns it off)")
+        _check(self.min_p, float, "min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check(self.repetition_penalty, float, "repetition_penalty", lambda v: 0 < v <= 10, "in (0, 10]")
+        _check(self.presence_penalty, float, "presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
+        _check(self.frequency_penalty, float, "frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
         if self.seed is not None:
-            _check(self.seed, int, "seed", -(2**63) <= self.seed < 2**64, "a 64-bit integer")
+            _check(self.seed, int, "seed", lambda v: -(2**63) <= v < 2**64, "a 64-bit integer")
         if self.max_tokens is not None:
-            _check(self.max_tokens, int, "max_tokens", self.max_tokens >= 1, ">= 1")
+            _check(self.max_tokens, int, "max_tokens", lambda v: v >= 1, ">= 1")
         if self.logprobs is not None:
-            _check(self.logprobs, int, "logprobs", 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
+            _check(self.logprobs, int, "logprobs", lambda v: 0 <= v <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop: every stop string must be a non-empty str, got {s!r}")
         for t in self.stop_token_ids:
-            _check(t, int, "stop_token_ids", t >= 0, "non-negative token ids")
+            _check(t, int, "stop_token_ids", lambda v: v >= 0, "non-negative token ids")
 
     @property
     def greedy(self) -> bool:
@@ -76,11 +74,11 @@ class SamplingParams:
         return cls(**d)
 
 
-def _check(value, kind, name: str, ok: bool, limit: str) -> None:
+def _check(value, kind, name: str, ok, limit: str) -> None:
     # bool is an int subclass; a bool where a number is expected is almost surely a mistake
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
         raise ValueError(f"{name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
-    if not ok:
+    if not ok(value) or value != value:  # value != value: NaN
         raise ValueError(f"{name} must be {limit}, got {value!r}")
 
 

@@ -1,0 +1,100 @@
+"""Paged attention against plain causal attention over each sequence's whole k/v."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen2vl.config import TextConfig
+from qwen2vl.engine.kv_cache import KVCache, bytes_per_block, num_blocks_for
+from qwen2vl.engine.paged_attention import PagedBatch, decode, paged_attention, varlen
+
+HQ, HKV, D, BS = 4, 2, 8, 4
+
+
+def naive(q, k, v):
+    """q [n, Hq, D] are the last n of the ctx keys k/v [ctx, Hkv, D]."""
+    n, ctx = q.shape[0], k.shape[0]
+    k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / D**0.5
+    mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
+
+
+def build(cached: list[int], new: list[int], seed=0):
+    """Fill a cache for sequences with `cached` tokens already in it and `new` tokens this step;
+    block tables are shuffled so that no sequence's blocks are contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = TextConfig(hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HKV, num_hidden_layers=1,
+                     mrope_section=(1, 1, 2))
+    cache = KVCache(cfg, 64, BS, torch.float32, "cpu")
+    free = torch.randperm(64, generator=g).tolist()
+    tables, slots, ks, vs, qs, q_starts = [], [], [], [], [], []
+    full = []
+    n_rows = 0
+    for c, n in zip(cached, new):
+        ctx = c + n
+        table = [free.pop() for _ in range(-(-ctx // BS))]
+        k, v = torch.randn(ctx, HKV, D, generator=g), torch.randn(ctx, HKV, D, generator=g)
+        seq_slots = torch.tensor([table[i // BS] * BS + i % BS for i in range(ctx)])
+        cache.write(0, k[:c], v[:c], seq_slots[:c])  # what earlier steps wrote
+        full.append((k, v))
+        tables.append(table)
+        slots.append(seq_slots[c:])
+        ks.append(k[c:])
+        vs.append(v[c:])
+        qs.append(torch.randn(n, HQ, D, generator=g))
+        q_starts.append(n_rows)
+        n_rows += n
+    width = max(map(len, tables))
+    batch = PagedBatch(
+        slot_mapping=torch.cat(slots), q_starts=q_starts, q_lens=list(new),
+        ctx_lens=[c + n for c, n in zip(cached, new)],
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        ctx_lens_t=torch.tensor([c + n for c, n in zip(cached, new)]), block_size=BS,
+    )
+    q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+    cache.write(0, k, v, batch.slot_mapping)  # what the step's attend does first
+    want = torch.cat([naive(qq, kk, vv) for qq, (kk, vv) in zip(qs, full)])
+    return q, k, v, cache, batch, want
+
+
+@pytest.mark.parametrize(
+    "cached, new",
+    [
+        ([0], [7]),  # a whole prompt, nothing cached
+        ([5], [6]),  # a later prompt chunk (or a prefix-cache hit)
+        ([0, 9, 3, 12], [5, 1, 4, 1]),  # prefill, decode, chunk, decode packed together
+    ],
+)
+def test_varlen_matches_causal_attention(cached, new):
+    q, k, v, cache, batch, want = build(cached, new)
+    torch.testing.assert_close(varlen(q, k, v, cache.k[0], cache.v[0], batch), want)
+    torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], batch), want)
+
+
+def test_batched_decode_matches_varlen_and_causal_attention():
+    q, k, v, cache, batch, want = build([0, 13, 3, 30, 7], [1, 1, 1, 1, 1], seed=1)
+    assert batch.is_decode
+    got = decode(q, cache.k[0], cache.v[0], batch)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, varlen(q, k, v, cache.k[0], cache.v[0], batch))
+
+
+def test_cache_is_sized_from_a_memory_budget():
+    cfg = TextConfig(hidden_size=1536, num_attention_heads=12, num_key_value_heads=2, num_hidden_layers=28)
+    per_block = bytes_per_block(cfg, 16, torch.bfloat16)
+    assert per_block == 2 * 28 * 16 * 2 * 128 * 2  # k and v, layers, tokens, kv heads, head dim, bytes
+    n = num_blocks_for(cfg, 16, torch.bfloat16, torch.device("cpu"), kv_cache_gib=1.0, gpu_memory_utilization=0.9)
+    assert n == 2**30 // per_block
+    with pytest.raises(ValueError, match="kv_cache_gib"):
+        num_blocks_for(cfg, 16, torch.bfloat16, torch.device("cpu"), kv_cache_gib=1e-6, gpu_memory_utilization=0.9)
+
+
+def test_sdpa_gqa_agrees_with_repeated_heads():
+    """The paths rely on enable_gqa grouping query heads [0, 1] onto kv head 0, as the model does."""
+    q, k, v = torch.randn(HQ, 3, D), torch.randn(HKV, 5, D), torch.randn(HKV, 5, D)
+    got = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 0), v.repeat_interleave(2, 0))
+    torch.testing.assert_close(got, want)
