@@ -103,7 +103,9 @@ def _wheel() -> Path:
     if not found:
         WHEELS.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_PIN, "-d", str(WHEELS)]
-        subprocess.run(cmd, check=True, capture_output=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed (the Qwen BPE ranks come from that wheel):\n{done.stderr}")
         found = sorted(WHEELS.glob("dashscope-*.whl"))
     if not found:
         raise RuntimeError(f"could not get the {WHEEL_PIN} wheel into {WHEELS}")
