@@ -1,0 +1,259 @@
+"""Video sampling, sizing and patches against qwen-vl-utils (the Qwen team's video pipeline).
+
+qwen-vl-utils imports torchvision at module level and reads videos with decord/torchcodec/
+torchvision, none of which is installed here. Its real code runs anyway with two stand-ins made
+below: `torchvision.transforms.functional.resize` re-derived from torchvision's
+_functional_tensor.resize (float32 bicubic interpolate with antialias, clamp, round, uint8), and a
+`decord.VideoReader` that decodes every frame with PyAV the naive way. Everything else (frame
+range, smart_nframes, linspace indices, the pixel budget, smart_resize) is qwen-vl-utils' own.
+The last step, transformers' Qwen2VLVideoProcessor, needs torchvision too: its fused
+normalize and the REFERENCE.md §3.3 patch order are written out below with numpy.
+"""
+
+import enum
+import importlib.util
+import sys
+import types
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from qwen2vl.processing import video as video_mod
+from qwen2vl.processing.media import MediaError, MediaPolicy
+from qwen2vl.processing.video import load_video, preprocess_video, video_token_count
+from qwen2vl.processing.vision_config import VisionProcessingConfig
+
+CFG = VisionProcessingConfig()
+MEAN, STD = CFG.image_mean, CFG.image_std
+
+
+def _tv_resize(img, size, interpolation=None, antialias=True):
+    x = F.interpolate(img.to(torch.float32), size=list(size), mode="bicubic", align_corners=False,
+                      antialias=antialias)
+    return x.clamp(0, 255).round().to(img.dtype) if img.dtype == torch.uint8 else x
+
+
+@pytest.fixture(scope="module")
+def qvu():
+    if importlib.util.find_spec("qwen_vl_utils") is None:  # not importorskip: it needs the stand-in first
+        pytest.skip("test oracle missing: pip install qwen-vl-utils==0.0.14")
+    InterpolationMode = enum.Enum("InterpolationMode", {"BICUBIC": "bicubic"})
+    tv = types.ModuleType("torchvision")
+    tv.__version__ = "0.28.0"
+    tv.io = types.ModuleType("torchvision.io")
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    tv.transforms.InterpolationMode = InterpolationMode
+    tv.transforms.functional = types.SimpleNamespace(resize=_tv_resize)
+    stubs = {"torchvision": tv, "torchvision.io": tv.io, "torchvision.transforms": tv.transforms}
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        import qwen_vl_utils.vision_process as vp
+    finally:  # keep the stand-in out of everyone else's way (transformers probes for torchvision)
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return vp
+
+
+class NaiveVideoReader:
+    """decord.VideoReader's interface over a full PyAV decode of the file."""
+
+    def __init__(self, path):
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            self.fps = float(stream.average_rate)
+            self.frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+
+    def __len__(self):
+        return len(self.frames)
+
+    def get_avg_fps(self):
+        return self.fps
+
+    def get_batch(self, idx):
+        batch = np.stack([self.frames[i] for i in idx])
+        return types.SimpleNamespace(asnumpy=lambda: batch)
+
+
+@pytest.fixture
+def reference(qvu, monkeypatch):
+    monkeypatch.setitem(sys.modules, "decord", types.SimpleNamespace(VideoReader=NaiveVideoReader))
+    monkeypatch.setattr(qvu, "get_video_reader_backend", lambda: "decord")
+    return qvu
+
+
+def make_video(path, n=30, fps=10, width=64, height=48, codec="libx264", gop=None):
+    """Frame i is gray level 8*(i % 32) on the left half and 8*(i // 32) on the right, so the index
+    of a decoded frame can be read back."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop:
+            stream.codec_context.gop_size = gop
+        for i in range(n):
+            a = np.zeros((height, width, 3), np.uint8)
+            a[:, : width // 2], a[:, width // 2:] = 8 * (i % 32), 8 * (i // 32)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def painted_index(frames):
+    w = frames.shape[-1]
+    lo = (frames[:, :, 4:-4, 4: w // 2 - 4].float().mean((1, 2, 3)) / 8).round()
+    hi = (frames[:, :, 4:-4, w // 2 + 4: -4].float().mean((1, 2, 3)) / 8).round()
+    return (hi * 32 + lo).long().tolist()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    return {
+        "mp4": make_video(d / "a.mp4"),
+        "webm": make_video(d / "a.webm", codec="libvpx-vp9"),  # no frame count in the header
+        "mkv": make_video(d / "a.mkv", codec="mpeg4"),
+        "avi": make_video(d / "a.avi", codec="mpeg4"),
+        "mov": make_video(d / "a.mov", codec="mpeg4", n=25, fps=5),
+        "long": make_video(d / "long.mp4", n=300, fps=10, gop=10),
+    }
+
+
+SAMPLING = [{}, {"fps": 1.0}, {"fps": 4.5}, {"nframes": 4}, {"nframes": 5}, {"nframes": 7},
+            {"fps": 10.0, "max_frames": 10}, {"fps": 0.5, "min_frames": 6},
+            {"video_start": 0.55, "video_end": 2.0}, {"video_start": 1.0}, {"video_end": 1.5, "nframes": 6}]
+
+
+@pytest.mark.parametrize("clip", ["mp4", "webm", "mkv", "avi", "mov"])
+@pytest.mark.parametrize("options", SAMPLING, ids=[str(o) for o in SAMPLING])
+def test_sampled_frames_match_qwen_vl_utils(reference, clips, clip, options):
+    ref_video, meta, ref_fps = reference._read_video_decord({"video": clips[clip], **options})
+    frames, sample_fps = load_video(clips[clip], **options)
+    assert frames.dtype == torch.uint8 and frames.shape == ref_video.shape
+    assert torch.equal(frames, ref_video)
+    assert sample_fps == pytest.approx(ref_fps)
+    assert painted_index(frames) == list(meta["frames_indices"])
+
+
+# (options, most frames that may be decoded of the 300): keyframes every 10 frames, so a seek costs
+# at most 10 extra frames; dense runs are decoded in order and decoding stops after the last one.
+SEEKS = [({"video_start": 15.0, "video_end": 16.0}, 25), ({"video_start": 21.3}, 100), ({"nframes": 8}, 90),
+         ({"fps": 0.3}, 90), ({"video_start": 5.0, "video_end": 25.0}, 215)]
+
+
+@pytest.mark.parametrize("options,most", SEEKS, ids=[str(o) for o, _ in SEEKS])
+def test_seeking_decodes_little_and_picks_the_same_frames(reference, clips, monkeypatch, options, most):
+    monkeypatch.setattr(video_mod, "SEEK_GAP_S", 1.5)  # a 30 s clip; real gap is 10 s
+    decoded, real_open = [0], video_mod._open
+
+    class Counting:
+        def __init__(self, data):
+            self.container = real_open(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.container.close()
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def decode(self, *args, **kwargs):
+            for frame in self.container.decode(*args, **kwargs):
+                decoded[0] += 1
+                yield frame
+
+    monkeypatch.setattr(video_mod, "_open", Counting)
+    ref_video, meta, ref_fps = reference._read_video_decord({"video": clips["long"], **options})
+    frames, sample_fps = load_video(clips["long"], **options)
+    assert torch.equal(frames, ref_video) and sample_fps == pytest.approx(ref_fps)
+    assert painted_index(frames) == list(meta["frames_indices"])
+    assert decoded[0] <= most, decoded[0]
+
+
+def hf_video_patches(video: torch.Tensor):
+    """transformers' Qwen2VLVideoProcessor after resizing: pad to even frames with the last one,
+    fused rescale+normalize in float32, then REFERENCE.md §3.3's patch order, in numpy."""
+    if video.shape[0] % 2:
+        video = torch.cat([video, video[-1:]])
+    mean = torch.tensor(MEAN) * (1.0 / (1 / 255))
+    std = torch.tensor(STD) * (1.0 / (1 / 255))
+    x = ((video.to(torch.float32) - mean[:, None, None]) / std[:, None, None]).numpy()[None]
+    B, T, C, H, W = x.shape
+    gt, gh, gw = T // 2, H // 14, W // 14
+    x = x.reshape(B, gt, 2, C, gh // 2, 2, 14, gw // 2, 2, 14).transpose(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return torch.from_numpy(x.reshape(gt * gh * gw, C * 2 * 14 * 14).copy()), (gt, gh, gw)
+
+
+SIZING = [{}, {"min_pixels": 28 * 28 * 4}, {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 6},
+          {"total_pixels": 28 * 28 * 40}, {"total_pixels": 28 * 28 * 40, "min_pixels": 28 * 28 * 2},
+          {"resized_height": 100, "resized_width": 60}, {"nframes": 4, "max_pixels": 28 * 28 * 200},
+          {"fps": 4.0, "min_pixels": 28 * 28 * 8}, {"max_pixels": 10**9}]
+
+
+@pytest.mark.parametrize("options", SIZING, ids=[str(o) for o in SIZING])
+def test_pixel_values_match_qwen_vl_utils_then_transformers(reference, clips, options):
+    ref_video, ref_fps = reference.fetch_video({"video": clips["mp4"], **options}, return_video_sample_fps=True)
+    ref_pv, ref_grid = hf_video_patches(ref_video)
+    load_opts = {k: v for k, v in options.items() if k in ("fps", "nframes")}
+    frames, sample_fps = load_video(clips["mp4"], **load_opts)
+    pv, grid = preprocess_video(frames, CFG, **{k: v for k, v in options.items() if k not in load_opts})
+    assert grid == ref_grid and sample_fps == pytest.approx(ref_fps)
+    assert pv.dtype == torch.float32 and pv.shape == ref_pv.shape
+    torch.testing.assert_close(pv, ref_pv, rtol=0, atol=1e-6)
+    counted = video_token_count(48, 64, CFG, total_frames=30, video_fps=10.0, **options)
+    assert counted.grid_thw == grid and counted.num_tokens == grid[0] * grid[1] * grid[2] // 4
+
+
+def test_frame_list_is_used_as_given_and_odd_counts_repeat_the_last_frame(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8) for _ in range(3)]
+    Image.fromarray(arrays[1]).save(tmp_path / "f1.png")
+    frames, fps = load_video([Image.fromarray(arrays[0]), str(tmp_path / "f1.png"), Image.fromarray(arrays[2])])
+    assert fps == 2.0 and torch.equal(frames, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+    options = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 9}
+    pv, grid = preprocess_video(frames, CFG, **options)
+    h, w = grid[1] * 14, grid[2] * 14
+    ref_pv, ref_grid = hf_video_patches(_tv_resize(frames, (h, w)))
+    assert grid == ref_grid == (2, h // 14, w // 14)
+    torch.testing.assert_close(pv, ref_pv, rtol=0, atol=1e-6)
+    assert video_token_count(50, 70, CFG, num_frames=3, **options).grid_thw == grid
+    assert load_video([Image.fromarray(arrays[0])] * 2, fps=4.0)[1] == 4.0
+
+
+def test_bad_requests_and_limits_raise_clear_errors(clips, tmp_path):
+    with pytest.raises(ValueError, match="either fps or nframes"):
+        load_video(clips["mp4"], fps=2.0, nframes=4)
+    with pytest.raises(ValueError, match="select no frames"):
+        load_video(clips["mp4"], video_start=2.0, video_end=1.0)
+    with pytest.raises(ValueError, match="between 2 and 30"):
+        load_video(clips["mp4"], nframes=40)
+    with pytest.raises(MediaError, match="max_video_frames"):
+        load_video(clips["mp4"], MediaPolicy(max_video_frames=4), nframes=6)
+    with pytest.raises(MediaError, match="max_video_seconds"):
+        load_video(clips["mp4"], MediaPolicy(max_video_seconds=2.0))
+    with pytest.raises(MediaError, match="max_video_seconds"):
+        load_video(clips["webm"], MediaPolicy(max_video_seconds=2.0))
+    with pytest.raises(MediaError, match="over the limit"):
+        load_video(clips["mp4"], MediaPolicy(max_video_bytes=100))
+    with pytest.raises(MediaError, match="max_image_pixels"):
+        load_video(clips["mp4"], MediaPolicy(max_image_pixels=1000))
+    with open(clips["mp4"], "rb") as f:
+        data = f.read()
+    assert load_video(data, nframes=4)[0].shape == (4, 3, 48, 64)
+    for broken in (b"", b"garbage" * 100, data[: len(data) // 3]):
+        with pytest.raises(MediaError):
+            load_video(broken)
+    with pytest.raises(ValueError, match="one size"):
+        load_video([Image.new("RGB", (30, 30)), Image.new("RGB", (31, 30))])
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess_video(torch.zeros(2, 3, 28, 28), CFG)
