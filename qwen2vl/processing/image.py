@@ -130,10 +130,13 @@ def load_image(source, policy: MediaPolicy | None = None) -> Image.Image:
 def normalize(frames: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tensor:
     """uint8 [T, 3, H, W] -> float32 (x/255 - mean) / std, rounded as transformers' PIL backend:
     the rescale in float64, then float32 arithmetic."""
-    x = (frames.to(torch.float64) * cfg.rescale_factor).to(torch.float32)
     mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(cfg.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - mean) / std
+    out = torch.empty(frames.shape, dtype=torch.float32)
+    for i in range(0, frames.shape[0], 8):  # bounded float64 temporaries for long videos
+        x = (frames[i:i + 8].to(torch.float64) * cfg.rescale_factor).to(torch.float32)
+        out[i:i + 8] = (x - mean) / std
+    return out
 
 
 def patchify(frames: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tensor:
