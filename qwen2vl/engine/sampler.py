@@ -19,6 +19,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     """logits [B, V] float32, one row per sequence -> B token ids and B logprob entries (or None)."""
     assert logits.dim() == 2 and logits.shape[0] == len(seqs)
     logprobs = _logprobs_of(logits, seqs)
+    for i, seq in enumerate(seqs):  # per-request processors (grammar masks, logit bias)
+        for process in seq.params.logits_processors:
+            logits[i] = process(seq.completion_token_ids, logits[i])
     logits = apply_penalties(logits, seqs)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]

@@ -32,6 +32,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None = off; k = the sampled token's logprob plus the top k
     skip_special_tokens: bool = True
+    # callables (generated ids so far, logits row [V]) -> logits row [V], applied in order before the
+    # penalties; e.g. the server's grammar mask for JSON output or logit_bias
+    logits_processors: list = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -59,6 +62,9 @@ class SamplingParams:
                 raise ValueError(f"stop: every stop string must be a non-empty str, got {s!r}")
         for t in self.stop_token_ids:
             _check(t, int, "stop_token_ids", lambda v: v >= 0, "non-negative token ids")
+        self.logits_processors = list(self.logits_processors or [])
+        if not all(callable(f) for f in self.logits_processors):
+            raise ValueError("logits_processors: every entry must be callable(token_ids, logits) -> logits")
 
     @property
     def greedy(self) -> bool:
