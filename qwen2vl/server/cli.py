@@ -1,0 +1,63 @@
+"""`qwen2vl serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [limits...]`.
+
+`qwen2vl/cli.py` owns the command; it calls `add_serve_arguments(parser)` and `run_serve(args)`.
+Safe by default: loopback only, no local files, no private-network media; binding elsewhere
+without an API key prints a warning.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from qwen2vl.hub import DEFAULT_MODEL
+from qwen2vl.server.limits import add_limit_arguments, limits_from_args
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"local folder or hub repo id (default {DEFAULT_MODEL})")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("QWEN2VL_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                             "(default: $QWEN2VL_API_KEY)")
+    parser.add_argument("--served-model-name", help="the model id clients send (default: the MODEL argument)")
+    e = parser.add_argument_group("engine")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
+    e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    e.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU (default 2)")
+    e.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory for weights + cache")
+    e.add_argument("--max-model-len", type=int, help="context length cap")
+    e.add_argument("--max-num-seqs", type=int, help="sequences decoded together")
+    e.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_limit_arguments(parser)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from qwen2vl.engine.async_engine import AsyncLLM
+    from qwen2vl.server.app import create_app
+
+    limits = limits_from_args(args)  # bad limits fail before the model loads
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use the "
+              "model", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine_args = {k: v for k, v in (("kv_cache_gib", args.kv_cache_gib), ("max_model_len", args.max_model_len),
+                                     ("max_num_seqs", args.max_num_seqs),
+                                     ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
+    print(f"loading {args.model} on {device} ...", file=sys.stderr)
+    engine = AsyncLLM(args.model, dtype=args.dtype, device=device, **engine_args)
+    name = args.served_model_name or args.model
+    app = create_app(engine, limits, api_key=args.api_key, model_name=name)
+    print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (key {'required' if args.api_key else 'off'})",
+          file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0
