@@ -66,14 +66,22 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(config.seed)
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Request:
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already running")
+    def validate(self, prompt: Prompt, params: SamplingParams) -> None:
+        """What the engine can't serve, as a ValueError for the caller (reads nothing that changes)."""
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; this engine's max_model_len is "
                              f"{self.max_model_len} (prompt + at least one generated token)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine was built without one")
+        vocab = self.model.config.text.vocab_size
+        bad = next((t for t in prompt.token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.validate(prompt, params)
         seqs = [Sequence(request_id, prompt, params, i, self._generator(params, i)) for i in range(params.n)]
         request = self.requests[request_id] = Request(request_id, prompt, params, seqs, self.tokenizer)
         for seq in seqs:

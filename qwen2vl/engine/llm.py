@@ -34,8 +34,9 @@ class LLM:
         """`engine_args` are EngineConfig fields: kv_cache_gib, gpu_memory_utilization, block_size,
         max_model_len, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
         vision_cache_mib, seed."""
-        folder = resolve_model_path(model)
+        dtype = parse_dtype(dtype)  # argument errors before any download or load
         config = EngineConfig(**engine_args)
+        folder = resolve_model_path(model)
         self.model = load_model(folder, dtype, device, quantization)
         self.processor = Processor.from_pretrained(folder)
         self.defaults = generation_defaults(folder)
@@ -104,11 +105,16 @@ class LLM:
         return Prompt.from_inputs({"input_ids": list(p)}, self.model.config)
 
 
-def load_model(folder: Path, dtype, device, quantization: str | None) -> Qwen2VL:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES and dtype != "auto":
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
-        dtype = None if dtype == "auto" else DTYPES[dtype]
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    """A torch dtype from its name; None for "auto" (the checkpoint's own dtype)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return None if dtype == "auto" else DTYPES[dtype]
+
+
+def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: str | None) -> Qwen2VL:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")

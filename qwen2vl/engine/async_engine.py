@@ -1,0 +1,148 @@
+"""`AsyncLLM`: the engine for asyncio callers (the server).
+
+One background thread owns the engine and runs its step loop; callers talk to it through a command
+queue (add, abort) and each request gets an asyncio queue of increments, filled thread-safely.
+
+    async for delta in engine.generate(messages, params, request_id="abc"):
+        send(delta.text)           # delta.token_ids, delta.finish_reason, delta.usage (on the last)
+
+Leaving the loop early (client gone, task cancelled) aborts the request, and the engine thread
+frees its KV blocks before its next step. Picture decoding and resizing run in a worker thread,
+not on the event loop and not in the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from qwen2vl.engine.llm import LLM
+from qwen2vl.engine.outputs import Delta, EngineStats
+from qwen2vl.engine.prompt import Prompt
+from qwen2vl.engine.sampling_params import SamplingParams
+
+
+class AsyncLLM:
+    def __init__(self, model, **llm_args):
+        """Same arguments as `LLM`."""
+        self._start(LLM(model, **llm_args))
+
+    @classmethod
+    def from_llm(cls, llm: LLM) -> AsyncLLM:
+        """Drive an already loaded LLM (do not call its synchronous methods afterwards)."""
+        self = cls.__new__(cls)
+        self._start(llm)
+        return self
+
+    def _start(self, llm: LLM) -> None:
+        self.llm = llm
+        self.engine = llm.engine
+        self.processor = llm.processor
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stats = self.engine.stats()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="qwen2vl-engine", daemon=True)
+        self._thread.start()
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        return self.llm.default_sampling_params(**overrides)
+
+    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                       **processor_args) -> AsyncIterator[Delta]:
+        """Increments of one request. `prompt`: messages (Qwen or OpenAI form) or a `Prompt`."""
+        if self._stopped:
+            raise RuntimeError("AsyncLLM was shut down")
+        if not isinstance(prompt, Prompt):
+            prompt = await asyncio.to_thread(self.llm.prompt, prompt, **processor_args)
+        params = params or self.default_sampling_params()
+        self.engine.validate(prompt, params)  # read-only: raises here, at the caller, for a bad request
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream: asyncio.Queue = asyncio.Queue()
+        self._commands.put(("add", request_id, prompt, params, asyncio.get_running_loop(), stream))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.usage is not None  # the request's last increment carries its usage
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """End a request; its blocks are freed before the engine's next step."""
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """Queue length, running sequences, KV usage, cache hit counts: refreshed after every step."""
+        return self._stats
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                # idle: sleep until a command arrives; busy: take what is there and step
+                commands = [self._commands.get()] if not self.engine.has_work() else []
+                while True:
+                    try:
+                        commands.append(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                for cmd in commands:
+                    if cmd[0] == "stop":
+                        self._fail_all(RuntimeError("AsyncLLM was shut down"))
+                        return
+                    self._run_command(cmd)
+                if self.engine.has_work():
+                    self._deliver(self.engine.step())
+            except Exception as e:  # a failed step must not hang every client: fail them, keep serving
+                self._fail_all(e)
+            self._stats = self.engine.stats()
+
+    def _run_command(self, cmd) -> None:
+        if cmd[0] == "add":
+            _, request_id, prompt, params, loop, stream = cmd
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except ValueError as e:
+                loop.call_soon_threadsafe(stream.put_nowait, e)
+                return
+            self._streams[request_id] = (loop, stream)
+        elif cmd[0] == "abort":
+            self._deliver(self.engine.abort(cmd[1]))
+
+    def _deliver(self, deltas: list[Delta]) -> None:
+        for delta in deltas:
+            target = self._streams.get(delta.request_id)
+            if target is None:
+                continue
+            loop, stream = target
+            if delta.usage is not None:
+                del self._streams[delta.request_id]
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, delta)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                self.engine.abort(delta.request_id)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, (loop, stream) in list(self._streams.items()):
+            self.engine.abort(request_id)
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, error)
+            except RuntimeError:
+                pass
+        self._streams.clear()
