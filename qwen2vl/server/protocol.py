@@ -130,16 +130,16 @@ def chunk(rid: str, model: str, created: int, choices: list[dict], usage=None) -
     return d
 
 
-def logprobs_dict(entries, token_text) -> dict:
+def logprobs_dict(entries, token_bytes) -> dict:
     """Engine TokenLogprob list -> OpenAI `logprobs` ({"content": [...]}) of a choice or chunk;
-    `token_text(id)` spells a token."""
-    content = []
-    for e in entries or []:
-        text = token_text(e.token_id)
-        content.append({"token": text, "logprob": e.logprob, "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
-                                         for t, lp in e.top]})
-    return {"content": content}
+    `token_bytes(id)` gives a token's raw bytes (a token may hold part of a UTF-8 character)."""
+
+    def one(token_id: int, logprob: float) -> dict:
+        raw = token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries or []]}
 
 
 def model_card(name: str, max_model_len: int) -> dict:

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 
+import llguidance
 import numpy as np
 import torch
 
@@ -44,8 +45,6 @@ class GrammarCompiler:
 
     @property
     def tokenizer(self):
-        import llguidance  # only servers that use structured output pay for the import
-
         with self._lock:
             if self._tokenizer is None:
                 text, vocab, eos = self._source
@@ -54,8 +53,6 @@ class GrammarCompiler:
 
     def json_grammar(self, response_format: dict) -> str:
         """Grammar for {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}."""
-        import llguidance
-
         if response_format["type"] == "json_object":
             schema = {"type": "object"}
         else:
@@ -66,15 +63,11 @@ class GrammarCompiler:
             raise bad_request(f"response_format.json_schema.schema: {e}", "response_format") from None
 
     def lark_grammar(self, lark: str) -> str:
-        import llguidance
-
         return llguidance.LLMatcher.grammar_from_lark(lark)
 
     def constraint(self, grammar: str, param: str, n: int = 1) -> "GrammarConstraint":
         """A fresh logits processor for one request; a grammar the library rejects (an unsupported
         schema keyword, a bad regex) is a 400 naming `param`."""
-        import llguidance
-
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
             raise bad_request(f"{param}: the schema cannot be enforced: {error[:300]}", param)
@@ -89,8 +82,6 @@ class GrammarConstraint:
     own path: with n = 1 the one matcher is advanced in place, with n > 1 it is copied first."""
 
     def __init__(self, compiler: GrammarCompiler, grammar: str, n: int = 1):
-        import llguidance
-
         self._eos = compiler.eos_token_ids
         self._new = lambda: llguidance.LLMatcher(compiler.tokenizer, grammar, log_level=0)
         self._states: dict[tuple, object] = {(): self._new()}

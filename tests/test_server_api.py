@@ -1,0 +1,268 @@
+"""The server through the official `openai` client: text, images (data URI, http, file://), video,
+several images, streaming, n/seed/logprobs/stop, tools round trip, JSON schema, usage, metrics,
+token counts, and a client disconnect freeing the cache. One real server for the module."""
+
+import json
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from qwen2vl.server.limits import ServerLimits
+from tests.test_server_support import data_uri, mp4_bytes, png_bytes, running_server, tiny_checkpoint
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+IMAGE = png_bytes(64, 48)
+VIDEO = mp4_bytes(frames=8)
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    (folder / "img.png").write_bytes(IMAGE)
+    (folder / "clip.mp4").write_bytes(VIDEO)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def media_url(media_dir):
+    """A plain HTTP server on loopback serving the media folder."""
+    handler = partial(SimpleHTTPRequestHandler, directory=str(media_dir))
+    handler.log_message = lambda *a: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(media_dir):
+    # loopback media is allowed here (the test's HTTP server); the SSRF tests run without it
+    limits = ServerLimits(allow_private_media=True, allowed_local_media_path=(str(media_dir),))
+    with running_server(limits, api_key=KEY) as (url, _app):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def ask(client, content, **kw):
+    kw = {"model": "tiny", "max_tokens": 6, "temperature": 0, **kw}
+    return client.chat.completions.create(messages=[{"role": "user", "content": content}], **kw)
+
+
+def image_part(url, **opts):
+    return {"type": "image_url", "image_url": {"url": url, **opts}}
+
+
+def count(server, content, **body):
+    r = httpx.post(f"{server}/v1/token_count", json={"messages": [{"role": "user", "content": content}], **body},
+                   headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_needs_no_key_and_models_lists_the_served_name(server, client):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_text_answer_equals_the_engine_and_usage_adds_up(server, client):
+    from qwen2vl.engine.llm import LLM
+    from qwen2vl.engine.sampling_params import SamplingParams
+
+    r = ask(client, "Describe a cat.", max_tokens=7)
+    llm = LLM(str(tiny_checkpoint()), dtype="float32", kv_cache_gib=0.02, max_model_len=2048)
+    ref = llm.chat([{"role": "user", "content": "Describe a cat."}], SamplingParams(temperature=0, max_tokens=7))[0]
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == ("length" if ref.finish_reason == "length" else "stop")
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids) == count(server, "Describe a cat.")["prompt_tokens"]
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_image_by_data_uri_costs_what_token_count_says(server, client):
+    content = [image_part(data_uri(IMAGE)), {"type": "text", "text": "What is this?"}]
+    counted = count(server, content)
+    item = counted["items"][0]
+    # 64x48 -> smart_resize to 56x56 (rounded to 28s) -> 4x4 patches -> 4 tokens after the 2x2 merge
+    assert (item["width"], item["height"], item["resized_width"], item["resized_height"]) == (64, 48, 56, 56)
+    assert item["grid_thw"] == [1, 4, 4] and item["tokens"] == counted["visual_tokens"] == 4
+    r = ask(client, content)
+    assert r.usage.prompt_tokens == counted["prompt_tokens"]
+    assert r.choices[0].message.content is not None
+
+
+def test_image_by_http_url_and_file_url_give_the_same_prompt(server, client, media_url, media_dir):
+    by_data = ask(client, [image_part(data_uri(IMAGE)), {"type": "text", "text": "Hi"}])
+    by_http = ask(client, [image_part(f"{media_url}/img.png", detail="high"), {"type": "text", "text": "Hi"}])
+    by_file = ask(client, [image_part(f"file://{media_dir}/img.png"), {"type": "text", "text": "Hi"}])
+    assert by_data.usage.prompt_tokens == by_http.usage.prompt_tokens == by_file.usage.prompt_tokens
+    texts = {r.choices[0].message.content for r in (by_data, by_http, by_file)}
+    assert len(texts) == 1
+
+
+def test_video_and_multi_image(server, client, media_url):
+    video = {"type": "video_url", "video_url": {"url": data_uri(VIDEO, "video/mp4"), "fps": 4}}
+    counted = count(server, [video, {"type": "text", "text": "What happens?"}])
+    (item,) = counted["items"]
+    assert item["type"] == "video" and item["frames"] == 8 and item["grid_thw"][0] == 4  # 8 frames in pairs
+    r = ask(client, [video, {"type": "text", "text": "What happens?"}])
+    assert r.usage.prompt_tokens == counted["prompt_tokens"]
+    by_url = ask(client, [{"type": "video_url", "video_url": {"url": f"{media_url}/clip.mp4", "fps": 4}},
+                          {"type": "text", "text": "What happens?"}])
+    assert by_url.usage.prompt_tokens == r.usage.prompt_tokens
+
+    two = [image_part(data_uri(IMAGE)), image_part(data_uri(png_bytes(120, 90, seed=1))),
+           {"type": "text", "text": "Compare."}]
+    counted = count(server, two)
+    assert [i["tokens"] for i in counted["items"]] == [4, 12]  # 120x90 -> 112x84 -> 8x6 patches -> 12
+    assert ask(client, two).usage.prompt_tokens == counted["prompt_tokens"]
+
+
+def test_mm_processor_kwargs_per_request_per_item_and_clamped(server):
+    big = data_uri(png_bytes(400, 300, seed=2))
+    default = count(server, [image_part(big)])["visual_tokens"]
+    assert default == 54  # the checkpoint's max_pixels 28*28*64: 400x300 -> 252x168 -> 9x6 tokens
+    assert count(server, [image_part(big)], mm_processor_kwargs={"max_pixels": 28 * 28 * 16})["visual_tokens"] <= 16
+    assert count(server, [image_part(big, max_pixels=28 * 28 * 4)],
+                 mm_processor_kwargs={"max_pixels": 28 * 28 * 16})["visual_tokens"] <= 4  # the item wins
+    # asking for more than the ceiling gets the ceiling, not an error
+    assert count(server, [image_part(big, max_pixels=10**9)])["visual_tokens"] == default
+
+
+def test_streaming_matches_the_whole_answer_and_reports_usage(client):
+    whole = ask(client, "Tell me a story.", max_tokens=12)
+    stream = ask(client, "Tell me a story.", max_tokens=12, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_seed_logprobs_and_stop(client):
+    a = ask(client, "Pick a word.", n=2, temperature=1.0, seed=7, max_tokens=5)
+    b = ask(client, "Pick a word.", n=2, temperature=1.0, seed=7, max_tokens=5)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.usage.completion_tokens <= 10  # both completions counted
+
+    r = ask(client, "Pick a word.", logprobs=True, top_logprobs=3, max_tokens=4)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
+    assert entries[0].logprob == pytest.approx(entries[0].top_logprobs[0].logprob)  # greedy takes the best
+
+    full = ask(client, "Count.", max_tokens=10).choices[0].message.content
+    stop = full[len(full) // 2 :][:3]
+    if stop.strip():
+        cut = ask(client, "Count.", max_tokens=10, stop=[stop])
+        assert cut.choices[0].message.content == full[: full.index(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_tools_round_trip(client):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=100,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(args) == {"city", "unit"} and args["unit"] in ("c", "f") and len(args["city"]) <= 12
+
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    answer = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=5,
+                                            temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.prompt_tokens > r.usage.prompt_tokens  # the call and its result are in the prompt
+
+
+def test_tool_calls_stream(client):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                            tools=[WEATHER], tool_choice="required", max_tokens=300, stream=True)
+    calls, finish = {}, None
+    for c in stream:
+        for d in c.choices[0].delta.tool_calls or []:
+            calls.setdefault(d.index, {"name": "", "arguments": ""})
+            calls[d.index]["name"] += d.function.name or ""
+            calls[d.index]["arguments"] += d.function.arguments or ""
+        finish = c.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and calls
+    for call in calls.values():
+        assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city", "unit"}
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def test_json_schema_output_parses_and_matches(client):
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Make up a person."}], max_tokens=200, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content  # the grammar ended it
+        obj = json.loads(r.choices[0].message.content)
+        assert set(obj) == {"name", "age", "tags"}
+        assert isinstance(obj["name"], str) and len(obj["name"]) <= 10
+        assert isinstance(obj["age"], int) and 0 <= obj["age"] <= 150
+        assert len(obj["tags"]) <= 3 and set(obj["tags"]) <= {"a", "b"}
+
+
+def test_metrics_count_requests_tokens_and_ttft(server, client):
+    ask(client, "One more.")
+    text = httpx.get(f"{server}/metrics", headers=AUTH).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['qwen2vl_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert values["qwen2vl_generation_tokens_total"] > 0 and values["qwen2vl_prompt_tokens_total"] > 0
+    assert values["qwen2vl_time_to_first_token_seconds_count"] >= 1
+    assert 0 <= values["qwen2vl_kv_cache_usage_ratio"] <= 1 and "qwen2vl_queue_length" in values
+    assert httpx.get(f"{server}/metrics").status_code == 401
+
+
+def test_client_disconnect_aborts_and_frees_the_cache(server):
+    def gauges():
+        text = httpx.get(f"{server}/metrics", headers=AUTH).text
+        return {k: float(v) for k, v in (line.split(" ") for line in text.splitlines()
+                                         if line and not line.startswith("#") and "{" not in line)}
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 1900,
+            "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{server}/v1/chat/completions", json=body,
+                                                       headers=AUTH) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert gauges()["qwen2vl_requests_running"] >= 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        g = gauges()
+        if g["qwen2vl_requests_running"] == 0 and g["qwen2vl_kv_cache_usage_ratio"] == 0:
+            break
+        time.sleep(0.1)
+    assert g["qwen2vl_requests_running"] == 0 and g["qwen2vl_kv_cache_usage_ratio"] == 0
+    assert g["qwen2vl_requests_aborted_total"] >= 1 and g["qwen2vl_requests_in_flight"] == 0
