@@ -11,7 +11,7 @@ import torch
 from qwen2vl.engine.async_engine import AsyncLLM
 from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.sampling_params import SamplingParams
-from tests.test_engine_parity import CONVERSATIONS, img, make_checkpoint, user
+from tests.test_engine_parity import CONVERSATIONS, DEVICE, img, make_checkpoint, user
 
 TEXT = CONVERSATIONS["text"]
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
@@ -21,7 +21,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10)
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine_llm_ckpt")
     hf = make_checkpoint(folder)
-    return LLM(str(folder), dtype="float32", kv_cache_gib=0.02, block_size=4, seed=0), hf
+    return LLM(str(folder), dtype="float32", device=DEVICE, kv_cache_gib=0.02, block_size=4, seed=0), hf
 
 
 @pytest.fixture(scope="module")

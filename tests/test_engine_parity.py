@@ -9,6 +9,7 @@ or a stale cache slot shows up even where the argmax happens to survive it.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from tests.helpers.checkpoints import build_reference, save_checkpoint
 from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
 
 MAX_TOKENS = 8
+DEVICE = os.environ.get("QWEN2VL_TEST_DEVICE", "cpu")  # "cuda" runs the engine on a GPU against the CPU oracle
 PREPROCESSOR = {
     "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
@@ -96,7 +98,7 @@ def expected(setup, llm):
 @pytest.fixture(scope="module")
 def llm(setup):
     folder, _ = setup
-    return LLM(str(folder), dtype="float32", kv_cache_gib=0.02, block_size=4)
+    return LLM(str(folder), dtype="float32", device=DEVICE, kv_cache_gib=0.02, block_size=4)
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0)
@@ -130,8 +132,8 @@ def test_chunked_prefill_and_tiny_cache_match_transformers(setup, expected):
     must preempt and recompute: the tokens must not change."""
     folder, _ = setup
     # 20 blocks of 4 tokens: each request fits alone (prompts <= ~60 tokens + 8), not all together
-    small = LLM(str(folder), dtype="float32", block_size=4, max_num_batched_tokens=5, enable_prefix_caching=False,
-                kv_cache_gib=20 * 4 * 2 * 2 * 2 * 16 * 4 / 2**30)
+    small = LLM(str(folder), dtype="float32", device=DEVICE, block_size=4, max_num_batched_tokens=5,
+                enable_prefix_caching=False, kv_cache_gib=20 * 4 * 2 * 2 * 2 * 16 * 4 / 2**30)
     assert small.engine.cache.num_blocks == 20
     names = list(CONVERSATIONS)
     outs = small.chat([CONVERSATIONS[n] for n in names], GREEDY)

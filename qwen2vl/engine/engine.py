@@ -52,6 +52,8 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         text = model.config.text
+        if model.device.type == "cuda" and config.kv_cache_gib is None and not peak_bytes:
+            peak_bytes = profile_peak_bytes(model, config)
         num_blocks = num_blocks_for(text, config.block_size, model.dtype, model.device,
                                     kv_cache_gib=config.kv_cache_gib,
                                     gpu_memory_utilization=config.gpu_memory_utilization, peak_bytes=peak_bytes)
@@ -132,3 +134,23 @@ class Engine:
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         g = torch.Generator(device=self.model.device)
         return g.manual_seed((seed + index) % 2**64)
+
+
+@torch.inference_mode()
+def profile_peak_bytes(model, config: EngineConfig) -> int:
+    """CUDA memory a step of max_num_batched_tokens takes beyond the weights, measured by running
+    one (with a 20% margin: the paged path gathers keys the plain causal path does not)."""
+    from qwen2vl.attention import causal_attend
+
+    n = config.max_num_batched_tokens
+    torch.cuda.synchronize(model.device)
+    torch.cuda.reset_peak_memory_stats(model.device)
+    before = torch.cuda.memory_allocated(model.device)
+    x = torch.zeros(n, model.config.text.hidden_size, dtype=model.dtype, device=model.device)
+    positions = torch.arange(n, device=model.device).expand(3, -1)
+    hidden = model.model(x, positions, causal_attend)
+    model.compute_logits(hidden[: min(n, config.max_num_seqs)])
+    del x, hidden
+    peak = torch.cuda.max_memory_allocated(model.device) - before
+    torch.cuda.empty_cache()
+    return int(peak * 1.2)

@@ -1,0 +1,159 @@
+"""The engine next to transformers `generate`, on the real Qwen2-VL-2B shapes (random weights, CPU).
+
+Measured in one process, engine and reference interleaved (this VM's speed drifts):
+- single stream: time to first token for a 448x448 image + question (283 prompt tokens), and
+  decode tokens/s over the following tokens;
+- aggregate tokens/s with 1, 4 and 16 requests submitted together, each with its own picture
+  (so neither the vision cache nor the prefix cache helps); transformers gets the same requests
+  as one left-padded batch.
+Random weights never emit eos sensibly, so both sides generate exactly max tokens (ignore_eos /
+min_new_tokens). A bandwidth/GEMM probe is printed before and after.
+
+    python -m benchmarks.engine_cpu                   # builds/reuses .cache/qwen2vl-2b-random
+    python -m benchmarks.engine_cpu --model DIR --concurrency 1 4 --agg-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.bandwidth import probe
+from benchmarks.random_checkpoint import random_checkpoint
+from qwen2vl import LLM, SamplingParams
+
+
+def picture(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8))
+
+
+def conversation(seed: int) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": picture(seed)},
+                                         {"type": "text", "text": "What is in this image?"}]}]
+
+
+def engine_single(llm: LLM, seed: int, tokens: int) -> tuple[float, float]:
+    """(time to first token, decode tokens/s) of one request streamed alone."""
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    stamps = []
+    for chunk in llm.stream(conversation(seed), params):
+        stamps += [time.perf_counter()] * len(chunk.token_ids)
+    return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def engine_batch(llm: LLM, seeds: list[int], tokens: int) -> float:
+    """Aggregate generated tokens/s for requests submitted together (processing included)."""
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.chat([conversation(s) for s in seeds], params)
+    assert all(len(o.token_ids) == tokens for o in outs)
+    return len(seeds) * tokens / (time.perf_counter() - start)
+
+
+class Reference:
+    """transformers generate on the same checkpoint and the same processor output."""
+
+    def __init__(self, folder, processor):
+        from transformers import Qwen2VLForConditionalGeneration
+
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+            folder, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        self.processor = processor
+        self.pad = processor.tokenizer.pad_token_id or 0
+
+    def inputs(self, seeds: list[int]) -> dict:
+        batch = [self.processor(conversation(s), add_generation_prompt=True) for s in seeds]
+        width = max(b["input_ids"].numel() for b in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, b in enumerate(batch):  # left padding, as generate wants
+            n = b["input_ids"].numel()
+            ids[i, width - n:], mask[i, width - n:] = b["input_ids"], 1
+        image_id = self.model.config.image_token_id
+        return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == image_id).long(),
+                    pixel_values=torch.cat([b["pixel_values"] for b in batch]),
+                    image_grid_thw=torch.cat([b["image_grid_thw"] for b in batch]))
+
+    def generate(self, seeds: list[int], tokens: int) -> list[float]:
+        """Timestamps of each generation step, the first taken before processing."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stamps = [time.perf_counter()]
+
+        class Clock(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                stamps.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+        inputs = self.inputs(seeds)
+        with torch.inference_mode():
+            self.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                pad_token_id=self.pad, stopping_criteria=StoppingCriteriaList([Clock()]))
+        return stamps
+
+    def single(self, seed: int, tokens: int) -> tuple[float, float]:
+        s = self.generate([seed], tokens)
+        return s[1] - s[0], (len(s) - 2) / (s[-1] - s[1])
+
+    def batch(self, seeds: list[int], tokens: int) -> float:
+        s = self.generate(seeds, tokens)
+        return len(seeds) * tokens / (s[-1] - s[0])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint folder (default: the cached random 2B, built if missing)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per single-stream run")
+    ap.add_argument("--reps", type=int, default=2, help="single-stream repetitions (each side)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--agg-tokens", type=int, default=32, help="tokens per request in the aggregate runs")
+    ap.add_argument("--kv-cache-gib", type=float, default=2.0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.model:
+        folder = args.model
+    else:
+        from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
+
+        folder = random_checkpoint("2b", tokenizer_dir=qwen_tokenizer_dir())
+    print(f"model {folder}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("probe before:", probe())
+    llm = LLM(str(folder), dtype="bfloat16", device="cpu", kv_cache_gib=args.kv_cache_gib)
+    ref = Reference(folder, llm.processor)
+    n_prompt = len(llm.prompt(conversation(0)))
+    print(f"prompt: 448x448 image + question = {n_prompt} tokens")
+
+    seed = iter(range(1000, 100000))  # a fresh picture every run: no cache hits anywhere
+    engine_single(llm, next(seed), 4)  # warm-up both sides
+    ref.single(next(seed), 4)
+    rows = {"engine": [], "transformers": []}
+    for _ in range(args.reps):
+        rows["engine"].append(engine_single(llm, next(seed), args.tokens))
+        rows["transformers"].append(ref.single(next(seed), args.tokens))
+    print(f"\nsingle stream, {args.tokens} tokens, median of {args.reps} (all runs in brackets)")
+    print(f"{'':14}{'TTFT s':>10}{'decode tok/s':>16}")
+    for name, r in rows.items():
+        ttft, tps = [x[0] for x in r], [x[1] for x in r]
+        print(f"{name:14}{statistics.median(ttft):10.2f}{statistics.median(tps):16.2f}"
+              f"   [{', '.join(f'{x:.2f}' for x in ttft)}] [{', '.join(f'{x:.2f}' for x in tps)}]")
+
+    print(f"\naggregate generated tokens/s, {args.agg_tokens} tokens per request, wall clock incl. prefill")
+    print(f"{'requests':>8}{'engine':>10}{'transformers':>14}{'ratio':>8}")
+    for k in args.concurrency:
+        e = engine_batch(llm, [next(seed) for _ in range(k)], args.agg_tokens)
+        t = ref.batch([next(seed) for _ in range(k)], args.agg_tokens)
+        print(f"{k:8d}{e:10.2f}{t:14.2f}{e / t:8.2f}", flush=True)
+    print("\nprobe after:", probe())
+    print("engine stats:", llm.engine.stats())
+
+
+if __name__ == "__main__":
+    main()
