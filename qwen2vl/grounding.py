@@ -97,6 +97,12 @@ def strip_grounding(text: str) -> str:
     return _ANY_MARKUP.sub("", text)
 
 
+def drop_markup(text: str) -> str:
+    """The answer with the grounding tokens removed, labels and coordinates kept as plain text:
+    what to send back as chat history, since a server refuses special tokens inside messages."""
+    return _ANY_MARKUP.sub("", text)
+
+
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
 
 

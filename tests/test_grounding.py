@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from qwen2vl.grounding import Region, draw_regions, parse_grounding, strip_grounding
+from qwen2vl.grounding import Region, draw_regions, drop_markup, parse_grounding, strip_grounding
 
 R, r = "<|object_ref_start|>", "<|object_ref_end|>"
 B, b = "<|box_start|>", "<|box_end|>"
@@ -65,6 +65,11 @@ def test_region_dict_and_bbox():
 ])
 def test_strip_grounding(text, expected):
     assert strip_grounding(text) == expected
+
+
+def test_drop_markup_keeps_labels_and_coordinates():
+    assert drop_markup(f"The {R}dog{r}{B}(1,2),(3,4){b}.") == "The dog(1,2),(3,4)."
+    assert drop_markup(f"{Q}(1,2),(3,4),(5,6),(7,8){q}") == "(1,2),(3,4),(5,6),(7,8)"
 
 
 def test_bad_image_size():
