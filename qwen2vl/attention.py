@@ -11,11 +11,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    # [N, H, D] -> [1, H, N, D]: SDPA's fused CPU (flash) kernel takes only 4-D inputs; 3-D ones
+    # fall back to the unfused math path, about 2x slower for the vision tower
+    return x.transpose(0, 1).unsqueeze(0)
+
+
 def causal_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
-    )  # [Hq, N, D]
-    return out.transpose(0, 1)
+    out = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), is_causal=True,
+                                         enable_gqa=True)  # [1, Hq, N, D]
+    return out[0].transpose(0, 1)
 
 
 def block_diagonal_attention(q, k, v, cu_seqlens: list[int]) -> torch.Tensor:
@@ -26,6 +31,6 @@ def block_diagonal_attention(q, k, v, cu_seqlens: list[int]) -> torch.Tensor:
     """
     out = torch.empty_like(q)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1)
+        qs, ks, vs = (_heads_first(x[start:end]) for x in (q, k, v))
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
     return out
