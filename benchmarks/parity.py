@@ -1,0 +1,119 @@
+"""Parity and speed of our model vs transformers at the real Qwen2-VL-2B shapes (random weights).
+
+Prints max abs / relative logit error in float32 and bfloat16 and the vision-tower and decoder
+prefill times of ours vs the reference, interleaved in one process (this VM's speed drifts).
+Input: one 448x448 image (1024 patches, 256 visual tokens) in a 283-token prompt.
+
+    python -m benchmarks.parity [--dtypes float32,bfloat16] [--reps 3] [--model 2b|7b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from benchmarks.random_checkpoint import random_checkpoint
+from qwen2vl import Qwen2VL
+from qwen2vl.attention import causal_attend
+from qwen2vl.positions import mrope_positions
+
+
+def make_prompt(cfg, grid=(1, 32, 32), text_before=15, text_after=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1] * grid[2] // 4
+    text = lambda k: torch.randint(0, 151000, (k,), generator=g)
+    ids = torch.cat([
+        text(text_before), torch.tensor([cfg.vision_start_token_id]), torch.full((n,), cfg.image_token_id),
+        torch.tensor([cfg.vision_end_token_id]), text(text_after),
+    ])
+    pixels = torch.randn(grid[0] * grid[1] * grid[2], 1176, generator=g)
+    return ids, pixels, torch.tensor([list(grid)])
+
+
+def timed(fn, reps):
+    out, times = None, []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return out, times
+
+
+def reference_parts(hf, ids, pixels, grid, types):
+    def vision():
+        return hf.model.visual(pixels.to(hf.dtype), grid).pooler_output
+
+    def decoder(embeds, pos):
+        h = hf.model.language_model(inputs_embeds=embeds[None], position_ids=pos[:, None]).last_hidden_state[0]
+        return hf.lm_head(h[-1:]).float()
+
+    def full():
+        return hf(input_ids=ids[None], pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=types).logits[0]
+
+    return vision, decoder, full
+
+
+def run(dtype, folder, reps, ref_logits_fp32=None):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    ours = Qwen2VL.from_pretrained(folder, dtype=dtype)
+    cfg = ours.config
+    ids, pixels, grid = make_prompt(cfg)
+    types = ((ids == cfg.image_token_id).int())[None]
+    pos, _ = mrope_positions(ids, grid, None, cfg)
+    ref_vision, ref_decoder, ref_full = reference_parts(hf, ids, pixels, grid, types)
+    with torch.inference_mode():
+        got = ours.logits(ids, pixel_values=pixels, image_grid_thw=grid)
+        want = ref_full().float()
+        vis = ours.visual(pixels, grid)
+        embeds = ours.embed(ids, vis)
+        t = {"vision ours": [], "vision ref": [], "prefill ours": [], "prefill ref": []}
+        for _ in range(reps):  # interleave A/B: the VM's speed drifts
+            t["vision ours"] += timed(lambda: ours.visual(pixels, grid), 1)[1]
+            t["vision ref"] += timed(ref_vision, 1)[1]
+            t["prefill ours"] += timed(lambda: ours.compute_logits(ours(embeds, pos, causal_attend)[-1:]), 1)[1]
+            t["prefill ref"] += timed(lambda: ref_decoder(embeds, pos), 1)[1]
+    err = (got - want).abs().max().item()
+    rel = err / want.abs().max().item()
+    print(f"[{dtype}] logits vs reference in the same dtype: max abs {err:.3e}, max rel {rel:.3e}; "
+          f"argmax agreement {(got.argmax(-1) == want.argmax(-1)).float().mean().item():.4f}")
+    if ref_logits_fp32 is not None:
+        scale = ref_logits_fp32.abs().max().item()
+        for who, logits in (("ours", got), ("reference", want)):
+            e32 = (logits - ref_logits_fp32).abs().max().item()
+            agree = (logits.argmax(-1) == ref_logits_fp32.argmax(-1)).float().mean().item()
+            print(f"[{dtype}] {who} vs float32 reference: max abs {e32:.3e}, max rel {e32 / scale:.3e}, "
+                  f"argmax agreement {agree:.4f}")
+    med = {k: statistics.median(v) for k, v in t.items()}
+    for part in ("vision", "prefill"):
+        o, r = med[f"{part} ours"], med[f"{part} ref"]
+        print(f"[{dtype}] {part:8s} ours {o:6.3f} s  ref {r:6.3f} s  ratio ours/ref {o / r:5.2f}  "
+              f"(runs ours {[round(x, 2) for x in t[f'{part} ours']]}, ref {[round(x, 2) for x in t[f'{part} ref']]})")
+    return want
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--model", default="2b")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    folder = random_checkpoint(args.model)
+    print(f"checkpoint {folder}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"prompt 283 tokens with one 448x448 image (1024 patches, 256 visual tokens)")
+    ref32 = None
+    for name in args.dtypes.split(","):
+        want = run(getattr(torch, name), folder, args.reps, ref32)
+        if name == "float32":
+            ref32 = want
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
