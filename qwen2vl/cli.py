@@ -1,0 +1,273 @@
+"""The `qwen2vl` command (also `python -m qwen2vl`): chat, serve, download, info, tokens.
+
+Every failure a user can cause (no network, missing folder, wrong format, out of memory, bad
+option) ends as one line on stderr saying what to do next, and a non-zero exit code; set
+QWEN2VL_DEBUG=1 to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+from qwen2vl.hub import DEFAULT_MODEL
+
+PUBLISHED_PREPROCESSOR = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384}  # Qwen2-VL-*-Instruct on the hub
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_HUB_HELP = "offline, download it on another machine and pass the local folder instead"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as e:  # the edge: one line for the user, the traceback only on request
+        if os.environ.get("QWEN2VL_DEBUG"):
+            raise
+        print(f"error: {explain(e)}", file=sys.stderr)
+        return 1
+
+
+def explain(e: Exception) -> str:
+    """One line for an exception, with the next step when we know it."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, MemoryError) or "OutOfMemoryError" in type(e).__name__:
+        return (f"out of memory ({text[:200]}); try --dtype bfloat16, a smaller --max-pixels or --kv-cache-gib, "
+                "or a smaller model")
+    if isinstance(e, (FileNotFoundError, ConnectionError, ValueError)):
+        return text  # our own messages already say what to do
+    return f"{type(e).__name__}: {text} (set QWEN2VL_DEBUG=1 for the traceback)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qwen2vl import chat_cli
+
+    parser = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL: chat, serve an OpenAI-compatible API, "
+                                     "inspect checkpoints and media.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="ask about images and videos, once or interactively")
+    chat_cli.add_chat_arguments(chat)
+    chat.set_defaults(run=chat_cli.run_chat)
+
+    _add_serve(sub.add_parser("serve", help="serve the OpenAI-compatible API and the web page"))
+
+    download = sub.add_parser("download", help="download a model from the Hugging Face hub")
+    download.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub repo id (default {DEFAULT_MODEL})")
+    download.set_defaults(run=run_download)
+
+    info = sub.add_parser("info", help="sizes, dtypes, parameter counts and memory of a checkpoint, without loading")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="local folder or hub repo id")
+    info.set_defaults(run=run_info)
+
+    tokens = sub.add_parser("tokens", help="how many visual tokens an image or video costs")
+    tokens.add_argument("media", metavar="IMAGE_OR_VIDEO", help="path or URL")
+    tokens.add_argument("--model", help="read the pixel settings of this model folder (default: published ones)")
+    tokens.add_argument("--min-pixels", type=chat_cli.positive(int))
+    tokens.add_argument("--max-pixels", type=chat_cli.positive(int))
+    tokens.add_argument("--fps", type=chat_cli.positive(float), help="video frames sampled per second")
+    tokens.set_defaults(run=run_tokens)
+    return parser
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    try:
+        from qwen2vl.server.cli import add_serve_arguments, run_serve
+    except Exception as e:  # the server is optional for everything else the command does
+        reason = " ".join(str(e).split())
+
+        def unavailable(args):
+            raise RuntimeError(f"the server could not be imported ({reason})")
+
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        parser.set_defaults(run=unavailable)
+        return
+    add_serve_arguments(parser)
+    parser.set_defaults(run=run_serve)
+
+
+# -- download ------------------------------------------------------------------------------
+
+def run_download(args) -> int:
+    if Path(args.model).expanduser().is_dir():
+        print(f"{args.model} is a local folder already; nothing to download")
+        return 0
+    from huggingface_hub import snapshot_download
+
+    from qwen2vl.hub import _PATTERNS  # the files a Qwen2-VL folder needs, as hub.py downloads them
+
+    print(f"downloading {args.model} from the Hugging Face hub ...", file=sys.stderr)
+    try:
+        folder = snapshot_download(args.model, allow_patterns=_PATTERNS, etag_timeout=10)
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise ConnectionError(f"could not download {args.model!r} ({type(e).__name__}: {reason}); "
+                              f"check the repo id and the network ({_HUB_HELP})") from None
+    print(folder)
+    return 0
+
+
+# -- info ----------------------------------------------------------------------------------
+
+def run_info(args) -> int:
+    config, headers, where = checkpoint_headers(args.model)
+    from qwen2vl.config import Qwen2VLConfig
+
+    cfg = Qwen2VLConfig.from_dict(config)
+    tensors = {name: t for header in headers.values() for name, t in header.items()}
+    counts: dict[str, int] = {}
+    by_tower = {"vision": 0, "language": 0}
+    stored = 0
+    for name, t in tensors.items():
+        n = math.prod(t["shape"])
+        counts[t["dtype"]] = counts.get(t["dtype"], 0) + n
+        by_tower["vision" if "visual." in name else "language"] += n
+        stored += t["data_offsets"][1] - t["data_offsets"][0]
+    total = sum(counts.values())
+    text, vision = cfg.text, cfg.vision
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2  # k and v, 16-bit
+    print(f"model       {args.model}  ({where})")
+    print(f"language    {text.num_hidden_layers} layers, hidden {text.hidden_size}, {text.num_attention_heads} heads "
+          f"({text.num_key_value_heads} kv), vocab {text.vocab_size}, context {text.max_position_embeddings}"
+          f"{', tied embeddings' if cfg.tie_word_embeddings else ''}")
+    print(f"vision      {vision.depth} blocks, width {vision.embed_dim}, {vision.num_heads} heads, "
+          f"patch {vision.patch_size}, merge {vision.spatial_merge_size}x{vision.spatial_merge_size}")
+    print(f"files       {len(headers)} safetensors file(s), {_gib(stored)} of tensors")
+    print(f"parameters  {total:,} (language {by_tower['language']:,}, vision {by_tower['vision']:,})")
+    print("stored as   " + ", ".join(f"{dtype.lower()} {n:,}" for dtype, n in sorted(counts.items())))
+    print(f"memory      weights in bfloat16/float16 {_gib(total * 2)}, in float32 {_gib(total * 4)}; "
+          f"plus the KV cache, {_gib(kv_per_token * 1000)} per 1,000 tokens in 16-bit")
+    return 0
+
+
+def checkpoint_headers(name: str) -> tuple[dict, dict[str, dict], str]:
+    """(config.json, {file: {tensor: {dtype, shape, data_offsets}}}, where) without reading weights:
+    a local folder (or the hub cache) from the files, a hub repo from the headers alone."""
+    path = Path(name).expanduser()
+    if not path.is_dir() and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+        except Exception:
+            return _remote_headers(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name}: no such folder (and not a hub repo id like {DEFAULT_MODEL!r})")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL checkpoint folder?")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files (only safetensors checkpoints are supported)")
+    return json.loads((path / "config.json").read_text()), {f.name: read_header(f) for f in files}, "local folder"
+
+
+def read_header(file: Path) -> dict:
+    """The tensor table at the start of a safetensors file: 8 bytes of length, then JSON."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100 * 2**20 or size + 8 > file.stat().st_size:
+            raise ValueError(f"{file}: not a safetensors file (bad header length {size})")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{file}: not a safetensors file (header is not JSON)") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _remote_headers(name: str) -> tuple[dict, dict[str, dict], str]:
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:  # snapshot_download fails at once offline, where hf_hub_download retries for ~25 s
+        folder = Path(snapshot_download(name, allow_patterns=["config.json"], etag_timeout=10))
+        config = json.loads((folder / "config.json").read_text())
+        meta = HfApi().get_safetensors_metadata(name)
+    except Exception as e:
+        raise ConnectionError(f"could not read {name!r} from the Hugging Face hub ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}); {_HUB_HELP}") from None
+    headers = {file: {t: {"dtype": i.dtype, "shape": i.shape, "data_offsets": i.data_offsets}
+                      for t, i in m.tensors.items()} for file, m in meta.files_metadata.items()}
+    return config, headers, "hub, headers only"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# -- tokens --------------------------------------------------------------------------------
+
+def run_tokens(args) -> int:
+    from qwen2vl.processing.image import image_token_count
+    from qwen2vl.processing.video import sample_frames, video_token_count
+    from qwen2vl.processing.vision_config import VisionProcessingConfig
+
+    if args.model:
+        from qwen2vl.hub import resolve_model_path
+
+        cfg, origin = VisionProcessingConfig.from_pretrained(resolve_model_path(args.model)), f"from {args.model}"
+    else:
+        cfg, origin = VisionProcessingConfig.from_dict(PUBLISHED_PREPROCESSOR), "published Qwen2-VL defaults"
+    m = probe_media(args.media)
+    lo, hi = args.min_pixels, args.max_pixels
+    if m["kind"] == "image":
+        if args.fps is not None:
+            raise ValueError("--fps applies to videos; this is an image")
+        t = image_token_count(m["height"], m["width"], cfg, min_pixels=lo, max_pixels=hi)
+        print(f"image       {m['width']}x{m['height']} -> resized to {t.width}x{t.height}")
+        limits = f"min_pixels {lo or cfg.min_pixels:,}, max_pixels {hi or cfg.max_pixels:,}"
+    else:
+        indices, fps = sample_frames(m["frames"], m["fps"], cfg, fps=args.fps)
+        t = video_token_count(m["height"], m["width"], cfg, num_frames=len(indices), min_pixels=lo, max_pixels=hi)
+        print(f"video       {m['width']}x{m['height']}, {m['frames']} frames at {m['fps']:g} fps "
+              f"({m['frames'] / m['fps']:.1f} s) -> {len(indices)} frames ({fps:.2f} per s), "
+              f"each resized to {t.width}x{t.height}")
+        limits = (f"fps {args.fps or cfg.fps:g}, pixels per frame in [{lo or cfg.video_min_pixels:,}, "
+                  f"{hi or cfg.video_max_pixels:,}] within the clip's total budget")
+    print(f"grid        t={t.grid_thw[0]}, h={t.grid_thw[1]}, w={t.grid_thw[2]} ({cfg.patch_size}-px patches, "
+          f"{cfg.merge_size}x{cfg.merge_size} merged per token)")
+    print(f"tokens      {t.num_tokens} visual tokens (+2 for <|vision_start|>, <|vision_end|>)")
+    print(f"settings    {limits} ({origin})")
+    return 0
+
+
+def probe_media(source: str) -> dict:
+    """Kind and size of an image or video from its header, without decoding pixels."""
+    import io
+
+    import av
+    from PIL import Image, UnidentifiedImageError
+
+    from qwen2vl.processing.media import MediaError, MediaPolicy, open_source
+
+    policy = MediaPolicy()
+    data = open_source(source, policy, max_bytes=policy.max_video_bytes, what="media")
+    opened = data if isinstance(data, Path) else io.BytesIO(data)
+    try:
+        with Image.open(opened) as image:
+            return {"kind": "image", "width": image.width, "height": image.height}
+    except (UnidentifiedImageError, OSError):
+        pass
+    try:
+        with av.open(str(data) if isinstance(data, Path) else io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{source}: no video stream in the file")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+            return {"kind": "video", "width": stream.codec_context.width, "height": stream.codec_context.height,
+                    "frames": frames, "fps": rate}
+    except av.error.FFmpegError:
+        raise MediaError(f"{source}: neither an image nor a video this build can read") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
