@@ -251,7 +251,7 @@ def test_client_disconnect_aborts_and_frees_the_cache(server):
                                          if line and not line.startswith("#") and "{" not in line)}
 
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 1900,
-            "stream": True}
+            "stream": True, "temperature": 0}
     with httpx.Client(timeout=60) as http, http.stream("POST", f"{server}/v1/chat/completions", json=body,
                                                        headers=AUTH) as r:
         lines = r.iter_lines()

@@ -209,10 +209,12 @@ def qwen_messages(inputs: ChatInputs) -> list[dict]:
 
 
 _ADDRESS = re.compile(r"(address(?:es)?) [0-9a-fA-F.:%]+")
+_ROOTS = re.compile(r"\(MediaPolicy\.local_roots=\[.*?\]\)")
 
 
 def public_message(message: str) -> str:
-    """Drop resolved IP addresses from a media error: telling a client what an internal name
-    resolves to would help it map the network it is not allowed to reach."""
-    return _ADDRESS.sub(r"\1 (not shown)", message).replace("MediaPolicy.allow_private=False",
-                                                            "start the server with --allow-private-media to allow")
+    """A media error as the client may see it: no resolved IP addresses (what an internal name
+    resolves to would help map a network the client may not reach) and no server folders."""
+    message = _ADDRESS.sub(r"\1 (not shown)", message)
+    message = _ROOTS.sub("(--allowed-local-media-path)", message)
+    return message.replace("MediaPolicy.allow_private=False", "the operator can allow them with --allow-private-media")

@@ -66,7 +66,7 @@ def image_header(data: bytes | Path, param: str) -> tuple[int, int]:
     try:
         with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as im:
             width, height = im.size
-            orientation = im.getexif().get(0x0112) if hasattr(im, "getexif") else None
+            orientation = _orientation(im.info.get("exif"))
     except Image.DecompressionBombError as e:
         raise MediaError(f"{param}: image refused before decoding: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -74,6 +74,19 @@ def image_header(data: bytes | Path, param: str) -> tuple[int, int]:
     if width < 1 or height < 1:
         raise MediaError(f"{param}: image is {width}x{height}")
     return (height, width) if orientation in _SWAP_ORIENTATIONS else (width, height)
+
+
+def _orientation(exif) -> int | None:
+    """EXIF orientation from the header's raw EXIF block. Not `Image.getexif()`: for PNG it decodes
+    the whole image to look for EXIF after the pixels, which is what a bomb wants."""
+    if not isinstance(exif, (bytes, bytearray)):
+        return None
+    data = Image.Exif()
+    try:
+        data.load(bytes(exif))
+    except Exception:  # a broken EXIF block only loses the rotation hint
+        return None
+    return data.get(0x0112)
 
 
 def video_header(data: bytes | Path, param: str) -> tuple[int, int, int, float]:
