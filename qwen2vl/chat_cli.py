@@ -167,6 +167,8 @@ class ChatSession:
         from qwen2vl.grounding import draw_regions, parse_grounding
 
         if self.last_image is None or ("<|box_start|>" not in answer and "<|quad_start|>" not in answer):
+            if self.args.draw:
+                print(f"  no boxes in this answer; {self.args.draw} not written", file=sys.stderr)
             return
         from qwen2vl.processing.image import load_image
 
