@@ -198,6 +198,8 @@ CASES = [
      ["messages[1].tool_calls[0].function.arguments", "not valid JSON"]),
     ("json-schema-missing", lambda c: post(chat(response_format={"type": "json_schema"})), 400,
      ["response_format.json_schema"]),
+    ("json-schema-invalid", lambda c: post(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "strin"}}})), 400, ["response_format", "Invalid type"]),
     ("response-format-type", lambda c: post(chat(response_format={"type": "xml"})), 400, ["response_format.type"]),
     # auth and routing
     ("no-api-key", lambda c: post(chat(), headers={}), 401, ["API key"]),
