@@ -167,3 +167,17 @@ def test_draw_saves_the_image_with_the_answers_boxes(tmp_path, capsys):
     assert "box cat: (40,40) (200,160)" in capsys.readouterr().err
     out = Image.open(tmp_path / "out.png").convert("RGB")
     assert out.getpixel((40, 100)) != (255, 255, 255) and out.getpixel((120, 100)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("error, expected", [
+    (MemoryError(), "out of memory"),
+    (RuntimeError("CUDA\nbroke"), "RuntimeError: CUDA broke (set QWEN2VL_DEBUG=1 for the traceback)"),
+    (FileNotFoundError("x: no such folder"), "x: no such folder"),
+])
+def test_explain_gives_one_line_with_a_next_step(error, expected):
+    import torch
+
+    from qwen2vl.cli import explain
+
+    assert expected in explain(error) and "\n" not in explain(error)
+    assert "--max-pixels" in explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
