@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tests.test_grounding import CASES
+from tests.test_server_support import mp4_bytes
 
 CHROMIUM = os.environ.get("QWEN2VL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install playwright)")
@@ -25,7 +26,8 @@ if CHROMIUM is None:
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "web_screenshot.png"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage"]
 GROUNDED = ("The <|object_ref_start|>blue square<|object_ref_end|><|box_start|>(250,250),(750,750)<|box_end|> "
             "sits in the **middle** of the picture.")
 HOSTILE = ("<img src=x onerror=\"document.title='pwned'\"> <script>document.title='pwned'</script> "
@@ -173,6 +175,10 @@ def test_drop_paste_and_stop(page, server, picture):
             new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true, cancelable: true}));
     }""", png)
     page.wait_for_function("document.querySelectorAll('#attachments .thumb').length === 2")
+    clip = picture.parent / "clip.mp4"
+    clip.write_bytes(mp4_bytes(frames=8, width=64, height=48, fps=4))
+    page.set_input_files("#file", str(clip))  # a video goes up as a video_url data: URI
+    page.wait_for_selector("#attachments .thumb video")
     server[1]["text"] = "word " * 2000  # far longer than max_tokens: only Stop ends it early
     try:
         page.fill("#input", "Talk for a long time.")
@@ -184,5 +190,7 @@ def test_drop_paste_and_stop(page, server, picture):
     finally:
         server[1]["text"] = GROUNDED
     assert int(answer.get_attribute("data-chunks")) < 400  # stopped well before max_tokens (512)
+    assert answer.get_attribute("data-state") == "stopped"  # not an error: the server took the video
     assert page.locator(".msg.user").last.locator(".media img").count() == 2
+    assert page.locator(".msg.user").last.locator(".media video").count() == 1
     assert page.is_visible("#send") and not page.is_visible("#stop")
