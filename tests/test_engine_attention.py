@@ -74,8 +74,9 @@ def test_varlen_matches_causal_attention(cached, new):
     torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], batch), want)
 
 
-def test_batched_decode_matches_varlen_and_causal_attention():
-    q, k, v, cache, batch, want = build([0, 13, 3, 30, 7], [1, 1, 1, 1, 1], seed=1)
+@pytest.mark.parametrize("cached", [[0, 13, 3, 30, 7], [9, 9, 9], [21]])  # padded + masked, or sliced
+def test_batched_decode_matches_varlen_and_causal_attention(cached):
+    q, k, v, cache, batch, want = build(cached, [1] * len(cached), seed=1)
     assert batch.is_decode
     got = decode(q, cache.k[0], cache.v[0], batch)
     torch.testing.assert_close(got, want)

@@ -135,12 +135,17 @@ def test_chunked_prefill_and_tiny_cache_match_transformers(setup, expected):
     small = LLM(str(folder), dtype="float32", device=DEVICE, block_size=4, max_num_batched_tokens=5,
                 enable_prefix_caching=False, kv_cache_gib=20 * 4 * 2 * 2 * 2 * 16 * 4 / 2**30)
     assert small.engine.cache.num_blocks == 20
+    encoded = []
+    encode = small.engine.runner.encode
+    small.engine.runner.encode = lambda items: encoded.extend(items) or encode(items)
     names = list(CONVERSATIONS)
     outs = small.chat([CONVERSATIONS[n] for n in names], GREEDY)
     for name, out in zip(names, outs):
         check(out, expected[name])
     stats = small.engine.stats()
     assert stats.num_preemptions > 0
+    # each picture encoded once, though its pads were cut into chunks and recomputed after preemption
+    assert len(encoded) == 5 == len({it.content_hash for it in encoded})
     assert stats.num_free_blocks == stats.num_blocks
 
 

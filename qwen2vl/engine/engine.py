@@ -103,9 +103,10 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[Delta]:
-        seqs = self.scheduler.schedule()
-        if not seqs:
+        if not self.scheduler.has_work():
             return []
+        seqs = self.scheduler.schedule()
+        assert seqs, "the scheduler made no progress"  # a lone sequence always fits (max_model_len)
         tokens, logprobs = self.runner.run(seqs)
         self.scheduler.postprocess(seqs, tokens, logprobs)
         deltas = []

@@ -35,6 +35,8 @@ class LLM:
         max_model_len, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
         vision_cache_mib, seed."""
         dtype = parse_dtype(dtype)  # argument errors before any download or load
+        if quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization must be None, 'int8' or 'int4', got {quantization!r}")
         config = EngineConfig(**engine_args)
         folder = resolve_model_path(model)
         self.model = load_model(folder, dtype, device, quantization)

@@ -10,6 +10,7 @@ Two paths, checked against each other in tests:
   cached before this step attends over its fresh k/v directly; others gather their blocks.
 - `decode`: every sequence has q_len 1; gather all block tables padded to the longest, one
   batched SDPA with a key-length mask (fewer kernel launches; the padding reads block 0, finite).
+  A kv head's query heads are folded into query rows, so k/v are never repeated for GQA.
 """
 
 from __future__ import annotations
@@ -67,11 +68,17 @@ def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
 
 
 def decode(q, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
-    kk = k_cache[batch.block_tables].flatten(1, 2)  # [B, max_blocks * block_size, Hkv, Dh]
-    vv = v_cache[batch.block_tables].flatten(1, 2)
-    idx = torch.arange(kk.shape[1], device=q.device)
-    mask = (idx[None, :] < batch.ctx_lens_t[:, None])[:, None, None, :]  # [B, 1, 1, L]
-    o = F.scaled_dot_product_attention(
-        q[:, :, None], kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask, enable_gqa=True
-    )  # [B, Hq, 1, Dh]
-    return o[:, :, 0]
+    b, hq, dh = q.shape
+    hkv = k_cache.shape[2]
+    kk = k_cache[batch.block_tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, max_blocks * block_size, Dh]
+    vv = v_cache[batch.block_tables].flatten(1, 2).transpose(1, 2)
+    mask = None
+    if min(batch.ctx_lens) == max(batch.ctx_lens):  # equal lengths (always at batch 1): slice, no mask
+        kk, vv = kk[:, :, : batch.ctx_lens[0]], vv[:, :, : batch.ctx_lens[0]]
+    else:  # additive mask over the padding (a float mask keeps SDPA on its fused CPU kernel)
+        idx = torch.arange(kk.shape[2], device=q.device)
+        pad = (idx[None, :] >= batch.ctx_lens_t[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        mask = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill_(pad, float("-inf"))
+    # GQA without repeating k/v: the Hq/Hkv query heads of one kv head become that head's query rows
+    o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, dh), kk, vv, attn_mask=mask)
+    return o.reshape(b, hq, dh)
