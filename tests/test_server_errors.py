@@ -16,13 +16,13 @@ import pytest
 
 from qwen2vl.processing import media
 from qwen2vl.server.limits import MiB, ServerLimits
-from tests.test_server_support import MAX_MODEL_LEN, data_uri, png_bytes, running_server, solid_png
+from tests.test_server_support import MAX_MODEL_LEN, data_uri, mp4_bytes, png_bytes, running_server, solid_png
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 IMAGE = png_bytes(64, 48)
 LIMITS = dict(max_body_bytes=2 * MiB, max_image_bytes=512 * 1024, max_images=3, max_videos=1,
-              max_pixels=28 * 28 * 4096, max_queue=1)
+              max_pixels=28 * 28 * 4096, max_video_seconds=1.5, max_queue=1)
 FAKE_PUBLIC = "127.0.0.2"  # treated as public in this module, to reach the redirect check
 
 
@@ -163,6 +163,8 @@ CASES = [
      ["refused before decoding"]),
     ("unsupported-video", lambda c: post(user(video(data_uri(b"definitely not a video" * 50, "video/mp4")))), 400,
      ["not a readable video"]),
+    ("video-too-long", lambda c: post(user(video(data_uri(mp4_bytes(frames=8, fps=4), "video/mp4")))), 400,
+     ["2.0 s long", "limit of 1.5 s", "--max-video-seconds"]),
     ("context-overflow", lambda c: post(user(image(data_uri(solid_png(2048, 2048)), max_pixels=2048 * 2048))), 400,
      ["need 4096 tokens", f"context is {MAX_MODEL_LEN}", "over by", "max_pixels"]),  # clamped to the ceiling
     ("prompt-too-long", lambda c: post(user(text("many words " * 1500))), 400,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from qwen2vl.engine.async_engine import AsyncLLM
@@ -33,6 +33,7 @@ from qwen2vl.server.limits import ServerLimits
 from qwen2vl.server.metrics import Metrics
 from qwen2vl.server.protocol import ChatCompletionRequest, model_card
 from qwen2vl.server.structured import GrammarCompiler
+from qwen2vl.server.web import add_web_page
 
 WEB_PAGE = Path(__file__).resolve().parent.parent / "web" / "index.html"
 RETRY_AFTER_S = "1"
@@ -130,9 +131,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
             metrics.in_flight -= 1
 
     if WEB_PAGE.is_file():
-        @app.get("/", include_in_schema=False)
-        async def web_page():  # static, holds no data; the page sends the API key with its calls
-            return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
+        add_web_page(app)  # static, holds no data, so no key; the page sends the key with its API calls
 
     return app
 

@@ -173,6 +173,9 @@ def media_costs(refs: list[MediaRef], cfg: VisionProcessingConfig, limits: Serve
         if pixels > limits.max_image_pixels:
             raise bad_request(f"{r.param}: the {r.kind} is {cost.width}x{cost.height} = {pixels:,} pixels, over the "
                               f"limit of {limits.max_image_pixels:,} (--max-image-pixels)", r.param)
+        if cost.seconds is not None and cost.seconds > limits.max_video_seconds:
+            raise bad_request(f"{r.param}: the video is {cost.seconds:.1f} s long, over the limit of "
+                              f"{limits.max_video_seconds:g} s (--max-video-seconds)", r.param)
         if min(cost.width, cost.height) < MIN_SIDE:
             raise bad_request(f"{r.param}: the {r.kind} is {cost.width}x{cost.height} pixels; each side must be at "
                               f"least {MIN_SIDE} pixels", r.param)

@@ -70,9 +70,11 @@ class ServerLimits:
                 out["total_pixels"] = min(out["total_pixels"], cfg.video_total_pixels)
             if "fps" in out:
                 out["fps"] = min(out["fps"], self.max_fps)
-            for key in ("nframes", "min_frames", "max_frames"):
+            for key in ("nframes", "min_frames"):
                 if key in out:
                     out[key] = min(out[key], self.max_video_frames)
+            # always capped, so a long video is sampled more sparsely instead of refused
+            out["max_frames"] = min(out.get("max_frames", cfg.max_frames), self.max_video_frames)
         return out
 
 

@@ -37,13 +37,14 @@ class MediaCost:
     grid_thw: tuple[int, int, int]
     tokens: int
     frames: int | None = None  # video: frames in the file
+    seconds: float | None = None  # video: its length
 
     def to_dict(self) -> dict:
         d = {"type": self.kind, "param": self.param, "width": self.width, "height": self.height,
              "resized_width": self.resized_width, "resized_height": self.resized_height,
              "grid_thw": list(self.grid_thw), "tokens": self.tokens}
         if self.frames is not None:
-            d["frames"] = self.frames
+            d["frames"], d["seconds"] = self.frames, round(self.seconds, 3)
         return d
 
 
@@ -58,7 +59,7 @@ def media_cost(kind: str, data: bytes | Path, options: dict, cfg: VisionProcessi
     sampling = {k: v for k, v in options.items() if k not in _SIZE_OPTIONS}
     sizes = {k: v for k, v in options.items() if k in _SIZE_OPTIONS}
     t = video_token_count(height, width, cfg, total_frames=frames, video_fps=fps, **sampling, **sizes)
-    return MediaCost(kind, param, width, height, t.width, t.height, t.grid_thw, t.num_tokens, frames)
+    return MediaCost(kind, param, width, height, t.width, t.height, t.grid_thw, t.num_tokens, frames, frames / fps)
 
 
 def image_header(data: bytes | Path, param: str) -> tuple[int, int]:
