@@ -244,25 +244,41 @@ def test_metrics_count_requests_tokens_and_ttft(server, client):
     assert httpx.get(f"{server}/metrics").status_code == 401
 
 
-def test_client_disconnect_aborts_and_frees_the_cache(server):
-    def gauges():
-        text = httpx.get(f"{server}/metrics", headers=AUTH).text
-        return {k: float(v) for k, v in (line.split(" ") for line in text.splitlines()
-                                         if line and not line.startswith("#") and "{" not in line)}
+def gauges(server) -> dict:
+    text = httpx.get(f"{server}/metrics", headers=AUTH).text
+    return {k: float(v) for k, v in (line.split(" ") for line in text.splitlines()
+                                     if line and not line.startswith("#") and "{" not in line)}
 
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 1900,
-            "stream": True, "temperature": 0}
-    with httpx.Client(timeout=60) as http, http.stream("POST", f"{server}/v1/chat/completions", json=body,
-                                                       headers=AUTH) as r:
-        lines = r.iter_lines()
-        for _ in range(3):
-            next(lines)
-        assert gauges()["qwen2vl_requests_running"] >= 1
+
+def wait_until_idle(server) -> dict:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        g = gauges()
+        g = gauges(server)
         if g["qwen2vl_requests_running"] == 0 and g["qwen2vl_kv_cache_usage_ratio"] == 0:
             break
         time.sleep(0.1)
+    return g
+
+
+LONG = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 1900,
+        "temperature": 0}  # greedy runs the full 1900 tokens on this prompt
+
+
+def test_client_disconnect_aborts_and_frees_the_cache(server):
+    aborted = gauges(server)["qwen2vl_requests_aborted_total"]
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{server}/v1/chat/completions",
+                                                       json={**LONG, "stream": True}, headers=AUTH) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert gauges(server)["qwen2vl_requests_running"] >= 1
+    g = wait_until_idle(server)
     assert g["qwen2vl_requests_running"] == 0 and g["qwen2vl_kv_cache_usage_ratio"] == 0
-    assert g["qwen2vl_requests_aborted_total"] >= 1 and g["qwen2vl_requests_in_flight"] == 0
+    assert g["qwen2vl_requests_aborted_total"] == aborted + 1 and g["qwen2vl_requests_in_flight"] == 0
+
+    # the same without streaming: the client gives up waiting, the server notices and aborts
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", json=LONG, headers=AUTH, timeout=httpx.Timeout(30, read=1.0))
+    g = wait_until_idle(server)
+    assert g["qwen2vl_requests_running"] == 0 and g["qwen2vl_kv_cache_usage_ratio"] == 0
+    assert g["qwen2vl_requests_aborted_total"] == aborted + 2 and g["qwen2vl_requests_in_flight"] == 0
