@@ -199,7 +199,7 @@ class ChatService:
                 start = parser.num_calls - len(calls)
                 delta["tool_calls"] = [c.to_openai(start + k) for k, c in enumerate(calls)]
             lp = logprobs_dict(d.logprobs, self.processor.tokenizer.token_bytes) if req.logprobs else None
-            if delta or lp:
+            if delta or (lp and lp["content"]):
                 yield event([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
             if d.finished:
                 reason = "tool_calls" if parser is not None and parser.num_calls else _finish_reason(d.finish_reason)
