@@ -15,7 +15,6 @@ import io
 import math
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,12 @@ import torch.nn.functional as F
 from .image import VisionTokens, _tokens, load_image, normalize, patchify, smart_resize
 from .media import MediaError, MediaPolicy, open_source
 from .vision_config import VisionProcessingConfig
+
+try:
+    import av
+except ImportError:  # video is optional: a minimal install (e.g. a GPU image without PyAV) still runs images
+    av = None
+DECODE_ERRORS = (av.error.FFmpegError, OSError, EOFError) if av else (OSError, EOFError)
 
 SEEK_GAP_S = 10.0  # about the longest keyframe interval in practice; a shorter seek lands behind us
 
@@ -129,7 +134,7 @@ def load_video(source, policy: MediaPolicy | None = None, *, fps=None, nframes=N
                              f"{policy.max_video_frames} (MediaPolicy.max_video_frames)")
         with _open(data) as container:
             frames = _decode(container, indices, video_fps)
-    except (av.error.FFmpegError, OSError, EOFError) as e:
+    except DECODE_ERRORS as e:
         raise MediaError(f"video could not be decoded: {type(e).__name__}: {e}") from None
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), sample_fps
 
@@ -148,6 +153,8 @@ def _frames_from_list(items, policy: MediaPolicy) -> torch.Tensor:
 
 
 def _open(data: bytes | Path):
+    if av is None:
+        raise MediaError("video decoding needs PyAV, which is not installed: pip install av")
     return av.open(str(data) if isinstance(data, Path) else io.BytesIO(data))
 
 
