@@ -1,0 +1,173 @@
+"""Weight-only int8 and int4 linears, swapped in after loading (`quantize_model`).
+
+Decode streams every weight once per token, so fewer bytes per weight is more tokens per second:
+int8 is 1 byte (+ a scale per output row), int4 half a byte (+ a scale and a zero point per group
+of 32-128 weights). Activations stay in the model dtype.
+
+- Int8Linear: symmetric per output channel, w = q * scale, q in [-127, 127].
+- Int4Linear: asymmetric per group along k, w = (q - 8) * scale + zero, q in [0, 15].
+
+Kernels: torch's own CPU weight-only kernels, `aten._weight_int8pack_mm` and
+`aten._weight_int4pack_mm_for_cpu`, which beat inductor-generated code for these by 2-10x here
+(docs/performance.md). They are decode kernels: with many rows (prefill) dequantizing the weight
+and running oneDNN's bf16 GEMM is faster, so rows > KERNEL_MAX_ROWS take that path. It is also
+the fallback where a kernel is missing, and the tests check the two agree.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Up to this many rows the weight-only kernels beat dequantize + GEMM (benchmarks/linear_decode.py).
+KERNEL_MAX_ROWS = 16
+INT4_BLOCK_N = 64  # the CPU int4 kernel's layout packs output channels in blocks of 64
+
+
+def _round(t: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """`t` stored in `dtype`, rounded up (or down) so the quantized range still covers the weights."""
+    r = t.to(dtype)
+    off = r.float() < t if up else r.float() > t
+    return torch.where(off, torch.nextafter(r, torch.full_like(r, float("inf") if up else float("-inf"))), r)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] in 0..15 (N a multiple of 64) -> uint8 [N, K/2] in the CPU int4 kernel's layout.
+
+    The layout is [N/64, K, 32] bytes: byte j of (block b, column k) holds output channel
+    64b + j in its low nibble and 64b + 32 + j in its high nibble.
+    """
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n // INT4_BLOCK_N, 2, INT4_BLOCK_N // 2, k).permute(0, 3, 1, 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).contiguous().view(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, K/2] -> codes [N, K] (uint8)."""
+    n, half = packed.shape
+    p = packed.view(n // INT4_BLOCK_N, 2 * half, INT4_BLOCK_N // 2)  # [N/64, K, 32]
+    return torch.stack([p & 15, p >> 4], dim=1).permute(0, 1, 3, 2).reshape(n, 2 * half)
+
+
+@functools.cache
+def has_int8_kernel() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+@functools.cache
+def has_int4_kernel() -> bool:
+    """The CPU int4 kernel exists and takes pack_int4's layout (checked against its own packer)."""
+    try:
+        codes = torch.randint(0, 16, (2 * INT4_BLOCK_N, 64), generator=torch.Generator().manual_seed(0))
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.equal(theirs, pack_int4(codes))
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight)  # int8 [N, K]
+        self.register_buffer("scales", scales)  # [N], model dtype
+        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()
+        # symmetric: the largest |w| of a row maps to 127 (or just under: the scale is rounded up)
+        scales = _round(w.abs().amax(1).clamp(min=1e-8) / 127, linear.weight.dtype, up=True)
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales, None if linear.bias is None else linear.bias.detach().clone())
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (self.weight.float() * self.scales.float()[:, None]).to(dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and has_int8_kernel():
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x.dtype))
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, packed, scales_zeros, bias, out_features: int, group_size: int):
+        super().__init__()
+        self.register_buffer("packed", packed)  # uint8 [N padded to 64, K/2], pack_int4 layout
+        self.register_buffer("scales_zeros", scales_zeros)  # [K/group, N padded, 2], model dtype
+        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = out_features, packed.shape[1] * 2
+        self.group_size = group_size
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        n, k = linear.weight.shape
+        if k % group_size or group_size not in (32, 64, 128, 256):
+            raise ValueError(f"int4 groups of {group_size} don't tile in_features={k}")
+        padded = -(-n // INT4_BLOCK_N) * INT4_BLOCK_N  # zero rows up to the kernel's block
+        w = F.pad(linear.weight.detach().float(), (0, 0, 0, padded - n)).view(padded, k // group_size, group_size)
+        lo, hi, dtype = w.amin(-1), w.amax(-1), linear.weight.dtype
+        # 16 levels span each group; the zero sits on level 8 and is stored in the model dtype
+        scales = _round(((hi - lo) / 15).clamp(min=1e-8), dtype, up=True)
+        zeros = (lo + 8 * scales.float()).to(dtype)
+        q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+        scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(pack_int4(q.view(padded, k)), scales_zeros, bias, n, group_size)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        q = unpack_int4(self.packed)[: self.out_features].float()
+        sz = self.scales_zeros[:, : self.out_features].float().repeat_interleave(self.group_size, 0)
+        w = (q - 8) * sz[..., 0].t() + sz[..., 1].t()
+        return w.to(dtype or self.scales_zeros.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and has_int4_kernel():
+            sz = self.scales_zeros.to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, sz)
+            y = y[:, : self.out_features]
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+def quantize_model(
+    model: nn.Module, mode: str, group_size: int = 32, skip: tuple[str, ...] = ("visual",),
+    include_head: bool = True,
+) -> int:
+    """Replace the nn.Linear modules of `model` by Int8Linear or Int4Linear in place; returns the count.
+
+    `skip`: qualified-name prefixes left in full precision (the vision tower by default: it runs
+    once per image with many rows, so it is compute-bound and quantizing it only costs accuracy).
+    `include_head=False` keeps lm_head too. A tied head is quantized into its own copy; the
+    embedding keeps the full-precision table.
+    """
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"quantization mode must be 'int8' or 'int4', not {mode!r}")
+    if not include_head:
+        skip = (*skip, "lm_head")
+    swaps = [
+        (name, module) for name, module in model.named_modules()
+        if type(module) is nn.Linear and not name.startswith(skip)
+    ]
+    for name, module in swaps:
+        new = Int8Linear.from_linear(module) if mode == "int8" else Int4Linear.from_linear(module, group_size)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return len(swaps)
