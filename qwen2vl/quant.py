@@ -8,10 +8,10 @@ of 32-128 weights). Activations stay in the model dtype.
 - Int4Linear: asymmetric per group along k, w = (q - 8) * scale + zero, q in [0, 15].
 
 Kernels: torch's own CPU weight-only kernels, `aten._weight_int8pack_mm` and
-`aten._weight_int4pack_mm_for_cpu`, which beat inductor-generated code for these by 2-10x here
-(docs/performance.md). They are decode kernels: with many rows (prefill) dequantizing the weight
-and running oneDNN's bf16 GEMM is faster, so rows > KERNEL_MAX_ROWS take that path. It is also
-the fallback where a kernel is missing, and the tests check the two agree.
+`aten._weight_int4pack_mm_for_cpu`, for every row count. They beat inductor-generated code by
+3x or more at decode, and at prefill they tie with dequantizing the weight and running oneDNN's
+GEMM (both about half the bf16 GEMM's speed; docs/performance.md). Dequantize + F.linear is the
+fallback where a kernel is missing; the tests check the two agree.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Up to this many rows the weight-only kernels beat dequantize + GEMM (benchmarks/linear_decode.py).
-KERNEL_MAX_ROWS = 16
 INT4_BLOCK_N = 64  # the CPU int4 kernel's layout packs output channels in blocks of 64
 
 
@@ -89,7 +87,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and has_int8_kernel():
+        if x.device.type == "cpu" and has_int8_kernel():
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x.dtype))
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
@@ -133,7 +131,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and has_int4_kernel():
+        if x.device.type == "cpu" and has_int4_kernel():
             sz = self.scales_zeros.to(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, sz)
             y = y[:, : self.out_features]
