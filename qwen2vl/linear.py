@@ -70,21 +70,23 @@ class FastLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {path}"
 
 
-def fuse_linears(linears: list[nn.Linear]) -> FastLinear:
-    """One FastLinear computing all of `linears` on the same input (q/k/v, or gate/up).
+def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear computing all of `linears` on the same input (q/k/v, or gate/up).
 
     The output is the concatenation along the last dim; split it by the listed out_features.
     It streams the same bytes as the separate calls but pays the per-call cost once, which
-    matters for the small k/v projections (256 x 1536 in the 2B).
+    matters for the small k/v projections (256 x 1536 in the 2B). It is a plain nn.Linear, so
+    speed_up_linears and quantize_model treat it like any other.
     """
     weight = torch.cat([m.weight.detach() for m in linears])
-    if all(m.bias is None for m in linears):
-        bias = None
-    else:
-        bias = torch.cat([
-            m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in linears
-        ])
-    return FastLinear(weight, bias)
+    biases = [m.bias for m in linears]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases), device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([
+            b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)
+        ]), requires_grad=False)
+    return fused
 
 
 def speed_up_linears(model: nn.Module, skip: tuple[str, ...] = ("visual",)) -> int:

@@ -60,7 +60,8 @@ def test_fused_linears_equal_the_separate_ones():
     torch.manual_seed(0)
     q, k, v = nn.Linear(K, 64), nn.Linear(K, 16), nn.Linear(K, 16, bias=False)
     x = torch.randn(2, K)
-    fused = fuse_linears([q, k, v])
+    fused = FastLinear.from_linear(fuse_linears([q, k, v]))
+    assert fused.out_features == 96
     with torch.no_grad():
         yq, yk, yv = fused(x).split([64, 16, 16], dim=-1)
         for y, m in [(yq, q), (yk, k), (yv, v)]:
