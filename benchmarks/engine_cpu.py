@@ -65,6 +65,9 @@ class Reference:
 
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
             folder, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        with torch.no_grad():  # own the weights: mmapped ones would be re-read from disk when the
+            for p in self.model.parameters():  # page cache is evicted, and time noise, not the model
+                p.data = p.data.clone()
         self.processor = processor
         self.pad = processor.tokenizer.pad_token_id or 0
 

@@ -48,11 +48,11 @@ def build(cached: list[int], new: list[int], seed=0):
         q_starts.append(n_rows)
         n_rows += n
     width = max(map(len, tables))
+    ctx_lens = [c + n for c, n in zip(cached, new)]
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     batch = PagedBatch(
-        slot_mapping=torch.cat(slots), q_starts=q_starts, q_lens=list(new),
-        ctx_lens=[c + n for c, n in zip(cached, new)],
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-        ctx_lens_t=torch.tensor([c + n for c, n in zip(cached, new)]), block_size=BS,
+        slot_mapping=torch.cat(slots), q_starts=q_starts, q_lens=list(new), ctx_lens=ctx_lens,
+        ctx_slots=PagedBatch.context_slots(block_tables, BS, max(ctx_lens)), ctx_lens_t=torch.tensor(ctx_lens),
     )
     q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
     cache.write(0, k, v, batch.slot_mapping)  # what the step's attend does first

@@ -25,7 +25,7 @@ def folder(tmp_path_factory):
 
 def to_cuda(q, k, v, cache, batch, want):
     cache.k, cache.v = cache.k.cuda(), cache.v.cuda()
-    for name in ("slot_mapping", "block_tables", "ctx_lens_t"):
+    for name in ("slot_mapping", "ctx_slots", "ctx_lens_t"):
         setattr(batch, name, getattr(batch, name).cuda())
     return q.cuda(), k.cuda(), v.cuda(), cache, batch, want.cuda()
 

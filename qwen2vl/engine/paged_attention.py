@@ -5,12 +5,17 @@ Every step packs the new tokens of all its sequences into N rows. Sequence i own
 before this step + q_len): the query at row q_start + j sits at cache index ctx_len - q_len + j
 and sees keys 0..that index (causal, aligned bottom-right).
 
+`ctx_slots[i, c]` is the cache slot of sequence i's token c, computed once per step from the block
+tables (padded with slots of block 0, finite, never attended to). Each layer reads its keys with
+one `index_select` over those slots: a plain row gather, several times cheaper on CPU than
+indexing the 4-D cache by block ids.
+
 Two paths, checked against each other in tests:
 - `varlen`: one SDPA per sequence (any mix of prefill chunks and decodes). A sequence with nothing
-  cached before this step attends over its fresh k/v directly; others gather their blocks.
-- `decode`: every sequence has q_len 1; gather all block tables padded to the longest, one
-  batched SDPA with a key-length mask (fewer kernel launches; the padding reads block 0, finite).
-  A kv head's query heads are folded into query rows, so k/v are never repeated for GQA.
+  cached before this step attends over its fresh k/v directly; others gather their slots.
+- `decode`: every sequence has q_len 1; one gather padded to the longest context and one batched
+  SDPA with a key-length mask (none when all lengths are equal, as at batch 1). A kv head's query
+  heads are folded into query rows, so k/v are never repeated for GQA.
 """
 
 from __future__ import annotations
@@ -23,17 +28,22 @@ import torch.nn.functional as F
 
 @dataclass
 class PagedBatch:
-    slot_mapping: torch.Tensor  # [N] long: cache slot of each packed token
+    slot_mapping: torch.Tensor  # [N] long: cache slot of each packed token (where its k/v go)
     q_starts: list[int]
     q_lens: list[int]
     ctx_lens: list[int]
-    block_tables: torch.Tensor  # [B, max_blocks] long, padded with block 0
+    ctx_slots: torch.Tensor  # [B, max(ctx_lens)] long: cache slot of every context token
     ctx_lens_t: torch.Tensor  # [B] long, on the cache's device
-    block_size: int
 
     @property
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.q_lens)
+
+    @staticmethod
+    def context_slots(block_tables: torch.Tensor, block_size: int, max_ctx: int) -> torch.Tensor:
+        """[B, max_blocks] block ids (padded with 0) -> [B, max_ctx] slots."""
+        offsets = torch.arange(block_size, device=block_tables.device)
+        return (block_tables[:, :, None] * block_size + offsets).flatten(1)[:, :max_ctx]
 
 
 def paged_attention(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
@@ -44,6 +54,12 @@ def paged_attention(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tenso
     return varlen(q, k, v, k_cache, v_cache, batch)
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows of a [num_blocks, block_size, Hkv, Dh] cache at `slots` -> [*slots.shape, Hkv, Dh]."""
+    flat = cache.view(-1, *cache.shape[2:])
+    return flat.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[2:])
+
+
 def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
     out = torch.empty_like(q)
     for i, (start, n, ctx) in enumerate(zip(batch.q_starts, batch.q_lens, batch.ctx_lens)):
@@ -52,9 +68,8 @@ def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
         if n == ctx:  # nothing cached before: causal over the fresh keys
             kk, vv, causal = k[rows], v[rows], n > 1
         else:
-            blocks = batch.block_tables[i, : -(-ctx // batch.block_size)]
-            kk = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, Hkv, Dh]
-            vv = v_cache[blocks].flatten(0, 1)[:ctx]
+            slots = batch.ctx_slots[i, :ctx]
+            kk, vv = _gather(k_cache, slots), _gather(v_cache, slots)  # [ctx, Hkv, Dh]
             causal = False
             if n > 1:  # query j sees keys up to ctx - n + j
                 idx = torch.arange(ctx, device=q.device)
@@ -70,15 +85,12 @@ def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
 def decode(q, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
     b, hq, dh = q.shape
     hkv = k_cache.shape[2]
-    kk = k_cache[batch.block_tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, max_blocks * block_size, Dh]
-    vv = v_cache[batch.block_tables].flatten(1, 2).transpose(1, 2)
+    kk = _gather(k_cache, batch.ctx_slots).transpose(1, 2)  # [B, Hkv, L, Dh]
+    vv = _gather(v_cache, batch.ctx_slots).transpose(1, 2)
     mask = None
-    if min(batch.ctx_lens) == max(batch.ctx_lens):  # equal lengths (always at batch 1): slice, no mask
-        kk, vv = kk[:, :, : batch.ctx_lens[0]], vv[:, :, : batch.ctx_lens[0]]
-    else:  # additive mask over the padding (a float mask keeps SDPA on its fused CPU kernel)
+    if min(batch.ctx_lens) != max(batch.ctx_lens):  # additive mask over the padding
         idx = torch.arange(kk.shape[2], device=q.device)
         pad = (idx[None, :] >= batch.ctx_lens_t[:, None])[:, None, None, :]  # [B, 1, 1, L]
         mask = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill_(pad, float("-inf"))
-    # GQA without repeating k/v: the Hq/Hkv query heads of one kv head become that head's query rows
     o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, dh), kk, vv, attn_mask=mask)
     return o.reshape(b, hq, dh)

@@ -67,12 +67,12 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         dev = self.device
+        tables_t = torch.tensor(tables, dtype=torch.long).to(dev, non_blocking=True)
         batch = PagedBatch(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
             q_starts=q_starts, q_lens=q_lens, ctx_lens=ctx_lens,
-            block_tables=torch.tensor(tables, dtype=torch.long).to(dev, non_blocking=True),
+            ctx_slots=PagedBatch.context_slots(tables_t, bs, max(ctx_lens)),
             ctx_lens_t=torch.tensor(ctx_lens, dtype=torch.long).to(dev, non_blocking=True),
-            block_size=bs,
         )
         ids_t = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         return ids_t, torch.cat(positions, dim=1).to(dev, non_blocking=True), batch
