@@ -33,6 +33,23 @@ class Probe:
         return f"copy {self.copy_gbs:.1f} GB/s, read {self.read_gbs:.1f} GB/s, bf16 GEMM {self.gemm_gflops:.0f} GFLOP/s"
 
 
+def others_cpu_ticks() -> int:
+    """CPU time (clock ticks) used since boot by every process but this one, 0 where /proc is missing.
+
+    A benchmark reads it before and after a timed round: other processes' ticks in between mean
+    the round shared the cores (on 2 cores one busy neighbour stalls every 2-thread parallel
+    region for a whole scheduler slice), so the round is discarded.
+    """
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return user + nice + system + irq + softirq - int(fields[11]) - int(fields[12])  # minus utime, stime
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def median_seconds(fn, reps: int) -> float:
     fn()  # warm-up: page faults, thread pool, caches of small operands
     times = []
