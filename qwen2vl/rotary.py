@@ -7,6 +7,8 @@ bf16 can never round the frequencies.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -32,15 +34,22 @@ def mrope_cos_sin(
     The head_dim/2 frequencies are cut into sections (e.g. 16, 24, 24): the first section turns
     with the time row, the second with height, the third with width.
     """
-    inv_freq = inverse_frequencies(head_dim, theta, positions.device)  # [head_dim/2]
-    row = torch.repeat_interleave(
-        torch.arange(len(mrope_section), device=positions.device),
-        torch.tensor(mrope_section, device=positions.device),
-    )  # [head_dim/2]: which of t/h/w each frequency reads
+    inv_freq, row = _mrope_tables(head_dim, theta, tuple(mrope_section), positions.device)
     pos = positions.float().gather(0, row[:, None].expand(-1, positions.shape[1]))  # [head_dim/2, N]
     freqs = pos.T * inv_freq  # [N, head_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _mrope_tables(head_dim: int, theta: float, mrope_section: tuple[int, ...], device: torch.device):
+    """inv_freq [head_dim/2] and row [head_dim/2] (which of t/h/w each frequency reads), built once
+    per device: building `row` on every call costs a host->device copy and a host sync
+    (repeat_interleave), once per decode step, and a CUDA graph can capture neither."""
+    with torch.inference_mode(False):  # plain tensors: usable in and out of inference mode
+        inv_freq = inverse_frequencies(head_dim, theta, device)
+        row = torch.repeat_interleave(torch.arange(len(mrope_section)), torch.tensor(mrope_section)).to(device)
+    return inv_freq, row
 
 
 def vision_patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:

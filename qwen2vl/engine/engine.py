@@ -34,6 +34,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     vision_cache_mib: float = 512
     seed: int | None = None  # seeds requests that bring no seed of their own
+    enforce_eager: bool = False  # CUDA: no decode graphs (cuda_graph.py), every step launched op by op
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -57,7 +58,9 @@ class Engine:
         num_blocks = num_blocks_for(text, config.block_size, model.dtype, model.device,
                                     kv_cache_gib=config.kv_cache_gib,
                                     gpu_memory_utilization=config.gpu_memory_utilization, peak_bytes=peak_bytes)
-        self.cache = KVCache(text, num_blocks, config.block_size, model.dtype, model.device)
+        graphs = model.device.type == "cuda" and not config.enforce_eager
+        # with graphs, one spare block past the manager's: padding rows of a bucket write there
+        self.cache = KVCache(text, num_blocks + int(graphs), config.block_size, model.dtype, model.device)
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings,
                                  num_blocks * config.block_size)
         blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -65,6 +68,11 @@ class Engine:
                                    self.max_model_len, list(eos_token_ids))
         self.vision_cache = VisionCache(int(config.vision_cache_mib * 2**20))
         self.runner = ModelRunner(model, self.cache, self.vision_cache)
+        if graphs:
+            from qwen2vl.engine.cuda_graph import build_graph_runner
+
+            self.runner.graphs = build_graph_runner(model, self.cache, config.max_num_seqs, self.max_model_len,
+                                                    spare_block=num_blocks)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(config.seed)
 

@@ -83,14 +83,21 @@ def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
 
 
 def decode(q, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
+    equal = min(batch.ctx_lens) == max(batch.ctx_lens)  # no padding to mask
+    return decode_padded(q, k_cache, v_cache, batch.ctx_slots, None if equal else batch.ctx_lens_t)
+
+
+def decode_padded(q, k_cache, v_cache, ctx_slots: torch.Tensor, ctx_lens: torch.Tensor | None) -> torch.Tensor:
+    """q [B, Hq, Dh] over the keys at ctx_slots [B, L], masked past ctx_lens [B] (None: all L real).
+    Reads no host value, so the CUDA-graph runner captures it as its torch fallback."""
     b, hq, dh = q.shape
     hkv = k_cache.shape[2]
-    kk = _gather(k_cache, batch.ctx_slots).transpose(1, 2)  # [B, Hkv, L, Dh]
-    vv = _gather(v_cache, batch.ctx_slots).transpose(1, 2)
+    kk = _gather(k_cache, ctx_slots).transpose(1, 2)  # [B, Hkv, L, Dh]
+    vv = _gather(v_cache, ctx_slots).transpose(1, 2)
     mask = None
-    if min(batch.ctx_lens) != max(batch.ctx_lens):  # additive mask over the padding
+    if ctx_lens is not None:  # additive mask over the padding
         idx = torch.arange(kk.shape[2], device=q.device)
-        pad = (idx[None, :] >= batch.ctx_lens_t[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        pad = (idx[None, :] >= ctx_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
         mask = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill_(pad, float("-inf"))
     o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, dh), kk, vv, attn_mask=mask)
     return o.reshape(b, hq, dh)

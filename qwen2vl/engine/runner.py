@@ -28,10 +28,13 @@ class ModelRunner:
         self.vision_cache = vision_cache
         self.attention = attention  # (q, k, v, k_cache, v_cache, PagedBatch) -> out
         self.device = model.device
+        self.graphs = None  # cuda_graph.GraphRunner: the engine sets it on CUDA unless enforce_eager
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> tuple[list[int | None], list]:
         """Tokens (None for a prompt chunk that stops short) and logprob entries, one per sequence."""
+        if self.graphs is not None and self.graphs.can_run(seqs):  # all decodes: replay a graph
+            return sample(self.model.compute_logits(self.graphs.run(seqs)), seqs)
         ids, positions, batch = self.prepare(seqs)
         x = self.model.embed(ids, vision_embeds=self.vision_rows(seqs))
 

@@ -1,0 +1,204 @@
+"""Decode CUDA graphs (engine/cuda_graph.py) and the Triton decode kernel (engine/triton_decode.py).
+
+On CUDA: the kernel against the torch decode path on random paged caches (mixed lengths, GQA
+ratios, head sizes, dtypes, int32/int64 tables); graphed generation against the eager engine
+token for token, with each graph attention; no host sync inside a graphed step.
+Everywhere (CPU too): a CPU engine builds no graphs and no spare block; the graph runner's
+static-buffer forward (everything a graph holds, minus the capture) gives the eager tokens; a
+failed capture leaves the engine eager.
+
+    python3 -m pytest -q tests/test_engine_cuda_graph.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen2vl.engine.cuda_graph import GraphRunner, build_graph_runner
+from qwen2vl.engine.engine import Engine, EngineConfig
+from qwen2vl.engine.paged_attention import PagedBatch, decode_padded
+from qwen2vl.engine.prompt import Prompt
+from qwen2vl.engine.sampling_params import SamplingParams
+from qwen2vl.model import Qwen2VL
+from tests.helpers.checkpoints import build_reference, save_checkpoint
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# small blocks and few sequences: many table columns, every bucket (1, 2, 4, 8) and padding used
+CONFIG = dict(kv_cache_gib=0.02, block_size=4, max_num_seqs=8, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("graph_ckpt")
+    # the real vocab size: a random greedy token is then almost never an image/video pad id, which
+    # the eager path would refuse to embed without pixels; untied, so tokens don't just repeat
+    save_checkpoint(build_reference(vocab_size=151936, tie=False), folder)
+    return folder
+
+
+def prompts(config) -> list[Prompt]:
+    """Text prompts of several lengths and one with an image (rope_delta != 0), built from ids."""
+    g = torch.Generator().manual_seed(0)
+    words = lambda n: torch.randint(0, 5000, (n,), generator=g).tolist()
+    out = [Prompt.from_inputs({"input_ids": words(n)}, config) for n in (3, 17, 1, 40)]
+    pads = [config.image_token_id] * 6  # grid 1 x 4 x 6 patches, merged 2 x 2
+    ids = words(5) + [config.vision_start_token_id] + pads + [config.vision_end_token_id] + words(4)
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(24, 1176, generator=g),
+              "image_grid_thw": torch.tensor([[1, 4, 6]])}
+    out.append(Prompt.from_inputs(inputs, config))
+    return out
+
+
+# different lengths so the batch shrinks through the buckets; one seeded sampled request
+PARAMS = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 5, 9, 16)] + [
+    SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True)]
+
+
+def generate(engine: Engine, config) -> list[list[int]]:
+    reqs = [engine.add_request(str(i), p, params) for i, (p, params) in enumerate(zip(prompts(config), PARAMS))]
+    while engine.has_work():
+        engine.step()
+    return [r.seqs[0].completion_token_ids for r in reqs]
+
+
+# ---- everywhere --------------------------------------------------------------------------------
+
+
+def test_cpu_engine_builds_no_graphs(folder):
+    model = Qwen2VL.from_pretrained(folder, dtype=torch.float32)
+    engine = Engine(model, EngineConfig(**CONFIG))
+    assert engine.runner.graphs is None
+    assert engine.cache.num_blocks == engine.scheduler.blocks.num_blocks  # no spare block either
+
+
+def test_static_decode_forward_gives_the_eager_tokens(folder):
+    """The graph runner without the capture: static buffers, bucket padding written into a block no
+    sequence owns, positions from rope_delta, the masked torch attention over fixed-width tables."""
+    model = Qwen2VL.from_pretrained(folder, dtype=torch.float32)
+    want = generate(Engine(model, EngineConfig(**CONFIG)), model.config)
+    engine = Engine(model, EngineConfig(**CONFIG))
+    blocks = engine.scheduler.blocks
+    spare = blocks.num_blocks - 1
+    del blocks.free[spare]  # on CUDA the engine allocates one past the manager's; here, by hand
+    runner = GraphRunner(model, engine.cache, CONFIG["max_num_seqs"], engine.max_model_len, spare,
+                         "torch", capture=False)
+    engine.runner.graphs = runner
+    assert generate(engine, model.config) == want
+    assert runner.num_replays >= 15  # the decode steps took this path
+
+
+def test_failed_capture_leaves_the_engine_eager(folder, monkeypatch, caplog):
+    def fail(self):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(GraphRunner, "capture", fail)
+    model = Qwen2VL.from_pretrained(folder, dtype=torch.float32)
+    engine = Engine(model, EngineConfig(**CONFIG))
+    with caplog.at_level("WARNING", logger="qwen2vl.engine.cuda_graph"):
+        runner = build_graph_runner(model, engine.cache, 8, engine.max_model_len, spare_block=0, attention="torch")
+    assert runner is None
+    assert "capture refused" in caplog.text and "run eagerly" in caplog.text
+
+
+# ---- CUDA only ---------------------------------------------------------------------------------
+
+
+def random_paged(hq, hkv, dh, block_size, lens, dtype, seed=0):
+    """q, a shuffled paged cache, tables padded with junk block ids (never to be read), lengths."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    width = max(-(-n // block_size) for n in lens) + 3
+    num_blocks = len(lens) * width + 5
+    k, v = (torch.randn(num_blocks, block_size, hkv, dh, generator=g, device="cuda", dtype=dtype) for _ in "kv")
+    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(len(lens), hq, dh, generator=g, device="cuda", dtype=dtype)
+    return q, k, v, tables, torch.tensor(lens, device="cuda")
+
+
+@cuda
+@pytest.mark.parametrize("hq, hkv, dh, block_size", [
+    (4, 2, 16, 4),  # the tiny test model
+    (12, 2, 128, 16),  # Qwen2-VL-2B: 6 query heads per kv head
+    (28, 4, 128, 16),  # 7B: 7 per kv head
+    (8, 8, 64, 8),  # no GQA
+    (10, 2, 80, 16),  # a head size that is not a power of two
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_decode_matches_torch_decode(hq, hkv, dh, block_size, dtype):
+    from qwen2vl.engine import triton_decode
+
+    lens = [1, 2 * block_size, 5, 3 * block_size + 1, 130, 17, 64]
+    q, k, v, tables, lens_t = random_paged(hq, hkv, dh, block_size, lens, dtype)
+    ctx_slots = PagedBatch.context_slots(tables, block_size, max(lens))
+    want = decode_padded(q, k, v, ctx_slots, lens_t)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(triton_decode.decode(q, k, v, tables, lens_t), want, **tol)
+    torch.testing.assert_close(triton_decode.decode(q, k, v, tables.int(), lens_t.int()), want, **tol)
+
+
+@cuda
+def test_triton_decode_replays_in_a_graph_with_new_lengths():
+    from qwen2vl.engine import triton_decode
+
+    q, k, v, tables, lens = random_paged(12, 2, 128, 16, [40, 7, 100], torch.bfloat16)
+    triton_decode.decode(q, k, v, tables, lens)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_decode.decode(q, k, v, tables, lens)
+    for new in ([1, 2, 3], [130, 64, 16]):
+        lens.copy_(torch.tensor(new))
+        graph.replay()
+        want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(new)), lens)
+        torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("attention", ["triton", "torch"])
+def test_graphed_generation_equals_eager(folder, attention, monkeypatch):
+    """float32, so the two attention paths differ only by rounding: every token must agree,
+    greedy and seeded sampling alike."""
+    monkeypatch.setenv("QWEN2VL_DECODE_ATTENTION", attention)
+    model = Qwen2VL.from_pretrained(folder, dtype=torch.float32, device="cuda")
+    eager = Engine(model, EngineConfig(**CONFIG, enforce_eager=True))
+    assert eager.runner.graphs is None
+    want = generate(eager, model.config)
+    del eager
+    graphed = Engine(model, EngineConfig(**CONFIG))
+    graphs = graphed.runner.graphs
+    assert graphs is not None and graphs.attention == attention and sorted(graphs.graphs) == [1, 2, 4, 8]
+    assert generate(graphed, model.config) == want
+    assert graphs.num_replays >= 15
+
+
+@cuda
+def test_graphed_bf16_generation_mostly_agrees_with_eager(folder):
+    """bf16 rounds differently in the kernel and in SDPA, and one flipped argmax changes the rest
+    of a sequence: only most tokens must agree (a broken graph agrees on almost none)."""
+    model = Qwen2VL.from_pretrained(folder, dtype=torch.bfloat16, device="cuda")
+    want = generate(Engine(model, EngineConfig(**CONFIG, enforce_eager=True)), model.config)
+    graphed = Engine(model, EngineConfig(**CONFIG))
+    assert graphed.runner.graphs is not None
+    got = generate(graphed, model.config)
+    first = [a[0] == b[0] for a, b in zip(got, want)]  # the first token comes from the eager prefill
+    same = sum(x == y for a, b in zip(got, want) for x, y in zip(a, b))
+    assert all(first) and same >= 0.5 * sum(map(len, want))
+
+
+@cuda
+def test_graphed_step_has_no_host_sync(folder, monkeypatch):
+    """Inside GraphRunner.run (stage inputs, copy, replay) nothing waits on the device; the one
+    sync per step is the sampler's .tolist() afterwards."""
+    run = GraphRunner.run
+
+    def strict(self, seqs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return run(self, seqs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(GraphRunner, "run", strict)
+    model = Qwen2VL.from_pretrained(folder, dtype=torch.bfloat16, device="cuda")
+    engine = Engine(model, EngineConfig(**CONFIG))
+    generate(engine, model.config)
+    assert engine.runner.graphs.num_replays >= 15
