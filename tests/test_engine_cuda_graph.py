@@ -1,8 +1,9 @@
 """Decode CUDA graphs (engine/cuda_graph.py) and the Triton decode kernel (engine/triton_decode.py).
 
 On CUDA: the kernel against the torch decode path on random paged caches (mixed lengths, GQA
-ratios, head sizes, dtypes, int32/int64 tables); graphed generation against the eager engine
-token for token, with each graph attention; no host sync inside a graphed step.
+ratios, head sizes, dtypes, int32/int64 tables) and replayed in a graph; graphed generation against
+the eager engine token for token in float32, with each graph attention, and step by step on forced
+tokens in bf16; no host sync inside a graphed step.
 Everywhere (CPU too): a CPU engine builds no graphs and no spare block; the graph runner's
 static-buffer forward (everything a graph holds, minus the capture) gives the eager tokens; a
 failed capture leaves the engine eager.
@@ -170,18 +171,45 @@ def test_graphed_generation_equals_eager(folder, attention, monkeypatch):
     assert graphs.num_replays >= 15
 
 
+def forced_logits(engine: Engine, config) -> list[torch.Tensor]:
+    """Every request follows fixed random tokens (a logits processor forces them), so two engines
+    see the same inputs at every step whatever their rounding; returns each step's logits rows."""
+    g = torch.Generator().manual_seed(1)
+    seen = []
+
+    def force(tokens):
+        def process(done, row):
+            seen.append(row.float().clone().cpu())  # clone: on CPU .cpu() would alias the row
+            out = torch.full_like(row, float("-inf"))
+            out[tokens[len(done)]] = 0
+            return out
+        return process
+
+    params = [SamplingParams(temperature=0, max_tokens=p.max_tokens, ignore_eos=True,
+                             logits_processors=[force(torch.randint(0, 5000, (p.max_tokens,), generator=g).tolist())])
+              for p in PARAMS]
+    for i, (prompt, p) in enumerate(zip(prompts(config), params)):
+        engine.add_request(str(i), prompt, p)
+    while engine.has_work():
+        engine.step()
+    return seen
+
+
 @cuda
-def test_graphed_bf16_generation_mostly_agrees_with_eager(folder):
-    """bf16 rounds differently in the kernel and in SDPA, and one flipped argmax changes the rest
-    of a sequence: only most tokens must agree (a broken graph agrees on almost none)."""
+def test_graphed_bf16_logits_match_eager_step_by_step(folder):
+    """bf16 rounds differently in the kernel and in SDPA, so free-running greedy tokens may part
+    after a near-tie; on forced tokens every step's logits must stay close (measured on CPU with
+    the kernel interpreted: <= 1.6% of the row's largest logit; a broken graph is off by ~100%)."""
     model = Qwen2VL.from_pretrained(folder, dtype=torch.bfloat16, device="cuda")
-    want = generate(Engine(model, EngineConfig(**CONFIG, enforce_eager=True)), model.config)
+    want = forced_logits(Engine(model, EngineConfig(**CONFIG, enforce_eager=True)), model.config)
     graphed = Engine(model, EngineConfig(**CONFIG))
     assert graphed.runner.graphs is not None
-    got = generate(graphed, model.config)
-    first = [a[0] == b[0] for a, b in zip(got, want)]  # the first token comes from the eager prefill
-    same = sum(x == y for a, b in zip(got, want) for x, y in zip(a, b))
-    assert all(first) and same >= 0.5 * sum(map(len, want))
+    got = forced_logits(graphed, model.config)
+    assert len(got) == len(want) == sum(p.max_tokens for p in PARAMS)
+    errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+    agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(got, want))
+    assert max(errors) < 0.1 and agree >= 0.8 * len(want), (max(errors), agree, len(want))
+    assert graphed.runner.graphs.num_replays >= 15
 
 
 @cuda
