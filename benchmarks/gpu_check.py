@@ -153,17 +153,21 @@ def reference_generate(hf, processor, messages_list, new_tokens, with_processing
     return time.perf_counter() - t
 
 
-def decode_rate(llm, n_dec: int) -> float:
-    """Batch-1 decode tok/s: a 1-token run's time (prefill) taken off an n_dec-token run's."""
+def decode_rate(llm, n_dec: int, seed: int = 0) -> float:
+    """Batch-1 decode tok/s from stream timestamps: tokens after the first over the time they took.
+
+    (Subtracting a separate 1-token run's time is wrong here: that run hits the prefix cache.)
+    """
     from qwen2vl import SamplingParams
 
-    dec = SamplingParams(temperature=0, max_tokens=n_dec, ignore_eos=True)
-    t = time.perf_counter()
-    llm.chat(text_messages(0), dec)
-    total = time.perf_counter() - t
-    t = time.perf_counter()
-    llm.chat(text_messages(0), SamplingParams(temperature=0, max_tokens=1))
-    return (n_dec - 1) / (total - (time.perf_counter() - t))
+    params = SamplingParams(temperature=0, max_tokens=n_dec, ignore_eos=True)
+    stamps, count = [], 0
+    for chunk in llm.stream(text_messages(1000 + seed), params):
+        count += len(chunk.token_ids)
+        stamps.append((time.perf_counter(), count))
+    (t0, c0), (t1, c1) = stamps[0], stamps[-1]
+    assert c1 == n_dec, f"expected {n_dec} tokens, got {c1}"
+    return (c1 - c0) / (t1 - t0)
 
 
 def engine_and_reference(hf, folder, budget):
@@ -223,10 +227,23 @@ def engine_and_reference(hf, folder, budget):
             f"{ref_tp:.0f} tok/s ({ref_wall:.1f} s), ours/ref {ours_tp / ref_tp:.2f}x")
 
 
+def decode_only(folder):
+    from qwen2vl import LLM
+
+    for eager in (False, True):
+        llm = LLM(str(folder), dtype="bfloat16", device=DEV, kv_cache_gib=1.0, enforce_eager=eager)
+        rates = [decode_rate(llm, 128, seed) for seed in range(3)]
+        log(f"ours {'eager' if eager else 'graphs'}: batch-1 decode tok/s {[round(r, 1) for r in rates]} "
+            f"(3 prompts, stream timestamps)")
+        del llm
+        torch.cuda.empty_cache() if DEV == "cuda" else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default=".cache/qwen_tokenizer")
     ap.add_argument("--budget", type=float, default=300)
+    ap.add_argument("--decode-only", action="store_true", help="only ours' batch-1 decode, graphs vs eager")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test of this script on a tiny config")
     args = ap.parse_args()
     import transformers
@@ -244,6 +261,8 @@ def main():
     hf = build_checkpoint(folder, Path(args.tokenizer))
     hf.config._attn_implementation = "sdpa"
     log("checkpoint built")
+    if args.decode_only:
+        return decode_only(folder)
     parity(hf, folder)
     engine_and_reference(hf, folder, args.budget)
     log("done")
