@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams
+from qwen2vl.grounding import parse_grounding
 from qwen2vl.processing.media import MediaError
 from qwen2vl.server import inputs as chat_inputs
 from qwen2vl.server.errors import APIError, bad_request
@@ -30,6 +31,7 @@ class Prepared:
     params: SamplingParams
     parse_tools: bool  # tools were offered: look for <tool_call> blocks in the answer
     visual_tokens: int
+    image_size: tuple[int, int] | None = None  # (width, height) of the last image: grounding boxes scale to it
 
 
 class ChatService:
@@ -74,7 +76,9 @@ class ChatService:
         self._check_length(len(prompt), visual, params)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(prompt)
-        return Prepared(prompt, params, bool(tools) and choice != "none", visual)
+        images = [c for c in costs if c.kind == "image"]
+        size = (images[-1].width, images[-1].height) if images else None
+        return Prepared(prompt, params, bool(tools) and choice != "none", visual, size)
 
     def _params(self, req: ChatCompletionRequest, tools, choice) -> SamplingParams:
         if req.n > self.limits.max_n:
@@ -101,7 +105,8 @@ class ChatService:
                 **{**{k: v for k, v in self.defaults.items() if k != "max_tokens"}, **given},
                 n=req.n, max_tokens=max_tokens, stop=stop, seed=req.seed,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                logprobs=(req.top_logprobs or 0) if req.logprobs else None, logits_processors=processors)
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None, logits_processors=processors,
+                skip_special_tokens=req.skip_special_tokens)
         except ValueError as e:
             raise bad_request(str(e), str(e).split(" ", 1)[0]) from None
 
@@ -149,8 +154,10 @@ class ChatService:
     async def complete(self, req: ChatCompletionRequest, prepared: Prepared, arrival: float) -> dict:
         n = prepared.params.n
         texts, reasons, lps, usage = [""] * n, [None] * n, [[] for _ in range(n)], None
+        ids = [[] for _ in range(n)]
         async for d in self._deltas(prepared, arrival):
             texts[d.index] += d.text
+            ids[d.index] += d.token_ids
             reasons[d.index] = d.finish_reason or reasons[d.index]
             lps[d.index] += d.logprobs or []
             usage = d.usage or usage
@@ -165,11 +172,23 @@ class ChatService:
                     message = {"role": "assistant", "content": content or None,
                                "tool_calls": [c.to_openai() for c in calls]}
                     reason = "tool_calls"
+            regions = self._grounding(ids[i], prepared.image_size)
+            if regions:
+                message["grounding"] = regions
             choice = {"index": i, "message": message, "finish_reason": reason, "logprobs": None}
             if req.logprobs:
                 choice["logprobs"] = logprobs_dict(lps[i], self.processor.tokenizer.token_bytes)
             choices.append(choice)
         return chat_response(completion_id(), self.model_name, int(time.time()), choices, usage)
+
+    def _grounding(self, token_ids: list[int], image_size: tuple[int, int] | None) -> list[dict]:
+        """Boxes/quads the answer names, in the last image's pixels (0-1000 scale without an image).
+
+        Read from the raw tokens, so it works whether or not the text keeps special tokens."""
+        raw = self.processor.decode(token_ids, skip_special_tokens=False)
+        if "<|box_start|>" not in raw and "<|quad_start|>" not in raw:
+            return []
+        return [r.to_dict() for r in parse_grounding(raw, *(image_size or ()))]
 
     async def stream(self, req: ChatCompletionRequest, prepared: Prepared, arrival: float):
         """SSE lines; the caller sends them as text/event-stream."""

@@ -82,6 +82,7 @@ class ChatCompletionRequest(_Strict):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     mm_processor_kwargs: dict | None = None
+    skip_special_tokens: bool = True  # false keeps grounding markup (<|box_start|>...) in the text
 
     @field_validator("stop")
     @classmethod
