@@ -1,0 +1,30 @@
+"""LLM on CPU in bf16 swaps the decoder's linears for oneDNN-reordered ones, with the same answers."""
+
+import torch
+
+from qwen2vl import LLM, SamplingParams
+from qwen2vl.linear import FastLinear
+from tests.test_server_support import tiny_checkpoint
+
+
+def test_bf16_cpu_llm_uses_fast_linears_and_matches_plain_model():
+    llm = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
+    model = llm.model
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, FastLinear) and isinstance(layer.mlp.down_proj, FastLinear)
+    assert isinstance(model.lm_head, FastLinear)
+    assert type(model.visual.blocks[0].attn.qkv) is torch.nn.Linear  # the vision tower keeps F.linear
+
+    from qwen2vl import Qwen2VL
+
+    plain = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=torch.bfloat16)
+    ids = llm.prompt([{"role": "user", "content": "Hello there, how are you?"}]).token_ids
+    fast_logits, plain_logits = model.logits(torch.tensor(ids)), plain.logits(torch.tensor(ids))
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=0.02, atol=0.02 * plain_logits.abs().max().item())
+    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=4))[0]
+    assert len(out.token_ids) >= 1
+
+
+def test_float32_cpu_llm_keeps_plain_linears():
+    llm = LLM(str(tiny_checkpoint()), dtype="float32", device="cpu", kv_cache_gib=0.02)
+    assert type(llm.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
