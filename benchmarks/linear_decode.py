@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmarks.bandwidth import others_cpu_ticks, probe
+from benchmarks.bandwidth import GIB, others_cpu_ticks, probe
 from qwen2vl.linear import FastLinear
 from qwen2vl.quant import Int4Linear, Int8Linear
 
@@ -32,6 +32,7 @@ SHAPES = {  # name: (out, in, bias)
     "head": (VOCAB, D, False), "qkv fused": (D + 2 * KV, D, True), "gate+up fused": (2 * I, D, False),
 }
 # calls per decode step of the 2B (o_proj has no bias but streams the same bytes as q_proj)
+READ = "read probe: 1 GiB fp32 sum"
 STEP_SEPARATE = {"q/o": 2 * LAYERS, "k/v": 2 * LAYERS, "gate/up": 2 * LAYERS, "down": LAYERS, "head": 1}
 STEP_FUSED = {"qkv fused": LAYERS, "q/o": LAYERS, "gate+up fused": LAYERS, "down": LAYERS, "head": 1}
 
@@ -54,6 +55,23 @@ def inductor_matvec(x, weight):  # the best inductor formulation found: rows out
 
 _compiled_matvec = torch.compile(inductor_matvec, dynamic=True)
 
+
+class DynamicInt8(nn.Module):
+    """Not weight-only: int8 weights *and* int8 activations (one scale per call, quantized on the
+    fly) through oneDNN's VNNI GEMM, llama.cpp Q8_0's recipe. Measured to see what int8 can give."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q = Int8Linear.from_linear(linear)
+        self.packed = torch.ops.onednn.qlinear_prepack(q.weight, [1, linear.in_features])
+        self.scales, self.zero_points = q.scales.float(), torch.zeros(linear.out_features, dtype=torch.long)
+
+    def forward(self, x):
+        s = float(x.abs().amax()) / 127
+        qx = torch.round(x.float() / s).clamp(-127, 127).to(torch.int8)
+        return torch.ops.onednn.qlinear_pointwise(
+            qx, s, 0, self.packed, self.scales, self.zero_points, None, 1.0, 0, x.dtype, "none", [], "")
+
 METHODS = {
     "F.linear bf16": lambda lin: lin,  # what transformers runs
     "FastLinear bf16": FastLinear.from_linear,
@@ -67,14 +85,16 @@ ALTERNATIVES = {
     "inductor matvec bf16": lambda lin: Call(_compiled_matvec, lin.weight),
     # the int8 kernel without the per-row scale, an upper bound on inductor's int8 speed
     "inductor matvec int8": lambda lin: Call(_compiled_matvec, Int8Linear.from_linear(lin).weight),
+    "W8A8 oneDNN (int8 activations)": DynamicInt8,
 }
 
 
 def module_bytes(m: nn.Module) -> int:
     """Bytes a call streams: parameters, buffers and a FastLinear's reordered weight."""
     tensors = [*m.parameters(), *m.buffers()]
-    if isinstance(m, FastLinear) and m.packed is not None:
-        tensors.append(m.packed)
+    packed = getattr(m, "packed", None)
+    if isinstance(packed, torch.Tensor) and packed.is_mkldnn:  # oneDNN's opaque weights: not buffers
+        tensors.append(packed)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -98,9 +118,13 @@ def time_methods(linear, rows, methods, rounds, min_bytes, max_tries=10):
     """Median seconds per call of each method over `rounds` rounds that no other process shared."""
     x = torch.randn(rows, linear.in_features, dtype=linear.weight.dtype)
     runs = {name: copies(methods[name], linear, min_bytes) for name in methods}
+    # the bandwidth yardstick, timed inside the same clean rounds: this VM's memory speed drifts
+    # by 2x within minutes, so a probe taken before or after is no denominator
+    src = torch.ones(GIB // 4)
+    runs[READ] = ([lambda _: src.sum()], GIB)
     for mods, _ in runs.values():
         mods[0](x)  # compile, warm up
-    seconds = {name: [] for name in methods}
+    seconds = {name: [] for name in runs}
     clean = 0
     for _ in range(rounds * max_tries):
         ticks = others_cpu_ticks()
@@ -118,7 +142,7 @@ def time_methods(linear, rows, methods, rounds, min_bytes, max_tries=10):
             break
     if clean == 0:  # never quiet: report the contended times, and say so
         print(f"| (no quiet round in {rounds * max_tries}: contended times follow) |")
-        seconds = {name: [round_seconds[name]] for name in methods}
+        seconds = {name: [round_seconds[name]] for name in runs}
     return {name: (statistics.median(s), runs[name][1]) for name, s in seconds.items()}
 
 
@@ -153,10 +177,12 @@ def main() -> None:
             use = {k: v for k, v in methods.items() if k not in ALTERNATIVES or (rows <= 16 and name != "head")}
             with torch.no_grad():
                 results = time_methods(linear, rows, use, args.rounds, min_bytes, args.max_tries)
+            read_gbs = GIB / results.pop(READ)[0] / 1e9
+            print(f"| {name} {out}x{inp} | {rows} | {READ} | - | {read_gbs:.1f} | 100% | - |")
             for method, (sec, nbytes) in results.items():
                 gbs = nbytes / sec / 1e9
                 print(f"| {name} {out}x{inp} | {rows} | {method} | {sec * 1e6:.0f} | {gbs:.1f} | "
-                      f"{100 * gbs / before.read_gbs:.0f}% | {2 * rows * out * inp / sec / 1e9:.0f} |", flush=True)
+                      f"{100 * gbs / read_gbs:.0f}% | {2 * rows * out * inp / sec / 1e9:.0f} |", flush=True)
                 step.setdefault((rows, method), {})[name] = sec
             del linear, results
     print(f"\nprobe after: {probe()}")
@@ -177,8 +203,8 @@ def print_quality() -> None:
     x = torch.randn(64, D, generator=g).to(torch.bfloat16)
     ref = linear(x).float()
     rms = ref.pow(2).mean().sqrt()
-    for name in ["Int8Linear", "Int4Linear g32", "Int4Linear g128"]:
-        q = METHODS[name](linear)
+    for name in ["Int8Linear", "Int4Linear g32", "Int4Linear g128", "W8A8 oneDNN (int8 activations)"]:
+        q = {**METHODS, **ALTERNATIVES}[name](linear)
         err = (q(x).float() - ref)
         print(f"| {name} | {module_bytes(q) / (I * D):.3f} | {(err.pow(2).mean().sqrt() / rms).item():.4f} | "
               f"{(err.abs().max() / rms).item():.3f} |")
