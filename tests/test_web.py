@@ -174,7 +174,7 @@ def test_drop_paste_and_stop(page, server, picture):
         document.querySelector("#input").dispatchEvent(
             new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true, cancelable: true}));
     }""", png)
-    page.wait_for_function("document.querySelectorAll('#attachments .thumb').length === 2")
+    page.wait_for_function("() => document.querySelectorAll('#attachments .thumb').length === 2")
     clip = picture.parent / "clip.mp4"
     clip.write_bytes(mp4_bytes(frames=8, width=64, height=48, fps=4))
     page.set_input_files("#file", str(clip))  # a video goes up as a video_url data: URI
