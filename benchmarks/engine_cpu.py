@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="tokens per single-stream run")
     ap.add_argument("--reps", type=int, default=2, help="single-stream repetitions (each side)")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16])
     ap.add_argument("--agg-tokens", type=int, default=32, help="tokens per request in the aggregate runs")
     ap.add_argument("--agg-reps", type=int, default=2, help="aggregate repetitions (each side)")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
