@@ -75,7 +75,12 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tie
                     raise ValueError(
                         f"{folder}: tensor {disk_name} has shape {tuple(tensor.shape)}, expected {tuple(want)}"
                     )
-                _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+                placed = tensor.to(device=device, dtype=dtype)
+                if placed.data_ptr() == tensor.data_ptr():
+                    # same dtype on the CPU: still a view of the file's mapped pages, which the OS
+                    # may evict under memory pressure and re-read mid-generation; own the memory
+                    placed = placed.clone()
+                _set_tensor(model, name, placed)
                 seen.add(name)
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensors in checkpoint: {unexpected[:10]} ({len(unexpected)} in all)")
