@@ -167,21 +167,9 @@ def checkpoint_headers(name: str) -> tuple[dict, dict[str, dict], str]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files (only safetensors checkpoints are supported)")
+    from qwen2vl.loader import read_header
+
     return json.loads((path / "config.json").read_text()), {f.name: read_header(f) for f in files}, "local folder"
-
-
-def read_header(file: Path) -> dict:
-    """The tensor table at the start of a safetensors file: 8 bytes of length, then JSON."""
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 2 <= size <= 100 * 2**20 or size + 8 > file.stat().st_size:
-            raise ValueError(f"{file}: not a safetensors file (bad header length {size})")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{file}: not a safetensors file (header is not JSON)") from None
-    header.pop("__metadata__", None)
-    return header
 
 
 def _remote_headers(name: str) -> tuple[dict, dict[str, dict], str]:

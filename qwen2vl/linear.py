@@ -95,12 +95,12 @@ def speed_up_linears(model: nn.Module, skip: tuple[str, ...] = ("visual",)) -> i
     Modules whose qualified name starts with one of `skip` stay as they are: by default the
     vision tower, which runs once per image with hundreds of rows, where F.linear is as fast.
     """
-    swaps = [
-        (name, module) for name, module in model.named_modules()
-        if type(module) is nn.Linear and not name.startswith(skip)
-    ]
-    for name, module in swaps:
+    # names only: holding the old modules until the end would keep every plain weight alive next
+    # to its reordered copy (measured: peak RSS +2.9 GB for the 2B)
+    names = [name for name, module in model.named_modules()
+             if type(module) is nn.Linear and not name.startswith(skip)]
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FastLinear.from_linear(module))
-    return len(swaps)
+        setattr(parent, child, FastLinear.from_linear(getattr(parent, child)))
+    return len(names)

@@ -68,3 +68,27 @@ def test_wrong_model_type(hf, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model_type is 'llama'"):
         Qwen2VL.from_pretrained(folder)
+
+
+def test_reads_tensors_into_memory_it_owns(hf, tmp_path):
+    """Same dtype on disk and in memory: the weights must not be views of the file."""
+    folder = save_checkpoint(hf, tmp_path / "own", dtype=torch.bfloat16)
+    model = Qwen2VL.from_pretrained(folder, dtype=torch.bfloat16)
+    on_disk = load_file(str(folder / "model.safetensors"))
+    name, disk = next((n, t) for n, t in on_disk.items() if n.endswith("q_proj.weight"))
+    mine = model.get_parameter(name.replace("model.language_model.", "model.").replace("model.visual.", "visual."))
+    assert torch.equal(mine, disk)
+    (folder / "model.safetensors").unlink()  # nothing of the file is still in use
+    assert torch.equal(mine, disk)
+
+
+def test_truncated_or_corrupt_file_is_a_clear_error(hf, tmp_path):
+    folder = save_checkpoint(hf, tmp_path / "cut")
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="don't fit|truncated"):
+        Qwen2VL.from_pretrained(folder)
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        Qwen2VL.from_pretrained(folder)

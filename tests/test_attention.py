@@ -1,0 +1,51 @@
+"""block_diagonal_attention: each block attends only within itself, on both CPU paths."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwen2vl.attention as attention
+from qwen2vl.attention import CPU_MATMUL_ATTENTION_MIN, block_diagonal_attention
+
+
+def reference(q, k, v, cu_seqlens):
+    """Full attention with an explicit block-diagonal mask, in float64."""
+    n = q.shape[0]
+    block = torch.zeros(n, dtype=torch.long)
+    for i, (start, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
+        block[start:end] = i
+    mask = block[:, None] == block[None, :]
+    q, k, v = (x.double().transpose(0, 1) for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1)
+
+
+# a small block (SDPA), one over the threshold (matmul path), one more small block
+SIZES = [40, CPU_MATMUL_ATTENTION_MIN + 44, 64]
+
+
+def qkv(dtype, heads=5, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(SIZES)
+    return [torch.randn(n, heads, dim, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("budget", [1 << 22, 1000])  # 1000: forces slabs of 64 query rows
+def test_matches_masked_attention_fp32(monkeypatch, budget):
+    monkeypatch.setattr(attention, "_SCORES_BUDGET", budget)
+    q, k, v = qkv(torch.float32)
+    cu = [0, SIZES[0], SIZES[0] + SIZES[1], sum(SIZES)]
+    out = block_diagonal_attention(q, k, v, cu)
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+
+
+def test_matmul_path_is_taken_and_close_in_bf16(monkeypatch):
+    calls = []
+    real = attention._matmul_attention
+    monkeypatch.setattr(attention, "_matmul_attention", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    q, k, v = qkv(torch.bfloat16)
+    cu = [0, SIZES[0], SIZES[0] + SIZES[1], sum(SIZES)]
+    out = block_diagonal_attention(q, k, v, cu)
+    assert calls == [SIZES[1]]
+    ref = reference(q, k, v, cu)
+    rel = (out.double() - ref).norm() / ref.norm()
+    assert rel < 1e-2, rel
