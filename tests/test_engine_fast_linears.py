@@ -13,7 +13,8 @@ def test_bf16_cpu_llm_uses_fast_linears_and_matches_plain_model():
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, FastLinear) and isinstance(layer.mlp.down_proj, FastLinear)
     assert isinstance(model.lm_head, FastLinear)
-    assert type(model.visual.blocks[0].attn.qkv) is torch.nn.Linear  # the vision tower keeps F.linear
+    assert isinstance(model.visual.blocks[0].attn.qkv, FastLinear)
+    assert type(model.visual.patch_embed.proj) is torch.nn.Linear  # reads its weight's dtype
 
     from qwen2vl import Qwen2VL
 
@@ -21,6 +22,10 @@ def test_bf16_cpu_llm_uses_fast_linears_and_matches_plain_model():
     ids = llm.prompt([{"role": "user", "content": "Hello there, how are you?"}]).token_ids
     fast_logits, plain_logits = model.logits(torch.tensor(ids)), plain.logits(torch.tensor(ids))
     torch.testing.assert_close(fast_logits, plain_logits, rtol=0.02, atol=0.02 * plain_logits.abs().max().item())
+    grid = torch.tensor([[1, 4, 6]])
+    pixels = torch.randn(24, model.config.vision.patch_dim, generator=torch.Generator().manual_seed(0))
+    fast_vision, plain_vision = model.visual(pixels, grid), plain.visual(pixels, grid)
+    torch.testing.assert_close(fast_vision, plain_vision, rtol=0.02, atol=0.02 * plain_vision.abs().max().item())
     out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=4))[0]
     assert len(out.token_ids) >= 1
 
