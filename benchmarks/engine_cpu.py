@@ -3,14 +3,19 @@
 Measured in one process, engine and reference interleaved (this VM's speed drifts):
 - single stream: time to first token for a 448x448 image + question (283 prompt tokens), and
   decode tokens/s over the following tokens;
+- the engine's decode-phase throughput with 1 and 16 requests running together (steps in which
+  every request is decoding; prefill excluded), and the single stream against the
+  memory-bandwidth bound (bytes of weights a decode step streams / the read probe, probed right
+  after);
 - aggregate tokens/s with 1, 4 and 16 requests submitted together, each with its own picture
-  (so neither the vision cache nor the prefix cache helps); transformers gets the same requests
-  as one left-padded batch.
+  (so neither the vision cache nor the prefix cache helps), prefill included; transformers gets
+  the same requests as one left-padded batch.
 Random weights never emit eos sensibly, so both sides generate exactly max tokens (ignore_eos /
 min_new_tokens). A bandwidth/GEMM probe is printed before and after.
 
     python -m benchmarks.engine_cpu                   # builds/reuses .cache/qwen2vl-2b-random
     python -m benchmarks.engine_cpu --model DIR --concurrency 1 4 --agg-tokens 16
+    python -m benchmarks.engine_cpu --reps 3 --concurrency --decode-batches 1 16   # no aggregates
 """
 
 from __future__ import annotations
@@ -55,6 +60,30 @@ def engine_batch(llm: LLM, seeds: list[int], tokens: int) -> float:
     outs = llm.chat([conversation(s) for s in seeds], params)
     assert all(len(o.token_ids) == tokens for o in outs)
     return len(seeds) * tokens / (time.perf_counter() - start)
+
+
+def engine_decode_rate(llm: LLM, seeds: list[int], steps: int) -> float:
+    """Generated tokens/s over `steps` engine steps in which all len(seeds) requests decode."""
+    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    for s in seeds:
+        llm.engine.add_request(f"decode-{s}", llm.prompt(conversation(s)), params)
+    while len(llm.engine.step()) < len(seeds):  # vision, prefill and the first token of each
+        pass
+    start = time.perf_counter()
+    for _ in range(steps):
+        assert len(llm.engine.step()) == len(seeds)
+    elapsed = time.perf_counter() - start
+    while llm.engine.has_work():
+        llm.engine.step()
+    return len(seeds) * steps / elapsed
+
+
+def step_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step streams: every decoder linear and the head (bf16)."""
+    cfg = model.config.text
+    d, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
+    per_layer = d * d * 2 + 2 * d * kv + 3 * d * i
+    return 2 * (cfg.num_hidden_layers * per_layer + cfg.vocab_size * d)
 
 
 def own_weights(model: torch.nn.Module) -> None:
@@ -130,6 +159,9 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16])
     ap.add_argument("--agg-tokens", type=int, default=32, help="tokens per request in the aggregate runs")
     ap.add_argument("--agg-reps", type=int, default=2, help="aggregate repetitions (each side)")
+    ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 16],
+                    help="requests decoding together for the decode-phase throughput")
+    ap.add_argument("--decode-steps", type=int, default=24)
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,6 +192,24 @@ def main():
         ttft, tps = [x[0] for x in r], [x[1] for x in r]
         print(f"{name:14}{statistics.median(ttft):10.2f}{statistics.median(tps):16.2f}"
               f"   [{', '.join(f'{x:.2f}' for x in ttft)}] [{', '.join(f'{x:.2f}' for x in tps)}]")
+
+    if args.decode_batches:
+        print(f"\nengine decode phase, {args.decode_steps} steps with every request decoding "
+              f"(median of {args.reps}; all runs in brackets)")
+        rates = {}
+        for k in args.decode_batches:
+            rates[k] = [engine_decode_rate(llm, [next(seed) for _ in range(k)], args.decode_steps)
+                        for _ in range(args.reps)]
+            ratio = f", {statistics.median(rates[k]) / statistics.median(rates[1]):.1f}x one stream" \
+                if 1 in rates and k != 1 else ""
+            print(f"{k:4d} requests: {statistics.median(rates[k]):7.2f} tok/s{ratio}   "
+                  f"[{', '.join(f'{x:.2f}' for x in rates[k])}]", flush=True)
+        if 1 in rates:
+            read = probe().read_gbs
+            bound = read * 1e9 / step_bytes(llm.model)
+            print(f"bandwidth bound: {step_bytes(llm.model) / 1e9:.2f} GB of weights per step at the read probe's "
+                  f"{read:.1f} GB/s (probed now) = {bound:.2f} tok/s; one stream decodes at "
+                  f"{statistics.median(rates[1]) / bound:.0%} of it")
 
     print(f"\naggregate generated tokens/s, {args.agg_tokens} tokens per request, wall clock incl. prefill, "
           f"median of {args.agg_reps} (the side that goes first alternates; all runs in brackets)")

@@ -2,7 +2,9 @@
 
 Prints max abs / relative logit error in float32 and bfloat16 and the vision-tower and decoder
 prefill times of ours vs the reference, interleaved in one process (this VM's speed drifts).
-Input: one 448x448 image (1024 patches, 256 visual tokens) in a 283-token prompt.
+Input: one 448x448 image (1024 patches, 256 visual tokens) in a 283-token prompt. "ours (LLM)" is
+the model as `LLM` runs it on the CPU in bf16 (FastLinears); each time is also put against the
+matmul-throughput bound: the part's matmul FLOPs at the bf16 GEMM probe's rate, probed in between.
 
     python -m benchmarks.parity [--dtypes float32,bfloat16] [--reps 3] [--model 2b|7b]
 """
@@ -10,15 +12,18 @@ Input: one 448x448 image (1024 patches, 256 visual tokens) in a 283-token prompt
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import statistics
 import time
 
 import torch
 
+from benchmarks.bandwidth import gemm_gflops
 from benchmarks.random_checkpoint import random_checkpoint
 from qwen2vl import Qwen2VL
 from qwen2vl.attention import causal_attend
+from qwen2vl.linear import speed_up_linears
 from qwen2vl.positions import mrope_positions
 
 
@@ -41,6 +46,24 @@ def timed(fn, reps):
         out = fn()
         times.append(time.perf_counter() - t)
     return out, times
+
+
+def vision_flops(cfg, grid) -> float:
+    """Matmul FLOPs of the vision tower on one image/video of grid (t, h, w): linears and attention."""
+    v = cfg.vision
+    t, h, w = grid
+    p, e = t * h * w, v.embed_dim
+    per_layer = 2 * p * (4 * e * e + 2 * e * v.mlp_dim) + 4 * t * (h * w) ** 2 * e
+    merged = 4 * e
+    return v.depth * per_layer + 2 * p * v.patch_dim * e + 2 * (p // 4) * (merged * merged + merged * v.hidden_size)
+
+
+def prefill_flops(cfg, n: int) -> float:
+    """Matmul FLOPs of a prefill of n tokens: decoder linears, causal attention, the head for the last row."""
+    c = cfg.text
+    d, kv = c.hidden_size, c.num_key_value_heads * c.head_dim
+    linears = 2 * d * d + 2 * d * kv + 3 * d * c.intermediate_size
+    return c.num_hidden_layers * (2 * n * linears + 2 * n * n * d) + 2 * d * c.vocab_size
 
 
 def reference_parts(hf, ids, pixels, grid, types):
@@ -72,12 +95,21 @@ def run(dtype, folder, reps, ref_logits_fp32=None):
         want = ref_full().float()
         vis = ours.visual(pixels, grid)
         embeds = ours.embed(ids, vis)
-        t = {"vision ours": [], "vision ref": [], "prefill ours": [], "prefill ref": []}
+        fast = None
+        if dtype == torch.bfloat16:
+            fast = copy.deepcopy(ours)
+            speed_up_linears(fast, skip=("visual.patch_embed",))
+        models = {"ours": ours, **({"ours (LLM)": fast} if fast is not None else {})}
+        t = {f"{part} {who}": [] for part in ("vision", "prefill") for who in (*models, "ref")}
+        gemm = []
         for _ in range(reps):  # interleave A/B: the VM's speed drifts
-            t["vision ours"] += timed(lambda: ours.visual(pixels, grid), 1)[1]
+            for who, m in models.items():
+                t[f"vision {who}"] += timed(lambda m=m: m.visual(pixels, grid), 1)[1]
             t["vision ref"] += timed(ref_vision, 1)[1]
-            t["prefill ours"] += timed(lambda: ours.compute_logits(ours(embeds, pos, causal_attend)[-1:]), 1)[1]
+            for who, m in models.items():
+                t[f"prefill {who}"] += timed(lambda m=m: m.compute_logits(m(embeds, pos, causal_attend)[-1:]), 1)[1]
             t["prefill ref"] += timed(lambda: ref_decoder(embeds, pos), 1)[1]
+            gemm.append(gemm_gflops(3) if dtype == torch.bfloat16 else float("nan"))
     err = (got - want).abs().max().item()
     rel = err / want.abs().max().item()
     print(f"[{dtype}] logits vs reference in the same dtype: max abs {err:.3e}, max rel {rel:.3e}; "
@@ -90,10 +122,20 @@ def run(dtype, folder, reps, ref_logits_fp32=None):
             print(f"[{dtype}] {who} vs float32 reference: max abs {e32:.3e}, max rel {e32 / scale:.3e}, "
                   f"argmax agreement {agree:.4f}")
     med = {k: statistics.median(v) for k, v in t.items()}
+    rate = statistics.median(gemm) * 1e9
+    flops = {"vision": vision_flops(cfg, tuple(grid[0].tolist())), "prefill": prefill_flops(cfg, len(ids))}
+    if dtype == torch.bfloat16:
+        print(f"[{dtype}] bf16 GEMM probe {rate / 1e9:.0f} GFLOP/s (median; {[round(g) for g in gemm]}); "
+              f"vision {flops['vision'] / 1e12:.2f} TFLOP, prefill {flops['prefill'] / 1e12:.2f} TFLOP")
     for part in ("vision", "prefill"):
-        o, r = med[f"{part} ours"], med[f"{part} ref"]
-        print(f"[{dtype}] {part:8s} ours {o:6.3f} s  ref {r:6.3f} s  ratio ours/ref {o / r:5.2f}  "
-              f"(runs ours {[round(x, 2) for x in t[f'{part} ours']]}, ref {[round(x, 2) for x in t[f'{part} ref']]})")
+        r = med[f"{part} ref"]
+        for who in models:
+            o = med[f"{part} {who}"]
+            bound = f"  {o * rate / flops[part]:4.2f}x the matmul bound" if dtype == torch.bfloat16 else ""
+            print(f"[{dtype}] {part:8s} {who:11s} {o:6.3f} s  ref {r:6.3f} s  ratio ours/ref {o / r:5.2f}{bound}  "
+                  f"(runs {[round(x, 2) for x in t[f'{part} {who}']]}, ref {[round(x, 2) for x in t[f'{part} ref']]})")
+        if dtype == torch.bfloat16:
+            print(f"[{dtype}] {part:8s} reference at {r * rate / flops[part]:4.2f}x the matmul bound")
     return want
 
 

@@ -72,6 +72,11 @@ class Qwen2VL(nn.Module):
                 out[rows] = feats
         return out
 
+    def fuse_qkv(self) -> None:
+        """Each decoder layer computes q, k and v with one linear (see text.Attention.fuse_qkv)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_qkv()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 

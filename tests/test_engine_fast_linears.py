@@ -11,7 +11,7 @@ def test_bf16_cpu_llm_uses_fast_linears_and_matches_plain_model():
     llm = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
     model = llm.model
     layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, FastLinear) and isinstance(layer.mlp.down_proj, FastLinear)
+    assert isinstance(layer.self_attn.qkv_proj, FastLinear) and isinstance(layer.mlp.down_proj, FastLinear)
     assert isinstance(model.lm_head, FastLinear)
     assert isinstance(model.visual.blocks[0].attn.qkv, FastLinear)
     assert type(model.visual.patch_embed.proj) is torch.nn.Linear  # reads its weight's dtype
@@ -32,4 +32,16 @@ def test_bf16_cpu_llm_uses_fast_linears_and_matches_plain_model():
 
 def test_float32_cpu_llm_keeps_plain_linears():
     llm = LLM(str(tiny_checkpoint()), dtype="float32", device="cpu", kv_cache_gib=0.02)
-    assert type(llm.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(llm.model.model.layers[0].self_attn.qkv_proj) is torch.nn.Linear
+
+
+def test_fused_qkv_gives_the_same_logits():
+    from qwen2vl import Qwen2VL
+
+    model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
+    ids = torch.randint(0, 200, (17,), generator=torch.Generator().manual_seed(0))
+    before = model.logits(ids)
+    model.fuse_qkv()
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    torch.testing.assert_close(model.logits(ids), before, rtol=1e-5, atol=1e-5)

@@ -122,6 +122,7 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
     model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device)
+    model.fuse_qkv()
     if quantization is not None:
         from qwen2vl.quant import quantize_model  # only when asked: quantization is optional
 
