@@ -62,7 +62,7 @@ class DynamicInt8(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        q = Int8Linear.from_linear(linear)
+        q = Int8Linear.from_linear(linear, blocked=False)
         self.packed = torch.ops.onednn.qlinear_prepack(q.weight, [1, linear.in_features])
         self.scales, self.zero_points = q.scales.float(), torch.zeros(linear.out_features, dtype=torch.long)
 
@@ -76,16 +76,20 @@ class DynamicInt8(nn.Module):
 METHODS = {
     "F.linear bf16": lambda lin: lin,  # what transformers runs
     "FastLinear bf16": FastLinear.from_linear,
-    "Int8Linear": Int8Linear.from_linear,
-    "Int4Linear g32": lambda lin: Int4Linear.from_linear(lin, 32),
-    "Int4Linear g128": lambda lin: Int4Linear.from_linear(lin, 128),
+    "Int8Linear": lambda lin: Int8Linear.from_linear(lin, blocked=False),  # torch's kernels
+    "Int4Linear g32": lambda lin: Int4Linear.from_linear(lin, 32, blocked=False),
+    "Int4Linear g128": lambda lin: Int4Linear.from_linear(lin, 128, blocked=False),
+    # ours (qwen2vl/kernels/int_gemv.c): int8 activations per block of 32, VNNI dot products
+    "Int8Linear VNNI": lambda lin: Int8Linear.from_linear(lin, blocked=True),
+    "Int4Linear g32 VNNI": lambda lin: Int4Linear.from_linear(lin, 32, blocked=True),
+    "Int4Linear g128 VNNI": lambda lin: Int4Linear.from_linear(lin, 128, blocked=True),
 }
 ALTERNATIVES = {
     "torch.mv bf16": lambda lin: Call(lambda x, w: torch.mv(w, x[0])[None] if x.shape[0] == 1 else x @ w.t(),
                                       lin.weight),
     "inductor matvec bf16": lambda lin: Call(_compiled_matvec, lin.weight),
     # the int8 kernel without the per-row scale, an upper bound on inductor's int8 speed
-    "inductor matvec int8": lambda lin: Call(_compiled_matvec, Int8Linear.from_linear(lin).weight),
+    "inductor matvec int8": lambda lin: Call(_compiled_matvec, Int8Linear.from_linear(lin, blocked=False).weight),
     "W8A8 oneDNN (int8 activations)": DynamicInt8,
 }
 
@@ -204,7 +208,8 @@ def print_quality() -> None:
     x = torch.randn(64, D, generator=g).to(torch.bfloat16)
     ref = linear(x).float()
     rms = ref.pow(2).mean().sqrt()
-    for name in ["Int8Linear", "Int4Linear g32", "Int4Linear g128", "W8A8 oneDNN (int8 activations)"]:
+    for name in ["Int8Linear", "Int8Linear VNNI", "Int4Linear g32", "Int4Linear g32 VNNI", "Int4Linear g128",
+                 "Int4Linear g128 VNNI", "W8A8 oneDNN (int8 activations)"]:
         q = {**METHODS, **ALTERNATIVES}[name](linear)
         err = (q(x).float() - ref)
         print(f"| {name} | {module_bytes(q) / (I * D):.3f} | {(err.pow(2).mean().sqrt() / rms).item():.4f} | "

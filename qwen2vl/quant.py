@@ -2,16 +2,21 @@
 
 Decode streams every weight once per token, so fewer bytes per weight is more tokens per second:
 int8 is 1 byte (+ a scale per output row), int4 half a byte (+ a scale and a zero point per group
-of 32-128 weights). Activations stay in the model dtype.
+of 32-256 weights).
 
 - Int8Linear: symmetric per output channel, w = q * scale, q in [-127, 127].
 - Int4Linear: asymmetric per group along k, w = (q - 8) * scale + zero, q in [0, 15].
 
-Kernels: torch's own CPU weight-only kernels, `aten._weight_int8pack_mm` and
-`aten._weight_int4pack_mm_for_cpu`, for every row count. They beat inductor-generated code by
-3x or more at decode, and at prefill they tie with dequantizing the weight and running oneDNN's
-GEMM (both about half the bf16 GEMM's speed; docs/performance.md). Dequantize + F.linear is the
-fallback where a kernel is missing; the tests check the two agree.
+Kernels, one per module, picked when it is built:
+- ours, qwen2vl/kernels/int_gemv.c, on CPUs with AVX-512 VNNI and a C compiler: the activations
+  are quantized to int8 per block of 32 on the fly and the dot products run in integer VNNI
+  instructions, which keeps decode memory-bound (torch's kernels below convert every weight to
+  float and are compute-bound on a few cores: docs/performance.md). The weights are stored only
+  in its blocked layout (`blocked` is True).
+- elsewhere torch's CPU weight-only kernels, `aten._weight_int8pack_mm` and
+  `aten._weight_int4pack_mm_for_cpu`, on weights in their layouts.
+Dequantize + F.linear is the fallback on other devices (and for fp16 activations); the tests
+check all three agree.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from qwen2vl import kernels
 
 INT4_BLOCK_N = 64  # the CPU int4 kernel's layout packs output channels in blocks of 64
 
@@ -66,28 +73,50 @@ def has_int4_kernel() -> bool:
     return torch.equal(theirs, pack_int4(codes))
 
 
+def use_int_gemv(weight: torch.Tensor) -> bool:
+    """Whether the quantized copy of `weight` [N, K] should be stored for our VNNI kernel."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and weight.shape[1] % kernels.QK == 0 and kernels.library() is not None)
+
+
+def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(-t.shape[0] % multiple, *t.shape[1:])])
+
+
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight, scales, bias, out_features: int, in_features: int):
         super().__init__()
-        self.register_buffer("weight", weight)  # int8 [N, K]
-        self.register_buffer("scales", scales)  # [N], model dtype
+        self.register_buffer("weight", weight)  # int8 [N, K], or blocked: uint8 [N/16, K/4, 16, 4]
+        self.register_buffer("scales", scales)  # [N] (blocked: padded to 16), model dtype
         self.register_buffer("bias", bias)
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = out_features, in_features
+        self.blocked = weight.dim() == 4  # stored in int_gemv's layout, for our kernel
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, blocked: bool | None = None) -> Int8Linear:
         w = linear.weight.detach().float()
         # symmetric: the largest |w| of a row maps to 127 (or just under: the scale is rounded up)
         scales = _round(w.abs().amax(1).clamp(min=1e-8) / 127, linear.weight.dtype, up=True)
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scales, None if linear.bias is None else linear.bias.detach().clone())
+        if use_int_gemv(linear.weight) if blocked is None else blocked:
+            q, scales = kernels.pack_int8(_pad_rows(q, kernels.ROWS)), _pad_rows(scales, kernels.ROWS)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, scales, bias, *linear.weight.shape)
+
+    def codes(self) -> torch.Tensor:
+        """q, int8 [N, K]."""
+        return kernels.unpack_int8(self.weight)[: self.out_features] if self.blocked else self.weight
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return (self.weight.float() * self.scales.float()[:, None]).to(dtype or self.scales.dtype)
+        scales = self.scales[: self.out_features].float()
+        return (self.codes().float() * scales[:, None]).to(dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and has_int8_kernel():
+        if self.blocked and kernels.supports(x):
+            y = kernels.int8_gemm(x2, self.weight, self.scales, self.bias, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
+        if not self.blocked and x.device.type == "cpu" and has_int8_kernel():
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x.dtype))
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
@@ -95,43 +124,63 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"{'int_gemv' if self.blocked else 'torch'} layout")
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, packed, scales_zeros, bias, out_features: int, group_size: int):
+    def __init__(self, packed, scales_zeros, bias, out_features: int, in_features: int, group_size: int):
         super().__init__()
-        self.register_buffer("packed", packed)  # uint8 [N padded to 64, K/2], pack_int4 layout
-        self.register_buffer("scales_zeros", scales_zeros)  # [K/group, N padded, 2], model dtype
+        # blocked: uint8 [N/16, K/8, 16, 4] and [N/16, K/group, 2, 16];
+        # else uint8 [N padded to 64, K/2] in pack_int4's layout and [K/group, N padded, 2]
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)  # model dtype
         self.register_buffer("bias", bias)
-        self.out_features, self.in_features = out_features, packed.shape[1] * 2
+        self.out_features, self.in_features = out_features, in_features
         self.group_size = group_size
+        self.blocked = packed.dim() == 4  # stored in int_gemv's layout, for our kernel
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, blocked: bool | None = None) -> Int4Linear:
         n, k = linear.weight.shape
         if k % group_size or group_size not in (32, 64, 128, 256):
             raise ValueError(f"int4 groups of {group_size} don't tile in_features={k}")
-        padded = -(-n // INT4_BLOCK_N) * INT4_BLOCK_N  # zero rows up to the kernel's block
-        w = F.pad(linear.weight.detach().float(), (0, 0, 0, padded - n)).view(padded, k // group_size, group_size)
+        blocked = use_int_gemv(linear.weight) if blocked is None else blocked
+        # zero rows up to the kernel's block
+        w = _pad_rows(linear.weight.detach().float(), kernels.ROWS if blocked else INT4_BLOCK_N)
+        w = w.view(-1, k // group_size, group_size)
         lo, hi, dtype = w.amin(-1), w.amax(-1), linear.weight.dtype
         # 16 levels span each group; the zero sits on level 8 and is stored in the model dtype
         scales = _round(((hi - lo) / 15).clamp(min=1e-8), dtype, up=True)
         zeros = (lo + 8 * scales.float()).to(dtype)
-        q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
-        scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+        q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15).view(-1, k)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(pack_int4(q.view(padded, k)), scales_zeros, bias, n, group_size)
+        if blocked:
+            return cls(kernels.pack_int4(q), kernels.pack_groups(scales, zeros), bias, n, k, group_size)
+        scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+        return cls(pack_int4(q), scales_zeros, bias, n, k, group_size)
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes [N, K] (uint8), scales and zeros [N, K/group]."""
+        if self.blocked:
+            codes, (scales, zeros) = kernels.unpack_int4(self.packed), kernels.unpack_groups(self.scales_zeros)
+        else:
+            codes, (scales, zeros) = unpack_int4(self.packed), self.scales_zeros.permute(2, 1, 0)
+        n = self.out_features
+        return codes[:n], scales[:n], zeros[:n]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        q = unpack_int4(self.packed)[: self.out_features].float()
-        sz = self.scales_zeros[:, : self.out_features].float().repeat_interleave(self.group_size, 0)
-        w = (q - 8) * sz[..., 0].t() + sz[..., 1].t()
+        codes, scales, zeros = self.unpack()
+        per_weight = lambda t: t.float().repeat_interleave(self.group_size, 1)
+        w = (codes.float() - 8) * per_weight(scales) + per_weight(zeros)
         return w.to(dtype or self.scales_zeros.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and has_int4_kernel():
+        if self.blocked and kernels.supports(x):
+            y = kernels.int4_gemm(x2, self.packed, self.scales_zeros, self.bias, self.out_features, self.group_size)
+            return y.view(*x.shape[:-1], self.out_features)
+        if not self.blocked and x.device.type == "cpu" and has_int4_kernel():
             sz = self.scales_zeros.to(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, sz)
             y = y[:, : self.out_features]
@@ -142,7 +191,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, {'int_gemv' if self.blocked else 'torch'} layout")
 
 
 def quantize_model(

@@ -1,6 +1,10 @@
-"""Weight-only int8/int4 linears: error within the quantization step, kernels equal the fallback."""
+"""int8/int4 linears: error within the quantization step; our VNNI kernel equals a float reference of
+the same quantized weights and activations; torch's kernels equal the dequantize fallback."""
 
 from __future__ import annotations
+
+import logging
+import platform
 
 import pytest
 import torch
@@ -8,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qwen2vl.quant as quant
+from qwen2vl import kernels
 from qwen2vl.quant import Int4Linear, Int8Linear, pack_int4, quantize_model, unpack_int4
 
 K = 256
@@ -26,22 +31,32 @@ def make_linear(dtype, n=96, bias=True, seed=0):
     return linear.to(dtype)
 
 
-def quantize(kind, linear, group_size=32):
-    return Int8Linear.from_linear(linear) if kind == "int8" else Int4Linear.from_linear(linear, group_size)
+def quantize(kind, linear, group_size=32, blocked=None):
+    if kind == "int8":
+        return Int8Linear.from_linear(linear, blocked=blocked)
+    return Int4Linear.from_linear(linear, group_size, blocked=blocked)
 
 
 def max_weight_error(q) -> torch.Tensor:
     """Per-weight bound [N, K]: half a quantization step, plus (int4) the rounding of the stored zero."""
     if isinstance(q, Int8Linear):
-        return q.scales.float()[:, None].expand(q.out_features, K) * 0.5
-    sz = q.scales_zeros[:, : q.out_features].float().repeat_interleave(q.group_size, 0).transpose(0, 1)
+        return q.scales[: q.out_features].float()[:, None].expand(q.out_features, K) * 0.5
+    _, scales, zeros = q.unpack()
     eps = torch.finfo(q.scales_zeros.dtype).eps
-    return sz[..., 0] * (0.5 + 1e-5) + sz[..., 1].abs() * eps / 2
+    return (scales.float() * (0.5 + 1e-5) + zeros.float().abs() * eps / 2).repeat_interleave(q.group_size, 1)
 
 
-def test_int4_layout_round_trips_and_matches_the_kernel_packer():
-    codes = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+def test_layouts_round_trip_and_torch_int4_layout_matches_its_packer():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.uint8)
     assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+    assert torch.equal(kernels.unpack_int4(kernels.pack_int4(codes)), codes)
+    q = torch.randint(-127, 128, (128, 64), generator=g, dtype=torch.int8)
+    assert torch.equal(kernels.unpack_int8(kernels.pack_int8(q)), q)
+    scales, zeros = torch.randn(2, 128, 2, generator=g)
+    assert all(map(torch.equal, kernels.unpack_groups(kernels.pack_groups(scales, zeros)), (scales, zeros)))
+    # int_gemv's int4 layout: byte j of a 64-byte chunk is row j // 4, k = j % 4 (low) and 4 + j % 4 (high)
+    assert kernels.pack_int4(codes)[0, 0, 1, 2] == codes[1, 2] | codes[1, 6] << 4
     if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
         assert quant.has_int4_kernel()  # our packer produces exactly the kernel's layout
     assert quant.has_int8_kernel()
@@ -50,22 +65,72 @@ def test_int4_layout_round_trips_and_matches_the_kernel_packer():
 @pytest.mark.parametrize("kind,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [96, 97])
-def test_dequantized_weights_within_half_a_step(kind, group_size, dtype, n):
+@pytest.mark.parametrize("blocked", [True, False])  # int_gemv's layout, torch's
+def test_dequantized_weights_within_half_a_step(kind, group_size, dtype, n, blocked):
     linear = make_linear(dtype, n)
-    q = quantize(kind, linear, group_size)
+    q = quantize(kind, linear, group_size, blocked)
+    assert q.blocked == blocked
     err = (q.dequantize(torch.float32) - linear.weight.float()).abs()
     bound = max_weight_error(q)
     assert (err <= bound).all(), (err / bound).max()
     assert err.mean() > 0.1 * bound.mean()  # really quantized, not stored as is
 
 
+def quantize_activations(x):
+    """The kernel's recipe in torch: per row and block of 32 along k, d = max|x| / 127, xq = round(x / d).
+
+    Returns xq [M, K/32, 32] (integers, as float64), d and the float sum of x per block [M, K/32].
+    """
+    xb = x.float().view(x.shape[0], -1, kernels.QK)
+    d = xb.abs().amax(-1) / 127
+    xq = torch.round(xb * torch.where(d > 0, 1 / d, 0)[..., None])  # 1 / d in float32, as the kernel
+    return xq.double(), d.double(), xb.double().sum(-1)
+
+
+def per_block(q, t):
+    """Per-group [N, K/group] -> per activation block [N, K/32]."""
+    return t.double().repeat_interleave(q.group_size // kernels.QK, 1)
+
+
+def int_gemv_reference(q, x):
+    """float64 output of the kernel's formula, on the module's own codes and x quantized like the kernel."""
+    xq, d, xsum = quantize_activations(x)
+    n = q.out_features
+    if isinstance(q, Int8Linear):  # y = scale * sum_b d_b (q . xq)_b
+        w = q.codes().double() * q.scales[:n].double()[:, None]
+        y = torch.einsum("mbk,nbk,mb->mn", xq, w.view(n, -1, kernels.QK), d)
+    else:  # y = sum_b scale_g d_b ((q - 8) . xq)_b + zero_g sum_b x
+        codes, scales, zeros = q.unpack()
+        dots = torch.einsum("mbk,nbk->mnb", xq, codes.double().view(n, -1, kernels.QK) - 8)
+        y = (dots * d[:, None] * per_block(q, scales)).sum(-1) + xsum @ per_block(q, zeros).t()
+    return y if q.bias is None else y + q.bias.double()
+
+
+def activation_error(q, x):
+    """Bound on what quantizing x costs: half a step (d / 2) per element times the |w| it multiplies
+    (for int4, only the (q - 8) * scale part: the zero point meets the exact sum of x)."""
+    _, d, _ = quantize_activations(x)
+    if isinstance(q, Int8Linear):
+        w = q.dequantize(torch.float64)
+    else:
+        codes, scales, _ = q.unpack()
+        w = (codes.double() - 8) * per_block(q, scales).repeat_interleave(kernels.QK, 1)
+    return (d.repeat_interleave(kernels.QK, 1) / 2) @ w.abs().t()
+
+
+needs_int_gemv = pytest.mark.skipif(kernels.library() is None, reason="no C compiler or no AVX-512 VNNI here")
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_output_error_bounded_by_step(kind, rows, dtype, bias):
+@pytest.mark.parametrize("blocked", [True, False])  # our kernel, torch's
+def test_output_error_bounded_by_step(kind, rows, dtype, bias, blocked):
+    if blocked and kernels.library() is None:
+        pytest.skip("no int_gemv kernel here")
     linear = make_linear(dtype, bias=bias)
-    q = quantize(kind, linear)
+    q = quantize(kind, linear, blocked=blocked)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
     with torch.no_grad():
         y = q(x)
@@ -75,17 +140,56 @@ def test_output_error_bounded_by_step(kind, rows, dtype, bias):
     eps = torch.finfo(dtype).eps
     bound = (x.double().abs() @ (max_weight_error(q).double() + eps * linear.weight.double().abs()).t()
              + eps * ref.abs() + 1e-6)
+    if blocked:
+        bound += activation_error(q, x)
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), (err / bound).max()
+
+
+@needs_int_gemv
+@pytest.mark.parametrize("kind,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 256)])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("n", [96, 97])  # 97: the last block of 16 weight rows is padded
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int_gemv_equals_float_reference_of_the_same_quantized_operands(kind, group_size, rows, n, dtype, bias):
+    q = quantize(kind, make_linear(dtype, n, bias), group_size)
+    assert q.blocked
+    x = torch.randn(2, rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    x[..., 32:64] = 0  # a block whose scale is 0
+    x[0, 0, 100] = 40  # an outlier that sets its block's scale
+    with torch.no_grad():
+        y = q(x)
+    ref = int_gemv_reference(q, x.view(-1, K)).view(2, rows, n)
+    assert y.dtype == dtype and y.shape == ref.shape
+    # integer dot products are exact; the float32 sums over 8 blocks round a few times, the output once
+    size = x.double().abs() @ q.dequantize(torch.float64).abs().t()
+    err = (y.double() - ref).abs()
+    assert (err <= 1e-6 * size + torch.finfo(dtype).eps / 2 * ref.abs()).all(), err.max()
+
+
+@needs_int_gemv
+def test_int_gemv_result_does_not_depend_on_thread_count():
+    q = quantize("int4", make_linear(torch.bfloat16, 200))
+    x = torch.randn(5, K).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        ys = []
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            ys.append(q(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*ys)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("n", [96, 97])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_equals_dequantize_fallback(kind, rows, n, dtype, monkeypatch):
+def test_torch_kernel_equals_dequantize_fallback(kind, rows, n, dtype, monkeypatch):
     linear = make_linear(dtype, n)
-    q = quantize(kind, linear)
+    q = quantize(kind, linear, blocked=False)
     x = torch.randn(2, rows, K, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         y_kernel = q(x).double()
@@ -97,6 +201,42 @@ def test_kernel_equals_dequantize_fallback(kind, rows, n, dtype, monkeypatch):
     scale = x.double().abs() @ q.dequantize(torch.float64).abs().t()
     tol = 1e-5 * scale if dtype == torch.float32 else 2**-9 * scale + 2**-7 * y_fallback.abs()
     assert ((y_kernel - y_fallback).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_without_int_gemv_modules_take_torch_layouts_and_blocked_ones_dequantize(kind, monkeypatch):
+    linear = make_linear(torch.float32, 97)
+    blocked = quantize(kind, linear, blocked=True)
+    assert not Int8Linear.from_linear(nn.Linear(48, 16)).blocked  # in_features not a multiple of 32
+    monkeypatch.setattr(kernels, "library", lambda: None)  # no compiler, or no VNNI
+    assert not quantize(kind, linear).blocked
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        y = blocked(x)  # a blocked module where the kernel is missing: dequantize + F.linear
+    ref = x.double() @ blocked.dequantize(torch.float64).t() + linear.bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_build_problems_fall_back_and_log_once(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bad = tmp_path / "bad.c"
+    bad.write_text("int int_gemv_supported(void) { return }\n")
+    cases = [
+        ("CC", "/nonexistent/cc", "unavailable"),
+        ("SOURCE", bad, "compile failed"),
+    ]
+    if platform.machine() == "x86_64":  # the C file's stub, compiled for a CPU without AVX-512
+        cases.append(("FLAGS", ["-O2", "-march=x86-64-v2", "-shared", "-fPIC"], "no AVX-512 VNNI"))
+    try:
+        for attr, value, message in cases:
+            with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="qwen2vl.kernels"):
+                m.setattr(kernels, attr, value)
+                kernels.library.cache_clear()
+                assert kernels.library() is None and kernels.library() is None
+            assert caplog.text.count(message) == 1, caplog.text
+            caplog.clear()
+    finally:
+        kernels.library.cache_clear()
 
 
 def test_quantize_model_skips_vision_and_optionally_head():

@@ -1,0 +1,156 @@
+"""Native CPU kernels: plain C, compiled on first use by the system compiler, called through ctypes.
+
+`int_gemv.c` multiplies int8 or int4 weights by activations quantized to int8 on the fly, with
+AVX-512 VNNI integer dot products (its header gives the formulas and the weight layouts, which
+`pack_int8` / `pack_int4` below produce). It is compiled once per source, flags and CPU into
+$XDG_CACHE_HOME/qwen2vl/kernels (~/.cache by default) with `cc -O3 -march=native -fopenmp`, which
+takes about a second since no torch headers are involved. The .so links libgomp.so.1, the soname
+of the runtime torch already loaded, so both share one OpenMP thread pool. ctypes releases the
+GIL during a call.
+
+`library()` is None where the kernel can't be had (no compiler, a failed compile, a CPU without
+AVX-512 VNNI); it logs why, once, and qwen2vl.quant keeps torch's weight-only kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("int_gemv.c")
+CC = os.environ.get("CC", "cc")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+QK = 32  # the kernel quantizes activations per block of 32 along k, so K must be a multiple
+ROWS = 16  # weight rows per block: one 32-bit lane of a 512-bit register each
+
+log = logging.getLogger(__name__)
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def _cpu_key() -> str:
+    """-march=native compiles for this CPU, so its flags are part of the cache key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def build(source: Path) -> Path:
+    """The compiled .so for `source`, compiled now unless it is in the cache."""
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join([CC, *FLAGS]).encode(), _cpu_key().encode()]))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2vl" / "kernels"
+    out = cache / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if not out.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=cache)
+        os.close(fd)
+        try:
+            subprocess.run([CC, *FLAGS, str(source), "-o", tmp], check=True, capture_output=True, text=True)
+            os.replace(tmp, out)  # atomic: concurrent builds each write their own file, and either wins
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded int_gemv kernel, or None (logged once) where it can't be built or run here."""
+    try:
+        lib = ctypes.CDLL(str(build(SOURCE)))
+    except subprocess.CalledProcessError as e:
+        log.warning("int8/int4 VNNI kernel: compile failed, using torch's kernels:\n%s", e.stderr[-2000:])
+        return None
+    except OSError as e:  # no compiler, no writable cache folder, a .so that won't load
+        log.warning("int8/int4 VNNI kernel unavailable (%s), using torch's kernels", e)
+        return None
+    if not lib.int_gemv_supported():
+        log.warning("int8/int4 VNNI kernel: this CPU has no AVX-512 VNNI, using torch's kernels")
+        return None
+    common = [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _i64, _i64, _i64]
+    lib.int8_gemm.argtypes = [*common, _int]
+    lib.int4_gemm.argtypes = [*common, _i64, _int]
+    return lib
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the kernel can take activations like `x` (it reads and writes fp32 or bf16)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and library() is not None
+
+
+def int8_gemm(x, weight, scales, bias, out_features: int) -> torch.Tensor:
+    """x [M, K] times pack_int8 weights with per-row `scales` [N padded], plus bias: [M, out_features]."""
+    return _call(library().int8_gemm, x, weight, scales, bias, out_features)
+
+
+def int4_gemm(x, packed, scales_zeros, bias, out_features: int, group_size: int) -> torch.Tensor:
+    """x [M, K] times pack_int4 weights with pack_groups scales and zeros, plus bias: [M, out_features]."""
+    return _call(library().int4_gemm, x, packed, scales_zeros, bias, out_features, group_size)
+
+
+@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+def _call(fn, x, weight, scales, bias, n, *extra) -> torch.Tensor:
+    x = x.contiguous()
+    m, k = x.shape
+    assert k % QK == 0 and weight.is_contiguous() and scales.is_contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    y = torch.empty(m, n, dtype=x.dtype)
+    bf16 = x.dtype == torch.bfloat16
+    rc = fn(weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, x.data_ptr(), y.data_ptr(),
+            None if bias is None else bias.data_ptr(), bf16, m, n, k, *extra, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("int_gemv: out of memory for the quantized activations")
+    return y
+
+
+# Layouts (see int_gemv.c): weights in blocks of 16 output rows, N padded to 16 by the caller.
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] (N % 16 == 0) -> uint8 [N/16, K/4, 16, 4], code q + 128."""
+    n, k = q.shape
+    codes = (q.to(torch.int16) + 128).to(torch.uint8)
+    return codes.view(n // ROWS, ROWS, k // 4, 4).transpose(1, 2).contiguous()
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int8: int8 [N, K]."""
+    nb, k4 = packed.shape[:2]
+    return (packed.transpose(1, 2).reshape(nb * ROWS, k4 * 4).to(torch.int16) - 128).to(torch.int8)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] in 0..15 (N % 16 == 0) -> uint8 [N/16, K/8, 16, 4]: for 8 consecutive k, the
+    first 4 in the low nibbles and the last 4 in the high nibbles."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n // ROWS, ROWS, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [N/16, K/8, 16, 4, 2]
+    return (c[..., 0] | (c[..., 1] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: codes [N, K] (uint8)."""
+    nb, k8 = packed.shape[:2]
+    c = torch.stack([packed & 15, packed >> 4], -1)  # [N/16, K/8, 16, 4, 2]
+    return c.permute(0, 2, 1, 4, 3).reshape(nb * ROWS, k8 * 8)
+
+
+def pack_groups(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """scales, zeros [N, K/group] (N % 16 == 0) -> [N/16, K/group, 2, 16]."""
+    n, groups = scales.shape
+    return torch.stack([scales, zeros]).view(2, n // ROWS, ROWS, groups).permute(1, 3, 0, 2).contiguous()
+
+
+def unpack_groups(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of pack_groups: scales, zeros [N, K/group]."""
+    nb, groups = sz.shape[:2]
+    s = sz.permute(2, 0, 3, 1).reshape(2, nb * ROWS, groups)
+    return s[0], s[1]
