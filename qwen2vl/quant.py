@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen2vl import kernels
+from qwen2vl.linear import replace_linears
 
 INT4_BLOCK_N = 64  # the CPU int4 kernel's layout packs output channels in blocks of 64
 
@@ -209,12 +210,6 @@ def quantize_model(
         raise ValueError(f"quantization mode must be 'int8' or 'int4', not {mode!r}")
     if not include_head:
         skip = (*skip, "lm_head")
-    swaps = [
-        (name, module) for name, module in model.named_modules()
-        if type(module) is nn.Linear and not name.startswith(skip)
-    ]
-    for name, module in swaps:
-        new = Int8Linear.from_linear(module) if mode == "int8" else Int4Linear.from_linear(module, group_size)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return len(swaps)
+    if mode == "int8":
+        return replace_linears(model, Int8Linear.from_linear, skip)
+    return replace_linears(model, lambda linear: Int4Linear.from_linear(linear, group_size), skip)
