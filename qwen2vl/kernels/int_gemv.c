@@ -65,6 +65,13 @@ static inline void store16(void *p, __m512 v, int bf16, __mmask16 mask) {
     _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
 
+/* Weights are read once per call, from memory: the hardware prefetcher alone lets the compute and
+ * the memory reads take turns, so each 64-byte line is requested 8 KB ahead, non-temporal (it
+ * isn't reused). Measured on cold 2B shapes at ~75 GB/s of read bandwidth: int4 gate/up 169 ->
+ * ~140 us per one-row call, int8 4-row calls ~15% faster; a 283-row prefill 3% slower. */
+#define PREFETCH 8192
+static inline void prefetch(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_NTA); }
+
 static inline __m512i bcast4(const int8_t *p) { /* 4 activation bytes to every lane */
     int32_t v;
     memcpy(&v, p, 4);
@@ -99,6 +106,7 @@ static inline __attribute__((always_inline)) void int8_tile(const uint8_t *w, in
         for (int r = 0; r < mr; r++) s0[r] = s1[r] = _mm512_setzero_si512();
         for (int c = 0; c < QK / 4; c += 2) {
             const uint8_t *wc = w + (b * QK / 4 + c) * 64;
+            prefetch(wc + PREFETCH), prefetch(wc + 64 + PREFETCH);
             __m512i w0 = _mm512_loadu_si512(wc), w1 = _mm512_loadu_si512(wc + 64);
             for (int r = 0; r < mr; r++) {
                 const int8_t *xr = a.q + (m0 + r) * K + b * QK + c * 4;
@@ -124,9 +132,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *w, co
         __m512i s0[MR], s1[MR];
         for (int r = 0; r < mr; r++) s0[r] = s1[r] = _mm512_setzero_si512();
         for (int c = 0; c < QK / 8; c++) {
-            /* int4 does twice the work per byte of int8, and with two streams (weights, scales)
-             * the hardware prefetcher alone leaves memory idle: ~5-10% faster when cold */
-            _mm_prefetch((const char *)w + (b * QK / 8 + c) * 64 + 2048, _MM_HINT_T0);
+            prefetch(w + (b * QK / 8 + c) * 64 + PREFETCH);
             __m512i v = _mm512_loadu_si512(w + (b * QK / 8 + c) * 64);
             __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             for (int r = 0; r < mr; r++) {
@@ -136,7 +142,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *w, co
             }
         }
         const char *g = sz + (b * QK / group) * 32 * esz;
-        _mm_prefetch(g + 1024, _MM_HINT_T0);
+        prefetch(g + PREFETCH / 2); /* scales stream at 1/4 (g32) or less of the weights' rate */
         __m512 scale = load16(g, sz_bf16), zero = load16(g + 16 * esz, sz_bf16);
         for (int r = 0; r < mr; r++) {
             int64_t i = (m0 + r) * nb + b;
