@@ -36,12 +36,23 @@
 
 int int_gemv_supported(void) { return 1; }
 
+/* Quantized activations, interleaved per chunk of mr <= MR rows (the rows that one pass over a
+ * weight block reads together), so a pass reads two sequential streams rather than 4 per row
+ * (cold 4-row calls of the 1536x8960 shape: int4 341 -> 262 us, int8 415 -> 369 us):
+ *   q:   the chunk of rows m0.. starts at m0 * K; 4 k of row r at ((k / 4) * mr + r) * 4
+ *   blk: the chunk starts at m0 * K / QK; block b of row r at b * mr + r */
 typedef struct {
-    int8_t *q;   /* [M][K] quantized x */
-    float *d;    /* [M][K/QK] block scale */
-    float *s;    /* [M][K/QK] float sum of the block's x */
-    int32_t *sq; /* [M][K/QK] sum of the block's quantized x */
+    float d;    /* block scale */
+    float s;    /* float sum of the block's x */
+    int32_t sq; /* sum of the block's quantized x */
+} Block;
+
+typedef struct {
+    int8_t *q;
+    Block *blk;
 } Acts;
+
+static inline int chunk_rows(int64_t M, int64_t m0) { return M - m0 < MR ? (int)(M - m0) : MR; }
 
 static inline __m512 load16(const void *p, int bf16) {
     if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)), 16));
@@ -78,19 +89,21 @@ static inline __m512i bcast4(const int8_t *p) { /* 4 activation bytes to every l
     return _mm512_set1_epi32(v);
 }
 
-static void quantize_row(const char *x, int bf16, int64_t K, Acts a, int64_t m) {
-    const int64_t nb = K / QK, esz = bf16 ? 2 : 4;
+static void quantize_row(const char *x, int bf16, int64_t M, int64_t K, Acts a, int64_t m) {
+    const int64_t nb = K / QK, esz = bf16 ? 2 : 4, m0 = m / MR * MR;
+    const int mr = chunk_rows(M, m0), r = (int)(m - m0);
     for (int64_t b = 0; b < nb; b++) {
         __m512 v0 = load16(x + b * QK * esz, bf16), v1 = load16(x + (b * QK + 16) * esz, bf16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id))); /* nearest even */
         __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
-        _mm_storeu_si128((__m128i *)(a.q + m * K + b * QK), _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(a.q + m * K + b * QK + 16), _mm512_cvtepi32_epi8(q1));
-        a.d[m * nb + b] = d;
-        a.s[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
-        a.sq[m * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        int8_t q[QK];
+        _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+        for (int j = 0; j < QK / 4; j++) memcpy(a.q + m0 * K + ((b * QK / 4 + j) * mr + r) * 4, q + 4 * j, 4);
+        a.blk[m0 * nb + b * mr + r] = (Block){d, _mm512_reduce_add_ps(_mm512_add_ps(v0, v1)),
+                                               _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))};
     }
 }
 
@@ -109,15 +122,15 @@ static inline __attribute__((always_inline)) void int8_tile(const uint8_t *w, in
             prefetch(wc + PREFETCH), prefetch(wc + 64 + PREFETCH);
             __m512i w0 = _mm512_loadu_si512(wc), w1 = _mm512_loadu_si512(wc + 64);
             for (int r = 0; r < mr; r++) {
-                const int8_t *xr = a.q + (m0 + r) * K + b * QK + c * 4;
+                const int8_t *xr = a.q + m0 * K + ((b * QK / 4 + c) * mr + r) * 4;
                 s0[r] = _mm512_dpbusd_epi32(s0[r], w0, bcast4(xr));
-                s1[r] = _mm512_dpbusd_epi32(s1[r], w1, bcast4(xr + 4));
+                s1[r] = _mm512_dpbusd_epi32(s1[r], w1, bcast4(xr + 4 * mr));
             }
         }
         for (int r = 0; r < mr; r++) {
-            int64_t i = (m0 + r) * nb + b;
-            __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0[r], s1[r]), _mm512_set1_epi32(128 * a.sq[i]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.d[i]), acc[r]);
+            const Block k = a.blk[m0 * nb + b * mr + r];
+            __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0[r], s1[r]), _mm512_set1_epi32(128 * k.sq));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(k.d), acc[r]);
         }
     }
 }
@@ -136,19 +149,19 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *w, co
             __m512i v = _mm512_loadu_si512(w + (b * QK / 8 + c) * 64);
             __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             for (int r = 0; r < mr; r++) {
-                const int8_t *xr = a.q + (m0 + r) * K + b * QK + c * 8;
+                const int8_t *xr = a.q + m0 * K + ((b * QK / 4 + 2 * c) * mr + r) * 4;
                 s0[r] = _mm512_dpbusd_epi32(s0[r], lo, bcast4(xr));
-                s1[r] = _mm512_dpbusd_epi32(s1[r], hi, bcast4(xr + 4));
+                s1[r] = _mm512_dpbusd_epi32(s1[r], hi, bcast4(xr + 4 * mr));
             }
         }
         const char *g = sz + (b * QK / group) * 32 * esz;
         prefetch(g + PREFETCH / 2); /* scales stream at 1/4 (g32) or less of the weights' rate */
         __m512 scale = load16(g, sz_bf16), zero = load16(g + 16 * esz, sz_bf16);
         for (int r = 0; r < mr; r++) {
-            int64_t i = (m0 + r) * nb + b;
-            __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0[r], s1[r]), _mm512_set1_epi32(8 * a.sq[i]));
-            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.d[i]));
-            acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(a.s[i]), _mm512_fmadd_ps(scale, t, acc[r]));
+            const Block k = a.blk[m0 * nb + b * mr + r];
+            __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0[r], s1[r]), _mm512_set1_epi32(8 * k.sq));
+            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(k.d));
+            acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(k.s), _mm512_fmadd_ps(scale, t, acc[r]));
         }
     }
 }
@@ -157,13 +170,13 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *w, co
 static int gemm(int bits, const uint8_t *w, const void *scales, int scales_bf16, const void *x, void *y,
                 const void *bias, int io_bf16, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads) {
     const int64_t nb = K / QK, esz = io_bf16 ? 2 : 4, sesz = scales_bf16 ? 2 : 4;
-    Acts a = {malloc(M * K), malloc(M * nb * 4), malloc(M * nb * 4), malloc(M * nb * 4)};
-    int ok = a.q && a.d && a.s && a.sq;
+    Acts a = {malloc(M * K), malloc(M * nb * sizeof(Block))};
+    int ok = a.q && a.blk;
     if (ok) {
 #pragma omp parallel num_threads(nthreads)
         {
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) quantize_row((const char *)x + m * K * esz, io_bf16, K, a, m);
+            for (int64_t m = 0; m < M; m++) quantize_row((const char *)x + m * K * esz, io_bf16, M, K, a, m);
 #pragma omp for schedule(static)
             for (int64_t n0 = 0; n0 < N; n0 += 16) {
                 __mmask16 mask = N - n0 >= 16 ? 0xffff : (__mmask16)((1u << (N - n0)) - 1);
@@ -171,7 +184,7 @@ static int gemm(int bits, const uint8_t *w, const void *scales, int scales_bf16,
                 __m512 b = bias ? load16_masked((const char *)bias + n0 * esz, io_bf16, mask) : _mm512_setzero_ps();
                 for (int64_t m0 = 0; m0 < M; m0 += MR) {
                     __m512 acc[MR];
-                    const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+                    const int mr = chunk_rows(M, m0);
                     if (bits == 8) {
                         const uint8_t *wb = w + n0 * K;
                         switch (mr) {
@@ -197,7 +210,7 @@ static int gemm(int bits, const uint8_t *w, const void *scales, int scales_bf16,
             }
         }
     }
-    free(a.q), free(a.d), free(a.s), free(a.sq);
+    free(a.q), free(a.blk);
     return ok ? 0 : -1;
 }
 
