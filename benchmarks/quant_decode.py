@@ -1,0 +1,56 @@
+"""Single-stream decode speed of int8 / int4 weights against bf16, through the engine (2B shapes, CPU).
+
+One process holds the three `LLM`s (bf16 FastLinears, `quantization="int8"`, `"int4"`); each
+repetition runs every one in turn (this VM's memory speed drifts, so ratios come from runs seconds
+apart): one request with its own 448x448 image, prefilled, then `--steps` decode steps timed.
+Printed: tokens/s per run, the median, and its ratio to bf16's, and the read probe for scale.
+
+    python -m benchmarks.quant_decode [--reps 3] [--steps 32] [--modes bf16 int8 int4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from benchmarks.bandwidth import probe
+from benchmarks.engine_cpu import engine_decode_rate, step_bytes
+from qwen2vl import LLM
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"])
+    ap.add_argument("--batch", type=int, default=1, help="requests decoding together")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from benchmarks.random_checkpoint import random_checkpoint
+    from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
+
+    folder = str(random_checkpoint("2b", tokenizer_dir=qwen_tokenizer_dir()))
+    llms = {m: LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=0.5,
+                   quantization=None if m == "bf16" else m) for m in args.modes}
+    print(f"probe before: {probe()}")
+    seed = iter(range(5000, 100000))
+    for llm in llms.values():  # warm-up: first calls build kernels and touch every page
+        engine_decode_rate(llm, [next(seed)], 4)
+    rates = {m: [] for m in llms}
+    for _ in range(args.reps):
+        for m, llm in llms.items():
+            rates[m].append(engine_decode_rate(llm, [next(seed) for _ in range(args.batch)], args.steps))
+    print(f"probe after: {probe()}")
+    bf16_bytes = step_bytes(next(iter(llms.values())).model)
+    print(f"\ndecode, {args.batch} request(s), {args.steps} steps, median of {args.reps} (runs in brackets); "
+          f"a bf16 step streams {bf16_bytes / 1e9:.2f} GB of weights")
+    base = statistics.median(rates[args.modes[0]])
+    for m, r in rates.items():
+        med = statistics.median(r)
+        print(f"{m:6}{med:8.2f} tok/s  {med / base:5.2f}x {args.modes[0]}   [{', '.join(f'{x:.2f}' for x in r)}]")
+
+
+if __name__ == "__main__":
+    main()
