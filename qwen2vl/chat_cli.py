@@ -47,7 +47,8 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=positive(float), help="video frames sampled per second (default 2)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--quantization", choices=["int8", "int4"], help="weight-only, for the language model's linears")
+    p.add_argument("--quantization", choices=["int8", "int4"],
+                   help="int8/int4 weights for the language model's linears (faster CPU decode, some error)")
     p.add_argument("--kv-cache-gib", type=positive(float), help="KV cache size on CPU (default 2)")
     p.add_argument("--max-model-len", type=positive(int), help="context length cap")
     p.add_argument("--draw", metavar="OUT.png", help="save the image with the answer's boxes drawn on it")

@@ -57,3 +57,24 @@ CFG = VisionProcessingConfig(max_pixels=28 * 28 * 1280)
 ])
 def test_vision_options_are_clamped_to_the_ceilings(kind, given, ceiling, expected):
     assert ServerLimits(max_pixels=ceiling).clamp(kind, given, CFG) == expected
+
+
+def test_quantization_flag_reaches_the_engine(monkeypatch):
+    import qwen2vl.engine.async_engine as async_engine
+    from qwen2vl.server.cli import run_serve
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_engine(model, **kwargs):
+        seen.update(kwargs, model=model)
+        raise Stop
+
+    monkeypatch.setattr(async_engine, "AsyncLLM", fake_engine)
+    with pytest.raises(Stop):
+        run_serve(parse("some/folder", "--device", "cpu", "--quantization", "int4"))
+    assert seen["quantization"] == "int4" and seen["device"] == "cpu"
+    with pytest.raises(SystemExit):
+        parse("m", "--quantization", "fp8")

@@ -26,6 +26,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("engine")
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    e.add_argument("--quantization", choices=["int8", "int4"],
+                   help="int8/int4 weights for the language model's linears: ~2x / ~2.7x faster CPU decode "
+                        "than bf16, with some error (docs/performance.md)")
     e.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU (default 2)")
     e.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory for weights + cache")
     e.add_argument("--max-model-len", type=int, help="context length cap")
@@ -51,7 +54,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                      ("max_num_seqs", args.max_num_seqs),
                                      ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
     print(f"loading {args.model} on {device} ...", file=sys.stderr)
-    engine = AsyncLLM(args.model, dtype=args.dtype, device=device, **engine_args)
+    engine = AsyncLLM(args.model, dtype=args.dtype, device=device, quantization=args.quantization, **engine_args)
     name = args.served_model_name or args.model
     app = create_app(engine, limits, api_key=args.api_key, model_name=name)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (key {'required' if args.api_key else 'off'})",
