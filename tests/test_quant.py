@@ -169,6 +169,15 @@ def test_int_gemv_equals_float_reference_of_the_same_quantized_operands(kind, gr
 
 
 @needs_int_gemv
+def test_int_gemv_takes_zero_rows_and_strided_input():
+    q = quantize("int8", make_linear(torch.float32, 97))
+    with torch.no_grad():
+        assert q(torch.empty(0, K)).shape == (0, 97)
+        x = torch.randn(K, 3)
+        torch.testing.assert_close(q(x.t()), q(x.t().contiguous()), rtol=0, atol=0)
+
+
+@needs_int_gemv
 def test_int_gemv_result_does_not_depend_on_thread_count():
     q = quantize("int4", make_linear(torch.bfloat16, 200))
     x = torch.randn(5, K).to(torch.bfloat16)

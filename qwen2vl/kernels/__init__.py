@@ -105,6 +105,8 @@ def _call(fn, x, weight, scales, bias, n, *extra) -> torch.Tensor:
     assert k % QK == 0 and weight.is_contiguous() and scales.is_contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     y = torch.empty(m, n, dtype=x.dtype)
+    if m == 0:  # nothing to compute (and malloc(0) may return NULL)
+        return y
     bf16 = x.dtype == torch.bfloat16
     rc = fn(weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, x.data_ptr(), y.data_ptr(),
             None if bias is None else bias.data_ptr(), bf16, m, n, k, *extra, torch.get_num_threads())
