@@ -57,15 +57,15 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, attend: Attend):
-        n = x.shape[0]
+        n, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            kv_width = self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], -1)
-        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        return self.o_proj(attend(self.layer, q, k, v.view(n, self.num_kv_heads, self.head_dim)).reshape(n, -1))
+            q = apply_rotary(self.q_proj(x).view(n, heads, dim), cos, sin)
+            k = apply_rotary(self.k_proj(x).view(n, kv_heads, dim), cos, sin)
+            v = self.v_proj(x)
+        else:  # q and k sit side by side in the output: rotate them in one go (half the small ops)
+            qk, v = self.qkv_proj(x).split([(heads + kv_heads) * dim, kv_heads * dim], -1)
+            q, k = apply_rotary(qk.view(n, heads + kv_heads, dim), cos, sin).split([heads, kv_heads], 1)
+        return self.o_proj(attend(self.layer, q, k, v.view(n, kv_heads, dim)).reshape(n, -1))
 
 
 class MLP(nn.Module):
