@@ -22,14 +22,14 @@ def naive(q, k, v):
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
 
 
-def build(cached: list[int], new: list[int], seed=0):
+def build(cached: list[int], new: list[int], seed=0, consecutive=False):
     """Fill a cache for sequences with `cached` tokens already in it and `new` tokens this step;
-    block tables are shuffled so that no sequence's blocks are contiguous."""
+    block tables are shuffled so that no sequence's blocks are contiguous (unless `consecutive`)."""
     g = torch.Generator().manual_seed(seed)
     cfg = TextConfig(hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HKV, num_hidden_layers=1,
                      mrope_section=(1, 1, 2))
     cache = KVCache(cfg, 64, BS, torch.float32, "cpu")
-    free = torch.randperm(64, generator=g).tolist()
+    free = list(range(63, 2, -1)) if consecutive else torch.randperm(64, generator=g).tolist()
     tables, slots, ks, vs, qs, q_starts = [], [], [], [], [], []
     full = []
     n_rows = 0
@@ -81,6 +81,20 @@ def test_batched_decode_matches_varlen_and_causal_attention(cached):
     got = decode(q, cache.k[0], cache.v[0], batch)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got, varlen(q, k, v, cache.k[0], cache.v[0], batch))
+
+
+@pytest.mark.parametrize("cached", [0, 3, 4, 21])
+def test_lone_sequence_in_consecutive_blocks_reads_a_slice(cached):
+    from qwen2vl.engine.runner import consecutive_run
+
+    q, k, v, cache, batch, want = build([cached], [1], seed=2, consecutive=True)
+    table = (batch.ctx_slots[0, ::BS] // BS).tolist()
+    assert table[0] == 3 and consecutive_run(table, BS) == 3 * BS
+    assert consecutive_run([3, 4, 6], BS) is None and consecutive_run([5], BS) == 5 * BS
+    batch.ctx_run = consecutive_run(table, BS)
+    torch.testing.assert_close(decode(q, cache.k[0], cache.v[0], batch), want)
+    batch.ctx_run = 0  # the wrong run reads other keys: the slice path is really taken
+    assert not torch.allclose(decode(q, cache.k[0], cache.v[0], batch), want)
 
 
 def test_cache_is_sized_from_a_memory_budget():

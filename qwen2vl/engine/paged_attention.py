@@ -34,6 +34,9 @@ class PagedBatch:
     ctx_lens: list[int]
     ctx_slots: torch.Tensor  # [B, max(ctx_lens)] long: cache slot of every context token
     ctx_lens_t: torch.Tensor  # [B] long, on the cache's device
+    # one sequence whose blocks are consecutive (common for a lone stream: the free list hands out
+    # blocks in order): its first slot, so decode reads its keys as a slice, with no gather
+    ctx_run: int | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -83,6 +86,11 @@ def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
 
 
 def decode(q, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
+    if batch.ctx_run is not None:  # one sequence in consecutive slots: a view instead of two gathers
+        hq, hkv, dh = q.shape[1], k_cache.shape[2], q.shape[2]
+        run = slice(batch.ctx_run, batch.ctx_run + batch.ctx_lens[0])
+        kk, vv = (c.view(-1, hkv, dh)[run].transpose(0, 1)[None] for c in (k_cache, v_cache))  # [1, Hkv, L, Dh]
+        return F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, dh), kk, vv).reshape(1, hq, dh)
     equal = min(batch.ctx_lens) == max(batch.ctx_lens)  # no padding to mask
     return decode_padded(q, k_cache, v_cache, batch.ctx_slots, None if equal else batch.ctx_lens_t)
 

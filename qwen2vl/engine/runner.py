@@ -76,6 +76,7 @@ class ModelRunner:
             q_starts=q_starts, q_lens=q_lens, ctx_lens=ctx_lens,
             ctx_slots=PagedBatch.context_slots(tables_t, bs, max(ctx_lens)),
             ctx_lens_t=torch.tensor(ctx_lens, dtype=torch.long).to(dev, non_blocking=True),
+            ctx_run=consecutive_run(seqs[0].block_table, bs) if len(seqs) == 1 else None,
         )
         ids_t = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         return ids_t, torch.cat(positions, dim=1).to(dev, non_blocking=True), batch
@@ -114,3 +115,9 @@ class ModelRunner:
             out[it.content_hash] = embeds
             self.vision_cache.put(it.content_hash, embeds)
         return out
+
+
+def consecutive_run(block_table: list[int], block_size: int) -> int | None:
+    """The first slot of a block table whose blocks are consecutive (b, b+1, ...), else None."""
+    first = block_table[0]
+    return first * block_size if block_table == list(range(first, first + len(block_table))) else None
