@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.bandwidth import probe
+from benchmarks.bandwidth import memory_gbs, probe
 from benchmarks.random_checkpoint import random_checkpoint
 from qwen2vl import LLM, SamplingParams
 
@@ -196,20 +196,24 @@ def main():
     if args.decode_batches:
         print(f"\nengine decode phase, {args.decode_steps} steps with every request decoding "
               f"(median of {args.reps}; all runs in brackets)")
-        rates = {}
+        rates, of_bound = {}, []
         for k in args.decode_batches:
-            rates[k] = [engine_decode_rate(llm, [next(seed) for _ in range(k)], args.decode_steps)
-                        for _ in range(args.reps)]
+            rates[k] = []
+            for _ in range(args.reps):
+                before = memory_gbs(3)[1] if k == 1 else None
+                rates[k].append(engine_decode_rate(llm, [next(seed) for _ in range(k)], args.decode_steps))
+                if k == 1:  # the memory speed drifts: bound each run by probes taken right around it
+                    read = (before + memory_gbs(3)[1]) / 2
+                    of_bound.append((rates[k][-1] / (read * 1e9 / step_bytes(llm.model)), read))
             ratio = f", {statistics.median(rates[k]) / statistics.median(rates[1]):.1f}x one stream" \
                 if 1 in rates and k != 1 else ""
             print(f"{k:4d} requests: {statistics.median(rates[k]):7.2f} tok/s{ratio}   "
                   f"[{', '.join(f'{x:.2f}' for x in rates[k])}]", flush=True)
-        if 1 in rates:
-            read = probe().read_gbs
-            bound = read * 1e9 / step_bytes(llm.model)
-            print(f"bandwidth bound: {step_bytes(llm.model) / 1e9:.2f} GB of weights per step at the read probe's "
-                  f"{read:.1f} GB/s (probed now) = {bound:.2f} tok/s; one stream decodes at "
-                  f"{statistics.median(rates[1]) / bound:.0%} of it")
+        if of_bound:
+            print(f"bandwidth bound: {step_bytes(llm.model) / 1e9:.2f} GB of weights per step at the read probe "
+                  f"(1 GiB sum, probed before and after each run); one stream decodes at "
+                  f"{statistics.median(f for f, _ in of_bound):.0%} of it (median; runs "
+                  f"{', '.join(f'{f:.0%} at {r:.0f} GB/s' for f, r in of_bound)})")
 
     print(f"\naggregate generated tokens/s, {args.agg_tokens} tokens per request, wall clock incl. prefill, "
           f"median of {args.agg_reps} (the side that goes first alternates; all runs in brackets)")
