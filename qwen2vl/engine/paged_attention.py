@@ -87,10 +87,9 @@ def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
 
 def decode(q, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
     if batch.ctx_run is not None:  # one sequence in consecutive slots: a view instead of two gathers
-        hq, hkv, dh = q.shape[1], k_cache.shape[2], q.shape[2]
         run = slice(batch.ctx_run, batch.ctx_run + batch.ctx_lens[0])
-        kk, vv = (c.view(-1, hkv, dh)[run].transpose(0, 1)[None] for c in (k_cache, v_cache))  # [1, Hkv, L, Dh]
-        return F.scaled_dot_product_attention(q.view(1, hkv, hq // hkv, dh), kk, vv).reshape(1, hq, dh)
+        kk, vv = (c.view(-1, *c.shape[2:])[run][None] for c in (k_cache, v_cache))  # [1, L, Hkv, Dh]
+        return _attend_grouped(q, kk, vv, None)
     equal = min(batch.ctx_lens) == max(batch.ctx_lens)  # no padding to mask
     return decode_padded(q, k_cache, v_cache, batch.ctx_slots, None if equal else batch.ctx_lens_t)
 
@@ -98,10 +97,16 @@ def decode(q, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
 def decode_padded(q, k_cache, v_cache, ctx_slots: torch.Tensor, ctx_lens: torch.Tensor | None) -> torch.Tensor:
     """q [B, Hq, Dh] over the keys at ctx_slots [B, L], masked past ctx_lens [B] (None: all L real).
     Reads no host value, so the CUDA-graph runner captures it as its torch fallback."""
+    return _attend_grouped(q, _gather(k_cache, ctx_slots), _gather(v_cache, ctx_slots), ctx_lens)
+
+
+def _attend_grouped(q, kk, vv, ctx_lens: torch.Tensor | None) -> torch.Tensor:
+    """q [B, Hq, Dh] over kk, vv [B, L, Hkv, Dh], masked past ctx_lens [B] (None: all L real).
+
+    A kv head's query heads are folded into query rows, so k/v are never repeated for GQA."""
     b, hq, dh = q.shape
-    hkv = k_cache.shape[2]
-    kk = _gather(k_cache, ctx_slots).transpose(1, 2)  # [B, Hkv, L, Dh]
-    vv = _gather(v_cache, ctx_slots).transpose(1, 2)
+    hkv = kk.shape[2]
+    kk, vv = kk.transpose(1, 2), vv.transpose(1, 2)  # [B, Hkv, L, Dh]
     mask = None
     if ctx_lens is not None:  # additive mask over the padding
         idx = torch.arange(kk.shape[2], device=q.device)
