@@ -50,15 +50,20 @@ _DTYPES = {
 def read_header(file: Path) -> dict:
     """The tensor table at the start of a safetensors file: 8 bytes of length, then JSON."""
     with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 2 <= size <= 100 * 2**20 or size + 8 > file.stat().st_size:
-            raise ValueError(f"{file}: not a safetensors file (bad header length {size})")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{file}: not a safetensors file (header is not JSON)") from None
+        return _read_header(f, file)[0]
+
+
+def _read_header(f, file: Path) -> tuple[dict, int]:
+    """(tensor table, offset where the tensor data starts) from `f` at the start of `file`."""
+    size = int.from_bytes(f.read(8), "little")
+    if not 2 <= size <= 100 * 2**20 or size + 8 > file.stat().st_size:
+        raise ValueError(f"{file}: not a safetensors file (bad header length {size})")
+    try:
+        header = json.loads(f.read(size))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{file}: not a safetensors file (header is not JSON)") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
 
 
 def read_tensors(file: Path):
@@ -66,10 +71,9 @@ def read_tensors(file: Path):
 
     Reading is deferred so a caller can skip tensors it doesn't want without reading their bytes.
     """
-    header = read_header(file)
     file_size = file.stat().st_size
     with open(file, "rb", buffering=0) as f:
-        data_start = 8 + int.from_bytes(f.read(8), "little")
+        header, data_start = _read_header(f, file)
 
         def read(name: str, info: dict) -> torch.Tensor:
             dtype = _DTYPES.get(info.get("dtype"))
