@@ -75,7 +75,8 @@ class DynamicInt8(nn.Module):
 
 METHODS = {
     "F.linear bf16": lambda lin: lin,  # what transformers runs
-    "FastLinear bf16": FastLinear.from_linear,
+    "FastLinear bf16": FastLinear.from_linear,  # our bf16 kernel (qwen2vl/kernels/bf16_gemm.c)
+    "FastLinear oneDNN": lambda lin: FastLinear.from_linear(lin, use_kernel=False),
     "Int8Linear": lambda lin: Int8Linear.from_linear(lin, blocked=False),  # torch's kernels
     "Int4Linear g32": lambda lin: Int4Linear.from_linear(lin, 32, blocked=False),
     "Int4Linear g128": lambda lin: Int4Linear.from_linear(lin, 128, blocked=False),
@@ -98,7 +99,7 @@ def module_bytes(m: nn.Module) -> int:
     """Bytes a call streams: parameters, buffers and a FastLinear's reordered weight."""
     tensors = [*m.parameters(), *m.buffers()]
     packed = getattr(m, "packed", None)
-    if isinstance(packed, torch.Tensor) and packed.is_mkldnn:  # oneDNN's opaque weights: not buffers
+    if isinstance(m, FastLinear) and packed is not None:  # reordered weights: not buffers
         tensors.append(packed)
     return sum(t.numel() * t.element_size() for t in tensors)
 

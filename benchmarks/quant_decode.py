@@ -1,23 +1,32 @@
 """Single-stream decode speed of int8 / int4 weights against bf16, through the engine (2B shapes, CPU).
 
-One process holds the three `LLM`s (bf16 FastLinears, `quantization="int8"`, `"int4"`); each
+One process holds the `LLM`s (bf16 FastLinears, `quantization="int8"`, `"int4"`, and on request
+`bf16-onednn`: bf16 FastLinears on oneDNN instead of our bf16 kernel); each
 repetition runs every one in turn (this VM's memory speed drifts, so ratios come from runs seconds
 apart): one request with its own 448x448 image, prefilled, then `--steps` decode steps timed.
 Printed: tokens/s per run, the median, and its ratio to bf16's, and the read probe for scale.
 
-    python -m benchmarks.quant_decode [--reps 3] [--steps 32] [--modes bf16 int8 int4]
+    python -m benchmarks.quant_decode [--reps 3] [--steps 32] [--modes bf16 int8 int4 bf16-onednn]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import unittest.mock
 
 import torch
 
 from benchmarks.bandwidth import probe
 from benchmarks.engine_cpu import engine_decode_rate, step_bytes
 from qwen2vl import LLM
+
+
+def load(folder: str, mode: str) -> LLM:
+    if mode == "bf16-onednn":  # FastLinear's other path, as on a CPU without AVX-512 BF16
+        with unittest.mock.patch("qwen2vl.linear.kernel_takes", return_value=False):
+            return LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=0.5)
+    return LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=0.5, quantization=None if mode == "bf16" else mode)
 
 
 def main() -> None:
@@ -32,8 +41,7 @@ def main() -> None:
     from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
 
     folder = str(random_checkpoint("2b", tokenizer_dir=qwen_tokenizer_dir()))
-    llms = {m: LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=0.5,
-                   quantization=None if m == "bf16" else m) for m in args.modes}
+    llms = {m: load(folder, m) for m in args.modes}
     print(f"probe before: {probe()}")
     seed = iter(range(5000, 100000))
     for llm in llms.values():  # warm-up: first calls build kernels and touch every page

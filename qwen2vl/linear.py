@@ -1,17 +1,20 @@
-"""Fast CPU linears: oneDNN on weights reordered once, at load, into oneDNN's own blocked layout.
+"""Fast CPU linears: weights reordered once, at load, into a layout a fast kernel streams.
 
 Decode multiplies one token (or a handful) by every weight of the model, so its speed is the rate
 at which weights stream from memory. `F.linear` in bf16 hands oneDNN a plain row-major weight,
 which it re-blocks or walks slowly on every call: with one row it streams weights at ~70% of the
-memory read rate. Reordering the weight once (`mkldnn._reorder_linear_weight`, the layout
-inductor's freezing pass uses) and calling `mkldnn._linear_pointwise` on it streams at ~100% of
-the read probe for the big decode shapes, is as fast as F.linear for prefill, and needs no
-compiler. Measured alternatives (torch.mv, an inductor-compiled reduction) were slower; see
-docs/performance.md.
+memory read rate. Two better paths, chosen per weight at load:
+- bf16 on a CPU with AVX-512 BF16: our own kernel (kernels/bf16_gemm.c) on weights packed for
+  it. Decode rows stream the weights at the read probe's rate for every 2B shape (oneDNN below:
+  59-89%, worst on the small q/k/v and o), prefill and batched rows run a register tile as fast
+  as oneDNN's GEMM. Measured in docs/performance.md.
+- otherwise oneDNN on a weight reordered once (`mkldnn._reorder_linear_weight`, the layout
+  inductor's freezing pass uses) through `mkldnn._linear_pointwise`: ~100% of the read probe for
+  the big decode shapes, as fast as F.linear for prefill, no compiler needed.
 
 Swapping happens after loading (`speed_up_linears(model)`), so the model file never knows. The
-reordered weight is an opaque oneDNN tensor: inference only, no state_dict, no deepcopy, and a
-tied lm_head gets its own reordered copy (the embedding keeps the plain one).
+reordered weight is not a parameter: inference only, no state_dict, no deepcopy, and a tied
+lm_head gets its own reordered copy (the embedding keeps the plain one).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from qwen2vl import kernels
 
 
 def reorder_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -38,36 +43,54 @@ def reorder_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-class FastLinear(nn.Module):
-    """Drop-in for an inference nn.Linear: oneDNN on a reordered weight, F.linear as fallback."""
+def kernel_takes(weight: torch.Tensor) -> bool:
+    """Whether our bf16 kernel can hold `weight` [N, K]: bf16 on the CPU, K even, kernel built."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
+            and kernels.bf16_library() is not None)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+
+class FastLinear(nn.Module):
+    """Drop-in for an inference nn.Linear: our bf16 kernel or oneDNN on a reordered weight, with
+    F.linear as the fallback (other input dtypes, weights neither takes)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, use_kernel: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = reorder_weight(weight)  # opaque, so a plain attribute rather than a buffer
+        self.path = "F.linear"
+        self.packed = None  # opaque or oddly shaped, so a plain attribute rather than a buffer
+        if use_kernel and kernel_takes(weight):
+            self.packed, self.path = kernels.pack_bf16(weight.detach()), "bf16 kernel"
+        elif (packed := reorder_weight(weight)) is not None:
+            self.packed, self.path = packed, "oneDNN"
         # the plain weight is kept only when it is the path taken
         self.weight = None if self.packed is not None else nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is not None and self.path == "bf16 kernel":
+            bias = bias.detach().to(torch.bfloat16).contiguous()  # the kernel reads bf16
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> FastLinear:
-        return cls(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Linear, use_kernel: bool = True) -> FastLinear:
+        return cls(linear.weight, linear.bias, use_kernel)
 
     # dynamo traces the oneDNN op but inductor can only lower it on weights it froze itself; a
     # compiled model should keep nn.Linear and set torch._inductor.config.freezing = True instead
     @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.dtype != self.packed.dtype:
-            return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        if self.path == "bf16 kernel" and x.dtype == torch.bfloat16:
+            y = kernels.bf16_gemm(x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
+        if self.path == "oneDNN" and x.dtype == self.packed.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def dense_weight(self) -> torch.Tensor:
         """The plain [N, K] weight (rebuilt from the reordered one when that is all that is kept)."""
+        if self.path == "bf16 kernel":
+            return kernels.unpack_bf16(self.packed, self.out_features)
         return self.weight if self.packed is None else self.packed.to_dense()
 
     def extra_repr(self) -> str:
-        path = "oneDNN reordered" if self.packed is not None else "F.linear"
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {path}"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.path}"
 
 
 def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:

@@ -1,4 +1,4 @@
-"""FastLinear (oneDNN on a reordered weight, F.linear fallback) against F.linear."""
+"""FastLinear (our bf16 kernel, oneDNN on a reordered weight, F.linear fallback) against F.linear."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qwen2vl import kernels
 from qwen2vl.linear import FastLinear, fuse_linears, speed_up_linears
 
 # k not a multiple of the 32-wide vector and n odd, so the kernels' tail loops run too
@@ -36,8 +37,10 @@ def test_fast_linear_matches_f_linear(rows, bias, dtype):
             linear.bias.copy_(torch.randn(N, generator=g))
     x = torch.randn(rows, K, generator=g).to(dtype)
     fast = FastLinear.from_linear(linear)
-    if dtype != torch.float16 and torch.backends.mkldnn.is_available():
-        assert fast.packed is not None, "oneDNN path not taken"
+    if dtype == torch.bfloat16 and kernels.bf16_library() is not None:
+        assert fast.path == "bf16 kernel"
+    elif dtype != torch.float16 and torch.backends.mkldnn.is_available():
+        assert fast.path == "oneDNN"
     with torch.no_grad():
         close_to_linear(fast(x), x, linear.weight, linear.bias)
 
@@ -80,3 +83,86 @@ def test_speed_up_linears_swaps_decoder_keeps_vision_and_embedding():
     assert all(isinstance(m, FastLinear) for m in [*model.layers, model.lm_head])
     # a tied head gets its own reordered copy; the embedding keeps its plain table
     assert torch.equal(model.lm_head.dense_weight(), model.embed.weight)
+
+
+needs_bf16_kernel = pytest.mark.skipif(kernels.bf16_library() is None, reason="no C compiler or no AVX-512 BF16 here")
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9, 17, 40])  # the streaming tile (<= 4) and the register tile
+@pytest.mark.parametrize("n,k", [(16, 2), (48, 64), (97, 200), (50, 130), (130, 6)])  # k pairs odd; n % 16, % 48
+def test_bf16_kernel_tiles_and_tails(rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    packed = kernels.pack_bf16(w)
+    assert packed.shape == ((n + 15) // 16, k // 2, 16, 2) and torch.equal(kernels.unpack_bf16(packed, n), w)
+    close_to_linear(kernels.bf16_gemm(x, packed, bias, n), x, w, bias)
+    close_to_linear(kernels.bf16_gemm(x, packed, None, n), x, w, None)
+
+
+@needs_bf16_kernel
+def test_bf16_kernel_is_independent_of_thread_count_and_takes_no_rows():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(200, 96, generator=g).to(torch.bfloat16)
+    x = torch.randn(11, 96, generator=g).to(torch.bfloat16)
+    packed, threads = kernels.pack_bf16(w), torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(kernels.bf16_gemm(x, packed, None, 200))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert kernels.bf16_gemm(x[:0], packed, None, 200).shape == (0, 200)
+
+
+def test_kernel_and_onednn_paths_agree_and_fall_back():
+    g = torch.Generator().manual_seed(2)
+    linear = nn.Linear(K, N).to(torch.bfloat16)
+    x = torch.randn(3, K, generator=g).to(torch.bfloat16)
+    onednn = FastLinear.from_linear(linear, use_kernel=False)
+    assert onednn.path == ("oneDNN" if torch.backends.mkldnn.is_available() else "F.linear")
+    odd = FastLinear(torch.randn(N, K + 1, generator=g).to(torch.bfloat16))  # odd K: not the kernel's
+    assert odd.path != "bf16 kernel"
+    with torch.no_grad():
+        close_to_linear(FastLinear.from_linear(linear)(x), x, linear.weight, linear.bias)
+        close_to_linear(onednn(x), x, linear.weight, linear.bias)
+        # float32 input to a bf16 FastLinear: F.linear on the unpacked weight
+        y = FastLinear.from_linear(linear)(x.float())
+        close_to_linear(y, x.float(), linear.weight.float(), linear.bias.float())
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("rows", [1, 7])
+def test_bf16_kernel_rounds_to_nearest_even(rows):
+    # small integers: every product and sum is exact in float32, so the only rounding is the
+    # final one to bf16 (sums up to ~2^14 keep 8 bits: ties and round-ups happen), which must be
+    # torch's round-to-nearest-even bit for bit
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randint(-16, 17, (64, 64), generator=g).to(torch.bfloat16)
+    x = torch.randint(-16, 17, (rows, 64), generator=g).to(torch.bfloat16)
+    bias = torch.randint(-64, 65, (64,), generator=g).to(torch.bfloat16)
+    exact = x.double() @ w.double().t() + bias.double()
+    assert (exact.abs() > 256).any()  # rounding happens
+    assert torch.equal(kernels.bf16_gemm(x, kernels.pack_bf16(w), bias, 64), exact.to(torch.bfloat16))
+
+
+def test_bf16_kernel_build_failure_falls_back_to_onednn_and_logs_once(monkeypatch, tmp_path, caplog):
+    import logging
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bad = tmp_path / "bad.c"
+    bad.write_text("int bf16_gemm_supported(void) { return }\n")
+    monkeypatch.setattr(kernels, "BF16_SOURCE", bad)
+    kernels.bf16_library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="qwen2vl.kernels"):
+            fast = FastLinear(torch.randn(N, K).to(torch.bfloat16))
+            FastLinear(torch.randn(N, K).to(torch.bfloat16))
+        assert fast.path == ("oneDNN" if torch.backends.mkldnn.is_available() else "F.linear")
+        assert caplog.text.count("bf16 kernel: compile failed") == 1, caplog.text
+    finally:
+        kernels.bf16_library.cache_clear()

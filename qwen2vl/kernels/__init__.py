@@ -1,5 +1,7 @@
 """Native CPU kernels: plain C, compiled on first use by the system compiler, called through ctypes.
 
+`bf16_gemm.c` multiplies bf16 weights by bf16 activations with AVX-512 BF16 dot products, in
+its own blocked weight layout (`pack_bf16`): FastLinear's path on CPUs that have them.
 `int_gemv.c` multiplies int8 or int4 weights by activations quantized to int8 on the fly, with
 AVX-512 VNNI integer dot products (its header gives the formulas and the weight layouts, which
 `pack_int8` / `pack_int4` below produce). It is compiled once per source, flags and CPU into
@@ -8,8 +10,9 @@ takes about a second since no torch headers are involved. The .so links libgomp.
 of the runtime torch already loaded, so both share one OpenMP thread pool. ctypes releases the
 GIL during a call.
 
-`library()` is None where the kernel can't be had (no compiler, a failed compile, a CPU without
-AVX-512 VNNI); it logs why, once, and qwen2vl.quant keeps torch's weight-only kernels.
+`library()` / `bf16_library()` are None where a kernel can't be had (no compiler, a failed compile,
+a CPU without AVX-512 VNNI / BF16); each logs why, once, and its caller keeps torch's kernels
+(qwen2vl.quant torch's weight-only ones, qwen2vl.linear oneDNN).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("int_gemv.c")
+BF16_SOURCE = Path(__file__).with_name("bf16_gemm.c")
 CC = os.environ.get("CC", "cc")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 QK = 32  # the kernel quantizes activations per block of 32 along k, so K must be a multiple
@@ -63,16 +67,21 @@ def build(source: Path) -> Path:
     return out
 
 
+def _load(source: Path, what: str) -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(str(build(source)))
+    except subprocess.CalledProcessError as e:
+        log.warning("%s: compile failed, using torch's kernels:\n%s", what, e.stderr[-2000:])
+    except OSError as e:  # no compiler, no writable cache folder, a .so that won't load
+        log.warning("%s unavailable (%s), using torch's kernels", what, e)
+    return None
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded int_gemv kernel, or None (logged once) where it can't be built or run here."""
-    try:
-        lib = ctypes.CDLL(str(build(SOURCE)))
-    except subprocess.CalledProcessError as e:
-        log.warning("int8/int4 VNNI kernel: compile failed, using torch's kernels:\n%s", e.stderr[-2000:])
-        return None
-    except OSError as e:  # no compiler, no writable cache folder, a .so that won't load
-        log.warning("int8/int4 VNNI kernel unavailable (%s), using torch's kernels", e)
+    lib = _load(SOURCE, "int8/int4 VNNI kernel")
+    if lib is None:
         return None
     if not lib.int_gemv_supported():
         log.warning("int8/int4 VNNI kernel: this CPU has no AVX-512 VNNI, using torch's kernels")
@@ -80,6 +89,20 @@ def library() -> ctypes.CDLL | None:
     common = [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _i64, _i64, _i64]
     lib.int8_gemm.argtypes = [*common, _int]
     lib.int4_gemm.argtypes = [*common, _i64, _int]
+    return lib
+
+
+@functools.cache
+def bf16_library() -> ctypes.CDLL | None:
+    """The loaded bf16_gemm kernel, or None (logged once) where it can't be built or run here."""
+    lib = _load(BF16_SOURCE, "bf16 kernel")
+    if lib is None:
+        return None
+    if not lib.bf16_gemm_supported():
+        log.warning("bf16 kernel: this CPU has no AVX-512 BF16, using oneDNN")
+        return None
+    lib.bf16_gemm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.bf16_gemm.restype = None
     return lib
 
 
@@ -113,6 +136,33 @@ def _call(fn, x, weight, scales, bias, n, *extra) -> torch.Tensor:
     if rc != 0:
         raise MemoryError("int_gemv: out of memory for the quantized activations")
     return y
+
+
+@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """bf16 x [M, K] times pack_bf16 weights, plus bf16 bias: bf16 [M, out_features]."""
+    x = x.contiguous()
+    m, k = x.shape
+    assert x.dtype == torch.bfloat16 and packed.shape[1] * 2 == k and packed.is_contiguous()
+    y = torch.empty(m, out_features, dtype=torch.bfloat16)
+    if m:
+        bf16_library().bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), m, out_features, k,
+                                 torch.get_num_threads())
+    return y
+
+
+def pack_bf16(w: torch.Tensor) -> torch.Tensor:
+    """bf16 [N, K] (K even) -> [ceil(N/16), K/2, 16, 2], zero rows padding N (see bf16_gemm.c)."""
+    n, k = w.shape
+    w = torch.cat([w, w.new_zeros(-n % ROWS, k)]) if n % ROWS else w
+    return w.reshape(-1, ROWS, k // 2, 2).transpose(1, 2).contiguous()
+
+
+def unpack_bf16(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_bf16: [n, K]."""
+    nb, k2 = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(nb * ROWS, k2 * 2)[:n]
 
 
 # Layouts (see int_gemv.c): weights in blocks of 16 output rows, N padded to 16 by the caller.
