@@ -18,13 +18,17 @@ class KVCache:
         shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # per-layer views, taken once: indexing self.k[layer] is a torch op (~1 us on CPU), paid twice
+        # per layer and step
+        self.layers = list(zip(self.k, self.v))
         self.num_blocks = num_blocks
         self.block_size = block_size
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """k, v [N, Hkv, Dh] into slots [N] (slot = block * block_size + offset)."""
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+        k_cache, v_cache = self.layers[layer]
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
 
 def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:

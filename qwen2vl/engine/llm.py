@@ -20,6 +20,7 @@ from qwen2vl.engine.engine import Engine, EngineConfig
 from qwen2vl.engine.outputs import RequestOutput, TextChunk
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams, generation_defaults, generation_eos_ids
+from qwen2vl.fast_layers import speed_up_layers
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.linear import speed_up_linears
 from qwen2vl.model import Qwen2VL
@@ -133,6 +134,8 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
         # GEMMs run 3-5% faster (docs/performance.md). Quantized linears are not nn.Linear and
         # stay as they are; the patch embedding reads its weight's dtype, so it keeps nn.Linear.
         speed_up_linears(model, skip=("visual.patch_embed",))
+        # the decoder's norms, rotary, SiLU and decode attention as C kernels (bf16 only)
+        speed_up_layers(model)
     return model
 
 

@@ -19,6 +19,8 @@ from qwen2vl.engine.paged_attention import PagedBatch, paged_attention
 from qwen2vl.engine.sampler import sample
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.engine.vision_cache import VisionCache
+from qwen2vl.fast_layers import FastTextModel
+from qwen2vl.kernels import layer_ops
 
 
 class ModelRunner:
@@ -29,6 +31,8 @@ class ModelRunner:
         self.attention = attention  # (q, k, v, k_cache, v_cache, PagedBatch) -> out
         self.device = model.device
         self.graphs = None  # cuda_graph.GraphRunner: the engine sets it on CUDA unless enforce_eager
+        # a decoder sped up by load_model (fast_layers.py) also gets decode attention as one C call
+        self.fast_decode = isinstance(model.model, FastTextModel)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> tuple[list[int | None], list]:
@@ -37,10 +41,15 @@ class ModelRunner:
             return sample(self.model.compute_logits(self.graphs.run(seqs)), seqs)
         ids, positions, batch = self.prepare(seqs)
         x = self.model.embed(ids, vision_embeds=self.vision_rows(seqs))
+        fused = self.fast_decode and batch.is_decode and layer_ops.supports(x)
 
         def attend(layer, q, k, v):
+            k_cache, v_cache = self.cache.layers[layer]
+            if fused:  # one C call writes k/v to the cache and attends over it in place
+                return layer_ops.paged_decode(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.ctx_slots,
+                                              batch.ctx_lens_t)
             self.cache.write(layer, k, v, batch.slot_mapping)
-            return self.attention(q, k, v, self.cache.k[layer], self.cache.v[layer], batch)
+            return self.attention(q, k, v, k_cache, v_cache, batch)
 
         hidden = self.model.model(x, positions, attend)  # [N, D]
         done = [i for i, s in enumerate(seqs) if s.num_cached_tokens + s.num_scheduled_tokens == s.num_tokens]
