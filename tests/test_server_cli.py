@@ -76,5 +76,8 @@ def test_quantization_flag_reaches_the_engine(monkeypatch):
     with pytest.raises(Stop):
         run_serve(parse("some/folder", "--device", "cpu", "--quantization", "int4"))
     assert seen["quantization"] == "int4" and seen["device"] == "cpu"
+    with pytest.raises(Stop):
+        run_serve(parse("some/folder", "--quantization", "int4-g128"))
+    assert seen["quantization"] == "int4-g128"
     with pytest.raises(SystemExit):
         parse("m", "--quantization", "fp8")

@@ -25,6 +25,7 @@ from qwen2vl.hub import resolve_model_path
 from qwen2vl.linear import speed_up_linears
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import Processor
+from qwen2vl.quant import QUANTIZATIONS, quantize_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -37,8 +38,8 @@ class LLM:
         max_model_len, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
         vision_cache_mib, seed."""
         dtype = parse_dtype(dtype)  # argument errors before any download or load
-        if quantization not in (None, "int8", "int4"):
-            raise ValueError(f"quantization must be None, 'int8' or 'int4', got {quantization!r}")
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
         config = EngineConfig(**engine_args)
         folder = resolve_model_path(model)
         self.model = load_model(folder, dtype, device, quantization)
@@ -125,14 +126,14 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
     model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device)
     model.fuse_qkv()
     if quantization is not None:
-        from qwen2vl.quant import quantize_model  # only when asked: quantization is optional
-
-        quantize_model(model, quantization)
+        mode, group_size = QUANTIZATIONS[quantization]
+        quantize_model(model, mode, group_size)
     if device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
-        # decode streams every weight once per token; oneDNN-reordered weights stream close to the
-        # memory read rate where F.linear's bf16 GEMV gets ~70% of it, and the vision tower's
-        # GEMMs run 3-5% faster (docs/performance.md). Quantized linears are not nn.Linear and
-        # stay as they are; the patch embedding reads its weight's dtype, so it keeps nn.Linear.
+        # decode streams every weight once per token; FastLinears (our bf16 kernel, else oneDNN)
+        # stream at about the memory read rate where F.linear's bf16 GEMV gets ~30-70% of it, and
+        # the vision tower's GEMMs run faster too (docs/performance.md). Quantized linears are not
+        # nn.Linear and stay as they are; the patch embedding reads its weight's dtype, so it keeps
+        # nn.Linear.
         speed_up_linears(model, skip=("visual.patch_embed",))
         # the decoder's norms, rotary, SiLU and decode attention as C kernels (bf16 only)
         speed_up_layers(model)

@@ -11,6 +11,7 @@ import os
 import sys
 
 from qwen2vl.hub import DEFAULT_MODEL
+from qwen2vl.quant import QUANTIZATIONS
 from qwen2vl.server.limits import add_limit_arguments, limits_from_args
 
 
@@ -26,9 +27,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("engine")
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    e.add_argument("--quantization", choices=["int8", "int4"],
-                   help="int8/int4 weights for the language model's linears: ~2x / ~2.7x faster CPU decode "
-                        "than bf16, with some error (docs/performance.md)")
+    e.add_argument("--quantization", choices=list(QUANTIZATIONS),
+                   help="int8/int4 weights for the language model's linears: ~1.8x / ~2.8x faster CPU decode "
+                        "than bf16 (int4: groups of 32; int4-g64/-g128: fewer bytes, more error), "
+                        "see docs/performance.md")
     e.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU (default 2)")
     e.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory for weights + cache")
     e.add_argument("--max-model-len", type=int, help="context length cap")
