@@ -2,6 +2,8 @@
 
 `probe()` measures, in the calling process and with torch's current thread count:
 - copy: `dst.copy_(src)` of a 1 GiB float32 tensor, counted as read + write bytes;
+  both tensors on transparent huge pages where Linux allows it, like the packed weights
+  (`qwen2vl.kernels.empty_huge`): the fastest reads this machine gives, so the honest bound;
 - read: `src.sum()` of the same tensor, counted as bytes read (the bound a decode GEMV can reach);
 - gemm: bf16 `F.linear(x[2048, 1536], W[8960, 1536])` in GFLOP/s (the compute side, for prefill).
 This VM's speed drifts and other processes share it, so each figure is a median of `reps` and a
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from qwen2vl.kernels import empty_huge
 
 GIB = 1 << 30
 
@@ -62,8 +66,9 @@ def median_seconds(fn, reps: int) -> float:
 
 def memory_gbs(reps: int) -> tuple[float, float]:
     """(copy, read) GB/s over a 1 GiB float32 tensor."""
-    src = torch.ones(GIB // 4)  # written, so its pages are real (an untouched tensor reads the zero page)
-    dst = torch.zeros_like(src)
+    # written, so its pages are real (an untouched tensor reads the zero page)
+    src = empty_huge((GIB // 4,), torch.float32).fill_(1)
+    dst = empty_huge((GIB // 4,), torch.float32).zero_()
     copy = 2 * GIB / median_seconds(lambda: dst.copy_(src), reps) / 1e9
     read = GIB / median_seconds(lambda: src.sum(), reps) / 1e9
     return copy, read

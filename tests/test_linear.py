@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -166,3 +168,29 @@ def test_bf16_kernel_build_failure_falls_back_to_onednn_and_logs_once(monkeypatc
         assert caplog.text.count("bf16 kernel: compile failed") == 1, caplog.text
     finally:
         kernels.bf16_library.cache_clear()
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `address` (Linux smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(a, 16) for a in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+                    or "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(),
+                    reason="no transparent huge pages here")
+def test_packed_weights_are_advised_onto_huge_pages():
+    w = torch.randn(4096, 1536).to(torch.bfloat16)  # 12 MiB: several whole 2 MiB pages inside
+    packed = kernels.pack_bf16(w)
+    assert torch.equal(kernels.unpack_bf16(packed, 4096), w)
+    assert _anon_huge_kib(packed.data_ptr() + packed.numel()) >= 2048  # the middle sits on huge pages
+    small = kernels.empty_huge((10,), torch.float32)  # too small to advise: plain memory
+    assert small.shape == (10,)

@@ -138,6 +138,42 @@ def _call(fn, x, weight, scales, bias, n, *extra) -> torch.Tensor:
     return y
 
 
+HUGE_PAGE = 2 << 20
+
+
+def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, with the 2 MiB-aligned part of its memory advised to live on transparent huge
+    pages (Linux, THP mode "madvise" or "always"; a no-op elsewhere).
+
+    Decode streams every weight once per token; on 4 KiB pages the CPU's prefetchers stop at each
+    page edge and every page costs a TLB walk. Measured on this VM (2 threads, the 2B's decoder
+    linears in layer order): 66 -> 74-76 GB/s when memory is fast, 45-49 -> 50 GB/s when slow.
+    The advice must come before the pages are first touched, so this returns untouched memory.
+    """
+    out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= 2 * HUGE_PAGE and _libc() is not None:
+        start = -out.data_ptr() % HUGE_PAGE + out.data_ptr()
+        length = (out.data_ptr() + nbytes - start) // HUGE_PAGE * HUGE_PAGE
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE; errors ignored
+    return out
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux":
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def packed_copy(view: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `view` in memory advised onto huge pages (see empty_huge)."""
+    return empty_huge(view.shape, view.dtype).copy_(view)
+
+
 @torch.compiler.disable  # a ctypes call: dynamo can't trace it
 def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """bf16 x [M, K] times pack_bf16 weights, plus bf16 bias: bf16 [M, out_features]."""
@@ -156,7 +192,7 @@ def pack_bf16(w: torch.Tensor) -> torch.Tensor:
     """bf16 [N, K] (K even) -> [ceil(N/16), K/2, 16, 2], zero rows padding N (see bf16_gemm.c)."""
     n, k = w.shape
     w = torch.cat([w, w.new_zeros(-n % ROWS, k)]) if n % ROWS else w
-    return w.reshape(-1, ROWS, k // 2, 2).transpose(1, 2).contiguous()
+    return packed_copy(w.reshape(-1, ROWS, k // 2, 2).transpose(1, 2))
 
 
 def unpack_bf16(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,7 +207,7 @@ def pack_int8(q: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] (N % 16 == 0) -> uint8 [N/16, K/4, 16, 4], code q + 128."""
     n, k = q.shape
     codes = (q.to(torch.int16) + 128).to(torch.uint8)
-    return codes.view(n // ROWS, ROWS, k // 4, 4).transpose(1, 2).contiguous()
+    return packed_copy(codes.view(n // ROWS, ROWS, k // 4, 4).transpose(1, 2))
 
 
 def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
@@ -185,7 +221,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     first 4 in the low nibbles and the last 4 in the high nibbles."""
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n // ROWS, ROWS, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [N/16, K/8, 16, 4, 2]
-    return (c[..., 0] | (c[..., 1] << 4)).contiguous()
+    return packed_copy(c[..., 0] | (c[..., 1] << 4))
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
