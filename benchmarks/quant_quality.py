@@ -1,7 +1,7 @@
 """Output quality of int8 / int4 weights against bf16, on the real Qwen2-VL-2B shapes (random weights).
 
 Each model is loaded through `LLM` exactly as a user gets it (bf16 FastLinears, or
-`quantization="int8"|"int4"`). On a fixed English text (~300 tokens, tokenized with the real Qwen
+`quantization="int8"|"int4"|"int4-g64"|"int4-g128"`). On a fixed English text (~300 tokens, tokenized with the real Qwen
 tokenizer) every model's teacher-forced logits are compared with bf16's:
 - logit error: relative RMS and max abs error / RMS of the bf16 logits;
 - top-1 agreement: positions where the argmax equals bf16's;
@@ -14,7 +14,7 @@ tokenizer) every model's teacher-forced logits are compared with bf16's:
 fp32 runs first as a yardstick: how far bf16 itself is from full precision. Random weights put
 many logits near a tie, so agreement here is a pessimistic floor for real checkpoints.
 
-    python -m benchmarks.quant_quality [--modes float32 bfloat16 int8 int4]
+    python -m benchmarks.quant_quality [--modes float32 bfloat16 int8 int4 int4-g128]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen2vl import LLM, SamplingParams
+from qwen2vl.quant import QUANTIZATIONS
 
 TEXT = (
     "The invoice lists three items: a steel bracket at 12.50 euros, two rolls of cable at 7.80 euros "
@@ -46,7 +47,7 @@ GREEDY_TOKENS, GREEDY_PREFIXES = 48, 4
 
 def run(folder: str, mode: str, ids: list[int]) -> tuple[torch.Tensor, list[list[int]]]:
     dtype = "float32" if mode == "float32" else "bfloat16"
-    quantization = mode if mode in ("int8", "int4") else None
+    quantization = mode if mode in QUANTIZATIONS else None
     llm = LLM(folder, dtype=dtype, device="cpu", kv_cache_gib=0.5, quantization=quantization)
     with torch.inference_mode():
         logits = llm.model.logits(torch.tensor(ids)).float()
