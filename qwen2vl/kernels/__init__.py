@@ -159,9 +159,11 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     if nbytes < 2 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: no THP
-    buf.madvise(mmap.MADV_HUGEPAGE)
-    start = torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr()
-    return torch.frombuffer(buf, dtype=dtype, count=numel, offset=-start % HUGE_PAGE).view(shape)
+    offset = -torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
+    # whole huge pages only: advising the partly used last one would make it resident in full (+2 MiB a
+    # weight, measured +0.25 GB of peak RSS for the 2B); the bytes before `offset` are never touched
+    buf.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    return torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
 def packed_copy(view: torch.Tensor) -> torch.Tensor:
