@@ -53,13 +53,14 @@ class FastLinear(nn.Module):
     """Drop-in for an inference nn.Linear: our bf16 kernel or oneDNN on a reordered weight, with
     F.linear as the fallback (other input dtypes, weights neither takes)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, use_kernel: bool = True):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, use_kernel: bool = True,
+                 huge_pages: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.path = "F.linear"
         self.packed = None  # opaque or oddly shaped, so a plain attribute rather than a buffer
         if use_kernel and kernel_takes(weight):
-            self.packed, self.path = kernels.pack_bf16(weight.detach()), "bf16 kernel"
+            self.packed, self.path = kernels.pack_bf16(weight.detach(), huge_pages), "bf16 kernel"
         elif (packed := reorder_weight(weight)) is not None:
             self.packed, self.path = packed, "oneDNN"
         # the plain weight is kept only when it is the path taken
@@ -69,8 +70,8 @@ class FastLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, use_kernel: bool = True) -> FastLinear:
-        return cls(linear.weight, linear.bias, use_kernel)
+    def from_linear(cls, linear: nn.Linear, use_kernel: bool = True, huge_pages: bool = True) -> FastLinear:
+        return cls(linear.weight, linear.bias, use_kernel, huge_pages)
 
     # dynamo traces the oneDNN op but inductor can only lower it on weights it froze itself; a
     # compiled model should keep nn.Linear and set torch._inductor.config.freezing = True instead
@@ -126,10 +127,11 @@ def replace_linears(model: nn.Module, make, skip: tuple[str, ...] = ()) -> int:
     return len(names)
 
 
-def speed_up_linears(model: nn.Module, skip: tuple[str, ...] = ("visual",)) -> int:
+def speed_up_linears(model: nn.Module, skip: tuple[str, ...] = ("visual",), huge_pages: bool = True) -> int:
     """Swap every nn.Linear of `model` for a FastLinear in place; returns how many were swapped.
 
     Modules whose qualified name starts with one of `skip` stay as they are: by default the
-    vision tower (`LLM` swaps it too, all but the patch embedding).
+    vision tower (`LLM` swaps it too, all but the patch embedding, without huge pages: its GEMMs
+    are compute-bound, and finding huge pages at load costs time).
     """
-    return replace_linears(model, FastLinear.from_linear, skip)
+    return replace_linears(model, lambda linear: FastLinear.from_linear(linear, huge_pages=huge_pages), skip)

@@ -192,5 +192,9 @@ def test_packed_weights_are_advised_onto_huge_pages():
     packed = kernels.pack_bf16(w)
     assert torch.equal(kernels.unpack_bf16(packed, 4096), w)
     assert _anon_huge_kib(packed.data_ptr() + packed.numel()) >= 2048  # the middle sits on huge pages
+    fast = FastLinear(w, huge_pages=False)  # as LLM packs the vision tower
+    if "[madvise]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
+        assert _anon_huge_kib(fast.packed.data_ptr() + fast.packed.numel()) == 0
+    assert torch.equal(fast.dense_weight(), w)
     small = kernels.empty_huge((10,), torch.float32)  # too small to advise: plain memory
     assert small.shape == (10,)

@@ -134,7 +134,10 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
         # the vision tower's GEMMs run faster too (docs/performance.md). Quantized linears are not
         # nn.Linear and stay as they are; the patch embedding reads its weight's dtype, so it keeps
         # nn.Linear.
-        speed_up_linears(model, skip=("visual.patch_embed",))
+        speed_up_linears(model, skip=("visual",))
+        # the vision tower's GEMMs are compute-bound: no huge pages, which cost load time (the
+        # kernel compacts memory to find them)
+        speed_up_linears(model.visual, skip=("patch_embed",), huge_pages=False)
         # the decoder's norms, rotary, SiLU and decode attention as C kernels (bf16 only)
         speed_up_layers(model)
     return model

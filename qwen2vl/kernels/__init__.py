@@ -185,11 +185,13 @@ def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, 
     return y
 
 
-def pack_bf16(w: torch.Tensor) -> torch.Tensor:
-    """bf16 [N, K] (K even) -> [ceil(N/16), K/2, 16, 2], zero rows padding N (see bf16_gemm.c)."""
+def pack_bf16(w: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
+    """bf16 [N, K] (K even) -> [ceil(N/16), K/2, 16, 2], zero rows padding N (see bf16_gemm.c); on
+    huge pages unless told otherwise (see empty_huge)."""
     n, k = w.shape
     w = torch.cat([w, w.new_zeros(-n % ROWS, k)]) if n % ROWS else w
-    return packed_copy(w.reshape(-1, ROWS, k // 2, 2).transpose(1, 2))
+    view = w.reshape(-1, ROWS, k // 2, 2).transpose(1, 2)
+    return packed_copy(view) if huge_pages else view.contiguous()
 
 
 def unpack_bf16(packed: torch.Tensor, n: int) -> torch.Tensor:
