@@ -198,3 +198,22 @@ def test_packed_weights_are_advised_onto_huge_pages():
     assert torch.equal(fast.dense_weight(), w)
     small = kernels.empty_huge((10,), torch.float32)  # too small to advise: plain memory
     assert small.shape == (10,)
+
+
+def test_empty_huge_survives_a_kernel_without_thp(monkeypatch):
+    import mmap
+    import types
+
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+
+    class Refusing(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")  # what MADV_HUGEPAGE gives on a kernel without THP
+
+    fake = types.SimpleNamespace(mmap=Refusing, MADV_HUGEPAGE=mmap.MADV_HUGEPAGE, MAP_PRIVATE=mmap.MAP_PRIVATE,
+                                 MAP_ANONYMOUS=mmap.MAP_ANONYMOUS)
+    monkeypatch.setattr(kernels, "mmap", fake)
+    t = kernels.empty_huge((3 << 20,), torch.float32)
+    t.fill_(2)
+    assert t.shape == (3 << 20,) and t.sum().item() == 6 << 20

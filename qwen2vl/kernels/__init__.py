@@ -101,7 +101,7 @@ def bf16_library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     if not lib.bf16_gemm_supported():
-        log.warning("bf16 kernel: this CPU has no AVX-512 BF16, using oneDNN")
+        log.info("bf16 kernel: this CPU has no AVX-512 BF16, using oneDNN")  # the norm on many CPUs: no warning
         return None
     lib.bf16_gemm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
     lib.bf16_gemm.restype = None
@@ -162,7 +162,10 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     offset = -torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
     # whole huge pages only: advising the partly used last one would make it resident in full (+2 MiB a
     # weight, measured +0.25 GB of peak RSS for the 2B); the bytes before `offset` are never touched
-    buf.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # a kernel built without THP: EINVAL; the memory is still good
+        pass
     return torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset).view(shape)
 
 

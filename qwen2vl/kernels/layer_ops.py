@@ -32,7 +32,7 @@ def library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     if not lib.layer_ops_supported():
-        log.warning("layer kernels: this CPU has no AVX-512, using torch's ops")
+        log.info("layer kernels: this CPU has no AVX-512, using torch's ops")  # the norm on many CPUs
         return None
     lib.rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _float, _int]
     lib.rotary.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int]
