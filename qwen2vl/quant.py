@@ -80,10 +80,6 @@ def use_int_gemv(weight: torch.Tensor) -> bool:
             and weight.shape[1] % kernels.QK == 0 and kernels.library() is not None)
 
 
-def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
-    return torch.cat([t, t.new_zeros(-t.shape[0] % multiple, *t.shape[1:])])
-
-
 class Int8Linear(nn.Module):
     def __init__(self, weight, scales, bias, out_features: int, in_features: int):
         super().__init__()
@@ -100,7 +96,7 @@ class Int8Linear(nn.Module):
         scales = _round(w.abs().amax(1).clamp(min=1e-8) / 127, linear.weight.dtype, up=True)
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
         if use_int_gemv(linear.weight) if blocked is None else blocked:
-            q, scales = kernels.pack_int8(_pad_rows(q, kernels.ROWS)), _pad_rows(scales, kernels.ROWS)
+            q, scales = kernels.pack_int8(kernels.pad_rows(q, kernels.ROWS)), kernels.pad_rows(scales, kernels.ROWS)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scales, bias, *linear.weight.shape)
 
@@ -148,7 +144,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 groups of {group_size} don't tile in_features={k}")
         blocked = use_int_gemv(linear.weight) if blocked is None else blocked
         # zero rows up to the kernel's block
-        w = _pad_rows(linear.weight.detach().float(), kernels.ROWS if blocked else INT4_BLOCK_N)
+        w = kernels.pad_rows(linear.weight.detach().float(), kernels.ROWS if blocked else INT4_BLOCK_N)
         w = w.view(-1, k // group_size, group_size)
         lo, hi, dtype = w.amin(-1), w.amax(-1), linear.weight.dtype
         # 16 levels span each group; the zero sits on level 8 and is stored in the model dtype

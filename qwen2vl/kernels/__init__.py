@@ -69,42 +69,42 @@ def build(source: Path) -> Path:
     return out
 
 
-def _load(source: Path, what: str) -> ctypes.CDLL | None:
+def _load(source: Path, what: str, supported: str, lacks: str, level: int = logging.WARNING) -> ctypes.CDLL | None:
+    """`source` built and loaded, or None (logged) where it can't be built, or where its
+    `supported()` function says this CPU lacks the instructions it needs (`lacks`, logged at `level`)."""
     try:
-        return ctypes.CDLL(str(build(source)))
+        lib = ctypes.CDLL(str(build(source)))
     except subprocess.CalledProcessError as e:
         log.warning("%s: compile failed, using torch's kernels:\n%s", what, e.stderr[-2000:])
+        return None
     except OSError as e:  # no compiler, no writable cache folder, a .so that won't load
         log.warning("%s unavailable (%s), using torch's kernels", what, e)
-    return None
+        return None
+    if not getattr(lib, supported)():
+        log.log(level, "%s: this CPU has no %s, using torch's kernels", what, lacks)
+        return None
+    return lib
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded int_gemv kernel, or None (logged once) where it can't be built or run here."""
-    lib = _load(SOURCE, "int8/int4 VNNI kernel")
-    if lib is None:
-        return None
-    if not lib.int_gemv_supported():
-        log.warning("int8/int4 VNNI kernel: this CPU has no AVX-512 VNNI, using torch's kernels")
-        return None
-    common = [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _i64, _i64, _i64]
-    lib.int8_gemm.argtypes = [*common, _int]
-    lib.int4_gemm.argtypes = [*common, _i64, _int]
+    lib = _load(SOURCE, "int8/int4 VNNI kernel", "int_gemv_supported", "AVX-512 VNNI")
+    if lib is not None:
+        common = [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _i64, _i64, _i64]
+        lib.int8_gemm.argtypes = [*common, _int]
+        lib.int4_gemm.argtypes = [*common, _i64, _int]
     return lib
 
 
 @functools.cache
 def bf16_library() -> ctypes.CDLL | None:
-    """The loaded bf16_gemm kernel, or None (logged once) where it can't be built or run here."""
-    lib = _load(BF16_SOURCE, "bf16 kernel")
-    if lib is None:
-        return None
-    if not lib.bf16_gemm_supported():
-        log.info("bf16 kernel: this CPU has no AVX-512 BF16, using oneDNN")  # the norm on many CPUs: no warning
-        return None
-    lib.bf16_gemm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
-    lib.bf16_gemm.restype = None
+    """The loaded bf16_gemm kernel, or None (logged once) where it can't be built or run here; its
+    caller then uses oneDNN. Lacking AVX-512 BF16 is the norm on many CPUs: logged at info."""
+    lib = _load(BF16_SOURCE, "bf16 kernel", "bf16_gemm_supported", "AVX-512 BF16", logging.INFO)
+    if lib is not None:
+        lib.bf16_gemm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+        lib.bf16_gemm.restype = None
     return lib
 
 
@@ -188,11 +188,16 @@ def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, 
     return y
 
 
+def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`t` with zero rows appended up to a multiple of `multiple` rows (`t` itself if it has them)."""
+    return torch.cat([t, t.new_zeros(-t.shape[0] % multiple, *t.shape[1:])]) if t.shape[0] % multiple else t
+
+
 def pack_bf16(w: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
     """bf16 [N, K] (K even) -> [ceil(N/16), K/2, 16, 2], zero rows padding N (see bf16_gemm.c); on
     huge pages unless told otherwise (see empty_huge)."""
-    n, k = w.shape
-    w = torch.cat([w, w.new_zeros(-n % ROWS, k)]) if n % ROWS else w
+    k = w.shape[1]
+    w = pad_rows(w, ROWS)
     # a k pair as one int32: the same transpose copied as 4-byte elements, 1.6-1.8x faster
     view = w.contiguous().view(torch.int32).reshape(-1, ROWS, k // 2).transpose(1, 2)
     out = packed_copy(view) if huge_pages else view.contiguous()

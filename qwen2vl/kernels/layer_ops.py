@@ -28,11 +28,9 @@ _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (logged once) where they can't be built or run here."""
-    lib = _load(SOURCE, "layer kernels")
+    # lacking AVX-512 is the norm on many CPUs: logged at info
+    lib = _load(SOURCE, "layer kernels", "layer_ops_supported", "AVX-512", logging.INFO)
     if lib is None:
-        return None
-    if not lib.layer_ops_supported():
-        log.info("layer kernels: this CPU has no AVX-512, using torch's ops")  # the norm on many CPUs
         return None
     lib.rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _float, _int]
     lib.rotary.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int]
