@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qwen2vl.grounding import drop_markup
 from qwen2vl.hub import DEFAULT_MODEL
+from qwen2vl.quant import QUANTIZATIONS
 
 HELP = "commands: /image PATH, /video PATH, /reset (forget the conversation), /quit"
 
@@ -47,7 +48,7 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=positive(float), help="video frames sampled per second (default 2)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--quantization", choices=["int8", "int4"],
+    p.add_argument("--quantization", choices=list(QUANTIZATIONS),
                    help="int8/int4 weights for the language model's linears (faster CPU decode, some error)")
     p.add_argument("--kv-cache-gib", type=positive(float), help="KV cache size on CPU (default 2)")
     p.add_argument("--max-model-len", type=positive(int), help="context length cap")
