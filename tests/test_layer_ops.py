@@ -139,6 +139,8 @@ def test_without_the_kernels_the_model_keeps_the_torch_code(monkeypatch, caplog)
 def test_llm_with_layer_kernels_gives_the_same_tokens_as_without(monkeypatch):
     fast = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
     assert isinstance(fast.model.model, FastTextModel) and fast.engine.runner.fast_decode
+    # the per-op Python path (the whole step in C equals it bit for bit: tests/test_decode_step.py)
+    fast.engine.runner.decode_step = None
     with monkeypatch.context() as m:
         m.setattr("qwen2vl.engine.llm.speed_up_layers", lambda model: False)
         plain = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)

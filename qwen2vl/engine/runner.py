@@ -21,6 +21,7 @@ from qwen2vl.engine.sequence import Sequence
 from qwen2vl.engine.vision_cache import VisionCache
 from qwen2vl.fast_layers import FastTextModel
 from qwen2vl.kernels import layer_ops
+from qwen2vl.kernels.decode_step import DecodeStep
 
 
 class ModelRunner:
@@ -31,8 +32,10 @@ class ModelRunner:
         self.attention = attention  # (q, k, v, k_cache, v_cache, PagedBatch) -> out
         self.device = model.device
         self.graphs = None  # cuda_graph.GraphRunner: the engine sets it on CUDA unless enforce_eager
-        # a decoder sped up by load_model (fast_layers.py) also gets decode attention as one C call
+        # a decoder sped up by load_model (fast_layers.py) also gets decode attention as one C call,
+        # and, where every linear is one of our kernels', the whole decode step as one C call
         self.fast_decode = isinstance(model.model, FastTextModel)
+        self.decode_step = DecodeStep.build(model.model, cache) if self.fast_decode else None
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> tuple[list[int | None], list]:
@@ -51,7 +54,10 @@ class ModelRunner:
             self.cache.write(layer, k, v, batch.slot_mapping)
             return self.attention(q, k, v, k_cache, v_cache, batch)
 
-        hidden = self.model.model(x, positions, attend)  # [N, D]
+        if fused and self.decode_step is not None:
+            hidden = self.decode_step(x, positions, batch)  # the same kernels, called from C
+        else:
+            hidden = self.model.model(x, positions, attend)  # [N, D]
         done = [i for i, s in enumerate(seqs) if s.num_cached_tokens + s.num_scheduled_tokens == s.num_tokens]
         tokens: list[int | None] = [None] * len(seqs)
         logprobs: list = [None] * len(seqs)

@@ -1,0 +1,52 @@
+"""The whole decode step in one C call (qwen2vl/kernels/decode_step.c) against the Python path that
+calls the same kernels one by one: the same values, bit for bit, in bf16, int8 and int4."""
+
+import pytest
+import torch
+
+from qwen2vl import LLM, SamplingParams
+from qwen2vl.kernels import decode_step, layer_ops
+from qwen2vl.kernels.decode_step import DecodeStep
+from tests.test_server_support import tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(not layer_ops.available() or decode_step.library() is None,
+                                reason="the C kernels can't be built or run here")
+
+
+def tokens_and_logprobs(llm, prompts, max_tokens=20):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=3)
+    outs = llm.generate(prompts, params)
+    return [(o.token_ids, [(t.logprob, t.top) for t in o.logprobs]) for o in outs]
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_decode_step_in_c_equals_the_python_path_bit_for_bit(quantization, monkeypatch):
+    llm = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02, quantization=quantization,
+              enable_prefix_caching=False)
+    runner = llm.engine.runner
+    assert isinstance(runner.decode_step, DecodeStep)
+    g = torch.Generator().manual_seed(1)
+    # three sequences of different lengths decode together (M = 3 rows, blocks interleaved in the
+    # cache), then one alone (M = 1) after the others finish
+    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (5, 40, 23)]
+    calls = []
+    step = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, x, *a: calls.append(x.shape[0]) or step(self, x, *a))
+    fast = tokens_and_logprobs(llm, prompts) + tokens_and_logprobs(llm, prompts[:1], 30)
+    assert max(calls) == 3 and 1 in calls
+    runner.decode_step = None  # the Python path: FastTextModel.forward with the runner's paged_decode
+    calls.clear()
+    plain = tokens_and_logprobs(llm, prompts) + tokens_and_logprobs(llm, prompts[:1], 30)
+    assert not calls
+    assert fast == plain
+
+
+def test_a_linear_off_our_kernels_keeps_the_python_path():
+    from qwen2vl.linear import FastLinear
+
+    llm = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
+    text, cache = llm.model.model, llm.engine.runner.cache
+    assert DecodeStep.build(text, cache) is not None
+    mlp = text.layers[1].mlp
+    mlp.down_proj = FastLinear(mlp.down_proj.dense_weight(), use_kernel=False)  # oneDNN
+    assert mlp.down_proj.path != "bf16 kernel" and DecodeStep.build(text, cache) is None
