@@ -29,7 +29,8 @@ int bf16_gemm_supported(void) { return 1; }
 #define NT 3 /* weight blocks per pass of the register tile: 24 accumulators of 32 registers */
 /* Prefetch distances, measured: streaming 8 KB ahead non-temporally (each weight is read once);
  * the register tile 4 KB ahead into all levels on its first pass (later passes re-read the
- * blocks from L1/L2). */
+ * blocks from L1/L2), every 64-byte line (every other line left the 2B's weights streaming at
+ * 48 GB/s in layer order at 8 rows, 63 GB/s with all: 1.3x the step at 8-16 rows, 1.06x at 283). */
 #define PF_STREAM 8192
 #define PF_TILE 4096
 
@@ -91,7 +92,7 @@ static inline __attribute__((always_inline)) void register_tile(const uint16_t *
         __m512bh wv[NT];
         for (int j = 0; j < nb; j++) {
             const uint16_t *p = w + j * 16 * K + k * 16;
-            if (first_pass && (k & 2) == 0) __builtin_prefetch((const char *)p + PF_TILE, 0, 3);
+            if (first_pass) __builtin_prefetch((const char *)p + PF_TILE, 0, 3);
             wv[j] = (__m512bh)_mm512_loadu_si512(p);
         }
         for (int r = 0; r < mr; r++) {
