@@ -5,12 +5,16 @@ the decode graph's replay alone (replay + sync), the head and sampling alone, an
 Python by function (cProfile over the same steps, by own time). The difference between the step
 and replay + head + sampling is host work the GPU waits for.
 
-    python -m benchmarks.gpu_decode_profile --tokenizer .cache/qwen_tokenizer [--steps 64]
+With the decoder's small ops as torch ops and as Triton kernels (kernels/triton_layer_ops.py), in
+turn (torch twice, first and last, for drift), and the greedy tokens of both on one prompt.
+
+    python -m benchmarks.gpu_decode_profile --tokenizer .cache/qwen_tokenizer [--steps 64] [--cprofile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu_check import build_checkpoint, log, text_messages
+from qwen2vl import SamplingParams
 
 
 def timed(fn, reps: int) -> float:
@@ -34,48 +39,75 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def profile(llm, steps: int, label: str, with_cprofile: bool) -> list[int]:
+    """Times a batch-1 decode step and its parts on `llm`; returns the greedy tokens it generated."""
+    from qwen2vl.engine.sampler import sample
+
+    engine, graphs = llm.engine, llm.engine.runner.graphs
+    params = SamplingParams(temperature=0, max_tokens=3 * steps + 8, ignore_eos=True)
+    engine.add_request(label, llm.prompt(text_messages(7)), params)
+    while not engine.step():  # prefill and the first token
+        pass
+    for _ in range(8):  # warm
+        engine.step()
+    step = timed(engine.step, steps)
+    seqs = list(engine.scheduler.running)
+    replay = timed(graphs.graphs[1].replay, steps)
+    hidden = graphs.outputs[1][:1]
+    head = timed(lambda: llm.model.compute_logits(hidden), steps)
+    logits = llm.model.compute_logits(hidden)
+    sampling = timed(lambda: sample(logits.clone(), seqs), steps)
+    inputs = timed(lambda: graphs.run(seqs), steps) - replay
+    log(f"{label}: batch-1 decode step {step * 1e3:.3f} ms ({1 / step:.1f} tok/s); graph replay alone "
+        f"{replay * 1e3:.3f} ms; head {head * 1e3:.3f} ms; sampling (greedy, with the host copy) "
+        f"{sampling * 1e3:.3f} ms; graph inputs staged on the host {inputs * 1e3:.3f} ms; rest of the step "
+        f"(scheduler, outputs, detokenizer) {(step - replay - head - sampling - inputs) * 1e3:.3f} ms")
+    if with_cprofile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
+        log(f"cProfile of {steps} decode steps (own time):\n{out.getvalue()}")
+    while engine.has_work():
+        engine.step()
+    out = llm.generate([llm.prompt(text_messages(11))], SamplingParams(temperature=0, max_tokens=48,
+                                                                       ignore_eos=True))
+    return out[0].token_ids
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default=".cache/qwen_tokenizer")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--cprofile", action="store_true", help="also print the host's Python by function")
     args = ap.parse_args()
-    from qwen2vl import LLM, SamplingParams
-    from qwen2vl.engine.sampler import sample
+    import unittest.mock
+
+    from qwen2vl import LLM
 
     folder = Path("/tmp/qwen2vl-2b-random")
     if not (folder / "config.json").is_file():
         build_checkpoint(folder, Path(args.tokenizer))  # leaves transformers' copy to the collector
         torch.cuda.empty_cache()
-    llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_gib=1.0)
-    engine, graphs = llm.engine, llm.engine.runner.graphs
-    log(f"{torch.cuda.get_device_name()}; decode graphs: {graphs.attention if graphs else 'none'}")
-    params = SamplingParams(temperature=0, max_tokens=3 * args.steps + 8, ignore_eos=True)
-    engine.add_request("profile", llm.prompt(text_messages(7)), params)
-    while not engine.step():  # prefill and the first token
-        pass
-    for _ in range(8):  # warm
-        engine.step()
-    step = timed(engine.step, args.steps)
-    seqs = list(engine.scheduler.running)
-    replay = timed(graphs.graphs[1].replay, args.steps)
-    hidden = graphs.outputs[1][:1]
-    head = timed(lambda: llm.model.compute_logits(hidden), args.steps)
-    logits = llm.model.compute_logits(hidden)
-    sampling = timed(lambda: sample(logits.clone(), seqs), args.steps)
-    inputs = timed(lambda: graphs.run(seqs), args.steps) - replay
-    log(f"batch-1 decode step {step * 1e3:.3f} ms ({1 / step:.1f} tok/s); graph replay alone {replay * 1e3:.3f} ms; "
-        f"head {head * 1e3:.3f} ms; sampling (greedy, with the host copy) {sampling * 1e3:.3f} ms; "
-        f"graph inputs staged on the host {inputs * 1e3:.3f} ms; rest of the step (scheduler, outputs, "
-        f"detokenizer) {(step - replay - head - sampling - inputs) * 1e3:.3f} ms")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(args.steps):
-        engine.step()
-    torch.cuda.synchronize()
-    prof.disable()
-    out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-    log(f"cProfile of {args.steps} decode steps (own time):\n{out.getvalue()}")
+    log(torch.cuda.get_device_name())
+    tokens = {}
+    for label in ("torch ops", "Triton layer ops", "torch ops again"):
+        patch = unittest.mock.patch("qwen2vl.engine.llm.speed_up_layers", lambda model: False)
+        with patch if label.startswith("torch") else contextlib.nullcontext():
+            llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_gib=1.0)
+        log(f"{label}: decoder {type(llm.model.model).__name__}, decode graphs "
+            f"{llm.engine.runner.graphs.attention if llm.engine.runner.graphs else 'none'}")
+        tokens[label] = profile(llm, args.steps, label, args.cprofile and label == "torch ops")
+        del llm
+        torch.cuda.empty_cache()
+    pairs = list(zip(tokens["torch ops"], tokens["Triton layer ops"]))
+    first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+    log(f"greedy tokens (48, one prompt): Triton layer ops agree with torch ops on {sum(a == b for a, b in pairs)}; "
+        f"the first difference at {first}")
 
 
 if __name__ == "__main__":

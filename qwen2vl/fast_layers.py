@@ -11,16 +11,48 @@ and the engine's runner, seeing a FastTextModel, writes k/v and attends in one c
 
 The kernels round where torch rounds, so the outputs equal TextModel's bit for bit (attention, a
 reduction in another order, agrees to a bf16 rounding; tests/test_layer_ops.py). The model file
-never knows: `Qwen2VL` alone keeps the torch code, and load_model applies this on CPU in bf16.
+never knows: `Qwen2VL` alone keeps the torch code, and load_model applies this in bf16.
+
+On CUDA the same forward runs Triton kernels with the same signatures (kernels/triton_layer_ops.py),
+where triton imports and they pass a check against torch at load: ~30 tiny kernels per layer become
+5, which is most of a graphed batch-1 decode step's time there.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 
 from qwen2vl.kernels import layer_ops
 from qwen2vl.rotary import mrope_cos_sin
 from qwen2vl.text import TextModel
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def cuda_layer_ops(device: torch.device):
+    """kernels.triton_layer_ops where triton imports and its kernels agree with torch on `device`,
+    else None (logged once)."""
+    try:
+        from qwen2vl.kernels import triton_layer_ops
+
+        triton_layer_ops.check(device)
+        return triton_layer_ops
+    except Exception as e:  # no triton, a compile error, or wrong numbers: all mean the torch code
+        log.warning("Triton layer kernels unavailable (%s: %s); the decoder keeps torch's ops", type(e).__name__, e)
+        return None
+
+
+def ops_for(x: torch.Tensor):
+    """The module of layer kernels that takes activations like `x`, or None."""
+    if layer_ops.supports(x):
+        return layer_ops
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16:
+        return cuda_layer_ops(x.device)
+    return None
 
 
 class FastTextModel(torch.nn.Module):
@@ -34,7 +66,8 @@ class FastTextModel(torch.nn.Module):
     @torch.compiler.disable  # ctypes calls: dynamo can't trace them
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """x [N, D], positions [3, N] -> final-normed hidden states [N, D], as TextModel.forward."""
-        if not layer_ops.supports(x):  # another dtype or device: the torch code
+        ops = ops_for(x)
+        if ops is None:  # another dtype or device: the torch code
             return TextModel.forward(self, x, positions, attend)
         cfg, n = self.cfg, x.shape[0]
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -42,23 +75,28 @@ class FastTextModel(torch.nn.Module):
         residual = None  # the residual stream; x is the latest sublayer output, not yet added to it
         for layer in self.layers:
             attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
-            h, residual = layer_ops.add_rms_norm(x, residual, norm1.weight, norm1.eps)
+            h, residual = ops.add_rms_norm(x, residual, norm1.weight, norm1.eps)
             qkv = attn.qkv_proj(h)  # [N, (Hq + 2 Hkv) * Dh]
-            layer_ops.rotary_(qkv, cos, sin, heads + kv_heads, dim)
+            ops.rotary_(qkv, cos, sin, heads + kv_heads, dim)
             q, k, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], 1)
             x = attn.o_proj(attend(attn.layer, q, k, v).reshape(n, -1))
-            h, residual = layer_ops.add_rms_norm(x, residual, norm2.weight, norm2.eps)
-            x = mlp.down_proj(layer_ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
-        return layer_ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
+            h, residual = ops.add_rms_norm(x, residual, norm2.weight, norm2.eps)
+            x = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
 
 def speed_up_layers(model) -> bool:
     """Swap model.model (a Qwen2VL's TextModel, q/k/v fused) for a FastTextModel, where the kernels
-    can run here and the model is bf16 on the CPU; returns whether it did."""
+    can run here and the model is bf16 (on the CPU, or on CUDA with Triton); returns whether it did."""
     cfg = model.config.text
-    if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not layer_ops.available():
+    if model.dtype != torch.bfloat16:
         return False
-    if not layer_ops.supports_layout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim):
+    if model.device.type == "cpu":
+        if not layer_ops.available():
+            return False
+        if not layer_ops.supports_layout(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim):
+            return False
+    elif model.device.type != "cuda" or cuda_layer_ops(model.device) is None:
         return False
     norms = [model.model.norm] + [n for layer in model.model.layers
                                   for n in (layer.input_layernorm, layer.post_attention_layernorm)]

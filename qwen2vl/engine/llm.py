@@ -140,6 +140,8 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
         speed_up_linears(model.visual, skip=("patch_embed",), huge_pages=False)
         # the decoder's norms, rotary, SiLU and decode attention as C kernels (bf16 only)
         speed_up_layers(model)
+    elif device.type == "cuda":
+        speed_up_layers(model)  # the decoder's norms, rotary and SiLU as Triton kernels (bf16 only)
     return model
 
 

@@ -34,7 +34,7 @@ class ModelRunner:
         self.graphs = None  # cuda_graph.GraphRunner: the engine sets it on CUDA unless enforce_eager
         # a decoder sped up by load_model (fast_layers.py) also gets decode attention as one C call,
         # and, where every linear is one of our kernels', the whole decode step as one C call
-        self.fast_decode = isinstance(model.model, FastTextModel)
+        self.fast_decode = isinstance(model.model, FastTextModel) and model.device.type == "cpu"
         self.decode_step = DecodeStep.build(model.model, cache) if self.fast_decode else None
 
     @torch.inference_mode()

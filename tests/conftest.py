@@ -1,0 +1,9 @@
+"""Without a GPU, Triton kernels run in Triton's interpreter on the CPU (tests/test_triton_layer_ops.py).
+The switch is read when triton is first imported, which any test module may do: so here, first."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,70 @@
+"""The decoder's Triton layer kernels (qwen2vl/kernels/triton_layer_ops.py, CUDA's counterpart of
+layer_ops) against the torch code they replace. Without a GPU they run in Triton's interpreter on
+the CPU: the same kernels and indexing, numpy's arithmetic."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")  # interpreted on the CPU: tests/conftest.py
+
+from qwen2vl import Qwen2VL, fast_layers  # noqa: E402
+from qwen2vl.fast_layers import FastTextModel  # noqa: E402
+from qwen2vl.kernels import triton_layer_ops as ops  # noqa: E402
+from qwen2vl.rotary import apply_rotary, mrope_cos_sin  # noqa: E402
+from qwen2vl.text import RMSNorm  # noqa: E402
+from tests.helpers.checkpoints import build_reference, save_checkpoint  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16 = torch.bfloat16
+
+
+def randn(*shape, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(BF16).to(DEVICE)
+
+
+@pytest.mark.parametrize("n, d", [(1, 1536), (5, 64), (3, 100)])
+def test_add_rms_norm_matches_residual_add_then_rmsnorm(n, d):
+    norm = RMSNorm(d, 1e-6).to(DEVICE, BF16)
+    norm.weight.data = randn(d, seed=1)
+    x, residual = randn(n, d, scale=3, seed=2), randn(n, d, scale=10, seed=3)
+    out, total = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+    assert torch.equal(total, residual + x)  # the add rounds once, as torch's
+    torch.testing.assert_close(out, norm(residual + x), rtol=2**-7, atol=1e-6)  # the sum's order may differ
+    out, same = ops.add_rms_norm(x, None, norm.weight, norm.eps)
+    torch.testing.assert_close(out, norm(x), rtol=2**-7, atol=1e-6)
+    assert same is x
+
+
+@pytest.mark.parametrize("n, heads, kv_heads, dim", [(1, 12, 2, 128), (7, 4, 2, 16), (3, 3, 1, 40)])
+def test_rotary_in_place_equals_apply_rotary_bit_for_bit(n, heads, kv_heads, dim):
+    qkv = randn(n, (heads + 2 * kv_heads) * dim, seed=4)
+    positions = torch.randint(0, 4000, (3, n), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    cos, sin = mrope_cos_sin(positions, dim, 1e6, (dim // 8, dim // 8, dim // 2 - dim // 4), BF16)
+    qk = (heads + kv_heads) * dim
+    want = apply_rotary(qkv[:, :qk].view(n, heads + kv_heads, dim), cos, sin).reshape(n, qk)
+    got = qkv.clone()
+    ops.rotary_(got, cos, sin, heads + kv_heads, dim)
+    assert torch.equal(got[:, :qk], want)
+    assert torch.equal(got[:, qk:], qkv[:, qk:])  # v untouched
+
+
+@pytest.mark.parametrize("n, i", [(1, 8960), (3, 100), (2, 1500)])
+def test_silu_mul_matches_torch(n, i):
+    gate_up = randn(n, 2 * i, scale=4, seed=6)  # a fused gate|up output, read through strided views
+    gate, up = gate_up.split(i, 1)
+    torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up, rtol=2**-7, atol=1e-6)
+
+
+def test_the_load_time_check_passes_and_a_model_runs_on_the_triton_ops(monkeypatch, tmp_path):
+    ops.check(torch.device(DEVICE))
+    model = Qwen2VL.from_pretrained(save_checkpoint(build_reference(), tmp_path), dtype=BF16, device=DEVICE)
+    model.fuse_qkv()
+    ids = torch.randint(0, 200, (17,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    want = model.logits(ids)
+    monkeypatch.setattr(fast_layers, "ops_for", lambda x: ops)  # the CUDA choice, here on any device
+    model.model = FastTextModel(model.model)
+    got = model.logits(ids)
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
