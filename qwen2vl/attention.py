@@ -23,16 +23,17 @@ def causal_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return out[0].transpose(0, 1)
 
 
-def block_diagonal_attention(q, k, v, cu_seqlens: list[int]) -> torch.Tensor:
+def block_diagonal_attention(q, k, v, cu_seqlens: list[int], softmax=torch.softmax) -> torch.Tensor:
     """Non-causal attention within each [cu_seqlens[i], cu_seqlens[i+1]) block, none across.
 
     q, k, v [N, H, D] -> [N, H, D]. One attention per block (an image, or one temporal patch pair
-    of a video) so no N x N mask is ever built.
+    of a video) so no N x N mask is ever built. `softmax(scores, -1)` may work in place (the C
+    kernel, fast_vision.py): the CPU path's scores are its own.
     """
     out = torch.empty_like(q)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         if q.device.type == "cpu" and end - start >= CPU_MATMUL_ATTENTION_MIN:
-            out[start:end] = _matmul_attention(q[start:end], k[start:end], v[start:end])
+            out[start:end] = _matmul_attention(q[start:end], k[start:end], v[start:end], softmax=softmax)
             continue
         qs, ks, vs = (_heads_first(x[start:end]) for x in (q, k, v))
         out[start:end] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
@@ -45,7 +46,8 @@ CPU_MATMUL_ATTENTION_MIN = 256
 _SCORES_BUDGET = 1 << 22  # score elements per chunk (8 MB in bf16): the chunk stays in L3
 
 
-def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 2) -> torch.Tensor:
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 2,
+                      softmax=torch.softmax) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for [n, H, D] tensors, two heads and a slab of query rows at a time.
 
     SDPA's CPU flash kernel runs the vision tower's head_dim 80 at ~20% of GEMM speed; plain
@@ -62,5 +64,5 @@ def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
         kt, vh = k[h:h + heads].transpose(1, 2), v[h:h + heads]
         for r in range(0, n, rows):
             scores = torch.matmul(q[h:h + heads, r:r + rows] * dim**-0.5, kt)
-            out[h:h + heads, r:r + rows] = torch.softmax(scores, -1) @ vh
+            out[h:h + heads, r:r + rows] = softmax(scores, -1) @ vh
     return out.transpose(0, 1)

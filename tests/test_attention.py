@@ -41,7 +41,7 @@ def test_matches_masked_attention_fp32(monkeypatch, budget):
 def test_matmul_path_is_taken_and_close_in_bf16(monkeypatch):
     calls = []
     real = attention._matmul_attention
-    monkeypatch.setattr(attention, "_matmul_attention", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(attention, "_matmul_attention", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
     q, k, v = qkv(torch.bfloat16)
     cu = [0, SIZES[0], SIZES[0] + SIZES[1], sum(SIZES)]
     out = block_diagonal_attention(q, k, v, cu)

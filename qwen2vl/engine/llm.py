@@ -21,6 +21,7 @@ from qwen2vl.engine.outputs import RequestOutput, TextChunk
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams, generation_defaults, generation_eos_ids
 from qwen2vl.fast_layers import speed_up_layers
+from qwen2vl.fast_vision import speed_up_vision
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.linear import speed_up_linears
 from qwen2vl.model import Qwen2VL
@@ -138,6 +139,7 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
         # the vision tower's GEMMs are compute-bound: no huge pages, which cost load time (the
         # kernel compacts memory to find them)
         speed_up_linears(model.visual, skip=("patch_embed",), huge_pages=False)
+        speed_up_vision(model)  # its QuickGELU, rotary and softmax as C kernels (bf16 only)
         # the decoder's norms, rotary, SiLU and decode attention as C kernels (bf16 only)
         speed_up_layers(model)
     elif device.type == "cuda":

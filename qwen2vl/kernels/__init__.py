@@ -25,6 +25,7 @@ import math
 import mmap
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -53,7 +54,10 @@ def _cpu_key() -> str:
 
 def build(source: Path) -> Path:
     """The compiled .so for `source`, compiled now unless it is in the cache."""
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join([CC, *FLAGS]).encode(), _cpu_key().encode()]))
+    text = source.read_bytes()
+    # the local headers it includes ("bf16_simd.h") are part of what gets compiled
+    headers = [source.with_name(h.decode()).read_bytes() for h in re.findall(rb'#include "([^"]+)"', text)]
+    key = hashlib.sha256(b"\0".join([text, *headers, " ".join([CC, *FLAGS]).encode(), _cpu_key().encode()]))
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2vl" / "kernels"
     out = cache / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not out.exists():
