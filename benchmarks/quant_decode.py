@@ -4,7 +4,8 @@ One process holds the `LLM`s (bf16 FastLinears, `quantization="int8"`, `"int4"`,
 `bf16-onednn`: bf16 FastLinears on oneDNN instead of our bf16 kernel); each
 repetition runs every one in turn (this VM's memory speed drifts, so ratios come from runs seconds
 apart): one request with its own 448x448 image, prefilled, then `--steps` decode steps timed.
-Printed: tokens/s per run, the median, and its ratio to bf16's, and the read probe for scale.
+Printed: tokens/s per run, the median, and its ratio to bf16's; the ratio of each repetition's run
+to bf16's in the same repetition, and their median; and the read probe for scale.
 
     python -m benchmarks.quant_decode [--reps 3] [--steps 32] [--modes bf16 int8 int4 bf16-onednn]
 """
@@ -54,10 +55,15 @@ def main() -> None:
     bf16_bytes = step_bytes(next(iter(llms.values())).model)
     print(f"\ndecode, {args.batch} request(s), {args.steps} steps, median of {args.reps} (runs in brackets); "
           f"a bf16 step streams {bf16_bytes / 1e9:.2f} GB of weights")
-    base = statistics.median(rates[args.modes[0]])
+    first = args.modes[0]
+    base = statistics.median(rates[first])
     for m, r in rates.items():
         med = statistics.median(r)
-        print(f"{m:6}{med:8.2f} tok/s  {med / base:5.2f}x {args.modes[0]}   [{', '.join(f'{x:.2f}' for x in r)}]")
+        # each repetition's ratio to the first mode's run seconds before it: robust to the memory
+        # speed drifting between repetitions, which the ratio of medians is not
+        paired = [x / b for x, b in zip(r, rates[first])]
+        print(f"{m:6}{med:8.2f} tok/s  {med / base:5.2f}x {first}   [{', '.join(f'{x:.2f}' for x in r)}]   "
+              f"paired: median {statistics.median(paired):.2f}x [{', '.join(f'{x:.2f}' for x in paired)}]")
 
 
 if __name__ == "__main__":
