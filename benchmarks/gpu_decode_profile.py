@@ -5,8 +5,9 @@ the decode graph's replay alone (replay + sync), the head and sampling alone, an
 Python by function (cProfile over the same steps, by own time). The difference between the step
 and replay + head + sampling is host work the GPU waits for.
 
-With the decoder's small ops as torch ops and as Triton kernels (kernels/triton_layer_ops.py), in
-turn (torch twice, first and last, for drift), and the greedy tokens of both on one prompt.
+With the decoder's small ops as torch ops, as Triton kernels (kernels/triton_layer_ops.py), and
+as Triton kernels with gate/up fused and the k/v cache write in one launch (what LLM does on
+CUDA), in turn (torch twice, first and last, for drift), and the greedy tokens of each on one prompt.
 
     python -m benchmarks.gpu_decode_profile --tokenizer .cache/qwen_tokenizer [--steps 64] [--cprofile]
 """
@@ -95,20 +96,31 @@ def main() -> None:
         torch.cuda.empty_cache()
     log(torch.cuda.get_device_name())
     tokens = {}
-    for label in ("torch ops", "Triton layer ops", "torch ops again"):
-        patch = unittest.mock.patch("qwen2vl.engine.llm.speed_up_layers", lambda model: False)
-        with patch if label.startswith("torch") else contextlib.nullcontext():
+    # (label, Triton layer ops, fused gate/up, one-launch k/v cache write)
+    variants = [("torch ops", False, False, False), ("Triton layer ops", True, False, False),
+                ("Triton layer ops + fused gate/up + one-launch k/v write", True, True, True),
+                ("torch ops again", False, False, False)]
+    for label, layer_ops, gate_up, kv_write in variants:
+        with contextlib.ExitStack() as stack:
+            if not layer_ops:
+                stack.enter_context(unittest.mock.patch("qwen2vl.engine.llm.speed_up_layers", lambda model: False))
+            if not gate_up:
+                stack.enter_context(unittest.mock.patch("qwen2vl.model.Qwen2VL.fuse_gate_up", lambda self: None))
+            if not kv_write:
+                stack.enter_context(unittest.mock.patch("qwen2vl.engine.kv_cache.cuda_layer_ops", lambda device: None))
             llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_gib=1.0)
-        log(f"{label}: decoder {type(llm.model.model).__name__}, decode graphs "
-            f"{llm.engine.runner.graphs.attention if llm.engine.runner.graphs else 'none'}")
-        tokens[label] = profile(llm, args.steps, label, args.cprofile and label == "torch ops")
-        del llm
-        torch.cuda.empty_cache()
-    pairs = list(zip(tokens["torch ops"], tokens["Triton layer ops"]))
-    first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
-    log(f"greedy tokens (48, one prompt): Triton layer ops agree with torch ops on {sum(a == b for a, b in pairs)}; "
-        f"the first difference at {first}")
-
+            mlp = llm.model.model.layers[0].mlp
+            log(f"{label}: decoder {type(llm.model.model).__name__}, gate/up "
+                f"{'fused' if mlp.gate_up_proj is not None else 'apart'}, decode graphs "
+                f"{llm.engine.runner.graphs.attention if llm.engine.runner.graphs else 'none'}")
+            tokens[label] = profile(llm, args.steps, label, args.cprofile and label == "torch ops")
+            del llm, mlp
+            torch.cuda.empty_cache()
+    for label, *_ in variants[1:3]:
+        pairs = list(zip(tokens["torch ops"], tokens[label]))
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        log(f"greedy tokens (48, one prompt): {label} agree with torch ops on {sum(a == b for a, b in pairs)}; "
+            f"the first difference at {first}")
 
 if __name__ == "__main__":
     main()

@@ -81,7 +81,11 @@ class FastTextModel(torch.nn.Module):
             q, k, v = qkv.view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], 1)
             x = attn.o_proj(attend(attn.layer, q, k, v).reshape(n, -1))
             h, residual = ops.add_rms_norm(x, residual, norm2.weight, norm2.eps)
-            x = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            if mlp.gate_up_proj is None:
+                x = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            else:  # fused (CUDA): the kernels read gate and up as views of one output
+                gate, up = mlp.gate_up_proj(h).chunk(2, -1)
+                x = mlp.down_proj(ops.silu_mul(gate, up))
         return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
 

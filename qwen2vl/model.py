@@ -77,6 +77,11 @@ class Qwen2VL(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse_qkv()
 
+    def fuse_gate_up(self) -> None:
+        """Each decoder layer computes gate and up with one linear (see text.MLP.fuse_gate_up)."""
+        for layer in self.model.layers:
+            layer.mlp.fuse_gate_up()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 

@@ -57,12 +57,29 @@ def test_silu_mul_matches_torch(n, i):
     torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up, rtol=2**-7, atol=1e-6)
 
 
-def test_the_load_time_check_passes_and_a_model_runs_on_the_triton_ops(monkeypatch, tmp_path):
+def test_write_kv_equals_two_index_copies():
+    kv = randn(7, 3 * 2 * 16, seed=7)  # [q | k | v] heads side by side, as the qkv output
+    k, v = kv[:, 32:64].view(7, 2, 16), kv[:, 64:].view(7, 2, 16)
+    slots = torch.tensor([9, 0, 3, 15, 4, 8, 1], device=DEVICE)
+    got = [torch.zeros(4, 4, 2, 16, dtype=BF16, device=DEVICE) for _ in "kv"]
+    want = [t.clone() for t in got]
+    assert ops.write_kv(k, v, *got, slots)
+    for cache, new in zip(want, (k, v)):
+        cache.view(-1, 2, 16).index_copy_(0, slots, new)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not ops.write_kv(k.transpose(1, 2), v, *got, slots)  # a layout it doesn't take: left to torch
+
+
+@pytest.mark.parametrize("fuse_gate_up", [False, True])
+def test_the_load_time_check_passes_and_a_model_runs_on_the_triton_ops(monkeypatch, tmp_path, fuse_gate_up):
     ops.check(torch.device(DEVICE))
     model = Qwen2VL.from_pretrained(save_checkpoint(build_reference(), tmp_path), dtype=BF16, device=DEVICE)
     model.fuse_qkv()
     ids = torch.randint(0, 200, (17,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     want = model.logits(ids)
+    if fuse_gate_up:  # as load_model does on CUDA; the torch forward takes the fused layout too
+        model.fuse_gate_up()
+        torch.testing.assert_close(model.logits(ids), want, rtol=0.02, atol=0.02)
     monkeypatch.setattr(fast_layers, "ops_for", lambda x: ops)  # the CUDA choice, here on any device
     model.model = FastTextModel(model.model)
     got = model.logits(ids)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from qwen2vl.config import TextConfig
+from qwen2vl.fast_layers import cuda_layer_ops
 
 
 class KVCache:
@@ -27,6 +28,9 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """k, v [N, Hkv, Dh] into slots [N] (slot = block * block_size + offset)."""
         k_cache, v_cache = self.layers[layer]
+        if k.is_cuda and (ops := cuda_layer_ops(k.device)) is not None and ops.write_kv(k, v, k_cache, v_cache,
+                                                                                        slot_mapping):
+            return  # one Triton launch for both (a decode step writes 28 layers: launches add up)
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 

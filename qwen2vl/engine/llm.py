@@ -126,6 +126,8 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
         raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
     model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device)
     model.fuse_qkv()
+    if device.type == "cuda":
+        model.fuse_gate_up()  # one launch fewer per layer in the decode graph (not on the CPU: no gain there)
     if quantization is not None:
         mode, group_size = QUANTIZATIONS[quantization]
         quantize_model(model, mode, group_size)

@@ -99,6 +99,8 @@ class DecodeStep:
         layers = (_Layer * cfg.num_hidden_layers)()
         for i, layer in enumerate(text_model.layers):
             attn, mlp = layer.self_attn, layer.mlp
+            if mlp.gate_up_proj is not None:  # fused gate|up (a CUDA model's layout): not described here
+                return None
             linears = [_linear(m, keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                                                   mlp.down_proj)]
             if any(lin is None for lin in linears):

@@ -8,7 +8,8 @@ layer_ops.py (the C kernels for the CPU), so fast_layers.FastTextModel runs eith
 - add_rms_norm: the residual add (rounded to bf16, as torch's `x + sublayer(x)`) and the RMSNorm
   after it (normalized in fp32, rounded, then times the weight);
 - rotary_: q and k turned in place in the fused qkv output, each product rounded as torch does;
-- silu_mul: bf16(silu(gate)) * up.
+- silu_mul: bf16(silu(gate)) * up;
+- write_kv: the new tokens' k and v into the paged cache (KVCache.write), one launch for both.
 RMSNorm's sum and Triton's rsqrt differ from torch's by float32 rounding, so a norm can differ in
 the last bf16 bit; rotary is exact. Imported only where triton is (CUDA machines).
 """
@@ -77,6 +78,33 @@ def _silu_mul_kernel(g_ptr, g_stride, u_ptr, u_stride, out_ptr, I, BLOCK: tl.con
     tl.store(out_ptr + n * I + cols, _round(silu * u).to(tl.bfloat16), mask=mask)
 
 
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, kc_ptr, vc_ptr, slots_ptr, ROW: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < ROW
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    tl.store(kc_ptr + slot * ROW + cols, tl.load(k_ptr + n * k_stride + cols, mask=mask), mask=mask)
+    tl.store(vc_ptr + slot * ROW + cols, tl.load(v_ptr + n * v_stride + cols, mask=mask), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> bool:
+    """KVCache.write in one launch (two index_copy_ calls otherwise): k, v [N, Hkv, Dh] with each
+    token's heads contiguous (views of the qkv output are) into the contiguous caches [..., Hkv, Dh]
+    at slots [N]. Returns False, writing nothing, for layouts it doesn't take."""
+    n, hkv, dh = k.shape
+    row = hkv * dh
+    if not (k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == dh and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and slots.is_contiguous()):
+        return False
+    if n:
+        _write_kv_kernel[(n,)](k, v, k.stride(0), v.stride(0), k_cache, v_cache, slots, ROW=row,
+                               BLOCK=triton.next_power_of_2(row), num_warps=1)
+    return True
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """As layer_ops.add_rms_norm: (RMSNorm(x + residual), x + residual), or (RMSNorm(x), x)."""
     assert x.is_contiguous() and (residual is None or residual.is_contiguous())
@@ -136,3 +164,11 @@ def check(device) -> None:
     gate_up = torch.randn(3, 2 * 1500, generator=g, device=device).to(bf)
     gate, up = gate_up.split(1500, 1)
     torch.testing.assert_close(silu_mul(gate, up), F.silu(gate) * up, rtol=2**-7, atol=2**-7)
+    kv = torch.randn(3, 3 * 2 * 16, generator=g, device=device).to(bf)  # q|k|v heads side by side
+    k, v = kv[:, 32:64].view(3, 2, 16), kv[:, 64:].view(3, 2, 16)
+    caches = [torch.zeros(4, 2, 2, 16, device=device, dtype=bf) for _ in range(4)]
+    slots = torch.tensor([5, 0, 2], device=device)
+    assert write_kv(k, v, caches[0], caches[1], slots)
+    caches[2].view(-1, 2, 16).index_copy_(0, slots, k)
+    caches[3].view(-1, 2, 16).index_copy_(0, slots, v)
+    torch.testing.assert_close(caches[:2], caches[2:], rtol=0, atol=0)
