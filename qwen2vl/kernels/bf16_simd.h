@@ -1,5 +1,6 @@
-/* AVX-512 helpers for bf16 elementwise kernels, shared by layer_ops.c and vision_ops.c: masked
- * bf16 <-> fp32 loads and stores with torch's rounding (nearest even), and torch's exp.
+/* AVX-512 helpers for bf16 elementwise kernels, shared by layer_ops.c, paged_decode.c and
+ * vision_ops.c: masked bf16 <-> fp32 loads and stores with torch's rounding (nearest even), and
+ * torch's exp.
  * Included by those files only inside their AVX-512 sections; kernels/__init__.py's build key
  * covers this file too. */
 #ifndef QWEN2VL_BF16_SIMD_H

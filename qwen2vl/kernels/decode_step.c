@@ -5,9 +5,9 @@
  * allocation, ~3 ms a step, more than a tenth of an int4 step. Here the same kernels are called in
  * the same order on the same values (so the result is the Python path's, bit for bit), from C.
  *
- * The kernels live in the other libraries (bf16_gemm.c, int_gemv.c, layer_ops.c): the caller
- * passes their addresses in the Decoder, and the weights' and the KV cache's addresses in each
- * Layer (qwen2vl/kernels/decode_step.py builds them once). Nothing here needs AVX-512 itself.
+ * The kernels live in the other libraries (bf16_gemm.c, int_gemv.c, layer_ops.c, paged_decode.c):
+ * the caller passes their addresses in the Decoder, and the weights' and the KV cache's addresses
+ * in each Layer (qwen2vl/kernels/decode_step.py builds them once). Nothing here needs AVX-512 itself.
  */
 #include <stdint.h>
 #include <stddef.h>

@@ -110,7 +110,8 @@ class DecodeStep:
             norm1, norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             layers[i] = _Layer(norm1.data_ptr(), norm2.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *linears)
         decoder = _Decoder(
-            _address(ops.rms_norm), _address(ops.rotary), _address(ops.silu_mul), _address(ops.paged_decode),
+            _address(ops.rms_norm), _address(ops.rotary), _address(ops.silu_mul),
+            _address(layer_ops.attention_library().paged_decode),
             cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
             cfg.num_key_value_heads, cfg.head_dim, eps.pop(), text_model.norm.weight.data_ptr(),
             ctypes.cast(layers, ctypes.POINTER(_Layer)))

@@ -1,5 +1,6 @@
-"""ctypes bindings of layer_ops.c: a decoder layer's small bf16 ops (RMSNorm with its residual add,
-rotary, SiLU * up, paged decode attention), one C call each instead of a few torch ops each.
+"""ctypes bindings of layer_ops.c and paged_decode.c: a decoder layer's small bf16 ops (RMSNorm with
+its residual add, rotary, SiLU * up, paged decode attention), one C call each instead of a few torch
+ops each.
 
 Compiled and cached like int_gemv.c (`build` in this package). `library()` is None where the kernels
 can't be had (no compiler, a failed compile, a CPU without AVX-512); it logs why, once, and
@@ -19,7 +20,8 @@ import torch
 from qwen2vl.kernels import _load
 
 SOURCE = Path(__file__).with_name("layer_ops.c")
-MAX_GROUP, MAX_HEAD_DIM = 16, 256  # the attention kernel's stack buffers (MAXG, MAXD in layer_ops.c)
+ATTENTION_SOURCE = Path(__file__).with_name("paged_decode.c")
+MAX_GROUP, MAX_HEAD_DIM = 16, 256  # the attention kernel's stack buffers (MAXG, MAXD in paged_decode.c)
 
 log = logging.getLogger(__name__)
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -35,13 +37,21 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _float, _int]
     lib.rotary.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int]
     lib.silu_mul.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _int]
-    lib.paged_decode.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
-                                 _i64, _i64, _i64, _i64, _int]
+    return lib
+
+
+@functools.cache
+def attention_library() -> ctypes.CDLL | None:
+    """The loaded paged decode attention (paged_decode.c), or None (logged once)."""
+    lib = _load(ATTENTION_SOURCE, "decode attention kernel", "paged_decode_supported", "AVX-512", logging.INFO)
+    if lib is not None:
+        lib.paged_decode.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
+                                     _i64, _i64, _i64, _i64, _int]
     return lib
 
 
 def available() -> bool:
-    return library() is not None
+    return library() is not None and attention_library() is not None
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -50,7 +60,7 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def supports_layout(heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether the kernels take these head sizes (paged_decode's stack buffers: MAXG, MAXD in layer_ops.c)."""
+    """Whether the kernels take these head sizes (paged_decode's stack buffers: MAXG, MAXD in paged_decode.c)."""
     return heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP and head_dim <= MAX_HEAD_DIM and head_dim % 2 == 0
 
 
@@ -105,10 +115,10 @@ def paged_decode(q, k, v, k_cache, v_cache, slot_mapping, ctx_slots, ctx_lens) -
     int64 slots and lengths as the runner builds them (ctx_slots rows contiguous)."""
     b, hq, d = q.shape
     out = torch.empty(b, hq, d, dtype=q.dtype)
-    rc = library().paged_decode(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                                k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(), ctx_slots.data_ptr(),
-                                ctx_slots.stride(0), ctx_lens.data_ptr(), out.data_ptr(), b, hq, k.shape[1], d,
-                                torch.get_num_threads())
+    rc = attention_library().paged_decode(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+        v_cache.data_ptr(), slot_mapping.data_ptr(), ctx_slots.data_ptr(), ctx_slots.stride(0), ctx_lens.data_ptr(),
+        out.data_ptr(), b, hq, k.shape[1], d, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("layer_ops.paged_decode: out of memory for the partial softmaxes")
     return out
