@@ -11,8 +11,8 @@ from qwen2vl import LLM, Qwen2VL, SamplingParams, kernels
 from qwen2vl.engine.paged_attention import PagedBatch, decode
 from qwen2vl.fast_layers import FastTextModel, speed_up_layers
 from qwen2vl.kernels import layer_ops
-from qwen2vl.rotary import apply_rotary, mrope_cos_sin
 from qwen2vl.text import RMSNorm
+from tests.helpers.layer_op_checks import assert_rotary_in_place_equals_apply_rotary
 from tests.test_server_support import tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not layer_ops.available(), reason="layer kernels can't be built or run here")
@@ -40,16 +40,7 @@ def test_add_rms_norm_equals_residual_add_then_rmsnorm_bit_for_bit(n, d):
 
 @pytest.mark.parametrize("n, heads, kv_heads, dim", [(1, 12, 2, 128), (7, 4, 2, 16), (3, 3, 1, 40), (300, 12, 2, 128)])
 def test_rotary_in_place_equals_apply_rotary_bit_for_bit(n, heads, kv_heads, dim):
-    qkv = randn(n, (heads + 2 * kv_heads) * dim, seed=4)
-    positions = torch.randint(0, 4000, (3, n), generator=torch.Generator().manual_seed(5))
-    section = (dim // 8, dim // 8, dim // 2 - dim // 4)
-    cos, sin = mrope_cos_sin(positions, dim, 1e6, section, BF16)
-    qk = (heads + kv_heads) * dim
-    want = apply_rotary(qkv[:, :qk].view(n, heads + kv_heads, dim), cos, sin).reshape(n, qk)
-    got = qkv.clone()
-    layer_ops.rotary_(got, cos, sin, heads + kv_heads, dim)
-    assert torch.equal(got[:, :qk], want)
-    assert torch.equal(got[:, qk:], qkv[:, qk:])  # v untouched
+    assert_rotary_in_place_equals_apply_rotary(layer_ops.rotary_, n, heads, kv_heads, dim)
 
 
 @pytest.mark.parametrize("n, i", [(1, 8960), (3, 100), (2, 7), (64, 1000)])

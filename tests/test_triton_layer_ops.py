@@ -11,9 +11,9 @@ triton = pytest.importorskip("triton")  # interpreted on the CPU: tests/conftest
 from qwen2vl import Qwen2VL, fast_layers  # noqa: E402
 from qwen2vl.fast_layers import FastTextModel  # noqa: E402
 from qwen2vl.kernels import triton_layer_ops as ops  # noqa: E402
-from qwen2vl.rotary import apply_rotary, mrope_cos_sin  # noqa: E402
 from qwen2vl.text import RMSNorm  # noqa: E402
 from tests.helpers.checkpoints import build_reference, save_checkpoint  # noqa: E402
+from tests.helpers.layer_op_checks import assert_rotary_in_place_equals_apply_rotary  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16 = torch.bfloat16
@@ -39,15 +39,7 @@ def test_add_rms_norm_matches_residual_add_then_rmsnorm(n, d):
 
 @pytest.mark.parametrize("n, heads, kv_heads, dim", [(1, 12, 2, 128), (7, 4, 2, 16), (3, 3, 1, 40)])
 def test_rotary_in_place_equals_apply_rotary_bit_for_bit(n, heads, kv_heads, dim):
-    qkv = randn(n, (heads + 2 * kv_heads) * dim, seed=4)
-    positions = torch.randint(0, 4000, (3, n), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    cos, sin = mrope_cos_sin(positions, dim, 1e6, (dim // 8, dim // 8, dim // 2 - dim // 4), BF16)
-    qk = (heads + kv_heads) * dim
-    want = apply_rotary(qkv[:, :qk].view(n, heads + kv_heads, dim), cos, sin).reshape(n, qk)
-    got = qkv.clone()
-    ops.rotary_(got, cos, sin, heads + kv_heads, dim)
-    assert torch.equal(got[:, :qk], want)
-    assert torch.equal(got[:, qk:], qkv[:, qk:])  # v untouched
+    assert_rotary_in_place_equals_apply_rotary(ops.rotary_, n, heads, kv_heads, dim, DEVICE)
 
 
 @pytest.mark.parametrize("n, i", [(1, 8960), (3, 100), (2, 1500)])

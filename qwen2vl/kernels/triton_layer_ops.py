@@ -10,7 +10,7 @@ layer_ops.py (the C kernels for the CPU), so fast_layers.FastTextModel runs eith
 - rotary_: q and k turned in place in the fused qkv output, each product rounded as torch does;
 - silu_mul: bf16(silu(gate)) * up;
 - write_kv: the new tokens' k and v into the paged cache (KVCache.write), one launch for both.
-RMSNorm's sum and Triton's rsqrt differ from torch's by float32 rounding, so a norm can differ in
+RMSNorm's sum and its 1 / sqrt differ from torch's by float32 rounding, so a norm can differ in
 the last bf16 bit; rotary is exact. Imported only where triton is (CUDA machines).
 """
 
