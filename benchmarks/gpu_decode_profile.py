@@ -5,9 +5,11 @@ the decode graph's replay alone (replay + sync), the head and sampling alone, an
 Python by function (cProfile over the same steps, by own time). The difference between the step
 and replay + head + sampling is host work the GPU waits for.
 
-With the decoder's small ops as torch ops, as Triton kernels (kernels/triton_layer_ops.py), and
-as Triton kernels with gate/up fused and the k/v cache write in one launch (what LLM does on
-CUDA), in turn (torch twice, first and last, for drift), and the greedy tokens of each on one prompt.
+With the decoder's small ops as torch ops; as Triton kernels (kernels/triton_layer_ops.py) with
+gate/up fused and the k/v cache write in one launch; and the same with single-row linears through
+the Triton GEMV (kernels/triton_gemv.py; all of it what LLM does on CUDA), in turn (torch twice,
+first and last, for drift), with the greedy tokens of each on one prompt and, for the Triton
+variants, the decode graph's kernels by GPU time (torch.profiler).
 
     python -m benchmarks.gpu_decode_profile --tokenizer .cache/qwen_tokenizer [--steps 64] [--cprofile]
 """
@@ -80,6 +82,23 @@ def profile(llm, steps: int, label: str, with_cprofile: bool) -> list[int]:
     return out[0].token_ids
 
 
+def kernel_table(llm, label: str, replays: int = 20) -> None:
+    """The batch-1 decode graph's kernels by GPU time (torch.profiler over `replays` replays)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    replay = llm.engine.runner.graphs.graphs[1].replay
+    try:
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                replay()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        log(f"{label}: kernels of {replays} graph replays (per replay: divide by {replays}):\n{table}")
+    except Exception as e:  # the profiler is a diagnosis, not the measurement
+        log(f"{label}: no kernel table ({type(e).__name__}: {e})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default=".cache/qwen_tokenizer")
@@ -96,11 +115,12 @@ def main() -> None:
         torch.cuda.empty_cache()
     log(torch.cuda.get_device_name())
     tokens = {}
-    # (label, Triton layer ops, fused gate/up, one-launch k/v cache write)
-    variants = [("torch ops", False, False, False), ("Triton layer ops", True, False, False),
-                ("Triton layer ops + fused gate/up + one-launch k/v write", True, True, True),
-                ("torch ops again", False, False, False)]
-    for label, layer_ops, gate_up, kv_write in variants:
+    # (label, Triton layer ops, fused gate/up, one-launch k/v write, Triton GEMV for single rows)
+    variants = [("torch ops", False, False, False, False),
+                ("Triton layer ops + fused gate/up + one-launch k/v write", True, True, True, False),
+                ("the same + Triton GEMV", True, True, True, True),
+                ("torch ops again", False, False, False, False)]
+    for label, layer_ops, gate_up, kv_write, gemv in variants:
         with contextlib.ExitStack() as stack:
             if not layer_ops:
                 stack.enter_context(unittest.mock.patch("qwen2vl.engine.llm.speed_up_layers", lambda model: False))
@@ -108,12 +128,16 @@ def main() -> None:
                 stack.enter_context(unittest.mock.patch("qwen2vl.model.Qwen2VL.fuse_gate_up", lambda self: None))
             if not kv_write:
                 stack.enter_context(unittest.mock.patch("qwen2vl.engine.kv_cache.cuda_layer_ops", lambda device: None))
+            if not gemv:
+                stack.enter_context(unittest.mock.patch("qwen2vl.engine.llm.speed_up_cuda_linears", lambda model: 0))
             llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_gib=1.0)
             mlp = llm.model.model.layers[0].mlp
             log(f"{label}: decoder {type(llm.model.model).__name__}, gate/up "
                 f"{'fused' if mlp.gate_up_proj is not None else 'apart'}, decode graphs "
                 f"{llm.engine.runner.graphs.attention if llm.engine.runner.graphs else 'none'}")
             tokens[label] = profile(llm, args.steps, label, args.cprofile and label == "torch ops")
+            if layer_ops:
+                kernel_table(llm, label)
             del llm, mlp
             torch.cuda.empty_cache()
     for label, *_ in variants[1:3]:
