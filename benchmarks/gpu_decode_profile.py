@@ -6,10 +6,11 @@ Python by function (cProfile over the same steps, by own time). The difference b
 and replay + head + sampling is host work the GPU waits for.
 
 With the decoder's small ops as torch ops; as Triton kernels (kernels/triton_layer_ops.py) with
-gate/up fused and the k/v cache write in one launch; and the same with single-row linears through
-the Triton GEMV (kernels/triton_gemv.py; all of it what LLM does on CUDA), in turn (torch twice,
-first and last, for drift), with the greedy tokens of each on one prompt and, for the Triton
-variants, the decode graph's kernels by GPU time (torch.profiler).
+gate/up fused and the k/v cache write in one launch, the decode attention walking each context
+whole; and the same with the attention split over the context (engine/triton_decode.py; all of
+it what LLM does on CUDA), in turn (torch twice, first and last, for drift), with the greedy
+tokens of each on one prompt and, for the Triton variants, the decode graph's kernels by GPU time
+(torch.profiler).
 
     python -m benchmarks.gpu_decode_profile --tokenizer .cache/qwen_tokenizer [--steps 64] [--cprofile]
 """
@@ -77,6 +78,20 @@ def profile(llm, steps: int, label: str, with_cprofile: bool) -> list[int]:
         log(f"cProfile of {steps} decode steps (own time):\n{out.getvalue()}")
     while engine.has_work():
         engine.step()
+    # the same at a long context: the attention's share grows with it
+    long = [{"role": "user", "content": " ".join(f"Fact {i}: the number {i * 7919 % 1000} is odd or even." for i in
+                                               range(120))}]
+    engine.add_request(label + " long", llm.prompt(long), SamplingParams(temperature=0, max_tokens=steps + 16,
+                                                                        ignore_eos=True))
+    while not engine.step():
+        pass
+    for _ in range(8):
+        engine.step()
+    context = next(iter(engine.scheduler.running)).num_tokens
+    step = timed(engine.step, steps)
+    log(f"{label}: batch-1 decode step at a {context}-token context {step * 1e3:.3f} ms ({1 / step:.1f} tok/s)")
+    while engine.has_work():
+        engine.step()
     out = llm.generate([llm.prompt(text_messages(11))], SamplingParams(temperature=0, max_tokens=48,
                                                                        ignore_eos=True))
     return out[0].token_ids
@@ -115,12 +130,12 @@ def main() -> None:
         torch.cuda.empty_cache()
     log(torch.cuda.get_device_name())
     tokens = {}
-    # (label, Triton layer ops, fused gate/up, one-launch k/v write, Triton GEMV for single rows)
-    variants = [("torch ops", False, False, False, False),
-                ("Triton layer ops + fused gate/up + one-launch k/v write", True, True, True, False),
-                ("the same + Triton GEMV", True, True, True, True),
-                ("torch ops again", False, False, False, False)]
-    for label, layer_ops, gate_up, kv_write, gemv in variants:
+    # (label, Triton layer ops, fused gate/up, one-launch k/v write, decode attention split over the context)
+    variants = [("torch ops", False, False, False, True),
+                ("Triton layer ops + fused gate/up + one-launch k/v write, attention unsplit", True, True, True, False),
+                ("the same, attention split over the context", True, True, True, True),
+                ("torch ops again", False, False, False, True)]
+    for label, layer_ops, gate_up, kv_write, split in variants:
         with contextlib.ExitStack() as stack:
             if not layer_ops:
                 stack.enter_context(unittest.mock.patch("qwen2vl.engine.llm.speed_up_layers", lambda model: False))
@@ -128,8 +143,8 @@ def main() -> None:
                 stack.enter_context(unittest.mock.patch("qwen2vl.model.Qwen2VL.fuse_gate_up", lambda self: None))
             if not kv_write:
                 stack.enter_context(unittest.mock.patch("qwen2vl.engine.kv_cache.cuda_layer_ops", lambda device: None))
-            if not gemv:
-                stack.enter_context(unittest.mock.patch("qwen2vl.engine.llm.speed_up_cuda_linears", lambda model: 0))
+            if not split:
+                stack.enter_context(unittest.mock.patch("qwen2vl.engine.triton_decode.num_splits", lambda *a: 1))
             llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_gib=1.0)
             mlp = llm.model.model.layers[0].mlp
             log(f"{label}: decoder {type(llm.model.model).__name__}, gate/up "

@@ -105,15 +105,41 @@ def test_failed_capture_leaves_the_engine_eager(folder, monkeypatch, caplog):
 # ---- CUDA only ---------------------------------------------------------------------------------
 
 
-def random_paged(hq, hkv, dh, block_size, lens, dtype, seed=0):
+def random_paged(hq, hkv, dh, block_size, lens, dtype, seed=0, device="cuda"):
     """q, a shuffled paged cache, tables padded with junk block ids (never to be read), lengths."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     width = max(-(-n // block_size) for n in lens) + 3
     num_blocks = len(lens) * width + 5
-    k, v = (torch.randn(num_blocks, block_size, hkv, dh, generator=g, device="cuda", dtype=dtype) for _ in "kv")
-    tables = torch.randperm(num_blocks, generator=g, device="cuda")[: len(lens) * width].view(len(lens), width)
-    q = torch.randn(len(lens), hq, dh, generator=g, device="cuda", dtype=dtype)
-    return q, k, v, tables, torch.tensor(lens, device="cuda")
+    k, v = (torch.randn(num_blocks, block_size, hkv, dh, generator=g, device=device, dtype=dtype) for _ in "kv")
+    tables = torch.randperm(num_blocks, generator=g, device=device)[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(len(lens), hq, dh, generator=g, device=device, dtype=dtype)
+    return q, k, v, tables, torch.tensor(lens, device=device)
+
+
+# Triton's interpreter runs the kernel on the CPU (tests/conftest.py): the indexing, the slices
+# and their combination are checked here too; speed and the compiled code only on a GPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("splits", [1, 4, 16])  # 16: most of the 2B's slices hold no keys at all
+@pytest.mark.parametrize("lens", [[1, 5, 130, 64], [300]])
+def test_triton_decode_splits_the_context_and_combines_exactly(splits, lens):
+    pytest.importorskip("triton")
+    from qwen2vl.engine import triton_decode
+
+    q, k, v, tables, lens_t = random_paged(12, 2, 128, 16, lens, torch.float32, device=DEVICE)
+    want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(lens)), lens_t)
+    torch.testing.assert_close(triton_decode.decode(q, k, v, tables, lens_t, splits=splits), want,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_the_context_is_split_only_where_the_batch_leaves_the_gpu_idle():
+    pytest.importorskip("triton")
+    from qwen2vl.engine.triton_decode import num_splits
+
+    cpu = torch.device("cpu")  # counted as an H100's 132 multiprocessors
+    assert [num_splits(b, 12, cpu) for b in (1, 2, 4, 8, 16, 32, 64)] == [16, 16, 8, 4, 2, 1, 1]
+    assert num_splits(1, 28, cpu) == 16 and num_splits(8, 28, cpu) == 2
 
 
 @cuda

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from qwen2vl.cuda_linear import speed_up_cuda_linears
 from qwen2vl.engine.engine import Engine, EngineConfig
 from qwen2vl.engine.outputs import RequestOutput, TextChunk
 from qwen2vl.engine.prompt import Prompt
@@ -147,7 +146,6 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
         speed_up_layers(model)
     elif device.type == "cuda":
         speed_up_layers(model)  # the decoder's norms, rotary and SiLU as Triton kernels (bf16 only)
-        speed_up_cuda_linears(model)  # batch-1 decode rows through a Triton GEMV (bf16 only)
     return model
 
 
