@@ -91,7 +91,8 @@ needs_bf16_kernel = pytest.mark.skipif(kernels.bf16_library() is None, reason="n
 
 
 @needs_bf16_kernel
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9, 17, 40])  # the streaming tile (<= 4) and the register tile
+# the streaming tile (<= 4 rows), the register tile (5-8, > 16) and the wide tile (9-16)
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9, 12, 16, 17, 40])
 @pytest.mark.parametrize("n,k", [(16, 2), (48, 64), (97, 200), (50, 130), (130, 6)])  # k pairs odd; n % 16, % 48
 def test_bf16_kernel_tiles_and_tails(rows, n, k):
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
@@ -102,6 +103,19 @@ def test_bf16_kernel_tiles_and_tails(rows, n, k):
     assert packed.shape == ((n + 15) // 16, k // 2, 16, 2) and torch.equal(kernels.unpack_bf16(packed, n), w)
     close_to_linear(kernels.bf16_gemm(x, packed, bias, n), x, w, bias)
     close_to_linear(kernels.bf16_gemm(x, packed, None, n), x, w, None)
+
+
+@needs_bf16_kernel
+def test_the_wide_and_the_register_tile_sum_in_the_same_order():
+    """9-16 rows take the wide tile, more the register tile: a row's output must not depend on
+    how many rows share its batch (both add k pairs into one fp32 sum, in order)."""
+    g = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(70, 3000, generator=g).to(torch.bfloat16), torch.randn(70, generator=g).to(torch.bfloat16)
+    x = torch.randn(24, 3000, generator=g).to(torch.bfloat16)
+    packed = kernels.pack_bf16(w)
+    tiled = kernels.bf16_gemm(x, packed, bias, 70)
+    for rows in (9, 13, 16):
+        assert torch.equal(kernels.bf16_gemm(x[:rows], packed, bias, 70), tiled[:rows])
 
 
 @needs_bf16_kernel

@@ -4,9 +4,10 @@
  * 44-67 GB/s while plain reads ran at ~75 GB/s (the small q/k/v and o shapes worst), and its
  * fixed cost per call is ~30 us. Decode is a pure weight stream, so this kernel is a weight
  * stream and little else: one 64-byte load feeds 16 output rows x 2 k, software prefetch keeps
- * the reads ahead of the arithmetic. Prefill and batched decode use a register tile of
- * 3 weight blocks x 8 rows, which measured as fast as oneDNN's GEMM (283 rows: 0.96-1.0x of
- * its time; 16 rows: 0.85x). Figures in docs/performance.md.
+ * the reads ahead of the arithmetic. Batched decode of 9-16 rows streams each weight block once
+ * through all the rows (the wide tile); more rows (prefill) use a register tile of 3 weight
+ * blocks x 8 rows, which measured as fast as oneDNN's GEMM (283 rows: 0.96-1.0x of its time).
+ * Figures in docs/performance.md.
  *
  * Weight layout, in blocks of 16 output rows so each 32-bit lane of a 512-bit register
  * accumulates one row (N padded to 16 with zero rows by the caller):
@@ -27,6 +28,10 @@ int bf16_gemm_supported(void) { return 1; }
 #define MV 4 /* rows of x per pass of the streaming tile (decode) */
 #define MT 8 /* rows of x per pass of the register tile (prefill) */
 #define NT 3 /* weight blocks per pass of the register tile: 24 accumulators of 32 registers */
+#define MW 16 /* rows of x per pass of the wide tile (batched decode): one pass over the weights at 16 rows */
+#ifndef WIDE_MAX
+#define WIDE_MAX 16 /* up to this many rows the wide tile, beyond it the register tile */
+#endif
 /* Prefetch distances, measured: streaming 8 KB ahead non-temporally (each weight is read once);
  * the register tile 4 KB ahead into all levels on its first pass (later passes re-read the
  * blocks from L1/L2), every 64-byte line (every other line left the 2B's weights streaming at
@@ -104,6 +109,23 @@ static inline __attribute__((always_inline)) void register_tile(const uint16_t *
         for (int r = 0; r < mr; r++) acc[j * MT + r] = a[j][r];
 }
 
+/* One weight block (16 rows, streamed once) times up to MW rows of x. Batched decode of 9-16 rows
+ * in the register tile made two passes, the first streaming the weights from memory at 8 rows'
+ * arithmetic per byte, which this machine's memory can't feed at the tile's rate; here each byte
+ * feeds all the rows, so the stream needs half the bandwidth and the arithmetic sets the pace. */
+static inline __attribute__((always_inline)) void wide_tile(const uint16_t *w, int64_t K, const uint16_t *x,
+                                                            const int mr, __m512 *acc) {
+    __m512 a[MW];
+    for (int r = 0; r < mr; r++) a[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 2) {
+        const uint16_t *p = w + k * 16;
+        __builtin_prefetch((const char *)p + PF_STREAM, 0, 0);
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(p);
+        for (int r = 0; r < mr; r++) a[r] = _mm512_dpbf16_ps(a[r], wv, bcast_pair(x + r * K + k));
+    }
+    for (int r = 0; r < mr; r++) acc[r] = a[r];
+}
+
 /* The tiles take mr and nb as constants after inlining, so their arrays live in registers. */
 #define STREAM(mr) stream_tile(wb, K, x + m0 * K, mr, acc)
 #define TILE(mr)                                                       \
@@ -128,6 +150,41 @@ static void stream(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint
                 case 2: STREAM(2); break;
                 case 3: STREAM(3); break;
                 default: STREAM(MV);
+            }
+            for (int r = 0; r < mr; r++) store16(y + (m0 + r) * N + n0, _mm512_add_ps(acc[r], b), mask);
+        }
+    }
+}
+
+#define WIDE(mr) wide_tile(wb, K, x + m0 * K, mr, acc)
+
+static void wide(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint16_t *bias, int64_t M, int64_t N,
+                 int64_t K, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+        const __mmask16 mask = row_mask(N, n0);
+        const __m512 b = load_bias(bias, n0, mask);
+        const uint16_t *wb = w + n0 * K;
+        for (int64_t m0 = 0; m0 < M; m0 += MW) { /* passes after the first read the block from cache */
+            __m512 acc[MW];
+            const int mr = M - m0 < MW ? (int)(M - m0) : MW;
+            switch (mr) {
+                case 1: WIDE(1); break;
+                case 2: WIDE(2); break;
+                case 3: WIDE(3); break;
+                case 4: WIDE(4); break;
+                case 5: WIDE(5); break;
+                case 6: WIDE(6); break;
+                case 7: WIDE(7); break;
+                case 8: WIDE(8); break;
+                case 9: WIDE(9); break;
+                case 10: WIDE(10); break;
+                case 11: WIDE(11); break;
+                case 12: WIDE(12); break;
+                case 13: WIDE(13); break;
+                case 14: WIDE(14); break;
+                case 15: WIDE(15); break;
+                default: WIDE(MW);
             }
             for (int r = 0; r < mr; r++) store16(y + (m0 + r) * N + n0, _mm512_add_ps(acc[r], b), mask);
         }
@@ -169,6 +226,8 @@ void bf16_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint16_t
                int64_t K, int nthreads) {
     if (M <= MV)
         stream(w, x, y, bias, M, N, K, nthreads);
+    else if (M > MT && M <= WIDE_MAX)
+        wide(w, x, y, bias, M, N, K, nthreads);
     else
         tiled(w, x, y, bias, M, N, K, nthreads);
 }
