@@ -8,7 +8,8 @@
  * dot_b[n] = sum code[n, k] * xq[k] (the vpdpbusd part):
  *
  *   int8, code = q + 128, scale sw per row:
- *       y[n] = sw[n] * sum_b d_b * (dot_b[n] - 128 * qsum_b)
+ *       y[n] = sw[n] * (sum_b d_b * dot_b[n] - c),  c = 128 * sum_b d_b * qsum_b
+ *   (the code's offset summed once per activation row, not taken out of every block's dot)
  *   int4, code = q, w = (q - 8) * s + z per group g (of 32..256 k, so a group holds whole blocks):
  *       y[n] = sum_b s_g[n] * d_b * (dot_b[n] - 8 * qsum_b) + z_g[n] * xsum_b
  *
@@ -50,7 +51,8 @@ typedef struct {
 typedef struct {
     int8_t *q;
     Block *blk;
-    int once; /* M <= MR: each weight block is read in one pass */
+    float *offset; /* per row: 128 * sum_b d_b * qsum_b, the int8 codes' offset in the row's dots */
+    int once;      /* M <= MR: each weight block is read in one pass */
 } Acts;
 
 static inline int chunk_rows(int64_t M, int64_t m0) { return M - m0 < MR ? (int)(M - m0) : MR; }
@@ -99,6 +101,7 @@ static inline __m512i bcast4(const int8_t *p) { /* 4 activation bytes to every l
 static void quantize_row(const char *x, int bf16, int64_t M, int64_t K, Acts a, int64_t m) {
     const int64_t nb = K / QK, esz = bf16 ? 2 : 4, m0 = m / MR * MR;
     const int mr = chunk_rows(M, m0), r = (int)(m - m0);
+    float offset = 0;
     for (int64_t b = 0; b < nb; b++) {
         __m512 v0 = load16(x + b * QK * esz, bf16), v1 = load16(x + (b * QK + 16) * esz, bf16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
@@ -109,14 +112,16 @@ static void quantize_row(const char *x, int bf16, int64_t M, int64_t K, Acts a, 
         _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
         for (int j = 0; j < QK / 4; j++) memcpy(a.q + m0 * K + ((b * QK / 4 + j) * mr + r) * 4, q + 4 * j, 4);
-        a.blk[m0 * nb + b * mr + r] = (Block){d, _mm512_reduce_add_ps(_mm512_add_ps(v0, v1)),
-                                               _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))};
+        const int32_t sq = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        a.blk[m0 * nb + b * mr + r] = (Block){d, _mm512_reduce_add_ps(_mm512_add_ps(v0, v1)), sq};
+        offset += d * (float)(128 * sq);
     }
+    a.offset[m] = offset;
 }
 
 /* One weight block (16 rows) times activation rows m0 .. m0 + mr: acc[r] gets 16 outputs of row
- * m0 + r before the per-row int8 scale. mr is a constant after inlining, so the arrays live in
- * registers. */
+ * m0 + r before the codes' offset and the per-row int8 scale. mr is a constant after inlining, so
+ * the arrays live in registers. */
 static inline __attribute__((always_inline)) void int8_tile(const uint8_t *w, int64_t K, Acts a, int64_t m0,
                                                             const int mr, __m512 *acc) {
     const int64_t nb = K / QK;
@@ -135,9 +140,8 @@ static inline __attribute__((always_inline)) void int8_tile(const uint8_t *w, in
             }
         }
         for (int r = 0; r < mr; r++) {
-            const Block k = a.blk[m0 * nb + b * mr + r];
-            __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(s0[r], s1[r]), _mm512_set1_epi32(128 * k.sq));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(k.d), acc[r]);
+            __m512i dot = _mm512_add_epi32(s0[r], s1[r]); /* < 2^21: exact in float */
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.blk[m0 * nb + b * mr + r].d), acc[r]);
         }
     }
 }
@@ -178,8 +182,8 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *w, co
 static int gemm(int bits, const uint8_t *w, const void *scales, int scales_bf16, const void *x, void *y,
                 const void *bias, int io_bf16, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads) {
     const int64_t nb = K / QK, esz = io_bf16 ? 2 : 4, sesz = scales_bf16 ? 2 : 4;
-    Acts a = {malloc(M * K), malloc(M * nb * sizeof(Block)), M <= MR};
-    int ok = a.q && a.blk;
+    Acts a = {malloc(M * K), malloc(M * nb * sizeof(Block)), malloc(M * sizeof(float)), M <= MR};
+    int ok = a.q && a.blk && a.offset;
     if (ok) {
 #pragma omp parallel num_threads(nthreads)
         {
@@ -201,6 +205,7 @@ static int gemm(int bits, const uint8_t *w, const void *scales, int scales_bf16,
                             case 3: int8_tile(wb, K, a, m0, 3, acc); break;
                             default: int8_tile(wb, K, a, m0, MR, acc);
                         }
+                        for (int r = 0; r < mr; r++) acc[r] = _mm512_sub_ps(acc[r], _mm512_set1_ps(a.offset[m0 + r]));
                     } else {
                         const uint8_t *wb = w + n0 * K / 2;
                         const char *sb = (const char *)scales + n0 * (K / group) * 2 * sesz;
@@ -218,7 +223,7 @@ static int gemm(int bits, const uint8_t *w, const void *scales, int scales_bf16,
             }
         }
     }
-    free(a.q), free(a.blk);
+    free(a.q), free(a.blk), free(a.offset);
     return ok ? 0 : -1;
 }
 
