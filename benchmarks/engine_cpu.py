@@ -195,25 +195,31 @@ def main():
 
     if args.decode_batches:
         print(f"\nengine decode phase, {args.decode_steps} steps with every request decoding "
-              f"(median of {args.reps}; all runs in brackets)")
-        rates, of_bound = {}, []
-        for k in args.decode_batches:
-            rates[k] = []
-            for _ in range(args.reps):
-                before = memory_gbs(3)[1] if k == 1 else None
+              f"(median of {args.reps}; all runs in brackets, with the read probe around each)")
+        # the batches take turns within each repetition, and each run is bracketed by probes: the
+        # memory speed drifts between phases minutes apart, so ratios pair runs of one repetition
+        rates = {k: [] for k in args.decode_batches}
+        reads = {k: [] for k in args.decode_batches}
+        for _ in range(args.reps):
+            for k in args.decode_batches:
+                before = memory_gbs(3)[1]
                 rates[k].append(engine_decode_rate(llm, [next(seed) for _ in range(k)], args.decode_steps))
-                if k == 1:  # the memory speed drifts: bound each run by probes taken right around it
-                    read = (before + memory_gbs(3)[1]) / 2
-                    of_bound.append((rates[k][-1] / (read * 1e9 / step_bytes(llm.model)), read))
-            ratio = f", {statistics.median(rates[k]) / statistics.median(rates[1]):.1f}x one stream" \
-                if 1 in rates and k != 1 else ""
+                reads[k].append((before + memory_gbs(3)[1]) / 2)
+        for k in args.decode_batches:
+            ratio = ""
+            if 1 in rates and k != 1:
+                paired = [a / b for a, b in zip(rates[k], rates[1])]
+                ratio = (f", {statistics.median(rates[k]) / statistics.median(rates[1]):.1f}x one stream "
+                         f"(paired per repetition: median {statistics.median(paired):.1f}x; "
+                         f"{', '.join(f'{x:.1f}x' for x in paired)})")
             print(f"{k:4d} requests: {statistics.median(rates[k]):7.2f} tok/s{ratio}   "
-                  f"[{', '.join(f'{x:.2f}' for x in rates[k])}]", flush=True)
-        if of_bound:
+                  f"[{', '.join(f'{x:.2f} at {r:.0f} GB/s' for x, r in zip(rates[k], reads[k]))}]", flush=True)
+        if 1 in rates:
+            of_bound = [rate / (read * 1e9 / step_bytes(llm.model)) for rate, read in zip(rates[1], reads[1])]
             print(f"bandwidth bound: {step_bytes(llm.model) / 1e9:.2f} GB of weights per step at the read probe "
                   f"(1 GiB sum, probed before and after each run); one stream decodes at "
-                  f"{statistics.median(f for f, _ in of_bound):.0%} of it (median; runs "
-                  f"{', '.join(f'{f:.0%} at {r:.0f} GB/s' for f, r in of_bound)})")
+                  f"{statistics.median(of_bound):.0%} of it (median; runs "
+                  f"{', '.join(f'{f:.0%} at {r:.0f} GB/s' for f, r in zip(of_bound, reads[1]))})")
 
     print(f"\naggregate generated tokens/s, {args.agg_tokens} tokens per request, wall clock incl. prefill, "
           f"median of {args.agg_reps} (the side that goes first alternates; all runs in brackets)")

@@ -4,10 +4,12 @@ One process holds the `LLM`s (bf16 FastLinears, `quantization="int8"`, `"int4"`,
 `bf16-onednn`: bf16 FastLinears on oneDNN instead of our bf16 kernel); each
 repetition runs every one in turn (this VM's memory speed drifts, so ratios come from runs seconds
 apart): one request with its own 448x448 image, prefilled, then `--steps` decode steps timed.
-Printed: tokens/s per run, the median, and its ratio to bf16's; the ratio of each repetition's run
-to bf16's in the same repetition, and their median; and the read probe for scale.
+Printed: tokens/s per run with the read probe around it (the lower of before and after: this VM
+switches between a fast and a slow memory phase), the median, and its ratio to bf16's; the ratio
+of each repetition's run to bf16's in the same repetition, and their median; with `--min-read`,
+the same over the repetitions run entirely in the phase above that read rate.
 
-    python -m benchmarks.quant_decode [--reps 3] [--steps 32] [--modes bf16 int8 int4 bf16-onednn]
+    python -m benchmarks.quant_decode [--reps 3] [--steps 32] [--modes bf16 int8 int4 bf16-onednn] [--min-read 70]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import unittest.mock
 
 import torch
 
-from benchmarks.bandwidth import probe
+from benchmarks.bandwidth import memory_gbs, probe
 from benchmarks.engine_cpu import engine_decode_rate, step_bytes
 from qwen2vl import LLM
 
@@ -36,6 +38,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"])
     ap.add_argument("--batch", type=int, default=1, help="requests decoding together")
+    ap.add_argument("--min-read", type=float, default=0.0,
+                    help="also report the paired ratios of repetitions whose runs all had the read probe above this "
+                         "(GB/s): one memory phase only")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from benchmarks.random_checkpoint import random_checkpoint
@@ -48,9 +53,12 @@ def main() -> None:
     for llm in llms.values():  # warm-up: first calls build kernels and touch every page
         engine_decode_rate(llm, [next(seed)], 4)
     rates = {m: [] for m in llms}
+    reads = {m: [] for m in llms}  # the read probe around each run: which memory phase it ran in
     for _ in range(args.reps):
         for m, llm in llms.items():
+            before = memory_gbs(3)[1]
             rates[m].append(engine_decode_rate(llm, [next(seed) for _ in range(args.batch)], args.steps))
+            reads[m].append(min(before, memory_gbs(3)[1]))
     print(f"probe after: {probe()}")
     bf16_bytes = step_bytes(next(iter(llms.values())).model)
     print(f"\ndecode, {args.batch} request(s), {args.steps} steps, median of {args.reps} (runs in brackets); "
@@ -62,8 +70,17 @@ def main() -> None:
         # each repetition's ratio to the first mode's run seconds before it: robust to the memory
         # speed drifting between repetitions, which the ratio of medians is not
         paired = [x / b for x, b in zip(r, rates[first])]
-        print(f"{m:6}{med:8.2f} tok/s  {med / base:5.2f}x {first}   [{', '.join(f'{x:.2f}' for x in r)}]   "
+        print(f"{m:6}{med:8.2f} tok/s  {med / base:5.2f}x {first}   "
+              f"[{', '.join(f'{x:.2f} at {g:.0f}' for x, g in zip(r, reads[m]))} GB/s]   "
               f"paired: median {statistics.median(paired):.2f}x [{', '.join(f'{x:.2f}' for x in paired)}]")
+    if args.min_read:
+        phase = [i for i in range(args.reps) if all(reads[m][i] > args.min_read for m in llms)]
+        print(f"repetitions with every run's read probe above {args.min_read:.0f} GB/s: {len(phase)} of {args.reps}")
+        for m, r in rates.items():
+            if phase:
+                paired = [r[i] / rates[first][i] for i in phase]
+                print(f"{m:6} paired, that phase only: median {statistics.median(paired):.2f}x "
+                      f"[{', '.join(f'{x:.2f}' for x in paired)}]")
 
 
 if __name__ == "__main__":
