@@ -1,15 +1,20 @@
-"""The vision tower's elementwise ops in C kernels on the CPU, swapped in after loading
-(`speed_up_vision`), as fast_layers.py does for the text decoder.
+"""The vision tower's elementwise ops in C kernels on the CPU, or Triton kernels on CUDA, swapped in
+after loading (`speed_up_vision`), as fast_layers.py does for the text decoder.
 
 Each block's attention and MLP are replaced by modules holding the same linears (same names, so
 state_dict keys don't change) whose forward calls qwen2vl/kernels/vision_ops.py: QuickGELU in
 place on fc1's output, the 2-D rotary in place on q and k in the qkv output (no float32 copies),
 and the attention's softmax in place on its scores. The kernels round where torch rounds, so the
 tower's output equals the torch code's bit for bit (tests/test_vision_ops.py); other dtypes and
-devices run the torch code.
+devices run the torch code. On CUDA, kernels/triton_vision_ops.py does QuickGELU and rotary with
+the same signatures (the tower there is bound by launches: ~17 of a block's ~30 become 2) and
+the attention stays SDPA.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch.nn as nn
@@ -18,6 +23,32 @@ from qwen2vl.attention import block_diagonal_attention
 from qwen2vl.kernels import vision_ops
 from qwen2vl.vision import VisionAttention, VisionMlp
 
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def cuda_vision_ops(device: torch.device):
+    """kernels.triton_vision_ops where triton imports and its kernels agree with torch on `device`,
+    else None (logged once)."""
+    try:
+        from qwen2vl.kernels import triton_vision_ops
+
+        triton_vision_ops.check(device)
+        return triton_vision_ops
+    except Exception as e:  # no triton, a compile error, or wrong numbers: all mean the torch code
+        log.warning("Triton vision kernels unavailable (%s: %s); the vision tower keeps torch's ops",
+                    type(e).__name__, e)
+        return None
+
+
+def ops_for(x: torch.Tensor):
+    """The module of vision kernels that takes activations like `x`, or None."""
+    if vision_ops.supports(x):
+        return vision_ops
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16:
+        return cuda_vision_ops(x.device)
+    return None
+
 
 class FastVisionAttention(nn.Module):
     def __init__(self, attn: VisionAttention):
@@ -25,14 +56,16 @@ class FastVisionAttention(nn.Module):
         self.num_heads, self.qkv, self.proj = attn.num_heads, attn.qkv, attn.proj
 
     def forward(self, x, cos, sin, cu_seqlens):
-        if not vision_ops.supports(x):
+        if (ops := ops_for(x)) is None:
             return VisionAttention.forward(self, x, cos, sin, cu_seqlens)
         n = x.shape[0]
         qkv = self.qkv(x)  # [P, 3 * H * D]: q heads, then k heads, then v heads
         dim = qkv.shape[1] // (3 * self.num_heads)
-        vision_ops.rotary_(qkv, cos, sin, 2 * self.num_heads, dim)  # q and k, in place
+        ops.rotary_(qkv, cos, sin, 2 * self.num_heads, dim)  # q and k, in place
         q, k, v = qkv.view(n, 3, self.num_heads, dim).unbind(1)
-        out = block_diagonal_attention(q, k, v, cu_seqlens, softmax=vision_ops.softmax_)
+        # the CPU's matmul attention takes the C softmax; CUDA's SDPA has its own
+        softmax = vision_ops.softmax_ if ops is vision_ops else torch.softmax
+        out = block_diagonal_attention(q, k, v, cu_seqlens, softmax=softmax)
         return self.proj(out.reshape(n, -1))
 
 
@@ -42,15 +75,21 @@ class FastVisionMlp(nn.Module):
         self.fc1, self.fc2 = mlp.fc1, mlp.fc2
 
     def forward(self, x):
-        if not vision_ops.supports(x):
+        if (ops := ops_for(x)) is None:
             return VisionMlp.forward(self, x)
-        return self.fc2(vision_ops.quick_gelu_(self.fc1(x).contiguous()))
+        return self.fc2(ops.quick_gelu_(self.fc1(x).contiguous()))
 
 
 def speed_up_vision(model) -> bool:
     """Swap each vision block's attention and MLP for the fast ones where the kernels run here and
-    the tower is bf16 on the CPU; returns whether it did."""
-    if model.device.type != "cpu" or model.dtype != torch.bfloat16 or vision_ops.library() is None:
+    the tower is bf16 (on the CPU, or on CUDA with Triton); returns whether it did."""
+    if model.dtype != torch.bfloat16:
+        return False
+    if model.device.type == "cpu" and vision_ops.library() is None:
+        return False
+    if model.device.type == "cuda" and cuda_vision_ops(model.device) is None:
+        return False
+    if model.device.type not in ("cpu", "cuda"):
         return False
     for block in model.visual.blocks:
         block.attn, block.mlp = FastVisionAttention(block.attn), FastVisionMlp(block.mlp)

@@ -146,6 +146,7 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
         speed_up_layers(model)
     elif device.type == "cuda":
         speed_up_layers(model)  # the decoder's norms, rotary and SiLU as Triton kernels (bf16 only)
+        speed_up_vision(model)  # the vision tower's QuickGELU and rotary as Triton kernels (bf16 only)
     return model
 
 
