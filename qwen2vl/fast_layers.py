@@ -20,30 +20,17 @@ where triton imports and they pass a check against torch at load: ~30 tiny kerne
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 
+from qwen2vl import kernels
 from qwen2vl.kernels import layer_ops
 from qwen2vl.rotary import mrope_cos_sin
 from qwen2vl.text import TextModel
 
-log = logging.getLogger(__name__)
 
-
-@functools.cache
 def cuda_layer_ops(device: torch.device):
-    """kernels.triton_layer_ops where triton imports and its kernels agree with torch on `device`,
-    else None (logged once)."""
-    try:
-        from qwen2vl.kernels import triton_layer_ops
-
-        triton_layer_ops.check(device)
-        return triton_layer_ops
-    except Exception as e:  # no triton, a compile error, or wrong numbers: all mean the torch code
-        log.warning("Triton layer kernels unavailable (%s: %s); the decoder keeps torch's ops", type(e).__name__, e)
-        return None
+    """kernels.triton_layer_ops where triton imports and its kernels agree with torch on `device`, else None."""
+    return kernels.triton_kernels("triton_layer_ops", device)
 
 
 def ops_for(x: torch.Tensor):

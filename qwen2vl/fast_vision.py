@@ -13,32 +13,18 @@ the attention stays SDPA.
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 import torch.nn as nn
 
+from qwen2vl import kernels
 from qwen2vl.attention import block_diagonal_attention
 from qwen2vl.kernels import vision_ops
 from qwen2vl.vision import VisionAttention, VisionMlp
 
-log = logging.getLogger(__name__)
 
-
-@functools.cache
 def cuda_vision_ops(device: torch.device):
-    """kernels.triton_vision_ops where triton imports and its kernels agree with torch on `device`,
-    else None (logged once)."""
-    try:
-        from qwen2vl.kernels import triton_vision_ops
-
-        triton_vision_ops.check(device)
-        return triton_vision_ops
-    except Exception as e:  # no triton, a compile error, or wrong numbers: all mean the torch code
-        log.warning("Triton vision kernels unavailable (%s: %s); the vision tower keeps torch's ops",
-                    type(e).__name__, e)
-        return None
+    """kernels.triton_vision_ops where triton imports and its kernels agree with torch on `device`, else None."""
+    return kernels.triton_kernels("triton_vision_ops", device)
 
 
 def ops_for(x: torch.Tensor):

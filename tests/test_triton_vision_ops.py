@@ -11,6 +11,7 @@ from qwen2vl import Qwen2VL, fast_vision  # noqa: E402
 from qwen2vl.fast_vision import FastVisionAttention, FastVisionMlp  # noqa: E402
 from qwen2vl.kernels import triton_vision_ops as ops  # noqa: E402
 from tests.helpers.checkpoints import build_reference, save_checkpoint  # noqa: E402
+from tests.helpers.layer_op_checks import assert_vision_rotary_equals_apply_rotary_in_float32  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16 = torch.bfloat16
@@ -32,16 +33,7 @@ def test_quick_gelu_matches_torch(shape):
 
 @pytest.mark.parametrize("n, heads, dim", [(64, 16, 80), (5, 2, 16), (3, 1, 40)])
 def test_rotary_equals_apply_rotary_in_float32_bit_for_bit(n, heads, dim):
-    from qwen2vl.rotary import apply_rotary
-
-    qkv = randn(n, 3 * heads * dim, seed=1)
-    cos, sin = randn(n, dim, seed=2, dtype=torch.float32), randn(n, dim, seed=3, dtype=torch.float32)
-    got = qkv.clone()
-    ops.rotary_(got, cos, sin, 2 * heads, dim)
-    for i in (0, 1):  # q and k turned, v untouched
-        want = apply_rotary(qkv.view(n, 3, heads, dim)[:, i].float(), cos, sin).to(BF16)
-        assert torch.equal(got.view(n, 3, heads, dim)[:, i], want)
-    assert torch.equal(got.view(n, 3, heads, dim)[:, 2], qkv.view(n, 3, heads, dim)[:, 2])
+    assert_vision_rotary_equals_apply_rotary_in_float32(ops.rotary_, n, heads, dim, DEVICE)
 
 
 def test_the_load_time_check_passes():
@@ -64,3 +56,20 @@ def test_tower_on_the_triton_kernels_matches_the_torch_tower(monkeypatch, tmp_pa
         got = model.visual(pixels, grid)
     assert {"quick_gelu_", "rotary_"} <= set(calls)
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+
+
+def test_the_kernels_load_only_when_their_check_passes(monkeypatch, caplog):
+    from qwen2vl import kernels
+
+    def wrong(device):
+        raise AssertionError("wrong numbers")
+
+    kernels.triton_kernels.cache_clear()
+    try:
+        assert fast_vision.cuda_vision_ops(torch.device(DEVICE)) is ops  # the check passes here
+        kernels.triton_kernels.cache_clear()
+        monkeypatch.setattr(ops, "check", wrong)
+        assert fast_vision.cuda_vision_ops(torch.device(DEVICE)) is None  # the torch code stays
+        assert "triton_vision_ops unavailable" in caplog.text and "wrong numbers" in caplog.text
+    finally:
+        kernels.triton_kernels.cache_clear()

@@ -7,7 +7,7 @@ import torch
 from qwen2vl import Qwen2VL
 from qwen2vl.fast_vision import FastVisionAttention, FastVisionMlp, speed_up_vision
 from qwen2vl.kernels import vision_ops
-from qwen2vl.rotary import apply_rotary
+from tests.helpers.layer_op_checks import assert_vision_rotary_equals_apply_rotary_in_float32
 from tests.test_server_support import tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(vision_ops.library() is None, reason="vision kernels can't be built or run here")
@@ -28,14 +28,7 @@ def test_quick_gelu_equals_torch_bit_for_bit(shape):
 
 @pytest.mark.parametrize("n, heads, dim", [(1024, 16, 80), (5, 2, 16), (3, 1, 40)])
 def test_rotary_equals_apply_rotary_in_float32_bit_for_bit(n, heads, dim):
-    qkv = randn(n, 3 * heads * dim, seed=1)
-    cos, sin = randn(n, dim, seed=2, dtype=torch.float32), randn(n, dim, seed=3, dtype=torch.float32)
-    got = qkv.clone()
-    vision_ops.rotary_(got, cos, sin, 2 * heads, dim)
-    for i in (0, 1):  # q and k turned, v untouched
-        want = apply_rotary(qkv.view(n, 3, heads, dim)[:, i].float(), cos, sin).to(BF16)
-        assert torch.equal(got.view(n, 3, heads, dim)[:, i], want)
-    assert torch.equal(got.view(n, 3, heads, dim)[:, 2], qkv.view(n, 3, heads, dim)[:, 2])
+    assert_vision_rotary_equals_apply_rotary_in_float32(vision_ops.rotary_, n, heads, dim)
 
 
 @pytest.mark.parametrize("shape", [(2, 300, 1024), (1, 3, 17), (4, 1)])

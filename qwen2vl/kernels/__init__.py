@@ -12,7 +12,8 @@ GIL during a call.
 
 `library()` / `bf16_library()` are None where a kernel can't be had (no compiler, a failed compile,
 a CPU without AVX-512 VNNI / BF16); each logs why, once, and its caller keeps torch's kernels
-(qwen2vl.quant torch's weight-only ones, qwen2vl.linear oneDNN).
+(qwen2vl.quant torch's weight-only ones, qwen2vl.linear oneDNN). The CUDA counterparts are Triton
+modules here (triton_*.py), loaded through `triton_kernels` on the same terms.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib
 import logging
 import math
 import mmap
@@ -41,6 +43,20 @@ ROWS = 16  # weight rows per block: one 32-bit lane of a 512-bit register each
 
 log = logging.getLogger(__name__)
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+@functools.cache
+def triton_kernels(name: str, device: torch.device):
+    """The Triton module qwen2vl.kernels.<name> where triton imports and the module's check(device)
+    (its kernels against the torch code on random data) passes, else None, logged once: no triton,
+    a compile error and wrong numbers all mean the torch code."""
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.check(device)
+        return module
+    except Exception as e:
+        log.warning("Triton kernels %s unavailable (%s: %s); torch's ops stay", name, type(e).__name__, e)
+        return None
 
 
 def _cpu_key() -> str:

@@ -1,5 +1,5 @@
-"""Checks shared by the CPU (C) and CUDA (Triton) layer kernel tests: both modules take the same
-arguments and must give the torch code's bits where they claim to."""
+"""Checks shared by the CPU (C) and CUDA (Triton) kernel tests, decoder and vision tower: both
+modules take the same arguments and must give the torch code's bits where they claim to."""
 
 import torch
 
@@ -19,3 +19,19 @@ def assert_rotary_in_place_equals_apply_rotary(rotary_, n: int, heads: int, kv_h
     rotary_(got, cos, sin, heads + kv_heads, dim)
     assert torch.equal(got[:, :qk], want)
     assert torch.equal(got[:, qk:], qkv[:, qk:])  # v untouched
+
+
+def assert_vision_rotary_equals_apply_rotary_in_float32(rotary_, n: int, heads: int, dim: int, device="cpu"):
+    """rotary_(qkv, cos, sin, 2 * heads, dim) turns q and k of the vision tower's [q | k | v] output in
+    place exactly as `apply_rotary(x.float(), cos, sin).to(bf16)` does, and leaves v alone."""
+    def randn(*shape, seed, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+
+    qkv = randn(n, 3 * heads * dim, seed=1)
+    cos, sin = randn(n, dim, seed=2, dtype=torch.float32), randn(n, dim, seed=3, dtype=torch.float32)
+    got = qkv.clone()
+    rotary_(got, cos, sin, 2 * heads, dim)
+    for i in (0, 1):  # q and k turned, v untouched
+        want = apply_rotary(qkv.view(n, 3, heads, dim)[:, i].float(), cos, sin).to(torch.bfloat16)
+        assert torch.equal(got.view(n, 3, heads, dim)[:, i], want)
+    assert torch.equal(got.view(n, 3, heads, dim)[:, 2], qkv.view(n, 3, heads, dim)[:, 2])
