@@ -19,8 +19,9 @@ performance.md, run 6). Slices are computed from the context length on the devic
 is the only thing fixed at capture; at batch sizes that fill the GPU it is 1, and the first
 kernel writes the output itself.
 
-Imported only on CUDA with triton present (cuda_graph.py decides); the torch path is the fallback
-and the reference it is tested against (tests/test_engine_cuda_graph.py).
+Imported only where triton is: on CUDA (cuda_graph.py decides), or in Triton's interpreter for the
+tests; the torch path is the fallback and the reference it is tested against
+(tests/test_engine_cuda_graph.py).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     q = q.contiguous()
     out = torch.empty_like(q)
     splits = splits or num_splits(b, hq, q.device)
+    assert splits & (splits - 1) == 0, "splits must be a power of two (the combine kernel's arange)"
     d_pad = triton.next_power_of_2(dh)
     part = torch.empty(b, hq, splits, d_pad + 2, dtype=torch.float32, device=q.device) if splits > 1 else out
     block_n = 64 if dh <= 64 else 32  # [BLOCK_N, Dh] float32 tiles of k and v stay in registers
