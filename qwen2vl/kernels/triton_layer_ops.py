@@ -48,7 +48,8 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, D, eps, HAS_RE
 
 
 @triton.jit
-def _rotary_kernel(qk_ptr, stride, cos_ptr, sin_ptr, D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+def _rotary_kernel(qk_ptr, stride, cos_ptr, sin_ptr, D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                   ROUND_PRODUCTS: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     j = tl.arange(0, BLOCK)
@@ -60,9 +61,13 @@ def _rotary_kernel(qk_ptr, stride, cos_ptr, sin_ptr, D: tl.constexpr, HALF: tl.c
     c2 = tl.load(cos_ptr + n * D + HALF + j, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + n * D + j, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + n * D + HALF + j, mask=mask, other=0.0).to(tl.float32)
-    # x * cos + rotate_half(x) * sin, rotate_half(x1, x2) = (-x2, x1); torch rounds each product
-    a1 = _round(_round(x1 * c1) - _round(x2 * s1))
-    a2 = _round(_round(x2 * c2) + _round(x1 * s2))
+    # x * cos + rotate_half(x) * sin, rotate_half(x1, x2) = (-x2, x1)
+    if ROUND_PRODUCTS:  # the decoder's rotary on bf16 tensors: torch rounds each product to bf16
+        a1 = _round(_round(x1 * c1) - _round(x2 * s1))
+        a2 = _round(_round(x2 * c2) + _round(x1 * s2))
+    else:  # the vision tower's, in float32 (triton_vision_ops.py): rounded to bf16 once
+        a1 = _round(x1 * c1 - x2 * s1)
+        a2 = _round(x2 * c2 + x1 * s2)
     tl.store(x + j, a1.to(tl.bfloat16), mask=mask)
     tl.store(x + HALF + j, a2.to(tl.bfloat16), mask=mask)
 
@@ -123,7 +128,7 @@ def rotary_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
     if qkv.shape[0]:
         half = head_dim // 2
         _rotary_kernel[(qkv.shape[0], heads)](qkv, qkv.stride(0), cos, sin, D=head_dim, HALF=half,
-                                              BLOCK=triton.next_power_of_2(half), num_warps=1)
+                                              BLOCK=triton.next_power_of_2(half), ROUND_PRODUCTS=True, num_warps=1)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

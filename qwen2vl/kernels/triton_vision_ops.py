@@ -7,7 +7,8 @@ kernels for the CPU), so fast_vision.py runs either; the attention stays SDPA (f
 - quick_gelu_: t = bf16(1.702 x), s = bf16(sigmoid(t)), x' = bf16(x s);
 - rotary_: `apply_rotary(x.float(), cos, sin).to(bf16)` on the first `heads` heads of each qkv row,
   each product and sum rounded to float32 as torch does (no fused multiply-add: launched with
-  enable_fp_fusion=False).
+  enable_fp_fusion=False); the decoder's rotary kernel (triton_layer_ops.py) with its float32
+  rounding points.
 The sigmoid's exp may differ from torch's in the last float32 bit, so QuickGELU can differ in the
 last bf16 bit; rotary is exact. Imported only where triton is (CUDA machines, or the interpreter).
 """
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2vl.kernels.triton_layer_ops import _round
+from qwen2vl.kernels.triton_layer_ops import _rotary_kernel, _round
 
 
 @triton.jit
@@ -29,24 +30,6 @@ def _quick_gelu_kernel(x_ptr, n, BLOCK: tl.constexpr):
     t = _round(x * 1.702)
     s = _round(1.0 / (1.0 + tl.exp(-t)))
     tl.store(x_ptr + i, _round(x * s).to(tl.bfloat16), mask=mask)
-
-
-@triton.jit
-def _rotary_kernel(qkv_ptr, stride, cos_ptr, sin_ptr, D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    j = tl.arange(0, BLOCK)
-    mask = j < HALF
-    x = qkv_ptr + n * stride + h * D
-    x1 = tl.load(x + j, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x + HALF + j, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(cos_ptr + n * D + j, mask=mask, other=0.0)
-    c2 = tl.load(cos_ptr + n * D + HALF + j, mask=mask, other=0.0)
-    s1 = tl.load(sin_ptr + n * D + j, mask=mask, other=0.0)
-    s2 = tl.load(sin_ptr + n * D + HALF + j, mask=mask, other=0.0)
-    # x * cos + rotate_half(x) * sin in float32, rotate_half(x1, x2) = (-x2, x1); one bf16 rounding
-    tl.store(x + j, _round(x1 * c1 - x2 * s1).to(tl.bfloat16), mask=mask)
-    tl.store(x + HALF + j, _round(x2 * c2 + x1 * s2).to(tl.bfloat16), mask=mask)
 
 
 def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +49,8 @@ def rotary_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
     if qkv.shape[0]:
         half = head_dim // 2
         _rotary_kernel[(qkv.shape[0], heads)](qkv, qkv.stride(0), cos, sin, D=head_dim, HALF=half,
-                                              BLOCK=triton.next_power_of_2(half), num_warps=1,
-                                              enable_fp_fusion=False)
+                                              BLOCK=triton.next_power_of_2(half), ROUND_PRODUCTS=False,
+                                              num_warps=1, enable_fp_fusion=False)
 
 
 def check(device) -> None:
