@@ -122,6 +122,13 @@ def image_messages():
                                          {"type": "text", "text": "What is in this image?"}]}]
 
 
+def fresh_image(seed):
+    """image_messages with the picture rotated by `seed` degrees: new pixels, so no cache hit."""
+    m = image_messages()
+    m[0]["content"][0]["image"] = m[0]["content"][0]["image"].rotate(seed)
+    return m
+
+
 def text_messages(i):
     return [{"role": "user", "content": f"Request {i}: write a long story about the number {i * 7919 % 1000}."}]
 
@@ -180,11 +187,6 @@ def engine_and_reference(hf, folder, budget):
     dec = SamplingParams(temperature=0, max_tokens=n_dec, ignore_eos=True)
     img = image_messages()
     llm.chat(img, one)  # warm-up (vision cache is keyed by content: use fresh images below)
-
-    def fresh_image(seed):
-        m = image_messages()
-        m[0]["content"][0]["image"] = m[0]["content"][0]["image"].rotate(seed)
-        return m
 
     ttft = []
     for s in range(1, 4):

@@ -22,25 +22,12 @@ import contextlib
 import cProfile
 import io
 import pstats
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_check import build_checkpoint, log, text_messages
+from benchmarks.gpu_check import build_checkpoint, cuda_time, log, text_messages
 from qwen2vl import SamplingParams
-
-
-def timed(fn, reps: int) -> float:
-    """Median seconds of fn() followed by a device sync."""
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def profile(llm, steps: int, label: str, with_cprofile: bool) -> list[int]:
@@ -54,14 +41,14 @@ def profile(llm, steps: int, label: str, with_cprofile: bool) -> list[int]:
         pass
     for _ in range(8):  # warm
         engine.step()
-    step = timed(engine.step, steps)
+    step = cuda_time(engine.step, steps)
     seqs = list(engine.scheduler.running)
-    replay = timed(graphs.graphs[1].replay, steps)
+    replay = cuda_time(graphs.graphs[1].replay, steps)
     hidden = graphs.outputs[1][:1]
-    head = timed(lambda: llm.model.compute_logits(hidden), steps)
+    head = cuda_time(lambda: llm.model.compute_logits(hidden), steps)
     logits = llm.model.compute_logits(hidden)
-    sampling = timed(lambda: sample(logits.clone(), seqs), steps)
-    inputs = timed(lambda: graphs.run(seqs), steps) - replay
+    sampling = cuda_time(lambda: sample(logits.clone(), seqs), steps)
+    inputs = cuda_time(lambda: graphs.run(seqs), steps) - replay
     log(f"{label}: batch-1 decode step {step * 1e3:.3f} ms ({1 / step:.1f} tok/s); graph replay alone "
         f"{replay * 1e3:.3f} ms; head {head * 1e3:.3f} ms; sampling (greedy, with the host copy) "
         f"{sampling * 1e3:.3f} ms; graph inputs staged on the host {inputs * 1e3:.3f} ms; rest of the step "
@@ -88,7 +75,7 @@ def profile(llm, steps: int, label: str, with_cprofile: bool) -> list[int]:
     for _ in range(8):
         engine.step()
     context = next(iter(engine.scheduler.running)).num_tokens
-    step = timed(engine.step, steps)
+    step = cuda_time(engine.step, steps)
     log(f"{label}: batch-1 decode step at a {context}-token context {step * 1e3:.3f} ms ({1 / step:.1f} tok/s)")
     while engine.has_work():
         engine.step()

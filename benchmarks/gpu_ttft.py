@@ -18,14 +18,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_check import build_checkpoint, image_messages, log
+from benchmarks.gpu_check import build_checkpoint, fresh_image, image_messages, log
 from qwen2vl import LLM, SamplingParams
-
-
-def fresh_image(seed: int):
-    m = image_messages()
-    m[0]["content"][0]["image"] = m[0]["content"][0]["image"].rotate(seed)
-    return m
 
 
 def main() -> None:
