@@ -74,6 +74,14 @@ def memory_gbs(reps: int) -> tuple[float, float]:
     return copy, read
 
 
+def probed(fn, *args):
+    """(fn(*args), read GB/s right before it, read GB/s right after it): this VM's memory switches
+    between a fast and a slow phase within minutes, so each timing carries the probes around it."""
+    before = memory_gbs(3)[1]
+    out = fn(*args)
+    return out, before, memory_gbs(3)[1]
+
+
 def gemm_gflops(reps: int) -> float:
     x = torch.randn(2048, 1536, dtype=torch.bfloat16)
     w = torch.randn(8960, 1536, dtype=torch.bfloat16)

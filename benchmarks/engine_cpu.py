@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.bandwidth import memory_gbs, probe
+from benchmarks.bandwidth import probe, probed
 from benchmarks.random_checkpoint import random_checkpoint
 from qwen2vl import LLM, SamplingParams
 
@@ -202,9 +202,10 @@ def main():
         reads = {k: [] for k in args.decode_batches}
         for _ in range(args.reps):
             for k in args.decode_batches:
-                before = memory_gbs(3)[1]
-                rates[k].append(engine_decode_rate(llm, [next(seed) for _ in range(k)], args.decode_steps))
-                reads[k].append((before + memory_gbs(3)[1]) / 2)
+                seeds = [next(seed) for _ in range(k)]
+                rate, before, after = probed(engine_decode_rate, llm, seeds, args.decode_steps)
+                rates[k].append(rate)
+                reads[k].append((before + after) / 2)
         for k in args.decode_batches:
             ratio = ""
             if 1 in rates and k != 1:

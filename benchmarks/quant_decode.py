@@ -20,7 +20,7 @@ import unittest.mock
 
 import torch
 
-from benchmarks.bandwidth import memory_gbs, probe
+from benchmarks.bandwidth import probe, probed
 from benchmarks.engine_cpu import engine_decode_rate, step_bytes
 from qwen2vl import LLM
 
@@ -56,9 +56,10 @@ def main() -> None:
     reads = {m: [] for m in llms}  # the read probe around each run: which memory phase it ran in
     for _ in range(args.reps):
         for m, llm in llms.items():
-            before = memory_gbs(3)[1]
-            rates[m].append(engine_decode_rate(llm, [next(seed) for _ in range(args.batch)], args.steps))
-            reads[m].append(min(before, memory_gbs(3)[1]))
+            seeds = [next(seed) for _ in range(args.batch)]
+            rate, before, after = probed(engine_decode_rate, llm, seeds, args.steps)
+            rates[m].append(rate)
+            reads[m].append(min(before, after))
     print(f"probe after: {probe()}")
     bf16_bytes = step_bytes(next(iter(llms.values())).model)
     print(f"\ndecode, {args.batch} request(s), {args.steps} steps, median of {args.reps} (runs in brackets); "

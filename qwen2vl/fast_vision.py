@@ -69,13 +69,10 @@ class FastVisionMlp(nn.Module):
 def speed_up_vision(model) -> bool:
     """Swap each vision block's attention and MLP for the fast ones where the kernels run here and
     the tower is bf16 (on the CPU, or on CUDA with Triton); returns whether it did."""
-    if model.dtype != torch.bfloat16:
-        return False
-    if model.device.type == "cpu" and vision_ops.library() is None:
-        return False
-    if model.device.type == "cuda" and cuda_vision_ops(model.device) is None:
-        return False
-    if model.device.type not in ("cpu", "cuda"):
+    kind = model.device.type
+    kernels_here = (vision_ops.library() is not None if kind == "cpu"
+                    else kind == "cuda" and cuda_vision_ops(model.device) is not None)
+    if model.dtype != torch.bfloat16 or not kernels_here:
         return False
     for block in model.visual.blocks:
         block.attn, block.mlp = FastVisionAttention(block.attn), FastVisionMlp(block.mlp)
