@@ -35,11 +35,7 @@ def cuda_layer_ops(device: torch.device):
 
 def ops_for(x: torch.Tensor):
     """The module of layer kernels that takes activations like `x`, or None."""
-    if layer_ops.supports(x):
-        return layer_ops
-    if x.device.type == "cuda" and x.dtype == torch.bfloat16:
-        return cuda_layer_ops(x.device)
-    return None
+    return kernels.ops_for(x, layer_ops, "triton_layer_ops")
 
 
 class FastTextModel(torch.nn.Module):

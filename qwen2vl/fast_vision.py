@@ -29,11 +29,7 @@ def cuda_vision_ops(device: torch.device):
 
 def ops_for(x: torch.Tensor):
     """The module of vision kernels that takes activations like `x`, or None."""
-    if vision_ops.supports(x):
-        return vision_ops
-    if x.device.type == "cuda" and x.dtype == torch.bfloat16:
-        return cuda_vision_ops(x.device)
-    return None
+    return kernels.ops_for(x, vision_ops, "triton_vision_ops")
 
 
 class FastVisionAttention(nn.Module):

@@ -59,6 +59,16 @@ def triton_kernels(name: str, device: torch.device):
         return None
 
 
+def ops_for(x: torch.Tensor, cpu_ops, triton_name: str):
+    """The kernel module that takes activations like `x`: `cpu_ops` (C kernels) where its
+    supports(x), the Triton module `triton_name` for bf16 on CUDA where it loads, else None."""
+    if cpu_ops.supports(x):
+        return cpu_ops
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16:
+        return triton_kernels(triton_name, x.device)
+    return None
+
+
 def _cpu_key() -> str:
     """-march=native compiles for this CPU, so its flags are part of the cache key."""
     try:
