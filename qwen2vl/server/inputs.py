@@ -21,6 +21,9 @@ from qwen2vl.server.tokens import MediaCost, media_cost
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 PART_KINDS = {"image_url": "image", "video_url": "video"}
+# A video as a list of frames, in the Qwen form qwen-vl-utils takes: {"type": "video", "video": [url, ...]};
+# file-only sampling options do not apply to it.
+FRAME_LIST_EXCLUDED = ("nframes", "min_frames", "max_frames", "video_start", "video_end")
 SCHEMES = ("data:", "http://", "https://", "file://")
 # A 1-pixel side holds no picture (a tracking pixel, a broken export); the resize would blow it up
 # into a blank 56x56 tile. Refused as input almost certainly sent by mistake.
@@ -31,7 +34,7 @@ MIN_SIDE = 2
 class MediaRef:
     kind: str  # "image" or "video"
     param: str  # messages[i].content[j]
-    url: str
+    url: str | list[str]  # a list: the frames of a video
     options: dict
     message: int
     part: int
@@ -102,9 +105,11 @@ def _check_part(part, where: str, role: str, body_options: dict, find_special) -
     if kind == "text":
         _check_text(part.get("text"), f"{where}.text", find_special)
         return None
+    if kind == "video" and role not in ("assistant", "tool"):
+        return _check_frame_list(part, where, body_options)
     if kind not in PART_KINDS:
-        raise bad_request(f"{where}.type: unsupported content type {kind!r}; supported: text, image_url, video_url",
-                          f"{where}.type")
+        raise bad_request(f"{where}.type: unsupported content type {kind!r}; supported: text, image_url, video_url, "
+                          "video (a list of frame URLs)", f"{where}.type")
     if role in ("assistant", "tool"):
         raise bad_request(f"{where}: {kind} parts are only allowed in user and system messages", where)
     unknown = sorted(set(part) - {"type", kind})
@@ -115,15 +120,31 @@ def _check_part(part, where: str, role: str, body_options: dict, find_special) -
     if not isinstance(ref, dict) or not isinstance(ref.get("url"), str) or not ref["url"]:
         raise bad_request(f"{where}.{kind}.url: a non-empty URL string is required", f"{where}.{kind}.url")
     url = ref["url"]
-    if not url.startswith(SCHEMES):
-        scheme = url.split(":", 1)[0][:20] if ":" in url else "none"
-        raise bad_request(f"{where}.{kind}.url: unsupported URL scheme {scheme!r}; use http(s)://, data: or file://",
-                          f"{where}.{kind}.url")
+    _check_scheme(url, f"{where}.{kind}.url")
     media = PART_KINDS[kind]
     keys = set(IMAGE_KEYS if media == "image" else VIDEO_KEYS)
     item = _check_options({k: v for k, v in ref.items() if k not in ("url", "detail")}, keys, f"{where}.{kind}")
     inherited = {k: v for k, v in body_options.items() if k in keys}
     return MediaRef(media, where, url, {**inherited, **item}, -1, -1)
+
+
+def _check_frame_list(part: dict, where: str, body_options: dict) -> MediaRef:
+    """`{"type": "video", "video": [frame URL, ...], **options}`: one video made of these images."""
+    frames = part.get("video")
+    if not isinstance(frames, list) or not frames or not all(isinstance(u, str) and u for u in frames):
+        raise bad_request(f"{where}.video: a non-empty list of frame URLs is required", f"{where}.video")
+    for k, url in enumerate(frames):
+        _check_scheme(url, f"{where}.video[{k}]")
+    keys = set(VIDEO_KEYS) - set(FRAME_LIST_EXCLUDED)
+    options = _check_options({k: v for k, v in part.items() if k not in ("type", "video")}, keys, where)
+    inherited = {k: v for k, v in body_options.items() if k in keys}
+    return MediaRef("video", where, frames, {**inherited, **options}, -1, -1)
+
+
+def _check_scheme(url: str, where: str) -> None:
+    if not url.startswith(SCHEMES):
+        scheme = url.split(":", 1)[0][:20] if ":" in url else "none"
+        raise bad_request(f"{where}: unsupported URL scheme {scheme!r}; use http(s)://, data: or file://", where)
 
 
 def _check_options(options, allowed: set, where: str) -> dict:
@@ -149,16 +170,27 @@ def _check_options(options, allowed: set, where: str) -> dict:
 def fetch_media(refs: list[MediaRef], policy: MediaPolicy, limits: ServerLimits) -> None:
     """Step 2 (blocking I/O, run in a worker thread): every URL into bytes or a checked Path."""
     for r in refs:
-        if r.url.startswith("file://") and not limits.allowed_local_media_path:
-            raise bad_request(f"{r.param}: file:// URLs are disabled on this server (the operator can allow a "
-                              "folder with --allowed-local-media-path)", r.param)
-        max_bytes = policy.max_image_bytes if r.kind == "image" else policy.max_video_bytes
-        try:
-            r.data = open_source(r.url, policy, max_bytes=max_bytes, what=f"{r.param} ({r.kind})")
-        except MediaError as e:
-            raise bad_request(public_message(str(e)), r.param) from None
-        if not r.data:
-            raise bad_request(f"{r.param}: the {r.kind} is empty (0 bytes)", r.param)
+        if isinstance(r.url, list):
+            if len(r.url) > policy.max_video_frames:
+                raise bad_request(f"{r.param}: the video has {len(r.url)} frames, over the limit of "
+                                  f"{policy.max_video_frames}", r.param)
+            r.data = [_fetch(url, f"{r.param}.video[{k}]", "image", policy, limits) for k, url in enumerate(r.url)]
+        else:
+            r.data = _fetch(r.url, r.param, r.kind, policy, limits)
+
+
+def _fetch(url: str, param: str, kind: str, policy: MediaPolicy, limits: ServerLimits):
+    if url.startswith("file://") and not limits.allowed_local_media_path:
+        raise bad_request(f"{param}: file:// URLs are disabled on this server (the operator can allow a "
+                          "folder with --allowed-local-media-path)", param)
+    max_bytes = policy.max_image_bytes if kind == "image" else policy.max_video_bytes
+    try:
+        data = open_source(url, policy, max_bytes=max_bytes, what=f"{param} ({kind})")
+    except MediaError as e:
+        raise bad_request(public_message(str(e)), param) from None
+    if not data:
+        raise bad_request(f"{param}: the {kind} is empty (0 bytes)", param)
+    return data
 
 
 def media_costs(refs: list[MediaRef], cfg: VisionProcessingConfig, limits: ServerLimits) -> list[MediaCost]:
