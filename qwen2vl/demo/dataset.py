@@ -1,0 +1,113 @@
+"""Training data for the demo model: suite cases as a LLaMA-Factory sharegpt JSON-lines file.
+
+    python -m qwen2vl.demo.dataset data/ --cases 40000 [--seed 1] [--extra-turns 3]
+
+writes data/train.jsonl and data/img/*.png, one line per case:
+
+    {"messages": [{"role": "user", "content": "<image>What color is the circle?"},
+                  {"role": "assistant", "content": "red"},
+                  {"role": "user", "content": "How many shapes are there?"},
+                  {"role": "assistant", "content": "3"}],
+     "images": ["img/00000001-0.png"]}
+
+A video is "<video>" and `"videos": [[frame paths]]` (a video as its list of frames). The first
+turn is the case exactly as the evaluation asks it; up to `extra_turns` more questions about the
+same picture follow (counts, and colours and boxes of shapes that are unique in it). The vision
+tower is most of a step's cost, so a few answers per picture is cheap extra supervision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from qwen2vl.demo.scenes import box_1000
+from qwen2vl.demo.tasks import TASKS, Case, render_case
+from qwen2vl.grounding import BOX_END, BOX_START, REF_END, REF_START
+
+# Cases per task in proportion to these weights: the hard tasks (boxes, reading) get more.
+MIX = {"color": 1.0, "count": 1.5, "grounding": 2.5, "text": 3.0, "video": 1.0, "two_images": 1.5}
+EXTRA_TASKS = ("color", "count", "grounding", "text")  # single-image scenes with shapes to ask about
+
+
+def extra_turns(case: Case, rng: random.Random, most: int) -> list[tuple[str, str]]:
+    """Up to `most` other (question, answer) pairs that hold for the case's picture."""
+    if case.task not in EXTRA_TASKS or most < 1:
+        return []
+    shapes = case.info["shapes"]
+    width, height = case.images[0].size
+    pool = [("How many shapes are there?", str(len(shapes)))]
+    for kind in ("circle", "square", "triangle"):
+        same = [s for s in shapes if s.kind == kind]
+        pool.append((f"How many {kind}s are there?", str(len(same))))
+        if len(same) == 1:
+            pool.append((f"What color is the {kind}?", same[0].color))
+    for s in shapes:
+        if sum((t.kind, t.color) == (s.kind, s.color) for t in shapes) == 1:
+            x1, y1, x2, y2 = box_1000(s.box, width, height)
+            pool.append((f"Where is the {s.name}?",
+                         f"{REF_START}the {s.name}{REF_END}{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"))
+    pool = [qa for qa in pool if qa[0] != case.question]
+    return rng.sample(pool, min(len(pool), rng.randint(0, most)))
+
+
+def task_counts(cases: int, mix: dict[str, float] = MIX) -> dict[str, int]:
+    """How many of `cases` each task gets (largest remainders, so they add up exactly)."""
+    total = sum(mix.values())
+    exact = {t: cases * w / total for t, w in mix.items()}
+    counts = {t: int(v) for t, v in exact.items()}
+    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[: cases - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
+def record(case: Case, extra: list[tuple[str, str]], paths: list[str]) -> dict:
+    """One sharegpt line for a case whose images (or frames) are saved at `paths`."""
+    tag = "<video>" if case.is_video else "<image>" * len(case.images)
+    messages = [{"role": "user", "content": tag + case.question}, {"role": "assistant", "content": case.answer}]
+    for q, a in extra:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    line = {"messages": messages}
+    if case.is_video:
+        line["videos"] = [paths]
+    else:
+        line["images"] = paths
+    return line
+
+
+def write_dataset(out: str | Path, cases: int, seed: int, extra: int = 3, mix: dict[str, float] = MIX) -> Path:
+    """Render `cases` cases (set `seed`) into out/train.jsonl + out/img/; returns the jsonl path."""
+    out = Path(out)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    counts = task_counts(cases, mix)
+    order = [(t, i) for t in TASKS for i in range(counts.get(t, 0))]
+    random.Random(seed).shuffle(order)  # tasks interleaved, so any prefix of the file is a fair mix
+    path = out / "train.jsonl"
+    with open(path, "w") as f:
+        for n, (task, index) in enumerate(order):
+            case = render_case(task, seed, index)
+            turns = extra_turns(case, random.Random(f"extra:{seed}:{task}:{index}"), extra)
+            paths = []
+            for k, image in enumerate(case.images):
+                paths.append(f"img/{n:08d}-{k}.png")
+                image.save(out / paths[-1])
+            f.write(json.dumps(record(case, turns, paths)) + "\n")
+    return path
+
+
+def main(argv=None) -> None:
+    from qwen2vl.demo.evaluate import TRAIN_SEED
+
+    parser = argparse.ArgumentParser(description="Write the demo model's training data (sharegpt JSON lines).")
+    parser.add_argument("out", help="folder for train.jsonl and img/")
+    parser.add_argument("--cases", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=TRAIN_SEED, help=f"default {TRAIN_SEED} (the eval uses another)")
+    parser.add_argument("--extra-turns", type=int, default=3, help="most extra questions per picture (default 3)")
+    args = parser.parse_args(argv)
+    print(write_dataset(args.out, args.cases, args.seed, args.extra_turns))
+
+
+if __name__ == "__main__":
+    main()
