@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from qwen2vl.hub import resolve_model_path
 from qwen2vl.processing.chat_template import ChatTemplate
 from qwen2vl.processing.detokenizer import Detokenizer
 from qwen2vl.processing.image import load_image, preprocess_image
@@ -54,7 +55,8 @@ class Processor:
     @classmethod
     def from_pretrained(cls, folder: str | Path, policy: MediaPolicy | None = None) -> "Processor":
         """Tokenizer, chat template (built-in Qwen2-VL one if the folder has none) and pixel
-        settings (preprocessor_config.json) of a checkpoint folder."""
+        settings (preprocessor_config.json) of a checkpoint folder, hub repo id or "demo"."""
+        folder = resolve_model_path(folder)
         tok = Tokenizer.from_pretrained(folder)
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
         template = ChatTemplate.from_pretrained(folder, {k: v for k, v in specials.items() if v is not None})
