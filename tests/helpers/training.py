@@ -58,3 +58,28 @@ def sample_rows(folder: Path) -> list[dict]:
                                                    {"type": "text", "text": "Describe it."}]},
                       {"role": "assistant", "content": [{"type": "text", "text": "Wide noise."}]}]},
     ]
+
+
+def random_adapter(folder: Path, model_folder: Path, targets: list[str], rank: int, alpha: float, seed: int,
+                   std: float = 0.2) -> Path:
+    """A PEFT-format adapter with random A and B (B nonzero, so it changes the model) for the
+    checkpoint in `model_folder`, written by our own writer."""
+    import torch
+
+    from qwen2vl.adapter import write_adapter
+    from qwen2vl.config import Qwen2VLConfig
+
+    cfg = Qwen2VLConfig.from_pretrained(model_folder).text
+    q, kv, d, i = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \
+        cfg.hidden_size, cfg.intermediate_size
+    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, i),
+              "up_proj": (d, i), "down_proj": (i, d)}  # (in, out)
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for layer in range(cfg.num_hidden_layers):
+        for name in targets:
+            parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            n_in, n_out = shapes[name]
+            modules[f"model.layers.{layer}.{parent}.{name}"] = (
+                torch.randn(rank, n_in, generator=g) * std, torch.randn(n_out, rank, generator=g) * std)
+    return write_adapter(folder, modules, rank=rank, alpha=alpha, dropout=0.0, targets=targets, base=None)
