@@ -32,6 +32,7 @@ class ModelRunner:
         self.attention = attention  # (q, k, v, k_cache, v_cache, PagedBatch) -> out
         self.device = model.device
         self.graphs = None  # cuda_graph.GraphRunner: the engine sets it on CUDA unless enforce_eager
+        self.lora = getattr(model, "lora", None)  # LoRARows of served adapters (qwen2vl/lora.py), or None
         # a decoder sped up by load_model (fast_layers.py) also gets decode attention as one C call,
         # and, where every linear is one of our kernels', the whole decode step as one C call
         self.fast_decode = isinstance(model.model, FastTextModel) and model.device.type == "cpu"
@@ -43,6 +44,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(seqs):  # all decodes: replay a graph
             return sample(self.model.compute_logits(self.graphs.run(seqs)), seqs)
         ids, positions, batch = self.prepare(seqs)
+        if self.lora is not None:  # each token row's adapter, read by the LoRA linears in this forward
+            self.lora.set([s.lora for s in seqs], batch.q_lens, self.device)
         x = self.model.embed(ids, vision_embeds=self.vision_rows(seqs))
         fused = self.fast_decode and batch.is_decode and layer_ops.supports(x)
 
