@@ -87,7 +87,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     rows = read_rows(cfg.data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     eval_rows = read_rows(cfg.eval_data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) if cfg.eval_data else []
     for row in rows + eval_rows:  # template problems show up now, not hours in
-        answer_mask(row.messages, processor.encode_text(row.messages), processor, row.where)
+        answer_mask(row.messages, processor.encode_text(row.messages, answers_hold_special_tokens=True), processor,
+                    row.where)
     lora = None if cfg.full else dict(targets=cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                       dropout=cfg.lora_dropout)
     model = load_for_training(folder, dtype=DTYPES[cfg.dtype], device=cfg.device, full=cfg.full,
