@@ -1,12 +1,10 @@
-"""A new, untrained demo checkpoint folder: the files a Qwen2-VL checkpoint has, random weights.
+"""A new demo checkpoint folder without weights: what `qwen2vl train --init-random` starts from.
 
-    python -m qwen2vl.demo.blank OUT [--seed 0]
+    python -m qwen2vl.demo.blank OUT
 
-writes config.json (the published flat layout), tokenizer.json + tokenizer_config.json (the
-reduced vocabulary of vocab.py, with the Qwen2-VL chat template), preprocessor_config.json,
-generation_config.json and model.safetensors. Training starts from this folder; `save_weights`
-writes trained weights back in the hub layout (the patch embedding as a Conv3d weight), so
-transformers loads the result too.
+writes config.json (the published flat layout, every token id taken from the tokenizer),
+tokenizer.json + tokenizer_config.json (the reduced vocabulary of vocab.py, with the Qwen2-VL chat
+template), preprocessor_config.json and generation_config.json (greedy).
 """
 
 from __future__ import annotations
@@ -14,9 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
 
 from qwen2vl.demo import vocab
 from qwen2vl.processing.chat_template import BUILTIN_TEMPLATE
@@ -57,12 +52,9 @@ def config_dict(ids: dict[str, int], vocab_size: int, text: dict = TEXT, vision:
     }
 
 
-def write_blank(out: str | Path, seed: int = 0, text: dict = TEXT, vision: dict = VISION) -> Path:
-    """All files of an untrained demo checkpoint in `out`; returns the folder."""
+def write_blank(out: str | Path, text: dict = TEXT, vision: dict = VISION) -> Path:
+    """All files of a demo checkpoint but its weights, in `out`; returns the folder."""
     from tokenizers import Tokenizer
-
-    from qwen2vl.config import Qwen2VLConfig
-    from qwen2vl.model import Qwen2VL
 
     out = Path(out)
     vocab.build_tokenizer(out, BUILTIN_TEMPLATE.read_text(encoding="utf-8"))
@@ -76,51 +68,10 @@ def write_blank(out: str | Path, seed: int = 0, text: dict = TEXT, vision: dict 
                   "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": False,
                   "max_new_tokens": 64}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    torch.manual_seed(seed)
-    model = Qwen2VL(Qwen2VLConfig.from_dict(config))
-    init_weights(model)
-    save_weights(model, out, torch.float32)
     return out
-
-
-def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
-    """GPT-2/Qwen style: linears and embeddings N(0, std), biases 0, norms 1; the projections that
-    write into a residual stream scaled by 1/sqrt(2 * layers), as in GPT-2, so the stream does
-    not grow with depth."""
-    layers = {"visual": model.config.vision.depth, "model": model.config.text.num_hidden_layers}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0 if "norm" in name or "ln_q" in name else 0.0)
-                continue
-            scale = 1.0
-            if name.endswith(("o_proj.weight", "down_proj.weight", "attn.proj.weight", "fc2.weight")):
-                scale = (2 * layers[name.split(".")[0]]) ** -0.5
-            p.normal_(0.0, std * scale)
-
-
-def save_weights(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """model.safetensors in the hub layout; the tied head is not written (the embedding is it)."""
-    folder = Path(folder)
-    state = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        if name == "visual.patch_embed.proj.weight":  # Linear (E, C*T*P*P) -> Conv3d (E, C, T, P, P)
-            v = model.config.vision
-            t = t.reshape(t.shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-        state[name] = t.detach().to(dtype).contiguous()
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = folder / "config.json"
-    cfg = json.loads(config.read_text())
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    config.write_text(json.dumps(cfg, indent=2) + "\n")
-    return folder
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(write_blank(args.out, args.seed))
+    print(write_blank(parser.parse_args().out))
