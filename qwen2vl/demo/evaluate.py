@@ -128,7 +128,8 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--cases", type=int, default=50, help="cases per task (default 50)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help=f"which held-out set (default {EVAL_SEED})")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", help="comma-separated: one run each (bfloat16, float16, "
+                        "float32; default bfloat16); the quantized and server runs use the first")
     parser.add_argument("--quantization", action="append", default=[], choices=["int8", "int4", "int4-g64",
                         "int4-g128"], help="also run with these quantized linears (repeat for several)")
     parser.add_argument("--server", action="store_true", help="also run through the server (started here on "
@@ -145,30 +146,34 @@ def run_eval(args) -> int:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or args.cases < 1:
         raise ValueError(f"--tasks must name tasks from {', '.join(TASKS)} (got {unknown}) and --cases be >= 1")
+    dtypes = [d for d in args.dtype.split(",") if d]
+    if not dtypes or set(dtypes) - {"bfloat16", "float16", "float32"}:
+        raise ValueError(f"--dtype must list bfloat16, float16 or float32, got {args.dtype!r}")
     cases = render_cases(args.seed, args.cases, tasks)
-    runs: list[tuple[str, callable]] = [(args.dtype, None)] + [(q, q) for q in args.quantization]
-    results = {}
-    for name, quant in runs:
+    runs = [(d, d, None) for d in dtypes] + [(q, dtypes[0], q) for q in args.quantization]
+    results, answers = {}, {}
+
+    def record(name: str, got: list[str], start: float) -> None:
+        answers[name] = got
+        results[name] = accuracy(cases, answers[name])
+        right = sum(r for r, _ in results[name].values())
+        first = next(iter(answers))
+        same = "" if name == first else (f"; {sum(a != b for a, b in zip(answers[name], answers[first]))} answers "
+                                         f"differ from {first}'s")
+        print(f"{name}: {right}/{len(cases)} right in {time.perf_counter() - start:.0f} s{same}", flush=True)
+
+    for name, dtype, quant in runs:
         start = time.perf_counter()
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=quant)
-        results[name] = accuracy(cases, run_llm(llm, cases))
-        _report(name, results[name], start)
+        llm = LLM(args.model, dtype=dtype, device=args.device, quantization=quant)
+        record(name, run_llm(llm, cases), start)
         del llm
     if args.server:
         start = time.perf_counter()
-        with local_server(args.model, dtype=args.dtype, device=args.device) as url:
-            results["server"] = accuracy(cases, run_server(url, cases, args.model))
-        _report("server", results["server"], start)
+        with local_server(args.model, dtype=dtypes[0], device=args.device) as url:
+            record("server", run_server(url, cases, args.model), start)
     if args.server_url:
         start = time.perf_counter()
-        results["server-url"] = accuracy(cases, run_server(args.server_url, cases, args.served_model_name))
-        _report("server-url", results["server-url"], start)
+        record("server-url", run_server(args.server_url, cases, args.served_model_name), start)
     print(f"\n{args.model}: {args.cases} cases per task, seed {args.seed}, greedy\n")
     print(format_table(results))
     return 0
-
-
-def _report(name: str, result: dict, start: float) -> None:
-    right = sum(r for r, _ in result.values())
-    total = sum(n for _, n in result.values())
-    print(f"{name}: {right}/{total} right in {time.perf_counter() - start:.0f} s", flush=True)
