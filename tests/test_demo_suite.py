@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from qwen2vl.demo import scenes
-from qwen2vl.demo.dataset import extra_turns, record, task_counts
+from qwen2vl.demo.dataset import LIST_QUESTION, extra_turns, record, task_counts
 from qwen2vl.demo.scenes import COLORS, apart
 from qwen2vl.demo.score import iou, score
 from qwen2vl.demo.tasks import TASKS, render_case
@@ -145,10 +145,12 @@ def test_training_rows_hold_the_case_first_and_only_true_extra_questions():
     case = render_case("grounding", 4, 2)
     extra = extra_turns(case, random.Random(0), 8)
     row = record(case, extra, ["img/a.png"])
+    shapes = case.info["shapes"]
     assert row["messages"][0] == {"role": "user", "content": "<image>" + case.question}
     assert row["messages"][1]["content"] == case.answer and row["images"] == ["img/a.png"]
     shapes = case.info["shapes"]
-    for q, a in extra:  # every extra answer is true of the picture
+    assert extra[0] == (LIST_QUESTION, ", ".join(s.name for s in sorted(shapes, key=lambda s: (s.x + s.side / 2, s.y))))
+    for q, a in extra[1:]:  # every extra answer is true of the picture
         if q.startswith("Where"):
             (region,) = parse_grounding(a, *case.images[0].size)
             assert any(iou(region.bbox, s.box) > 0.9 and q == f"Where is the {s.name}?" for s in shapes)
@@ -160,4 +162,6 @@ def test_training_rows_hold_the_case_first_and_only_true_extra_questions():
             assert [s.color for s in shapes if s.kind in q] == [a]
     video = render_case("video", 4, 0)
     assert extra_turns(video, random.Random(0), 3) == []
+    empty = next(c for c in (render_case("count", 4, i) for i in range(50)) if not c.info["shapes"])
+    assert extra_turns(empty, random.Random(0), 1) == [(LIST_QUESTION, "none")]
     assert record(video, [], ["f0.png", "f1.png"])["videos"] == [["f0.png", "f1.png"]]

@@ -22,10 +22,10 @@ TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_att
             num_key_value_heads=2, mrope_section=[8, 12, 12], rope_theta=10000.0, max_position_embeddings=4096)
 VISION = dict(depth=4, embed_dim=192, num_heads=3, mlp_ratio=4)
 VOCAB_MULTIPLE = 64  # the embedding is padded past the tokenizer's ids, as Qwen pads 151,657 to 151,936
-# Images keep their size (112-448 px sides, rounded to 28): shrinking them would make 18 px text
-# unreadable. Video frames (112-224 px) too.
+# Images up to 336x336 px keep their size (rounded to 28), larger ones shrink to that area: at most
+# 144 visual tokens, and 18 px type stays >= 13 px. Video frames (112-224 px) keep theirs.
 PREPROCESSOR = {
-    "min_pixels": 56 * 56, "max_pixels": 448 * 448, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "min_pixels": 56 * 56, "max_pixels": 336 * 336, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
     "video_min_pixels": 56 * 56, "video_max_pixels": 224 * 224, "fps": 2.0, "min_frames": 4, "max_frames": 16,
     "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",

@@ -33,11 +33,11 @@ def corpus() -> list[str]:
     lines = ["system\nYou are a helpful assistant.", "user\n", "assistant\n",
              "How many shapes are there?", "What does the text say?",
              "Which image has more shapes, the first or the second?", "first", "second",
-             "(123,456),(789,100)", *DIRECTIONS]
+             "(123,456),(789,100)", "List the shapes from left to right.", "none", *DIRECTIONS]
     for kind in SHAPES:
         lines += [f"What color is the {kind}?", f"How many {kind}s are there?"]
         for color in COLORS:
-            lines += [color, f"Where is the {color} {kind}?", f"the {color} {kind}",
+            lines += [color, f"Where is the {color} {kind}?", f"the {color} {kind}", f"{color} {kind}, {color} {kind}",
                       f"Which direction does the {color} {kind} move?"]
     return lines
 
