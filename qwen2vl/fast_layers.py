@@ -3,7 +3,7 @@
 A bf16 decode step of the 2B spends ~5 ms outside its linears: per layer two RMSNorms of 8 torch
 ops each, rotary, two residual adds, SiLU * up, two cache writes and SDPA, every op a few
 microseconds of dispatch for a few thousand values. `FastTextModel` runs TextModel's forward with
-the same modules and weights, calling qwen2vl/kernels/layer_ops.py for those ops:
+the same modules and weights, calling qwen2vl/backends/cpu/layer_ops.py for those ops:
 - each residual add is fused into the RMSNorm after it (the next layer's input norm, or the final norm);
 - rotary turns q and k in place in the fused qkv output;
 - `F.silu(gate) * up` is one call;
@@ -13,7 +13,7 @@ The kernels round where torch rounds, so the outputs equal TextModel's bit for b
 reduction in another order, agrees to a bf16 rounding; tests/test_layer_ops.py). The model file
 never knows: `Qwen2VL` alone keeps the torch code, and load_model applies this in bf16.
 
-On CUDA the same forward runs Triton kernels with the same signatures (kernels/triton_layer_ops.py),
+On CUDA the same forward runs Triton kernels with the same signatures (backends/cuda/triton_layer_ops.py),
 where triton imports and they pass a check against torch at load: ~30 tiny kernels per layer become
 5, which is most of a graphed batch-1 decode step's time there.
 """
@@ -22,20 +22,21 @@ from __future__ import annotations
 
 import torch
 
-from qwen2vl import kernels
-from qwen2vl.kernels import layer_ops
+from qwen2vl.backends import ops_for as _ops_for
+from qwen2vl.backends.cpu import layer_ops
+from qwen2vl.backends.cuda import triton_kernels
 from qwen2vl.rotary import mrope_cos_sin
 from qwen2vl.text import TextModel
 
 
 def cuda_layer_ops(device: torch.device):
     """kernels.triton_layer_ops where triton imports and its kernels agree with torch on `device`, else None."""
-    return kernels.triton_kernels("triton_layer_ops", device)
+    return triton_kernels("triton_layer_ops", device)
 
 
 def ops_for(x: torch.Tensor):
     """The module of layer kernels that takes activations like `x`, or None."""
-    return kernels.ops_for(x, layer_ops, "triton_layer_ops")
+    return _ops_for(x, layer_ops, "triton_layer_ops")
 
 
 class FastTextModel(torch.nn.Module):

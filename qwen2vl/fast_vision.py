@@ -2,7 +2,7 @@
 after loading (`speed_up_vision`), as fast_layers.py does for the text decoder.
 
 Each block's attention and MLP are replaced by modules holding the same linears (same names, so
-state_dict keys don't change) whose forward calls qwen2vl/kernels/vision_ops.py: QuickGELU in
+state_dict keys don't change) whose forward calls qwen2vl/backends/cpu/vision_ops.py: QuickGELU in
 place on fc1's output, the 2-D rotary in place on q and k in the qkv output (no float32 copies),
 and the attention's softmax in place on its scores. The kernels round where torch rounds, so the
 tower's output equals the torch code's bit for bit (tests/test_vision_ops.py); other dtypes and
@@ -16,20 +16,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qwen2vl import kernels
 from qwen2vl.attention import block_diagonal_attention
-from qwen2vl.kernels import vision_ops
+from qwen2vl.backends import ops_for as _ops_for
+from qwen2vl.backends.cpu import vision_ops
+from qwen2vl.backends.cuda import triton_kernels
 from qwen2vl.vision import VisionAttention, VisionMlp
 
 
 def cuda_vision_ops(device: torch.device):
     """kernels.triton_vision_ops where triton imports and its kernels agree with torch on `device`, else None."""
-    return kernels.triton_kernels("triton_vision_ops", device)
+    return triton_kernels("triton_vision_ops", device)
 
 
 def ops_for(x: torch.Tensor):
     """The module of vision kernels that takes activations like `x`, or None."""
-    return kernels.ops_for(x, vision_ops, "triton_vision_ops")
+    return _ops_for(x, vision_ops, "triton_vision_ops")
 
 
 class FastVisionAttention(nn.Module):

@@ -4,7 +4,7 @@ Decode multiplies one token (or a handful) by every weight of the model, so its 
 at which weights stream from memory. `F.linear` in bf16 hands oneDNN a plain row-major weight,
 which it re-blocks or walks slowly on every call: with one row it streams weights at ~70% of the
 memory read rate. Two better paths, chosen per weight at load:
-- bf16 on a CPU with AVX-512 BF16: our own kernel (kernels/bf16_gemm.c) on weights packed for
+- bf16 on a CPU with AVX-512 BF16: our own kernel (backends/cpu/csrc/bf16_gemm.c) on weights packed for
   it. Decode rows stream the weights at the read probe's rate for every 2B shape (oneDNN below:
   59-89%, worst on the small q/k/v and o), prefill and batched rows run a register tile as fast
   as oneDNN's GEMM. Measured in docs/performance.md.
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl import kernels
+from qwen2vl.backends.cpu import gemm
 
 
 def reorder_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -46,7 +46,7 @@ def reorder_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def kernel_takes(weight: torch.Tensor) -> bool:
     """Whether our bf16 kernel can hold `weight` [N, K]: bf16 on the CPU, K even, kernel built."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
-            and kernels.bf16_library() is not None)
+            and gemm.bf16_library() is not None)
 
 
 class FastLinear(nn.Module):
@@ -60,7 +60,7 @@ class FastLinear(nn.Module):
         self.path = "F.linear"
         self.packed = None  # opaque or oddly shaped, so a plain attribute rather than a buffer
         if use_kernel and kernel_takes(weight):
-            self.packed, self.path = kernels.pack_bf16(weight.detach(), huge_pages), "bf16 kernel"
+            self.packed, self.path = gemm.pack_bf16(weight.detach(), huge_pages), "bf16 kernel"
         elif (packed := reorder_weight(weight)) is not None:
             self.packed, self.path = packed, "oneDNN"
         # the plain weight is kept only when it is the path taken
@@ -78,7 +78,7 @@ class FastLinear(nn.Module):
     @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "bf16 kernel" and x.dtype == torch.bfloat16:
-            y = kernels.bf16_gemm(x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features)
+            y = gemm.bf16_gemm(x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features)
             return y.view(*x.shape[:-1], self.out_features)
         if self.path == "oneDNN" and x.dtype == self.packed.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
@@ -87,7 +87,7 @@ class FastLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The plain [N, K] weight (rebuilt from the reordered one when that is all that is kept)."""
         if self.path == "bf16 kernel":
-            return kernels.unpack_bf16(self.packed, self.out_features)
+            return gemm.unpack_bf16(self.packed, self.out_features)
         return self.weight if self.packed is None else self.packed.to_dense()
 
     def extra_repr(self) -> str:

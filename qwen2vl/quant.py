@@ -8,7 +8,7 @@ of 32-256 weights).
 - Int4Linear: asymmetric per group along k, w = (q - 8) * scale + zero, q in [0, 15].
 
 Kernels, one per module, picked when it is built:
-- ours, qwen2vl/kernels/int_gemv.c, on CPUs with AVX-512 VNNI and a C compiler: the activations
+- ours, qwen2vl/backends/cpu/csrc/int_gemv.c, on CPUs with AVX-512 VNNI and a C compiler: the activations
   are quantized to int8 per block of 32 on the fly and the dot products run in integer VNNI
   instructions, which keeps decode memory-bound (torch's kernels below convert every weight to
   float and are compute-bound on a few cores: docs/performance.md). The weights are stored only
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl import kernels
+from qwen2vl.backends.cpu import gemm
 from qwen2vl.linear import replace_linears
 
 INT4_BLOCK_N = 64  # the CPU int4 kernel's layout packs output channels in blocks of 64
@@ -77,7 +77,7 @@ def has_int4_kernel() -> bool:
 def use_int_gemv(weight: torch.Tensor) -> bool:
     """Whether the quantized copy of `weight` [N, K] should be stored for our VNNI kernel."""
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and weight.shape[1] % kernels.QK == 0 and kernels.library() is not None)
+            and weight.shape[1] % gemm.QK == 0 and gemm.int_library() is not None)
 
 
 class Int8Linear(nn.Module):
@@ -96,13 +96,13 @@ class Int8Linear(nn.Module):
         scales = _round(w.abs().amax(1).clamp(min=1e-8) / 127, linear.weight.dtype, up=True)
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
         if use_int_gemv(linear.weight) if blocked is None else blocked:
-            q, scales = kernels.pack_int8(kernels.pad_rows(q, kernels.ROWS)), kernels.pad_rows(scales, kernels.ROWS)
+            q, scales = gemm.pack_int8(gemm.pad_rows(q, gemm.ROWS)), gemm.pad_rows(scales, gemm.ROWS)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scales, bias, *linear.weight.shape)
 
     def codes(self) -> torch.Tensor:
         """q, int8 [N, K]."""
-        return kernels.unpack_int8(self.weight)[: self.out_features] if self.blocked else self.weight
+        return gemm.unpack_int8(self.weight)[: self.out_features] if self.blocked else self.weight
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         scales = self.scales[: self.out_features].float()
@@ -110,8 +110,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.blocked and kernels.supports(x):
-            y = kernels.int8_gemm(x2, self.weight, self.scales, self.bias, self.out_features)
+        if self.blocked and gemm.supports(x):
+            y = gemm.int8_gemm(x2, self.weight, self.scales, self.bias, self.out_features)
             return y.view(*x.shape[:-1], self.out_features)
         if not self.blocked and x.device.type == "cpu" and has_int8_kernel():
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x.dtype))
@@ -144,7 +144,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 groups of {group_size} don't tile in_features={k}")
         blocked = use_int_gemv(linear.weight) if blocked is None else blocked
         # zero rows up to the kernel's block
-        w = kernels.pad_rows(linear.weight.detach().float(), kernels.ROWS if blocked else INT4_BLOCK_N)
+        w = gemm.pad_rows(linear.weight.detach().float(), gemm.ROWS if blocked else INT4_BLOCK_N)
         w = w.view(-1, k // group_size, group_size)
         lo, hi, dtype = w.amin(-1), w.amax(-1), linear.weight.dtype
         # 16 levels span each group; the zero sits on level 8 and is stored in the model dtype
@@ -153,14 +153,14 @@ class Int4Linear(nn.Module):
         q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15).view(-1, k)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         if blocked:
-            return cls(kernels.pack_int4(q), kernels.pack_groups(scales, zeros), bias, n, k, group_size)
+            return cls(gemm.pack_int4(q), gemm.pack_groups(scales, zeros), bias, n, k, group_size)
         scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
         return cls(pack_int4(q), scales_zeros, bias, n, k, group_size)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes [N, K] (uint8), scales and zeros [N, K/group]."""
         if self.blocked:
-            codes, (scales, zeros) = kernels.unpack_int4(self.packed), kernels.unpack_groups(self.scales_zeros)
+            codes, (scales, zeros) = gemm.unpack_int4(self.packed), gemm.unpack_groups(self.scales_zeros)
         else:
             codes, (scales, zeros) = unpack_int4(self.packed), self.scales_zeros.permute(2, 1, 0)
         n = self.out_features
@@ -174,8 +174,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.blocked and kernels.supports(x):
-            y = kernels.int4_gemm(x2, self.packed, self.scales_zeros, self.bias, self.out_features, self.group_size)
+        if self.blocked and gemm.supports(x):
+            y = gemm.int4_gemm(x2, self.packed, self.scales_zeros, self.bias, self.out_features, self.group_size)
             return y.view(*x.shape[:-1], self.out_features)
         if not self.blocked and x.device.type == "cpu" and has_int4_kernel():
             sz = self.scales_zeros.to(x.dtype)

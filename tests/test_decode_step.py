@@ -1,12 +1,12 @@
-"""The whole decode step in one C call (qwen2vl/kernels/decode_step.c) against the Python path that
+"""The whole decode step in one C call (qwen2vl/backends/cpu/csrc/decode_step.c) against the Python path that
 calls the same kernels one by one: the same values, bit for bit, in bf16, int8 and int4."""
 
 import pytest
 import torch
 
 from qwen2vl import LLM, SamplingParams
-from qwen2vl.kernels import decode_step, layer_ops
-from qwen2vl.kernels.decode_step import DecodeStep
+from qwen2vl.backends.cpu import decode_step, layer_ops
+from qwen2vl.backends.cpu.decode_step import DecodeStep
 from tests.test_server_support import tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not layer_ops.available() or decode_step.library() is None,

@@ -1,4 +1,4 @@
-"""Decode CUDA graphs (engine/cuda_graph.py) and the Triton decode kernel (engine/triton_decode.py).
+"""Decode CUDA graphs (engine/cuda_graph.py) and the Triton decode kernel (backends/cuda/triton_decode.py).
 
 On CUDA: the kernel against the torch decode path on random paged caches (mixed lengths, GQA
 ratios, head sizes, dtypes, int32/int64 tables) and replayed in a graph; graphed generation against
@@ -125,7 +125,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("lens", [[1, 5, 130, 64], [300]])
 def test_triton_decode_splits_the_context_and_combines_exactly(splits, lens):
     pytest.importorskip("triton")
-    from qwen2vl.engine import triton_decode
+    from qwen2vl.backends.cuda import triton_decode
 
     q, k, v, tables, lens_t = random_paged(12, 2, 128, 16, lens, torch.float32, device=DEVICE)
     want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(lens)), lens_t)
@@ -135,7 +135,7 @@ def test_triton_decode_splits_the_context_and_combines_exactly(splits, lens):
 
 def test_the_context_is_split_only_where_the_batch_leaves_the_gpu_idle():
     pytest.importorskip("triton")
-    from qwen2vl.engine.triton_decode import num_splits
+    from qwen2vl.backends.cuda.triton_decode import num_splits
 
     cpu = torch.device("cpu")  # counted as an H100's 132 multiprocessors
     assert [num_splits(b, 12, cpu) for b in (1, 2, 4, 8, 16, 32, 64)] == [16, 16, 8, 4, 2, 1, 1]
@@ -152,7 +152,7 @@ def test_the_context_is_split_only_where_the_batch_leaves_the_gpu_idle():
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_decode_matches_torch_decode(hq, hkv, dh, block_size, dtype):
-    from qwen2vl.engine import triton_decode
+    from qwen2vl.backends.cuda import triton_decode
 
     lens = [1, 2 * block_size, 5, 3 * block_size + 1, 130, 17, 64]
     q, k, v, tables, lens_t = random_paged(hq, hkv, dh, block_size, lens, dtype)
@@ -165,7 +165,7 @@ def test_triton_decode_matches_torch_decode(hq, hkv, dh, block_size, dtype):
 
 @cuda
 def test_triton_decode_replays_in_a_graph_with_new_lengths():
-    from qwen2vl.engine import triton_decode
+    from qwen2vl.backends.cuda import triton_decode
 
     q, k, v, tables, lens = random_paged(12, 2, 128, 16, [40, 7, 100], torch.bfloat16)
     triton_decode.decode(q, k, v, tables, lens)  # compile outside the capture

@@ -1,4 +1,4 @@
-"""The C layer kernels (qwen2vl/kernels/layer_ops.c) against the torch code they replace, and an LLM
+"""The C layer kernels (qwen2vl/backends/cpu/csrc/layer_ops.c) against the torch code they replace, and an LLM
 using them (qwen2vl/fast_layers.py) against one that doesn't."""
 
 import subprocess
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2vl import LLM, Qwen2VL, SamplingParams, kernels
+from qwen2vl import LLM, Qwen2VL, SamplingParams
+from qwen2vl.backends.cpu import layer_ops, native
 from qwen2vl.engine.paged_attention import PagedBatch, decode
 from qwen2vl.fast_layers import FastTextModel, speed_up_layers
-from qwen2vl.kernels import layer_ops
 from qwen2vl.text import RMSNorm
 from tests.helpers.layer_op_checks import assert_rotary_in_place_equals_apply_rotary
 from tests.test_server_support import tiny_checkpoint
@@ -105,17 +105,17 @@ def test_paged_decode_writes_the_cache_and_matches_torch_decode(lens, heads, kv_
 def test_without_the_kernels_the_model_keeps_the_torch_code(monkeypatch, caplog):
     model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=BF16)
     model.fuse_qkv()
-    layer_ops.library.cache_clear()
+    native.library.cache_clear()
     try:
-        def fail(source):
+        def fail(source, flags):
             raise subprocess.CalledProcessError(1, ["cc"], stderr="no compiler today")
 
-        monkeypatch.setattr(kernels, "build", fail)
+        monkeypatch.setattr(native, "build", fail)
         assert not layer_ops.available() and "compile failed" in caplog.text
         assert not speed_up_layers(model) and type(model.model).__name__ == "TextModel"
     finally:
         monkeypatch.undo()
-        layer_ops.library.cache_clear()
+        native.library.cache_clear()
     assert layer_ops.available()
     # a float32 model is left alone too, and a FastTextModel fed float32 runs the torch code
     model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=torch.float32)

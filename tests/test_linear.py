@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl import kernels
+from qwen2vl.backends.cpu import gemm, native
 from qwen2vl.linear import FastLinear, fuse_linears, speed_up_linears
 
 # k not a multiple of the 32-wide vector and n odd, so the kernels' tail loops run too
@@ -39,7 +39,7 @@ def test_fast_linear_matches_f_linear(rows, bias, dtype):
             linear.bias.copy_(torch.randn(N, generator=g))
     x = torch.randn(rows, K, generator=g).to(dtype)
     fast = FastLinear.from_linear(linear)
-    if dtype == torch.bfloat16 and kernels.bf16_library() is not None:
+    if dtype == torch.bfloat16 and gemm.bf16_library() is not None:
         assert fast.path == "bf16 kernel"
     elif dtype != torch.float16 and torch.backends.mkldnn.is_available():
         assert fast.path == "oneDNN"
@@ -87,7 +87,7 @@ def test_speed_up_linears_swaps_decoder_keeps_vision_and_embedding():
     assert torch.equal(model.lm_head.dense_weight(), model.embed.weight)
 
 
-needs_bf16_kernel = pytest.mark.skipif(kernels.bf16_library() is None, reason="no C compiler or no AVX-512 BF16 here")
+needs_bf16_kernel = pytest.mark.skipif(gemm.bf16_library() is None, reason="no C compiler or no AVX-512 BF16 here")
 
 
 @needs_bf16_kernel
@@ -99,10 +99,10 @@ def test_bf16_kernel_tiles_and_tails(rows, n, k):
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-    packed = kernels.pack_bf16(w)
-    assert packed.shape == ((n + 15) // 16, k // 2, 16, 2) and torch.equal(kernels.unpack_bf16(packed, n), w)
-    close_to_linear(kernels.bf16_gemm(x, packed, bias, n), x, w, bias)
-    close_to_linear(kernels.bf16_gemm(x, packed, None, n), x, w, None)
+    packed = gemm.pack_bf16(w)
+    assert packed.shape == ((n + 15) // 16, k // 2, 16, 2) and torch.equal(gemm.unpack_bf16(packed, n), w)
+    close_to_linear(gemm.bf16_gemm(x, packed, bias, n), x, w, bias)
+    close_to_linear(gemm.bf16_gemm(x, packed, None, n), x, w, None)
 
 
 @needs_bf16_kernel
@@ -112,10 +112,10 @@ def test_the_wide_and_the_register_tile_sum_in_the_same_order():
     g = torch.Generator().manual_seed(3)
     w, bias = torch.randn(70, 3000, generator=g).to(torch.bfloat16), torch.randn(70, generator=g).to(torch.bfloat16)
     x = torch.randn(24, 3000, generator=g).to(torch.bfloat16)
-    packed = kernels.pack_bf16(w)
-    tiled = kernels.bf16_gemm(x, packed, bias, 70)
+    packed = gemm.pack_bf16(w)
+    tiled = gemm.bf16_gemm(x, packed, bias, 70)
     for rows in (9, 13, 16):
-        assert torch.equal(kernels.bf16_gemm(x[:rows], packed, bias, 70), tiled[:rows])
+        assert torch.equal(gemm.bf16_gemm(x[:rows], packed, bias, 70), tiled[:rows])
 
 
 @needs_bf16_kernel
@@ -123,16 +123,16 @@ def test_bf16_kernel_is_independent_of_thread_count_and_takes_no_rows():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(200, 96, generator=g).to(torch.bfloat16)
     x = torch.randn(11, 96, generator=g).to(torch.bfloat16)
-    packed, threads = kernels.pack_bf16(w), torch.get_num_threads()
+    packed, threads = gemm.pack_bf16(w), torch.get_num_threads()
     try:
         outs = []
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            outs.append(kernels.bf16_gemm(x, packed, None, 200))
+            outs.append(gemm.bf16_gemm(x, packed, None, 200))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(o, outs[0]) for o in outs)
-    assert kernels.bf16_gemm(x[:0], packed, None, 200).shape == (0, 200)
+    assert gemm.bf16_gemm(x[:0], packed, None, 200).shape == (0, 200)
 
 
 def test_kernel_and_onednn_paths_agree_and_fall_back():
@@ -163,25 +163,25 @@ def test_bf16_kernel_rounds_to_nearest_even(rows):
     bias = torch.randint(-64, 65, (64,), generator=g).to(torch.bfloat16)
     exact = x.double() @ w.double().t() + bias.double()
     assert (exact.abs() > 256).any()  # rounding happens
-    assert torch.equal(kernels.bf16_gemm(x, kernels.pack_bf16(w), bias, 64), exact.to(torch.bfloat16))
+    assert torch.equal(gemm.bf16_gemm(x, gemm.pack_bf16(w), bias, 64), exact.to(torch.bfloat16))
 
 
 def test_bf16_kernel_build_failure_falls_back_to_onednn_and_logs_once(monkeypatch, tmp_path, caplog):
     import logging
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    bad = tmp_path / "bad.c"
-    bad.write_text("int bf16_gemm_supported(void) { return }\n")
-    monkeypatch.setattr(kernels, "BF16_SOURCE", bad)
-    kernels.bf16_library.cache_clear()
+    (tmp_path / "bf16_gemm.c").write_text("void bf16_gemm(void) { return }\n")
+    monkeypatch.setattr(native, "CSRC", tmp_path)
+    native.library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="qwen2vl.kernels"):
+        with caplog.at_level(logging.WARNING, logger="qwen2vl.backends.cpu.native"):
             fast = FastLinear(torch.randn(N, K).to(torch.bfloat16))
             FastLinear(torch.randn(N, K).to(torch.bfloat16))
-        assert fast.path == ("oneDNN" if torch.backends.mkldnn.is_available() else "F.linear")
-        assert caplog.text.count("bf16 kernel: compile failed") == 1, caplog.text
+        assert fast.path != "bf16 kernel"
+        assert caplog.text.count("bf16_gemm: compile failed") == (1 if native.variant("bf16_gemm") else 0), caplog.text
     finally:
-        kernels.bf16_library.cache_clear()
+        monkeypatch.undo()
+        native.library.cache_clear()
 
 
 def _anon_huge_kib(address: int) -> int:
@@ -203,14 +203,14 @@ def _anon_huge_kib(address: int) -> int:
                     reason="no transparent huge pages here")
 def test_packed_weights_are_advised_onto_huge_pages():
     w = torch.randn(4096, 1536).to(torch.bfloat16)  # 12 MiB: several whole 2 MiB pages inside
-    packed = kernels.pack_bf16(w)
-    assert torch.equal(kernels.unpack_bf16(packed, 4096), w)
+    packed = gemm.pack_bf16(w)
+    assert torch.equal(gemm.unpack_bf16(packed, 4096), w)
     assert _anon_huge_kib(packed.data_ptr() + packed.numel()) >= 2048  # the middle sits on huge pages
     fast = FastLinear(w, huge_pages=False)  # as LLM packs the vision tower
     if "[madvise]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
         assert _anon_huge_kib(fast.packed.data_ptr() + fast.packed.numel()) == 0
     assert torch.equal(fast.dense_weight(), w)
-    small = kernels.empty_huge((10,), torch.float32)  # too small to advise: plain memory
+    small = gemm.empty_huge((10,), torch.float32)  # too small to advise: plain memory
     assert small.shape == (10,)
 
 
@@ -227,7 +227,7 @@ def test_empty_huge_survives_a_kernel_without_thp(monkeypatch):
 
     fake = types.SimpleNamespace(mmap=Refusing, MADV_HUGEPAGE=mmap.MADV_HUGEPAGE, MAP_PRIVATE=mmap.MAP_PRIVATE,
                                  MAP_ANONYMOUS=mmap.MAP_ANONYMOUS)
-    monkeypatch.setattr(kernels, "mmap", fake)
-    t = kernels.empty_huge((3 << 20,), torch.float32)
+    monkeypatch.setattr(gemm, "mmap", fake)
+    t = gemm.empty_huge((3 << 20,), torch.float32)
     t.fill_(2)
     assert t.shape == (3 << 20,) and t.sum().item() == 6 << 20

@@ -1,4 +1,4 @@
-"""The decoder's Triton layer kernels (qwen2vl/kernels/triton_layer_ops.py, CUDA's counterpart of
+"""The decoder's Triton layer kernels (qwen2vl/backends/cpu/csrc/triton_layer_ops.py, CUDA's counterpart of
 layer_ops) against the torch code they replace. Without a GPU they run in Triton's interpreter on
 the CPU: the same kernels and indexing, numpy's arithmetic."""
 
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")  # interpreted on the CPU: tests/conftest.py
 
 from qwen2vl import Qwen2VL, fast_layers  # noqa: E402
+from qwen2vl.backends.cuda import triton_layer_ops as ops  # noqa: E402
 from qwen2vl.fast_layers import FastTextModel  # noqa: E402
-from qwen2vl.kernels import triton_layer_ops as ops  # noqa: E402
 from qwen2vl.text import RMSNorm  # noqa: E402
 from tests.helpers.checkpoints import build_reference, save_checkpoint  # noqa: E402
 from tests.helpers.layer_op_checks import assert_rotary_in_place_equals_apply_rotary  # noqa: E402

@@ -1,4 +1,4 @@
-"""The vision tower's Triton kernels (qwen2vl/kernels/triton_vision_ops.py, CUDA's counterpart of
+"""The vision tower's Triton kernels (qwen2vl/backends/cpu/csrc/triton_vision_ops.py, CUDA's counterpart of
 vision_ops) against the torch code they replace, and a tower running them. Without a GPU they run
 in Triton's interpreter on the CPU (tests/conftest.py)."""
 
@@ -8,8 +8,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from qwen2vl import Qwen2VL, fast_vision  # noqa: E402
+from qwen2vl.backends.cuda import triton_vision_ops as ops  # noqa: E402
 from qwen2vl.fast_vision import FastVisionAttention, FastVisionMlp  # noqa: E402
-from qwen2vl.kernels import triton_vision_ops as ops  # noqa: E402
 from tests.helpers.checkpoints import build_reference, save_checkpoint  # noqa: E402
 from tests.helpers.layer_op_checks import assert_vision_rotary_equals_apply_rotary_in_float32  # noqa: E402
 
@@ -59,17 +59,17 @@ def test_tower_on_the_triton_kernels_matches_the_torch_tower(monkeypatch, tmp_pa
 
 
 def test_the_kernels_load_only_when_their_check_passes(monkeypatch, caplog):
-    from qwen2vl import kernels
+    from qwen2vl.backends.cuda import triton_kernels
 
     def wrong(device):
         raise AssertionError("wrong numbers")
 
-    kernels.triton_kernels.cache_clear()
+    triton_kernels.cache_clear()
     try:
         assert fast_vision.cuda_vision_ops(torch.device(DEVICE)) is ops  # the check passes here
-        kernels.triton_kernels.cache_clear()
+        triton_kernels.cache_clear()
         monkeypatch.setattr(ops, "check", wrong)
         assert fast_vision.cuda_vision_ops(torch.device(DEVICE)) is None  # the torch code stays
         assert "triton_vision_ops unavailable" in caplog.text and "wrong numbers" in caplog.text
     finally:
-        kernels.triton_kernels.cache_clear()
+        triton_kernels.cache_clear()

@@ -1,12 +1,12 @@
-"""The vision tower's C kernels (qwen2vl/kernels/vision_ops.c) against the torch code they replace,
+"""The vision tower's C kernels (qwen2vl/backends/cpu/csrc/vision_ops.c) against the torch code they replace,
 and a tower using them (qwen2vl/fast_vision.py) against one that doesn't: equal bit for bit."""
 
 import pytest
 import torch
 
 from qwen2vl import Qwen2VL
+from qwen2vl.backends.cpu import vision_ops
 from qwen2vl.fast_vision import FastVisionAttention, FastVisionMlp, speed_up_vision
-from qwen2vl.kernels import vision_ops
 from tests.helpers.layer_op_checks import assert_vision_rotary_equals_apply_rotary_in_float32
 from tests.test_server_support import tiny_checkpoint
 

@@ -101,7 +101,7 @@ class GraphRunner:
         ids, pos, slots, lens = self.inputs[: 4 * b].view(4, b)
         tables, cache = self.tables[:b], self.cache
         if self.attention == "triton":
-            from qwen2vl.engine import triton_decode
+            from qwen2vl.backends.cuda import triton_decode
 
             attn = lambda layer, q: triton_decode.decode(q, cache.k[layer], cache.v[layer], tables, lens)
         else:
@@ -154,7 +154,7 @@ def pick_attention(model, cache: KVCache) -> str:
 def check_triton(hkv: int, hq: int, dh: int, block_size: int, dtype, device) -> None:
     """Run the kernel once against the torch path on a random cache with mixed lengths; raise on
     any difference beyond rounding."""
-    from qwen2vl.engine import triton_decode
+    from qwen2vl.backends.cuda import triton_decode
 
     g = torch.Generator(device=device).manual_seed(0)
     lens = torch.tensor([1, 3 * block_size + 5, block_size, 77], device=device)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from qwen2vl.backends.cpu import layer_ops
+from qwen2vl.backends.cpu.decode_step import DecodeStep
 from qwen2vl.engine.kv_cache import KVCache
 from qwen2vl.engine.paged_attention import PagedBatch, paged_attention
 from qwen2vl.engine.sampler import sample
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.engine.vision_cache import VisionCache
 from qwen2vl.fast_layers import FastTextModel
-from qwen2vl.kernels import layer_ops
-from qwen2vl.kernels.decode_step import DecodeStep
 
 
 class ModelRunner:

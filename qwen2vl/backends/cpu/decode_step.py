@@ -11,76 +11,45 @@ is built after the model's modules and the cache are final and lives as long as 
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 
-from qwen2vl import kernels
-from qwen2vl.kernels import _load, layer_ops
+from qwen2vl.backends.cpu import gemm, layer_ops, native
 from qwen2vl.rotary import mrope_cos_sin
 
-SOURCE = Path(__file__).with_name("decode_step.c")
-BF16, INT8, INT4 = 0, 1, 2
-_i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+BF16, INT8, INT4 = 0, 1, 2  # Linear.kind, the enum in kernels.h
 
 
-class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _i64), ("fn", _ptr), ("w", _ptr), ("scales", _ptr), ("bias", _ptr),
-                ("scales_bf16", _i64), ("n", _i64), ("k", _i64), ("group", _i64)]
+def library():
+    return native.library("decode_step")
 
 
-class _Layer(ctypes.Structure):
-    _fields_ = [("norm1", _ptr), ("norm2", _ptr), ("k_cache", _ptr), ("v_cache", _ptr),
-                *((name, _Linear) for name in ("qkv", "o", "gate", "up", "down"))]
-
-
-class _Decoder(ctypes.Structure):
-    _fields_ = [("rms_norm", _ptr), ("rotary", _ptr), ("silu_mul", _ptr), ("paged_decode", _ptr),
-                *((name, _i64) for name in ("num_layers", "hidden", "inter", "heads", "kv_heads", "head_dim")),
-                ("eps", _float), ("final_norm", _ptr), ("layers", ctypes.POINTER(_Layer))]
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    lib = _load(SOURCE, "decode step", "decode_step_supported", "(nothing)")
-    if lib is not None:
-        lib.decode_step_work.argtypes = [ctypes.POINTER(_Decoder)]
-        lib.decode_step_work.restype = _i64
-        lib.decode_step.argtypes = [ctypes.POINTER(_Decoder), _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64,
-                                    _ptr, _int]
-    return lib
-
-
-def _address(fn) -> int:
-    return ctypes.cast(fn, ctypes.c_void_p).value
-
-
-def _linear(module, keep: list) -> _Linear | None:
-    """The C description of one of our kernels' linears, or None for any other."""
+def _linear(module, keep: list):
+    """The C description (kernels.h's Linear) of one of our kernels' linears, or None for any other."""
     from qwen2vl.linear import FastLinear
     from qwen2vl.quant import Int4Linear, Int8Linear
 
+    Linear = native.header().structs["Linear"]
     bias = getattr(module, "bias", None)
     if bias is not None:
         bias = bias.to(torch.bfloat16).contiguous()  # the kernels read bf16 (int_gemv's caller converts per call)
         keep.append(bias)
     bias_ptr = None if bias is None else bias.data_ptr()
     if isinstance(module, FastLinear) and module.path == "bf16 kernel":
-        return _Linear(BF16, _address(kernels.bf16_library().bf16_gemm), module.packed.data_ptr(), None, bias_ptr,
-                       0, module.out_features, module.in_features, 0)
-    if isinstance(module, (Int8Linear, Int4Linear)) and module.blocked and kernels.library() is not None:
+        return Linear(BF16, native.address(gemm.bf16_library().bf16_gemm), module.packed.data_ptr(), None, bias_ptr,
+                      0, module.out_features, module.in_features, 0)
+    if isinstance(module, (Int8Linear, Int4Linear)) and module.blocked and gemm.int_library() is not None:
         int8 = isinstance(module, Int8Linear)
         w, scales = (module.weight, module.scales) if int8 else (module.packed, module.scales_zeros)
-        fn = kernels.library().int8_gemm if int8 else kernels.library().int4_gemm
-        return _Linear(INT8 if int8 else INT4, _address(fn), w.data_ptr(), scales.data_ptr(), bias_ptr,
-                       int(scales.dtype == torch.bfloat16), module.out_features, module.in_features,
-                       0 if int8 else module.group_size)
+        fn = gemm.int_library().int8_gemm if int8 else gemm.int_library().int4_gemm
+        return Linear(INT8 if int8 else INT4, native.address(fn), w.data_ptr(), scales.data_ptr(), bias_ptr,
+                      int(scales.dtype == torch.bfloat16), module.out_features, module.in_features,
+                      0 if int8 else module.group_size)
     return None
 
 
 class DecodeStep:
-    def __init__(self, decoder: _Decoder, layers, keep: list, cfg):
+    def __init__(self, decoder, layers, keep: list, cfg):
         self.decoder, self._layers, self._keep, self.cfg = decoder, layers, keep, cfg
         self.work_per_token = library().decode_step_work(ctypes.byref(decoder))
 
@@ -96,7 +65,8 @@ class DecodeStep:
         eps = {n.eps for layer in text_model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
         if len(eps | {text_model.norm.eps}) != 1 or cache.k.dtype != torch.bfloat16 or not cfg.num_hidden_layers:
             return None
-        layers = (_Layer * cfg.num_hidden_layers)()
+        structs = native.header().structs
+        layers = (structs["Layer"] * cfg.num_hidden_layers)()
         for i, layer in enumerate(text_model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             if mlp.gate_up_proj is not None:  # fused gate|up (a CUDA model's layout): not described here
@@ -108,13 +78,14 @@ class DecodeStep:
             k_cache, v_cache = cache.layers[i]
             assert k_cache.is_contiguous() and v_cache.is_contiguous()
             norm1, norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-            layers[i] = _Layer(norm1.data_ptr(), norm2.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *linears)
-        decoder = _Decoder(
-            _address(ops.rms_norm), _address(ops.rotary), _address(ops.silu_mul),
-            _address(layer_ops.attention_library().paged_decode),
+            layers[i] = structs["Layer"](norm1.data_ptr(), norm2.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                         *linears)
+        decoder = structs["Decoder"](
+            native.address(ops.rms_norm), native.address(ops.rotary), native.address(ops.silu_mul),
+            native.address(layer_ops.attention_library().paged_decode),
             cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
             cfg.num_key_value_heads, cfg.head_dim, eps.pop(), text_model.norm.weight.data_ptr(),
-            ctypes.cast(layers, ctypes.POINTER(_Layer)))
+            ctypes.addressof(layers))
         return cls(decoder, layers, keep, cfg)
 
     @torch.compiler.disable  # a ctypes call: dynamo can't trace it

@@ -25,17 +25,19 @@
  * Returns 0, or -1 when out of memory. Built by qwen2vl/kernels/__init__.py.
  */
 #include <stdint.h>
+#include "kernels.h"
 #include <stdlib.h>
 #include <string.h>
 
 #define QK 32 /* activation block along k */
 #define MR 4  /* activation rows per pass over a weight block: 4 x 2 accumulators, one per chain */
 
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512VNNI__)
+#if !(defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+      defined(__AVX512VNNI__))
+#error "needs AVX-512 VNNI (native.py compiles it with -mavx512f -mavx512bw -mavx512vl -mavx512vnni)"
+#endif
 #include <immintrin.h>
 
-int int_gemv_supported(void) { return 1; }
 
 /* Quantized activations, interleaved per chunk of mr <= MR rows (the rows that one pass over a
  * weight block reads together), so a pass reads two sequential streams rather than 4 per row
@@ -237,8 +239,3 @@ int int4_gemm(const uint8_t *w, const void *scales_zeros, int scales_bf16, const
     return gemm(4, w, scales_zeros, scales_bf16, x, y, bias, io_bf16, M, N, K, group, nthreads);
 }
 
-#else /* no AVX-512 VNNI at compile time (-march=native): the loader reads this and falls back */
-int int_gemv_supported(void) { return 0; }
-int int8_gemm(void) { return -1; }
-int int4_gemm(void) { return -1; }
-#endif

@@ -10,19 +10,20 @@
  * Built by qwen2vl/kernels/layer_ops.py.
  */
 #include <stdint.h>
+#include "kernels.h"
 #include <stdlib.h>
 #include <string.h>
 
-typedef uint16_t bf16;
 
 /* The elementwise kernels split their rows across threads above this many values; below, they run
  * without OpenMP, whose team setup (~0.5 us a call, even under if(0)) costs more than a decode row. */
 #define PARALLEL_MIN 65536
 
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if !(defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__))
+#error "needs AVX-512 F/BW (native.py compiles it with -mavx512f -mavx512bw)"
+#endif
 #include "bf16_simd.h"
 
-int layer_ops_supported(void) { return 1; }
 
 static inline __m256 sq8(const bf16 *p) { /* 8 squares; each exact in fp32 */
     __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -150,9 +151,3 @@ void silu_mul(const bf16 *g, int64_t g_stride, const bf16 *u, int64_t u_stride, 
         for (int64_t n = 0; n < N; n++) silu_mul_row(g + n * g_stride, u + n * u_stride, out + n * I, I);
 }
 
-#else /* no AVX-512 at compile time (-march=native): the loader reads this and keeps the torch code */
-int layer_ops_supported(void) { return 0; }
-void rms_norm(void) {}
-void rotary(void) {}
-void silu_mul(void) {}
-#endif

@@ -2,52 +2,29 @@
 its residual add, rotary, SiLU * up, paged decode attention), one C call each instead of a few torch
 ops each.
 
-Compiled and cached like int_gemv.c (`build` in this package). `library()` is None where the kernels
-can't be had (no compiler, a failed compile, a CPU without AVX-512); it logs why, once, and
+Built and loaded by native.py for this CPU's tier. `library()` is None where the kernels can't be
+had (no compiler, a failed compile, a CPU without the features); native.py logs why, once, and
 qwen2vl.fast_layers then leaves the torch code in place. The wrappers take bf16 CPU tensors with
 contiguous rows (callers check `supports(x)` first).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import logging
-from pathlib import Path
-
 import torch
 
-from qwen2vl.kernels import _load
+from qwen2vl.backends.cpu import native
 
-SOURCE = Path(__file__).with_name("layer_ops.c")
-ATTENTION_SOURCE = Path(__file__).with_name("paged_decode.c")
 MAX_GROUP, MAX_HEAD_DIM = 16, 256  # the attention kernel's stack buffers (MAXG, MAXD in paged_decode.c)
 
-log = logging.getLogger(__name__)
-_i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+
+def library():
+    """layer_ops.c loaded, or None where it can't be built or run here."""
+    return native.library("layer_ops")
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (logged once) where they can't be built or run here."""
-    # lacking AVX-512 is the norm on many CPUs: logged at info
-    lib = _load(SOURCE, "layer kernels", "layer_ops_supported", "AVX-512", logging.INFO)
-    if lib is None:
-        return None
-    lib.rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _float, _int]
-    lib.rotary.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int]
-    lib.silu_mul.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _int]
-    return lib
-
-
-@functools.cache
-def attention_library() -> ctypes.CDLL | None:
-    """The loaded paged decode attention (paged_decode.c), or None (logged once)."""
-    lib = _load(ATTENTION_SOURCE, "decode attention kernel", "paged_decode_supported", "AVX-512", logging.INFO)
-    if lib is not None:
-        lib.paged_decode.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
-                                     _i64, _i64, _i64, _i64, _int]
-    return lib
+def attention_library():
+    """paged_decode.c loaded, or None where it can't be built or run here."""
+    return native.library("paged_decode")
 
 
 def available() -> bool:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2vl.kernels.triton_layer_ops import _rotary_kernel, _round
+from qwen2vl.backends.cuda.triton_layer_ops import _rotary_kernel, _round
 
 
 @triton.jit

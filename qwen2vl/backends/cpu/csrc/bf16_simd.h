@@ -7,8 +7,7 @@
 #define QWEN2VL_BF16_SIMD_H
 #include <immintrin.h>
 #include <stdint.h>
-
-typedef uint16_t bf16;
+#include "kernels.h"
 
 static inline __mmask16 tail(int64_t n) { /* lanes left of a row of n */
     return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);

@@ -1,156 +1,52 @@
-"""Native CPU kernels: plain C, compiled on first use by the system compiler, called through ctypes.
+"""The CPU GEMM kernels' Python side: weight packing, and calls into bf16_gemm.c and int_gemv.c.
 
 `bf16_gemm.c` multiplies bf16 weights by bf16 activations with AVX-512 BF16 dot products, in
 its own blocked weight layout (`pack_bf16`): FastLinear's path on CPUs that have them.
 `int_gemv.c` multiplies int8 or int4 weights by activations quantized to int8 on the fly, with
 AVX-512 VNNI integer dot products (its header gives the formulas and the weight layouts, which
-`pack_int8` / `pack_int4` below produce). It is compiled once per source, flags and CPU into
-$XDG_CACHE_HOME/qwen2vl/kernels (~/.cache by default) with `cc -O3 -march=native -fopenmp`, which
-takes about a second since no torch headers are involved. The .so links libgomp.so.1, the soname
-of the runtime torch already loaded, so both share one OpenMP thread pool. ctypes releases the
-GIL during a call.
+`pack_int8` / `pack_int4` below produce). native.py builds and loads them for this CPU's tier.
 
-`library()` / `bf16_library()` are None where a kernel can't be had (no compiler, a failed compile,
-a CPU without AVX-512 VNNI / BF16); each logs why, once, and its caller keeps torch's kernels
-(qwen2vl.quant torch's weight-only ones, qwen2vl.linear oneDNN). The CUDA counterparts are Triton
-modules here (triton_*.py), loaded through `triton_kernels` on the same terms.
+`int_library()` / `bf16_library()` are None where a kernel can't be had (no compiler, a failed
+compile, a CPU without the features); native.py logs why, once, and the caller keeps torch's
+kernels (qwen2vl.quant torch's weight-only ones, qwen2vl.linear oneDNN).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import importlib
-import logging
 import math
 import mmap
-import os
-import platform
-import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("int_gemv.c")
-BF16_SOURCE = Path(__file__).with_name("bf16_gemm.c")
-CC = os.environ.get("CC", "cc")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+from qwen2vl.backends.cpu import native
+
 QK = 32  # the kernel quantizes activations per block of 32 along k, so K must be a multiple
 ROWS = 16  # weight rows per block: one 32-bit lane of a 512-bit register each
 
-log = logging.getLogger(__name__)
-_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+def int_library():
+    """The loaded int_gemv kernel, or None where it can't be built or run here."""
+    return native.library("int_gemv")
 
 
-@functools.cache
-def triton_kernels(name: str, device: torch.device):
-    """The Triton module qwen2vl.kernels.<name> where triton imports and the module's check(device)
-    (its kernels against the torch code on random data) passes, else None, logged once: no triton,
-    a compile error and wrong numbers all mean the torch code."""
-    try:
-        module = importlib.import_module(f"{__name__}.{name}")
-        module.check(device)
-        return module
-    except Exception as e:
-        log.warning("Triton kernels %s unavailable (%s: %s); torch's ops stay", name, type(e).__name__, e)
-        return None
-
-
-def ops_for(x: torch.Tensor, cpu_ops, triton_name: str):
-    """The kernel module that takes activations like `x`: `cpu_ops` (C kernels) where its
-    supports(x), the Triton module `triton_name` for bf16 on CUDA where it loads, else None."""
-    if cpu_ops.supports(x):
-        return cpu_ops
-    if x.device.type == "cuda" and x.dtype == torch.bfloat16:
-        return triton_kernels(triton_name, x.device)
-    return None
-
-
-def _cpu_key() -> str:
-    """-march=native compiles for this CPU, so its flags are part of the cache key."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
-def build(source: Path) -> Path:
-    """The compiled .so for `source`, compiled now unless it is in the cache."""
-    text = source.read_bytes()
-    # the local headers it includes ("bf16_simd.h") are part of what gets compiled
-    headers = [source.with_name(h.decode()).read_bytes() for h in re.findall(rb'#include "([^"]+)"', text)]
-    key = hashlib.sha256(b"\0".join([text, *headers, " ".join([CC, *FLAGS]).encode(), _cpu_key().encode()]))
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2vl" / "kernels"
-    out = cache / f"{source.stem}-{key.hexdigest()[:16]}.so"
-    if not out.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=cache)
-        os.close(fd)
-        try:
-            subprocess.run([CC, *FLAGS, str(source), "-o", tmp], check=True, capture_output=True, text=True)
-            os.replace(tmp, out)  # atomic: concurrent builds each write their own file, and either wins
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return out
-
-
-def _load(source: Path, what: str, supported: str, lacks: str, level: int = logging.WARNING) -> ctypes.CDLL | None:
-    """`source` built and loaded, or None (logged) where it can't be built, or where its
-    `supported()` function says this CPU lacks the instructions it needs (`lacks`, logged at `level`)."""
-    try:
-        lib = ctypes.CDLL(str(build(source)))
-    except subprocess.CalledProcessError as e:
-        log.warning("%s: compile failed, using torch's kernels:\n%s", what, e.stderr[-2000:])
-        return None
-    except OSError as e:  # no compiler, no writable cache folder, a .so that won't load
-        log.warning("%s unavailable (%s), using torch's kernels", what, e)
-        return None
-    if not getattr(lib, supported)():
-        log.log(level, "%s: this CPU has no %s, using torch's kernels", what, lacks)
-        return None
-    return lib
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded int_gemv kernel, or None (logged once) where it can't be built or run here."""
-    lib = _load(SOURCE, "int8/int4 VNNI kernel", "int_gemv_supported", "AVX-512 VNNI")
-    if lib is not None:
-        common = [_ptr, _ptr, _int, _ptr, _ptr, _ptr, _int, _i64, _i64, _i64]
-        lib.int8_gemm.argtypes = [*common, _int]
-        lib.int4_gemm.argtypes = [*common, _i64, _int]
-    return lib
-
-
-@functools.cache
-def bf16_library() -> ctypes.CDLL | None:
-    """The loaded bf16_gemm kernel, or None (logged once) where it can't be built or run here; its
-    caller then uses oneDNN. Lacking AVX-512 BF16 is the norm on many CPUs: logged at info."""
-    lib = _load(BF16_SOURCE, "bf16 kernel", "bf16_gemm_supported", "AVX-512 BF16", logging.INFO)
-    if lib is not None:
-        lib.bf16_gemm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
-        lib.bf16_gemm.restype = None
-    return lib
+def bf16_library():
+    """The loaded bf16_gemm kernel, or None where it can't be built or run here."""
+    return native.library("bf16_gemm")
 
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernel can take activations like `x` (it reads and writes fp32 or bf16)."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and library() is not None
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and int_library() is not None
 
 
 def int8_gemm(x, weight, scales, bias, out_features: int) -> torch.Tensor:
     """x [M, K] times pack_int8 weights with per-row `scales` [N padded], plus bias: [M, out_features]."""
-    return _call(library().int8_gemm, x, weight, scales, bias, out_features)
+    return _call(int_library().int8_gemm, x, weight, scales, bias, out_features)
 
 
 def int4_gemm(x, packed, scales_zeros, bias, out_features: int, group_size: int) -> torch.Tensor:
     """x [M, K] times pack_int4 weights with pack_groups scales and zeros, plus bias: [M, out_features]."""
-    return _call(library().int4_gemm, x, packed, scales_zeros, bias, out_features, group_size)
+    return _call(int_library().int4_gemm, x, packed, scales_zeros, bias, out_features, group_size)
 
 
 @torch.compiler.disable  # a ctypes call: dynamo can't trace it

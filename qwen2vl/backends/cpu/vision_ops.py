@@ -1,34 +1,21 @@
 """ctypes bindings of vision_ops.c: the vision tower's QuickGELU, 2-D rotary and attention softmax
 on bf16 CPU tensors, in place, one C call each instead of several torch ops.
 
-Compiled and cached like the other kernels (`build` in this package). `library()` is None where
-they can't be had (no compiler, a failed compile, a CPU without AVX-512); it logs why, once, and
+Built and loaded by native.py for this CPU's tier. `library()` is None where they can't be had (no
+compiler, a failed compile, a CPU without the features); native.py logs why, once, and
 qwen2vl.fast_vision then leaves the torch code in place.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import logging
-from pathlib import Path
-
 import torch
 
-from qwen2vl.kernels import _load
-
-SOURCE = Path(__file__).with_name("vision_ops.c")
-_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+from qwen2vl.backends.cpu import native
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    lib = _load(SOURCE, "vision kernels", "vision_ops_supported", "AVX-512", logging.INFO)
-    if lib is not None:
-        lib.quick_gelu.argtypes = [_ptr, _i64, _int]
-        lib.vision_rotary.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int]
-        lib.softmax_rows.argtypes = [_ptr, _i64, _i64, _int]
-    return lib
+def library():
+    """vision_ops.c loaded, or None where it can't be built or run here."""
+    return native.library("vision_ops")
 
 
 def supports(x: torch.Tensor) -> bool:

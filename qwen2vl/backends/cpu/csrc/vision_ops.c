@@ -8,13 +8,14 @@
  * Built by qwen2vl/kernels/vision_ops.py.
  */
 #include <stdint.h>
+#include "kernels.h"
 
-typedef uint16_t bf16;
 
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if !(defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__))
+#error "needs AVX-512 F/BW (native.py compiles it with -mavx512f -mavx512bw)"
+#endif
 #include "bf16_simd.h"
 
-int vision_ops_supported(void) { return 1; }
 
 /* x * sigmoid(1.702 * x) in place on n values, as torch computes it on bf16 tensors:
  *   t = bf16(1.702f * x), s = bf16(1 / (1 + exp(-t))), x' = bf16(x * s) */
@@ -88,9 +89,3 @@ void softmax_rows(bf16 *x, int64_t R, int64_t n, int nthreads) {
     }
 }
 
-#else /* no AVX-512 at compile time (-march=native): the loader reads this and keeps the torch code */
-int vision_ops_supported(void) { return 0; }
-void quick_gelu(void) {}
-void vision_rotary(void) {}
-void softmax_rows(void) {}
-#endif

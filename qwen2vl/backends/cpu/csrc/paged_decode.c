@@ -5,20 +5,21 @@
  * to it within a bf16 rounding (another summation order). Split from layer_ops.c, whose calls
  * surround it in a layer; built by qwen2vl/kernels/layer_ops.py. */
 #include <stdint.h>
+#include "kernels.h"
 #include <stdlib.h>
 #include <string.h>
 
-typedef uint16_t bf16;
 
 #define KB 32   /* keys per block of the attention's online softmax */
 #define MAXG 16 /* query heads per kv head, at most (checked by the caller) */
 #define MAXD 256 /* head dim, at most (checked by the caller) */
 #define MAXS 64 /* context splits of one (sequence, kv head), at most */
 
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if !(defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__))
+#error "needs AVX-512 F/BW (native.py compiles it with -mavx512f -mavx512bw)"
+#endif
 #include "bf16_simd.h"
 
-int paged_decode_supported(void) { return 1; }
 
 /* Query heads q [G, D] (fp32, pre-scaled) of one kv head h over the context positions [c0, c1) of
  * one sequence, an online softmax over blocks of KB keys. Writes part [G, D + 2]: per head the
@@ -169,7 +170,3 @@ int paged_decode(const bf16 *q, int64_t q_stride, const bf16 *k, int64_t k_strid
     return 0;
 }
 
-#else /* no AVX-512 at compile time (-march=native): the loader reads this and keeps the torch code */
-int paged_decode_supported(void) { return 0; }
-int paged_decode(void) { return -1; }
-#endif

@@ -18,12 +18,14 @@
  * one rounding to bf16 (round to nearest even, as torch does). Built by qwen2vl/kernels/__init__.py.
  */
 #include <stdint.h>
+#include "kernels.h"
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if !(defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__))
+#error "needs AVX-512 BF16 (native.py compiles it with -mavx512f -mavx512bw -mavx512bf16)"
+#endif
 #include <immintrin.h>
 
-int bf16_gemm_supported(void) { return 1; }
 
 #define MV 4 /* rows of x per pass of the streaming tile (decode) */
 #define MT 8 /* rows of x per pass of the register tile (prefill) */
@@ -232,7 +234,3 @@ void bf16_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint16_t
         tiled(w, x, y, bias, M, N, K, nthreads);
 }
 
-#else /* no AVX-512 BF16 at compile time (-march=native): the loader reads this and falls back */
-int bf16_gemm_supported(void) { return 0; }
-void bf16_gemm(void) {}
-#endif

@@ -1,0 +1,36 @@
+"""Run code as if on a smaller CPU: the QWEN2VL_CPU_ISA cap, in-process.
+
+`at_tier(tier)` sets the cap and drops the cached features and libraries, so kernel code picks
+what a CPU of that tier would; `TIERS_HERE` lists the tiers this machine can play (its own and
+every one below). Modules that chose a path when they were built (FastLinear, the quantized
+linears) keep it: build them inside the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from qwen2vl.backends.cpu import isa, native
+
+TIERS_HERE = isa.TIERS[: isa.TIERS.index(isa.capped(isa._cpuinfo_flags(), None).tier) + 1]
+
+
+def _reset():
+    isa.current.cache_clear()
+    native.library.cache_clear()
+
+
+@contextlib.contextmanager
+def at_tier(tier: str):
+    old = os.environ.get(isa.ENV)
+    os.environ[isa.ENV] = tier
+    _reset()
+    try:
+        yield isa.current()
+    finally:
+        if old is None:
+            os.environ.pop(isa.ENV, None)
+        else:
+            os.environ[isa.ENV] = old
+        _reset()
