@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from benchmarks.bandwidth import GIB, others_cpu_ticks, probe
-from qwen2vl.linear import FastLinear
-from qwen2vl.quant import Int4Linear, Int8Linear
+from qwen2vl.backends.cpu.linear import FastLinear
+from qwen2vl.backends.quant import Int4Linear, Int8Linear
 
 D, I, KV, VOCAB, LAYERS = 1536, 8960, 256, 151936, 28
 SHAPES = {  # name: (out, in, bias)

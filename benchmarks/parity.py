@@ -23,7 +23,7 @@ from benchmarks.bandwidth import gemm_gflops
 from benchmarks.random_checkpoint import random_checkpoint
 from qwen2vl import Qwen2VL
 from qwen2vl.attention import causal_attend
-from qwen2vl.linear import speed_up_linears
+from qwen2vl.backends.cpu.linear import speed_up_linears
 from qwen2vl.positions import mrope_positions
 
 

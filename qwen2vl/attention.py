@@ -28,7 +28,7 @@ def block_diagonal_attention(q, k, v, cu_seqlens: list[int], softmax=torch.softm
 
     q, k, v [N, H, D] -> [N, H, D]. One attention per block (an image, or one temporal patch pair
     of a video) so no N x N mask is ever built. `softmax(scores, -1)` may work in place (the C
-    kernel, fast_vision.py): the CPU path's scores are its own.
+    kernel, backends/cpu/vision_ops.py): the CPU path's scores are its own.
     """
     out = torch.empty_like(q)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):

@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub repo id (default {DEFAULT_MODEL})")
     download.set_defaults(run=run_download)
 
-    info = sub.add_parser("info", help="sizes, dtypes, parameter counts and memory of a checkpoint, without loading")
+    info = sub.add_parser("info", help="sizes, dtypes, parameter counts and memory of a checkpoint, without loading; "
+                                       "--system: this machine's CPU tier, kernels and memory bandwidth")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="local folder or hub repo id")
+    info.add_argument("--system", action="store_true",
+                      help="describe this machine instead: CPU tier, which kernels load and why not the others, "
+                           "the compiler, a memory-bandwidth probe and the decode speed it bounds")
     info.set_defaults(run=run_info)
 
     tokens = sub.add_parser("tokens", help="how many visual tokens an image or video costs")
@@ -119,6 +123,11 @@ def run_download(args) -> int:
 # -- info ----------------------------------------------------------------------------------
 
 def run_info(args) -> int:
+    if args.system:
+        from qwen2vl.backends.system import report
+
+        print(report())
+        return 0
     config, headers, where = checkpoint_headers(args.model)
     from qwen2vl.config import Qwen2VLConfig
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from qwen2vl.attention import causal_attend
+from qwen2vl.backends.reference import TorchBackend
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.loader import checkpoint_dtype, load_weights
@@ -23,6 +24,7 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTower(config.vision)
         self.model = TextModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.backend = TorchBackend()  # the torch code; backends.prepare swaps in the device's speed-ups
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2VL:

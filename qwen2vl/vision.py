@@ -2,6 +2,11 @@
 
 Input is the processor's `pixel_values` [P, C*tp*p*p] (rows in merge-window order) and `grid_thw`
 [n, 3]; output is one LLM-width token per 2x2 window, [P/4, hidden], images in order.
+
+The tower computes in the dtype of its norms: the model's dtype, unless a backend keeps the
+linears' weights in another (bf16 weights with float32 arithmetic on CPUs without bf16 matmuls).
+QuickGELU, the 2-D rotary and the attention's softmax come from `self.ops` (backends/reference.py's
+torch code unless a backend swapped in its kernels).
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ import torch
 import torch.nn as nn
 
 from qwen2vl.attention import block_diagonal_attention
+from qwen2vl.backends.reference import TORCH_OPS
 from qwen2vl.config import VisionConfig
-from qwen2vl.rotary import apply_rotary, vision_cos_sin
+from qwen2vl.rotary import vision_cos_sin
 
 
 class PatchEmbed(nn.Module):
@@ -22,7 +28,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)  # checkpoint: Conv3d weight, flattened
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixel_values.to(self.proj.weight.dtype))
+        return self.proj(pixel_values)
 
 
 class VisionAttention(nn.Module):
@@ -32,13 +38,13 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x, cos, sin, cu_seqlens):
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each [P, H, D]
-        # the reference rotates in float32 and rounds back
-        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        return self.proj(block_diagonal_attention(q, k, v, cu_seqlens).reshape(n, -1))
+    def forward(self, x, cos, sin, cu_seqlens, ops=TORCH_OPS):
+        n, heads = x.shape[0], self.num_heads
+        qkv = self.qkv(x)  # [P, 3 * H * D]: q heads, then k heads, then v heads
+        dim = qkv.shape[1] // (3 * heads)
+        v = qkv[:, 2 * heads * dim:].view(n, heads, dim)
+        q, k = ops.vision_rotary(qkv, cos, sin, 2 * heads, dim).split([heads, heads], 1)  # in float32, rounded
+        return self.proj(block_diagonal_attention(q, k, v, cu_seqlens, softmax=ops.softmax).reshape(n, -1))
 
 
 class VisionMlp(nn.Module):
@@ -47,9 +53,8 @@ class VisionMlp(nn.Module):
         self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
 
-    def forward(self, x):
-        x = self.fc1(x)
-        return self.fc2(x * torch.sigmoid(1.702 * x))  # QuickGELU
+    def forward(self, x, ops=TORCH_OPS):
+        return self.fc2(ops.quick_gelu(self.fc1(x).contiguous()))
 
 
 class VisionBlock(nn.Module):
@@ -60,9 +65,9 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMlp(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, cos, sin, cu_seqlens, ops=TORCH_OPS):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, ops)
+        return x + self.mlp(self.norm2(x), ops)
 
 
 class PatchMerger(nn.Module):
@@ -87,17 +92,23 @@ class VisionTower(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
+        self.ops = TORCH_OPS  # a backend may swap in its kernels (backends/)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.merger.ln_q.weight.dtype
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grid_thw = torch.as_tensor(grid_thw).cpu()
         cfg = self.cfg
         expected = int(grid_thw.prod(-1).sum())
         assert pixel_values.shape == (expected, cfg.patch_dim), (tuple(pixel_values.shape), expected)
-        x = self.patch_embed(pixel_values)
+        x = self.patch_embed(pixel_values.to(self.compute_dtype))
+        ops = self.ops.for_input(x)
         cos, sin = vision_cos_sin(grid_thw, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size, x.device)
         # each frame pair of each image/video attends only within itself
         frame_sizes = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
         cu_seqlens = [0] + frame_sizes.cumsum(0).tolist()
         for block in self.blocks:
-            x = block(x, cos, sin, cu_seqlens)
+            x = block(x, cos, sin, cu_seqlens, ops)
         return self.merger(x)

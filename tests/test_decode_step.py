@@ -34,7 +34,7 @@ def test_decode_step_in_c_equals_the_python_path_bit_for_bit(quantization, monke
     monkeypatch.setattr(DecodeStep, "__call__", lambda self, x, *a: calls.append(x.shape[0]) or step(self, x, *a))
     fast = tokens_and_logprobs(llm, prompts) + tokens_and_logprobs(llm, prompts[:1], 30)
     assert max(calls) == 3 and 1 in calls
-    runner.decode_step = None  # the Python path: FastTextModel.forward with the runner's paged_decode
+    runner.decode_step = None  # the Python path: TextModel.forward on the C ops with the backend's paged_decode
     calls.clear()
     plain = tokens_and_logprobs(llm, prompts) + tokens_and_logprobs(llm, prompts[:1], 30)
     assert not calls
@@ -42,7 +42,7 @@ def test_decode_step_in_c_equals_the_python_path_bit_for_bit(quantization, monke
 
 
 def test_a_linear_off_our_kernels_keeps_the_python_path():
-    from qwen2vl.linear import FastLinear
+    from qwen2vl.backends.cpu.linear import FastLinear
 
     llm = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
     text, cache = llm.model.model, llm.engine.runner.cache

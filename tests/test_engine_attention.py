@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qwen2vl.backends.paged_attention import PagedBatch, decode, paged_attention, varlen
+from qwen2vl.backends.reference import TorchBackend
 from qwen2vl.config import TextConfig
 from qwen2vl.engine.kv_cache import KVCache, bytes_per_block, num_blocks_for
-from qwen2vl.engine.paged_attention import PagedBatch, decode, paged_attention, varlen
 
 HQ, HKV, D, BS = 4, 2, 8, 4
 
@@ -38,7 +39,7 @@ def build(cached: list[int], new: list[int], seed=0, consecutive=False):
         table = [free.pop() for _ in range(-(-ctx // BS))]
         k, v = torch.randn(ctx, HKV, D, generator=g), torch.randn(ctx, HKV, D, generator=g)
         seq_slots = torch.tensor([table[i // BS] * BS + i % BS for i in range(ctx)])
-        cache.write(0, k[:c], v[:c], seq_slots[:c])  # what earlier steps wrote
+        TorchBackend().write_kv(k[:c], v[:c], *cache.layers[0], seq_slots[:c])  # what earlier steps wrote
         full.append((k, v))
         tables.append(table)
         slots.append(seq_slots[c:])
@@ -55,7 +56,7 @@ def build(cached: list[int], new: list[int], seed=0, consecutive=False):
         ctx_slots=PagedBatch.context_slots(block_tables, BS, max(ctx_lens)), ctx_lens_t=torch.tensor(ctx_lens),
     )
     q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
-    cache.write(0, k, v, batch.slot_mapping)  # what the step's attend does first
+    TorchBackend().write_kv(k, v, *cache.layers[0], batch.slot_mapping)  # what the step's attention does first
     want = torch.cat([naive(qq, kk, vv) for qq, (kk, vv) in zip(qs, full)])
     return q, k, v, cache, batch, want
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen2vl.backends.paged_attention import PagedBatch, decode_padded
 from qwen2vl.engine.cuda_graph import GraphRunner, build_graph_runner
 from qwen2vl.engine.engine import Engine, EngineConfig
-from qwen2vl.engine.paged_attention import PagedBatch, decode_padded
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams
 from qwen2vl.model import Qwen2VL

@@ -1,5 +1,5 @@
 """The C layer kernels (qwen2vl/backends/cpu/csrc/layer_ops.c) against the torch code they replace, and an LLM
-using them (qwen2vl/fast_layers.py) against one that doesn't."""
+using them (the CPU backend's TextKernels) against one that doesn't."""
 
 import subprocess
 
@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from qwen2vl import LLM, Qwen2VL, SamplingParams
 from qwen2vl.backends.cpu import layer_ops, native
-from qwen2vl.engine.paged_attention import PagedBatch, decode
-from qwen2vl.fast_layers import FastTextModel, speed_up_layers
+from qwen2vl.backends.cpu.backend import CpuBackend
+from qwen2vl.backends.kernel_ops import TextKernels
+from qwen2vl.backends.paged_attention import PagedBatch, decode
+from qwen2vl.backends.reference import TORCH_OPS
 from qwen2vl.text import RMSNorm
 from tests.helpers.layer_op_checks import assert_rotary_in_place_equals_apply_rotary
 from tests.test_server_support import tiny_checkpoint
@@ -104,7 +106,6 @@ def test_paged_decode_writes_the_cache_and_matches_torch_decode(lens, heads, kv_
 
 def test_without_the_kernels_the_model_keeps_the_torch_code(monkeypatch, caplog):
     model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=BF16)
-    model.fuse_qkv()
     native.library.cache_clear()
     try:
         def fail(source, flags):
@@ -112,30 +113,30 @@ def test_without_the_kernels_the_model_keeps_the_torch_code(monkeypatch, caplog)
 
         monkeypatch.setattr(native, "build", fail)
         assert not layer_ops.available() and "compile failed" in caplog.text
-        assert not speed_up_layers(model) and type(model.model).__name__ == "TextModel"
+        backend = CpuBackend()
+        backend.prepare(model, None)
+        assert model.model.ops is TORCH_OPS and not backend.fused_decode
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
     assert layer_ops.available()
-    # a float32 model is left alone too, and a FastTextModel fed float32 runs the torch code
+    # a float32 model is left alone too, and the kernels fed float32 leave it to the torch code
     model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
-    model.fuse_qkv()
     ids = torch.randint(0, 200, (9,), generator=torch.Generator().manual_seed(0))
     want = model.logits(ids)
-    assert not speed_up_layers(model)
-    model.model = FastTextModel(model.model)
+    CpuBackend().prepare(model, None)
+    assert model.model.ops is TORCH_OPS
+    model.model.ops = TextKernels(layer_ops, layer_ops.supports)
     assert torch.equal(model.logits(ids), want)
 
 
 def test_llm_with_layer_kernels_gives_the_same_tokens_as_without(monkeypatch):
     fast = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
-    assert isinstance(fast.model.model, FastTextModel) and fast.engine.runner.fast_decode
+    assert isinstance(fast.model.model.ops, TextKernels) and fast.model.backend.fused_decode
     # the per-op Python path (the whole step in C equals it bit for bit: tests/test_decode_step.py)
     fast.engine.runner.decode_step = None
-    with monkeypatch.context() as m:
-        m.setattr("qwen2vl.engine.llm.speed_up_layers", lambda model: False)
-        plain = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
-    assert not plain.engine.runner.fast_decode
+    plain = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
+    plain.model.model.ops, plain.model.backend.fused_decode, plain.engine.runner.decode_step = TORCH_OPS, False, None
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (5, 40, 23)]

@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen2vl.backends.cpu import gemm, native
-from qwen2vl.linear import FastLinear, fuse_linears, speed_up_linears
+from qwen2vl.backends.cpu.linear import FastLinear, speed_up_linears
+from qwen2vl.text import fuse_linears
 
 # k not a multiple of the 32-wide vector and n odd, so the kernels' tail loops run too
 N, K = 97, 200

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import qwen2vl.quant as quant
+import qwen2vl.backends.quant as quant
 from qwen2vl.backends.cpu import gemm, isa, native
-from qwen2vl.quant import Int4Linear, Int8Linear, pack_int4, quantize_model, unpack_int4
+from qwen2vl.backends.quant import Int4Linear, Int8Linear, pack_int4, quantize_model, unpack_int4
 
 K = 256
 

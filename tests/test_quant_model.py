@@ -49,7 +49,7 @@ def wide_checkpoint(tmp_path_factory):
 
 
 def test_int4_group_sizes_reach_the_linears_and_trade_error(wide_checkpoint, prompt_ids):
-    from qwen2vl.quant import QUANTIZATIONS, Int4Linear
+    from qwen2vl.backends.quant import QUANTIZATIONS, Int4Linear
 
     def logits(**kw):
         llm = LLM(str(wide_checkpoint), dtype="bfloat16", device="cpu", kv_cache_gib=0.02, **kw)

@@ -1,12 +1,14 @@
 """The vision tower's C kernels (qwen2vl/backends/cpu/csrc/vision_ops.c) against the torch code they replace,
-and a tower using them (qwen2vl/fast_vision.py) against one that doesn't: equal bit for bit."""
+and a tower using them (the CPU backend's VisionKernels) against one that doesn't: equal bit for bit."""
 
 import pytest
 import torch
 
 from qwen2vl import Qwen2VL
 from qwen2vl.backends.cpu import vision_ops
-from qwen2vl.fast_vision import FastVisionAttention, FastVisionMlp, speed_up_vision
+from qwen2vl.backends.cpu.backend import CpuBackend
+from qwen2vl.backends.kernel_ops import VisionKernels
+from qwen2vl.backends.reference import TORCH_OPS
 from tests.helpers.layer_op_checks import assert_vision_rotary_equals_apply_rotary_in_float32
 from tests.test_server_support import tiny_checkpoint
 
@@ -46,9 +48,7 @@ def test_tower_with_the_kernels_equals_the_torch_tower_bit_for_bit(monkeypatch):
     pixels = randn(int(grid.prod(-1).sum()), cfg.patch_dim, seed=5)
     with torch.inference_mode():
         want = model.visual(pixels, grid)
-        assert speed_up_vision(model)
-        assert all(isinstance(b.attn, FastVisionAttention) and isinstance(b.mlp, FastVisionMlp)
-                   for b in model.visual.blocks)
+        model.visual.ops = VisionKernels(vision_ops, vision_ops.supports)
         calls = []
         for name in ("quick_gelu_", "rotary_", "softmax_"):
             fn = getattr(vision_ops, name)
@@ -61,8 +61,9 @@ def test_tower_with_the_kernels_equals_the_torch_tower_bit_for_bit(monkeypatch):
 
 def test_without_the_kernels_or_in_float32_the_tower_keeps_the_torch_code(monkeypatch):
     model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
-    assert not speed_up_vision(model)
+    CpuBackend().prepare(model, None)
+    assert model.visual.ops is TORCH_OPS
     model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=BF16)
     monkeypatch.setattr(vision_ops, "library", lambda: None)
-    assert not speed_up_vision(model)
-    assert not isinstance(model.visual.blocks[0].attn, FastVisionAttention)
+    CpuBackend().prepare(model, None)
+    assert model.visual.ops is TORCH_OPS

@@ -29,8 +29,8 @@ import os
 
 import torch
 
+from qwen2vl.backends.paged_attention import PagedBatch, decode_padded
 from qwen2vl.engine.kv_cache import KVCache
-from qwen2vl.engine.paged_attention import PagedBatch, decode_padded
 from qwen2vl.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class GraphRunner:
             attn = lambda layer, q: decode_padded(q, cache.k[layer], cache.v[layer], ctx_slots, lens)
 
         def attend(layer, q, k, v):
-            cache.write(layer, k, v, slots)
+            self.model.backend.write_kv(k, v, *cache.layers[layer], slots)
             return attn(layer, q)
 
         x = self.model.model.embed_tokens(ids)  # generated tokens: never image/video pads to fill

@@ -3,7 +3,7 @@
 Sized from a memory budget, never from max_len x batch: on CPU a number of GiB, on CUDA a fraction
 of the card (`gpu_memory_utilization`) minus what the weights and a measured forward pass use.
 Zero-filled so that a padded gather over unused slots reads finite numbers (a masked NaN would
-still poison the softmax-weighted sum).
+still poison the softmax-weighted sum). Writing into it is the backend's (`model.backend.write_kv`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from qwen2vl.config import TextConfig
-from qwen2vl.fast_layers import cuda_layer_ops
 
 
 class KVCache:
@@ -24,15 +23,6 @@ class KVCache:
         self.layers = list(zip(self.k, self.v))
         self.num_blocks = num_blocks
         self.block_size = block_size
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """k, v [N, Hkv, Dh] into slots [N] (slot = block * block_size + offset)."""
-        k_cache, v_cache = self.layers[layer]
-        if k.is_cuda and (ops := cuda_layer_ops(k.device)) is not None and ops.write_kv(k, v, k_cache, v_cache,
-                                                                                        slot_mapping):
-            return  # one Triton launch for both (a decode step writes 28 layers: launches add up)
-        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
 
 def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:

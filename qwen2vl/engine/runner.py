@@ -14,28 +14,23 @@ from __future__ import annotations
 
 import torch
 
-from qwen2vl.backends.cpu import layer_ops
-from qwen2vl.backends.cpu.decode_step import DecodeStep
+from qwen2vl.backends.paged_attention import PagedBatch
 from qwen2vl.engine.kv_cache import KVCache
-from qwen2vl.engine.paged_attention import PagedBatch, paged_attention
 from qwen2vl.engine.sampler import sample
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.engine.vision_cache import VisionCache
-from qwen2vl.fast_layers import FastTextModel
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, vision_cache: VisionCache, attention=paged_attention):
+    def __init__(self, model, cache: KVCache, vision_cache: VisionCache):
         self.model = model
         self.cache = cache
         self.vision_cache = vision_cache
-        self.attention = attention  # (q, k, v, k_cache, v_cache, PagedBatch) -> out
+        self.backend = model.backend  # backends/: writes k/v and attends over the cache
         self.device = model.device
         self.graphs = None  # cuda_graph.GraphRunner: the engine sets it on CUDA unless enforce_eager
-        # a decoder sped up by load_model (fast_layers.py) also gets decode attention as one C call,
-        # and, where every linear is one of our kernels', the whole decode step as one C call
-        self.fast_decode = isinstance(model.model, FastTextModel) and model.device.type == "cpu"
-        self.decode_step = DecodeStep.build(model.model, cache) if self.fast_decode else None
+        # where the backend has one (the CPU's C kernels), a whole decode step in one call
+        self.decode_step = self.backend.decode_step(model, cache)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> tuple[list[int | None], list]:
@@ -44,17 +39,12 @@ class ModelRunner:
             return sample(self.model.compute_logits(self.graphs.run(seqs)), seqs)
         ids, positions, batch = self.prepare(seqs)
         x = self.model.embed(ids, vision_embeds=self.vision_rows(seqs))
-        fused = self.fast_decode and batch.is_decode and layer_ops.supports(x)
+        layers = self.cache.layers
 
-        def attend(layer, q, k, v):
-            k_cache, v_cache = self.cache.layers[layer]
-            if fused:  # one C call writes k/v to the cache and attends over it in place
-                return layer_ops.paged_decode(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.ctx_slots,
-                                              batch.ctx_lens_t)
-            self.cache.write(layer, k, v, batch.slot_mapping)
-            return self.attention(q, k, v, k_cache, v_cache, batch)
+        def attend(layer, q, k, v):  # writes this step's k/v to the cache, then attends over it
+            return self.backend.attention(q, k, v, *layers[layer], batch)
 
-        if fused and self.decode_step is not None:
+        if self.decode_step is not None and batch.is_decode and x.dtype == torch.bfloat16:
             hidden = self.decode_step(x, positions, batch)  # the same kernels, called from C
         else:
             hidden = self.model.model(x, positions, attend)  # [N, D]
@@ -122,9 +112,9 @@ class ModelRunner:
 
     def encode(self, items: list) -> dict[int, torch.Tensor]:
         """Run the vision tower once over several pictures; cache and return their rows by hash."""
-        pixels = torch.cat([it.pixel_values for it in items]).to(self.device, self.model.dtype)
+        pixels = torch.cat([it.pixel_values for it in items]).to(self.device)  # the tower casts to its dtype
         grids = torch.tensor([it.grid_thw for it in items], dtype=torch.long)  # the tower reads it on the host
-        rows = self.model.visual(pixels, grids)  # [sum(t*h*w) / merge^2, D], grid order
+        rows = self.model.visual(pixels, grids).to(self.model.dtype)  # [sum(t*h*w) / merge^2, D], grid order
         out = {}
         for it, embeds in zip(items, torch.split(rows, [it.num_tokens for it in items])):
             out[it.content_hash] = embeds

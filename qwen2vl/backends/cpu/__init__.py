@@ -1,2 +1,2 @@
-"""The CPU backend: C kernels per CPU tier (see isa.py for the tiers and the QWEN2VL_CPU_ISA cap,
-native.py for how they are built and loaded, csrc/ for the sources)."""
+"""The CPU backend (backend.py): C kernels per CPU tier (isa.py: the tiers and the QWEN2VL_CPU_ISA
+cap; native.py: how csrc/ is built and loaded), FastLinear (linear.py), the compute-dtype policy."""

@@ -1,10 +1,10 @@
-"""ctypes bindings of decode_step.c: a FastTextModel's whole decode step (every layer, the final norm)
+"""ctypes bindings of decode_step.c: the text decoder's whole decode step (every layer, the final norm)
 as one C call over the same kernels the Python path calls one by one.
 
 `DecodeStep.build(text_model, cache)` describes the model to C once: each linear's kernel and packed
 weights, each layer's norms and KV cache. It returns None, and the runner keeps the Python path,
 wherever a piece isn't one of our kernels: a linear on oneDNN or torch's int kernels, a model that
-isn't a FastTextModel, a CPU or compiler without them. The description holds raw addresses, so it
+not running the C layer ops, a CPU or compiler without them. The description holds raw addresses, so it
 is built after the model's modules and the cache are final and lives as long as the runner.
 """
 
@@ -26,8 +26,8 @@ def library():
 
 def _linear(module, keep: list):
     """The C description (kernels.h's Linear) of one of our kernels' linears, or None for any other."""
-    from qwen2vl.linear import FastLinear
-    from qwen2vl.quant import Int4Linear, Int8Linear
+    from qwen2vl.backends.cpu.linear import FastLinear
+    from qwen2vl.backends.quant import Int4Linear, Int8Linear
 
     Linear = native.header().structs["Linear"]
     bias = getattr(module, "bias", None)
@@ -55,11 +55,11 @@ class DecodeStep:
 
     @classmethod
     def build(cls, text_model, cache) -> DecodeStep | None:
-        """For a FastTextModel (bf16, fused qkv) whose every decoder linear is one of our kernels'
-        and the engine's KVCache; None where that isn't so."""
-        from qwen2vl.fast_layers import FastTextModel
+        """For a TextModel running the C layer ops (bf16, fused qkv) whose every decoder linear is one
+        of our kernels' and the engine's KVCache; None where that isn't so."""
+        from qwen2vl.backends.kernel_ops import TextKernels
 
-        if not isinstance(text_model, FastTextModel) or library() is None or not layer_ops.available():
+        if not isinstance(text_model.ops, TextKernels) or library() is None or not layer_ops.available():
             return None
         cfg, ops, keep = text_model.cfg, layer_ops.library(), []
         eps = {n.eps for layer in text_model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}

@@ -8,7 +8,7 @@ AVX-512 VNNI integer dot products (its header gives the formulas and the weight 
 
 `int_library()` / `bf16_library()` are None where a kernel can't be had (no compiler, a failed
 compile, a CPU without the features); native.py logs why, once, and the caller keeps torch's
-kernels (qwen2vl.quant torch's weight-only ones, qwen2vl.linear oneDNN).
+kernels (backends/quant.py: torch's weight-only ones; backends/cpu/linear.py: oneDNN).
 """
 
 from __future__ import annotations

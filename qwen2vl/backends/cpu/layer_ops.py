@@ -4,7 +4,7 @@ ops each.
 
 Built and loaded by native.py for this CPU's tier. `library()` is None where the kernels can't be
 had (no compiler, a failed compile, a CPU without the features); native.py logs why, once, and
-qwen2vl.fast_layers then leaves the torch code in place. The wrappers take bf16 CPU tensors with
+the CPU backend then leaves the torch code in place. The wrappers take bf16 CPU tensors with
 contiguous rows (callers check `supports(x)` first).
 """
 
@@ -43,7 +43,7 @@ def supports_layout(heads: int, kv_heads: int, head_dim: int) -> bool:
 
 # Lean wrappers: a decode step calls them ~140 times, and each check or allocation here costs a
 # fraction of a microsecond. Layouts fixed by the model (head sizes, weights) are checked once by
-# fast_layers.speed_up_layers; plain ctypes calls, which dynamo can't trace (FastTextModel.forward,
+# the CPU backend's prepare; plain ctypes calls, which dynamo can't trace (TextModel.forward,
 # their caller, is kept out of torch.compile as a whole).
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):

@@ -3,7 +3,7 @@ on bf16 CPU tensors, in place, one C call each instead of several torch ops.
 
 Built and loaded by native.py for this CPU's tier. `library()` is None where they can't be had (no
 compiler, a failed compile, a CPU without the features); native.py logs why, once, and
-qwen2vl.fast_vision then leaves the torch code in place.
+the CPU backend then leaves the torch code in place.
 """
 
 from __future__ import annotations

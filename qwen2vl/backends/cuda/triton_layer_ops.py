@@ -4,7 +4,7 @@ A graphed batch-1 decode step of the 2B on an H100 replays in ~3.4 ms where its 
 ~1 ms (docs/performance.md): the rest is ~30 tiny kernels per layer (each RMSNorm is 8 torch ops,
 rotary 6, SiLU x up 2, residual adds 1 each), a few microseconds apiece even inside a CUDA graph.
 These fuse each group into one kernel, with the same signatures and rounding points as
-layer_ops.py (the C kernels for the CPU), so fast_layers.FastTextModel runs either:
+layer_ops.py (the C kernels for the CPU), so the decoder runs either (backends/kernel_ops.py):
 - add_rms_norm: the residual add (rounded to bf16, as torch's `x + sublayer(x)`) and the RMSNorm
   after it (normalized in fp32, rounded, then times the weight);
 - rotary_: q and k turned in place in the fused qkv output, each product rounded as torch does;

@@ -3,7 +3,7 @@
 On a GPU the tower of one 448x448 image (1024 patches, 32 blocks) is bound by kernel launches, not
 arithmetic: torch runs the float32 rotary of q and k as ~14 kernels a block and QuickGELU as 3.
 These are one launch each, with the signatures and rounding points of vision_ops.py (the C
-kernels for the CPU), so fast_vision.py runs either; the attention stays SDPA (flash) on CUDA.
+kernels for the CPU), so the tower runs either (backends/kernel_ops.py); the attention stays SDPA (flash) on CUDA.
 - quick_gelu_: t = bf16(1.702 x), s = bf16(sigmoid(t)), x' = bf16(x s);
 - rotary_: `apply_rotary(x.float(), cos, sin).to(bf16)` on the first `heads` heads of each qkv row,
   each product and sum rounded to float32 as torch does (no fused multiply-add: launched with

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen2vl.backends.cpu import gemm
-from qwen2vl.linear import replace_linears
+from qwen2vl.backends.swap import replace_linears
 
 INT4_BLOCK_N = 64  # the CPU int4 kernel's layout packs output channels in blocks of 64
 

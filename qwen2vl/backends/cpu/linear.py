@@ -3,11 +3,14 @@
 Decode multiplies one token (or a handful) by every weight of the model, so its speed is the rate
 at which weights stream from memory. `F.linear` in bf16 hands oneDNN a plain row-major weight,
 which it re-blocks or walks slowly on every call: with one row it streams weights at ~70% of the
-memory read rate. Two better paths, chosen per weight at load:
-- bf16 on a CPU with AVX-512 BF16: our own kernel (backends/cpu/csrc/bf16_gemm.c) on weights packed for
-  it. Decode rows stream the weights at the read probe's rate for every 2B shape (oneDNN below:
-  59-89%, worst on the small q/k/v and o), prefill and batched rows run a register tile as fast
-  as oneDNN's GEMM. Measured in docs/performance.md.
+memory read rate. Better paths, chosen per weight at load by the weight and the dtype the matmul
+should run in (`compute_dtype`, the backend's policy: see backends/cpu/__init__.py):
+- bf16 arithmetic on a CPU with AVX-512 BF16: our own kernel (csrc/bf16_gemm.c) on weights
+  packed for it. Decode rows stream the weights at the read probe's rate for every 2B shape
+  (oneDNN below: 59-89%, worst on the small q/k/v and o), prefill and batched rows run a register
+  tile as fast as oneDNN's GEMM. Measured in docs/performance.md.
+- float32 arithmetic on bf16 weights (CPUs without bf16 matmuls, where torch emulates them ~6-10x
+  slower than float32): oneDNN on a float32 copy, the activations converted on the way in and out.
 - otherwise oneDNN on a weight reordered once (`mkldnn._reorder_linear_weight`, the layout
   inductor's freezing pass uses) through `mkldnn._linear_pointwise`: ~100% of the read probe for
   the big decode shapes, as fast as F.linear for prefill, no compiler needed.
@@ -24,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.swap import replace_linears
 
 
 def reorder_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -51,27 +55,30 @@ def kernel_takes(weight: torch.Tensor) -> bool:
 
 class FastLinear(nn.Module):
     """Drop-in for an inference nn.Linear: our bf16 kernel or oneDNN on a reordered weight, with
-    F.linear as the fallback (other input dtypes, weights neither takes)."""
+    F.linear as the fallback (other input dtypes, weights neither takes). The output has the
+    input's dtype; the matmul runs in `compute_dtype` (default: the weight's)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, use_kernel: bool = True,
-                 huge_pages: bool = True):
+                 huge_pages: bool = True, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        compute = compute_dtype or weight.dtype
         self.path = "F.linear"
         self.packed = None  # opaque or oddly shaped, so a plain attribute rather than a buffer
-        if use_kernel and kernel_takes(weight):
+        if use_kernel and compute == torch.bfloat16 and kernel_takes(weight):
             self.packed, self.path = gemm.pack_bf16(weight.detach(), huge_pages), "bf16 kernel"
-        elif (packed := reorder_weight(weight)) is not None:
+        elif (packed := reorder_weight(weight.detach().to(compute))) is not None:
             self.packed, self.path = packed, "oneDNN"
         # the plain weight is kept only when it is the path taken
         self.weight = None if self.packed is not None else nn.Parameter(weight.detach(), requires_grad=False)
-        if bias is not None and self.path == "bf16 kernel":
-            bias = bias.detach().to(torch.bfloat16).contiguous()  # the kernel reads bf16
-        self.register_buffer("bias", None if bias is None else bias.detach())
+        if bias is not None:  # in the dtype the path adds it in (the bf16 kernel reads bf16)
+            bias = bias.detach().to(torch.bfloat16 if self.path == "bf16 kernel" else compute).contiguous()
+        self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, use_kernel: bool = True, huge_pages: bool = True) -> FastLinear:
-        return cls(linear.weight, linear.bias, use_kernel, huge_pages)
+    def from_linear(cls, linear: nn.Linear, use_kernel: bool = True, huge_pages: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> FastLinear:
+        return cls(linear.weight, linear.bias, use_kernel, huge_pages, compute_dtype)
 
     # dynamo traces the oneDNN op but inductor can only lower it on weights it froze itself; a
     # compiled model should keep nn.Linear and set torch._inductor.config.freezing = True instead
@@ -80,8 +87,11 @@ class FastLinear(nn.Module):
         if self.path == "bf16 kernel" and x.dtype == torch.bfloat16:
             y = gemm.bf16_gemm(x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features)
             return y.view(*x.shape[:-1], self.out_features)
-        if self.path == "oneDNN" and x.dtype == self.packed.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        # oneDNN in the dtype it was reordered in: the input's, or float32 for any input (the policy
+        # for bf16 weights on CPUs without bf16 matmuls)
+        if self.path == "oneDNN" and (x.dtype == self.packed.dtype or self.packed.dtype == torch.float32):
+            y = torch.ops.mkldnn._linear_pointwise(x.to(self.packed.dtype), self.packed, self.bias, "none", [None], "")
+            return y.to(x.dtype)
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def dense_weight(self) -> torch.Tensor:
@@ -94,44 +104,13 @@ class FastLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.path}"
 
 
-def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear computing all of `linears` on the same input (q/k/v, or gate/up).
-
-    The output is the concatenation along the last dim; split it by the listed out_features.
-    It streams the same bytes as the separate calls but pays the per-call cost once, which
-    matters for the small k/v projections (256 x 1536 in the 2B). It is a plain nn.Linear, so
-    speed_up_linears and quantize_model treat it like any other.
-    """
-    weight = torch.cat([m.weight.detach() for m in linears])
-    biases = [m.bias for m in linears]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases), device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([
-            b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)
-        ]), requires_grad=False)
-    return fused
-
-
-def replace_linears(model: nn.Module, make, skip: tuple[str, ...] = ()) -> int:
-    """Replace every nn.Linear of `model` whose qualified name doesn't start with one of `skip` by
-    `make(linear)`, in place; returns how many were replaced."""
-    # names only: holding the old modules until the end would keep every original weight alive
-    # next to its replacement (measured: peak RSS +2.9 GB for the 2B)
-    names = [name for name, module in model.named_modules()
-             if type(module) is nn.Linear and not name.startswith(skip)]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(getattr(parent, child)))
-    return len(names)
-
-
-def speed_up_linears(model: nn.Module, skip: tuple[str, ...] = ("visual",), huge_pages: bool = True) -> int:
+def speed_up_linears(model: nn.Module, skip: tuple[str, ...] = ("visual",), huge_pages: bool = True,
+                     compute_dtype: torch.dtype | None = None) -> int:
     """Swap every nn.Linear of `model` for a FastLinear in place; returns how many were swapped.
 
     Modules whose qualified name starts with one of `skip` stay as they are: by default the
-    vision tower (`LLM` swaps it too, all but the patch embedding, without huge pages: its GEMMs
-    are compute-bound, and finding huge pages at load costs time).
+    vision tower (the CPU backend swaps it too, without huge pages: its GEMMs are compute-bound,
+    and finding huge pages at load costs time).
     """
-    return replace_linears(model, lambda linear: FastLinear.from_linear(linear, huge_pages=huge_pages), skip)
+    make = lambda linear: FastLinear.from_linear(linear, huge_pages=huge_pages, compute_dtype=compute_dtype)
+    return replace_linears(model, make, skip)
