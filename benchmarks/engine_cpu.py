@@ -102,11 +102,11 @@ def own_weights(model: torch.nn.Module) -> None:
 class Reference:
     """transformers generate on the same checkpoint and the same processor output."""
 
-    def __init__(self, folder, processor):
+    def __init__(self, folder, processor, dtype: torch.dtype = torch.bfloat16):
         from transformers import Qwen2VLForConditionalGeneration
 
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            folder, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+            folder, dtype=dtype, attn_implementation="sdpa").eval()
         own_weights(self.model)
         self.processor = processor
         self.pad = processor.tokenizer.pad_token_id or 0
