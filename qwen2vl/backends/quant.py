@@ -40,8 +40,9 @@ def _round(t: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
     return torch.where(off, torch.nextafter(r, torch.full_like(r, float("inf") if up else float("-inf"))), r)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes [N, K] in 0..15 (N a multiple of 64) -> uint8 [N, K/2] in the CPU int4 kernel's layout.
+def pack_torch_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] in 0..15 (N a multiple of 64) -> uint8 [N, K/2] in torch's CPU int4 kernel's layout
+    (`_weight_int4pack_mm_for_cpu` on AVX-512 ATen; our own kernel's layout is gemm.pack_int4).
 
     The layout is [N/64, K, 32] bytes: byte j of (block b, column k) holds output channel
     64b + j in its low nibble and 64b + 32 + j in its high nibble.
@@ -51,8 +52,8 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).contiguous().view(n, k // 2)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: uint8 [N, K/2] -> codes [N, K] (uint8)."""
+def unpack_torch_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_torch_int4: uint8 [N, K/2] -> codes [N, K] (uint8)."""
     n, half = packed.shape
     p = packed.view(n // INT4_BLOCK_N, 2 * half, INT4_BLOCK_N // 2)  # [N/64, K, 32]
     return torch.stack([p & 15, p >> 4], dim=1).permute(0, 1, 3, 2).reshape(n, 2 * half)
@@ -65,13 +66,13 @@ def has_int8_kernel() -> bool:
 
 @functools.cache
 def has_int4_kernel() -> bool:
-    """The CPU int4 kernel exists and takes pack_int4's layout (checked against its own packer)."""
+    """The CPU int4 kernel exists and takes pack_torch_int4's layout (checked against its own packer)."""
     try:
         codes = torch.randint(0, 16, (2 * INT4_BLOCK_N, 64), generator=torch.Generator().manual_seed(0))
         theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
     except (AttributeError, RuntimeError):
         return False
-    return torch.equal(theirs, pack_int4(codes))
+    return torch.equal(theirs, pack_torch_int4(codes))
 
 
 def use_int_gemv(weight: torch.Tensor) -> bool:
@@ -129,7 +130,7 @@ class Int4Linear(nn.Module):
     def __init__(self, packed, scales_zeros, bias, out_features: int, in_features: int, group_size: int):
         super().__init__()
         # blocked: uint8 [N/16, K/8, 16, 4] and [N/16, K/group, 2, 16];
-        # else uint8 [N padded to 64, K/2] in pack_int4's layout and [K/group, N padded, 2]
+        # else uint8 [N padded to 64, K/2] in pack_torch_int4's layout and [K/group, N padded, 2]
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)  # model dtype
         self.register_buffer("bias", bias)
@@ -155,14 +156,14 @@ class Int4Linear(nn.Module):
         if blocked:
             return cls(gemm.pack_int4(q), gemm.pack_groups(scales, zeros), bias, n, k, group_size)
         scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
-        return cls(pack_int4(q), scales_zeros, bias, n, k, group_size)
+        return cls(pack_torch_int4(q), scales_zeros, bias, n, k, group_size)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes [N, K] (uint8), scales and zeros [N, K/group]."""
         if self.blocked:
             codes, (scales, zeros) = gemm.unpack_int4(self.packed), gemm.unpack_groups(self.scales_zeros)
         else:
-            codes, (scales, zeros) = unpack_int4(self.packed), self.scales_zeros.permute(2, 1, 0)
+            codes, (scales, zeros) = unpack_torch_int4(self.packed), self.scales_zeros.permute(2, 1, 0)
         n = self.out_features
         return codes[:n], scales[:n], zeros[:n]
 

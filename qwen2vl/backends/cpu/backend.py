@@ -37,10 +37,6 @@ class CpuBackend(TorchBackend):
         self.isa = isa.current()
         self.fused_decode = False  # decode attention through paged_decode.c (set where the layer ops are in)
 
-    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype a model of `dtype` does its matmuls in here (see the module docstring)."""
-        return torch.float32 if dtype == torch.bfloat16 and not self.isa.native_bf16_matmul else dtype
-
     def prepare(self, model, quantization: str | None) -> None:
         model.fuse_qkv()
         if quantization is not None:
@@ -48,7 +44,7 @@ class CpuBackend(TorchBackend):
         dtype = model.dtype
         if dtype not in HALF:  # float32: torch's own GEMMs (MKL / oneDNN) are the fast ones
             return
-        compute = self.compute_dtype(dtype)
+        compute = self.isa.matmul_dtype(dtype)
         # decode streams every weight once per token; FastLinears (our bf16 kernel, else oneDNN) stream at
         # about the memory read rate where F.linear's bf16 GEMV gets ~30-70% of it, and the vision tower's
         # GEMMs run faster too (docs/performance.md). Quantized linears are not nn.Linear and stay as they are.

@@ -37,7 +37,7 @@ _BASE = {
 }
 _EXTRAS = {
     "avx2": {"bmi2"},
-    "avx512": {"avx512_bf16", "avx512_vnni", "avx512cd", "avx512vbmi"},
+    "avx512": {"avx512_bf16", "avx512_vnni", "avx512_fp16", "avx512cd", "avx512vbmi"},
     "amx": {"amx_fp16"},
 }
 
@@ -59,6 +59,16 @@ class Isa:
         """Whether bf16 GEMMs run in hardware here (AVX-512 BF16 or AMX): elsewhere torch emulates
         them, ~6-10x slower than float32, so matmul-heavy phases must not compute in bf16."""
         return self.has("avx512_bf16") or self.has("amx_bf16")
+
+    def matmul_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype matmuls on `dtype` weights should run in here (the compute-dtype policy):
+        float32 for bf16 without native bf16 dot products and for fp16 without AVX-512 FP16, where
+        torch would emulate them; the weights keep their dtype."""
+        if dtype == torch.bfloat16 and not self.native_bf16_matmul:
+            return torch.float32
+        if dtype == torch.float16 and not self.has("avx512_fp16"):
+            return torch.float32
+        return dtype
 
 
 def _cpuinfo_flags() -> set[str]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.cpu import gemm, isa
 from qwen2vl.backends.swap import replace_linears
 
 
@@ -56,13 +56,14 @@ def kernel_takes(weight: torch.Tensor) -> bool:
 class FastLinear(nn.Module):
     """Drop-in for an inference nn.Linear: our bf16 kernel or oneDNN on a reordered weight, with
     F.linear as the fallback (other input dtypes, weights neither takes). The output has the
-    input's dtype; the matmul runs in `compute_dtype` (default: the weight's)."""
+    input's dtype; the matmul runs in `compute_dtype` (default: the CPU's policy for the weight's
+    dtype, isa.Isa.matmul_dtype: float32 for bf16 weights where bf16 matmuls would be emulated)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, use_kernel: bool = True,
                  huge_pages: bool = True, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        compute = compute_dtype or weight.dtype
+        compute = compute_dtype or isa.current().matmul_dtype(weight.dtype)
         self.path = "F.linear"
         self.packed = None  # opaque or oddly shaped, so a plain attribute rather than a buffer
         if use_kernel and compute == torch.bfloat16 and kernel_takes(weight):
