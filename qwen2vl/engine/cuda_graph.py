@@ -1,7 +1,7 @@
 """CUDA graphs for decode steps: the decoder captured once per batch-size bucket, replayed per step.
 
 Why: a batch-1 decode step of the 2B model is ~28 layers x ~15 small kernels. Launched one by one
-from Python they cost more than they compute (74 ms/token on an H100, docs/gpu_check_h100.log);
+from Python they cost more than they compute (74 ms/token on an H100, benchmarks/results/gpu_check_h100.log);
 a graph replays them all with one launch.
 
 A graph bakes in tensor addresses and shapes, so every input of a step lives in a static buffer
