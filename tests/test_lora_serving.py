@@ -162,3 +162,44 @@ def test_lora_linear_wraps_any_base_linear(kind):
     tol = 1e-4 if dtype == torch.float32 else 0.15
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)  # slot 0: the base, untouched
+
+
+def test_server_serves_adapters_as_models(tmp_path):
+    from openai import NotFoundError, OpenAI
+
+    from qwen2vl.server.limits import ServerLimits
+    from tests.test_server_support import running_server, tiny_checkpoint
+
+    adapter = random_adapter(tmp_path / "forms", tiny_checkpoint(), ALL, rank=4, alpha=8, seed=5)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    with running_server(ServerLimits(), api_key=None, lora={"forms": adapter}) as (url, app):
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        cards = client.models.list().data
+        assert [m.id for m in cards] == ["tiny", "forms"] and cards[1].model_extra["parent"] == "tiny"
+        answers = {}
+        for model in ("tiny", "forms"):
+            r = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+            assert r.model == model
+            answers[model] = r.choices[0].message.content
+        with pytest.raises(NotFoundError, match="serves 'tiny', 'forms'"):
+            client.chat.completions.create(model="other", messages=messages, max_tokens=2)
+        llm = app.state.service.engine.llm
+    params = SamplingParams(temperature=0, max_tokens=6)
+    assert answers["forms"] != answers["tiny"]
+    assert answers["forms"] == llm.processor.decode(llm.chat(messages, params, lora="forms")[0].token_ids)
+    assert answers["tiny"] == llm.processor.decode(llm.chat(messages, params)[0].token_ids)
+
+
+def test_serve_lora_arguments_are_checked_before_loading(tmp_path):
+    from qwen2vl.server.cli import parse_lora_arguments
+    from tests.test_server_support import tiny_checkpoint
+
+    random_adapter(tmp_path / "a", tiny_checkpoint(), ["q_proj"], rank=2, alpha=2, seed=0)
+    assert parse_lora_arguments([f"a={tmp_path / 'a'}"], "base") == {"a": str(tmp_path / "a")}
+    for values, message in [(["a"], "expected NAME=DIR"), ([f"={tmp_path}"], "expected NAME=DIR"),
+                            ([f"base={tmp_path / 'a'}"], "already taken"),
+                            ([f"a={tmp_path / 'a'}", f"a={tmp_path / 'a'}"], "already taken"),
+                            ([f"b={tmp_path}"], "has no adapter_config.json")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            parse_lora_arguments(values, "base")
+
