@@ -97,6 +97,23 @@ def test_merged_checkpoint_gives_the_unmerged_logits(setup):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (root / "base").iterdir())
 
 
+def test_adapters_on_fused_qkv_and_gate_up_linears(setup):
+    """The engine fuses q|k|v (and gate|up on CUDA) before adapters attach: each part gets its own."""
+    root, _, inputs = setup
+    adapters = {"a": read_adapter(root / "a"), "b": read_adapter(root / "b")}
+    n = inputs["input_ids"].numel()
+    model = Qwen2VL.from_pretrained(root / "base", dtype=torch.float32)
+    model.fuse_qkv()
+    model.fuse_gate_up()
+    rows = attach_adapters(model, adapters)
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, MultiLoRALinear)
+    for slot, name in ((1, root / "a"), (2, root / "b")):
+        rows.set([slot], [n], "cpu")
+        got = model.logits(inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                           image_grid_thw=inputs["image_grid_thw"])
+        torch.testing.assert_close(got, our_logits(root / "base", name, inputs), rtol=1e-4, atol=1e-4)
+
+
 def test_mixed_adapter_batch_equals_each_run_alone(setup):
     root, _, _ = setup
     llm = LLM(str(root / "base"), lora={"a": root / "a", "b": root / "b"}, dtype="float32", kv_cache_gib=0.02,
