@@ -73,6 +73,26 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(setup):
         train(config(root, data, "whole"), log=lambda _: None)
 
 
+def test_accumulating_two_micro_batches_equals_one_batch_of_both(setup):
+    """The step's loss is the mean over all its trained tokens however the rows are split (the first
+    epoch's shuffle is the same for both, so step 1 sees the same two rows): same logged loss and
+    gradient norm (Adam's first update hides the gradient's scale, so the adapters alone would not show
+    a wrong normalisation), same adapter."""
+    root, data = setup
+    logged = []
+    for name, batch_size, grad_accum in (("one", 2, 1), ("two", 1, 2)):
+        lines = []
+        train(replace(config(root, data, f"accum-{name}"), batch_size=batch_size, grad_accum=grad_accum, steps=1,
+                      save_every=None, lora_dropout=0.0), log=lines.append)
+        (step,) = [line for line in lines if line.startswith("step 1/1")]
+        logged.append([float(step.split(f"{key} ")[1].split(" ")[0]) for key in ("loss", "grad")])
+    assert logged[0] == pytest.approx(logged[1], rel=1e-4)
+    one = load_file(str(root / "accum-one" / "adapter_model.safetensors"))
+    two = load_file(str(root / "accum-two" / "adapter_model.safetensors"))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(setup):
     root, data = setup
     processor = Processor.from_pretrained(root / "base")
