@@ -1,4 +1,4 @@
-"""The `qwen2vl` command (also `python -m qwen2vl`): chat, serve, download, info, tokens.
+"""The `qwen2vl` command (also `python -m qwen2vl`): chat, serve, train, merge, download, info, tokens.
 
 Every failure a user can cause (no network, missing folder, wrong format, out of memory, bad
 option) ends as one line on stderr saying what to do next, and a non-zero exit code; set
@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=chat_cli.run_chat)
 
     _add_serve(sub.add_parser("serve", help="serve the OpenAI-compatible API and the web page"))
+
+    from qwen2vl.train import cli as train_cli
+
+    train = sub.add_parser("train", help="fine-tune on your conversations: a LoRA adapter, or all weights (--full)",
+                           description="Fine-tune Qwen2-VL on JSONL conversations with images and videos.")
+    train_cli.add_train_arguments(train)
+    train.set_defaults(run=train_cli.run_train)
+
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into a full checkpoint")
+    train_cli.add_merge_arguments(merge)
+    merge.set_defaults(run=train_cli.run_merge)
 
     download = sub.add_parser("download", help="download a model from the Hugging Face hub")
     download.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub repo id (default {DEFAULT_MODEL})")

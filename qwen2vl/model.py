@@ -71,7 +71,7 @@ class Qwen2VL(nn.Module):
                 feats = self.visual(pixels.to(self.device), grid)
                 if feats.shape[0] != int(rows.sum()):
                     raise ValueError(f"{int(rows.sum())} pad tokens (id {token}) but {feats.shape[0]} vision tokens")
-                out[rows] = feats
+                out[rows] = feats.to(out.dtype)  # differs only under training's autocast
         return out
 
     def fuse_qkv(self) -> None:

@@ -53,17 +53,19 @@ class AsyncLLM:
         return self.llm.default_sampling_params(**overrides)
 
     async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       **processor_args) -> AsyncIterator[Delta]:
-        """Increments of one request. `prompt`: messages (Qwen or OpenAI form) or a `Prompt`."""
+                       lora: str | None = None, **processor_args) -> AsyncIterator[Delta]:
+        """Increments of one request. `prompt`: messages (Qwen or OpenAI form) or a `Prompt`; `lora`: the
+        name of a loaded LoRA adapter (None: LLM's default)."""
         if self._stopped:
             raise RuntimeError("AsyncLLM was shut down")
+        slot = self.llm.lora_slot(lora)
         if not isinstance(prompt, Prompt):
             prompt = await asyncio.to_thread(self.llm.prompt, prompt, **processor_args)
         params = params or self.default_sampling_params()
         self.engine.validate(prompt, params)  # read-only: raises here, at the caller, for a bad request
         request_id = request_id or f"req-{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", request_id, prompt, params, asyncio.get_running_loop(), stream))
+        self._commands.put(("add", request_id, prompt, params, slot, asyncio.get_running_loop(), stream))
         finished = False
         try:
             while not finished:
@@ -115,9 +117,9 @@ class AsyncLLM:
 
     def _run_command(self, cmd) -> None:
         if cmd[0] == "add":
-            _, request_id, prompt, params, loop, stream = cmd
+            _, request_id, prompt, params, slot, loop, stream = cmd
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, lora=slot)
             except ValueError as e:
                 loop.call_soon_threadsafe(stream.put_nowait, e)
                 return

@@ -88,11 +88,15 @@ class Engine:
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, lora: int = 0) -> Request:
+        """`lora`: the LoRA adapter slot the request runs with (qwen2vl/lora.py), 0 for the base model."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.validate(prompt, params)
-        seqs = [Sequence(request_id, prompt, params, i, self._generator(params, i)) for i in range(params.n)]
+        adapters = getattr(self.model, "lora", None)
+        if lora and not (adapters is not None and 0 < lora <= len(adapters.names)):
+            raise ValueError(f"LoRA slot {lora} is not loaded")
+        seqs = [Sequence(request_id, prompt, params, i, self._generator(params, i), lora) for i in range(params.n)]
         request = self.requests[request_id] = Request(request_id, prompt, params, seqs, self.tokenizer)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -157,6 +161,8 @@ def profile_peak_bytes(model, config: EngineConfig) -> int:
     before = torch.cuda.memory_allocated(model.device)
     x = torch.zeros(n, model.config.text.hidden_size, dtype=model.dtype, device=model.device)
     positions = torch.arange(n, device=model.device).expand(3, -1)
+    if getattr(model, "lora", None) is not None:  # LoRA linears need a slot per row; their matmuls count too
+        model.lora.set([0], [n], model.device)
     hidden = model.model(x, positions, causal_attend)
     model.compute_logits(hidden[: min(n, config.max_num_seqs)])
     del x, hidden

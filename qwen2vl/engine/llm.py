@@ -5,7 +5,10 @@
     outs = llm.chat([conv_a, conv_b], params)                                # one output each, in order
     for chunk in llm.stream(messages, params): print(chunk, end="")          # str increments
 
-Everything submitted together runs batched (continuous batching inside the engine).
+Everything submitted together runs batched (continuous batching inside the engine). LoRA adapters
+(PEFT format, e.g. from `qwen2vl train`): `LLM(folder, lora="adapter/")` applies one to every request;
+`LLM(folder, lora={"forms": "a/", "receipts": "b/"})` loads several, and `chat(..., lora="forms")` picks
+one per request (default: the base model); requests with different adapters are batched together.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qwen2vl.adapter import read_adapter
 from qwen2vl.backends import prepare
 from qwen2vl.backends.quant import QUANTIZATIONS
 from qwen2vl.engine.engine import Engine, EngineConfig
@@ -23,6 +27,7 @@ from qwen2vl.engine.outputs import RequestOutput, TextChunk
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams, generation_defaults, generation_eos_ids
 from qwen2vl.hub import resolve_model_path
+from qwen2vl.lora import attach_adapters
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import Processor
 
@@ -32,16 +37,25 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 class LLM:
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-                 quantization: str | None = None, **engine_args):
-        """`engine_args` are EngineConfig fields: kv_cache_gib, gpu_memory_utilization, block_size,
+                 quantization: str | None = None, lora: str | Path | dict[str, str | Path] | None = None,
+                 **engine_args):
+        """`lora`: an adapter folder used by every request, or {name: folder} to pick per request.
+        `engine_args` are EngineConfig fields: kv_cache_gib, gpu_memory_utilization, block_size,
         max_model_len, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
         vision_cache_mib, seed."""
         dtype = parse_dtype(dtype)  # argument errors before any download or load
         if quantization is not None and quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
         config = EngineConfig(**engine_args)
+        adapters = {name: read_adapter(path) for name, path in _adapter_folders(lora).items()}
+        if adapters:
+            config.enforce_eager = True  # CUDA graphs would capture one step's adapter slots
+        self.lora_names = list(adapters)
+        self.default_lora = self.lora_names[0] if isinstance(lora, (str, Path)) else None
         folder = resolve_model_path(model)
         self.model = load_model(folder, dtype, device, quantization)
+        if adapters:
+            attach_adapters(self.model, adapters)
         self.processor = Processor.from_pretrained(folder)
         self.defaults = generation_defaults(folder)
         eos = self.processor.eos_token_ids + generation_eos_ids(folder) + _ids(self.model.config.eos_token_id)
@@ -57,24 +71,29 @@ class LLM:
         inputs = self.processor(messages, add_generation_prompt=True, **processor_args)
         return Prompt.from_inputs(inputs, self.model.config)
 
-    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None,
-             **processor_args) -> list[RequestOutput]:
+    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None, *,
+             lora: str | list[str | None] | None = None, **processor_args) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of conversations -> one output each."""
         conversations = [messages] if _is_conversation(messages) else list(messages)
-        return self.generate([self.prompt(c, **processor_args) for c in conversations], params)
+        return self.generate([self.prompt(c, **processor_args) for c in conversations], params, lora=lora)
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Prompts as `Prompt`s, processor dicts or token-id lists; outputs in the same order."""
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
+                 lora: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """Prompts as `Prompt`s, processor dicts or token-id lists; outputs in the same order.
+        `lora`: the adapter name for all prompts, or one per prompt (None: the default)."""
         prompts = [self._as_prompt(p) for p in (prompts if isinstance(prompts, list) and
                                                 not _is_token_list(prompts) else [prompts])]
         if isinstance(params, list) and len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        if isinstance(lora, list) and len(lora) != len(prompts):
+            raise ValueError(f"{len(lora)} adapter names for {len(prompts)} prompts")
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        slots = [self.lora_slot(name) for name in (lora if isinstance(lora, list) else [lora] * len(prompts))]
         requests = []
         try:
-            for prompt, p in zip(prompts, params_list):
+            for prompt, p, slot in zip(prompts, params_list, slots):
                 p = p or self.default_sampling_params()
-                requests.append(self.engine.add_request(str(next(self._ids)), prompt, p))
+                requests.append(self.engine.add_request(str(next(self._ids)), prompt, p, lora=slot))
             while any(not r.finished for r in requests):
                 self.engine.step()
         finally:  # an exception (or Ctrl-C) must not leave requests holding blocks
@@ -82,7 +101,8 @@ class LLM:
                 self.engine.abort(r.request_id)
         return [r.output() for r in requests]
 
-    def stream(self, messages, params: SamplingParams | None = None, **processor_args) -> Iterator[TextChunk]:
+    def stream(self, messages, params: SamplingParams | None = None, *, lora: str | None = None,
+               **processor_args) -> Iterator[TextChunk]:
         """Text increments of one conversation (first completion if n > 1) as they are generated.
 
         Each chunk is a str (so `"".join(...)` is the whole text) with `.token_ids`,
@@ -90,7 +110,8 @@ class LLM:
         """
         prompt = self.prompt(messages, **processor_args) if not isinstance(messages, Prompt) else messages
         request_id = str(next(self._ids))
-        self.engine.add_request(request_id, prompt, params or self.default_sampling_params())
+        self.engine.add_request(request_id, prompt, params or self.default_sampling_params(),
+                                lora=self.lora_slot(lora))
         try:
             while True:
                 for delta in self.engine.step():
@@ -100,6 +121,15 @@ class LLM:
                             return
         finally:
             self.engine.abort(request_id)
+
+    def lora_slot(self, name: str | None) -> int:
+        """The engine's slot for adapter `name` (None: the default adapter, else the base model: 0)."""
+        name = name if name is not None else self.default_lora
+        if name is None:
+            return 0
+        if name not in self.lora_names:
+            raise ValueError(f"no LoRA adapter named {name!r}; loaded: {self.lora_names or 'none'}")
+        return self.lora_names.index(name) + 1
 
     def _as_prompt(self, p) -> Prompt:
         if isinstance(p, Prompt):
@@ -126,6 +156,17 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
     model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device)
     prepare(model, quantization)
     return model
+
+
+def _adapter_folders(lora) -> dict[str, Path]:
+    """{name: folder} from LLM's `lora` argument; a lone folder is named after itself."""
+    if lora is None:
+        return {}
+    if isinstance(lora, (str, Path)):
+        return {Path(lora).name or str(lora): Path(lora)}
+    if not isinstance(lora, dict) or not all(isinstance(k, str) and k for k in lora):
+        raise ValueError("lora must be an adapter folder or a dict {name: folder}")
+    return {name: Path(path) for name, path in lora.items()}
 
 
 def _is_conversation(messages) -> bool:

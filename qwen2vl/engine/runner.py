@@ -29,6 +29,7 @@ class ModelRunner:
         self.backend = model.backend  # backends/: writes k/v and attends over the cache
         self.device = model.device
         self.graphs = None  # cuda_graph.GraphRunner: the engine sets it on CUDA unless enforce_eager
+        self.lora = getattr(model, "lora", None)  # LoRARows of served adapters (qwen2vl/lora.py), or None
         # where the backend has one (the CPU's C kernels), a whole decode step in one call
         self.decode_step = self.backend.decode_step(model, cache)
 
@@ -38,6 +39,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(seqs):  # all decodes: replay a graph
             return sample(self.model.compute_logits(self.graphs.run(seqs)), seqs)
         ids, positions, batch = self.prepare(seqs)
+        if self.lora is not None:  # each token row's adapter, read by the LoRA linears in this forward
+            self.lora.set([s.lora for s in seqs], batch.q_lens, self.device)
         x = self.model.embed(ids, vision_embeds=self.vision_rows(seqs))
         layers = self.cache.layers
 

@@ -27,13 +27,14 @@ class Sequence:
     _ids = count()
 
     def __init__(self, request_id: str, prompt: Prompt, params: SamplingParams, index: int = 0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, lora: int = 0):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.index = index  # which of the request's n completions
         self.prompt = prompt
         self.params = params
         self.generator = generator  # per request, so a seed reproduces whatever else is batched
+        self.lora = lora  # LoRA adapter slot (qwen2vl/lora.py), 0 for the base model
         self.token_ids = list(prompt.token_ids)
         self.num_prompt_tokens = len(prompt)
         self.status = Status.WAITING
@@ -76,10 +77,11 @@ class Sequence:
 
     def hashes(self, block_size: int) -> list[int]:
         """Hash chain of every full block: block i's hash covers blocks 0..i, their token ids and
-        the content hashes of the images/videos whose pads fall in them."""
+        the content hashes of the images/videos whose pads fall in them. The chain starts from the
+        LoRA slot: an adapter changes k and v, so its blocks are never another adapter's."""
         for i in range(len(self.block_hashes), self.num_tokens // block_size):
             start, end = i * block_size, (i + 1) * block_size
-            prev = self.block_hashes[-1] if self.block_hashes else 0
+            prev = self.block_hashes[-1] if self.block_hashes else self.lora
             vision = [v.content_hash for v in self.prompt.vision if v.offset < end and v.end > start]
             self.block_hashes.append(block_hash(prev, self.token_ids[start:end], vision))
         return self.block_hashes

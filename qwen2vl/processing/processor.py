@@ -100,6 +100,13 @@ class Processor:
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "pixel_values": pixels,
                 "image_grid_thw": grids, "pixel_values_videos": video_pixels, "video_grid_thw": video_grids}
 
+    def encode_text(self, messages, add_generation_prompt: bool = False) -> list[int]:
+        """The ids of `messages` with one pad per image/video (no pixels read): what `__call__`
+        returns before the pads are expanded. Training masks its labels on these."""
+        messages = from_openai(messages)
+        check_messages(messages)
+        return self._encode_chat(messages, add_generation_prompt, None)
+
     # -- text ------------------------------------------------------------------------------
 
     def _encode_chat(self, messages, add_generation_prompt, tools, **variables) -> list[int]:

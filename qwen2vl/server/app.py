@@ -2,6 +2,8 @@
 
     app = create_app(AsyncLLM(folder), ServerLimits(), api_key="secret", model_name="qwen2vl")
 
+A request's `model` picks the base model (its served name) or one of the engine's LoRA adapters (by name).
+
 Routes: POST /v1/chat/completions, POST /v1/token_count, GET /v1/models, GET /metrics,
 GET /health (the only one without the key), and GET / for the web page when it is installed.
 """
@@ -73,9 +75,13 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     async def health():
         return {"status": "ok"}
 
+    adapters = llm.lora_names  # LoRA adapters are served as models of their own names
+
     @app.get("/v1/models", dependencies=auth)
     async def models():
-        return {"object": "list", "data": [model_card(model_name, max_model_len)]}
+        cards = [model_card(model_name, max_model_len)]
+        cards += [{**model_card(name, max_model_len), "parent": model_name} for name in adapters]
+        return {"object": "list", "data": cards}
 
     @app.get("/metrics", dependencies=auth)
     async def prometheus():
@@ -108,8 +114,9 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
         arrival = time.monotonic()
         body = await read_json(request, limits.max_body_bytes)
         req = parse_model(ChatCompletionRequest, body)
-        if req.model is not None and req.model != model_name:
-            raise APIError(404, f"model: {req.model!r} is not served here; this server serves {model_name!r}",
+        if req.model is not None and req.model != model_name and req.model not in adapters:
+            served = ", ".join(repr(m) for m in [model_name, *adapters])
+            raise APIError(404, f"model: {req.model!r} is not served here; this server serves {served}",
                            param="model", code="model_not_found")
         if metrics.in_flight >= limits.max_queue:
             metrics.rejected += 1

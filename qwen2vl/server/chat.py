@@ -32,6 +32,7 @@ class Prepared:
     parse_tools: bool  # tools were offered: look for <tool_call> blocks in the answer
     visual_tokens: int
     image_size: tuple[int, int] | None = None  # (width, height) of the last image: grounding boxes scale to it
+    lora: str | None = None  # the LoRA adapter the request named as its model (None: the base model)
 
 
 class ChatService:
@@ -78,7 +79,8 @@ class ChatService:
             params.max_tokens = self.max_model_len - len(prompt)
         images = [c for c in costs if c.kind == "image"]
         size = (images[-1].width, images[-1].height) if images else None
-        return Prepared(prompt, params, bool(tools) and choice != "none", visual, size)
+        lora = req.model if req.model in self.engine.llm.lora_names else None
+        return Prepared(prompt, params, bool(tools) and choice != "none", visual, size, lora)
 
     def _params(self, req: ChatCompletionRequest, tools, choice) -> SamplingParams:
         if req.n > self.limits.max_n:
@@ -143,7 +145,8 @@ class ChatService:
         """The engine's increments; leaving early (cancelled, client gone) makes AsyncLLM abort the
         request, which frees its blocks."""
         first = True
-        async for delta in self.engine.generate(prepared.prompt, prepared.params, request_id=uuid.uuid4().hex):
+        async for delta in self.engine.generate(prepared.prompt, prepared.params, request_id=uuid.uuid4().hex,
+                                                lora=prepared.lora):
             if first and delta.token_ids:
                 self.metrics.ttft.observe(time.monotonic() - arrival)
                 first = False
@@ -179,7 +182,7 @@ class ChatService:
             if req.logprobs:
                 choice["logprobs"] = logprobs_dict(lps[i], self.processor.tokenizer.token_bytes)
             choices.append(choice)
-        return chat_response(completion_id(), self.model_name, int(time.time()), choices, usage)
+        return chat_response(completion_id(), prepared.lora or self.model_name, int(time.time()), choices, usage)
 
     def _grounding(self, token_ids: list[int], image_size: tuple[int, int] | None) -> list[dict]:
         """Boxes/quads the answer names, in the last image's pixels (0-1000 scale without an image).
@@ -192,7 +195,7 @@ class ChatService:
 
     async def stream(self, req: ChatCompletionRequest, prepared: Prepared, arrival: float):
         """SSE lines; the caller sends them as text/event-stream."""
-        rid, created, model = completion_id(), int(time.time()), self.model_name
+        rid, created, model = completion_id(), int(time.time()), prepared.lora or self.model_name
         n = prepared.params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}

@@ -24,6 +24,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                              "(default: $QWEN2VL_API_KEY)")
     parser.add_argument("--served-model-name", help="the model id clients send (default: the MODEL argument)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                        help="serve a LoRA adapter (PEFT format, e.g. from `qwen2vl train`) as model NAME; "
+                             "repeat for several: requests for any of them and the base are batched together")
     e = parser.add_argument_group("engine")
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -47,6 +50,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from qwen2vl.server.app import create_app
 
     limits = limits_from_args(args)  # bad limits fail before the model loads
+    name = args.served_model_name or args.model
+    adapters = parse_lora_arguments(args.lora, name)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use the "
@@ -56,8 +61,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                      ("max_num_seqs", args.max_num_seqs),
                                      ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
     print(f"loading {args.model} on {device} ...", file=sys.stderr)
-    engine = AsyncLLM(args.model, dtype=args.dtype, device=device, quantization=args.quantization, **engine_args)
-    name = args.served_model_name or args.model
+    engine = AsyncLLM(args.model, dtype=args.dtype, device=device, quantization=args.quantization,
+                      lora=adapters or None, **engine_args)
     app = create_app(engine, limits, api_key=args.api_key, model_name=name)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (key {'required' if args.api_key else 'off'})",
           file=sys.stderr)
@@ -66,3 +71,18 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def parse_lora_arguments(values: list[str], model_name: str) -> dict[str, str]:
+    """{name: folder} from repeated `--lora NAME=DIR`, checked before the model loads."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--lora {value}: expected NAME=DIR, e.g. --lora forms=./forms-adapter")
+        if name in adapters or name == model_name:
+            raise ValueError(f"--lora {value}: the name {name!r} is already taken; give each adapter its own")
+        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise FileNotFoundError(f"--lora {value}: {folder} has no adapter_config.json")
+        adapters[name] = folder
+    return adapters

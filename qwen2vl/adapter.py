@@ -1,0 +1,127 @@
+"""LoRA adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Tensor names are what PEFT 0.21 writes for transformers 5's Qwen2VLForConditionalGeneration,
+`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight` (PEFT with transformers
+4 wrote `base_model.model.model.layers.0...`, read too). For a target linear, A is [r, in] and B
+[out, r], and the adapted layer computes base(x) + scale * B(A(x)), scale = lora_alpha / r
+(lora_alpha / sqrt(r) with use_rslora; rank_pattern / alpha_pattern give per-module values).
+
+Adapters on the decoder's linears (q/k/v/o, gate/up/down) are what we train, merge and serve; an
+adapter with anything else (DoRA, trained biases, modules_to_save, the vision tower, embeddings) is
+refused with its reason rather than half applied.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwen2vl.loader import canonical_name
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PREFIX = "base_model.model."
+_MODULE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+@dataclass
+class LoRAWeights:
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    modules: dict[str, LoRAWeights]  # by our module name, "model.layers.0.self_attn.q_proj"
+
+
+def peft_key(module: str, which: str) -> str:
+    """PEFT's tensor name for our module name ("model.layers.0.self_attn.q_proj") and "A" or "B"."""
+    hf = "model.language_model." + module.removeprefix("model.") if module.startswith("model.") else module
+    return f"{_PREFIX}{hf}.lora_{which}.weight"
+
+
+def read_adapter(folder: str | Path) -> Adapter:
+    """A PEFT LoRA adapter folder, checked: a ValueError names what we can't apply."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder}: not a LoRA adapter folder (needs {CONFIG} and {WEIGHTS})")
+    config = json.loads((folder / CONFIG).read_text())
+    _check_config(config, folder)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(folder / WEIGHTS)).items():
+        m = _KEY.match(key.removeprefix(_PREFIX))
+        module = canonical_name(m["module"]) if m else None
+        if module is None or not _MODULE.match(module):
+            raise ValueError(f"{folder}: tensor {key} is not a LoRA weight of a decoder linear "
+                             f"({', '.join(DECODER_LINEARS)}); only those are supported")
+        pairs.setdefault(module, {})[m["which"]] = tensor
+    if not pairs:
+        raise ValueError(f"{folder}: {WEIGHTS} holds no LoRA weights")
+    modules = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{folder}: {module} has lora_{'A' if 'A' in ab else 'B'} but not the other")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{folder}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} don't chain")
+        modules[module] = LoRAWeights(a, b, _scale(config, module, a.shape[0]))
+    return Adapter(folder, config, modules)
+
+
+def _check_config(config: dict, folder: Path) -> None:
+    refuse = {
+        "peft_type": (config.get("peft_type") != "LORA", "only LoRA adapters are supported"),
+        "use_dora": (bool(config.get("use_dora")), "DoRA is not supported"),
+        "bias": (config.get("bias", "none") != "none", "adapters that train biases are not supported"),
+        "lora_bias": (bool(config.get("lora_bias")), "adapters with a lora_B bias are not supported"),
+        "fan_in_fan_out": (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers) is not supported"),
+        "modules_to_save": (bool(config.get("modules_to_save")), "modules_to_save (fully trained modules) is "
+                            "not supported; merge the adapter into a full checkpoint elsewhere"),
+        "layer_replication": (bool(config.get("layer_replication")), "layer_replication is not supported"),
+    }
+    for field, (bad, why) in refuse.items():
+        if bad:
+            raise ValueError(f"{folder / CONFIG}: {field} = {config.get(field)!r}: {why}")
+
+
+def _scale(config: dict, module: str, rank: int) -> float:
+    """lora_alpha / r for `module` (PEFT's rule: a pattern matches the end of the module's name)."""
+    hf = peft_key(module, "A").removeprefix(_PREFIX).removesuffix(".lora_A.weight")
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", hf):
+            alpha = value
+            break
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def write_adapter(folder: str | Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], *, rank: int,
+                  alpha: float, dropout: float, targets: list[str], base: str | None) -> Path:
+    """Save {module: (A, B)} as a PEFT adapter PEFT itself loads (PeftModel.from_pretrained)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in modules.items():
+        tensors[peft_key(module, "A")] = a.detach().cpu().contiguous()
+        tensors[peft_key(module, "B")] = b.detach().cpu().contiguous()
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": rank, "lora_alpha": alpha,
+        "lora_dropout": dropout, "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
+        "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return folder

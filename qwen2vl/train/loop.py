@@ -1,0 +1,216 @@
+"""The training loop: AdamW, a cosine schedule with warmup, gradient accumulation, a progress line,
+held-out loss, resumable checkpoints, and the result written at the end (checkpoint.py).
+
+A step is `grad_accum` micro-batches of `batch_size` rows each; its loss is the mean over every trained
+token of the step (sum of the micro-batches' summed losses / their token count), so accumulating equals
+one big batch. Rows are shuffled per epoch by (seed, epoch) alone, and a checkpoint keeps the RNG, so a
+resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwen2vl.adapter import DECODER_LINEARS
+from qwen2vl.hub import resolve_model_path
+from qwen2vl.loader import checkpoint_dtype
+from qwen2vl.processing.processor import Processor
+from qwen2vl.train.batch import epoch_order, pack
+from qwen2vl.train.checkpoint import latest_checkpoint, load_state, save_full, save_state
+from qwen2vl.train.data import read_rows
+from qwen2vl.train.examples import answer_mask, encode_row
+from qwen2vl.train.lora import save_lora
+from qwen2vl.train.setup import load_for_training, trainable_parameters
+from qwen2vl.train.step import loss_sum
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class TrainConfig:
+    model: str  # checkpoint folder or hub id
+    data: str  # JSONL
+    output: str
+    eval_data: str | None = None
+    full: bool = False  # else LoRA
+    train_vision: bool = False
+    init_random: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(DECODER_LINEARS))
+    lr: float | None = None  # default: 1e-4 for LoRA, 1e-5 full
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs
+    max_length: int | None = None  # longer rows are skipped
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    gradient_checkpointing: bool = False
+    dtype: str = "bf16"
+    device: str = "cpu"
+    seed: int = 0
+    log_every: int = 1
+    save_every: int | None = None
+    eval_every: int | None = None  # default: at each save and at the end
+    resume: str | None = None  # a checkpoint folder, or "latest"
+    overwrite: bool = False  # write into an output folder that already holds a result or checkpoints
+
+    def resumable_settings(self) -> dict:
+        """What a resumed run must keep (the data order and the trained tensors depend on it)."""
+        keep = ("data", "full", "train_vision", "lora_rank", "lora_alpha", "lora_targets", "batch_size",
+                "grad_accum", "seed", "max_length", "min_pixels", "max_pixels")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    """Run `cfg`; returns the folder holding the result."""
+    out = Path(cfg.output)
+    if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{out} is not empty; --resume to continue its run, --overwrite to replace it, "
+                         "or choose another --output")
+    torch.manual_seed(cfg.seed)
+    folder = resolve_model_path(cfg.model)
+    processor = Processor.from_pretrained(folder)
+    rows = read_rows(cfg.data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    eval_rows = read_rows(cfg.eval_data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) if cfg.eval_data else []
+    for row in rows + eval_rows:  # template problems show up now, not hours in
+        answer_mask(row.messages, processor.encode_text(row.messages), processor, row.where)
+    lora = None if cfg.full else dict(targets=cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                      dropout=cfg.lora_dropout)
+    model = load_for_training(folder, dtype=DTYPES[cfg.dtype], device=cfg.device, full=cfg.full,
+                              train_vision=cfg.train_vision, init_random=cfg.init_random, lora=lora,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}],  # biases, norms
+        lr=cfg.lr or (1e-5 if cfg.full else 1e-4))
+    per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total = cfg.steps or math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total))
+    start = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
+        if ckpt is None or not (ckpt / "state.json").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from in {ckpt or out}")
+        start = load_state(ckpt, params, optimizer, scheduler, cfg.resumable_settings())
+        log(f"resumed from {ckpt} (step {start})")
+    n_params = sum(p.numel() for p in params.values())
+    what = "a LoRA adapter" if not cfg.full else "the whole model" if cfg.train_vision else "the decoder"
+    log(f"training {what}: {n_params:,} parameters, {len(rows)} rows, {total} steps of {cfg.grad_accum} x "
+        f"{cfg.batch_size} rows, {cfg.dtype} on {cfg.device}")
+
+    skipped: set[str] = set()
+    max_length = cfg.max_length or model.config.text.max_position_embeddings
+
+    def batches(indices: list[list[int]], source) -> list:
+        out_batches = []
+        for idx in indices:
+            examples = []
+            for i in idx:
+                e = encode_row(source[i], processor, model.config)
+                if len(e) > max_length:
+                    if e.where not in skipped:
+                        skipped.add(e.where)
+                        log(f"skipping {e.where}: {len(e)} tokens, over --max-length {max_length}")
+                    continue
+                examples.append(e)
+            if examples:
+                out_batches.append(pack(examples))
+        return out_batches
+
+    def autocast():
+        if cfg.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(cfg.device).type, dtype=DTYPES[cfg.dtype])
+
+    orders: dict[int, list[list[int]]] = {}
+
+    def micro_batch(m: int) -> list[int]:
+        epoch = m // per_epoch
+        if epoch not in orders:
+            orders[epoch] = epoch_order(len(rows), cfg.batch_size, cfg.seed, epoch)
+        return orders[epoch][m % per_epoch]
+
+    began, tokens_seen = time.perf_counter(), 0
+    for step in range(start, total):
+        group = batches([micro_batch(step * cfg.grad_accum + i) for i in range(cfg.grad_accum)], rows)
+        targets = sum(b.num_targets for b in group)
+        loss = 0.0
+        for b in group:
+            with autocast():
+                part = loss_sum(model, b) / max(targets, 1)
+            part.backward()
+            loss += part.item()
+            tokens_seen += b.num_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            elapsed = time.perf_counter() - began
+            rate = (done - start) / elapsed
+            log(f"step {done}/{total} | epoch {done * cfg.grad_accum / per_epoch:.2f} | loss {loss:.4f} | "
+                f"lr {lr:.2e} | grad {float(grad_norm):.3f} | {tokens_seen / elapsed:.0f} tok/s | "
+                f"{_clock(elapsed)} < {_clock((total - done) / rate)}")
+        saving = cfg.save_every and done % cfg.save_every == 0 and done < total
+        if saving:
+            ckpt = save_state(out / f"checkpoint-{done}", done, params, optimizer, scheduler,
+                              cfg.resumable_settings())
+            if not cfg.full:
+                save_lora(model, ckpt, cfg.lora_targets, cfg.lora_dropout, str(cfg.model))
+            log(f"saved {ckpt}")
+        if eval_rows and (done == total or (cfg.eval_every and done % cfg.eval_every == 0)
+                          or (saving and not cfg.eval_every)):
+            n, size = len(eval_rows), cfg.batch_size
+            held_out = batches([list(range(i, min(i + size, n))) for i in range(0, n, size)], eval_rows)
+            log(f"step {done}/{total} | eval loss {evaluate(model, held_out, autocast):.4f}")
+    if not cfg.full:
+        return save_lora(model, out, cfg.lora_targets, cfg.lora_dropout, str(cfg.model))
+    return save_full(model, folder, out, checkpoint_dtype(folder))
+
+
+@torch.no_grad()
+def evaluate(model, held_out: list, autocast) -> float:
+    """Mean loss per trained token over the held-out batches (dropout off)."""
+    model.eval()
+    total, count = 0.0, 0
+    for b in held_out:
+        with autocast():
+            total += loss_sum(model, b).item()
+        count += b.num_targets
+    model.train()
+    return total / max(count, 1)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at `step`: linear from 0 over `warmup` steps, then half a cosine to 0."""
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def stderr_log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

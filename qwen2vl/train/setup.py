@@ -1,0 +1,77 @@
+"""The model a run trains: loaded from a checkpoint (or randomly initialised), with what is trained
+chosen and put in float32 (master weights), the rest frozen in the run's dtype.
+
+- LoRA (the default): every base weight frozen, LoRA A/B on the chosen decoder linears trained.
+- full (`--full`): the decoder, its embeddings and head trained; the vision tower too with
+  `--train-vision` (else frozen: its features are already good, and it is a third of the 2B).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.model import Qwen2VL
+from qwen2vl.text import RMSNorm
+from qwen2vl.train.lora import add_lora
+from qwen2vl.train.step import checkpoint_layers
+
+
+def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, train_vision: bool,
+                      init_random: bool = False, lora: dict | None = None,
+                      gradient_checkpointing: bool = False) -> Qwen2VL:
+    """`lora`: {targets, rank, alpha, dropout} for LoRA runs (None with full=True)."""
+    if init_random:
+        model = random_model(folder, device)
+    else:
+        model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.data = p.data.to(dtype)
+    if full:
+        trained = [model.model, model.lm_head] + ([model.visual] if train_vision else [])
+        for module in trained:
+            for p in module.parameters():
+                p.data = p.data.float()
+                p.requires_grad_(True)
+    else:
+        assert lora is not None and not train_vision
+        add_lora(model, **lora)  # A and B are new float32 parameters, trained
+    if gradient_checkpointing:
+        checkpoint_layers(model.model.layers)
+        if full and train_vision:
+            checkpoint_layers(model.visual.blocks)
+    return model.train()
+
+
+def random_model(folder: Path, device) -> Qwen2VL:
+    """A Qwen2VL of `folder`'s config.json with transformers' initialisation: normal(0,
+    initializer_range) weights and embeddings, zero biases, unit norms. The folder's weights, if it
+    has any, are not read."""
+    config = Qwen2VLConfig.from_pretrained(folder)
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    std = raw.get("initializer_range") or (raw.get("text_config") or {}).get("initializer_range") or 0.02
+    with torch.device(device):
+        model = Qwen2VL(config)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Name -> parameter of everything trained (a tied head appears once, as the embedding)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
