@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from tests.test_server_support import mp4_bytes, tiny_checkpoint
+from tests.helpers.checkpoints import tiny_checkpoint
+from tests.helpers.media import mp4_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--dtype", "float32", "--kv-cache-gib", "0.05"]  # small cache: quick to allocate

@@ -11,7 +11,7 @@ import torch
 from qwen2vl.engine.async_engine import AsyncLLM
 from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.sampling_params import SamplingParams
-from tests.test_engine_parity import CONVERSATIONS, DEVICE, img, make_checkpoint, user
+from tests.helpers.parity import CONVERSATIONS, DEVICE, img, make_checkpoint, user
 
 TEXT = CONVERSATIONS["text"]
 GREEDY = SamplingParams(temperature=0, max_tokens=10)

@@ -12,8 +12,8 @@ from qwen2vl.engine.paged_attention import PagedBatch, decode
 from qwen2vl.fast_layers import FastTextModel, speed_up_layers
 from qwen2vl.kernels import layer_ops
 from qwen2vl.text import RMSNorm
+from tests.helpers.checkpoints import tiny_checkpoint
 from tests.helpers.layer_op_checks import assert_rotary_in_place_equals_apply_rotary
-from tests.test_server_support import tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not layer_ops.available(), reason="layer kernels can't be built or run here")
 BF16 = torch.bfloat16

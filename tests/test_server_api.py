@@ -13,7 +13,9 @@ import pytest
 from openai import OpenAI
 
 from qwen2vl.server.limits import ServerLimits
-from tests.test_server_support import data_uri, mp4_bytes, png_bytes, running_server, tiny_checkpoint
+from tests.helpers.checkpoints import tiny_checkpoint
+from tests.helpers.media import data_uri, mp4_bytes, png_bytes
+from tests.helpers.server import running_server
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -16,7 +16,8 @@ import pytest
 
 from qwen2vl.processing import media
 from qwen2vl.server.limits import MiB, ServerLimits
-from tests.test_server_support import MAX_MODEL_LEN, data_uri, mp4_bytes, png_bytes, running_server, solid_png
+from tests.helpers.media import data_uri, mp4_bytes, png_bytes, solid_png
+from tests.helpers.server import MAX_MODEL_LEN, running_server
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -7,8 +7,8 @@ import torch
 from qwen2vl import Qwen2VL
 from qwen2vl.fast_vision import FastVisionAttention, FastVisionMlp, speed_up_vision
 from qwen2vl.kernels import vision_ops
+from tests.helpers.checkpoints import tiny_checkpoint
 from tests.helpers.layer_op_checks import assert_vision_rotary_equals_apply_rotary_in_float32
-from tests.test_server_support import tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(vision_ops.library() is None, reason="vision kernels can't be built or run here")
 BF16 = torch.bfloat16

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from tests.test_grounding import CASES
-from tests.test_server_support import mp4_bytes
+from tests.helpers.grounding_cases import CASES
+from tests.helpers.media import mp4_bytes
 
 CHROMIUM = os.environ.get("QWEN2VL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install playwright)")
@@ -38,7 +38,7 @@ HOSTILE = ("<img src=x onerror=\"document.title='pwned'\"> <script>document.titl
 def server():
     from qwen2vl.server.limits import ServerLimits
     from qwen2vl.server.web import add_web_page
-    from tests.test_server_support import running_server
+    from tests.helpers.server import running_server
 
     with running_server(ServerLimits(), api_key=None) as (url, app):
         service = app.state.service
