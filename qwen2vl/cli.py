@@ -194,7 +194,9 @@ def _gib(n: float) -> str:
 # -- tokens --------------------------------------------------------------------------------
 
 def run_tokens(args) -> int:
+    from qwen2vl.processing.headers import VideoHeader, media_header
     from qwen2vl.processing.image import image_token_count
+    from qwen2vl.processing.media import MediaPolicy, open_source
     from qwen2vl.processing.video import sample_frames, video_token_count
     from qwen2vl.processing.vision_config import VisionProcessingConfig
 
@@ -204,57 +206,29 @@ def run_tokens(args) -> int:
         cfg, origin = VisionProcessingConfig.from_pretrained(resolve_model_path(args.model)), f"from {args.model}"
     else:
         cfg, origin = VisionProcessingConfig.from_dict(PUBLISHED_PREPROCESSOR), "published Qwen2-VL defaults"
-    m = probe_media(args.media)
+    policy = MediaPolicy()
+    header = media_header(open_source(args.media, policy, max_bytes=policy.max_video_bytes), args.media)
     lo, hi = args.min_pixels, args.max_pixels
-    if m["kind"] == "image":
-        if args.fps is not None:
-            raise ValueError("--fps applies to videos; this is an image")
-        t = image_token_count(m["height"], m["width"], cfg, min_pixels=lo, max_pixels=hi)
-        print(f"image       {m['width']}x{m['height']} -> resized to {t.width}x{t.height}")
-        limits = f"min_pixels {lo or cfg.min_pixels:,}, max_pixels {hi or cfg.max_pixels:,}"
-    else:
-        indices, fps = sample_frames(m["frames"], m["fps"], cfg, fps=args.fps)
-        t = video_token_count(m["height"], m["width"], cfg, num_frames=len(indices), min_pixels=lo, max_pixels=hi)
-        print(f"video       {m['width']}x{m['height']}, {m['frames']} frames at {m['fps']:g} fps "
-              f"({m['frames'] / m['fps']:.1f} s) -> {len(indices)} frames ({fps:.2f} per s), "
-              f"each resized to {t.width}x{t.height}")
+    if isinstance(header, VideoHeader):
+        indices, fps = sample_frames(header.frames, header.fps, cfg, fps=args.fps)
+        t = video_token_count(header.height, header.width, cfg, num_frames=len(indices), min_pixels=lo, max_pixels=hi)
+        print(f"video       {header.width}x{header.height}, {header.frames} frames at {header.fps:g} fps "
+              f"({header.seconds:.1f} s) -> {len(indices)} frames ({fps:.2f} per s), each resized to "
+              f"{t.width}x{t.height}")
         limits = (f"fps {args.fps or cfg.fps:g}, pixels per frame in [{lo or cfg.video_min_pixels:,}, "
                   f"{hi or cfg.video_max_pixels:,}] within the clip's total budget")
+    else:
+        if args.fps is not None:
+            raise ValueError("--fps applies to videos; this is an image")
+        width, height = header  # as it is seen: EXIF orientation applied, as the processor does
+        t = image_token_count(height, width, cfg, min_pixels=lo, max_pixels=hi)
+        print(f"image       {width}x{height} -> resized to {t.width}x{t.height}")
+        limits = f"min_pixels {lo or cfg.min_pixels:,}, max_pixels {hi or cfg.max_pixels:,}"
     print(f"grid        t={t.grid_thw[0]}, h={t.grid_thw[1]}, w={t.grid_thw[2]} ({cfg.patch_size}-px patches, "
           f"{cfg.merge_size}x{cfg.merge_size} merged per token)")
     print(f"tokens      {t.num_tokens} visual tokens (+2 for <|vision_start|>, <|vision_end|>)")
     print(f"settings    {limits} ({origin})")
     return 0
-
-
-def probe_media(source: str) -> dict:
-    """Kind and size of an image or video from its header, without decoding pixels."""
-    import io
-
-    import av
-    from PIL import Image, UnidentifiedImageError
-
-    from qwen2vl.processing.media import MediaError, MediaPolicy, open_source
-
-    policy = MediaPolicy()
-    data = open_source(source, policy, max_bytes=policy.max_video_bytes, what="media")
-    opened = data if isinstance(data, Path) else io.BytesIO(data)
-    try:
-        with Image.open(opened) as image:
-            return {"kind": "image", "width": image.width, "height": image.height}
-    except (UnidentifiedImageError, OSError):
-        pass
-    try:
-        with av.open(str(data) if isinstance(data, Path) else io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{source}: no video stream in the file")
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-            return {"kind": "video", "width": stream.codec_context.width, "height": stream.codec_context.height,
-                    "frames": frames, "fps": rate}
-    except av.error.FFmpegError:
-        raise MediaError(f"{source}: neither an image nor a video this build can read") from None
 
 
 if __name__ == "__main__":

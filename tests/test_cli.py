@@ -109,6 +109,24 @@ def test_tokens_for_an_image_with_published_and_model_settings(ckpt, media):
     assert f"tokens      {h * w // 784} visual tokens" in r.stdout
 
 
+def test_tokens_for_a_rotated_photo_agree_with_the_processor(tmp_path):
+    """A 640x200 JPEG tagged "rotate 90" is seen as 200x640: the count must be the processor's."""
+    from qwen2vl.processing.image import load_image, preprocess_image
+    from qwen2vl.processing.vision_config import VisionProcessingConfig
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (640, 200), (90, 140, 30)).save(tmp_path / "photo.jpg", exif=exif)
+    r = qwen2vl("tokens", tmp_path / "photo.jpg")
+    assert r.returncode == 0, r.stderr
+    cfg = VisionProcessingConfig.from_dict({"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384})
+    pixels, (t, h, w) = preprocess_image(load_image(str(tmp_path / "photo.jpg")), cfg)
+    assert (h, w) == (46, 14)  # portrait once rotated
+    assert "image       200x640 -> resized to 196x644" in r.stdout
+    assert f"grid        t={t}, h={h}, w={w}" in r.stdout
+    assert f"tokens      {pixels.shape[0] // 4} visual tokens" in r.stdout
+
+
 def test_tokens_for_a_video(media):
     from qwen2vl.processing.video import video_token_count
     from qwen2vl.processing.vision_config import VisionProcessingConfig

@@ -152,7 +152,7 @@ SEEKS = [({"video_start": 15.0, "video_end": 16.0}, 25), ({"video_start": 21.3},
 @pytest.mark.parametrize("options,most", SEEKS, ids=[str(o) for o, _ in SEEKS])
 def test_seeking_decodes_little_and_picks_the_same_frames(reference, clips, monkeypatch, options, most):
     monkeypatch.setattr(video_mod, "SEEK_GAP_S", 1.5)  # a 30 s clip; real gap is 10 s
-    decoded, real_open = [0], video_mod._open
+    decoded, real_open = [0], video_mod.open_video
 
     class Counting:
         def __init__(self, data):
@@ -172,7 +172,7 @@ def test_seeking_decodes_little_and_picks_the_same_frames(reference, clips, monk
                 decoded[0] += 1
                 yield frame
 
-    monkeypatch.setattr(video_mod, "_open", Counting)
+    monkeypatch.setattr(video_mod, "open_video", Counting)
     ref_video, meta, ref_fps = reference._read_video_decord({"video": clips["long"], **options})
     frames, sample_fps = load_video(clips["long"], **options)
     assert torch.equal(frames, ref_video) and sample_fps == pytest.approx(ref_fps)
