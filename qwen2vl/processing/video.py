@@ -125,7 +125,20 @@ def load_video(source, policy: MediaPolicy | None = None, *, fps=None, nframes=N
             frames = _decode(container, indices, header.fps)
     except DECODE_ERRORS as e:
         raise MediaError(f"video could not be decoded: {type(e).__name__}: {e}") from None
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), sample_fps
+    return _one_size(frames), sample_fps
+
+
+def _one_size(frames: list[np.ndarray]) -> torch.Tensor:
+    """RGB frames [H, W, 3] -> uint8 [T, 3, H, W] at the first frame's size. A stream may change its
+    resolution midway (a recorder switching cameras); a frame of another size is resized to the
+    first's, as qwen-vl-utils' readers return every frame at one size, with the same resize as
+    preprocess_video's."""
+    h, w = frames[0].shape[:2]
+    out = torch.empty(len(frames), 3, h, w, dtype=torch.uint8)
+    for i, frame in enumerate(frames):
+        pixels = torch.from_numpy(frame).permute(2, 0, 1)
+        out[i] = pixels if frame.shape[:2] == (h, w) else _resize(pixels[None], h, w)[0]
+    return out
 
 
 def _frames_from_list(items, policy: MediaPolicy) -> torch.Tensor:
