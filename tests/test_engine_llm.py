@@ -142,6 +142,26 @@ def test_errors_at_the_edge(llm):
     assert free_after(llm)
 
 
+def test_continue_final_message_and_chat_template_kwargs(llm):
+    """vLLM's names: a prefilled answer start is continued, not answered after; template kwargs reach
+    the template."""
+    msgs = TEXT + [{"role": "assistant", "content": "Once upon a time"}]
+    want = llm.processor(msgs, continue_final_message=True)["input_ids"].tolist()
+    assert llm.processor.decode(want[-4:]) == "Once upon a time"
+    assert llm.prompt(msgs, continue_final_message=True).token_ids == want
+    (out,) = llm.chat(msgs, GREEDY, continue_final_message=True)
+    assert out.prompt_token_ids == want and out.token_ids == llm.generate([want], GREEDY)[0].token_ids
+    with pytest.raises(ValueError, match="exclude each other"):
+        llm.chat(msgs, GREEDY, add_generation_prompt=True, continue_final_message=True)
+    assert llm.prompt(TEXT, add_generation_prompt=False).token_ids == llm.processor(TEXT)["input_ids"].tolist()
+    picture = CONVERSATIONS["one_image"]
+    numbered = llm.prompt(picture, chat_template_kwargs={"add_vision_id": True})
+    assert len(numbered) == len(llm.prompt(picture)) + len(llm.processor.tokenizer.encode("Picture 1: "))
+    with pytest.raises(ValueError, match="chat_template_kwargs.*tools"):
+        llm.prompt(picture, chat_template_kwargs={"tools": []}, tools=[])
+    assert free_after(llm)
+
+
 def test_token_id_prompts_and_order(llm):
     a, b = [5, 6, 7, 8, 9], list(range(20, 45))
     outs = llm.generate([a, b], GREEDY)

@@ -102,6 +102,29 @@ def test_image_by_data_uri_costs_what_token_count_says(server, client):
     assert r.choices[0].message.content is not None
 
 
+def test_continue_final_message_and_chat_template_kwargs_in_the_body(server, client):
+    """vLLM's request fields, sent as the openai client sends extras (extra_body)."""
+    from qwen2vl.processing.processor import Processor
+
+    proc = Processor.from_pretrained(tiny_checkpoint())
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    prefilled = proc(msgs, continue_final_message=True)["input_ids"]
+    assert r.usage.prompt_tokens == len(prefilled)  # ends on "The colour is": no <|im_end|>, no new turn
+    default = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0,
+                                             extra_body={"continue_final_message": True})  # implies no prompt
+    assert default.usage.prompt_tokens == len(prefilled)
+    body = {"messages": msgs, "continue_final_message": True}
+    counted = httpx.post(f"{server}/v1/token_count", json=body, headers=AUTH).json()
+    assert counted["prompt_tokens"] == len(prefilled)
+    content = [image_part(data_uri(IMAGE)), {"type": "text", "text": "What is this?"}]
+    plain, numbered = (ask(client, content, extra_body=extra).usage.prompt_tokens
+                       for extra in ({}, {"chat_template_kwargs": {"add_vision_id": True}}))
+    assert numbered == plain + len(proc.tokenizer.encode("Picture 1: "))
+    assert count(server, content, chat_template_kwargs={"add_vision_id": True})["prompt_tokens"] == numbered
+
+
 def test_image_by_http_url_and_file_url_give_the_same_prompt(server, client, media_url, media_dir):
     by_data = ask(client, [image_part(data_uri(IMAGE)), {"type": "text", "text": "Hi"}])
     by_http = ask(client, [image_part(f"{media_url}/img.png", detail="high"), {"type": "text", "text": "Hi"}])

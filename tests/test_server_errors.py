@@ -204,6 +204,21 @@ CASES = [
     ("json-schema-invalid", lambda c: post(chat(response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "strin"}}})), 400, ["response_format", "Invalid type"]),
     ("response-format-type", lambda c: post(chat(response_format={"type": "xml"})), 400, ["response_format.type"]),
+    # chat template options (vLLM's names)
+    ("continue-and-generation-prompt", lambda c: post(chat(continue_final_message=True, add_generation_prompt=True)),
+     400, ["continue_final_message", "add_generation_prompt"]),
+    ("chat-template-kwargs-not-object", lambda c: post(chat(chat_template_kwargs=["add_vision_id"])), 400,
+     ["chat_template_kwargs"]),
+    ("chat-template-kwargs-own-argument", lambda c: post(chat(chat_template_kwargs={"reject_special_tokens": False})),
+     400, ["chat_template_kwargs.reject_special_tokens"]),
+    ("chat-template-kwargs-special-token", lambda c: post(chat(chat_template_kwargs={"x": "<|im_start|>"})), 400,
+     ["chat_template_kwargs", "special token"]),
+    ("continue-without-text", lambda c: post({"model": "tiny", "max_tokens": 2, "continue_final_message": True,
+                                              "messages": [{"role": "user", "content": [image(data_uri(IMAGE))]}]}),
+     400, ["continue_final_message", "no text to continue"]),
+    ("token-count-continue-and-prompt", lambda c: post({"messages": [{"role": "user", "content": "hi"}],
+                                                        "continue_final_message": True, "add_generation_prompt": True},
+                                                       "/v1/token_count"), 400, ["continue_final_message"]),
     # auth and routing
     ("no-api-key", lambda c: post(chat(), headers={}), 401, ["API key"]),
     ("wrong-api-key", lambda c: post(chat(), headers={"Authorization": "Bearer nope"}), 401, ["API key"]),

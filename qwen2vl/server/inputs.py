@@ -9,11 +9,13 @@ The order is the point: everything cheap is checked before anything expensive.
 The processor then decodes and tokenizes (chat.py). Errors name the field: messages[1].content[0].
 """
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
 
 from qwen2vl.processing.media import MediaError, MediaPolicy, open_source
+from qwen2vl.processing.processor import OWN_ARGUMENTS
 from qwen2vl.processing.vision_config import VisionProcessingConfig
 from qwen2vl.server.errors import bad_request
 from qwen2vl.server.limits import IMAGE_KEYS, VIDEO_KEYS, ServerLimits
@@ -85,6 +87,35 @@ def check_messages(messages: list[dict], body_options: dict | None, limits: Serv
     for r in refs:
         r.options = limits.clamp(r.kind, r.options, cfg)
     return ChatInputs(messages, refs)
+
+
+def template_options(add_generation_prompt, continue_final_message, chat_template_kwargs, find_special) -> dict:
+    """A request's chat template options (vLLM's names) -> the processor's keyword arguments.
+    The two prompt options exclude each other; add_generation_prompt defaults to the opposite of
+    continue_final_message. chat_template_kwargs become template variables, never the processor's
+    own arguments (reject_special_tokens!), and hold no special-token strings."""
+    for name, value in (("add_generation_prompt", add_generation_prompt),
+                        ("continue_final_message", continue_final_message)):
+        if value is not None and not isinstance(value, bool):
+            raise bad_request(f"{name}: must be true or false, got {value!r}", name)
+    if continue_final_message and add_generation_prompt:
+        raise bad_request("continue_final_message and add_generation_prompt can't both be true: one continues the "
+                          "last message, the other starts a new assistant turn (set add_generation_prompt=false)",
+                          "continue_final_message")
+    variables = {} if chat_template_kwargs is None else chat_template_kwargs
+    if not isinstance(variables, dict):
+        raise bad_request("chat_template_kwargs: must be an object of template variables", "chat_template_kwargs")
+    for key in variables:
+        where = f"chat_template_kwargs.{key}"
+        if not key.isidentifier() or key in OWN_ARGUMENTS:
+            raise bad_request(f"{where}: not a template variable this server passes on (names are identifiers, "
+                              f"not {sorted(OWN_ARGUMENTS)}; set those at the top level)", where)
+    found = find_special(json.dumps(variables, ensure_ascii=False))
+    if found is not None:
+        raise bad_request(f"chat_template_kwargs: contains the special token {found!r}, which is not allowed",
+                          "chat_template_kwargs")
+    return {"add_generation_prompt": not continue_final_message if add_generation_prompt is None
+            else add_generation_prompt, "continue_final_message": bool(continue_final_message), **variables}
 
 
 def _check_text(text, where: str, find_special) -> None:
