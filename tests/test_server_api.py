@@ -257,6 +257,26 @@ def test_json_schema_output_parses_and_matches(client):
         assert len(obj["tags"]) <= 3 and set(obj["tags"]) <= {"a", "b"}
 
 
+def test_the_grammar_table_is_built_before_the_server_serves(monkeypatch):
+    """The first json_schema request must not pay for llguidance's tokenizer table (~2-3 s, holding
+    the GIL, so every stream would stall meanwhile): create_app builds it, once."""
+    import llguidance
+
+    from qwen2vl.engine.async_engine import AsyncLLM
+    from qwen2vl.server.app import create_app
+
+    built, real = [], llguidance.LLTokenizer
+    monkeypatch.setattr(llguidance, "LLTokenizer", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    engine = AsyncLLM(str(tiny_checkpoint()), dtype="float32", kv_cache_gib=0.02, max_model_len=2048)
+    try:
+        compiler = create_app(engine, ServerLimits()).state.service.compiler
+        assert built == [1]
+        compiler.constraint(compiler.json_grammar({"type": "json_object"}), "response_format")
+        assert built == [1]
+    finally:
+        engine.shutdown()
+
+
 def test_metrics_count_requests_tokens_and_ttft(server, client):
     ask(client, "One more.")
     text = httpx.get(f"{server}/metrics", headers=AUTH).text
