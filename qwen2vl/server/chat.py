@@ -63,8 +63,7 @@ class ChatService:
             raise bad_request("tool_choice needs tools", "tool_choice")
         for t in tools or []:
             _check_json_free_of_specials(t, "tools", find_special)
-        # before any I/O, so bad values fail fast; in a thread because a grammar takes a while to build
-        # (the first one also builds llguidance's tokenizer table, ~3 s)
+        # before any I/O, so bad values fail fast; in a thread because a grammar takes a while to check
         params = await asyncio.to_thread(self._params, req, tools, choice)
         await asyncio.to_thread(chat_inputs.fetch_media, inputs.media, self.policy, self.limits)
         costs = await asyncio.to_thread(chat_inputs.media_costs, inputs.media, cfg, self.limits)
