@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from qwen2vl.config import TextConfig
 from qwen2vl.engine.kv_cache import bytes_per_block, num_blocks_for
-from qwen2vl.engine.paged_attention import decode, paged_attention, varlen
+from qwen2vl.engine.paged_attention import PagedBatch, decode, decode_padded, paged_attention, varlen
 from tests.helpers.paged_cache import BS, HKV, HQ, D, build
 
 
@@ -47,6 +47,26 @@ def test_lone_sequence_in_consecutive_blocks_reads_a_slice(cached):
     torch.testing.assert_close(decode(q, cache.k[0], cache.v[0], batch), want)
     batch.ctx_run = 0  # the wrong run reads other keys: the slice path is really taken
     assert not torch.allclose(decode(q, cache.k[0], cache.v[0], batch), want)
+
+
+@pytest.mark.parametrize("cached, new", [
+    ([0, 9, 3, 12], [5, 1, 4, 1]),  # prefill, decode, chunk, decode packed together
+    ([0, 13, 3, 30, 7], [1] * 5),  # decodes of different lengths: padded and masked
+    ([9, 9, 9], [1] * 3),  # equal lengths: no mask
+])
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf")])
+def test_slots_nothing_wrote_never_reach_the_output(cached, new, garbage):
+    """The cache is allocated uninitialized: whatever bits its unwritten slots hold (NaN, Inf) must not
+    change any path's output, not even through a masked score times a padded value."""
+    q, k, v, cache, batch, want = build(cached, new, seed=3, fill=garbage)
+    torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], batch), want)
+    torch.testing.assert_close(varlen(q, k, v, cache.k[0], cache.v[0], batch), want)
+    if batch.is_decode:
+        torch.testing.assert_close(decode(q, cache.k[0], cache.v[0], batch), want)
+        # the CUDA graphs' torch fallback: tables padded with block 0 to a fixed width, always masked
+        tables = F.pad(batch.ctx_slots[:, ::BS] // BS, (0, 2))
+        wide = PagedBatch.context_slots(tables, BS, tables.shape[1] * BS, batch.ctx_lens_t)
+        torch.testing.assert_close(decode_padded(q, cache.k[0], cache.v[0], wide, batch.ctx_lens_t), want)
 
 
 def test_cache_is_sized_from_a_memory_budget():

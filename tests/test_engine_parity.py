@@ -107,6 +107,19 @@ def test_chunked_prefill_and_tiny_cache_match_transformers(setup, expected):
     assert stats.num_free_blocks == stats.num_blocks
 
 
+def test_a_fresh_cache_full_of_nan_changes_no_token(setup, expected):
+    """The KV cache is allocated uninitialized: fill it with NaN before anything runs, batch every
+    conversation (padded decodes of different lengths, prompt chunks) and the tokens must not change."""
+    folder, _ = setup
+    fresh = LLM(str(folder), dtype="float32", device=DEVICE, kv_cache_gib=0.02, block_size=4,
+                max_num_batched_tokens=16)
+    fresh.engine.cache.k.fill_(float("nan"))
+    fresh.engine.cache.v.fill_(float("nan"))
+    names = list(CONVERSATIONS)
+    for name, out in zip(names, fresh.chat([CONVERSATIONS[n] for n in names], GREEDY)):
+        check(out, expected[name])
+
+
 def test_prefix_cache_hit_keeps_tokens(llm, expected):
     """The second turn of a conversation reuses the first turn's blocks (image included)."""
     first = CONVERSATIONS["multi_turn"][:1]

@@ -21,13 +21,16 @@ def naive(q, k, v):
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
 
 
-def build(cached: list[int], new: list[int], seed=0, consecutive=False):
+def build(cached: list[int], new: list[int], seed=0, consecutive=False, fill: float | None = None):
     """Fill a cache for sequences with `cached` tokens already in it and `new` tokens this step;
-    block tables are shuffled so that no sequence's blocks are contiguous (unless `consecutive`)."""
+    block tables are shuffled so that no sequence's blocks are contiguous (unless `consecutive`).
+    `fill`: what the slots hold before anything is written (the cache is allocated uninitialized)."""
     g = torch.Generator().manual_seed(seed)
     cfg = TextConfig(hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HKV, num_hidden_layers=1,
                      mrope_section=(1, 1, 2))
     cache = KVCache(cfg, 64, BS, torch.float32, "cpu")
+    if fill is not None:
+        cache.k.fill_(fill), cache.v.fill_(fill)
     free = list(range(63, 2, -1)) if consecutive else torch.randperm(64, generator=g).tolist()
     tables, slots, ks, vs, qs, q_starts = [], [], [], [], [], []
     full = []
@@ -51,7 +54,8 @@ def build(cached: list[int], new: list[int], seed=0, consecutive=False):
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     batch = PagedBatch(
         slot_mapping=torch.cat(slots), q_starts=q_starts, q_lens=list(new), ctx_lens=ctx_lens,
-        ctx_slots=PagedBatch.context_slots(block_tables, BS, max(ctx_lens)), ctx_lens_t=torch.tensor(ctx_lens),
+        ctx_slots=PagedBatch.context_slots(block_tables, BS, max(ctx_lens), torch.tensor(ctx_lens)),
+        ctx_lens_t=torch.tensor(ctx_lens),
     )
     q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
     cache.write(0, k, v, batch.slot_mapping)  # what the step's attend does first
