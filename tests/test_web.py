@@ -3,7 +3,10 @@
 The model is the tiny random-weight checkpoint, so the answers are forced: a wrapper around the
 engine's `generate` adds a logits processor that emits a chosen text token by token (still
 streamed by the real engine and server), and keeps special tokens so the box markup survives.
-A screenshot of the grounded answer is saved to docs/web_screenshot.png for review.
+A screenshot of the grounded answer is saved in the test's temporary folder; the README's picture,
+docs/web_screenshot.png, is refreshed only on request, so a test run leaves the tree clean:
+
+    QWEN2VL_UPDATE_SCREENSHOT=1 python -m pytest tests/test_web.py -k upload
 """
 
 import os
@@ -25,6 +28,7 @@ if CHROMIUM is None:
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "web_screenshot.png"
+UPDATE_SCREENSHOT = "QWEN2VL_UPDATE_SCREENSHOT"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage"]
@@ -102,7 +106,8 @@ def ask(page, text: str):
     return answer
 
 
-def test_upload_ask_stream_and_draw_the_box(page, picture):
+def test_upload_ask_stream_and_draw_the_box(page, picture, tmp_path):
+    before = SCREENSHOT.stat().st_mtime_ns if SCREENSHOT.exists() else None
     page.set_input_files("#file", str(picture))
     page.wait_for_selector("#attachments .thumb img")
     answer = ask(page, "Where is the blue square?")
@@ -121,8 +126,10 @@ def test_upload_ask_stream_and_draw_the_box(page, picture):
                       (box["width"], img["width"] / 2), (box["height"], img["height"] / 2)]:
         assert abs(got - want) < 4, (box, img)
     assert answer.locator(".grounded .label").inner_text() == "blue square"
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    update = os.environ.get(UPDATE_SCREENSHOT) == "1"
+    page.screenshot(path=str(SCREENSHOT if update else tmp_path / "web_screenshot.png"), full_page=True)
+    if not update:  # a test run leaves the tree as it found it
+        assert (SCREENSHOT.stat().st_mtime_ns if SCREENSHOT.exists() else None) == before
 
 
 def test_model_output_is_text_not_html(page, server):
