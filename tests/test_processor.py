@@ -235,16 +235,19 @@ def test_strict_mode_names_the_token(proc):
 
 @pytest.mark.parametrize("messages, match", [
     ([], "non-empty"),
-    ([{"role": "robot", "content": "hi"}], "role must be one of"),
-    ([{"role": "user"}], "missing 'content'"),
-    ([{"role": "user", "content": 5}], "content must be a string or a list"),
-    ([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}], "unknown content type 'audio'"),
+    ([{"role": "robot", "content": "hi"}], "role: must be one of"),
+    ([{"role": "user"}], "content: missing"),
+    ([{"role": "user", "content": 5}], "content: must be a string or a list"),
+    ([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}],
+     r"messages\[0\]\.content\[0\]\.type: unsupported content type 'audio'"),
     ([{"role": "user", "content": [{"type": "text"}]}], "needs a string 'text'"),
     ([{"role": "user", "content": [{"type": "image"}]}], "needs exactly one source"),
     ([{"role": "user", "content": [{"type": "image", "image": "a.png", "fps": 2}]}], r"unknown field\(s\) \['fps'\]"),
-    ([{"role": "user", "content": [{"type": "image", "image": "a.png", "max_pixels": -1}]}], "must be positive"),
+    ([{"role": "user", "content": [{"type": "image", "image": "a.png", "max_pixels": -1}]}],
+     "max_pixels: must be a positive number"),
     ([{"role": "user", "content": [{"type": "video", "video": "v.mp4", "nframes": 2.5}]}], "must be an integer"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "needs a 'url'"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+     "image_url.url: a non-empty URL string is required"),
     (["hello"], "expected a dict"),
 ])
 def test_malformed_messages(proc, messages, match):

@@ -252,6 +252,31 @@ def test_bad_request(ctx, name, make, status, needles):
         assert "not for clients" not in error["message"] and "MediaPolicy" not in error["message"]
 
 
+MALFORMED = {
+    "role": [{"role": "wizard", "content": "x"}],
+    "no-content": [{"role": "user"}],
+    "content-number": [{"role": "user", "content": 5}],
+    "text-without-text": [{"role": "user", "content": [{"type": "text"}]}],
+    "negative-option": [{"role": "user", "content": [image(data_uri(IMAGE), max_pixels=-1)]}],
+    "fractional-frames": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA", "nframes": 2.5}}]}],
+    "no-url": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_the_server_and_the_processor_check_messages_in_one_place(ctx, name):
+    """One checker for both: the same message, naming the same place, from the Python API and the API."""
+    from qwen2vl.processing.messages import check_messages, from_openai
+
+    with pytest.raises(ValueError) as raised:
+        check_messages(from_openai(MALFORMED[name]))
+    r = send(ctx, *post({"model": "tiny", "max_tokens": 2, "messages": MALFORMED[name]}))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == str(raised.value)
+    assert r.json()["error"]["param"] == str(raised.value).split(":")[0]
+
+
 def test_at_least_thirty_cases():
     assert len(CASES) >= 30
 

@@ -93,7 +93,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
         if unknown:
             raise bad_request(f"unknown field(s) {unknown}; allowed: {', '.join(allowed)}", unknown[0])
         cfg = processor.vision
-        inputs = chat_inputs.check_messages(messages, body.get("mm_processor_kwargs"), limits, cfg, tok.find_special)
+        inputs = chat_inputs.check_inputs(messages, body.get("mm_processor_kwargs"), limits, cfg, tok.find_special)
         template = chat_inputs.template_options(body.get("add_generation_prompt"), body.get("continue_final_message"),
                                                 body.get("chat_template_kwargs"), tok.find_special)
         await asyncio.to_thread(chat_inputs.fetch_media, inputs.media, service.policy, limits)

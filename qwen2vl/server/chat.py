@@ -54,7 +54,7 @@ class ChatService:
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
         cfg = self.processor.vision
         find_special = self.processor.tokenizer.find_special
-        inputs = chat_inputs.check_messages(req.messages, req.mm_processor_kwargs, self.limits, cfg, find_special)
+        inputs = chat_inputs.check_inputs(req.messages, req.mm_processor_kwargs, self.limits, cfg, find_special)
         template = chat_inputs.template_options(req.add_generation_prompt, req.continue_final_message,
                                                 req.chat_template_kwargs, find_special)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
