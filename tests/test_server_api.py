@@ -277,6 +277,24 @@ def test_the_grammar_table_is_built_before_the_server_serves(monkeypatch):
         engine.shutdown()
 
 
+def test_the_web_page_is_found_in_one_place(monkeypatch, tmp_path):
+    """server/web.py alone knows where index.html is: without it, no route; with it, served."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from qwen2vl.server import web
+
+    monkeypatch.setattr(web, "PAGE", tmp_path / "missing.html")
+    app = FastAPI()
+    assert web.add_web_page(app) is False and TestClient(app).get("/").status_code == 404
+    (tmp_path / "index.html").write_text("<!doctype html><title>t</title><script>let x = 1;</script>")
+    monkeypatch.setattr(web, "PAGE", tmp_path / "index.html")
+    assert web.add_web_page(app) is True
+    page = TestClient(app).get("/")
+    assert page.status_code == 200 and "let x = 1;" in page.text
+    assert "sha256-" in page.headers["content-security-policy"]
+
+
 def test_metrics_count_requests_tokens_and_ttft(server, client):
     ask(client, "One more.")
     text = httpx.get(f"{server}/metrics", headers=AUTH).text

@@ -41,7 +41,6 @@ HOSTILE = ("<img src=x onerror=\"document.title='pwned'\"> <script>document.titl
 @pytest.fixture(scope="module")
 def server():
     from qwen2vl.server.limits import ServerLimits
-    from qwen2vl.server.web import add_web_page
     from tests.helpers.server import running_server
 
     with running_server(ServerLimits(), api_key=None) as (url, app):
@@ -63,9 +62,6 @@ def server():
             return generate(prompt, params, **kw)
 
         service.engine.generate = generate_forced
-        # serve the page through qwen2vl.server.web (with its CSP) instead of app.py's plain route
-        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
-        add_web_page(app)
         yield url, forced
 
 

@@ -10,7 +10,6 @@ import asyncio
 import hmac
 import json
 import time
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -35,7 +34,6 @@ from qwen2vl.server.protocol import ChatCompletionRequest, model_card
 from qwen2vl.server.structured import GrammarCompiler
 from qwen2vl.server.web import add_web_page
 
-WEB_PAGE = Path(__file__).resolve().parent.parent / "web" / "index.html"
 RETRY_AFTER_S = "1"
 
 
@@ -134,8 +132,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
         finally:
             metrics.in_flight -= 1
 
-    if WEB_PAGE.is_file():
-        add_web_page(app)  # static, holds no data, so no key; the page sends the key with its API calls
+    add_web_page(app)  # if installed; static, holds no data, so no key; the page sends the key with its API calls
 
     return app
 
