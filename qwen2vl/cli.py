@@ -11,11 +11,10 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
-from qwen2vl.hub import DEFAULT_MODEL
+from qwen2vl.hub import DEFAULT_MODEL, is_repo_id, no_such_model
 
 PUBLISHED_PREPROCESSOR = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384}  # Qwen2-VL-*-Instruct on the hub
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -103,11 +102,13 @@ def run_download(args) -> int:
         return 0
     from huggingface_hub import snapshot_download
 
-    from qwen2vl.hub import _PATTERNS  # the files a Qwen2-VL folder needs, as hub.py downloads them
+    from qwen2vl.hub import FILE_PATTERNS
 
+    if not is_repo_id(args.model):
+        raise no_such_model(args.model)
     print(f"downloading {args.model} from the Hugging Face hub ...", file=sys.stderr)
     try:
-        folder = snapshot_download(args.model, allow_patterns=_PATTERNS, etag_timeout=10)
+        folder = snapshot_download(args.model, allow_patterns=FILE_PATTERNS, etag_timeout=10)
     except Exception as e:
         reason = " ".join(str(e).split())[:200]
         raise ConnectionError(f"could not download {args.model!r} ({type(e).__name__}: {reason}); "
@@ -153,7 +154,7 @@ def checkpoint_headers(name: str) -> tuple[dict, dict[str, dict], str]:
     """(config.json, {file: {tensor: {dtype, shape, data_offsets}}}, where) without reading weights:
     a local folder (or the hub cache) from the files, a hub repo from the headers alone."""
     path = Path(name).expanduser()
-    if not path.is_dir() and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if not path.is_dir() and is_repo_id(name):
         from huggingface_hub import snapshot_download
 
         try:
@@ -161,7 +162,7 @@ def checkpoint_headers(name: str) -> tuple[dict, dict[str, dict], str]:
         except Exception:
             return _remote_headers(name)
     if not path.is_dir():
-        raise FileNotFoundError(f"{name}: no such folder (and not a hub repo id like {DEFAULT_MODEL!r})")
+        raise no_such_model(name)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL checkpoint folder?")
     files = sorted(path.glob("*.safetensors"))

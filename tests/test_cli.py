@@ -170,6 +170,19 @@ def test_errors_are_one_line_without_a_traceback(args, env, message, media, brok
     assert r.stderr.splitlines()[-1] == errors[0]
 
 
+@pytest.mark.parametrize("name", ["-x/y", "_x/y", "x/.y", "a/b/c", "x/y!"])
+def test_info_and_chat_agree_on_what_a_hub_repo_id_is(name, monkeypatch):
+    """One pattern (hub.py's): a name that is neither a folder nor a repo id never reaches the hub."""
+    import huggingface_hub
+
+    from qwen2vl import cli, hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: pytest.fail("the hub was asked"))
+    for look_up in (cli.checkpoint_headers, hub.resolve_model_path):
+        with pytest.raises(FileNotFoundError, match="not a hub repo id"):
+            look_up(name)
+
+
 def test_serve_is_the_servers_command():
     r = qwen2vl("serve", "--help")
     assert r.returncode == 0 and "--api-key" in r.stdout and "--port" in r.stdout
