@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from qwen2vl.cli_errors import explain
 from qwen2vl.hub import DEFAULT_MODEL, is_repo_id, no_such_model
 
 PUBLISHED_PREPROCESSOR = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384}  # Qwen2-VL-*-Instruct on the hub
@@ -34,17 +35,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {explain(e)}", file=sys.stderr)
         return 1
-
-
-def explain(e: Exception) -> str:
-    """One line for an exception, with the next step when we know it."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, MemoryError) or "OutOfMemoryError" in type(e).__name__:
-        return (f"out of memory ({text[:200]}); try --dtype bfloat16, a smaller --max-pixels or --kv-cache-gib, "
-                "or a smaller model")
-    if isinstance(e, (FileNotFoundError, ConnectionError, ValueError)):
-        return text  # our own messages already say what to do
-    return f"{type(e).__name__}: {text} (set QWEN2VL_DEBUG=1 for the traceback)"
 
 
 def build_parser() -> argparse.ArgumentParser:

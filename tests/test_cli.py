@@ -209,7 +209,7 @@ def test_draw_saves_the_image_with_the_answers_boxes(tmp_path, capsys):
 def test_explain_gives_one_line_with_a_next_step(error, expected):
     import torch
 
-    from qwen2vl.cli import explain
+    from qwen2vl.cli_errors import explain
 
     assert expected in explain(error) and "\n" not in explain(error)
     assert "--max-pixels" in explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
