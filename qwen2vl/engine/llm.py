@@ -68,7 +68,8 @@ class LLM:
             add_generation_prompt = not continue_final_message
         clash = sorted(set(chat_template_kwargs or {}) & (OWN_ARGUMENTS | set(processor_args)))
         if clash:
-            raise ValueError(f"chat_template_kwargs: {clash} are the processor's own arguments; pass them as such")
+            raise ValueError(f"chat_template_kwargs: {clash} are the processor's own arguments, or given twice; "
+                             "pass each once, as an argument")
         inputs = self.processor(messages, add_generation_prompt, continue_final_message=continue_final_message,
                                 **(chat_template_kwargs or {}), **processor_args)
         return Prompt.from_inputs(inputs, self.model.config)
