@@ -2,10 +2,11 @@
 
 Sized from a memory budget, never from max_len x batch: on CPU a number of GiB, on CUDA a fraction
 of the card (`gpu_memory_utilization`) minus what the weights and a measured forward pass use.
-Allocated uninitialized (zero-filling touched every page at start-up: 2.6-2.9 s for the default
-2 GiB on our CPU VM): no attention path reads a slot before it is written. The C and Triton decode
-kernels stop at each sequence's length, and the torch paths gather padded rows from a sequence's
-own first slot (paged_attention.py); tests fill a fresh cache with NaN to hold them to it.
+Allocated uninitialized (zero-filling touched every page at start-up: 2.2-2.9 s for the default
+2 GiB on our CPU VM, benchmarks/cache_startup.py): no attention path reads a slot before it is
+written. The C and Triton decode kernels stop at each sequence's length, and the torch paths
+gather padded rows from a sequence's own first slot (paged_attention.py); tests fill a fresh
+cache with NaN to hold them to it.
 """
 
 from __future__ import annotations
