@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from qwen2vl.backends.quant import QUANTIZATIONS
+from qwen2vl.cli_errors import explain
 from qwen2vl.grounding import drop_markup
 from qwen2vl.hub import DEFAULT_MODEL
 
@@ -232,6 +233,4 @@ def interactive(session: ChatSession) -> int:
         except (KeyboardInterrupt, EOFError):
             return 0
         except Exception as e:  # one bad turn does not end the chat
-            from qwen2vl.cli import explain
-
             print(f"error: {explain(e)}", file=sys.stderr)

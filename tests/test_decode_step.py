@@ -7,7 +7,7 @@ import torch
 from qwen2vl import LLM, SamplingParams
 from qwen2vl.backends.cpu import decode_step, layer_ops
 from qwen2vl.backends.cpu.decode_step import DecodeStep
-from tests.test_server_support import tiny_checkpoint
+from tests.helpers.checkpoints import tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not layer_ops.available() or decode_step.library() is None,
                                 reason="the C kernels can't be built or run here")

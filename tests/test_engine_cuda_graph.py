@@ -75,10 +75,12 @@ def test_cpu_engine_builds_no_graphs(folder):
 
 def test_static_decode_forward_gives_the_eager_tokens(folder):
     """The graph runner without the capture: static buffers, bucket padding written into a block no
-    sequence owns, positions from rope_delta, the masked torch attention over fixed-width tables."""
+    sequence owns, positions from rope_delta, the masked torch attention over fixed-width tables; the
+    cache (allocated uninitialized) is filled with NaN first, which no output may see."""
     model = Qwen2VL.from_pretrained(folder, dtype=torch.float32)
     want = generate(Engine(model, EngineConfig(**CONFIG)), model.config)
     engine = Engine(model, EngineConfig(**CONFIG))
+    engine.cache.k.fill_(float("nan")), engine.cache.v.fill_(float("nan"))
     blocks = engine.scheduler.blocks
     spare = blocks.num_blocks - 1
     del blocks.free[spare]  # on CUDA the engine allocates one past the manager's; here, by hand
@@ -128,7 +130,7 @@ def test_triton_decode_splits_the_context_and_combines_exactly(splits, lens):
     from qwen2vl.backends.cuda import triton_decode
 
     q, k, v, tables, lens_t = random_paged(12, 2, 128, 16, lens, torch.float32, device=DEVICE)
-    want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(lens)), lens_t)
+    want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(lens), lens_t), lens_t)
     torch.testing.assert_close(triton_decode.decode(q, k, v, tables, lens_t, splits=splits), want,
                                atol=1e-5, rtol=1e-5)
 
@@ -156,7 +158,7 @@ def test_triton_decode_matches_torch_decode(hq, hkv, dh, block_size, dtype):
 
     lens = [1, 2 * block_size, 5, 3 * block_size + 1, 130, 17, 64]
     q, k, v, tables, lens_t = random_paged(hq, hkv, dh, block_size, lens, dtype)
-    ctx_slots = PagedBatch.context_slots(tables, block_size, max(lens))
+    ctx_slots = PagedBatch.context_slots(tables, block_size, max(lens), lens_t)
     want = decode_padded(q, k, v, ctx_slots, lens_t)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(triton_decode.decode(q, k, v, tables, lens_t), want, **tol)
@@ -175,7 +177,7 @@ def test_triton_decode_replays_in_a_graph_with_new_lengths():
     for new in ([1, 2, 3], [130, 64, 16]):
         lens.copy_(torch.tensor(new))
         graph.replay()
-        want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(new)), lens)
+        want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(new), lens), lens)
         torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
 
 

@@ -4,7 +4,7 @@ import torch
 
 from qwen2vl import LLM, SamplingParams
 from qwen2vl.backends.cpu.linear import FastLinear
-from tests.test_server_support import tiny_checkpoint
+from tests.helpers.checkpoints import tiny_checkpoint
 
 
 def test_bf16_cpu_llm_uses_fast_linears_and_matches_plain_model():

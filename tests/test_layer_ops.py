@@ -14,8 +14,8 @@ from qwen2vl.backends.kernel_ops import TextKernels
 from qwen2vl.backends.paged_attention import PagedBatch, decode
 from qwen2vl.backends.reference import TORCH_OPS
 from qwen2vl.text import RMSNorm
+from tests.helpers.checkpoints import tiny_checkpoint
 from tests.helpers.layer_op_checks import assert_rotary_in_place_equals_apply_rotary
-from tests.test_server_support import tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not layer_ops.available(), reason="layer kernels can't be built or run here")
 BF16 = torch.bfloat16
@@ -68,7 +68,7 @@ def paged_case(lens, heads, kv_heads, dim, block_size=16, num_blocks=80, seed=0)
         blocks = blocks[len(tables[-1]):]
     width = max(len(t) for t in tables)
     ctx_slots = PagedBatch.context_slots(torch.tensor([t + [0] * (width - len(t)) for t in tables]), block_size,
-                                         max(lens))
+                                         max(lens), torch.tensor(lens))
     slot_mapping = torch.stack([ctx_slots[b, n - 1] for b, n in enumerate(lens)])
     qkv = randn(len(lens), (heads + 2 * kv_heads) * dim, seed=seed + 3)
     q, k, v = qkv.view(len(lens), -1, dim).split([heads, kv_heads, kv_heads], 1)
@@ -102,6 +102,22 @@ def test_paged_decode_writes_the_cache_and_matches_torch_decode(lens, heads, kv_
     exact = decode(q.double(), k_cache.double(), v_cache.double(), batch)
     torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-5)
     torch.testing.assert_close(got, decode(q, k_cache, v_cache, batch), rtol=2**-7, atol=2**-9)
+
+
+def test_paged_decode_reads_only_the_slots_it_is_given():
+    """The cache is allocated uninitialized: slots outside every context (here NaN) are never read."""
+    lens = [5, 77, 300, 33]
+    q, k, v, k_cache, v_cache, batch = paged_case(lens, 12, 2, 128)
+    want = layer_ops.paged_decode(q, k, v, k_cache.clone(), v_cache.clone(), batch.slot_mapping, batch.ctx_slots,
+                                  batch.ctx_lens_t)
+    used = torch.cat([batch.ctx_slots[b, :n] for b, n in enumerate(lens)])
+    for cache in (k_cache, v_cache):
+        flat = cache.view(-1, *cache.shape[2:])
+        kept = flat[used].clone()
+        flat.fill_(float("nan"))
+        flat[used] = kept
+    got = layer_ops.paged_decode(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.ctx_slots, batch.ctx_lens_t)
+    assert torch.equal(got, want)
 
 
 def test_without_the_kernels_the_model_keeps_the_torch_code(monkeypatch, caplog):

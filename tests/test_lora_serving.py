@@ -185,7 +185,8 @@ def test_server_serves_adapters_as_models(tmp_path):
     from openai import NotFoundError, OpenAI
 
     from qwen2vl.server.limits import ServerLimits
-    from tests.test_server_support import running_server, tiny_checkpoint
+    from tests.helpers.checkpoints import tiny_checkpoint
+    from tests.helpers.server import running_server
 
     adapter = random_adapter(tmp_path / "forms", tiny_checkpoint(), ALL, rank=4, alpha=8, seed=5)
     messages = [{"role": "user", "content": "Tell me a story."}]
@@ -209,7 +210,7 @@ def test_server_serves_adapters_as_models(tmp_path):
 
 def test_serve_lora_arguments_are_checked_before_loading(tmp_path):
     from qwen2vl.server.cli import parse_lora_arguments
-    from tests.test_server_support import tiny_checkpoint
+    from tests.helpers.checkpoints import tiny_checkpoint
 
     random_adapter(tmp_path / "a", tiny_checkpoint(), ["q_proj"], rank=2, alpha=2, seed=0)
     assert parse_lora_arguments([f"a={tmp_path / 'a'}"], "base") == {"a": str(tmp_path / "a")}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qwen2vl import LLM, SamplingParams
-from tests.test_server_support import tiny_checkpoint
+from tests.helpers.checkpoints import tiny_checkpoint
 
 # measured on the tiny checkpoint (random weights): relative RMS of the logits vs bf16 is 0.025
 # for int8 and 0.21 for int4; the bounds leave ~2x room and fail on a broken kernel (error ~1)

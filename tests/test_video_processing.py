@@ -12,8 +12,10 @@ normalize and the REFERENCE.md §3.3 patch order are written out below with nump
 
 import enum
 import importlib.util
+import io
 import sys
 import types
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -152,7 +154,7 @@ SEEKS = [({"video_start": 15.0, "video_end": 16.0}, 25), ({"video_start": 21.3},
 @pytest.mark.parametrize("options,most", SEEKS, ids=[str(o) for o, _ in SEEKS])
 def test_seeking_decodes_little_and_picks_the_same_frames(reference, clips, monkeypatch, options, most):
     monkeypatch.setattr(video_mod, "SEEK_GAP_S", 1.5)  # a 30 s clip; real gap is 10 s
-    decoded, real_open = [0], video_mod._open
+    decoded, real_open = [0], video_mod.open_video
 
     class Counting:
         def __init__(self, data):
@@ -172,7 +174,7 @@ def test_seeking_decodes_little_and_picks_the_same_frames(reference, clips, monk
                 decoded[0] += 1
                 yield frame
 
-    monkeypatch.setattr(video_mod, "_open", Counting)
+    monkeypatch.setattr(video_mod, "open_video", Counting)
     ref_video, meta, ref_fps = reference._read_video_decord({"video": clips["long"], **options})
     frames, sample_fps = load_video(clips["long"], **options)
     assert torch.equal(frames, ref_video) and sample_fps == pytest.approx(ref_fps)
@@ -257,3 +259,42 @@ def test_bad_requests_and_limits_raise_clear_errors(clips, tmp_path):
         load_video([Image.new("RGB", (30, 30)), Image.new("RGB", (31, 30))])
     with pytest.raises(ValueError, match="uint8"):
         preprocess_video(torch.zeros(2, 3, 28, 28), CFG)
+
+
+def clip_that_changes_size(sizes=((64, 48),) * 4 + ((32, 24),) * 4, fps=4) -> bytes:
+    """An MJPEG clip (each packet a whole JPEG) whose frames have the given (width, height)s: a stream
+    whose resolution changes midway, as a recorder switching cameras writes."""
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    with av.open(buf, mode="w", format="matroska") as out:
+        stream = out.add_stream("mjpeg", rate=fps)
+        stream.width, stream.height = sizes[0]
+        stream.pix_fmt = "yuvj420p"
+        encoders = {}
+        for i, (w, h) in enumerate(sizes):
+            if (w, h) not in encoders:
+                ctx = av.CodecContext.create("mjpeg", "w")
+                ctx.width, ctx.height, ctx.pix_fmt, ctx.time_base = w, h, "yuvj420p", Fraction(1, fps)
+                encoders[w, h] = ctx
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), format="rgb24")
+            frame = frame.reformat(format="yuvj420p")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in encoders[w, h].encode(frame):
+                packet.stream, packet.pts, packet.dts, packet.time_base = stream, i, i, Fraction(1, fps)
+                out.mux(packet)
+    return buf.getvalue()
+
+
+def test_frames_of_another_size_are_resized_to_the_first_ones():
+    data = clip_that_changes_size()
+    with av.open(io.BytesIO(data)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert [f.shape for f in decoded] == [(48, 64, 3)] * 4 + [(24, 32, 3)] * 4
+    frames, _ = load_video(data, nframes=8)
+    assert frames.shape == (8, 3, 48, 64)
+    assert torch.equal(frames[:4], torch.from_numpy(np.stack(decoded[:4])).permute(0, 3, 1, 2))
+    small = torch.from_numpy(np.stack(decoded[4:])).permute(0, 3, 1, 2)
+    assert torch.equal(frames[4:], _tv_resize(small, (48, 64)))  # torchvision's bicubic, as the frames' resize
+    pixels, grid = preprocess_video(frames, CFG)
+    assert grid[0] == 4 and pixels.shape[0] == grid[0] * grid[1] * grid[2]

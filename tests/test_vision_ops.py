@@ -9,8 +9,8 @@ from qwen2vl.backends.cpu import vision_ops
 from qwen2vl.backends.cpu.backend import CpuBackend
 from qwen2vl.backends.kernel_ops import VisionKernels
 from qwen2vl.backends.reference import TORCH_OPS
+from tests.helpers.checkpoints import tiny_checkpoint
 from tests.helpers.layer_op_checks import assert_vision_rotary_equals_apply_rotary_in_float32
-from tests.test_server_support import tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(vision_ops.library() is None, reason="vision kernels can't be built or run here")
 BF16 = torch.bfloat16

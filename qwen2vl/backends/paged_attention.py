@@ -6,9 +6,11 @@ before this step + q_len): the query at row q_start + j sits at cache index ctx_
 and sees keys 0..that index (causal, aligned bottom-right).
 
 `ctx_slots[i, c]` is the cache slot of sequence i's token c, computed once per step from the block
-tables (padded with slots of block 0, finite, never attended to). Each layer reads its keys with
-one `index_select` over those slots: a plain row gather, several times cheaper on CPU than
-indexing the 4-D cache by block ids.
+tables. Each layer reads its keys with one `index_select` over those slots: a plain row gather,
+several times cheaper on CPU than indexing the 4-D cache by block ids. Past a sequence's length
+the row is padded with its first slot: the cache is allocated uninitialized (kv_cache.py), and a
+padded key or value read from a slot nothing wrote could hold NaN or Inf, which a masked score
+does not stop (0 x NaN is NaN in the softmax-weighted sum); its own first key is always real.
 
 Two paths, checked against each other in tests:
 - `varlen`: one SDPA per sequence (any mix of prefill chunks and decodes). A sequence with nothing
@@ -43,10 +45,15 @@ class PagedBatch:
         return all(n == 1 for n in self.q_lens)
 
     @staticmethod
-    def context_slots(block_tables: torch.Tensor, block_size: int, max_ctx: int) -> torch.Tensor:
-        """[B, max_blocks] block ids (padded with 0) -> [B, max_ctx] slots."""
+    def context_slots(block_tables: torch.Tensor, block_size: int, max_ctx: int,
+                      ctx_lens: torch.Tensor) -> torch.Tensor:
+        """[B, max_blocks] block ids (padded with anything) and ctx_lens [B] (>= 1) -> [B, max_ctx]
+        slots, each row padded past its length with its first slot (module docstring). Reads no
+        host value: the CUDA-graph runner captures it."""
         offsets = torch.arange(block_size, device=block_tables.device)
-        return (block_tables[:, :, None] * block_size + offsets).flatten(1)[:, :max_ctx]
+        slots = (block_tables[:, :, None] * block_size + offsets).flatten(1)[:, :max_ctx]
+        past = torch.arange(slots.shape[1], device=slots.device) >= ctx_lens[:, None]
+        return torch.where(past, slots[:, :1], slots)
 
 
 def paged_attention(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:

@@ -10,7 +10,9 @@ equal), slot_mapping [B], context lengths [B] and block tables [B, W]; the graph
 the first B rows. A batch of n < B is padded: token 0 at position 0, context length 1, and a slot
 in a spare cache block that the engine never hands to a sequence, so padding never writes into
 anyone's KV. Stale table entries are harmless: they are valid block ids and lie past every
-sequence's length, where attention does not look (Triton) or masks (torch).
+sequence's length, where attention does not look (Triton) or gathers the sequence's own first
+slot instead, masked (torch). A padding row may attend to a slot nothing wrote (the cache is
+uninitialized): its output may be NaN, but rows never mix in the decoder, and it is dropped.
 
 Attention inside a graph can't read host values. The Triton kernel (triton_decode.py) walks each
 sequence's blocks up to its length, read on the device; the torch fallback (`decode_padded`)
@@ -105,7 +107,7 @@ class GraphRunner:
 
             attn = lambda layer, q: triton_decode.decode(q, cache.k[layer], cache.v[layer], tables, lens)
         else:
-            ctx_slots = PagedBatch.context_slots(tables, cache.block_size, self.max_context)  # [b, max_context]
+            ctx_slots = PagedBatch.context_slots(tables, cache.block_size, self.max_context, lens)  # [b, max_context]
             attn = lambda layer, q: decode_padded(q, cache.k[layer], cache.v[layer], ctx_slots, lens)
 
         def attend(layer, q, k, v):
@@ -164,7 +166,7 @@ def check_triton(hkv: int, hq: int, dh: int, block_size: int, dtype, device) -> 
     tables = torch.randperm(num_blocks, generator=g, device=device)[: len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), hq, dh, generator=g, device=device, dtype=dtype)
     got = triton_decode.decode(q, k, v, tables, lens)
-    want = decode_padded(q, k, v, PagedBatch.context_slots(tables, block_size, width * block_size), lens)
+    want = decode_padded(q, k, v, PagedBatch.context_slots(tables, block_size, width * block_size, lens), lens)
     err = (got.float() - want.float()).abs().max().item()
     if not err <= 5e-2:  # bf16 rounding (SDPA rounds probabilities to bf16, the kernel does not); NaN fails
         raise RuntimeError(f"Triton decode differs from torch by {err:.3g}")

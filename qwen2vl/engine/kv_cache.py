@@ -2,8 +2,12 @@
 
 Sized from a memory budget, never from max_len x batch: on CPU a number of GiB, on CUDA a fraction
 of the card (`gpu_memory_utilization`) minus what the weights and a measured forward pass use.
-Zero-filled so that a padded gather over unused slots reads finite numbers (a masked NaN would
-still poison the softmax-weighted sum). Writing into it is the backend's (`model.backend.write_kv`).
+Allocated uninitialized (zero-filling touched every page at start-up: 2.2-2.9 s for the default
+2 GiB on our CPU VM, benchmarks/cache_startup.py): no attention path reads a slot before it is
+written. The C and Triton decode kernels stop at each sequence's length, and the torch paths
+gather padded rows from a sequence's own first slot (paged_attention.py); tests fill a fresh
+cache with NaN to hold them to it. Writing into it is the
+backend's (`model.backend.write_kv`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from qwen2vl.config import TextConfig
 class KVCache:
     def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
         shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         # per-layer views, taken once: indexing self.k[layer] is a torch op (~1 us on CPU), paid twice
         # per layer and step
         self.layers = list(zip(self.k, self.v))

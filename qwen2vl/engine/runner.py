@@ -79,11 +79,11 @@ class ModelRunner:
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         dev = self.device
         tables_t = torch.tensor(tables, dtype=torch.long).to(dev, non_blocking=True)
+        lens_t = torch.tensor(ctx_lens, dtype=torch.long).to(dev, non_blocking=True)
         batch = PagedBatch(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
             q_starts=q_starts, q_lens=q_lens, ctx_lens=ctx_lens,
-            ctx_slots=PagedBatch.context_slots(tables_t, bs, max(ctx_lens)),
-            ctx_lens_t=torch.tensor(ctx_lens, dtype=torch.long).to(dev, non_blocking=True),
+            ctx_slots=PagedBatch.context_slots(tables_t, bs, max(ctx_lens), lens_t), ctx_lens_t=lens_t,
             ctx_run=consecutive_run(seqs[0].block_table, bs) if len(seqs) == 1 else None,
         )
         ids_t = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)

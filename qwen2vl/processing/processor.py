@@ -39,6 +39,9 @@ from qwen2vl.processing.vision_config import VisionProcessingConfig
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 _VIDEO_LOAD_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end")
+# The processor's own arguments: never template variables given in a chat_template_kwargs dict
+OWN_ARGUMENTS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tools",
+                           "reject_special_tokens"})
 
 
 class Processor:
@@ -74,22 +77,27 @@ class Processor:
         return Detokenizer(self.tokenizer, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, *, tools: list[dict] | None = None,
-                            add_vision_id: bool = False, **variables) -> str:
+                            add_vision_id: bool = False, continue_final_message: bool = False, **variables) -> str:
         """The prompt text with one pad per image/video, as transformers' `apply_chat_template`
-        renders it. Messages may be in Qwen or OpenAI form."""
+        renders it. Messages may be in Qwen or OpenAI form. `continue_final_message`: the last
+        message is left open for the model to continue (no end of turn, no generation prompt)."""
         messages = from_openai(messages)
         check_messages(messages)
         return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                    add_vision_id=add_vision_id, **variables)
+                                    continue_final_message=continue_final_message, add_vision_id=add_vision_id,
+                                    **variables)
 
     def __call__(self, messages, add_generation_prompt: bool = False, *, tools: list[dict] | None = None,
-                 add_vision_id: bool = False, reject_special_tokens: bool = False, **variables) -> dict:
-        """Input ids and pixel tensors for `messages` (Qwen or OpenAI form); see the module docstring."""
+                 add_vision_id: bool = False, continue_final_message: bool = False,
+                 reject_special_tokens: bool = False, **variables) -> dict:
+        """Input ids and pixel tensors for `messages` (Qwen or OpenAI form); see the module docstring
+        and `apply_chat_template`."""
         messages = from_openai(messages)
         media = check_messages(messages)
         if reject_special_tokens:
             self._reject_special_tokens({"messages": messages, "tools": tools, **variables})
-        ids = self._encode_chat(messages, add_generation_prompt, tools, add_vision_id=add_vision_id, **variables)
+        ids = self._encode_chat(messages, add_generation_prompt, tools, continue_final_message=continue_final_message,
+                                add_vision_id=add_vision_id, **variables)
 
         images = [self._image(m) for m in media if m.kind == "image"]
         videos = [self._video(m) for m in media if m.kind == "video"]
@@ -109,7 +117,8 @@ class Processor:
 
     # -- text ------------------------------------------------------------------------------
 
-    def _encode_chat(self, messages, add_generation_prompt, tools, **variables) -> list[int]:
+    def _encode_chat(self, messages, add_generation_prompt, tools, continue_final_message=False,
+                     **variables) -> list[int]:
         """Render with user-typed special strings marked, then tokenize (module docstring)."""
         tok = self.tokenizer
         start, end = _markers([messages, tools, variables])
@@ -117,7 +126,8 @@ class Processor:
         marked = _map_strings({"messages": messages, "tools": tools, "variables": variables},
                               lambda s: mark.sub(lambda m: start + m.group(0) + end, s))
         text = self.template.render(marked["messages"], add_generation_prompt=add_generation_prompt,
-                                    tools=marked["tools"], **marked["variables"])
+                                    continue_final_message=continue_final_message, tools=marked["tools"],
+                                    **marked["variables"])
         # A marked special is plain text; an unmarked one is the template's; a stray marker
         # (a template sliced a marked string apart) is dropped.
         scan = re.compile(f"{start}({mark.pattern}){end}|({mark.pattern})|[{start}{end}]")

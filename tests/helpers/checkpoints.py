@@ -8,16 +8,25 @@ in one of the layouts found in the wild:
 - "v5":   the in-memory names (`model.language_model.*`, `model.visual.*`),
 - "flat": hub weight names with the published flat config.json (`rope_scaling`, `in_chans`),
 optionally sharded with an index.
+
+`tiny_checkpoint()` is the one most tests share: random weights with the real Qwen tokenizer (vocab
+151936, so its ids fit), built once into .cache/ (transformers is the oracle that writes it; the
+engine and server never import transformers). Its pixel budget is small (at most 64 tokens per
+image) so tests stay fast; tests that need big images raise the server's --max-pixels ceiling.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from tests.helpers.qwen_tokenizer import CACHE, qwen_tokenizer_dir
 
 # small ids inside a small vocab: tests must not depend on the published ids being hard-coded
 TINY_IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
@@ -138,3 +147,29 @@ def save_checkpoint(model, folder, layout="hub", shards=1, dtype=torch.float32, 
             if f.is_file():
                 shutil.copy(f, folder / f.name)
     return folder
+
+
+TINY_CHECKPOINT = CACHE / "server_tiny_qwen2vl"
+TINY_BUILD = "2"  # bump when what tiny_checkpoint writes changes, to force a rebuild
+TINY_PREPROCESSOR = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64, "patch_size": 14,
+                     "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                     "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def tiny_checkpoint() -> Path:
+    """Folder with config, random weights, tokenizer files and a small-budget
+    preprocessor_config.json; built once under a file lock, renamed into place when complete."""
+    stamp = TINY_CHECKPOINT / "BUILD"
+    if stamp.is_file() and stamp.read_text() == TINY_BUILD:
+        return TINY_CHECKPOINT
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "server_tiny_qwen2vl.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stamp.is_file() and stamp.read_text() == TINY_BUILD):
+            tmp = Path(tempfile.mkdtemp(dir=CACHE))
+            save_checkpoint(build_reference(vocab_size=151936), tmp, tokenizer_dir=qwen_tokenizer_dir())
+            (tmp / "preprocessor_config.json").write_text(json.dumps(TINY_PREPROCESSOR))
+            (tmp / "BUILD").write_text(TINY_BUILD)
+            shutil.rmtree(TINY_CHECKPOINT, ignore_errors=True)
+            tmp.rename(TINY_CHECKPOINT)
+    return TINY_CHECKPOINT
