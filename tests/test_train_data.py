@@ -63,13 +63,13 @@ BAD_ROWS = [
     ({"messages": [user("one?"), answer()], "images": ["f0.png"]}, "0 <image> tag(s) in the messages but 1 entry"),
     ({"messages": [user("<image>?"), answer()], "images": ["missing.png"]}, "image file not found: "),
     ({"messages": [user("<video>?"), answer()], "videos": [3]}, "videos[0] must be a path or a list of frame paths"),
-    ({"messages": [{"role": "robot", "content": "x"}, answer()]}, "message 0: role must be one of"),
+    ({"messages": [{"role": "robot", "content": "x"}, answer()]}, "messages[0].role: must be one of"),
     ({"messages": [user("hi")]}, "no assistant message to learn from"),
     ({"messages": [user("hi"), answer("")]}, "message 1 (assistant) has no text"),
     ({"messages": [user("hi"), answer("<image>")], "images": ["f0.png"]}, "answers must be text"),
     ({"conversations": [{"from": "bot", "value": "x"}]}, "unknown 'from' 'bot'"),
     ({"messages": [user([{"type": "image", "image": "f0.png", "max_pixels": -1}]), answer()]},
-     "max_pixels must be positive"),
+     "max_pixels: must be a positive number"),
 ]
 
 
