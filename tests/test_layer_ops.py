@@ -154,4 +154,6 @@ def test_llm_with_layer_kernels_gives_the_same_tokens_as_without(monkeypatch, ti
     for a, b in zip(got, want):
         assert a.token_ids == b.token_ids
         lp_a, lp_b = [t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs]
-        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=0.02)
+        # attention agrees within a bf16 rounding, so a logit may land one bf16 ulp away: 1/32 at the
+        # tiny model's |logits| of 4-8 (seen under ATEN_CPU_CAPABILITY=avx2, whose F.linear rounds more)
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=0.04)

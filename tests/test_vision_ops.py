@@ -40,7 +40,8 @@ def test_rotary_equals_apply_rotary_in_float32_bit_for_bit(n, heads, dim, tier):
     assert_vision_rotary_equals_apply_rotary_in_float32(vision_ops.rotary_, n, heads, dim)
 
 
-@pytest.mark.parametrize("shape", [(2, 300, 1024), (1, 3, 17), (4, 1)])
+# (2, 9001): rows longer than the kernel keeps exps for (SOFTMAX_KEEP), so it computes them again
+@pytest.mark.parametrize("shape", [(2, 300, 1024), (1, 3, 17), (4, 1), (2, 9001)])
 def test_softmax_equals_torch_bit_for_bit(shape, tier):
     scores = randn(*shape, scale=6, seed=4)
     want = torch.softmax(scores, -1)

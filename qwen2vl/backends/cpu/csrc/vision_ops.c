@@ -58,7 +58,8 @@ void vision_rotary(bf16 *qkv, int64_t stride, const float *cos, const float *sin
  * _vec_softmax_lastdim): in float32, exp(x - max) times 1 / sum, rounded once to bf16. The sum in
  * torch's order, which depends on its vector width `lanes` (16 under AVX-512, 8 under AVX2, from
  * torch's CPU capability, not ours): `lanes` accumulators over the first n - n % lanes exps, reduced
- * as its vec_reduce_all (hsum8, hsum), then the rest one by one, whose exps are libm's expf. */
+ * as its vec_reduce_all (hsum8, hsum), then the rest one by one, whose exps are libm's expf (torch's
+ * std::exp: the same function, resolved from the libm the process has loaded). */
 void softmax_rows(bf16 *x, int64_t R, int64_t n, int lanes, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t r = 0; r < R; r++) {
