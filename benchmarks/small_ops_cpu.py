@@ -176,7 +176,7 @@ def main():
     with torch.inference_mode():
         for name, (lib, torch_fn, ours_fn, raw) in cases().items():
             calls = {"torch": torch_fn, "ours": ours_fn}
-            if base:  # the bare calls, so the two builds are timed alike (no wrapper, no allocation)
+            if base and base.library(lib) is not None:  # bare calls: both builds timed alike (no wrapper)
                 calls |= {"kernel": raw(native.library(lib)), "baseline": raw(base.library(lib))}
             runs = {m: [] for m in calls}
             for _ in range(args.rounds):
@@ -184,8 +184,9 @@ def main():
                     restore()
                     runs[m].append(per_call_us(calls[m], clock=clock))
             med = {m: statistics.median(r) for m, r in runs.items()}
-            line = f"{name:40}" + "".join(f"{med[m]:10.1f}" for m in methods) + f"{med['torch'] / med['ours']:11.1f}x"
-            print(line + (f"{med['baseline'] / med['kernel']:11.2f}x" if base else ""))
+            line = f"{name:40}" + "".join(f"{med[m]:10.1f}" if m in med else f"{'-':>10}" for m in methods)
+            line += f"{med['torch'] / med['ours']:11.1f}x"
+            print(line + (f"{med['baseline'] / med['kernel']:11.2f}x" if "baseline" in med else ""))
 
 
 if __name__ == "__main__":
