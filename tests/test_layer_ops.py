@@ -1,5 +1,6 @@
 """The C layer kernels (qwen2vl/backends/cpu/csrc/layer_ops.c) against the torch code they replace, and an LLM
-using them (the CPU backend's TextKernels) against one that doesn't."""
+using them (the CPU backend's TextKernels) against one that doesn't; at every CPU tier this machine can play
+(the `tier` fixture), each tier's build against the same torch results."""
 
 import subprocess
 
@@ -16,8 +17,10 @@ from qwen2vl.backends.reference import TORCH_OPS
 from qwen2vl.text import RMSNorm
 from tests.helpers.checkpoints import tiny_checkpoint
 from tests.helpers.layer_op_checks import assert_rotary_in_place_equals_apply_rotary
+from tests.helpers.tiers import tier_fixture
 
 pytestmark = pytest.mark.skipif(not layer_ops.available(), reason="layer kernels can't be built or run here")
+tier = tier_fixture(layer_ops.available)
 BF16 = torch.bfloat16
 
 
@@ -27,7 +30,7 @@ def randn(*shape, scale=1.0, seed=0):
 
 # 2048 x 1536: enough values that a sum of squares in another order than torch's shows (~20 differ)
 @pytest.mark.parametrize("n, d", [(1, 1536), (2048, 1536), (5, 64), (3, 100), (4, 17), (2, 8), (2, 40000)])
-def test_add_rms_norm_equals_residual_add_then_rmsnorm_bit_for_bit(n, d):
+def test_add_rms_norm_equals_residual_add_then_rmsnorm_bit_for_bit(n, d, tier):
     norm = RMSNorm(d, 1e-6).to(BF16)
     norm.weight.data = randn(d, seed=1)
     x, residual = randn(n, d, scale=3, seed=2), randn(n, d, scale=10, seed=3)
@@ -41,12 +44,12 @@ def test_add_rms_norm_equals_residual_add_then_rmsnorm_bit_for_bit(n, d):
 
 
 @pytest.mark.parametrize("n, heads, kv_heads, dim", [(1, 12, 2, 128), (7, 4, 2, 16), (3, 3, 1, 40), (300, 12, 2, 128)])
-def test_rotary_in_place_equals_apply_rotary_bit_for_bit(n, heads, kv_heads, dim):
+def test_rotary_in_place_equals_apply_rotary_bit_for_bit(n, heads, kv_heads, dim, tier):
     assert_rotary_in_place_equals_apply_rotary(layer_ops.rotary_, n, heads, kv_heads, dim)
 
 
 @pytest.mark.parametrize("n, i", [(1, 8960), (3, 100), (2, 7), (64, 1000)])
-def test_silu_mul_matches_torch(n, i):
+def test_silu_mul_matches_torch(n, i, tier):
     gate_up = randn(n, 2 * i, scale=4, seed=6)  # a fused gate|up output, read through strided views
     gate, up = gate_up.split(i, 1)
     want = F.silu(gate) * up
@@ -84,7 +87,7 @@ def paged_case(lens, heads, kv_heads, dim, block_size=16, num_blocks=80, seed=0)
     ([32, 33, 64, 65], 4, 2, 16, 1),  # around the kernel's key blocks of 32
     ([700], 3, 1, 40, 4),  # one (sequence, kv head) for 4 threads: the context split in 4, then merged
 ])
-def test_paged_decode_writes_the_cache_and_matches_torch_decode(lens, heads, kv_heads, dim, threads):
+def test_paged_decode_writes_the_cache_and_matches_torch_decode(lens, heads, kv_heads, dim, threads, tier):
     q, k, v, k_cache, v_cache, batch = paged_case(lens, heads, kv_heads, dim)
     kernel_k, kernel_v = k_cache.clone(), v_cache.clone()
     before = torch.get_num_threads()
@@ -146,7 +149,7 @@ def test_without_the_kernels_the_model_keeps_the_torch_code(monkeypatch, caplog)
     assert torch.equal(model.logits(ids), want)
 
 
-def test_llm_with_layer_kernels_gives_the_same_tokens_as_without(monkeypatch):
+def test_llm_with_layer_kernels_gives_the_same_tokens_as_without(monkeypatch, tier):
     fast = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
     assert isinstance(fast.model.model.ops, TextKernels) and fast.model.backend.fused_decode
     # the per-op Python path (the whole step in C equals it bit for bit: tests/test_decode_step.py)
@@ -168,4 +171,6 @@ def test_llm_with_layer_kernels_gives_the_same_tokens_as_without(monkeypatch):
     for a, b in zip(got, want):
         assert a.token_ids == b.token_ids
         lp_a, lp_b = [t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs]
-        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=0.02)
+        # attention agrees within a bf16 rounding, so a logit may land one bf16 ulp away: 1/32 at the
+        # tiny model's |logits| of 4-8 (seen under ATEN_CPU_CAPABILITY=avx2, whose F.linear rounds more)
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=0, atol=0.04)

@@ -3,13 +3,16 @@
 `at_tier(tier)` sets the cap and drops the cached features and libraries, so kernel code picks
 what a CPU of that tier would; `TIERS_HERE` lists the tiers this machine can play (its own and
 every one below). Modules that chose a path when they were built (FastLinear, the quantized
-linears) keep it: build them inside the block.
+linears) keep it: build them inside the block. `tier_fixture(available)` runs a kernel test once
+per tier here, inside the block.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+
+import pytest
 
 from qwen2vl.backends.cpu import isa, native
 
@@ -34,3 +37,16 @@ def at_tier(tier: str):
         else:
             os.environ[isa.ENV] = old
         _reset()
+
+
+def tier_fixture(available):
+    """A fixture `tier` for a test module: each test that takes it runs once per tier in TIERS_HERE,
+    inside at_tier, and is skipped at a tier where `available()` (its kernels load) is false."""
+    @pytest.fixture(params=TIERS_HERE)
+    def tier(request):
+        with at_tier(request.param):
+            if not available():
+                pytest.skip(f"no kernels at tier {request.param}")
+            yield request.param
+
+    return tier

@@ -45,11 +45,15 @@ AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "bf16_gemm": [("bf16_gemm.c", (*AVX512, "avx512_bf16"))],
     "int_gemv": [("int_gemv.c", (*AVX512, "avx512_vnni"))],
-    "layer_ops": [("layer_ops.c", AVX512)],
-    "paged_decode": [("paged_decode.c", AVX512)],
-    "vision_ops": [("vision_ops.c", AVX512)],
+    # the small ops: one source each, for AVX-512 (with FMA on 8 lanes, bf16_simd.h's f32x8) or AVX2
+    "layer_ops": [("layer_ops.c", (*AVX2, *AVX512)), ("layer_ops.c", AVX2)],
+    "paged_decode": [("paged_decode.c", (*AVX2, *AVX512)), ("paged_decode.c", AVX2)],
+    "vision_ops": [("vision_ops.c", (*AVX2, *AVX512)), ("vision_ops.c", AVX2)],
     "decode_step": [("decode_step.c", ())],
 }
+# flags a source needs beyond its features': the small ops round where torch rounds, so no a*b+c may
+# become one FMA unless the source asks for it (gcc fuses them by default wherever FMA is on)
+SOURCE_FLAGS = {src: ["-ffp-contract=off"] for src in ("layer_ops.c", "paged_decode.c", "vision_ops.c")}
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,7 @@ def library(name: str) -> ctypes.CDLL | None:
         return None
     source, features = chosen
     try:
-        lib = ctypes.CDLL(str(build(CSRC / source, flags_for(features))))
+        lib = ctypes.CDLL(str(build(CSRC / source, flags_for(features) + SOURCE_FLAGS.get(source, []))))
     except subprocess.CalledProcessError as e:
         log.warning("%s: compile failed, using torch's kernels:\n%s", name, e.stderr[-2000:])
         return None

@@ -12,6 +12,10 @@ import torch
 
 from qwen2vl.backends.cpu import native
 
+# the width of torch's fp32 vectors, whose order softmax_rows keeps in its sum (torch's CPU
+# capability, read once at its start, is what counts here, not our tier)
+TORCH_LANES = 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
+
 
 def library():
     """vision_ops.c loaded, or None where it can't be built or run here."""
@@ -43,5 +47,5 @@ def softmax_(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """torch.softmax(scores, -1) in place on a contiguous bf16 tensor; returns scores."""
     assert scores.is_contiguous() and dim in (-1, scores.dim() - 1)
     n = scores.shape[-1]
-    library().softmax_rows(scores.data_ptr(), scores.numel() // n, n, torch.get_num_threads())
+    library().softmax_rows(scores.data_ptr(), scores.numel() // n, n, TORCH_LANES, torch.get_num_threads())
     return scores

@@ -40,7 +40,7 @@ int paged_decode(const bf16 *q, int64_t q_stride, const bf16 *k, int64_t k_strid
 void quick_gelu(bf16 *x, int64_t n, int nthreads);
 void vision_rotary(bf16 *qkv, int64_t stride, const float *cos, const float *sin, int64_t N, int64_t H, int64_t D,
                    int nthreads);
-void softmax_rows(bf16 *x, int64_t R, int64_t n, int nthreads);
+void softmax_rows(bf16 *x, int64_t R, int64_t n, int lanes, int nthreads);
 
 /* decode_step.c: a whole decode step, calling the kernels above through these pointers. */
 enum { BF16 = 0, INT8 = 1, INT4 = 2 };

@@ -19,15 +19,14 @@
  * without OpenMP, whose team setup (~0.5 us a call, even under if(0)) costs more than a decode row. */
 #define PARALLEL_MIN 65536
 
-#if !(defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__))
-#error "needs AVX-512 F/BW (native.py compiles it with -mavx512f -mavx512bw)"
-#endif
-#include "bf16_simd.h"
+#include "bf16_simd.h" /* f32x16 and its operations, for AVX-512 or AVX2 */
 
 
-static inline __m256 sq8(const bf16 *p) { /* 8 squares; each exact in fp32 */
-    __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-    return _mm256_mul_ps(a, a);
+/* acc + the squares of 8 values: a square of a bf16 is exact in fp32, so one FMA rounds as torch's
+ * square-then-add does */
+static inline f32x8 add_squares(f32x8 acc, const bf16 *p) {
+    const f32x8 a = load8(p);
+    return vfma8(a, a, acc);
 }
 
 /* sum(v^2) in the order of torch's fp32 sum (cascade_sum in aten's SumKernel.cpp, which runs on
@@ -37,28 +36,28 @@ static inline __m256 sq8(const bf16 *p) { /* 8 squares; each exact in fp32 */
  * order changes the scale's last fp32 bit now and then, and an output's last bf16 bit about once
  * in 10^5 values. (Rows shorter than 8, which torch sums in scalar code, may still differ.) */
 static float sum_squares(const bf16 *v, int64_t D) {
-    __m256 acc[4][4];
+    f32x8 acc[4][4];
     for (int l = 0; l < 4; l++)
-        for (int k = 0; k < 4; k++) acc[l][k] = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) acc[l][k] = vzero8();
     const int64_t nvec = D / 8, steps = nvec / 4;
     int64_t i = 0;
     while (i + 16 <= steps) {
         for (int j = 0; j < 16; j++, i++)
-            for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], sq8(v + (i * 4 + k) * 8));
+            for (int k = 0; k < 4; k++) acc[0][k] = add_squares(acc[0][k], v + (i * 4 + k) * 8);
         for (int l = 1; l < 4; l++) {
-            for (int k = 0; k < 4; k++) acc[l][k] = _mm256_add_ps(acc[l][k], acc[l - 1][k]);
-            for (int k = 0; k < 4; k++) acc[l - 1][k] = _mm256_setzero_ps();
+            for (int k = 0; k < 4; k++) acc[l][k] = vadd8(acc[l][k], acc[l - 1][k]);
+            for (int k = 0; k < 4; k++) acc[l - 1][k] = vzero8();
             if (i & (15 << (4 * l))) break;
         }
     }
     for (; i < steps; i++)
-        for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], sq8(v + (i * 4 + k) * 8));
+        for (int k = 0; k < 4; k++) acc[0][k] = add_squares(acc[0][k], v + (i * 4 + k) * 8);
     for (int l = 1; l < 4; l++)
-        for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], acc[l][k]);
-    for (int64_t r = steps * 4; r < nvec; r++) acc[0][0] = _mm256_add_ps(acc[0][0], sq8(v + r * 8));
-    for (int k = 1; k < 4; k++) acc[0][0] = _mm256_add_ps(acc[0][0], acc[0][k]);
+        for (int k = 0; k < 4; k++) acc[0][k] = vadd8(acc[0][k], acc[l][k]);
+    for (int64_t r = steps * 4; r < nvec; r++) acc[0][0] = add_squares(acc[0][0], v + r * 8);
+    for (int k = 1; k < 4; k++) acc[0][0] = vadd8(acc[0][0], acc[0][k]);
     float lanes[8], s = 0;
-    _mm256_storeu_ps(lanes, acc[0][0]);
+    storef8(lanes, acc[0][0]);
     for (int64_t j = nvec * 8; j < D; j++) {
         uint32_t bits = (uint32_t)v[j] << 16;
         float a;
@@ -79,15 +78,15 @@ static void rms_norm_row(const bf16 *x, const bf16 *res, bf16 *sum_out, const bf
     if (res) {
         res += n * D, sum_out += n * D;
         for (int64_t j = 0; j < D; j += 16) {
-            const __mmask16 m = tail(D - j);
-            store(sum_out + j, _mm512_add_ps(load(x + j, m), load(res + j, m)), m);
+            const mask16 m = tail(D - j);
+            store(sum_out + j, vadd(load(x + j, m), load(res + j, m)), m);
         }
         x = sum_out;
     }
-    const __m512 r = _mm512_div_ps(_mm512_set1_ps(1), _mm512_sqrt_ps(_mm512_set1_ps(sum_squares(x, D) / D + eps)));
+    const f32x16 r = vdiv(vset(1), vsqrt(vset(sum_squares(x, D) / D + eps)));
     for (int64_t j = 0; j < D; j += 16) {
-        const __mmask16 m = tail(D - j);
-        store(out + j, _mm512_mul_ps(rnd(_mm512_mul_ps(load(x + j, m), r)), load(w + j, m)), m);
+        const mask16 m = tail(D - j);
+        store(out + j, vmul(rnd(vmul(load(x + j, m), r)), load(w + j, m)), m);
     }
 }
 
@@ -100,7 +99,7 @@ void rms_norm(const bf16 *x, const bf16 *res, bf16 *sum_out, const bf16 *w, bf16
         for (int64_t n = 0; n < N; n++) rms_norm_row(x, res, sum_out, w, out, n, D, eps);
 }
 
-static inline __m512 mul_rnd(__m512 a, __m512 b) { return rnd(_mm512_mul_ps(a, b)); }
+static inline f32x16 mul_rnd(f32x16 a, f32x16 b) { return rnd(vmul(a, b)); }
 
 /* Rotary in place on heads 0..H-1 of each row of qk (row stride `stride`, heads of D side by side:
  * the q and k heads of the fused qkv output); cos, sin [N, D]. rotary.apply_rotary's roundings:
@@ -111,12 +110,12 @@ static void rotary_row(bf16 *qk, const bf16 *c, const bf16 *s, int64_t H, int64_
     for (int64_t h = 0; h < H; h++) {
         bf16 *x = qk + h * D;
         for (int64_t j = 0; j < half; j += 16) {
-            const __mmask16 m = tail(half - j);
-            const __m512 x1 = load(x + j, m), x2 = load(x + half + j, m);
-            const __m512 c1 = load(c + j, m), c2 = load(c + half + j, m);
-            const __m512 s1 = load(s + j, m), s2 = load(s + half + j, m);
-            store(x + j, _mm512_sub_ps(mul_rnd(x1, c1), mul_rnd(x2, s1)), m);
-            store(x + half + j, _mm512_add_ps(mul_rnd(x2, c2), mul_rnd(x1, s2)), m);
+            const mask16 m = tail(half - j);
+            const f32x16 x1 = load(x + j, m), x2 = load(x + half + j, m);
+            const f32x16 c1 = load(c + j, m), c2 = load(c + half + j, m);
+            const f32x16 s1 = load(s + j, m), s2 = load(s + half + j, m);
+            store(x + j, vsub(mul_rnd(x1, c1), mul_rnd(x2, s1)), m);
+            store(x + half + j, vadd(mul_rnd(x2, c2), mul_rnd(x1, s2)), m);
         }
     }
 }
@@ -134,11 +133,11 @@ void rotary(bf16 *qk, int64_t stride, const bf16 *cos, const bf16 *sin, int64_t 
  * gate and up rows at any stride, so a fused gate|up output [N, 2I] works as well as two tensors. */
 static void silu_mul_row(const bf16 *g, const bf16 *u, bf16 *out, int64_t I) {
     for (int64_t j = 0; j < I; j += 16) {
-        const __mmask16 m = tail(I - j);
-        const __m512 a = load(g + j, m);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), a));
-        const __m512 silu = rnd(_mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1), e)));
-        store(out + j, _mm512_mul_ps(silu, load(u + j, m)), m);
+        const mask16 m = tail(I - j);
+        const f32x16 a = load(g + j, m);
+        const f32x16 e = exp16(vsub(vzero(), a));
+        const f32x16 silu = rnd(vdiv(a, vadd(vset(1), e)));
+        store(out + j, vmul(silu, load(u + j, m)), m);
     }
 }
 

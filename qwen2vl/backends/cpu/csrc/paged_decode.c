@@ -15,10 +15,7 @@
 #define MAXD 256 /* head dim, at most (checked by the caller) */
 #define MAXS 64 /* context splits of one (sequence, kv head), at most */
 
-#if !(defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__))
-#error "needs AVX-512 F/BW (native.py compiles it with -mavx512f -mavx512bw)"
-#endif
-#include "bf16_simd.h"
+#include "bf16_simd.h" /* f32x16 and its operations, for AVX-512 or AVX2 */
 
 
 /* Query heads q [G, D] (fp32, pre-scaled) of one kv head h over the context positions [c0, c1) of
@@ -46,41 +43,39 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
                     __builtin_prefetch(kc + (slots[c + KB + i] * Hkv + h) * D + j);
                     __builtin_prefetch(vc + (slots[c + KB + i] * Hkv + h) * D + j);
                 }
-            __m512 kr[MAXD / 16];
+            f32x16 kr[MAXD / 16];
             for (int j = 0; j < nc; j++) {
                 kr[j] = load(k + 16 * j, tail(D - 16 * j));
-                _mm512_storeu_ps(vf[i] + 16 * j, load(v + 16 * j, tail(D - 16 * j)));
+                storef(vf[i] + 16 * j, load(v + 16 * j, tail(D - 16 * j)), FULL);
             }
             for (int g = 0; g < G; g++) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int j = 0; j < nc; j++)
-                    acc = _mm512_fmadd_ps(loadf(q + g * D + 16 * j, tail(D - 16 * j)), kr[j], acc);
-                p[g][i] = _mm512_reduce_add_ps(acc);
+                f32x16 acc = vzero();
+                for (int j = 0; j < nc; j++) acc = vfma(loadf(q + g * D + 16 * j, tail(D - 16 * j)), kr[j], acc);
+                p[g][i] = hsum(acc);
             }
         }
         for (int g = 0; g < G; g++) { /* p = exp(score - new max); alpha rescales what came before */
             float *mx = part + g * (D + 2) + D, *sum = mx + 1;
-            const __m512 ninf = _mm512_set1_ps(-__builtin_inff()); /* past nb: exp gives 0 */
-            __m512 s0 = _mm512_mask_loadu_ps(ninf, tail(nb), p[g]);
-            __m512 s1 = _mm512_mask_loadu_ps(ninf, tail(nb - 16), p[g] + 16);
-            float m = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+            const f32x16 ninf = vset(-__builtin_inff()); /* past nb: exp gives 0 */
+            f32x16 s0 = vsel(tail(nb), loadf(p[g], tail(nb)), ninf);
+            f32x16 s1 = vsel(tail(nb - 16), loadf(p[g] + 16, tail(nb - 16)), ninf);
+            float m = hmax(vmax(s0, s1));
             m = m > *mx ? m : *mx;
             alpha[g] = exp1(*mx - m);
-            s0 = exp16(_mm512_sub_ps(s0, _mm512_set1_ps(m))), s1 = exp16(_mm512_sub_ps(s1, _mm512_set1_ps(m)));
-            _mm512_storeu_ps(p[g], s0), _mm512_storeu_ps(p[g] + 16, s1);
-            *sum = *sum * alpha[g] + _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+            s0 = exp16(vsub(s0, vset(m))), s1 = exp16(vsub(s1, vset(m)));
+            storef(p[g], s0, FULL), storef(p[g] + 16, s1, FULL);
+            *sum = __builtin_fmaf(*sum, alpha[g], hsum(vadd(s0, s1)));
             *mx = m;
         }
         for (int g = 0; g < G; g++) { /* o = alpha o + p v */
             float *o = part + g * (D + 2);
-            __m512 acc[MAXD / 16];
-            for (int j = 0; j < nc; j++)
-                acc[j] = _mm512_mul_ps(loadf(o + 16 * j, tail(D - 16 * j)), _mm512_set1_ps(alpha[g]));
+            f32x16 acc[MAXD / 16];
+            for (int j = 0; j < nc; j++) acc[j] = vmul(loadf(o + 16 * j, tail(D - 16 * j)), vset(alpha[g]));
             for (int i = 0; i < nb; i++) {
-                const __m512 pi = _mm512_set1_ps(p[g][i]);
-                for (int j = 0; j < nc; j++) acc[j] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(vf[i] + 16 * j), acc[j]);
+                const f32x16 pi = vset(p[g][i]);
+                for (int j = 0; j < nc; j++) acc[j] = vfma(pi, loadf(vf[i] + 16 * j, FULL), acc[j]);
             }
-            for (int j = 0; j < nc; j++) _mm512_mask_storeu_ps(o + 16 * j, tail(D - 16 * j), acc[j]);
+            for (int j = 0; j < nc; j++) storef(o + 16 * j, acc[j], tail(D - 16 * j));
         }
     }
 }
@@ -102,14 +97,13 @@ static void merge(const float *part, int64_t S, int64_t psize, int64_t D, bf16 *
     for (int64_t s = 0; s < S; s++) M = part[s * psize + D] > M ? part[s * psize + D] : M;
     for (int64_t s = 0; s < S; s++) {
         w[s] = exp1(part[s * psize + D] - M);
-        den += w[s] * part[s * psize + D + 1];
+        den = __builtin_fmaf(w[s], part[s * psize + D + 1], den);
     }
     for (int64_t j = 0; j < D; j += 16) {
-        const __mmask16 m = tail(D - j);
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t s = 0; s < S; s++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[s]), loadf(part + s * psize + j, m), acc);
-        store(out + j, _mm512_div_ps(acc, _mm512_set1_ps(den)), m);
+        const mask16 m = tail(D - j);
+        f32x16 acc = vzero();
+        for (int64_t s = 0; s < S; s++) acc = vfma(vset(w[s]), loadf(part + s * psize + j, m), acc);
+        store(out + j, vdiv(acc, vset(den)), m);
     }
 }
 
@@ -140,7 +134,7 @@ int paged_decode(const bf16 *q, int64_t q_stride, const bf16 *k, int64_t k_strid
     const int64_t units = B * Hkv * S, psize = G * (D + 2);
     float *parts = malloc(sizeof(float) * units * psize);
     if (!parts) return -1;
-    const __m512 vscale = _mm512_div_ps(_mm512_set1_ps(1), _mm512_sqrt_ps(_mm512_set1_ps((float)D)));
+    const f32x16 vscale = vdiv(vset(1), vsqrt(vset((float)D)));
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t u = 0; u < units; u++) {
         const int64_t b = u / (Hkv * S), h = u / S % Hkv, s = u % S, len = ctx_lens[b];
@@ -148,8 +142,8 @@ int paged_decode(const bf16 *q, int64_t q_stride, const bf16 *k, int64_t k_strid
         const int64_t c1 = c0 + chunk < len ? c0 + chunk : len;
         float qf[MAXG * MAXD];
         for (int64_t j = 0; j < G * D; j += 16) {
-            const __mmask16 m = tail(G * D - j);
-            _mm512_mask_storeu_ps(qf + j, m, _mm512_mul_ps(load(q + b * q_stride + h * G * D + j, m), vscale));
+            const mask16 m = tail(G * D - j);
+            storef(qf + j, vmul(load(q + b * q_stride + h * G * D + j, m), vscale), m);
         }
         const int64_t *slots = ctx_slots + b * ctx_stride;
         if (D == 128)

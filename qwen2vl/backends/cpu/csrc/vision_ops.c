@@ -7,14 +7,11 @@
  * each function says where): the results equal torch's bit for bit (tests/test_vision_ops.py).
  * Built by qwen2vl/kernels/vision_ops.py.
  */
+#include <math.h>
 #include <stdint.h>
 #include "kernels.h"
 
-
-#if !(defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__))
-#error "needs AVX-512 F/BW (native.py compiles it with -mavx512f -mavx512bw)"
-#endif
-#include "bf16_simd.h"
+#include "bf16_simd.h" /* f32x16 and its operations, for AVX-512 or AVX2 */
 
 
 /* x * sigmoid(1.702 * x) in place on n values, as torch computes it on bf16 tensors:
@@ -22,20 +19,19 @@
 void quick_gelu(bf16 *x, int64_t n, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tail(n - i);
-        const __m512 v = load(x + i, m);
-        const __m512 t = rnd(_mm512_mul_ps(v, _mm512_set1_ps(1.702f)));
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), t));
-        const __m512 s = rnd(_mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-        store(x + i, _mm512_mul_ps(v, s), m);
+        const mask16 m = tail(n - i);
+        const f32x16 v = load(x + i, m);
+        const f32x16 t = rnd(vmul(v, vset(1.702f)));
+        const f32x16 e = exp16(vsub(vzero(), t));
+        const f32x16 s = rnd(vdiv(vset(1.0f), vadd(vset(1.0f), e)));
+        store(x + i, vmul(v, s), m);
     }
 }
 
 /* The tower's rotary on heads 0..H-1 of each row of qkv (row stride `stride`, heads of D side by
  * side: q then k of the [3, heads, D] qkv output), cos and sin float32 [N, D]. As
  * `apply_rotary(q.float(), cos, sin).to(bf16)`: in float32, each product and the sum rounded to
- * float32, then once to bf16. */
-__attribute__((optimize("fp-contract=off"))) /* torch rounds each product: no fused multiply-add */
+ * float32, then once to bf16 (no fused multiply-add: the file is built with -ffp-contract=off). */
 void vision_rotary(bf16 *qkv, int64_t stride, const float *cos, const float *sin, int64_t N, int64_t H, int64_t D,
                    int nthreads) {
     const int64_t half = D / 2;
@@ -45,11 +41,10 @@ void vision_rotary(bf16 *qkv, int64_t stride, const float *cos, const float *sin
         for (int64_t h = 0; h < H; h++) {
             bf16 *x = qkv + n * stride + h * D;
             for (int64_t j = 0; j < half; j += 16) {
-                const __mmask16 m = tail(half - j);
-                const __m512 x1 = load(x + j, m), x2 = load(x + half + j, m);
-                const __m512 a = _mm512_sub_ps(_mm512_mul_ps(x1, loadf(c + j, m)), _mm512_mul_ps(x2, loadf(s + j, m)));
-                const __m512 b = _mm512_add_ps(_mm512_mul_ps(x2, loadf(c + half + j, m)),
-                                               _mm512_mul_ps(x1, loadf(s + half + j, m)));
+                const mask16 m = tail(half - j);
+                const f32x16 x1 = load(x + j, m), x2 = load(x + half + j, m);
+                const f32x16 a = vsub(vmul(x1, loadf(c + j, m)), vmul(x2, loadf(s + j, m)));
+                const f32x16 b = vadd(vmul(x2, loadf(c + half + j, m)), vmul(x1, loadf(s + half + j, m)));
                 store(x + j, a, m);
                 store(x + half + j, b, m);
             }
@@ -59,33 +54,52 @@ void vision_rotary(bf16 *qkv, int64_t stride, const float *cos, const float *sin
 
 #define SOFTMAX_KEEP 8192 /* rows up to this long keep their exps (32 KB on the stack), longer ones redo them */
 
-/* Softmax in place over each of the R rows of n bf16 scores, as torch.softmax on bf16: in float32,
- * exp(x - max) times 1 / sum, rounded once to bf16. */
-void softmax_rows(bf16 *x, int64_t R, int64_t n, int nthreads) {
+/* Softmax in place over each of the R rows of n bf16 scores, as torch.softmax on bf16 (aten's
+ * _vec_softmax_lastdim): in float32, exp(x - max) times 1 / sum, rounded once to bf16. The sum in
+ * torch's order, which depends on its vector width `lanes` (16 under AVX-512, 8 under AVX2, from
+ * torch's CPU capability, not ours): `lanes` accumulators over the first n - n % lanes exps, reduced
+ * as its vec_reduce_all (hsum8, hsum), then the rest one by one, whose exps are libm's expf (torch's
+ * std::exp: the same function, resolved from the libm the process has loaded). */
+void softmax_rows(bf16 *x, int64_t R, int64_t n, int lanes, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t r = 0; r < R; r++) {
         bf16 *row = x + r * n;
-        float kept[SOFTMAX_KEEP];
+        float kept[SOFTMAX_KEEP], rest[16];
         const int keep = n <= SOFTMAX_KEEP;
-        __m512 mx = _mm512_set1_ps(-__builtin_inff());
+        const int64_t nv = n - n % lanes;
+        f32x16 mx = vset(-__builtin_inff());
         for (int64_t j = 0; j < n; j += 16) {
-            const __mmask16 m = tail(n - j);
-            mx = _mm512_mask_max_ps(mx, m, mx, load(row + j, m));
+            const mask16 m = tail(n - j);
+            mx = vmax(mx, vsel(m, load(row + j, m), vset(-__builtin_inff())));
         }
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 16) {
-            const __mmask16 m = tail(n - j);
-            const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(load(row + j, m), top)));
-            if (keep) _mm512_mask_storeu_ps(kept + j, m, e);
-            sum = _mm512_add_ps(sum, e);
+        const float top = hmax(mx);
+        f32x16 acc = vzero();
+        f32x8 acc8 = vzero8();
+        for (int64_t j = 0; j < nv; j += 16) {
+            const mask16 m = tail(nv - j); /* 16 lanes, or 8 at the end of an 8-wide sum */
+            const f32x16 e = exp16(vsub(load(row + j, m), vset(top)));
+            if (keep) storef(kept + j, e, m);
+            if (lanes == 16) {
+                acc = vadd(acc, e);
+            } else {
+                acc8 = vadd8(acc8, lo8(e));
+                if (m == FULL) acc8 = vadd8(acc8, hi8(e));
+            }
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-        for (int64_t j = 0; j < n; j += 16) {
-            const __mmask16 m = tail(n - j);
-            const __m512 e = keep ? _mm512_maskz_loadu_ps(m, kept + j) : exp16(_mm512_sub_ps(load(row + j, m), top));
-            store(row + j, _mm512_mul_ps(e, inv), m);
+        float sum = lanes == 16 ? hsum(acc) : hsum8(acc8);
+        for (int64_t j = nv; j < n; j++) {
+            const uint32_t bits = (uint32_t)row[j] << 16;
+            float v;
+            __builtin_memcpy(&v, &bits, 4);
+            rest[j - nv] = expf(v - top);
+            sum += rest[j - nv];
         }
+        const f32x16 inv = vset(1.0f / sum);
+        for (int64_t j = 0; j < nv; j += 16) {
+            const mask16 m = tail(nv - j);
+            const f32x16 e = keep ? loadf(kept + j, m) : exp16(vsub(load(row + j, m), vset(top)));
+            store(row + j, vmul(e, inv), m);
+        }
+        if (nv < n) store(row + nv, vmul(loadf(rest, tail(n - nv)), inv), tail(n - nv));
     }
 }
-
