@@ -16,7 +16,6 @@ from qwen2vl.processing.vision_config import VisionProcessingConfig
 from tests.helpers.video_reference import NaiveVideoReader, hf_video_patches, load_qwen_vl_utils, make_video, tv_resize
 
 CFG = VisionProcessingConfig()
-MEAN, STD = CFG.image_mean, CFG.image_std
 
 
 @pytest.fixture(scope="module")
