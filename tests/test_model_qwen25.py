@@ -114,3 +114,21 @@ def test_bfloat16_close_to_float32(pair):
         assert err < 0.05, f"bf16 relative error {err:.3g}"
     finally:
         ours.to(torch.float32)
+
+
+@pytest.mark.parametrize("name", ["2.5-3b", "2.5-7b"])
+def test_published_shapes_give_transformers_tensors(name):
+    """The published flat configs (benchmarks/random_checkpoint.py) build, on the meta device, a model
+    whose tensors are transformers' by name and shape, as the loader maps them."""
+    from benchmarks.random_checkpoint import CONFIGS, reference_class
+    from qwen2vl.config import Qwen2VLConfig
+    from qwen2vl.loader import canonical_name
+
+    cls, config = reference_class(CONFIGS[name]), CONFIGS[name]
+    with torch.device("meta"):
+        hf = cls(cls.config_class(**config))
+        ours = Qwen2VL(Qwen2VLConfig.from_dict(config))
+    want = {canonical_name(k): v.numel() for k, v in hf.state_dict().items()}
+    got = {k: v.numel() for k, v in ours.state_dict().items()}  # patch_embed flattened: compare sizes
+    assert got == want
+    assert ours.config.vision.window_tokens == 4 and ours.config.vision.fullatt_block_indexes == (7, 15, 23, 31)
