@@ -21,9 +21,10 @@ PREPROCESSOR = {
 }
 
 
-def model_folder(folder: Path, seed: int = 0, tie: bool = False):
-    """A checkpoint folder (fp32, hub layout, tokenizer, preprocessor); returns the transformers model."""
-    hf = build_reference(seed=seed, vocab_size=151936, tie=tie)
+def model_folder(folder: Path, seed: int = 0, tie: bool = False, **config):
+    """A checkpoint folder (fp32, hub layout, tokenizer, preprocessor); returns the transformers model.
+    `config`: more of build_reference's overrides (family="qwen2_5_vl", ...)."""
+    hf = build_reference(seed=seed, vocab_size=151936, tie=tie, **config)
     save_checkpoint(hf, folder, tokenizer_dir=qwen_tokenizer_dir())
     (Path(folder) / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     return hf
