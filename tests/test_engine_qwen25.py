@@ -1,5 +1,6 @@
 """LLM.chat (greedy) on a Qwen2.5-VL checkpoint against transformers' Qwen2_5_VL, token for token, on
-the CPU, alone and batched, chunked prefill, prefix and vision caches.
+the CPU (QWEN2VL_TEST_DEVICE=cuda: the engine on a GPU, its CUDA graphs and Triton ops, against the
+CPU oracle), alone and batched, chunked prefill, prefix and vision caches.
 
 float32: the tokens equal transformers' greedy `generate` and their logprobs its logits. bfloat16:
 both implementations round differently and a random model's top two logits are often within
@@ -23,7 +24,7 @@ from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.sampling_params import SamplingParams
 from tests.helpers.checkpoints import build_reference, save_checkpoint
 from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
-from tests.test_engine_parity import MAX_TOKENS, PREPROCESSOR, check, image, img, reference, user
+from tests.test_engine_parity import DEVICE, MAX_TOKENS, PREPROCESSOR, check, image, img, reference, user
 
 CONVERSATIONS = {
     "text": [user("Hello, tell me a story about a cat.")],
@@ -66,7 +67,7 @@ def expected(setup):
 def run(request, setup, expected):
     """(llm, check(name, output)) in one dtype."""
     folder, hf = setup
-    llm = LLM(str(folder), dtype=request.param, device="cpu", kv_cache_gib=0.02, block_size=4)
+    llm = LLM(str(folder), dtype=request.param, device=DEVICE, kv_cache_gib=0.02, block_size=4)
     if request.param == "float32":
         return llm, lambda name, out: check(out, expected[name])
     ref = copy.deepcopy(hf).to(torch.bfloat16)
@@ -120,7 +121,8 @@ def test_chunked_prefill_and_caches_keep_tokens(setup, expected):
     """Prompt chunks of 5 tokens (cutting through windows and videos) with the prefix and vision caches
     on: the same clip at another sampled fps is encoded once but never served another time's blocks."""
     folder, _ = setup
-    llm = LLM(str(folder), dtype="float32", device="cpu", kv_cache_gib=0.02, block_size=4, max_num_batched_tokens=5)
+    llm = LLM(str(folder), dtype="float32", device=DEVICE, kv_cache_gib=0.02, block_size=4,
+              max_num_batched_tokens=5)
     names = list(CONVERSATIONS)
     for name, out in zip(names, llm.chat([CONVERSATIONS[n] for n in names], GREEDY)):
         check(out, expected[name])
