@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from qwen2vl.engine.paged_attention import PagedBatch, paged_attention
 
 from qwen2vl.backends.cpu import isa, layer_ops, native, vision_ops
-from qwen2vl.engine.paged_attention import PagedBatch, paged_attention
 from qwen2vl.rotary import apply_rotary
 from qwen2vl.text import RMSNorm
 

@@ -146,12 +146,14 @@ def run_info(args) -> int:
     total = sum(counts.values())
     text, vision = cfg.text, cfg.vision
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2  # k and v, 16-bit
-    print(f"model       {args.model}  ({where})")
+    print(f"model       {args.model}  ({where}, {cfg.model_type})")
     print(f"language    {text.num_hidden_layers} layers, hidden {text.hidden_size}, {text.num_attention_heads} heads "
           f"({text.num_key_value_heads} kv), vocab {text.vocab_size}, context {text.max_position_embeddings}"
           f"{', tied embeddings' if cfg.tie_word_embeddings else ''}")
+    windows = (f", windows of {vision.window_size} px (whole frames in blocks "
+               f"{', '.join(map(str, vision.fullatt_block_indexes)) or 'none'})" if vision.window_size else "")
     print(f"vision      {vision.depth} blocks, width {vision.embed_dim}, {vision.num_heads} heads, "
-          f"patch {vision.patch_size}, merge {vision.spatial_merge_size}x{vision.spatial_merge_size}")
+          f"patch {vision.patch_size}, merge {vision.spatial_merge_size}x{vision.spatial_merge_size}{windows}")
     print(f"files       {len(headers)} safetensors file(s), {_gib(stored)} of tensors")
     print(f"parameters  {total:,} (language {by_tower['language']:,}, vision {by_tower['vision']:,})")
     print("stored as   " + ", ".join(f"{dtype.lower()} {n:,}" for dtype, n in sorted(counts.items())))
@@ -174,7 +176,7 @@ def checkpoint_headers(name: str) -> tuple[dict, dict[str, dict], str]:
     if not path.is_dir():
         raise no_such_model(name)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL checkpoint folder?")
+        raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL or Qwen2.5-VL checkpoint folder?")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files (only safetensors checkpoints are supported)")

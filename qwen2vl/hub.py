@@ -32,7 +32,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL checkpoint folder?")
+            raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL or Qwen2.5-VL checkpoint folder?")
         return path
     if not is_repo_id(name):
         raise no_such_model(name)

@@ -8,15 +8,11 @@ or a stale cache slot shows up even where the argmax happens to survive it.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.sampling_params import SamplingParams
-from tests.helpers.parity import CONVERSATIONS, DEVICE, make_checkpoint
-
-MAX_TOKENS = 8
+from tests.helpers.parity import CONVERSATIONS, DEVICE, MAX_TOKENS, check, make_checkpoint, reference
 
 
 @pytest.fixture(scope="module")
@@ -24,27 +20,6 @@ def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine_ckpt")
     hf = make_checkpoint(folder)
     return folder, hf
-
-
-def reference(hf, llm: LLM, conversation) -> tuple[list[int], list[float]]:
-    """transformers' greedy tokens and the logprob of each under its raw logits."""
-    inputs = llm.processor(conversation, add_generation_prompt=True)
-    ids = inputs["input_ids"][None]
-    types = torch.zeros_like(ids)
-    types[ids == llm.model.config.image_token_id] = 1
-    types[ids == llm.model.config.video_token_id] = 2
-    vision = {k: v for k, v in inputs.items() if k != "input_ids" and v is not None}
-    if vision:  # transformers 5 wants the token types whenever grids are given
-        vision["mm_token_type_ids"] = types
-    with torch.no_grad():
-        out = hf.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), **vision,
-            max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=sorted(llm.engine.scheduler.eos_token_ids),
-            pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-        )
-    tokens = out.sequences[0, ids.shape[1]:].tolist()
-    logprobs = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, tokens)]
-    return tokens, logprobs
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +35,6 @@ def llm(setup):
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0)
-
-
-def check(out, want):
-    tokens, logprobs = want
-    assert out.token_ids == tokens
-    got = [lp.logprob for lp in out.logprobs]
-    np.testing.assert_allclose(got, logprobs, atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))

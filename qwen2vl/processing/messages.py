@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 ROLES = ("system", "user", "assistant", "tool")  # OpenAI's "developer" is read as "system"
 IMAGE_OPTIONS = {"min_pixels": int, "max_pixels": int, "resized_height": int, "resized_width": int}
 VIDEO_OPTIONS = {**IMAGE_OPTIONS, "total_pixels": int, "nframes": int, "min_frames": int, "max_frames": int,
-                 "fps": float, "video_start": float, "video_end": float}
+                 "fps": float, "video_start": float, "video_end": float, "sample_fps": float}
 SOURCE_KEYS = ("url", "path")  # Hugging Face's spellings of the source, besides "image"/"video"
 
 

@@ -5,6 +5,11 @@
     batch["input_ids"]       # (L,) int64, each image/video expanded to t*h*w/merge^2 pad ids
     batch["pixel_values"]    # (patches, 1176) float32 or None; batch["image_grid_thw"] (n, 3) int64 or None
     batch["pixel_values_videos"], batch["video_grid_thw"]      # the same for videos
+    batch["second_per_grid_ts"]  # (videos,) float32: seconds per temporal grid step, Qwen2.5-VL only
+
+A Qwen2.5-VL checkpoint (config.json model_type `qwen2_5_vl`) places videos in time: each video's
+`second_per_grid_ts` is temporal_patch_size / the frame rate actually sampled, as transformers'
+Qwen2_5_VLProcessor computes it from qwen-vl-utils' sampled fps. Everything else is the same.
 
 How user text is kept from forging structure. The chat template's own special tokens
 (`<|im_start|>`, `<|vision_start|><|image_pad|><|vision_end|>`, ...) must become real token
@@ -23,6 +28,7 @@ refuse such text outright instead (a ValueError naming the token), as a server m
 Vision pads are expanded at the id level after tokenizing, so text can never add pads.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -38,7 +44,7 @@ from qwen2vl.processing.video import load_video, preprocess_video
 from qwen2vl.processing.vision_config import VisionProcessingConfig
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-_VIDEO_LOAD_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end")
+_VIDEO_LOAD_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end", "sample_fps")
 # The processor's own arguments: never template variables given in a chat_template_kwargs dict
 OWN_ARGUMENTS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tools",
                            "reject_special_tokens"})
@@ -46,11 +52,13 @@ OWN_ARGUMENTS = frozenset({"messages", "add_generation_prompt", "continue_final_
 
 class Processor:
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, vision: VisionProcessingConfig,
-                 policy: MediaPolicy | None = None):
+                 policy: MediaPolicy | None = None, video_seconds: bool = False):
+        """`video_seconds`: return `second_per_grid_ts` (Qwen2.5-VL's processor does, Qwen2-VL's doesn't)."""
         self.tokenizer = tokenizer
         self.template = template
         self.vision = vision
         self.policy = policy
+        self.video_seconds = video_seconds
         self.image_token_id = tokenizer.token_to_id(IMAGE_PAD)
         self.video_token_id = tokenizer.token_to_id(VIDEO_PAD)
 
@@ -61,7 +69,14 @@ class Processor:
         tok = Tokenizer.from_pretrained(folder)
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
         template = ChatTemplate.from_pretrained(folder, {k: v for k, v in specials.items() if v is not None})
-        return cls(tok, template, VisionProcessingConfig.from_pretrained(folder), policy)
+        config = Path(folder) / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        return cls(tok, template, VisionProcessingConfig.from_pretrained(folder), policy,
+                   video_seconds=model_type == "qwen2_5_vl")
+
+    def with_policy(self, policy: MediaPolicy | None) -> "Processor":
+        """The same processor reading media under `policy`."""
+        return Processor(self.tokenizer, self.template, self.vision, policy, self.video_seconds)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -100,13 +115,19 @@ class Processor:
                                 add_vision_id=add_vision_id, **variables)
 
         images = [self._image(m) for m in media if m.kind == "image"]
-        videos = [self._video(m) for m in media if m.kind == "video"]
+        loaded = [self._video(m) for m in media if m.kind == "video"]
+        videos, rates = [v for v, _ in loaded], [fps for _, fps in loaded]
         ids = self._expand(ids, self.image_token_id, [g for _, g in images], "image")
         ids = self._expand(ids, self.video_token_id, [g for _, g in videos], "video")
         pixels, grids = _stack(images)
         video_pixels, video_grids = _stack(videos)
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "pixel_values": pixels,
-                "image_grid_thw": grids, "pixel_values_videos": video_pixels, "video_grid_thw": video_grids}
+        out = {"input_ids": torch.tensor(ids, dtype=torch.long), "pixel_values": pixels,
+               "image_grid_thw": grids, "pixel_values_videos": video_pixels, "video_grid_thw": video_grids}
+        if self.video_seconds:
+            tp = self.vision.temporal_patch_size
+            out["second_per_grid_ts"] = torch.tensor([tp / fps for fps in rates], dtype=torch.float32) if videos \
+                else None
+        return out
 
     def encode_text(self, messages, add_generation_prompt: bool = False) -> list[int]:
         """The ids of `messages` with one pad per image/video (no pixels read): what `__call__`
@@ -159,10 +180,11 @@ class Processor:
         return preprocess_image(image, self.vision, **item.options)
 
     def _video(self, item: MediaItem):
+        """((pixel_values, grid_thw), the rate of the sampled frames in frames per second)."""
         load_opts = {k: v for k, v in item.options.items() if k in _VIDEO_LOAD_OPTIONS}
-        frames, _fps = load_video(item.source, self.policy, cfg=self.vision, **load_opts)
+        frames, fps = load_video(item.source, self.policy, cfg=self.vision, **load_opts)
         pixel_opts = {k: v for k, v in item.options.items() if k not in _VIDEO_LOAD_OPTIONS}
-        return preprocess_video(frames, self.vision, **pixel_opts)
+        return preprocess_video(frames, self.vision, **pixel_opts), fps
 
     def _expand(self, ids: list[int], pad_id: int, grids: list[tuple], kind: str) -> list[int]:
         """Replace the i-th pad id by t*h*w/merge^2 copies for the i-th image (or video)."""

@@ -100,17 +100,23 @@ def video_token_count(height: int, width: int, cfg: VisionProcessingConfig, *, n
 
 
 def load_video(source, policy: MediaPolicy | None = None, *, fps=None, nframes=None, min_frames=None,
-               max_frames=None, video_start=None, video_end=None,
+               max_frames=None, video_start=None, video_end=None, sample_fps=None,
                cfg: VisionProcessingConfig | None = None) -> tuple[torch.Tensor, float]:
     """Sampled frames as uint8 [T, 3, H, W] and their rate in frames per second.
 
     `source` is a video file (path, file:// or http(s) URL, data: URI, bytes) or a list of
-    frames (each anything `load_image` takes), used as given at `fps` (default 2) per second."""
+    frames (each anything `load_image` takes), used as given at `sample_fps` (qwen-vl-utils'
+    name) or `fps` per second, default 2."""
     policy, cfg = policy or MediaPolicy(), cfg or VisionProcessingConfig()
     if isinstance(source, (list, tuple)):
         if nframes is not None or video_start is not None or video_end is not None:
             raise ValueError("nframes, video_start and video_end apply to video files, not frame lists")
-        return _frames_from_list(source, policy), float(cfg.fps if fps is None else fps)
+        rate = sample_fps if sample_fps is not None else cfg.fps if fps is None else fps
+        if not rate > 0:
+            raise ValueError(f"a frame list's rate must be > 0 frames per second, got {rate}")
+        return _frames_from_list(source, policy), float(rate)
+    if sample_fps is not None:
+        raise ValueError("sample_fps is the rate of a list of frames; for a video file give fps")
     data = open_source(source, policy, max_bytes=policy.max_video_bytes, what="video")
     header = video_header(data, "video", max_pixels=policy.max_image_pixels, max_seconds=policy.max_video_seconds)
     check_seconds(header.seconds, policy.max_video_seconds)  # the container may not state its duration

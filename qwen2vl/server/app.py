@@ -18,7 +18,6 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from qwen2vl.engine.async_engine import AsyncLLM
-from qwen2vl.processing.processor import Processor
 from qwen2vl.server import inputs as chat_inputs
 from qwen2vl.server.chat import ChatService
 from qwen2vl.server.errors import (
@@ -47,8 +46,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     metrics = Metrics(model_name)
     llm = engine.llm
     # the engine's processor, with the server's media policy instead of the permissive default
-    processor = Processor(llm.processor.tokenizer, llm.processor.template, llm.processor.vision,
-                          limits.media_policy())
+    processor = llm.processor.with_policy(limits.media_policy())
     tok = processor.tokenizer
     max_model_len = llm.engine.max_model_len
     eos = sorted(llm.engine.scheduler.eos_token_ids)

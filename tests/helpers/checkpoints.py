@@ -1,6 +1,8 @@
-"""Random-weight Qwen2-VL checkpoints built with transformers (the oracle), saved as real folders.
+"""Random-weight Qwen2-VL and Qwen2.5-VL checkpoints built with transformers (the oracle), saved as
+real folders.
 
-`build_reference(**overrides)` makes a transformers model from a tiny config with every tensor
+`build_reference(**overrides)` makes a transformers model from a tiny config (`family="qwen2_5_vl"`
+for Qwen2.5-VL, with `window_size`, `fullatt` and `tokens_per_second`) with every tensor
 randomized (biases and norm weights too, so a forgotten bias shows up); `save_checkpoint` writes it
 in one of the layouts found in the wild:
 - "hub":  what the published checkpoints and transformers' save_pretrained write (`model.layers.*`,
@@ -47,11 +49,23 @@ def tiny_config(
     vision_heads=2,
     tie=True,
     ids=None,
+    family="qwen2_vl",
+    window_size=112,
+    fullatt=(1,),
+    tokens_per_second=2,
 ):
-    from transformers import Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     ids = ids or (TINY_IDS if vocab_size < 151657 else QWEN_IDS)
-    return Qwen2VLConfig(
+    if family == "qwen2_5_vl":
+        vision_config = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=vision_dim + 16,
+                             num_heads=vision_heads, out_hidden_size=hidden_size, window_size=window_size,
+                             fullatt_block_indexes=list(fullatt), tokens_per_second=tokens_per_second)
+    else:
+        vision_config = dict(depth=vision_depth, embed_dim=vision_dim, num_heads=vision_heads, mlp_ratio=2,
+                             hidden_size=hidden_size)
+    vision_config.update(patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+    return (Qwen2_5_VLConfig if family == "qwen2_5_vl" else Qwen2VLConfig)(
         text_config=dict(
             vocab_size=vocab_size,
             hidden_size=hidden_size,
@@ -65,27 +79,20 @@ def tiny_config(
             bos_token_id=None,
             eos_token_id=None,
         ),
-        vision_config=dict(
-            depth=vision_depth,
-            embed_dim=vision_dim,
-            num_heads=vision_heads,
-            mlp_ratio=2,
-            hidden_size=hidden_size,
-            patch_size=14,
-            temporal_patch_size=2,
-            spatial_merge_size=2,
-        ),
+        vision_config=vision_config,
         tie_word_embeddings=tie,
         **ids,
     )
 
 
 def build_reference(seed=0, **config_kwargs):
-    """A transformers Qwen2VLForConditionalGeneration in float32 with all tensors random."""
-    from transformers import Qwen2VLForConditionalGeneration
+    """A transformers Qwen2VLForConditionalGeneration (or Qwen2_5_VL...) in float32 with all tensors random."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(tiny_config(**config_kwargs)).eval()
+    config = tiny_config(**config_kwargs)
+    cls = Qwen2_5_VLForConditionalGeneration if config.model_type == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln_q" in name:
@@ -109,12 +116,13 @@ def _flat_config(config_dict: dict) -> dict:
     """The published layout: text keys at the top, rope_scaling for M-RoPE, vision in_chans."""
     text = dict(config_dict.pop("text_config"))
     rope = text.pop("rope_parameters")
-    flat = {**text, **config_dict, "model_type": "qwen2_vl"}
+    flat = {**text, **config_dict}  # the outer model_type wins
     flat["rope_theta"] = rope["rope_theta"]
     flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
     vision = dict(flat["vision_config"])
     vision["in_chans"] = vision.pop("in_channels")
     vision.pop("rope_parameters", None)
+    vision.pop("model_type", None)
     flat["vision_config"] = vision
     return flat
 

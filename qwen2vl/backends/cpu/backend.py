@@ -18,7 +18,6 @@ and the vision tower (GEMMs and attention, all compute-bound) runs in float32 th
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from qwen2vl.backends.cpu import isa, layer_ops, native, vision_ops
 from qwen2vl.backends.cpu.decode_step import DecodeStep
@@ -53,9 +52,7 @@ class CpuBackend(TorchBackend):
         # kernel compacts memory to find them)
         speed_up_linears(model.visual, skip=(), huge_pages=False, compute_dtype=compute)
         if compute != dtype:  # the tower computes in the dtype of its norms (vision.py)
-            for module in model.visual.modules():
-                if isinstance(module, nn.LayerNorm):
-                    module.float()
+            model.visual.compute_in(compute)
         cfg = model.config.text
         if dtype == torch.bfloat16 and layer_ops.available() and layer_ops.supports_layout(
                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim):
