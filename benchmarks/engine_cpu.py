@@ -1,4 +1,5 @@
-"""The engine next to transformers `generate`, on the real Qwen2-VL-2B shapes (random weights, CPU).
+"""The engine next to transformers `generate`, on the real Qwen2-VL-2B shapes (random weights, CPU;
+`--model 2.5-3b` etc. for the other random checkpoints of benchmarks/random_checkpoint.py).
 
 Measured in one process, engine and reference interleaved (this VM's speed drifts):
 - single stream: time to first token for a 448x448 image + question (283 prompt tokens), and
@@ -15,21 +16,24 @@ min_new_tokens). A bandwidth/GEMM probe is printed before and after.
 
     python -m benchmarks.engine_cpu                   # builds/reuses .cache/qwen2vl-2b-random
     python -m benchmarks.engine_cpu --model DIR --concurrency 1 4 --agg-tokens 16
+    python -m benchmarks.engine_cpu --model 2.5-3b    # Qwen2.5-VL-3B shapes (--layers 2: a quick run)
     python -m benchmarks.engine_cpu --reps 3 --concurrency --decode-batches 1 16   # no aggregates
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from benchmarks.bandwidth import probe, probed
-from benchmarks.random_checkpoint import random_checkpoint
+from benchmarks.random_checkpoint import CONFIGS, random_checkpoint, reference_class
 from qwen2vl import LLM, SamplingParams
 
 
@@ -102,11 +106,9 @@ def own_weights(model: torch.nn.Module) -> None:
 class Reference:
     """transformers generate on the same checkpoint and the same processor output."""
 
-    def __init__(self, folder, processor):
-        from transformers import Qwen2VLForConditionalGeneration
-
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            folder, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    def __init__(self, folder, processor, dtype: torch.dtype = torch.bfloat16):
+        config = json.loads((Path(folder) / "config.json").read_text())
+        self.model = reference_class(config).from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
         own_weights(self.model)
         self.processor = processor
         self.pad = processor.tokenizer.pad_token_id or 0
@@ -152,7 +154,9 @@ class Reference:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint folder (default: the cached random 2B, built if missing)")
+    ap.add_argument("--model", help="checkpoint folder, or a random checkpoint built if missing: "
+                    f"{', '.join(CONFIGS)} (default 2b)")
+    ap.add_argument("--layers", type=int, help="random checkpoints: this many decoder and vision layers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="tokens per single-stream run")
     ap.add_argument("--reps", type=int, default=2, help="single-stream repetitions (each side)")
@@ -165,12 +169,12 @@ def main():
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.model:
+    if args.model and args.model not in CONFIGS:
         folder = args.model
     else:
         from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
 
-        folder = random_checkpoint("2b", tokenizer_dir=qwen_tokenizer_dir())
+        folder = random_checkpoint(args.model or "2b", tokenizer_dir=qwen_tokenizer_dir(), layers=args.layers)
     print(f"model {folder}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("probe before:", probe())
     llm = LLM(str(folder), dtype="bfloat16", device="cpu", kv_cache_gib=args.kv_cache_gib)

@@ -28,6 +28,8 @@ import torch
 
 from benchmarks.gpu_check import build_checkpoint, cuda_time, log, text_messages
 from qwen2vl import SamplingParams
+from qwen2vl.backends.cuda import triton_kernels
+from qwen2vl.backends.reference import TorchBackend
 
 
 def profile(llm, steps: int, label: str, with_cprofile: bool) -> list[int]:
@@ -124,14 +126,16 @@ def main() -> None:
                 ("torch ops again", False, False, False, True)]
     for label, layer_ops, gate_up, kv_write, split in variants:
         with contextlib.ExitStack() as stack:
-            if not layer_ops:
-                stack.enter_context(unittest.mock.patch("qwen2vl.engine.llm.speed_up_layers", lambda model: False))
+            if not layer_ops:  # no Triton layer ops, hence no one-launch k/v write either
+                no_layer_ops = lambda name, device: None if name == "triton_layer_ops" else triton_kernels(name, device)
+                stack.enter_context(unittest.mock.patch("qwen2vl.backends.cuda.triton_kernels", no_layer_ops))
             if not gate_up:
                 stack.enter_context(unittest.mock.patch("qwen2vl.model.Qwen2VL.fuse_gate_up", lambda self: None))
             if not kv_write:
-                stack.enter_context(unittest.mock.patch("qwen2vl.engine.kv_cache.cuda_layer_ops", lambda device: None))
+                stack.enter_context(unittest.mock.patch("qwen2vl.backends.cuda.CudaBackend.write_kv",
+                                                        TorchBackend.write_kv))
             if not split:
-                stack.enter_context(unittest.mock.patch("qwen2vl.engine.triton_decode.num_splits", lambda *a: 1))
+                stack.enter_context(unittest.mock.patch("qwen2vl.backends.cuda.triton_decode.num_splits", lambda *a: 1))
             llm = LLM(str(folder), dtype="bfloat16", device="cuda", kv_cache_gib=1.0)
             mlp = llm.model.model.layers[0].mlp
             log(f"{label}: decoder {type(llm.model.model).__name__}, gate/up "

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import unittest.mock
 from pathlib import Path
 
 import torch
 
 from benchmarks.gpu_check import build_checkpoint, fresh_image, image_messages, log
 from qwen2vl import LLM, SamplingParams
+from qwen2vl.backends.reference import TORCH_OPS
 
 
 def main() -> None:
@@ -36,8 +36,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     log(torch.cuda.get_device_name() if dev == "cuda" else dev)
     llms = {}
-    with unittest.mock.patch("qwen2vl.engine.llm.speed_up_vision", lambda model: False):
-        llms["torch vision ops"] = LLM(str(folder), dtype="bfloat16", device=dev, kv_cache_gib=1.0)
+    llms["torch vision ops"] = LLM(str(folder), dtype="bfloat16", device=dev, kv_cache_gib=1.0)
+    llms["torch vision ops"].model.visual.ops = TORCH_OPS  # the reference tower ops (backends/reference.py)
     llms["Triton vision ops"] = LLM(str(folder), dtype="bfloat16", device=dev, kv_cache_gib=1.0)
     one = SamplingParams(temperature=0, max_tokens=1)
     for llm in llms.values():

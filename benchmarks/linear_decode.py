@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from benchmarks.bandwidth import GIB, others_cpu_ticks, probe
-from qwen2vl.linear import FastLinear
-from qwen2vl.quant import Int4Linear, Int8Linear
+from qwen2vl.backends.cpu.linear import FastLinear
+from qwen2vl.backends.quant import Int4Linear, Int8Linear
 
 D, I, KV, VOCAB, LAYERS = 1536, 8960, 256, 151936, 28
 SHAPES = {  # name: (out, in, bias)
@@ -75,12 +75,12 @@ class DynamicInt8(nn.Module):
 
 METHODS = {
     "F.linear bf16": lambda lin: lin,  # what transformers runs
-    "FastLinear bf16": FastLinear.from_linear,  # our bf16 kernel (qwen2vl/kernels/bf16_gemm.c)
+    "FastLinear bf16": FastLinear.from_linear,  # our bf16 kernel (backends/cpu/csrc/bf16_gemm.c)
     "FastLinear oneDNN": lambda lin: FastLinear.from_linear(lin, use_kernel=False),
     "Int8Linear": lambda lin: Int8Linear.from_linear(lin, blocked=False),  # torch's kernels
     "Int4Linear g32": lambda lin: Int4Linear.from_linear(lin, 32, blocked=False),
     "Int4Linear g128": lambda lin: Int4Linear.from_linear(lin, 128, blocked=False),
-    # ours (qwen2vl/kernels/int_gemv.c): int8 activations per block of 32, VNNI dot products
+    # ours (backends/cpu/csrc/int_gemv.c): int8 activations per block of 32, VNNI dot products
     "Int8Linear VNNI": lambda lin: Int8Linear.from_linear(lin, blocked=True),
     "Int4Linear g32 VNNI": lambda lin: Int4Linear.from_linear(lin, 32, blocked=True),
     "Int4Linear g128 VNNI": lambda lin: Int4Linear.from_linear(lin, 128, blocked=True),

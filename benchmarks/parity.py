@@ -1,4 +1,5 @@
-"""Parity and speed of our model vs transformers at the real Qwen2-VL-2B shapes (random weights).
+"""Parity and speed of our model vs transformers at the real Qwen2-VL-2B shapes (random weights; the
+other random checkpoints of benchmarks/random_checkpoint.py with --model, e.g. 2.5-3b).
 
 Prints max abs / relative logit error in float32 and bfloat16 and the vision-tower and decoder
 prefill times of ours vs the reference, interleaved in one process (this VM's speed drifts).
@@ -6,7 +7,7 @@ Input: one 448x448 image (1024 patches, 256 visual tokens) in a 283-token prompt
 the model as `LLM` runs it on the CPU in bf16 (FastLinears); each time is also put against the
 matmul-throughput bound: the part's matmul FLOPs at the bf16 GEMM probe's rate, probed in between.
 
-    python -m benchmarks.parity [--dtypes float32,bfloat16] [--reps 3] [--model 2b|7b]
+    python -m benchmarks.parity [--dtypes float32,bfloat16] [--reps 3] [--model 2b|7b|2.5-3b|2.5-7b] [--layers N]
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import statistics
 import time
 
 import torch
 
 from benchmarks.bandwidth import gemm_gflops
-from benchmarks.random_checkpoint import random_checkpoint
+from benchmarks.random_checkpoint import CONFIGS, random_checkpoint, reference_class
 from qwen2vl import Qwen2VL
 from qwen2vl.attention import causal_attend
-from qwen2vl.linear import speed_up_linears
+from qwen2vl.backends.cpu.linear import speed_up_linears
 from qwen2vl.positions import mrope_positions
+from qwen2vl.vision_window import window_order
 
 
 def make_prompt(cfg, grid=(1, 32, 32), text_before=15, text_after=10, seed=0):
@@ -49,13 +52,21 @@ def timed(fn, reps):
 
 
 def vision_flops(cfg, grid) -> float:
-    """Matmul FLOPs of the vision tower on one image/video of grid (t, h, w): linears and attention."""
+    """Matmul FLOPs of the vision tower on one image/video of grid (t, h, w): linears and attention
+    (Qwen2.5-VL: a gated MLP, and windowed blocks attend within their windows)."""
     v = cfg.vision
     t, h, w = grid
     p, e = t * h * w, v.embed_dim
-    per_layer = 2 * p * (4 * e * e + 2 * e * v.mlp_dim) + 4 * t * (h * w) ** 2 * e
+    mlp = (3 if v.window_size else 2) * e * v.mlp_dim
+    frames = 4 * t * (h * w) ** 2 * e
+    attention = [frames] * v.depth
+    if v.window_size:
+        _, cu = window_order(torch.tensor([grid]), v.spatial_merge_size, v.window_tokens)
+        windows = 4 * sum((b - a) ** 2 for a, b in zip(cu[:-1], cu[1:])) * e
+        attention = [frames if i in v.fullatt_block_indexes else windows for i in range(v.depth)]
     merged = 4 * e
-    return v.depth * per_layer + 2 * p * v.patch_dim * e + 2 * (p // 4) * (merged * merged + merged * v.hidden_size)
+    return (v.depth * 2 * p * (4 * e * e + mlp) + sum(attention) + 2 * p * v.patch_dim * e
+            + 2 * (p // 4) * (merged * merged + merged * v.hidden_size))
 
 
 def prefill_flops(cfg, n: int) -> float:
@@ -81,9 +92,8 @@ def reference_parts(hf, ids, pixels, grid, types):
 
 
 def run(dtype, folder, reps, ref_logits_fp32=None):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    config = json.loads((folder / "config.json").read_text())
+    hf = reference_class(config).from_pretrained(folder, dtype=dtype).eval()
     ours = Qwen2VL.from_pretrained(folder, dtype=dtype)
     cfg = ours.config
     ids, pixels, grid = make_prompt(cfg)
@@ -143,10 +153,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--model", default="2b")
+    ap.add_argument("--model", default="2b", choices=list(CONFIGS))
+    ap.add_argument("--layers", type=int, help="this many decoder and vision layers (a quick run at real widths)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    folder = random_checkpoint(args.model)
+    folder = random_checkpoint(args.model, layers=args.layers)
     print(f"checkpoint {folder}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"prompt 283 tokens with one 448x448 image (1024 patches, 256 visual tokens)")
     ref32 = None

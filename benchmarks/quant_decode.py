@@ -27,7 +27,7 @@ from qwen2vl import LLM
 
 def load(folder: str, mode: str) -> LLM:
     if mode == "bf16-onednn":  # FastLinear's other path, as on a CPU without AVX-512 BF16
-        with unittest.mock.patch("qwen2vl.linear.kernel_takes", return_value=False):
+        with unittest.mock.patch("qwen2vl.backends.cpu.linear.kernel_takes", return_value=False):
             return LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=0.5)
     return LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=0.5, quantization=None if mode == "bf16" else mode)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen2vl import LLM, SamplingParams
-from qwen2vl.quant import QUANTIZATIONS
+from qwen2vl.backends.quant import QUANTIZATIONS
 
 TEXT = (
     "The invoice lists three items: a steel bracket at 12.50 euros, two rolls of cable at 7.80 euros "

@@ -113,8 +113,8 @@ def write_adapter(folder: str | Path, modules: dict[str, tuple[torch.Tensor, tor
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (a, b) in modules.items():
-        tensors[peft_key(module, "A")] = a.detach().contiguous()
-        tensors[peft_key(module, "B")] = b.detach().contiguous()
+        tensors[peft_key(module, "A")] = a.detach().cpu().contiguous()
+        tensors[peft_key(module, "B")] = b.detach().cpu().contiguous()
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": rank, "lora_alpha": alpha,

@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from qwen2vl.backends.quant import QUANTIZATIONS
+from qwen2vl.cli_errors import explain
 from qwen2vl.grounding import drop_markup
 from qwen2vl.hub import DEFAULT_MODEL, DEMO_MODEL
-from qwen2vl.quant import QUANTIZATIONS
 
 HELP = "commands: /image PATH, /video PATH, /reset (forget the conversation), /quit"
 
@@ -64,8 +65,8 @@ def run_chat(args) -> int:
             check_local(source, kind)
     if args.draw and not args.image:
         raise ValueError("--draw needs an --image to draw the boxes on")
-    if args.quantization and importlib.util.find_spec("qwen2vl.quant") is None:
-        raise ValueError("--quantization is not available in this build (no qwen2vl.quant); leave it out")
+    if args.quantization and importlib.util.find_spec("qwen2vl.backends.quant") is None:
+        raise ValueError("--quantization is not available in this build (no qwen2vl.backends.quant); leave it out")
     llm = load(args)
     session = ChatSession(llm, args)
     for source in args.image:
@@ -234,6 +235,4 @@ def interactive(session: ChatSession) -> int:
         except (KeyboardInterrupt, EOFError):
             return 0
         except Exception as e:  # one bad turn does not end the chat
-            from qwen2vl.cli import explain
-
             print(f"error: {explain(e)}", file=sys.stderr)

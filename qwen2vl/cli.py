@@ -11,11 +11,11 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
-from qwen2vl.hub import DEFAULT_MODEL, DEMO_MODEL
+from qwen2vl.cli_errors import explain
+from qwen2vl.hub import DEFAULT_MODEL, DEMO_MODEL, is_repo_id, no_such_model
 
 PUBLISHED_PREPROCESSOR = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384}  # Qwen2-VL-*-Instruct on the hub
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -35,17 +35,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {explain(e)}", file=sys.stderr)
         return 1
-
-
-def explain(e: Exception) -> str:
-    """One line for an exception, with the next step when we know it."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, MemoryError) or "OutOfMemoryError" in type(e).__name__:
-        return (f"out of memory ({text[:200]}); try --dtype bfloat16, a smaller --max-pixels or --kv-cache-gib, "
-                "or a smaller model")
-    if isinstance(e, (FileNotFoundError, ConnectionError, ValueError)):
-        return text  # our own messages already say what to do
-    return f"{type(e).__name__}: {text} (set QWEN2VL_DEBUG=1 for the traceback)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub repo id (default {DEFAULT_MODEL})")
     download.set_defaults(run=run_download)
 
-    info = sub.add_parser("info", help="sizes, dtypes, parameter counts and memory of a checkpoint, without loading")
+    info = sub.add_parser("info", help="sizes, dtypes, parameter counts and memory of a checkpoint, without loading; "
+                                       "--system: this machine's CPU tier, kernels and memory bandwidth")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                       help=f"local folder, hub repo id or {DEMO_MODEL!r} (the model shipped in the package)")
+    info.add_argument("--system", action="store_true",
+                      help="describe this machine instead: CPU tier, which kernels load and why not the others, "
+                           "the compiler, a memory-bandwidth probe and the decode speed it bounds")
     info.set_defaults(run=run_info)
 
     tokens = sub.add_parser("tokens", help="how many visual tokens an image or video costs")
@@ -125,11 +118,13 @@ def run_download(args) -> int:
         return 0
     from huggingface_hub import snapshot_download
 
-    from qwen2vl.hub import _PATTERNS  # the files a Qwen2-VL folder needs, as hub.py downloads them
+    from qwen2vl.hub import FILE_PATTERNS
 
+    if not is_repo_id(args.model):
+        raise no_such_model(args.model)
     print(f"downloading {args.model} from the Hugging Face hub ...", file=sys.stderr)
     try:
-        folder = snapshot_download(args.model, allow_patterns=_PATTERNS, etag_timeout=10)
+        folder = snapshot_download(args.model, allow_patterns=FILE_PATTERNS, etag_timeout=10)
     except Exception as e:
         reason = " ".join(str(e).split())[:200]
         raise ConnectionError(f"could not download {args.model!r} ({type(e).__name__}: {reason}); "
@@ -141,6 +136,11 @@ def run_download(args) -> int:
 # -- info ----------------------------------------------------------------------------------
 
 def run_info(args) -> int:
+    if args.system:
+        from qwen2vl.backends.system import report
+
+        print(report())
+        return 0
     config, headers, where = checkpoint_headers(args.model)
     from qwen2vl.config import Qwen2VLConfig
 
@@ -157,12 +157,14 @@ def run_info(args) -> int:
     total = sum(counts.values())
     text, vision = cfg.text, cfg.vision
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2  # k and v, 16-bit
-    print(f"model       {args.model}  ({where})")
+    print(f"model       {args.model}  ({where}, {cfg.model_type})")
     print(f"language    {text.num_hidden_layers} layers, hidden {text.hidden_size}, {text.num_attention_heads} heads "
           f"({text.num_key_value_heads} kv), vocab {text.vocab_size}, context {text.max_position_embeddings}"
           f"{', tied embeddings' if cfg.tie_word_embeddings else ''}")
+    windows = (f", windows of {vision.window_size} px (whole frames in blocks "
+               f"{', '.join(map(str, vision.fullatt_block_indexes)) or 'none'})" if vision.window_size else "")
     print(f"vision      {vision.depth} blocks, width {vision.embed_dim}, {vision.num_heads} heads, "
-          f"patch {vision.patch_size}, merge {vision.spatial_merge_size}x{vision.spatial_merge_size}")
+          f"patch {vision.patch_size}, merge {vision.spatial_merge_size}x{vision.spatial_merge_size}{windows}")
     print(f"files       {len(headers)} safetensors file(s), {_gib(stored)} of tensors")
     print(f"parameters  {total:,} (language {by_tower['language']:,}, vision {by_tower['vision']:,})")
     print("stored as   " + ", ".join(f"{dtype.lower()} {n:,}" for dtype, n in sorted(counts.items())))
@@ -179,7 +181,7 @@ def checkpoint_headers(name: str) -> tuple[dict, dict[str, dict], str]:
         from qwen2vl.hub import resolve_model_path
 
         path = resolve_model_path(name)
-    elif not path.is_dir() and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    elif not path.is_dir() and is_repo_id(name):
         from huggingface_hub import snapshot_download
 
         try:
@@ -187,9 +189,9 @@ def checkpoint_headers(name: str) -> tuple[dict, dict[str, dict], str]:
         except Exception:
             return _remote_headers(name)
     if not path.is_dir():
-        raise FileNotFoundError(f"{name}: no such folder (and not a hub repo id like {DEFAULT_MODEL!r})")
+        raise no_such_model(name)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL checkpoint folder?")
+        raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL or Qwen2.5-VL checkpoint folder?")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files (only safetensors checkpoints are supported)")
@@ -220,7 +222,9 @@ def _gib(n: float) -> str:
 # -- tokens --------------------------------------------------------------------------------
 
 def run_tokens(args) -> int:
+    from qwen2vl.processing.headers import VideoHeader, media_header
     from qwen2vl.processing.image import image_token_count
+    from qwen2vl.processing.media import MediaPolicy, open_source
     from qwen2vl.processing.video import sample_frames, video_token_count
     from qwen2vl.processing.vision_config import VisionProcessingConfig
 
@@ -230,57 +234,29 @@ def run_tokens(args) -> int:
         cfg, origin = VisionProcessingConfig.from_pretrained(resolve_model_path(args.model)), f"from {args.model}"
     else:
         cfg, origin = VisionProcessingConfig.from_dict(PUBLISHED_PREPROCESSOR), "published Qwen2-VL defaults"
-    m = probe_media(args.media)
+    policy = MediaPolicy()
+    header = media_header(open_source(args.media, policy, max_bytes=policy.max_video_bytes), args.media)
     lo, hi = args.min_pixels, args.max_pixels
-    if m["kind"] == "image":
-        if args.fps is not None:
-            raise ValueError("--fps applies to videos; this is an image")
-        t = image_token_count(m["height"], m["width"], cfg, min_pixels=lo, max_pixels=hi)
-        print(f"image       {m['width']}x{m['height']} -> resized to {t.width}x{t.height}")
-        limits = f"min_pixels {lo or cfg.min_pixels:,}, max_pixels {hi or cfg.max_pixels:,}"
-    else:
-        indices, fps = sample_frames(m["frames"], m["fps"], cfg, fps=args.fps)
-        t = video_token_count(m["height"], m["width"], cfg, num_frames=len(indices), min_pixels=lo, max_pixels=hi)
-        print(f"video       {m['width']}x{m['height']}, {m['frames']} frames at {m['fps']:g} fps "
-              f"({m['frames'] / m['fps']:.1f} s) -> {len(indices)} frames ({fps:.2f} per s), "
-              f"each resized to {t.width}x{t.height}")
+    if isinstance(header, VideoHeader):
+        indices, fps = sample_frames(header.frames, header.fps, cfg, fps=args.fps)
+        t = video_token_count(header.height, header.width, cfg, num_frames=len(indices), min_pixels=lo, max_pixels=hi)
+        print(f"video       {header.width}x{header.height}, {header.frames} frames at {header.fps:g} fps "
+              f"({header.seconds:.1f} s) -> {len(indices)} frames ({fps:.2f} per s), each resized to "
+              f"{t.width}x{t.height}")
         limits = (f"fps {args.fps or cfg.fps:g}, pixels per frame in [{lo or cfg.video_min_pixels:,}, "
                   f"{hi or cfg.video_max_pixels:,}] within the clip's total budget")
+    else:
+        if args.fps is not None:
+            raise ValueError("--fps applies to videos; this is an image")
+        width, height = header  # as it is seen: EXIF orientation applied, as the processor does
+        t = image_token_count(height, width, cfg, min_pixels=lo, max_pixels=hi)
+        print(f"image       {width}x{height} -> resized to {t.width}x{t.height}")
+        limits = f"min_pixels {lo or cfg.min_pixels:,}, max_pixels {hi or cfg.max_pixels:,}"
     print(f"grid        t={t.grid_thw[0]}, h={t.grid_thw[1]}, w={t.grid_thw[2]} ({cfg.patch_size}-px patches, "
           f"{cfg.merge_size}x{cfg.merge_size} merged per token)")
     print(f"tokens      {t.num_tokens} visual tokens (+2 for <|vision_start|>, <|vision_end|>)")
     print(f"settings    {limits} ({origin})")
     return 0
-
-
-def probe_media(source: str) -> dict:
-    """Kind and size of an image or video from its header, without decoding pixels."""
-    import io
-
-    import av
-    from PIL import Image, UnidentifiedImageError
-
-    from qwen2vl.processing.media import MediaError, MediaPolicy, open_source
-
-    policy = MediaPolicy()
-    data = open_source(source, policy, max_bytes=policy.max_video_bytes, what="media")
-    opened = data if isinstance(data, Path) else io.BytesIO(data)
-    try:
-        with Image.open(opened) as image:
-            return {"kind": "image", "width": image.width, "height": image.height}
-    except (UnidentifiedImageError, OSError):
-        pass
-    try:
-        with av.open(str(data) if isinstance(data, Path) else io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{source}: no video stream in the file")
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-            return {"kind": "video", "width": stream.codec_context.width, "height": stream.codec_context.height,
-                    "frames": frames, "fps": rate}
-    except av.error.FFmpegError:
-        raise MediaError(f"{source}: neither an image nor a video this build can read") from None
 
 
 if __name__ == "__main__":

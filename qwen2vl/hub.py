@@ -11,10 +11,17 @@ DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 DEMO_MODEL = "demo"  # a tiny Qwen2-VL trained on the package's synthetic tasks (qwen2vl/demo/), always offline
 DEMO_PATH = Path(__file__).resolve().parent / "demo" / "checkpoint"
 # what a Qwen2-VL folder needs; skips other formats a repo may carry (gguf, onnx, ...)
-_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
-
-
+FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_repo_id(name: str) -> bool:
+    """`owner/name` as the hub spells repo ids; the one test of it (download, info, chat, serve)."""
+    return bool(_REPO_ID.match(name))
+
+
+def no_such_model(name: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{name}: no such folder (and not a hub repo id like {DEFAULT_MODEL!r})")
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -33,20 +40,18 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         return DEMO_PATH
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL checkpoint folder?")
+            raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL or Qwen2.5-VL checkpoint folder?")
         return path
-    if not _REPO_ID.match(name):
-        raise FileNotFoundError(
-            f"{name}: no such folder (and not a hub repo id like {DEFAULT_MODEL!r})"
-        )
+    if not is_repo_id(name):
+        raise no_such_model(name)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=_PATTERNS, local_files_only=True))
+        return Path(snapshot_download(name, allow_patterns=FILE_PATTERNS, local_files_only=True))
     except Exception:
         pass  # not cached yet
     try:
-        return Path(snapshot_download(name, allow_patterns=_PATTERNS, etag_timeout=10))
+        return Path(snapshot_download(name, allow_patterns=FILE_PATTERNS, etag_timeout=10))
     except Exception as e:  # network, auth, unknown repo: all end the same way for a user
         raise ConnectionError(
             f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "

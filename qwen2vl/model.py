@@ -1,4 +1,5 @@
-"""Qwen2-VL: vision tower + text decoder, glued by scattering visual tokens into the embeddings."""
+"""Qwen2-VL and Qwen2.5-VL: vision tower + text decoder, glued by scattering visual tokens into the
+embeddings. The checkpoint's config picks the family (config.py); the glue is the same."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from qwen2vl.attention import causal_attend
+from qwen2vl.backends.reference import TorchBackend
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.loader import checkpoint_dtype, load_weights
@@ -23,6 +25,7 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTower(config.vision)
         self.model = TextModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.backend = TorchBackend()  # the torch code; backends.prepare swaps in the device's speed-ups
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2VL:
@@ -90,12 +93,15 @@ class Qwen2VL(nn.Module):
 
     @torch.inference_mode()
     def logits(
-        self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None
+        self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+        second_per_grid_ts=None,
     ) -> torch.Tensor:
-        """Logits [L, vocab] (float32) of one whole sequence, no cache: for tests and tools."""
+        """Logits [L, vocab] (float32) of one whole sequence, no cache: for tests and tools.
+        `second_per_grid_ts` (one per video) places Qwen2.5-VL's videos in time (positions.py)."""
         input_ids = torch.as_tensor(input_ids, device=self.device).long()
         assert input_ids.dim() == 1, "logits() takes one sequence: a 1-D tensor of token ids"
-        positions, _ = mrope_positions(input_ids.cpu(), image_grid_thw, video_grid_thw, self.config)
+        positions, _ = mrope_positions(input_ids.cpu(), image_grid_thw, video_grid_thw, self.config,
+                                       second_per_grid_ts)
         vis = self.encode_vision(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         x = self.embed(input_ids, vis)
         return self.compute_logits(self.model(x, positions.to(self.device), causal_attend))

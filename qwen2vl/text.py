@@ -3,6 +3,11 @@
 Stateless: `forward(x, positions, attend)` takes packed tokens [N, D] of any number of sequences,
 their M-RoPE positions [3, N] and an attention function that knows the sequence boundaries and
 any cache (see attention.py). Attribute names equal the checkpoint's, so loading is a name match.
+
+The small ops (the residual add fused with the RMSNorm after it, rotary, SiLU x up) come from
+`self.ops`: the torch reference (backends/reference.py) unless a backend swapped in its kernels
+at load. Each residual add is done by the norm that follows it, so a layer takes and returns the
+residual stream next to the sublayer output not yet added to it.
 """
 
 from __future__ import annotations
@@ -11,13 +16,31 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from qwen2vl.backends.reference import TORCH_OPS
 from qwen2vl.config import TextConfig
-from qwen2vl.linear import fuse_linears
-from qwen2vl.rotary import apply_rotary, mrope_cos_sin
+from qwen2vl.rotary import mrope_cos_sin
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear computing all of `linears` on the same input (q/k/v, or gate/up).
+
+    The output is the concatenation along the last dim; split it by the listed out_features.
+    It streams the same bytes as the separate calls but pays the per-call cost once, which
+    matters for the small k/v projections (256 x 1536 in the 2B). It is a plain nn.Linear, so
+    a backend's linear swaps and quantization treat it like any other.
+    """
+    weight = torch.cat([m.weight.detach() for m in linears])
+    biases = [m.bias for m in linears]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases), device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([
+            b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)
+        ]), requires_grad=False)
+    return fused
 
 
 class RMSNorm(nn.Module):
@@ -27,10 +50,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalize in float32, round to the activation dtype, then scale (the reference's order)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return TORCH_OPS.add_rms_norm(x, None, self.weight, self.eps)[0]
 
 
 class Attention(nn.Module):
@@ -56,16 +76,17 @@ class Attention(nn.Module):
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, cos, sin, attend: Attend):
+    def forward(self, x, cos, sin, attend: Attend, ops=TORCH_OPS):
         n, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is None:
-            q = apply_rotary(self.q_proj(x).view(n, heads, dim), cos, sin)
-            k = apply_rotary(self.k_proj(x).view(n, kv_heads, dim), cos, sin)
+            q = ops.rotary(self.q_proj(x), cos, sin, heads, dim)
+            k = ops.rotary(self.k_proj(x), cos, sin, kv_heads, dim)
             v = self.v_proj(x)
         else:  # q and k sit side by side in the output: rotate them in one go (half the small ops)
-            qk, v = self.qkv_proj(x).split([(heads + kv_heads) * dim, kv_heads * dim], -1)
-            q, k = apply_rotary(qk.view(n, heads + kv_heads, dim), cos, sin).split([heads, kv_heads], 1)
-        return self.o_proj(attend(self.layer, q, k, v.view(n, kv_heads, dim)).reshape(n, -1))
+            qkv = self.qkv_proj(x)  # [N, (Hq + 2 Hkv) * Dh]
+            v = qkv[:, (heads + kv_heads) * dim:]
+            q, k = ops.rotary(qkv, cos, sin, heads + kv_heads, dim).split([heads, kv_heads], 1)
+        return self.o_proj(attend(self.layer, q, k, v.reshape(n, kv_heads, dim)).reshape(n, -1))
 
 
 class MLP(nn.Module):
@@ -83,11 +104,11 @@ class MLP(nn.Module):
         self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
-    def forward(self, x):
+    def forward(self, x, ops=TORCH_OPS):
         if self.gate_up_proj is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, -1)  # views of one output: the kernels read them in place
+        return self.down_proj(ops.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -98,9 +119,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attend: Attend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, attend: Attend, ops=TORCH_OPS):
+        """x: the last sublayer's output, not yet added to the residual stream (None before the
+        first layer, where x is the embeddings) -> (this layer's MLP output, the residual stream)."""
+        h, residual = ops.add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        x = self.self_attn(h, cos, sin, attend, ops)
+        h, residual = ops.add_rms_norm(x, residual, self.post_attention_layernorm.weight,
+                                       self.post_attention_layernorm.eps)
+        return self.mlp(h, ops), residual
 
 
 class TextModel(nn.Module):
@@ -110,11 +136,13 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ops = TORCH_OPS  # a backend may swap in its kernels (backends/)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x [N, D], positions [3, N] -> final-normed hidden states [N, D]."""
-        cfg = self.cfg
+        cfg, ops = self.cfg, self.ops.for_input(x)
         cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attend)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attend, ops)
+        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]

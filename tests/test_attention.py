@@ -49,3 +49,21 @@ def test_matmul_path_is_taken_and_close_in_bf16(monkeypatch):
     ref = reference(q, k, v, cu)
     rel = (out.double() - ref).norm() / ref.norm()
     assert rel < 1e-2, rel
+
+
+def test_blocks_of_one_length_go_together_and_match(monkeypatch):
+    """Windows as Qwen2.5-VL cuts them (many of a few lengths, some over the CPU matmul threshold):
+    one SDPA call per length, and the same values as masked attention."""
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[0])
+                        or real(q, *a, **kw))
+    sizes = [64, 64, 32, 64, CPU_MATMUL_ATTENTION_MIN, 32, 16, 64]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(sum(sizes), 3, 8, generator=g) for _ in range(3))
+    cu = [0]
+    for n in sizes:
+        cu.append(cu[-1] + n)
+    out = block_diagonal_attention(q, k, v, cu)
+    assert sorted(calls) == [1, 2, 4]  # 16 alone, 32 twice, 64 four times; the big block by matmuls
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu), atol=1e-5, rtol=1e-5)

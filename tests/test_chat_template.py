@@ -129,3 +129,36 @@ def test_media_objects_reach_the_template_as_placeholders():
 def test_generation_tags_parse():
     t = ChatTemplate("{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}")
     assert t.render([{"role": "assistant", "content": "hi"}]) == "[hi]"
+
+
+PREFILLS = {
+    "string": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}],
+    "trailing_space": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "One, two, "}],
+    "parts": [{"role": "user", "content": [{"type": "image", "image": IMG}, {"type": "text", "text": "Say it"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "It is a"}]}],
+    "empty": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}],
+    "user_last": [{"role": "user", "content": "Complete: the quick brown"}],
+}
+TRIMMING_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>{% endfor %}"
+
+
+@pytest.mark.parametrize("name", PREFILLS)
+def test_continue_final_message_matches_transformers(ref, ours, name):
+    """The final message is left open (no <|im_end|>, no new turn), as transformers renders it."""
+    msgs = PREFILLS[name]
+    expected = ref.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+    got = ours.render(msgs, continue_final_message=True)
+    assert got == expected and not got.endswith("<|im_end|>\n")
+    trimmed = ref.apply_chat_template(msgs, tokenize=False, continue_final_message=True,
+                                      chat_template=TRIMMING_TEMPLATE)
+    assert ChatTemplate(TRIMMING_TEMPLATE).render(msgs, continue_final_message=True) == trimmed
+
+
+def test_continue_final_message_and_generation_prompt_exclude_each_other(ours):
+    with pytest.raises(ValueError, match="continue_final_message.*add_generation_prompt"):
+        ours.render(PREFILLS["string"], continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(ValueError, match="no text to continue"):
+        ours.render([{"role": "user", "content": [{"type": "image", "image": IMG}]}], continue_final_message=True)
+    with pytest.raises(ValueError, match="drops the final message"):
+        ChatTemplate("{% for m in messages %}{{ m.role }}{% endfor %}").render(PREFILLS["string"],
+                                                                              continue_final_message=True)

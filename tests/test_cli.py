@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from tests.test_server_support import mp4_bytes, tiny_checkpoint
+from tests.helpers.checkpoints import tiny_checkpoint
+from tests.helpers.media import mp4_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--dtype", "float32", "--kv-cache-gib", "0.05"]  # small cache: quick to allocate
@@ -108,6 +109,24 @@ def test_tokens_for_an_image_with_published_and_model_settings(ckpt, media):
     assert f"tokens      {h * w // 784} visual tokens" in r.stdout
 
 
+def test_tokens_for_a_rotated_photo_agree_with_the_processor(tmp_path):
+    """A 640x200 JPEG tagged "rotate 90" is seen as 200x640: the count must be the processor's."""
+    from qwen2vl.processing.image import load_image, preprocess_image
+    from qwen2vl.processing.vision_config import VisionProcessingConfig
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (640, 200), (90, 140, 30)).save(tmp_path / "photo.jpg", exif=exif)
+    r = qwen2vl("tokens", tmp_path / "photo.jpg")
+    assert r.returncode == 0, r.stderr
+    cfg = VisionProcessingConfig.from_dict({"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384})
+    pixels, (t, h, w) = preprocess_image(load_image(str(tmp_path / "photo.jpg")), cfg)
+    assert (h, w) == (46, 14)  # portrait once rotated
+    assert "image       200x640 -> resized to 196x644" in r.stdout
+    assert f"grid        t={t}, h={h}, w={w}" in r.stdout
+    assert f"tokens      {pixels.shape[0] // 4} visual tokens" in r.stdout
+
+
 def test_tokens_for_a_video(media):
     from qwen2vl.processing.video import video_token_count
     from qwen2vl.processing.vision_config import VisionProcessingConfig
@@ -151,6 +170,19 @@ def test_errors_are_one_line_without_a_traceback(args, env, message, media, brok
     assert r.stderr.splitlines()[-1] == errors[0]
 
 
+@pytest.mark.parametrize("name", ["-x/y", "_x/y", "x/.y", "a/b/c", "x/y!"])
+def test_info_and_chat_agree_on_what_a_hub_repo_id_is(name, monkeypatch):
+    """One pattern (hub.py's): a name that is neither a folder nor a repo id never reaches the hub."""
+    import huggingface_hub
+
+    from qwen2vl import cli, hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: pytest.fail("the hub was asked"))
+    for look_up in (cli.checkpoint_headers, hub.resolve_model_path):
+        with pytest.raises(FileNotFoundError, match="not a hub repo id"):
+            look_up(name)
+
+
 def test_serve_is_the_servers_command():
     r = qwen2vl("serve", "--help")
     assert r.returncode == 0 and "--api-key" in r.stdout and "--port" in r.stdout
@@ -177,7 +209,7 @@ def test_draw_saves_the_image_with_the_answers_boxes(tmp_path, capsys):
 def test_explain_gives_one_line_with_a_next_step(error, expected):
     import torch
 
-    from qwen2vl.cli import explain
+    from qwen2vl.cli_errors import explain
 
     assert expected in explain(error) and "\n" not in explain(error)
     assert "--max-pixels" in explain(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))

@@ -1,16 +1,28 @@
-"""The whole decode step in one C call (qwen2vl/kernels/decode_step.c) against the Python path that
-calls the same kernels one by one: the same values, bit for bit, in bf16, int8 and int4."""
+"""The whole decode step in one C call (qwen2vl/backends/cpu/csrc/decode_step.c) against the Python path that
+calls the same kernels one by one: the same values, bit for bit, in bf16, int8 and int4, at every CPU tier
+this machine can play where the linears are our kernels too (the `tier` fixture)."""
 
 import pytest
 import torch
 
 from qwen2vl import LLM, SamplingParams
-from qwen2vl.kernels import decode_step, layer_ops
-from qwen2vl.kernels.decode_step import DecodeStep
-from tests.test_server_support import tiny_checkpoint
+from qwen2vl.backends.cpu import decode_step, layer_ops
+from qwen2vl.backends.cpu.decode_step import DecodeStep
+from tests.helpers.checkpoints import tiny_checkpoint
+from tests.helpers.tiers import tier_fixture
 
 pytestmark = pytest.mark.skipif(not layer_ops.available() or decode_step.library() is None,
                                 reason="the C kernels can't be built or run here")
+tier = tier_fixture(lambda: layer_ops.available() and decode_step.library() is not None)
+
+
+def skip_without_linear_kernels(text_model):
+    """The whole step in C needs every decoder linear on one of our kernels (DecodeStep.build's rule):
+    skip at a tier without them."""
+    linears = [m for layer in text_model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                          layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    if any(decode_step._linear(m, []) is None for m in linears):
+        pytest.skip("the linears aren't our kernels at this tier")
 
 
 def tokens_and_logprobs(llm, prompts, max_tokens=20):
@@ -20,9 +32,10 @@ def tokens_and_logprobs(llm, prompts, max_tokens=20):
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
-def test_decode_step_in_c_equals_the_python_path_bit_for_bit(quantization, monkeypatch):
+def test_decode_step_in_c_equals_the_python_path_bit_for_bit(quantization, monkeypatch, tier):
     llm = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02, quantization=quantization,
               enable_prefix_caching=False)
+    skip_without_linear_kernels(llm.model.model)
     runner = llm.engine.runner
     assert isinstance(runner.decode_step, DecodeStep)
     g = torch.Generator().manual_seed(1)
@@ -34,18 +47,19 @@ def test_decode_step_in_c_equals_the_python_path_bit_for_bit(quantization, monke
     monkeypatch.setattr(DecodeStep, "__call__", lambda self, x, *a: calls.append(x.shape[0]) or step(self, x, *a))
     fast = tokens_and_logprobs(llm, prompts) + tokens_and_logprobs(llm, prompts[:1], 30)
     assert max(calls) == 3 and 1 in calls
-    runner.decode_step = None  # the Python path: FastTextModel.forward with the runner's paged_decode
+    runner.decode_step = None  # the Python path: TextModel.forward on the C ops with the backend's paged_decode
     calls.clear()
     plain = tokens_and_logprobs(llm, prompts) + tokens_and_logprobs(llm, prompts[:1], 30)
     assert not calls
     assert fast == plain
 
 
-def test_a_linear_off_our_kernels_keeps_the_python_path():
-    from qwen2vl.linear import FastLinear
+def test_a_linear_off_our_kernels_keeps_the_python_path(tier):
+    from qwen2vl.backends.cpu.linear import FastLinear
 
     llm = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.02)
     text, cache = llm.model.model, llm.engine.runner.cache
+    skip_without_linear_kernels(text)
     assert DecodeStep.build(text, cache) is not None
     mlp = text.layers[1].mlp
     mlp.down_proj = FastLinear(mlp.down_proj.dense_weight(), use_kernel=False)  # oneDNN

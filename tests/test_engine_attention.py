@@ -6,58 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qwen2vl.backends.paged_attention import PagedBatch, decode, decode_padded, paged_attention, varlen
 from qwen2vl.config import TextConfig
-from qwen2vl.engine.kv_cache import KVCache, bytes_per_block, num_blocks_for
-from qwen2vl.engine.paged_attention import PagedBatch, decode, paged_attention, varlen
-
-HQ, HKV, D, BS = 4, 2, 8, 4
-
-
-def naive(q, k, v):
-    """q [n, Hq, D] are the last n of the ctx keys k/v [ctx, Hkv, D]."""
-    n, ctx = q.shape[0], k.shape[0]
-    k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / D**0.5
-    mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
-    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
-
-
-def build(cached: list[int], new: list[int], seed=0, consecutive=False):
-    """Fill a cache for sequences with `cached` tokens already in it and `new` tokens this step;
-    block tables are shuffled so that no sequence's blocks are contiguous (unless `consecutive`)."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = TextConfig(hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HKV, num_hidden_layers=1,
-                     mrope_section=(1, 1, 2))
-    cache = KVCache(cfg, 64, BS, torch.float32, "cpu")
-    free = list(range(63, 2, -1)) if consecutive else torch.randperm(64, generator=g).tolist()
-    tables, slots, ks, vs, qs, q_starts = [], [], [], [], [], []
-    full = []
-    n_rows = 0
-    for c, n in zip(cached, new):
-        ctx = c + n
-        table = [free.pop() for _ in range(-(-ctx // BS))]
-        k, v = torch.randn(ctx, HKV, D, generator=g), torch.randn(ctx, HKV, D, generator=g)
-        seq_slots = torch.tensor([table[i // BS] * BS + i % BS for i in range(ctx)])
-        cache.write(0, k[:c], v[:c], seq_slots[:c])  # what earlier steps wrote
-        full.append((k, v))
-        tables.append(table)
-        slots.append(seq_slots[c:])
-        ks.append(k[c:])
-        vs.append(v[c:])
-        qs.append(torch.randn(n, HQ, D, generator=g))
-        q_starts.append(n_rows)
-        n_rows += n
-    width = max(map(len, tables))
-    ctx_lens = [c + n for c, n in zip(cached, new)]
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    batch = PagedBatch(
-        slot_mapping=torch.cat(slots), q_starts=q_starts, q_lens=list(new), ctx_lens=ctx_lens,
-        ctx_slots=PagedBatch.context_slots(block_tables, BS, max(ctx_lens)), ctx_lens_t=torch.tensor(ctx_lens),
-    )
-    q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
-    cache.write(0, k, v, batch.slot_mapping)  # what the step's attend does first
-    want = torch.cat([naive(qq, kk, vv) for qq, (kk, vv) in zip(qs, full)])
-    return q, k, v, cache, batch, want
+from qwen2vl.engine.kv_cache import bytes_per_block, num_blocks_for
+from tests.helpers.paged_cache import BS, HKV, HQ, D, build
 
 
 @pytest.mark.parametrize(
@@ -95,6 +47,26 @@ def test_lone_sequence_in_consecutive_blocks_reads_a_slice(cached):
     torch.testing.assert_close(decode(q, cache.k[0], cache.v[0], batch), want)
     batch.ctx_run = 0  # the wrong run reads other keys: the slice path is really taken
     assert not torch.allclose(decode(q, cache.k[0], cache.v[0], batch), want)
+
+
+@pytest.mark.parametrize("cached, new", [
+    ([0, 9, 3, 12], [5, 1, 4, 1]),  # prefill, decode, chunk, decode packed together
+    ([0, 13, 3, 30, 7], [1] * 5),  # decodes of different lengths: padded and masked
+    ([9, 9, 9], [1] * 3),  # equal lengths: no mask
+])
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf")])
+def test_slots_nothing_wrote_never_reach_the_output(cached, new, garbage):
+    """The cache is allocated uninitialized: whatever bits its unwritten slots hold (NaN, Inf) must not
+    change any path's output, not even through a masked score times a padded value."""
+    q, k, v, cache, batch, want = build(cached, new, seed=3, fill=garbage)
+    torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], batch), want)
+    torch.testing.assert_close(varlen(q, k, v, cache.k[0], cache.v[0], batch), want)
+    if batch.is_decode:
+        torch.testing.assert_close(decode(q, cache.k[0], cache.v[0], batch), want)
+        # the CUDA graphs' torch fallback: tables padded with block 0 to a fixed width, always masked
+        tables = F.pad(batch.ctx_slots[:, ::BS] // BS, (0, 2))
+        wide = PagedBatch.context_slots(tables, BS, tables.shape[1] * BS, batch.ctx_lens_t)
+        torch.testing.assert_close(decode_padded(q, cache.k[0], cache.v[0], wide, batch.ctx_lens_t), want)
 
 
 def test_cache_is_sized_from_a_memory_budget():

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen2vl.backends.paged_attention import decode, varlen
 from qwen2vl.engine.llm import LLM
-from qwen2vl.engine.paged_attention import decode, varlen
 from qwen2vl.engine.sampling_params import SamplingParams
-from tests.test_engine_attention import build
-from tests.test_engine_parity import CONVERSATIONS, make_checkpoint
+from tests.helpers.paged_cache import build
+from tests.helpers.parity import CONVERSATIONS, make_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

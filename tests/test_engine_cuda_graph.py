@@ -1,4 +1,4 @@
-"""Decode CUDA graphs (engine/cuda_graph.py) and the Triton decode kernel (engine/triton_decode.py).
+"""Decode CUDA graphs (engine/cuda_graph.py) and the Triton decode kernel (backends/cuda/triton_decode.py).
 
 On CUDA: the kernel against the torch decode path on random paged caches (mixed lengths, GQA
 ratios, head sizes, dtypes, int32/int64 tables) and replayed in a graph; graphed generation against
@@ -16,9 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen2vl.backends.paged_attention import PagedBatch, decode_padded
 from qwen2vl.engine.cuda_graph import GraphRunner, build_graph_runner
 from qwen2vl.engine.engine import Engine, EngineConfig
-from qwen2vl.engine.paged_attention import PagedBatch, decode_padded
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams
 from qwen2vl.model import Qwen2VL
@@ -75,10 +75,12 @@ def test_cpu_engine_builds_no_graphs(folder):
 
 def test_static_decode_forward_gives_the_eager_tokens(folder):
     """The graph runner without the capture: static buffers, bucket padding written into a block no
-    sequence owns, positions from rope_delta, the masked torch attention over fixed-width tables."""
+    sequence owns, positions from rope_delta, the masked torch attention over fixed-width tables; the
+    cache (allocated uninitialized) is filled with NaN first, which no output may see."""
     model = Qwen2VL.from_pretrained(folder, dtype=torch.float32)
     want = generate(Engine(model, EngineConfig(**CONFIG)), model.config)
     engine = Engine(model, EngineConfig(**CONFIG))
+    engine.cache.k.fill_(float("nan")), engine.cache.v.fill_(float("nan"))
     blocks = engine.scheduler.blocks
     spare = blocks.num_blocks - 1
     del blocks.free[spare]  # on CUDA the engine allocates one past the manager's; here, by hand
@@ -125,17 +127,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("lens", [[1, 5, 130, 64], [300]])
 def test_triton_decode_splits_the_context_and_combines_exactly(splits, lens):
     pytest.importorskip("triton")
-    from qwen2vl.engine import triton_decode
+    from qwen2vl.backends.cuda import triton_decode
 
     q, k, v, tables, lens_t = random_paged(12, 2, 128, 16, lens, torch.float32, device=DEVICE)
-    want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(lens)), lens_t)
+    want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(lens), lens_t), lens_t)
     torch.testing.assert_close(triton_decode.decode(q, k, v, tables, lens_t, splits=splits), want,
                                atol=1e-5, rtol=1e-5)
 
 
 def test_the_context_is_split_only_where_the_batch_leaves_the_gpu_idle():
     pytest.importorskip("triton")
-    from qwen2vl.engine.triton_decode import num_splits
+    from qwen2vl.backends.cuda.triton_decode import num_splits
 
     cpu = torch.device("cpu")  # counted as an H100's 132 multiprocessors
     assert [num_splits(b, 12, cpu) for b in (1, 2, 4, 8, 16, 32, 64)] == [16, 16, 8, 4, 2, 1, 1]
@@ -152,11 +154,11 @@ def test_the_context_is_split_only_where_the_batch_leaves_the_gpu_idle():
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_decode_matches_torch_decode(hq, hkv, dh, block_size, dtype):
-    from qwen2vl.engine import triton_decode
+    from qwen2vl.backends.cuda import triton_decode
 
     lens = [1, 2 * block_size, 5, 3 * block_size + 1, 130, 17, 64]
     q, k, v, tables, lens_t = random_paged(hq, hkv, dh, block_size, lens, dtype)
-    ctx_slots = PagedBatch.context_slots(tables, block_size, max(lens))
+    ctx_slots = PagedBatch.context_slots(tables, block_size, max(lens), lens_t)
     want = decode_padded(q, k, v, ctx_slots, lens_t)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(triton_decode.decode(q, k, v, tables, lens_t), want, **tol)
@@ -165,7 +167,7 @@ def test_triton_decode_matches_torch_decode(hq, hkv, dh, block_size, dtype):
 
 @cuda
 def test_triton_decode_replays_in_a_graph_with_new_lengths():
-    from qwen2vl.engine import triton_decode
+    from qwen2vl.backends.cuda import triton_decode
 
     q, k, v, tables, lens = random_paged(12, 2, 128, 16, [40, 7, 100], torch.bfloat16)
     triton_decode.decode(q, k, v, tables, lens)  # compile outside the capture
@@ -175,7 +177,7 @@ def test_triton_decode_replays_in_a_graph_with_new_lengths():
     for new in ([1, 2, 3], [130, 64, 16]):
         lens.copy_(torch.tensor(new))
         graph.replay()
-        want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(new)), lens)
+        want = decode_padded(q, k, v, PagedBatch.context_slots(tables, 16, max(new), lens), lens)
         torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
 
 

@@ -11,7 +11,7 @@ import torch
 from qwen2vl.engine.async_engine import AsyncLLM
 from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.sampling_params import SamplingParams
-from tests.test_engine_parity import CONVERSATIONS, DEVICE, img, make_checkpoint, user
+from tests.helpers.parity import CONVERSATIONS, DEVICE, img, make_checkpoint, user
 
 TEXT = CONVERSATIONS["text"]
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
@@ -139,6 +139,26 @@ def test_errors_at_the_edge(llm):
         LLM("/nonexistent", dtype="int3")
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLM("/nonexistent", max_num_batched_tokens=0)
+    assert free_after(llm)
+
+
+def test_continue_final_message_and_chat_template_kwargs(llm):
+    """vLLM's names: a prefilled answer start is continued, not answered after; template kwargs reach
+    the template."""
+    msgs = TEXT + [{"role": "assistant", "content": "Once upon a time"}]
+    want = llm.processor(msgs, continue_final_message=True)["input_ids"].tolist()
+    assert llm.processor.decode(want[-4:]) == "Once upon a time"
+    assert llm.prompt(msgs, continue_final_message=True).token_ids == want
+    (out,) = llm.chat(msgs, GREEDY, continue_final_message=True)
+    assert out.prompt_token_ids == want and out.token_ids == llm.generate([want], GREEDY)[0].token_ids
+    with pytest.raises(ValueError, match="exclude each other"):
+        llm.chat(msgs, GREEDY, add_generation_prompt=True, continue_final_message=True)
+    assert llm.prompt(TEXT, add_generation_prompt=False).token_ids == llm.processor(TEXT)["input_ids"].tolist()
+    picture = CONVERSATIONS["one_image"]
+    numbered = llm.prompt(picture, chat_template_kwargs={"add_vision_id": True})
+    assert len(numbered) == len(llm.prompt(picture)) + len(llm.processor.tokenizer.encode("Picture 1: "))
+    with pytest.raises(ValueError, match="chat_template_kwargs.*tools"):
+        llm.prompt(picture, chat_template_kwargs={"tools": []}, tools=[])
     assert free_after(llm)
 
 

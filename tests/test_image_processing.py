@@ -159,6 +159,18 @@ def test_load_image_applies_exif_orientation(tmp_path):
         assert np.array_equal(np.asarray(loaded), np.asarray(ImageOps.exif_transpose(raw).convert("RGB")))
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_header_size_is_the_size_the_processor_sees(tmp_path, orientation):
+    """The one header probe (token counts, server, CLI) reads the size load_image decodes to."""
+    from qwen2vl.processing.headers import image_header, media_header
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    noise(64, 20, seed=orientation).save(path, exif=exif)
+    assert image_header(path) == media_header(path) == load_image(str(path)).size
+
+
 def test_load_image_converts_formats_to_rgb(tmp_path):
     rgba = noise(33, 17, "RGBA", seed=12)
     buf = io.BytesIO()

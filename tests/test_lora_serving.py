@@ -97,6 +97,23 @@ def test_merged_checkpoint_gives_the_unmerged_logits(setup):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (root / "base").iterdir())
 
 
+def test_adapters_on_fused_qkv_and_gate_up_linears(setup):
+    """The engine fuses q|k|v (and gate|up on CUDA) before adapters attach: each part gets its own."""
+    root, _, inputs = setup
+    adapters = {"a": read_adapter(root / "a"), "b": read_adapter(root / "b")}
+    n = inputs["input_ids"].numel()
+    model = Qwen2VL.from_pretrained(root / "base", dtype=torch.float32)
+    model.fuse_qkv()
+    model.fuse_gate_up()
+    rows = attach_adapters(model, adapters)
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, MultiLoRALinear)
+    for slot, name in ((1, root / "a"), (2, root / "b")):
+        rows.set([slot], [n], "cpu")
+        got = model.logits(inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                           image_grid_thw=inputs["image_grid_thw"])
+        torch.testing.assert_close(got, our_logits(root / "base", name, inputs), rtol=1e-4, atol=1e-4)
+
+
 def test_mixed_adapter_batch_equals_each_run_alone(setup):
     root, _, _ = setup
     llm = LLM(str(root / "base"), lora={"a": root / "a", "b": root / "b"}, dtype="float32", kv_cache_gib=0.02,
@@ -121,13 +138,13 @@ def test_one_adapter_for_every_request_and_no_c_decode_step(setup):
     llm = LLM(str(root / "base"), lora=root / "a", dtype="bfloat16", kv_cache_gib=0.02)
     assert llm.engine.runner.decode_step is None  # the LoRA linears are not the C step's kernels
     plain = LLM(str(root / "base"), dtype="bfloat16", kv_cache_gib=0.02)
-    assert plain.engine.runner.decode_step is not None or not plain.engine.runner.fast_decode  # (where C runs)
+    assert plain.engine.runner.decode_step is not None or not plain.model.backend.fused_decode  # (where C runs)
     default = llm.chat(conversation(root), GREEDY)[0]
     assert default.token_ids == llm.chat(conversation(root), GREEDY, lora="a")[0].token_ids
 
 
 def _int8(linear: nn.Linear):
-    from qwen2vl.quant import quantize_model
+    from qwen2vl.backends.quant import quantize_model
 
     holder = nn.Module()
     holder.proj = linear
@@ -137,7 +154,7 @@ def _int8(linear: nn.Linear):
 
 @pytest.mark.parametrize("kind", ["linear", "fast", "int8"])
 def test_lora_linear_wraps_any_base_linear(kind):
-    from qwen2vl.linear import FastLinear
+    from qwen2vl.backends.cpu.linear import FastLinear
 
     torch.manual_seed(0)
     dtype = torch.float32 if kind == "linear" else torch.bfloat16
@@ -162,3 +179,45 @@ def test_lora_linear_wraps_any_base_linear(kind):
     tol = 1e-4 if dtype == torch.float32 else 0.15
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)  # slot 0: the base, untouched
+
+
+def test_server_serves_adapters_as_models(tmp_path):
+    from openai import NotFoundError, OpenAI
+
+    from qwen2vl.server.limits import ServerLimits
+    from tests.helpers.checkpoints import tiny_checkpoint
+    from tests.helpers.server import running_server
+
+    adapter = random_adapter(tmp_path / "forms", tiny_checkpoint(), ALL, rank=4, alpha=8, seed=5)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    with running_server(ServerLimits(), api_key=None, lora={"forms": adapter}) as (url, app):
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        cards = client.models.list().data
+        assert [m.id for m in cards] == ["tiny", "forms"] and cards[1].model_extra["parent"] == "tiny"
+        answers = {}
+        for model in ("tiny", "forms"):
+            r = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+            assert r.model == model
+            answers[model] = r.choices[0].message.content
+        with pytest.raises(NotFoundError, match="serves 'tiny', 'forms'"):
+            client.chat.completions.create(model="other", messages=messages, max_tokens=2)
+        llm = app.state.service.engine.llm
+    params = SamplingParams(temperature=0, max_tokens=6)
+    assert answers["forms"] != answers["tiny"]
+    assert answers["forms"] == llm.processor.decode(llm.chat(messages, params, lora="forms")[0].token_ids)
+    assert answers["tiny"] == llm.processor.decode(llm.chat(messages, params)[0].token_ids)
+
+
+def test_serve_lora_arguments_are_checked_before_loading(tmp_path):
+    from qwen2vl.server.cli import parse_lora_arguments
+    from tests.helpers.checkpoints import tiny_checkpoint
+
+    random_adapter(tmp_path / "a", tiny_checkpoint(), ["q_proj"], rank=2, alpha=2, seed=0)
+    assert parse_lora_arguments([f"a={tmp_path / 'a'}"], "base") == {"a": str(tmp_path / "a")}
+    for values, message in [(["a"], "expected NAME=DIR"), ([f"={tmp_path}"], "expected NAME=DIR"),
+                            ([f"base={tmp_path / 'a'}"], "already taken"),
+                            ([f"a={tmp_path / 'a'}", f"a={tmp_path / 'a'}"], "already taken"),
+                            ([f"b={tmp_path}"], "has no adapter_config.json")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            parse_lora_arguments(values, "base")
+

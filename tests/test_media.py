@@ -59,6 +59,15 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/slow":
             time.sleep(1.5)
             self._send(200, PNG, length=True)
+        elif path == "/stall":  # headers at once, a byte late in the time limit, then nothing for long
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(0.8)
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            time.sleep(5)
         else:
             self._send(404, b"no", length=True)
 
@@ -168,6 +177,31 @@ def test_timeout_status_scheme_and_host_errors(server):
         load_image(f"{server}/img.png", MediaPolicy(allow_remote=False))
     with pytest.raises(MediaError, match="unsupported"):
         load_image(12345)
+
+
+def test_a_slow_resolver_counts_against_the_time_limit(monkeypatch):
+    """getaddrinfo has no timeout of its own: a resolver that takes 3 s must not hold a 0.3 s fetch."""
+    real = media.socket.getaddrinfo
+
+    def slow_getaddrinfo(host, *args, **kwargs):
+        if host == "slow-dns.test":
+            time.sleep(3)
+            return [(2, 1, 6, "", ("93.184.216.34", 80))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(media.socket, "getaddrinfo", slow_getaddrinfo)
+    start = time.monotonic()
+    with pytest.raises(MediaError, match="timed out.*MediaPolicy.timeout"):
+        load_image("http://slow-dns.test/img.png", MediaPolicy(timeout=0.3))
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_stalled_body_ends_at_the_deadline_not_a_socket_timeout_later(server):
+    """A byte just before the limit must not buy the next read a whole new socket timeout."""
+    start = time.monotonic()
+    with pytest.raises(MediaError, match="timed out"):
+        load_image(f"{server}/stall", MediaPolicy(allow_private=True, timeout=1.0))
+    assert time.monotonic() - start < 1.4
 
 
 def test_data_uris_and_raw_bytes():

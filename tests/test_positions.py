@@ -60,3 +60,35 @@ def test_mismatched_grids_are_errors(ids, images, message):
 def test_decode_positions_use_delta():
     assert decode_positions(10, -3).tolist() == [[7], [7], [7]]
     assert torch.equal(decode_positions(0, 0), torch.zeros(3, 1, dtype=torch.long))
+
+
+CFG25 = Qwen2VLConfig(text=TextConfig(), vision=VisionConfig(family="qwen2_5_vl", window_size=112, tokens_per_second=2),
+                      image_token_id=9, video_token_id=8, model_type="qwen2_5_vl")
+
+
+def test_qwen2_5_docstring_example():
+    # [T V*4 T], video LLM grid (2, 1, 2) = processor grid (2, 2, 4), 1 s a grid step, 2 positions a second
+    pos, delta = mrope_positions([T] + [V] * 4 + [T], None, [[2, 2, 4]], CFG25, [1.0])
+    assert pos.tolist() == [[0, 1, 1, 3, 3, 4], [0, 1, 1, 1, 1, 4], [0, 1, 2, 1, 2, 4]]
+    assert delta == 5 - 6
+
+
+@pytest.mark.parametrize("seconds, time", [
+    (None, [0, 2, 4, 6]),  # no seconds given: 1.0, as the reference defaults
+    ([0.25], [0, 0, 1, 1]),  # int() truncates
+    ([2 / 3], [0, 1, 2, 4]),  # 3 fps: 1.33, 2.67, then float32(3 * float32(2/3)) = 2.0 exactly -> 4
+    ([0.0], [0, 0, 0, 0]),
+])
+def test_qwen2_5_video_time_steps(seconds, time):
+    ids = [T] + [V] * 4 + [T]
+    pos, _ = mrope_positions(ids, None, [[4, 2, 2]], CFG25, seconds)  # LLM grid (4, 1, 1)
+    assert (pos[0, 1:5] - 1).tolist() == time
+    assert pos[0, 5] == 1 + time[-1] + 1
+    assert mrope_positions(ids, None, [[4, 2, 2]], CFG, seconds)[0][0, 1:5].tolist() == [1, 2, 3, 4]  # Qwen2-VL
+
+
+@pytest.mark.parametrize("seconds, message", [([1.0, 2.0], "2 second_per_grid_ts values for 1 videos"),
+                                              ([-1.0], "finite and >= 0"), ([float("nan")], "finite and >= 0")])
+def test_bad_seconds_are_errors(seconds, message):
+    with pytest.raises(ValueError, match=message):
+        mrope_positions([T] + [V] * 4, None, [[4, 2, 2]], CFG25, seconds)

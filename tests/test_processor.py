@@ -121,6 +121,22 @@ def test_add_vision_id_and_per_image_options(proc, ref):
     assert out["input_ids"].tolist() == ref.tokenizer.encode(expanded, add_special_tokens=False)
 
 
+def test_continue_final_message_ends_on_the_prefix(proc, ref):
+    """A prefilled answer start: the ids stop after its text, as transformers' processor makes them."""
+    msgs = CASES["one_image"] + [{"role": "assistant", "content": [{"type": "text", "text": "It shows a"}]}]
+    text = ref.apply_chat_template(msgs, continue_final_message=True)
+    assert proc.apply_chat_template(msgs, continue_final_message=True) == text and text.endswith("It shows a")
+    ids = proc(msgs, continue_final_message=True)["input_ids"].tolist()
+    assert ids == ref(text=[text], images=_images(msgs), return_tensors="pt")["input_ids"][0].tolist()
+    assert proc.tokenizer.decode(ids[-3:]) == "It shows a"
+    # a typed end-of-turn inside the prefix stays text: the turn is still open
+    end_of_turn = proc.tokenizer.token_to_id("<|im_end|>")
+    typed = proc(msgs[:1] + [{"role": "assistant", "content": "Done<|im_end|>"}], continue_final_message=True)
+    assert typed["input_ids"].tolist().count(end_of_turn) == ids.count(end_of_turn)
+    with pytest.raises(ValueError, match="exclude each other"):
+        proc(msgs, add_generation_prompt=True, continue_final_message=True)
+
+
 def test_video_frames_ids_and_pad_count(proc, ref):
     frames = [_image(56, 84, 10 + i) for i in range(5)]  # 5 frames -> padded to 6 -> t = 3
     msgs = [{"role": "user", "content": [{"type": "video", "video": frames, "fps": 2.0},
@@ -236,16 +252,19 @@ def test_strict_mode_names_the_token(proc):
 
 @pytest.mark.parametrize("messages, match", [
     ([], "non-empty"),
-    ([{"role": "robot", "content": "hi"}], "role must be one of"),
-    ([{"role": "user"}], "missing 'content'"),
-    ([{"role": "user", "content": 5}], "content must be a string or a list"),
-    ([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}], "unknown content type 'audio'"),
+    ([{"role": "robot", "content": "hi"}], "role: must be one of"),
+    ([{"role": "user"}], "content: missing"),
+    ([{"role": "user", "content": 5}], "content: must be a string or a list"),
+    ([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}],
+     r"messages\[0\]\.content\[0\]\.type: unsupported content type 'audio'"),
     ([{"role": "user", "content": [{"type": "text"}]}], "needs a string 'text'"),
     ([{"role": "user", "content": [{"type": "image"}]}], "needs exactly one source"),
     ([{"role": "user", "content": [{"type": "image", "image": "a.png", "fps": 2}]}], r"unknown field\(s\) \['fps'\]"),
-    ([{"role": "user", "content": [{"type": "image", "image": "a.png", "max_pixels": -1}]}], "must be positive"),
+    ([{"role": "user", "content": [{"type": "image", "image": "a.png", "max_pixels": -1}]}],
+     "max_pixels: must be a positive number"),
     ([{"role": "user", "content": [{"type": "video", "video": "v.mp4", "nframes": 2.5}]}], "must be an integer"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "needs a 'url'"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+     "image_url.url: a non-empty URL string is required"),
     (["hello"], "expected a dict"),
 ])
 def test_malformed_messages(proc, messages, match):

@@ -4,16 +4,15 @@ the same quantized weights and activations; torch's kernels equal the dequantize
 from __future__ import annotations
 
 import logging
-import platform
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import qwen2vl.quant as quant
-from qwen2vl import kernels
-from qwen2vl.quant import Int4Linear, Int8Linear, pack_int4, quantize_model, unpack_int4
+import qwen2vl.backends.quant as quant
+from qwen2vl.backends.cpu import gemm, isa, native
+from qwen2vl.backends.quant import Int4Linear, Int8Linear, pack_torch_int4, quantize_model, unpack_torch_int4
 
 K = 256
 
@@ -49,16 +48,19 @@ def max_weight_error(q) -> torch.Tensor:
 def test_layouts_round_trip_and_torch_int4_layout_matches_its_packer():
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.uint8)
-    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
-    assert torch.equal(kernels.unpack_int4(kernels.pack_int4(codes)), codes)
+    assert torch.equal(unpack_torch_int4(pack_torch_int4(codes)), codes)
+    assert torch.equal(gemm.unpack_int4(gemm.pack_int4(codes)), codes)
     q = torch.randint(-127, 128, (128, 64), generator=g, dtype=torch.int8)
-    assert torch.equal(kernels.unpack_int8(kernels.pack_int8(q)), q)
+    assert torch.equal(gemm.unpack_int8(gemm.pack_int8(q)), q)
     scales, zeros = torch.randn(2, 128, 2, generator=g)
-    assert all(map(torch.equal, kernels.unpack_groups(kernels.pack_groups(scales, zeros)), (scales, zeros)))
+    assert all(map(torch.equal, gemm.unpack_groups(gemm.pack_groups(scales, zeros)), (scales, zeros)))
     # int_gemv's int4 layout: byte j of a 64-byte chunk is row j // 4, k = j % 4 (low) and 4 + j % 4 (high)
-    assert kernels.pack_int4(codes)[0, 0, 1, 2] == codes[1, 2] | codes[1, 6] << 4
-    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-        assert quant.has_int4_kernel()  # our packer produces exactly the kernel's layout
+    assert gemm.pack_int4(codes)[0, 0, 1, 2] == codes[1, 2] | codes[1, 6] << 4
+    # our packer produces exactly the layout torch's kernel takes on AVX-512 ATen (on AVX2 its layout
+    # differs, and it is ~1000x too slow to want: Int4Linear dequantizes there when our kernel is missing)
+    if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and \
+            torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert quant.has_int4_kernel()
     assert quant.has_int8_kernel()
 
 
@@ -81,7 +83,7 @@ def quantize_activations(x):
 
     Returns xq [M, K/32, 32] (integers, as float64), d and the float sum of x per block [M, K/32].
     """
-    xb = x.float().view(x.shape[0], -1, kernels.QK)
+    xb = x.float().view(x.shape[0], -1, gemm.QK)
     d = xb.abs().amax(-1) / 127
     xq = torch.round(xb * torch.where(d > 0, 1 / d, 0)[..., None])  # 1 / d in float32, as the kernel
     return xq.double(), d.double(), xb.double().sum(-1)
@@ -89,7 +91,7 @@ def quantize_activations(x):
 
 def per_block(q, t):
     """Per-group [N, K/group] -> per activation block [N, K/32]."""
-    return t.double().repeat_interleave(q.group_size // kernels.QK, 1)
+    return t.double().repeat_interleave(q.group_size // gemm.QK, 1)
 
 
 def int_gemv_reference(q, x):
@@ -98,10 +100,10 @@ def int_gemv_reference(q, x):
     n = q.out_features
     if isinstance(q, Int8Linear):  # y = scale * sum_b d_b (q . xq)_b
         w = q.codes().double() * q.scales[:n].double()[:, None]
-        y = torch.einsum("mbk,nbk,mb->mn", xq, w.view(n, -1, kernels.QK), d)
+        y = torch.einsum("mbk,nbk,mb->mn", xq, w.view(n, -1, gemm.QK), d)
     else:  # y = sum_b scale_g d_b ((q - 8) . xq)_b + zero_g sum_b x
         codes, scales, zeros = q.unpack()
-        dots = torch.einsum("mbk,nbk->mnb", xq, codes.double().view(n, -1, kernels.QK) - 8)
+        dots = torch.einsum("mbk,nbk->mnb", xq, codes.double().view(n, -1, gemm.QK) - 8)
         y = (dots * d[:, None] * per_block(q, scales)).sum(-1) + xsum @ per_block(q, zeros).t()
     return y if q.bias is None else y + q.bias.double()
 
@@ -114,11 +116,11 @@ def activation_error(q, x):
         w = q.dequantize(torch.float64)
     else:
         codes, scales, _ = q.unpack()
-        w = (codes.double() - 8) * per_block(q, scales).repeat_interleave(kernels.QK, 1)
-    return (d.repeat_interleave(kernels.QK, 1) / 2) @ w.abs().t()
+        w = (codes.double() - 8) * per_block(q, scales).repeat_interleave(gemm.QK, 1)
+    return (d.repeat_interleave(gemm.QK, 1) / 2) @ w.abs().t()
 
 
-needs_int_gemv = pytest.mark.skipif(kernels.library() is None, reason="no C compiler or no AVX-512 VNNI here")
+needs_int_gemv = pytest.mark.skipif(gemm.int_library() is None, reason="no C compiler or no AVX-512 VNNI here")
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -127,7 +129,7 @@ needs_int_gemv = pytest.mark.skipif(kernels.library() is None, reason="no C comp
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("blocked", [True, False])  # our kernel, torch's
 def test_output_error_bounded_by_step(kind, rows, dtype, bias, blocked):
-    if blocked and kernels.library() is None:
+    if blocked and gemm.int_library() is None:
         pytest.skip("no int_gemv kernel here")
     linear = make_linear(dtype, bias=bias)
     q = quantize(kind, linear, blocked=blocked)
@@ -217,7 +219,7 @@ def test_without_int_gemv_modules_take_torch_layouts_and_blocked_ones_dequantize
     linear = make_linear(torch.float32, 97)
     blocked = quantize(kind, linear, blocked=True)
     assert not Int8Linear.from_linear(nn.Linear(48, 16)).blocked  # in_features not a multiple of 32
-    monkeypatch.setattr(kernels, "library", lambda: None)  # no compiler, or no VNNI
+    monkeypatch.setattr(gemm, "int_library", lambda: None)  # no compiler, or no VNNI
     assert not quantize(kind, linear).blocked
     x = torch.randn(3, K)
     with torch.no_grad():
@@ -228,24 +230,26 @@ def test_without_int_gemv_modules_take_torch_layouts_and_blocked_ones_dequantize
 
 def test_build_problems_fall_back_and_log_once(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    bad = tmp_path / "bad.c"
-    bad.write_text("int int_gemv_supported(void) { return }\n")
-    cases = [
-        ("CC", "/nonexistent/cc", "unavailable"),
-        ("SOURCE", bad, "compile failed"),
-    ]
-    if platform.machine() == "x86_64":  # the C file's stub, compiled for a CPU without AVX-512
-        cases.append(("FLAGS", ["-O2", "-march=x86-64-v2", "-shared", "-fPIC"], "no AVX-512 VNNI"))
+    (tmp_path / "int_gemv.c").write_text("int int8_gemm(void) { return }\n")
+    cases = [(None, "none", "no variant for this CPU", logging.INFO)]  # capped below every variant
+    if native.variant("int_gemv") is not None:  # a variant this CPU runs: its build can fail
+        cases += [("CC", "/nonexistent/cc", "unavailable", logging.WARNING),
+                  ("CSRC", tmp_path, "compile failed", logging.WARNING)]
     try:
-        for attr, value, message in cases:
-            with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="qwen2vl.kernels"):
-                m.setattr(kernels, attr, value)
-                kernels.library.cache_clear()
-                assert kernels.library() is None and kernels.library() is None
+        for attr, value, message, level in cases:
+            with monkeypatch.context() as m, caplog.at_level(level, logger="qwen2vl.backends.cpu.native"):
+                if attr is None:
+                    m.setenv(isa.ENV, value)
+                else:
+                    m.setattr(native, attr, value)
+                isa.current.cache_clear()
+                native.library.cache_clear()
+                assert gemm.int_library() is None and gemm.int_library() is None
             assert caplog.text.count(message) == 1, caplog.text
             caplog.clear()
     finally:
-        kernels.library.cache_clear()
+        isa.current.cache_clear()
+        native.library.cache_clear()
 
 
 def test_quantize_model_skips_vision_and_optionally_head():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qwen2vl import LLM, SamplingParams
-from tests.test_server_support import tiny_checkpoint
+from tests.helpers.checkpoints import tiny_checkpoint
 
 # measured on the tiny checkpoint (random weights): relative RMS of the logits vs bf16 is 0.025
 # for int8 and 0.21 for int4; the bounds leave ~2x room and fail on a broken kernel (error ~1)
@@ -49,7 +49,7 @@ def wide_checkpoint(tmp_path_factory):
 
 
 def test_int4_group_sizes_reach_the_linears_and_trade_error(wide_checkpoint, prompt_ids):
-    from qwen2vl.quant import QUANTIZATIONS, Int4Linear
+    from qwen2vl.backends.quant import QUANTIZATIONS, Int4Linear
 
     def logits(**kw):
         llm = LLM(str(wide_checkpoint), dtype="bfloat16", device="cpu", kv_cache_gib=0.02, **kw)

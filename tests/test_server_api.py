@@ -15,7 +15,9 @@ from openai import BadRequestError, OpenAI
 from PIL import Image
 
 from qwen2vl.server.limits import ServerLimits
-from tests.test_server_support import data_uri, mp4_bytes, png_bytes, running_server, tiny_checkpoint
+from tests.helpers.checkpoints import tiny_checkpoint
+from tests.helpers.media import data_uri, mp4_bytes, png_bytes
+from tests.helpers.server import running_server
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -101,6 +103,29 @@ def test_image_by_data_uri_costs_what_token_count_says(server, client):
     r = ask(client, content)
     assert r.usage.prompt_tokens == counted["prompt_tokens"]
     assert r.choices[0].message.content is not None
+
+
+def test_continue_final_message_and_chat_template_kwargs_in_the_body(server, client):
+    """vLLM's request fields, sent as the openai client sends extras (extra_body)."""
+    from qwen2vl.processing.processor import Processor
+
+    proc = Processor.from_pretrained(tiny_checkpoint())
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    prefilled = proc(msgs, continue_final_message=True)["input_ids"]
+    assert r.usage.prompt_tokens == len(prefilled)  # ends on "The colour is": no <|im_end|>, no new turn
+    default = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0,
+                                             extra_body={"continue_final_message": True})  # implies no prompt
+    assert default.usage.prompt_tokens == len(prefilled)
+    body = {"messages": msgs, "continue_final_message": True}
+    counted = httpx.post(f"{server}/v1/token_count", json=body, headers=AUTH).json()
+    assert counted["prompt_tokens"] == len(prefilled)
+    content = [image_part(data_uri(IMAGE)), {"type": "text", "text": "What is this?"}]
+    plain, numbered = (ask(client, content, extra_body=extra).usage.prompt_tokens
+                       for extra in ({}, {"chat_template_kwargs": {"add_vision_id": True}}))
+    assert numbered == plain + len(proc.tokenizer.encode("Picture 1: "))
+    assert count(server, content, chat_template_kwargs={"add_vision_id": True})["prompt_tokens"] == numbered
 
 
 def test_image_by_http_url_and_file_url_give_the_same_prompt(server, client, media_url, media_dir):
@@ -262,6 +287,44 @@ def test_json_schema_output_parses_and_matches(client):
         assert isinstance(obj["name"], str) and len(obj["name"]) <= 10
         assert isinstance(obj["age"], int) and 0 <= obj["age"] <= 150
         assert len(obj["tags"]) <= 3 and set(obj["tags"]) <= {"a", "b"}
+
+
+def test_the_grammar_table_is_built_before_the_server_serves(monkeypatch):
+    """The first json_schema request must not pay for llguidance's tokenizer table (~2-3 s, holding
+    the GIL, so every stream would stall meanwhile): create_app builds it, once."""
+    import llguidance
+
+    from qwen2vl.engine.async_engine import AsyncLLM
+    from qwen2vl.server.app import create_app
+
+    built, real = [], llguidance.LLTokenizer
+    monkeypatch.setattr(llguidance, "LLTokenizer", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    engine = AsyncLLM(str(tiny_checkpoint()), dtype="float32", kv_cache_gib=0.02, max_model_len=2048)
+    try:
+        compiler = create_app(engine, ServerLimits()).state.service.compiler
+        assert built == [1]
+        compiler.constraint(compiler.json_grammar({"type": "json_object"}), "response_format")
+        assert built == [1]
+    finally:
+        engine.shutdown()
+
+
+def test_the_web_page_is_found_in_one_place(monkeypatch, tmp_path):
+    """server/web.py alone knows where index.html is: without it, no route; with it, served."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from qwen2vl.server import web
+
+    monkeypatch.setattr(web, "PAGE", tmp_path / "missing.html")
+    app = FastAPI()
+    assert web.add_web_page(app) is False and TestClient(app).get("/").status_code == 404
+    (tmp_path / "index.html").write_text("<!doctype html><title>t</title><script>let x = 1;</script>")
+    monkeypatch.setattr(web, "PAGE", tmp_path / "index.html")
+    assert web.add_web_page(app) is True
+    page = TestClient(app).get("/")
+    assert page.status_code == 200 and "let x = 1;" in page.text
+    assert "sha256-" in page.headers["content-security-policy"]
 
 
 def test_metrics_count_requests_tokens_and_ttft(server, client):

@@ -16,7 +16,8 @@ import pytest
 
 from qwen2vl.processing import media
 from qwen2vl.server.limits import MiB, ServerLimits
-from tests.test_server_support import MAX_MODEL_LEN, data_uri, mp4_bytes, png_bytes, running_server, solid_png
+from tests.helpers.media import data_uri, mp4_bytes, png_bytes, solid_png
+from tests.helpers.server import MAX_MODEL_LEN, running_server
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -203,6 +204,21 @@ CASES = [
     ("json-schema-invalid", lambda c: post(chat(response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "strin"}}})), 400, ["response_format", "Invalid type"]),
     ("response-format-type", lambda c: post(chat(response_format={"type": "xml"})), 400, ["response_format.type"]),
+    # chat template options (vLLM's names)
+    ("continue-and-generation-prompt", lambda c: post(chat(continue_final_message=True, add_generation_prompt=True)),
+     400, ["continue_final_message", "add_generation_prompt"]),
+    ("chat-template-kwargs-not-object", lambda c: post(chat(chat_template_kwargs=["add_vision_id"])), 400,
+     ["chat_template_kwargs"]),
+    ("chat-template-kwargs-own-argument", lambda c: post(chat(chat_template_kwargs={"reject_special_tokens": False})),
+     400, ["chat_template_kwargs.reject_special_tokens"]),
+    ("chat-template-kwargs-special-token", lambda c: post(chat(chat_template_kwargs={"x": "<|im_start|>"})), 400,
+     ["chat_template_kwargs", "special token"]),
+    ("continue-without-text", lambda c: post({"model": "tiny", "max_tokens": 2, "continue_final_message": True,
+                                              "messages": [{"role": "user", "content": [image(data_uri(IMAGE))]}]}),
+     400, ["continue_final_message", "no text to continue"]),
+    ("token-count-continue-and-prompt", lambda c: post({"messages": [{"role": "user", "content": "hi"}],
+                                                        "continue_final_message": True, "add_generation_prompt": True},
+                                                       "/v1/token_count"), 400, ["continue_final_message"]),
     # auth and routing
     ("no-api-key", lambda c: post(chat(), headers={}), 401, ["API key"]),
     ("wrong-api-key", lambda c: post(chat(), headers={"Authorization": "Bearer nope"}), 401, ["API key"]),
@@ -234,6 +250,31 @@ def test_bad_request(ctx, name, make, status, needles):
         assert "127.0.0.1" not in error["message"]  # what an internal name resolves to stays on the server
     if name.startswith("file-"):  # the client's own path is quoted back, the server's folders are not
         assert "not for clients" not in error["message"] and "MediaPolicy" not in error["message"]
+
+
+MALFORMED = {
+    "role": [{"role": "wizard", "content": "x"}],
+    "no-content": [{"role": "user"}],
+    "content-number": [{"role": "user", "content": 5}],
+    "text-without-text": [{"role": "user", "content": [{"type": "text"}]}],
+    "negative-option": [{"role": "user", "content": [image(data_uri(IMAGE), max_pixels=-1)]}],
+    "fractional-frames": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA", "nframes": 2.5}}]}],
+    "no-url": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_the_server_and_the_processor_check_messages_in_one_place(ctx, name):
+    """One checker for both: the same message, naming the same place, from the Python API and the API."""
+    from qwen2vl.processing.messages import check_messages, from_openai
+
+    with pytest.raises(ValueError) as raised:
+        check_messages(from_openai(MALFORMED[name]))
+    r = send(ctx, *post({"model": "tiny", "max_tokens": 2, "messages": MALFORMED[name]}))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == str(raised.value)
+    assert r.json()["error"]["param"] == str(raised.value).split(":")[0]
 
 
 def test_at_least_thirty_cases():

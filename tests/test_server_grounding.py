@@ -7,7 +7,7 @@ with a logits processor (as in the web test); everything after that is the real 
 import pytest
 import torch
 
-from tests.test_server_support import data_uri, png_bytes
+from tests.helpers.media import data_uri, png_bytes
 
 ANSWER = "The <|object_ref_start|>cat<|object_ref_end|><|box_start|>(100,200),(500,900)<|box_end|> sleeps."
 
@@ -17,7 +17,7 @@ def client():
     from openai import OpenAI
 
     from qwen2vl.server.limits import ServerLimits
-    from tests.test_server_support import running_server
+    from tests.helpers.server import running_server
 
     with running_server(ServerLimits(), api_key="k") as (url, app):
         service = app.state.service

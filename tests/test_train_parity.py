@@ -9,13 +9,10 @@ import torch
 
 from qwen2vl.adapter import peft_key
 from qwen2vl.processing.processor import Processor
-from qwen2vl.train.batch import pack
 from qwen2vl.train.data import read_rows
-from qwen2vl.train.examples import encode_row
 from qwen2vl.train.lora import lora_modules
 from qwen2vl.train.setup import load_for_training
-from qwen2vl.train.step import loss_sum
-from tests.helpers.training import model_folder, sample_rows, write_jsonl
+from tests.helpers.training import hf_name, hf_step, model_folder, our_step, sample_rows, write_jsonl
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -27,38 +24,6 @@ def setup(tmp_path_factory):
     data = write_jsonl(folder / "data.jsonl", sample_rows(folder))
     processor = Processor.from_pretrained(folder)
     return folder, hf, processor, read_rows(data)
-
-
-def our_step(model, processor, rows):
-    batch = pack([encode_row(r, processor, model.config) for r in rows])
-    loss = loss_sum(model, batch) / batch.num_targets
-    loss.backward()
-    return loss.detach(), batch
-
-
-def hf_step(hf, processor, rows, config):
-    """transformers' mean loss over the same tokens: each row alone, weighted by its trained tokens."""
-    examples = [encode_row(r, processor, config) for r in rows]
-    total = sum(int((e.labels[1:] != -100).sum()) for e in examples)
-    loss = 0
-    for e in examples:
-        ids = e.input_ids[None]
-        extra = {}
-        if e.pixel_values is not None:
-            types = (ids == config.image_token_id).long()
-            extra = dict(pixel_values=e.pixel_values, image_grid_thw=e.image_grid_thw, mm_token_type_ids=types)
-        out = hf(input_ids=ids, attention_mask=torch.ones_like(ids), labels=e.labels[None], **extra)
-        loss = loss + out.loss * int((e.labels[1:] != -100).sum()) / total
-    loss.backward()
-    return loss.detach()
-
-
-def hf_name(ours: str) -> str:
-    if ours.startswith("visual."):
-        return "model." + ours
-    if ours.startswith("model."):
-        return "model.language_model." + ours[len("model."):]
-    return ours
 
 
 def test_full_step_matches_transformers(setup):

@@ -1,4 +1,4 @@
-"""The decoder's Triton layer kernels (qwen2vl/kernels/triton_layer_ops.py, CUDA's counterpart of
+"""The decoder's Triton layer kernels (qwen2vl/backends/cpu/csrc/triton_layer_ops.py, CUDA's counterpart of
 layer_ops) against the torch code they replace. Without a GPU they run in Triton's interpreter on
 the CPU: the same kernels and indexing, numpy's arithmetic."""
 
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")  # interpreted on the CPU: tests/conftest.py
 
-from qwen2vl import Qwen2VL, fast_layers  # noqa: E402
-from qwen2vl.fast_layers import FastTextModel  # noqa: E402
-from qwen2vl.kernels import triton_layer_ops as ops  # noqa: E402
+from qwen2vl import Qwen2VL  # noqa: E402
+from qwen2vl.backends.cuda import triton_layer_ops as ops  # noqa: E402
+from qwen2vl.backends.kernel_ops import TextKernels  # noqa: E402
 from qwen2vl.text import RMSNorm  # noqa: E402
 from tests.helpers.checkpoints import build_reference, save_checkpoint  # noqa: E402
 from tests.helpers.layer_op_checks import assert_rotary_in_place_equals_apply_rotary  # noqa: E402
@@ -72,8 +72,7 @@ def test_the_load_time_check_passes_and_a_model_runs_on_the_triton_ops(monkeypat
     if fuse_gate_up:  # as load_model does on CUDA; the torch forward takes the fused layout too
         model.fuse_gate_up()
         torch.testing.assert_close(model.logits(ids), want, rtol=0.02, atol=0.02)
-    monkeypatch.setattr(fast_layers, "ops_for", lambda x: ops)  # the CUDA choice, here on any device
-    model.model = FastTextModel(model.model)
+    model.model.ops = TextKernels(ops, lambda x: True)  # the CUDA backend's choice, here on any device
     got = model.logits(ids)
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

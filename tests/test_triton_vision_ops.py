@@ -1,4 +1,4 @@
-"""The vision tower's Triton kernels (qwen2vl/kernels/triton_vision_ops.py, CUDA's counterpart of
+"""The vision tower's Triton kernels (qwen2vl/backends/cpu/csrc/triton_vision_ops.py, CUDA's counterpart of
 vision_ops) against the torch code they replace, and a tower running them. Without a GPU they run
 in Triton's interpreter on the CPU (tests/conftest.py)."""
 
@@ -7,9 +7,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from qwen2vl import Qwen2VL, fast_vision  # noqa: E402
-from qwen2vl.fast_vision import FastVisionAttention, FastVisionMlp  # noqa: E402
-from qwen2vl.kernels import triton_vision_ops as ops  # noqa: E402
+from qwen2vl import Qwen2VL  # noqa: E402
+from qwen2vl.backends.cuda import triton_kernels  # noqa: E402
+from qwen2vl.backends.cuda import triton_vision_ops as ops  # noqa: E402
+from qwen2vl.backends.kernel_ops import VisionKernels  # noqa: E402
 from tests.helpers.checkpoints import build_reference, save_checkpoint  # noqa: E402
 from tests.helpers.layer_op_checks import assert_vision_rotary_equals_apply_rotary_in_float32  # noqa: E402
 
@@ -50,26 +51,22 @@ def test_tower_on_the_triton_kernels_matches_the_torch_tower(monkeypatch, tmp_pa
         monkeypatch.setattr(ops, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
     with torch.inference_mode():
         want = model.visual(pixels, grid)
-        monkeypatch.setattr(fast_vision, "ops_for", lambda x: ops)  # the CUDA choice, here on any device
-        for block in model.visual.blocks:  # what speed_up_vision does
-            block.attn, block.mlp = FastVisionAttention(block.attn), FastVisionMlp(block.mlp)
+        model.visual.ops = VisionKernels(ops, lambda x: True)  # the CUDA backend's choice, here on any device
         got = model.visual(pixels, grid)
     assert {"quick_gelu_", "rotary_"} <= set(calls)
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
 
 
 def test_the_kernels_load_only_when_their_check_passes(monkeypatch, caplog):
-    from qwen2vl import kernels
-
     def wrong(device):
         raise AssertionError("wrong numbers")
 
-    kernels.triton_kernels.cache_clear()
+    triton_kernels.cache_clear()
     try:
-        assert fast_vision.cuda_vision_ops(torch.device(DEVICE)) is ops  # the check passes here
-        kernels.triton_kernels.cache_clear()
+        assert triton_kernels("triton_vision_ops", torch.device(DEVICE)) is ops  # the check passes here
+        triton_kernels.cache_clear()
         monkeypatch.setattr(ops, "check", wrong)
-        assert fast_vision.cuda_vision_ops(torch.device(DEVICE)) is None  # the torch code stays
+        assert triton_kernels("triton_vision_ops", torch.device(DEVICE)) is None  # the torch code stays
         assert "triton_vision_ops unavailable" in caplog.text and "wrong numbers" in caplog.text
     finally:
-        kernels.triton_kernels.cache_clear()
+        triton_kernels.cache_clear()

@@ -1,85 +1,32 @@
-"""Video sampling, sizing and patches against qwen-vl-utils (the Qwen team's video pipeline).
+"""Video sampling, sizing and patches against qwen-vl-utils (the Qwen team's video pipeline), run
+here with stand-ins for torchvision and decord (tests/helpers/video_reference.py)."""
 
-qwen-vl-utils imports torchvision at module level and reads videos with decord/torchcodec/
-torchvision, none of which is installed here. Its real code runs anyway with two stand-ins made
-below: `torchvision.transforms.functional.resize` re-derived from torchvision's
-_functional_tensor.resize (float32 bicubic interpolate with antialias, clamp, round, uint8), and a
-`decord.VideoReader` that decodes every frame with PyAV the naive way. Everything else (frame
-range, smart_nframes, linspace indices, the pixel budget, smart_resize) is qwen-vl-utils' own.
-The last step, transformers' Qwen2VLVideoProcessor, needs torchvision too: its fused
-normalize and the REFERENCE.md §3.3 patch order are written out below with numpy.
-"""
-
-import enum
-import importlib.util
+import io
 import sys
 import types
+from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from qwen2vl.processing import video as video_mod
 from qwen2vl.processing.media import MediaError, MediaPolicy
 from qwen2vl.processing.video import load_video, preprocess_video, video_token_count
 from qwen2vl.processing.vision_config import VisionProcessingConfig
+from tests.helpers.video_reference import NaiveVideoReader, hf_video_patches, load_qwen_vl_utils, make_video, tv_resize
 
 CFG = VisionProcessingConfig()
-MEAN, STD = CFG.image_mean, CFG.image_std
-
-
-def _tv_resize(img, size, interpolation=None, antialias=True):
-    x = F.interpolate(img.to(torch.float32), size=list(size), mode="bicubic", align_corners=False,
-                      antialias=antialias)
-    return x.clamp(0, 255).round().to(img.dtype) if img.dtype == torch.uint8 else x
 
 
 @pytest.fixture(scope="module")
 def qvu():
-    if importlib.util.find_spec("qwen_vl_utils") is None:  # not importorskip: it needs the stand-in first
+    vp = load_qwen_vl_utils()
+    if vp is None:
         pytest.skip("test oracle missing: pip install qwen-vl-utils==0.0.14")
-    InterpolationMode = enum.Enum("InterpolationMode", {"BICUBIC": "bicubic"})
-    tv = types.ModuleType("torchvision")
-    tv.__version__ = "0.28.0"
-    tv.io = types.ModuleType("torchvision.io")
-    tv.transforms = types.ModuleType("torchvision.transforms")
-    tv.transforms.InterpolationMode = InterpolationMode
-    tv.transforms.functional = types.SimpleNamespace(resize=_tv_resize)
-    stubs = {"torchvision": tv, "torchvision.io": tv.io, "torchvision.transforms": tv.transforms}
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        import qwen_vl_utils.vision_process as vp
-    finally:  # keep the stand-in out of everyone else's way (transformers probes for torchvision)
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
     return vp
-
-
-class NaiveVideoReader:
-    """decord.VideoReader's interface over a full PyAV decode of the file."""
-
-    def __init__(self, path):
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            self.fps = float(stream.average_rate)
-            self.frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-
-    def __len__(self):
-        return len(self.frames)
-
-    def get_avg_fps(self):
-        return self.fps
-
-    def get_batch(self, idx):
-        batch = np.stack([self.frames[i] for i in idx])
-        return types.SimpleNamespace(asnumpy=lambda: batch)
 
 
 @pytest.fixture
@@ -87,24 +34,6 @@ def reference(qvu, monkeypatch):
     monkeypatch.setitem(sys.modules, "decord", types.SimpleNamespace(VideoReader=NaiveVideoReader))
     monkeypatch.setattr(qvu, "get_video_reader_backend", lambda: "decord")
     return qvu
-
-
-def make_video(path, n=30, fps=10, width=64, height=48, codec="libx264", gop=None):
-    """Frame i is gray level 8*(i % 32) on the left half and 8*(i // 32) on the right, so the index
-    of a decoded frame can be read back."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if gop:
-            stream.codec_context.gop_size = gop
-        for i in range(n):
-            a = np.zeros((height, width, 3), np.uint8)
-            a[:, : width // 2], a[:, width // 2:] = 8 * (i % 32), 8 * (i // 32)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
 
 
 def painted_index(frames):
@@ -152,7 +81,7 @@ SEEKS = [({"video_start": 15.0, "video_end": 16.0}, 25), ({"video_start": 21.3},
 @pytest.mark.parametrize("options,most", SEEKS, ids=[str(o) for o, _ in SEEKS])
 def test_seeking_decodes_little_and_picks_the_same_frames(reference, clips, monkeypatch, options, most):
     monkeypatch.setattr(video_mod, "SEEK_GAP_S", 1.5)  # a 30 s clip; real gap is 10 s
-    decoded, real_open = [0], video_mod._open
+    decoded, real_open = [0], video_mod.open_video
 
     class Counting:
         def __init__(self, data):
@@ -172,26 +101,12 @@ def test_seeking_decodes_little_and_picks_the_same_frames(reference, clips, monk
                 decoded[0] += 1
                 yield frame
 
-    monkeypatch.setattr(video_mod, "_open", Counting)
+    monkeypatch.setattr(video_mod, "open_video", Counting)
     ref_video, meta, ref_fps = reference._read_video_decord({"video": clips["long"], **options})
     frames, sample_fps = load_video(clips["long"], **options)
     assert torch.equal(frames, ref_video) and sample_fps == pytest.approx(ref_fps)
     assert painted_index(frames) == list(meta["frames_indices"])
     assert decoded[0] <= most, decoded[0]
-
-
-def hf_video_patches(video: torch.Tensor):
-    """transformers' Qwen2VLVideoProcessor after resizing: pad to even frames with the last one,
-    fused rescale+normalize in float32, then REFERENCE.md §3.3's patch order, in numpy."""
-    if video.shape[0] % 2:
-        video = torch.cat([video, video[-1:]])
-    mean = torch.tensor(MEAN) * (1.0 / (1 / 255))
-    std = torch.tensor(STD) * (1.0 / (1 / 255))
-    x = ((video.to(torch.float32) - mean[:, None, None]) / std[:, None, None]).numpy()[None]
-    B, T, C, H, W = x.shape
-    gt, gh, gw = T // 2, H // 14, W // 14
-    x = x.reshape(B, gt, 2, C, gh // 2, 2, 14, gw // 2, 2, 14).transpose(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
-    return torch.from_numpy(x.reshape(gt * gh * gw, C * 2 * 14 * 14).copy()), (gt, gh, gw)
 
 
 SIZING = [{}, {"min_pixels": 28 * 28 * 4}, {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 6},
@@ -223,7 +138,7 @@ def test_frame_list_is_used_as_given_and_odd_counts_repeat_the_last_frame(tmp_pa
     options = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 9}
     pv, grid = preprocess_video(frames, CFG, **options)
     h, w = grid[1] * 14, grid[2] * 14
-    ref_pv, ref_grid = hf_video_patches(_tv_resize(frames, (h, w)))
+    ref_pv, ref_grid = hf_video_patches(tv_resize(frames, (h, w)))
     assert grid == ref_grid == (2, h // 14, w // 14)
     torch.testing.assert_close(pv, ref_pv, rtol=0, atol=1e-6)
     assert video_token_count(50, 70, CFG, num_frames=3, **options).grid_thw == grid
@@ -278,3 +193,42 @@ def test_bad_requests_and_limits_raise_clear_errors(clips, tmp_path):
         load_video([Image.new("RGB", (30, 30)), Image.new("RGB", (31, 30))])
     with pytest.raises(ValueError, match="uint8"):
         preprocess_video(torch.zeros(2, 3, 28, 28), CFG)
+
+
+def clip_that_changes_size(sizes=((64, 48),) * 4 + ((32, 24),) * 4, fps=4) -> bytes:
+    """An MJPEG clip (each packet a whole JPEG) whose frames have the given (width, height)s: a stream
+    whose resolution changes midway, as a recorder switching cameras writes."""
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    with av.open(buf, mode="w", format="matroska") as out:
+        stream = out.add_stream("mjpeg", rate=fps)
+        stream.width, stream.height = sizes[0]
+        stream.pix_fmt = "yuvj420p"
+        encoders = {}
+        for i, (w, h) in enumerate(sizes):
+            if (w, h) not in encoders:
+                ctx = av.CodecContext.create("mjpeg", "w")
+                ctx.width, ctx.height, ctx.pix_fmt, ctx.time_base = w, h, "yuvj420p", Fraction(1, fps)
+                encoders[w, h] = ctx
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), format="rgb24")
+            frame = frame.reformat(format="yuvj420p")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in encoders[w, h].encode(frame):
+                packet.stream, packet.pts, packet.dts, packet.time_base = stream, i, i, Fraction(1, fps)
+                out.mux(packet)
+    return buf.getvalue()
+
+
+def test_frames_of_another_size_are_resized_to_the_first_ones():
+    data = clip_that_changes_size()
+    with av.open(io.BytesIO(data)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert [f.shape for f in decoded] == [(48, 64, 3)] * 4 + [(24, 32, 3)] * 4
+    frames, _ = load_video(data, nframes=8)
+    assert frames.shape == (8, 3, 48, 64)
+    assert torch.equal(frames[:4], torch.from_numpy(np.stack(decoded[:4])).permute(0, 3, 1, 2))
+    small = torch.from_numpy(np.stack(decoded[4:])).permute(0, 3, 1, 2)
+    assert torch.equal(frames[4:], tv_resize(small, (48, 64)))  # torchvision's bicubic, as the frames' resize
+    pixels, grid = preprocess_video(frames, CFG)
+    assert grid[0] == 4 and pixels.shape[0] == grid[0] * grid[1] * grid[2]

@@ -1,16 +1,27 @@
-"""The vision tower's C kernels (qwen2vl/kernels/vision_ops.c) against the torch code they replace,
-and a tower using them (qwen2vl/fast_vision.py) against one that doesn't: equal bit for bit."""
+"""The vision tower's C kernels (qwen2vl/backends/cpu/csrc/vision_ops.c) against the torch code they replace,
+and a tower using them (the CPU backend's VisionKernels) against one that doesn't: equal bit for bit, at every CPU
+tier this machine can play (the `tier` fixture)."""
+
+import functools
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
 
 from qwen2vl import Qwen2VL
-from qwen2vl.fast_vision import FastVisionAttention, FastVisionMlp, speed_up_vision
-from qwen2vl.kernels import vision_ops
+from qwen2vl.backends.cpu import vision_ops
+from qwen2vl.backends.cpu.backend import CpuBackend
+from qwen2vl.backends.kernel_ops import VisionKernels
+from qwen2vl.backends.reference import TORCH_OPS
+from tests.helpers.checkpoints import tiny_checkpoint
 from tests.helpers.layer_op_checks import assert_vision_rotary_equals_apply_rotary_in_float32
-from tests.test_server_support import tiny_checkpoint
+from tests.helpers.tiers import tier_fixture
 
 pytestmark = pytest.mark.skipif(vision_ops.library() is None, reason="vision kernels can't be built or run here")
+tier = tier_fixture(lambda: vision_ops.library() is not None)
 BF16 = torch.bfloat16
 
 
@@ -19,7 +30,7 @@ def randn(*shape, scale=1.0, seed=0, dtype=BF16):
 
 
 @pytest.mark.parametrize("shape", [(1024, 5120), (3, 7), (1, 1)])
-def test_quick_gelu_equals_torch_bit_for_bit(shape):
+def test_quick_gelu_equals_torch_bit_for_bit(shape, tier):
     x = randn(*shape, scale=4)
     x[0, 0] = -100.0  # exp's underflow end
     want = x * torch.sigmoid(1.702 * x)
@@ -27,18 +38,49 @@ def test_quick_gelu_equals_torch_bit_for_bit(shape):
 
 
 @pytest.mark.parametrize("n, heads, dim", [(1024, 16, 80), (5, 2, 16), (3, 1, 40)])
-def test_rotary_equals_apply_rotary_in_float32_bit_for_bit(n, heads, dim):
+def test_rotary_equals_apply_rotary_in_float32_bit_for_bit(n, heads, dim, tier):
     assert_vision_rotary_equals_apply_rotary_in_float32(vision_ops.rotary_, n, heads, dim)
 
 
-@pytest.mark.parametrize("shape", [(2, 300, 1024), (1, 3, 17), (4, 1)])
-def test_softmax_equals_torch_bit_for_bit(shape):
+# (2, 9001): rows longer than the kernel keeps exps for (SOFTMAX_KEEP), so it computes them again
+@pytest.mark.parametrize("shape", [(2, 300, 1024), (1, 3, 17), (4, 1), (2, 9001)])
+def test_softmax_equals_torch_bit_for_bit(shape, tier):
     scores = randn(*shape, scale=6, seed=4)
     want = torch.softmax(scores, -1)
     assert torch.equal(vision_ops.softmax_(scores.clone()), want)
 
 
-def test_tower_with_the_kernels_equals_the_torch_tower_bit_for_bit(monkeypatch):
+# rows of 1037: 1024 in 16-wide vectors and 13 one by one, or 1032 in 8-wide ones and 5
+SCORES = randn(2, 300, 1037, scale=6, seed=4)
+
+
+@functools.cache
+def torch_softmax_under(capability: str) -> tuple[str, torch.Tensor]:
+    """(the capability torch ran at, torch.softmax of SCORES) in a new process started with
+    ATEN_CPU_CAPABILITY=capability: torch picks its kernels once, at start."""
+    with tempfile.TemporaryDirectory() as d:
+        code = ("import sys, torch; torch.save((torch.backends.cpu.get_cpu_capability(), "
+                "torch.softmax(torch.load(sys.argv[1]), -1)), sys.argv[2])")
+        torch.save(SCORES, f"{d}/in.pt")
+        subprocess.run([sys.executable, "-c", code, f"{d}/in.pt", f"{d}/out.pt"], check=True,
+                       env={**os.environ, "ATEN_CPU_CAPABILITY": capability})
+        return torch.load(f"{d}/out.pt")
+
+
+@pytest.mark.parametrize("lanes, capability", [(8, "avx2"), (16, "avx512")])
+def test_softmax_sums_in_the_order_of_torchs_vector_width(lanes, capability, tier, monkeypatch):
+    """torch's softmax changes with its CPU capability (a sum over 16-wide vectors under AVX-512, 8-wide
+    under AVX2, whatever our tier): given torch's width, the kernel gives that torch's bits."""
+    ran, want = torch_softmax_under(capability)
+    if ran.lower() != capability:
+        pytest.skip(f"torch can't run at {capability} here")
+    if capability == "avx512":  # the two widths give different bits for these scores: the test tells them apart
+        assert not torch.equal(want, torch_softmax_under("avx2")[1])
+    monkeypatch.setattr(vision_ops, "TORCH_LANES", lanes)
+    assert torch.equal(vision_ops.softmax_(SCORES.clone()), want)
+
+
+def test_tower_with_the_kernels_equals_the_torch_tower_bit_for_bit(monkeypatch, tier):
     model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=BF16)
     cfg = model.config.vision
     # 2 images: 16 x 16 patches (256: the CPU's matmul attention, where the softmax kernel runs) and 4 x 6
@@ -46,9 +88,7 @@ def test_tower_with_the_kernels_equals_the_torch_tower_bit_for_bit(monkeypatch):
     pixels = randn(int(grid.prod(-1).sum()), cfg.patch_dim, seed=5)
     with torch.inference_mode():
         want = model.visual(pixels, grid)
-        assert speed_up_vision(model)
-        assert all(isinstance(b.attn, FastVisionAttention) and isinstance(b.mlp, FastVisionMlp)
-                   for b in model.visual.blocks)
+        model.visual.ops = VisionKernels(vision_ops, vision_ops.supports)
         calls = []
         for name in ("quick_gelu_", "rotary_", "softmax_"):
             fn = getattr(vision_ops, name)
@@ -61,8 +101,9 @@ def test_tower_with_the_kernels_equals_the_torch_tower_bit_for_bit(monkeypatch):
 
 def test_without_the_kernels_or_in_float32_the_tower_keeps_the_torch_code(monkeypatch):
     model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
-    assert not speed_up_vision(model)
+    CpuBackend().prepare(model, None)
+    assert model.visual.ops is TORCH_OPS
     model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=BF16)
     monkeypatch.setattr(vision_ops, "library", lambda: None)
-    assert not speed_up_vision(model)
-    assert not isinstance(model.visual.blocks[0].attn, FastVisionAttention)
+    CpuBackend().prepare(model, None)
+    assert model.visual.ops is TORCH_OPS

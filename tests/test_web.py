@@ -3,7 +3,10 @@
 The model is the tiny random-weight checkpoint, so the answers are forced: a wrapper around the
 engine's `generate` adds a logits processor that emits a chosen text token by token (still
 streamed by the real engine and server), and keeps special tokens so the box markup survives.
-A screenshot of the grounded answer is saved to docs/web_screenshot.png for review.
+A screenshot of the grounded answer is saved in the test's temporary folder; the README's picture,
+docs/web_screenshot.png, is refreshed only on request, so a test run leaves the tree clean:
+
+    QWEN2VL_UPDATE_SCREENSHOT=1 python -m pytest tests/test_web.py -k upload
 """
 
 import os
@@ -15,8 +18,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from tests.test_grounding import CASES
-from tests.test_server_support import mp4_bytes
+from tests.helpers.grounding_cases import CASES
+from tests.helpers.media import mp4_bytes
 
 CHROMIUM = os.environ.get("QWEN2VL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install playwright)")
@@ -25,6 +28,7 @@ if CHROMIUM is None:
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "web_screenshot.png"
+UPDATE_SCREENSHOT = "QWEN2VL_UPDATE_SCREENSHOT"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage"]
@@ -37,8 +41,7 @@ HOSTILE = ("<img src=x onerror=\"document.title='pwned'\"> <script>document.titl
 @pytest.fixture(scope="module")
 def server():
     from qwen2vl.server.limits import ServerLimits
-    from qwen2vl.server.web import add_web_page
-    from tests.test_server_support import running_server
+    from tests.helpers.server import running_server
 
     with running_server(ServerLimits(), api_key=None) as (url, app):
         service = app.state.service
@@ -59,9 +62,6 @@ def server():
             return generate(prompt, params, **kw)
 
         service.engine.generate = generate_forced
-        # serve the page through qwen2vl.server.web (with its CSP) instead of app.py's plain route
-        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
-        add_web_page(app)
         yield url, forced
 
 
@@ -102,7 +102,8 @@ def ask(page, text: str):
     return answer
 
 
-def test_upload_ask_stream_and_draw_the_box(page, picture):
+def test_upload_ask_stream_and_draw_the_box(page, picture, tmp_path):
+    before = SCREENSHOT.stat().st_mtime_ns if SCREENSHOT.exists() else None
     page.set_input_files("#file", str(picture))
     page.wait_for_selector("#attachments .thumb img")
     answer = ask(page, "Where is the blue square?")
@@ -121,8 +122,10 @@ def test_upload_ask_stream_and_draw_the_box(page, picture):
                       (box["width"], img["width"] / 2), (box["height"], img["height"] / 2)]:
         assert abs(got - want) < 4, (box, img)
     assert answer.locator(".grounded .label").inner_text() == "blue square"
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    update = os.environ.get(UPDATE_SCREENSHOT) == "1"
+    page.screenshot(path=str(SCREENSHOT if update else tmp_path / "web_screenshot.png"), full_page=True)
+    if not update:  # a test run leaves the tree as it found it
+        assert (SCREENSHOT.stat().st_mtime_ns if SCREENSHOT.exists() else None) == before
 
 
 def test_model_output_is_text_not_html(page, server):

@@ -1,7 +1,7 @@
 """CUDA graphs for decode steps: the decoder captured once per batch-size bucket, replayed per step.
 
 Why: a batch-1 decode step of the 2B model is ~28 layers x ~15 small kernels. Launched one by one
-from Python they cost more than they compute (74 ms/token on an H100, docs/gpu_check_h100.log);
+from Python they cost more than they compute (74 ms/token on an H100, benchmarks/results/gpu_check_h100.log);
 a graph replays them all with one launch.
 
 A graph bakes in tensor addresses and shapes, so every input of a step lives in a static buffer
@@ -10,7 +10,9 @@ equal), slot_mapping [B], context lengths [B] and block tables [B, W]; the graph
 the first B rows. A batch of n < B is padded: token 0 at position 0, context length 1, and a slot
 in a spare cache block that the engine never hands to a sequence, so padding never writes into
 anyone's KV. Stale table entries are harmless: they are valid block ids and lie past every
-sequence's length, where attention does not look (Triton) or masks (torch).
+sequence's length, where attention does not look (Triton) or gathers the sequence's own first
+slot instead, masked (torch). A padding row may attend to a slot nothing wrote (the cache is
+uninitialized): its output may be NaN, but rows never mix in the decoder, and it is dropped.
 
 Attention inside a graph can't read host values. The Triton kernel (triton_decode.py) walks each
 sequence's blocks up to its length, read on the device; the torch fallback (`decode_padded`)
@@ -29,8 +31,8 @@ import os
 
 import torch
 
+from qwen2vl.backends.paged_attention import PagedBatch, decode_padded
 from qwen2vl.engine.kv_cache import KVCache
-from qwen2vl.engine.paged_attention import PagedBatch, decode_padded
 from qwen2vl.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -101,15 +103,15 @@ class GraphRunner:
         ids, pos, slots, lens = self.inputs[: 4 * b].view(4, b)
         tables, cache = self.tables[:b], self.cache
         if self.attention == "triton":
-            from qwen2vl.engine import triton_decode
+            from qwen2vl.backends.cuda import triton_decode
 
             attn = lambda layer, q: triton_decode.decode(q, cache.k[layer], cache.v[layer], tables, lens)
         else:
-            ctx_slots = PagedBatch.context_slots(tables, cache.block_size, self.max_context)  # [b, max_context]
+            ctx_slots = PagedBatch.context_slots(tables, cache.block_size, self.max_context, lens)  # [b, max_context]
             attn = lambda layer, q: decode_padded(q, cache.k[layer], cache.v[layer], ctx_slots, lens)
 
         def attend(layer, q, k, v):
-            cache.write(layer, k, v, slots)
+            self.model.backend.write_kv(k, v, *cache.layers[layer], slots)
             return attn(layer, q)
 
         x = self.model.model.embed_tokens(ids)  # generated tokens: never image/video pads to fill
@@ -154,7 +156,7 @@ def pick_attention(model, cache: KVCache) -> str:
 def check_triton(hkv: int, hq: int, dh: int, block_size: int, dtype, device) -> None:
     """Run the kernel once against the torch path on a random cache with mixed lengths; raise on
     any difference beyond rounding."""
-    from qwen2vl.engine import triton_decode
+    from qwen2vl.backends.cuda import triton_decode
 
     g = torch.Generator(device=device).manual_seed(0)
     lens = torch.tensor([1, 3 * block_size + 5, block_size, 77], device=device)
@@ -164,7 +166,7 @@ def check_triton(hkv: int, hq: int, dh: int, block_size: int, dtype, device) -> 
     tables = torch.randperm(num_blocks, generator=g, device=device)[: len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), hq, dh, generator=g, device=device, dtype=dtype)
     got = triton_decode.decode(q, k, v, tables, lens)
-    want = decode_padded(q, k, v, PagedBatch.context_slots(tables, block_size, width * block_size), lens)
+    want = decode_padded(q, k, v, PagedBatch.context_slots(tables, block_size, width * block_size, lens), lens)
     err = (got.float() - want.float()).abs().max().item()
     if not err <= 5e-2:  # bf16 rounding (SDPA rounds probabilities to bf16, the kernel does not); NaN fails
         raise RuntimeError(f"Triton decode differs from torch by {err:.3g}")

@@ -2,8 +2,12 @@
 
 Sized from a memory budget, never from max_len x batch: on CPU a number of GiB, on CUDA a fraction
 of the card (`gpu_memory_utilization`) minus what the weights and a measured forward pass use.
-Zero-filled so that a padded gather over unused slots reads finite numbers (a masked NaN would
-still poison the softmax-weighted sum).
+Allocated uninitialized (zero-filling touched every page at start-up: 2.2-2.9 s for the default
+2 GiB on our CPU VM, benchmarks/cache_startup.py): no attention path reads a slot before it is
+written. The C and Triton decode kernels stop at each sequence's length, and the torch paths
+gather padded rows from a sequence's own first slot (paged_attention.py); tests fill a fresh
+cache with NaN to hold them to it. Writing into it is the
+backend's (`model.backend.write_kv`).
 """
 
 from __future__ import annotations
@@ -11,28 +15,18 @@ from __future__ import annotations
 import torch
 
 from qwen2vl.config import TextConfig
-from qwen2vl.fast_layers import cuda_layer_ops
 
 
 class KVCache:
     def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
         shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         # per-layer views, taken once: indexing self.k[layer] is a torch op (~1 us on CPU), paid twice
         # per layer and step
         self.layers = list(zip(self.k, self.v))
         self.num_blocks = num_blocks
         self.block_size = block_size
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """k, v [N, Hkv, Dh] into slots [N] (slot = block * block_size + offset)."""
-        k_cache, v_cache = self.layers[layer]
-        if k.is_cuda and (ops := cuda_layer_ops(k.device)) is not None and ops.write_kv(k, v, k_cache, v_cache,
-                                                                                        slot_mapping):
-            return  # one Triton launch for both (a decode step writes 28 layers: launches add up)
-        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
 
 def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:

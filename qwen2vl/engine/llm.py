@@ -4,6 +4,8 @@
     outs = llm.chat(messages, SamplingParams(temperature=0, max_tokens=128))   # one conversation
     outs = llm.chat([conv_a, conv_b], params)                                # one output each, in order
     for chunk in llm.stream(messages, params): print(chunk, end="")          # str increments
+    llm.chat(messages + [{"role": "assistant", "content": "The answer is"}], params,
+             continue_final_message=True)                                     # continue a prefilled answer
 
 Everything submitted together runs batched (continuous batching inside the engine). LoRA adapters
 (PEFT format, e.g. from `qwen2vl train`): `LLM(folder, lora="adapter/")` applies one to every request;
@@ -20,18 +22,16 @@ from pathlib import Path
 import torch
 
 from qwen2vl.adapter import read_adapter
+from qwen2vl.backends import prepare
+from qwen2vl.backends.quant import QUANTIZATIONS
 from qwen2vl.engine.engine import Engine, EngineConfig
 from qwen2vl.engine.outputs import RequestOutput, TextChunk
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams, generation_defaults, generation_eos_ids
-from qwen2vl.fast_layers import speed_up_layers
-from qwen2vl.fast_vision import speed_up_vision
 from qwen2vl.hub import resolve_model_path
-from qwen2vl.linear import speed_up_linears
 from qwen2vl.lora import attach_adapters
 from qwen2vl.model import Qwen2VL
-from qwen2vl.processing.processor import Processor
-from qwen2vl.quant import QUANTIZATIONS, quantize_model
+from qwen2vl.processing.processor import OWN_ARGUMENTS, Processor
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -68,14 +68,28 @@ class LLM:
         """generation_config.json's settings, with `overrides` on top."""
         return SamplingParams(**{**self.defaults, **overrides})
 
-    def prompt(self, messages, **processor_args) -> Prompt:
-        """Messages (Qwen or OpenAI form) -> ids, pixels and positions, ready for the engine."""
-        inputs = self.processor(messages, add_generation_prompt=True, **processor_args)
+    def prompt(self, messages, *, add_generation_prompt: bool | None = None, continue_final_message: bool = False,
+               chat_template_kwargs: dict | None = None, **processor_args) -> Prompt:
+        """Messages (Qwen or OpenAI form) -> ids, pixels and positions, ready for the engine.
+
+        As vLLM's: `add_generation_prompt` opens the assistant's turn (default: yes, unless
+        `continue_final_message`, which leaves the last message open for the model to continue;
+        both true is a ValueError); `chat_template_kwargs` are passed to the chat template (e.g.
+        `{"add_vision_id": True}`), as are `processor_args` (tools, add_vision_id, ...)."""
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        clash = sorted(set(chat_template_kwargs or {}) & (OWN_ARGUMENTS | set(processor_args)))
+        if clash:
+            raise ValueError(f"chat_template_kwargs: {clash} are the processor's own arguments, or given twice; "
+                             "pass each once, as an argument")
+        inputs = self.processor(messages, add_generation_prompt, continue_final_message=continue_final_message,
+                                **(chat_template_kwargs or {}), **processor_args)
         return Prompt.from_inputs(inputs, self.model.config)
 
     def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None, *,
              lora: str | list[str | None] | None = None, **processor_args) -> list[RequestOutput]:
-        """One conversation (a list of messages) or a list of conversations -> one output each."""
+        """One conversation (a list of messages) or a list of conversations -> one output each;
+        `processor_args` as `prompt` takes them (continue_final_message, chat_template_kwargs, ...)."""
         conversations = [messages] if _is_conversation(messages) else list(messages)
         return self.generate([self.prompt(c, **processor_args) for c in conversations], params, lora=lora)
 
@@ -151,32 +165,12 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
 
 
 def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: str | None) -> Qwen2VL:
+    """The checkpoint in `folder` on `device`, with its backend's speed-ups swapped in (backends/)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
     model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device)
-    model.fuse_qkv()
-    if device.type == "cuda":
-        model.fuse_gate_up()  # one launch fewer per layer in the decode graph (not on the CPU: no gain there)
-    if quantization is not None:
-        mode, group_size = QUANTIZATIONS[quantization]
-        quantize_model(model, mode, group_size)
-    if device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
-        # decode streams every weight once per token; FastLinears (our bf16 kernel, else oneDNN)
-        # stream at about the memory read rate where F.linear's bf16 GEMV gets ~30-70% of it, and
-        # the vision tower's GEMMs run faster too (docs/performance.md). Quantized linears are not
-        # nn.Linear and stay as they are; the patch embedding reads its weight's dtype, so it keeps
-        # nn.Linear.
-        speed_up_linears(model, skip=("visual",))
-        # the vision tower's GEMMs are compute-bound: no huge pages, which cost load time (the
-        # kernel compacts memory to find them)
-        speed_up_linears(model.visual, skip=("patch_embed",), huge_pages=False)
-        speed_up_vision(model)  # its QuickGELU, rotary and softmax as C kernels (bf16 only)
-        # the decoder's norms, rotary, SiLU and decode attention as C kernels (bf16 only)
-        speed_up_layers(model)
-    elif device.type == "cuda":
-        speed_up_layers(model)  # the decoder's norms, rotary and SiLU as Triton kernels (bf16 only)
-        speed_up_vision(model)  # the vision tower's QuickGELU and rotary as Triton kernels (bf16 only)
+    prepare(model, quantization)
     return model
 
 

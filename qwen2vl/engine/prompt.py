@@ -43,7 +43,7 @@ class Prompt:
     @classmethod
     def from_inputs(cls, inputs: dict, config) -> Prompt:
         """From the processor's dict: input_ids and, when present, pixel_values / image_grid_thw /
-        pixel_values_videos / video_grid_thw (batch of one)."""
+        pixel_values_videos / video_grid_thw / second_per_grid_ts (batch of one)."""
         ids = torch.as_tensor(inputs["input_ids"])
         if ids.dim() == 2:
             if ids.shape[0] != 1:
@@ -53,7 +53,8 @@ class Prompt:
             raise ValueError("input_ids: the prompt is empty")
         token_ids = ids.tolist()
         image_grid, video_grid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
-        positions, rope_delta = mrope_positions(token_ids, image_grid, video_grid, config)
+        positions, rope_delta = mrope_positions(token_ids, image_grid, video_grid, config,
+                                                inputs.get("second_per_grid_ts"))
         merge = config.vision.spatial_merge_size
         queues = {
             config.image_token_id: _split("image", inputs.get("pixel_values"), image_grid, merge),

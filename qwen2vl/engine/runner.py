@@ -14,29 +14,24 @@ from __future__ import annotations
 
 import torch
 
+from qwen2vl.backends.paged_attention import PagedBatch
 from qwen2vl.engine.kv_cache import KVCache
-from qwen2vl.engine.paged_attention import PagedBatch, paged_attention
 from qwen2vl.engine.sampler import sample
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.engine.vision_cache import VisionCache
-from qwen2vl.fast_layers import FastTextModel
-from qwen2vl.kernels import layer_ops
-from qwen2vl.kernels.decode_step import DecodeStep
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, vision_cache: VisionCache, attention=paged_attention):
+    def __init__(self, model, cache: KVCache, vision_cache: VisionCache):
         self.model = model
         self.cache = cache
         self.vision_cache = vision_cache
-        self.attention = attention  # (q, k, v, k_cache, v_cache, PagedBatch) -> out
+        self.backend = model.backend  # backends/: writes k/v and attends over the cache
         self.device = model.device
         self.graphs = None  # cuda_graph.GraphRunner: the engine sets it on CUDA unless enforce_eager
         self.lora = getattr(model, "lora", None)  # LoRARows of served adapters (qwen2vl/lora.py), or None
-        # a decoder sped up by load_model (fast_layers.py) also gets decode attention as one C call,
-        # and, where every linear is one of our kernels', the whole decode step as one C call
-        self.fast_decode = isinstance(model.model, FastTextModel) and model.device.type == "cpu"
-        self.decode_step = DecodeStep.build(model.model, cache) if self.fast_decode else None
+        # where the backend has one (the CPU's C kernels), a whole decode step in one call
+        self.decode_step = self.backend.decode_step(model, cache)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> tuple[list[int | None], list]:
@@ -47,17 +42,12 @@ class ModelRunner:
         if self.lora is not None:  # each token row's adapter, read by the LoRA linears in this forward
             self.lora.set([s.lora for s in seqs], batch.q_lens, self.device)
         x = self.model.embed(ids, vision_embeds=self.vision_rows(seqs))
-        fused = self.fast_decode and batch.is_decode and layer_ops.supports(x)
+        layers = self.cache.layers
 
-        def attend(layer, q, k, v):
-            k_cache, v_cache = self.cache.layers[layer]
-            if fused:  # one C call writes k/v to the cache and attends over it in place
-                return layer_ops.paged_decode(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.ctx_slots,
-                                              batch.ctx_lens_t)
-            self.cache.write(layer, k, v, batch.slot_mapping)
-            return self.attention(q, k, v, k_cache, v_cache, batch)
+        def attend(layer, q, k, v):  # writes this step's k/v to the cache, then attends over it
+            return self.backend.attention(q, k, v, *layers[layer], batch)
 
-        if fused and self.decode_step is not None:
+        if self.decode_step is not None and batch.is_decode and x.dtype == torch.bfloat16:
             hidden = self.decode_step(x, positions, batch)  # the same kernels, called from C
         else:
             hidden = self.model.model(x, positions, attend)  # [N, D]
@@ -89,11 +79,11 @@ class ModelRunner:
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         dev = self.device
         tables_t = torch.tensor(tables, dtype=torch.long).to(dev, non_blocking=True)
+        lens_t = torch.tensor(ctx_lens, dtype=torch.long).to(dev, non_blocking=True)
         batch = PagedBatch(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
             q_starts=q_starts, q_lens=q_lens, ctx_lens=ctx_lens,
-            ctx_slots=PagedBatch.context_slots(tables_t, bs, max(ctx_lens)),
-            ctx_lens_t=torch.tensor(ctx_lens, dtype=torch.long).to(dev, non_blocking=True),
+            ctx_slots=PagedBatch.context_slots(tables_t, bs, max(ctx_lens), lens_t), ctx_lens_t=lens_t,
             ctx_run=consecutive_run(seqs[0].block_table, bs) if len(seqs) == 1 else None,
         )
         ids_t = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
@@ -125,9 +115,9 @@ class ModelRunner:
 
     def encode(self, items: list) -> dict[int, torch.Tensor]:
         """Run the vision tower once over several pictures; cache and return their rows by hash."""
-        pixels = torch.cat([it.pixel_values for it in items]).to(self.device, self.model.dtype)
+        pixels = torch.cat([it.pixel_values for it in items]).to(self.device)  # the tower casts to its dtype
         grids = torch.tensor([it.grid_thw for it in items], dtype=torch.long)  # the tower reads it on the host
-        rows = self.model.visual(pixels, grids)  # [sum(t*h*w) / merge^2, D], grid order
+        rows = self.model.visual(pixels, grids).to(self.model.dtype)  # [sum(t*h*w) / merge^2, D], grid order
         out = {}
         for it, embeds in zip(items, torch.split(rows, [it.num_tokens for it in items])):
             out[it.content_hash] = embeds

@@ -76,21 +76,25 @@ class Sequence:
         self.token_ids.append(token_id)
 
     def hashes(self, block_size: int) -> list[int]:
-        """Hash chain of every full block: block i's hash covers blocks 0..i, their token ids and
-        the content hashes of the images/videos whose pads fall in them. The chain starts from the
-        LoRA slot: an adapter changes k and v, so its blocks are never another adapter's."""
+        """Hash chain of every full block: block i's hash covers blocks 0..i, their token ids, the
+        content hashes of the images/videos whose pads fall in them and their M-RoPE positions (the
+        same pixels placed at another time, Qwen2.5-VL's video at another sampled fps, give other
+        keys). The chain starts from the LoRA slot: an adapter changes k and v, so its blocks are
+        never another adapter's."""
         for i in range(len(self.block_hashes), self.num_tokens // block_size):
             start, end = i * block_size, (i + 1) * block_size
             prev = self.block_hashes[-1] if self.block_hashes else self.lora
             vision = [v.content_hash for v in self.prompt.vision if v.offset < end and v.end > start]
-            self.block_hashes.append(block_hash(prev, self.token_ids[start:end], vision))
+            positions = self.prompt.positions_for(start, end)
+            self.block_hashes.append(block_hash(prev, self.token_ids[start:end], vision, positions))
         return self.block_hashes
 
 
-def block_hash(prev: int, token_ids: list[int], vision_hashes: list[int]) -> int:
+def block_hash(prev: int, token_ids: list[int], vision_hashes: list[int], positions: torch.Tensor) -> int:
     h = hashlib.blake2b(digest_size=16)
     h.update(prev.to_bytes(16, "little"))
     h.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
     for v in vision_hashes:
         h.update(v.to_bytes(16, "little"))
+    h.update(positions.numpy().tobytes())  # [3, block] int64
     return int.from_bytes(h.digest(), "little")

@@ -13,6 +13,10 @@ the variables `messages, tools, documents, add_generation_prompt` plus the token
 special tokens (`eos_token`, `pad_token`, ...). Messages reach the template as plain JSON
 data: an image object becomes a placeholder string naming its type, like "<PngImageFile>"
 (templates only test whether the key is there).
+
+`continue_final_message` leaves the last message open, so the model continues it (a prefilled
+start of an answer): as transformers does, a tag is appended to the message's text (its last text
+part), the chat is rendered, and everything from the tag on (`<|im_end|>`, a new turn) is cut.
 """
 
 import json
@@ -25,6 +29,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 BUILTIN_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "qwen2_vl.jinja"
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' own, so prompts are equal to the letter
 
 
 class ChatTemplate:
@@ -44,19 +49,27 @@ class ChatTemplate:
         templates = load_chat_templates(folder) or {"default": BUILTIN_TEMPLATE.read_text(encoding="utf-8")}
         return cls(templates, variables)
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = False, tools: list[dict] | None = None,
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False,
+               continue_final_message: bool = False, tools: list[dict] | None = None,
                documents: list[dict] | None = None, **variables) -> str:
         """The prompt text. `tools` (JSON schemas) and any extra `variables` (e.g. `add_vision_id`)
-        are passed to the template as transformers' `apply_chat_template` passes them."""
+        are passed to the template as transformers' `apply_chat_template` passes them;
+        `continue_final_message` leaves the last message open (module docstring)."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other: one continues "
+                             "the last message, the other starts a new assistant turn; set one of them")
         if tools is not None and not all(isinstance(t, dict) for t in tools):
             raise ValueError("tools must be a list of JSON-schema dicts")
         if documents is not None and not all(isinstance(d, dict) for d in documents):
             raise ValueError("documents must be a list of dicts")
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        return self._select(tools).render(
+        if continue_final_message:
+            messages = _tag_final_message(messages)
+        text = self._select(tools).render(
             messages=_plain(messages), tools=_plain(tools), documents=_plain(documents),
             add_generation_prompt=add_generation_prompt, **_plain({**self.variables, **variables}),
         )
+        return _cut_at_tag(text) if continue_final_message else text
 
     def _select(self, tools) -> jinja2.Template:
         if tools is not None and "tool_use" in self._compiled:
@@ -65,6 +78,36 @@ class ChatTemplate:
             return self._compiled["default"]
         raise ValueError(f"the checkpoint has several chat templates and none is named 'default': "
                          f"{sorted(self._compiled)}")
+
+
+def _tag_final_message(messages: list[dict]) -> list[dict]:
+    """A copy of `messages` with CONTINUE_TAG after the last message's text (its last text part)."""
+    if not messages:
+        raise ValueError("continue_final_message needs a message to continue; the conversation is empty")
+    last = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        last["content"] = content + CONTINUE_TAG
+    elif isinstance(content, (list, tuple)):
+        parts = list(content)
+        texts = [i for i, p in enumerate(parts) if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if not texts:
+            raise ValueError("continue_final_message: the final message has no text to continue")
+        parts[texts[-1]] = {**parts[texts[-1]], "text": parts[texts[-1]]["text"] + CONTINUE_TAG}
+        last["content"] = parts
+    else:
+        raise ValueError("continue_final_message: the final message has no text to continue")
+    return [*messages[:-1], last]
+
+
+def _cut_at_tag(text: str) -> str:
+    at = text.rfind(CONTINUE_TAG.strip())
+    if at < 0:
+        raise ValueError("continue_final_message: the chat template drops the final message's text, so it "
+                         "can't be continued")
+    if text[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG:
+        return text[:at]  # the template kept the message's spacing
+    return text[:at].rstrip()  # the template trimmed the message, and with it the tag's trailing space
 
 
 def load_chat_templates(folder: str | Path) -> dict[str, str]:

@@ -12,15 +12,14 @@ value above 255 to white; EXIF orientation is applied when we decode a file (as 
 load_image does), never to a PIL image the caller hands us.
 """
 
-import io
 import math
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from .headers import open_image, seen_size
 from .media import MediaError, MediaPolicy, open_source
 from .vision_config import VisionProcessingConfig
 
@@ -109,14 +108,8 @@ def load_image(source, policy: MediaPolicy | None = None) -> Image.Image:
         return to_rgb(source)
     policy = policy or MediaPolicy()
     data = open_source(source, policy, max_bytes=policy.max_image_bytes, what="image")
-    try:
-        image = Image.open(data if isinstance(data, Path) else io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:  # PIL's own, larger limit, checked inside Image.open
-        raise MediaError(f"image refused before decoding: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise MediaError(f"not a readable image: {type(e).__name__}: {e}") from None
-    with image:
-        width, height = image.size
+    with open_image(data) as image:  # the header only, so far
+        width, height = seen_size(image)
         if width * height > policy.max_image_pixels:
             raise MediaError(f"image is {width}x{height} = {width * height:,} pixels, over the limit "
                              f"of {policy.max_image_pixels:,} (MediaPolicy.max_image_pixels)")

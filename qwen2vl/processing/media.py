@@ -4,8 +4,10 @@ Every byte the processor takes from a user-named place comes through `open_sourc
 of a `MediaPolicy` are enforced in one spot. For remote URLs the host is resolved once, every
 address is checked, and the connection goes to the checked address (no second DNS lookup that a
 rebinding attacker could answer differently); Host header and TLS SNI still carry the name.
-Redirects are followed by hand, each hop checked again. Decoding limits (pixels, frames) are
-applied by image.py and video.py with the numbers from the same policy.
+Redirects are followed by hand, each hop checked again. One deadline covers the whole fetch: name
+resolution (which has no timeout of its own), connect, every redirect and every read of the body.
+Decoding limits (pixels, frames) are applied by image.py and video.py with the numbers from the same
+policy.
 """
 
 import base64
@@ -14,6 +16,7 @@ import http.client
 import ipaddress
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,7 @@ class MediaPolicy:
     max_image_pixels: int = 8192 * 8192  # width*height read from the header, before decoding
     max_video_seconds: float = 4 * 3600.0
     max_video_frames: int = 768  # frames sampled from one video
-    timeout: float = 20.0  # seconds for a whole download, redirects included (overshoot < one more)
+    timeout: float = 20.0  # seconds for a whole download: resolving, connecting, redirects, the body
     max_redirects: int = 5
     allow_local_files: bool = True
     local_roots: tuple[str | Path, ...] | None = None  # None: any folder
@@ -103,7 +106,7 @@ def fetch_url(url: str, policy: MediaPolicy, *, max_bytes: int, what: str = "med
         raise MediaError(f"remote {what} URLs are not allowed here (MediaPolicy.allow_remote=False)")
     deadline = time.monotonic() + policy.timeout
     for _ in range(policy.max_redirects + 1):
-        response, conn = _request(url, policy, deadline, what)
+        response, conn, sock = _request(url, policy, deadline, what)
         try:
             if response.status in (301, 302, 303, 307, 308):
                 location = response.getheader("Location")
@@ -113,7 +116,7 @@ def fetch_url(url: str, policy: MediaPolicy, *, max_bytes: int, what: str = "med
                 continue
             if response.status != 200:
                 raise MediaError(f"{what} URL {url!r}: HTTP {response.status} {response.reason}")
-            return _read_body(response, deadline, max_bytes, what, url)
+            return _read_body(response, sock, deadline, max_bytes, what, url)
         finally:
             conn.close()
     raise MediaError(f"{what} URL: more than {policy.max_redirects} redirects (MediaPolicy.max_redirects)")
@@ -133,47 +136,53 @@ def _request(url: str, policy: MediaPolicy, deadline: float, what: str):
         raise MediaError(f"{what} URL {url[:80]!r}: credentials in URLs are not supported")
     if policy.allowed_hosts is not None and not _host_allowed(host, policy.allowed_hosts):
         raise MediaError(f"{what} host {host!r} is not in MediaPolicy.allowed_hosts")
-    ip = resolve_checked(host, port, policy, what)
-    timeout = _remaining(deadline, what)
+    ip = resolve_checked(host, port, policy, what, deadline)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(host, port, timeout=timeout)
+    conn = cls(host, port, timeout=_remaining(deadline, what))  # connect (and TLS handshake) within it
     # Connect to the address we checked; the name stays in Host and in TLS SNI/cert checks.
     conn._create_connection = lambda _addr, timeout, source: socket.create_connection(
         (ip, port), timeout, source)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
+        conn.connect()
+        sock = conn.sock  # kept: a response that closes the connection takes conn.sock away
+        sock.settimeout(_remaining(deadline, what))  # what connecting left, for the request and headers
         conn.request("GET", target, headers={"User-Agent": "qwen2vl", "Accept": "*/*"})
-        return conn.getresponse(), conn
+        return conn.getresponse(), conn, sock
+    except TimeoutError:
+        conn.close()
+        raise _timed_out(what) from None
     except (OSError, http.client.HTTPException) as e:
         conn.close()
         raise MediaError(f"{what} URL {url[:80]!r}: {type(e).__name__}: {e}") from None
 
 
-def _read_body(response, deadline: float, max_bytes: int, what: str, url: str) -> bytes:
+def _read_body(response, sock: socket.socket, deadline: float, max_bytes: int, what: str, url: str) -> bytes:
     length = response.getheader("Content-Length")
     if length is not None and length.isdigit():
         _check_size(int(length), max_bytes, what)
     chunks, total = [], 0
     try:
         while True:
-            _remaining(deadline, what)  # each read waits at most the socket timeout set at connect
+            sock.settimeout(_remaining(deadline, what))  # a read may wait only for what is left
             chunk = response.read1(64 * 1024)  # whatever has arrived: a slow drip can't stall us
             if not chunk:
                 return b"".join(chunks)
             total += len(chunk)
             _check_size(total, max_bytes, what)  # enforced while streaming, whatever the header said
             chunks.append(chunk)
+    except TimeoutError:
+        raise _timed_out(what) from None
     except (OSError, http.client.HTTPException) as e:
         raise MediaError(f"{what} URL {url[:80]!r}: download failed: {type(e).__name__}: {e}") from None
 
 
-def resolve_checked(host: str, port: int, policy: MediaPolicy, what: str = "media") -> str:
+def resolve_checked(host: str, port: int, policy: MediaPolicy, what: str = "media",
+                    deadline: float | None = None) -> str:
     """Resolve `host` once and return an address to connect to. Refused if ANY of its addresses is
     non-public (unless allow_private), so a name can't mix a public and a private answer."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise MediaError(f"{what} host {host!r} could not be resolved ({e})") from None
+    deadline = time.monotonic() + policy.timeout if deadline is None else deadline
+    infos = _resolve(host, port, deadline, what)
     ips = [info[4][0] for info in infos]
     if not ips:
         raise MediaError(f"{what} host {host!r} has no addresses")
@@ -184,6 +193,28 @@ def resolve_checked(host: str, port: int, policy: MediaPolicy, what: str = "medi
                                  "loopback, link-local, multicast and reserved addresses are blocked "
                                  "(MediaPolicy.allow_private=False)")
     return ips[0]
+
+
+def _resolve(host: str, port: int, deadline: float, what: str) -> list:
+    """getaddrinfo, waited for until the deadline. It has no timeout of its own (a slow resolver
+    takes its own seconds per try), so it runs in a daemon thread that we stop waiting for; the
+    thread ends when the resolver answers, and its answer is dropped."""
+    answer: dict = {}
+
+    def run():
+        try:
+            answer["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as e:  # gaierror is an OSError
+            answer["error"] = e
+
+    thread = threading.Thread(target=run, name="qwen2vl-resolve", daemon=True)
+    thread.start()
+    thread.join(_remaining(deadline, what))
+    if thread.is_alive():
+        raise _timed_out(what, f"resolving {host!r}")
+    if "error" in answer:
+        raise MediaError(f"{what} host {host!r} could not be resolved ({answer['error']})")
+    return answer["infos"]
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -209,8 +240,12 @@ def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
 def _remaining(deadline: float, what: str) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise MediaError(f"{what} download timed out (MediaPolicy.timeout)")
+        raise _timed_out(what)
     return left
+
+
+def _timed_out(what: str, during: str = "") -> MediaError:
+    return MediaError(f"{what} download timed out{' ' + during if during else ''} (MediaPolicy.timeout)")
 
 
 def _check_size(size: int, max_bytes: int, what: str) -> None:

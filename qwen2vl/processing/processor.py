@@ -5,6 +5,11 @@
     batch["input_ids"]       # (L,) int64, each image/video expanded to t*h*w/merge^2 pad ids
     batch["pixel_values"]    # (patches, 1176) float32 or None; batch["image_grid_thw"] (n, 3) int64 or None
     batch["pixel_values_videos"], batch["video_grid_thw"]      # the same for videos
+    batch["second_per_grid_ts"]  # (videos,) float32: seconds per temporal grid step, Qwen2.5-VL only
+
+A Qwen2.5-VL checkpoint (config.json model_type `qwen2_5_vl`) places videos in time: each video's
+`second_per_grid_ts` is temporal_patch_size / the frame rate actually sampled, as transformers'
+Qwen2_5_VLProcessor computes it from qwen-vl-utils' sampled fps. Everything else is the same.
 
 How user text is kept from forging structure. The chat template's own special tokens
 (`<|im_start|>`, `<|vision_start|><|image_pad|><|vision_end|>`, ...) must become real token
@@ -23,6 +28,7 @@ refuse such text outright instead (a ValueError naming the token), as a server m
 Vision pads are expanded at the id level after tokenizing, so text can never add pads.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -39,16 +45,21 @@ from qwen2vl.processing.video import load_video, preprocess_video
 from qwen2vl.processing.vision_config import VisionProcessingConfig
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-_VIDEO_LOAD_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end")
+_VIDEO_LOAD_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end", "sample_fps")
+# The processor's own arguments: never template variables given in a chat_template_kwargs dict
+OWN_ARGUMENTS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tools",
+                           "reject_special_tokens"})
 
 
 class Processor:
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, vision: VisionProcessingConfig,
-                 policy: MediaPolicy | None = None):
+                 policy: MediaPolicy | None = None, video_seconds: bool = False):
+        """`video_seconds`: return `second_per_grid_ts` (Qwen2.5-VL's processor does, Qwen2-VL's doesn't)."""
         self.tokenizer = tokenizer
         self.template = template
         self.vision = vision
         self.policy = policy
+        self.video_seconds = video_seconds
         self.image_token_id = tokenizer.token_to_id(IMAGE_PAD)
         self.video_token_id = tokenizer.token_to_id(VIDEO_PAD)
 
@@ -61,7 +72,14 @@ class Processor:
         tok = Tokenizer.from_pretrained(folder)
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
         template = ChatTemplate.from_pretrained(folder, {k: v for k, v in specials.items() if v is not None})
-        return cls(tok, template, VisionProcessingConfig.from_pretrained(folder), policy)
+        config = Path(folder) / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        return cls(tok, template, VisionProcessingConfig.from_pretrained(folder), policy,
+                   video_seconds=model_type == "qwen2_5_vl")
+
+    def with_policy(self, policy: MediaPolicy | None) -> "Processor":
+        """The same processor reading media under `policy`."""
+        return Processor(self.tokenizer, self.template, self.vision, policy, self.video_seconds)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -77,18 +95,22 @@ class Processor:
         return Detokenizer(self.tokenizer, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, *, tools: list[dict] | None = None,
-                            add_vision_id: bool = False, **variables) -> str:
+                            add_vision_id: bool = False, continue_final_message: bool = False, **variables) -> str:
         """The prompt text with one pad per image/video, as transformers' `apply_chat_template`
-        renders it. Messages may be in Qwen or OpenAI form."""
+        renders it. Messages may be in Qwen or OpenAI form. `continue_final_message`: the last
+        message is left open for the model to continue (no end of turn, no generation prompt)."""
         messages = from_openai(messages)
         check_messages(messages)
         return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                    add_vision_id=add_vision_id, **variables)
+                                    continue_final_message=continue_final_message, add_vision_id=add_vision_id,
+                                    **variables)
 
     def __call__(self, messages, add_generation_prompt: bool = False, *, tools: list[dict] | None = None,
-                 add_vision_id: bool = False, reject_special_tokens: bool = False,
-                 answers_hold_special_tokens: bool = False, **variables) -> dict:
-        """Input ids and pixel tensors for `messages` (Qwen or OpenAI form); see the module docstring.
+                 add_vision_id: bool = False, continue_final_message: bool = False,
+                 reject_special_tokens: bool = False, answers_hold_special_tokens: bool = False,
+                 **variables) -> dict:
+        """Input ids and pixel tensors for `messages` (Qwen or OpenAI form); see the module docstring
+        and `apply_chat_template`.
 
         `answers_hold_special_tokens`: special-token strings in assistant messages are the tokens
         themselves, as in training data whose answers hold grounding markup (`<|box_start|>`...);
@@ -97,17 +119,24 @@ class Processor:
         media = check_messages(messages)
         if reject_special_tokens:
             self._reject_special_tokens({"messages": messages, "tools": tools, **variables})
-        ids = self._encode_chat(messages, add_generation_prompt, tools, answers_hold_special_tokens,
+        ids = self._encode_chat(messages, add_generation_prompt, tools, continue_final_message=continue_final_message,
+                                answers_hold_special_tokens=answers_hold_special_tokens,
                                 add_vision_id=add_vision_id, **variables)
 
         images = [self._image(m) for m in media if m.kind == "image"]
-        videos = [self._video(m) for m in media if m.kind == "video"]
+        loaded = [self._video(m) for m in media if m.kind == "video"]
+        videos, rates = [v for v, _ in loaded], [fps for _, fps in loaded]
         ids = self._expand(ids, self.image_token_id, [g for _, g in images], "image")
         ids = self._expand(ids, self.video_token_id, [g for _, g in videos], "video")
         pixels, grids = _stack(images)
         video_pixels, video_grids = _stack(videos)
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "pixel_values": pixels,
-                "image_grid_thw": grids, "pixel_values_videos": video_pixels, "video_grid_thw": video_grids}
+        out = {"input_ids": torch.tensor(ids, dtype=torch.long), "pixel_values": pixels,
+               "image_grid_thw": grids, "pixel_values_videos": video_pixels, "video_grid_thw": video_grids}
+        if self.video_seconds:
+            tp = self.vision.temporal_patch_size
+            out["second_per_grid_ts"] = torch.tensor([tp / fps for fps in rates], dtype=torch.float32) if videos \
+                else None
+        return out
 
     def encode_text(self, messages, add_generation_prompt: bool = False, *,
                     answers_hold_special_tokens: bool = False) -> list[int]:
@@ -115,11 +144,13 @@ class Processor:
         returns before the pads are expanded. Training masks its labels on these."""
         messages = from_openai(messages)
         check_messages(messages)
-        return self._encode_chat(messages, add_generation_prompt, None, answers_hold_special_tokens)
+        return self._encode_chat(messages, add_generation_prompt, None,
+                                 answers_hold_special_tokens=answers_hold_special_tokens)
 
     # -- text ------------------------------------------------------------------------------
 
-    def _encode_chat(self, messages, add_generation_prompt, tools, answers_hold_special_tokens=False,
+    def _encode_chat(self, messages, add_generation_prompt, tools, continue_final_message=False,
+                     answers_hold_special_tokens=False,
                      **variables) -> list[int]:
         """Render with user-typed special strings marked, then tokenize (module docstring)."""
         tok = self.tokenizer
@@ -129,7 +160,8 @@ class Processor:
         marked = _map_strings({"messages": messages, "tools": tools, "variables": variables},
                               lambda s: mark.sub(lambda m: start + m.group(0) + end, s), keep=unmarked)
         text = self.template.render(marked["messages"], add_generation_prompt=add_generation_prompt,
-                                    tools=marked["tools"], **marked["variables"])
+                                    continue_final_message=continue_final_message, tools=marked["tools"],
+                                    **marked["variables"])
         # A marked special is plain text; an unmarked one is the template's; a stray marker
         # (a template sliced a marked string apart) is dropped.
         scan = re.compile(f"{start}({mark.pattern}){end}|({mark.pattern})|[{start}{end}]")
@@ -161,10 +193,11 @@ class Processor:
         return preprocess_image(image, self.vision, **item.options)
 
     def _video(self, item: MediaItem):
+        """((pixel_values, grid_thw), the rate of the sampled frames in frames per second)."""
         load_opts = {k: v for k, v in item.options.items() if k in _VIDEO_LOAD_OPTIONS}
-        frames, _fps = load_video(item.source, self.policy, cfg=self.vision, **load_opts)
+        frames, fps = load_video(item.source, self.policy, cfg=self.vision, **load_opts)
         pixel_opts = {k: v for k, v in item.options.items() if k not in _VIDEO_LOAD_OPTIONS}
-        return preprocess_video(frames, self.vision, **pixel_opts)
+        return preprocess_video(frames, self.vision, **pixel_opts), fps
 
     def _expand(self, ids: list[int], pad_id: int, grids: list[tuple], kind: str) -> list[int]:
         """Replace the i-th pad id by t*h*w/merge^2 copies for the i-th image (or video)."""

@@ -11,23 +11,16 @@ Frames are decoded in order and converted only when kept; decoding stops after t
 frame, and it seeks when the next one is more than SEEK_GAP_S seconds ahead (video_start too).
 """
 
-import io
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .headers import DECODE_ERRORS, check_seconds, open_video, video_header
 from .image import VisionTokens, _tokens, load_image, normalize, patchify, smart_resize
 from .media import MediaError, MediaPolicy, open_source
 from .vision_config import VisionProcessingConfig
-
-try:
-    import av
-except ImportError:  # video is optional: a minimal install (e.g. a GPU image without PyAV) still runs images
-    av = None
-DECODE_ERRORS = (av.error.FFmpegError, OSError, EOFError) if av else (OSError, EOFError)
 
 SEEK_GAP_S = 10.0  # about the longest keyframe interval in practice; a shorter seek lands behind us
 
@@ -107,36 +100,51 @@ def video_token_count(height: int, width: int, cfg: VisionProcessingConfig, *, n
 
 
 def load_video(source, policy: MediaPolicy | None = None, *, fps=None, nframes=None, min_frames=None,
-               max_frames=None, video_start=None, video_end=None,
+               max_frames=None, video_start=None, video_end=None, sample_fps=None,
                cfg: VisionProcessingConfig | None = None) -> tuple[torch.Tensor, float]:
     """Sampled frames as uint8 [T, 3, H, W] and their rate in frames per second.
 
     `source` is a video file (path, file:// or http(s) URL, data: URI, bytes) or a list of
-    frames (each anything `load_image` takes), used as given at `fps` (default 2) per second."""
+    frames (each anything `load_image` takes), used as given at `sample_fps` (qwen-vl-utils'
+    name) or `fps` per second, default 2."""
     policy, cfg = policy or MediaPolicy(), cfg or VisionProcessingConfig()
     if isinstance(source, (list, tuple)):
         if nframes is not None or video_start is not None or video_end is not None:
             raise ValueError("nframes, video_start and video_end apply to video files, not frame lists")
-        return _frames_from_list(source, policy), float(cfg.fps if fps is None else fps)
+        rate = sample_fps if sample_fps is not None else cfg.fps if fps is None else fps
+        if not rate > 0:
+            raise ValueError(f"a frame list's rate must be > 0 frames per second, got {rate}")
+        return _frames_from_list(source, policy), float(rate)
+    if sample_fps is not None:
+        raise ValueError("sample_fps is the rate of a list of frames; for a video file give fps")
     data = open_source(source, policy, max_bytes=policy.max_video_bytes, what="video")
+    header = video_header(data, "video", max_pixels=policy.max_image_pixels, max_seconds=policy.max_video_seconds)
+    check_seconds(header.seconds, policy.max_video_seconds)  # the container may not state its duration
+    indices, sample_fps = sample_frames(header.frames, header.fps, cfg, fps=fps, nframes=nframes,
+                                        min_frames=min_frames, max_frames=max_frames,
+                                        video_start=video_start, video_end=video_end)
+    if len(indices) > policy.max_video_frames:
+        raise MediaError(f"{len(indices)} video frames requested, over the limit of "
+                         f"{policy.max_video_frames} (MediaPolicy.max_video_frames)")
     try:
-        with _open(data) as container:
-            video_fps, total_frames = _probe(container, policy)
-        if total_frames == 0:  # no count in the header (webm, mkv): count packets, no decoding
-            with _open(data) as container:
-                total_frames = sum(1 for p in container.demux(container.streams.video[0]) if p.size)
-        _check_duration(total_frames / video_fps, policy)
-        indices, sample_fps = sample_frames(total_frames, video_fps, cfg, fps=fps, nframes=nframes,
-                                            min_frames=min_frames, max_frames=max_frames,
-                                            video_start=video_start, video_end=video_end)
-        if len(indices) > policy.max_video_frames:
-            raise MediaError(f"{len(indices)} video frames requested, over the limit of "
-                             f"{policy.max_video_frames} (MediaPolicy.max_video_frames)")
-        with _open(data) as container:
-            frames = _decode(container, indices, video_fps)
+        with open_video(data) as container:
+            frames = _decode(container, indices, header.fps)
     except DECODE_ERRORS as e:
         raise MediaError(f"video could not be decoded: {type(e).__name__}: {e}") from None
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), sample_fps
+    return _one_size(frames), sample_fps
+
+
+def _one_size(frames: list[np.ndarray]) -> torch.Tensor:
+    """RGB frames [H, W, 3] -> uint8 [T, 3, H, W] at the first frame's size. A stream may change its
+    resolution midway (a recorder switching cameras); a frame of another size is resized to the
+    first's, as qwen-vl-utils' readers return every frame at one size, with the same resize as
+    preprocess_video's."""
+    h, w = frames[0].shape[:2]
+    out = torch.empty(len(frames), 3, h, w, dtype=torch.uint8)
+    for i, frame in enumerate(frames):
+        pixels = torch.from_numpy(frame).permute(2, 0, 1)
+        out[i] = pixels if frame.shape[:2] == (h, w) else _resize(pixels[None], h, w)[0]
+    return out
 
 
 def _frames_from_list(items, policy: MediaPolicy) -> torch.Tensor:
@@ -150,35 +158,6 @@ def _frames_from_list(items, policy: MediaPolicy) -> torch.Tensor:
     if len(sizes) > 1:
         raise ValueError(f"all frames of a video must have one size, got {sorted(s[1::-1] for s in sizes)}")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
-
-
-def _open(data: bytes | Path):
-    if av is None:
-        raise MediaError("video decoding needs PyAV, which is not installed: pip install av")
-    return av.open(str(data) if isinstance(data, Path) else io.BytesIO(data))
-
-
-def _probe(container, policy: MediaPolicy):
-    """(fps, frame count or 0 if the header has none), checking limits from the header."""
-    if not container.streams.video:
-        raise MediaError("no video stream in the file")
-    stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate
-    if not rate:
-        raise MediaError("video stream has no frame rate")
-    width, height = stream.codec_context.width, stream.codec_context.height
-    if width * height > policy.max_image_pixels:
-        raise MediaError(f"video frames are {width}x{height} = {width * height:,} pixels, over the limit "
-                         f"of {policy.max_image_pixels:,} (MediaPolicy.max_image_pixels)")
-    if container.duration is not None:
-        _check_duration(container.duration / av.time_base, policy)
-    return float(rate), stream.frames
-
-
-def _check_duration(seconds: float, policy: MediaPolicy) -> None:
-    if seconds > policy.max_video_seconds:
-        raise MediaError(f"video is {seconds:.1f} s long, over the limit of {policy.max_video_seconds:g} s "
-                         "(MediaPolicy.max_video_seconds)")
 
 
 def _decode(container, indices: list[int], video_fps: float) -> list[np.ndarray]:

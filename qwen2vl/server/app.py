@@ -12,14 +12,12 @@ import asyncio
 import hmac
 import json
 import time
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from qwen2vl.engine.async_engine import AsyncLLM
-from qwen2vl.processing.processor import Processor
 from qwen2vl.server import inputs as chat_inputs
 from qwen2vl.server.chat import ChatService
 from qwen2vl.server.errors import (
@@ -37,7 +35,6 @@ from qwen2vl.server.protocol import ChatCompletionRequest, model_card
 from qwen2vl.server.structured import GrammarCompiler
 from qwen2vl.server.web import add_web_page
 
-WEB_PAGE = Path(__file__).resolve().parent.parent / "web" / "index.html"
 RETRY_AFTER_S = "1"
 
 
@@ -49,8 +46,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     metrics = Metrics(model_name)
     llm = engine.llm
     # the engine's processor, with the server's media policy instead of the permissive default
-    processor = Processor(llm.processor.tokenizer, llm.processor.template, llm.processor.vision,
-                          limits.media_policy())
+    processor = llm.processor.with_policy(limits.media_policy())
     tok = processor.tokenizer
     max_model_len = llm.engine.max_model_len
     eos = sorted(llm.engine.scheduler.eos_token_ids)
@@ -93,15 +89,19 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("messages: a non-empty list is required", "messages")
-        unknown = sorted(set(body) - {"messages", "mm_processor_kwargs", "model"})
+        allowed = ["messages", "mm_processor_kwargs", "model", "add_generation_prompt", "continue_final_message",
+                   "chat_template_kwargs"]
+        unknown = sorted(set(body) - set(allowed))
         if unknown:
-            raise bad_request(f"unknown field(s) {unknown}; allowed: messages, mm_processor_kwargs, model", unknown[0])
+            raise bad_request(f"unknown field(s) {unknown}; allowed: {', '.join(allowed)}", unknown[0])
         cfg = processor.vision
-        inputs = chat_inputs.check_messages(messages, body.get("mm_processor_kwargs"), limits, cfg, tok.find_special)
+        inputs = chat_inputs.check_inputs(messages, body.get("mm_processor_kwargs"), limits, cfg, tok.find_special)
+        template = chat_inputs.template_options(body.get("add_generation_prompt"), body.get("continue_final_message"),
+                                                body.get("chat_template_kwargs"), tok.find_special)
         await asyncio.to_thread(chat_inputs.fetch_media, inputs.media, service.policy, limits)
         costs = await asyncio.to_thread(chat_inputs.media_costs, inputs.media, cfg, limits)
         try:
-            text = processor.apply_chat_template(chat_inputs.qwen_messages(inputs), add_generation_prompt=True)
+            text = processor.apply_chat_template(chat_inputs.qwen_messages(inputs), **template)
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
         text_tokens = len(tok.encode(text, allow_special=True)) - len(costs)  # minus one pad per item
@@ -137,8 +137,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
         finally:
             metrics.in_flight -= 1
 
-    if WEB_PAGE.is_file():
-        add_web_page(app)  # static, holds no data, so no key; the page sends the key with its API calls
+    add_web_page(app)  # if installed; static, holds no data, so no key; the page sends the key with its API calls
 
     return app
 

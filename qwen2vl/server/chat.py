@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams
@@ -54,22 +55,23 @@ class ChatService:
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
         cfg = self.processor.vision
         find_special = self.processor.tokenizer.find_special
-        inputs = chat_inputs.check_messages(req.messages, req.mm_processor_kwargs, self.limits, cfg, find_special)
+        inputs = chat_inputs.check_inputs(req.messages, req.mm_processor_kwargs, self.limits, cfg, find_special)
+        template = chat_inputs.template_options(req.add_generation_prompt, req.continue_final_message,
+                                                req.chat_template_kwargs, find_special)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
         if choice not in (None, "none", "auto") and not tools:
             raise bad_request("tool_choice needs tools", "tool_choice")
         for t in tools or []:
             _check_json_free_of_specials(t, "tools", find_special)
-        # before any I/O, so bad values fail fast; in a thread because a grammar takes a while to build
-        # (the first one also builds llguidance's tokenizer table, ~3 s)
+        # before any I/O, so bad values fail fast; in a thread because a grammar takes a while to check
         params = await asyncio.to_thread(self._params, req, tools, choice)
         await asyncio.to_thread(chat_inputs.fetch_media, inputs.media, self.policy, self.limits)
         costs = await asyncio.to_thread(chat_inputs.media_costs, inputs.media, cfg, self.limits)
         chat_inputs.check_context(costs, self.max_model_len)
         messages = render_messages(chat_inputs.qwen_messages(inputs), tools if choice != "none" else None)
         try:
-            batch = await asyncio.to_thread(self.processor, messages, True, reject_special_tokens=True)
+            batch = await asyncio.to_thread(partial(self.processor, messages, reject_special_tokens=True, **template))
             prompt = Prompt.from_inputs(batch, self.model_config)
         except (MediaError, ValueError) as e:
             raise bad_request(chat_inputs.public_message(str(e)), "messages") from None

@@ -10,8 +10,8 @@ import logging
 import os
 import sys
 
+from qwen2vl.backends.quant import QUANTIZATIONS
 from qwen2vl.hub import DEFAULT_MODEL, DEMO_MODEL
-from qwen2vl.quant import QUANTIZATIONS
 from qwen2vl.server.limits import add_limit_arguments, limits_from_args
 
 

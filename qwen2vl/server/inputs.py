@@ -1,30 +1,35 @@
 """A chat request's messages -> checked Qwen-form messages with media fetched, within the limits.
 
 The order is the point: everything cheap is checked before anything expensive.
-1. shape: roles, content parts (text / image_url / video_url), special tokens in text, counts of
-   images and videos, URL schemes, vision options (clamped to the server's ceilings);
+1. shape, as the processor checks it (processing/messages.py: roles, content, parts, option
+   values), then the server's policy: OpenAI parts only (text / image_url / video_url), special
+   tokens in text, counts of images and videos, URL schemes, the vision options a client may set
+   (clamped to the server's ceilings);
 2. fetch: each URL under the media policy (SSRF rules, byte limits, timeouts) into bytes;
 3. cost: image/video headers give the exact visual tokens; over the context -> 400 with the
    overflow and a max_pixels that would fit, before any pixel is decoded.
 The processor then decodes and tokenizes (chat.py). Errors name the field: messages[1].content[0].
 """
 
-import math
+import json
 import re
 from dataclasses import dataclass, field
 
 from qwen2vl.processing.media import MediaError, MediaPolicy, open_source
+from qwen2vl.processing.messages import VIDEO_OPTIONS, MessageError, check_options, from_openai
+from qwen2vl.processing.messages import check_messages as check_qwen_messages
+from qwen2vl.processing.processor import OWN_ARGUMENTS
 from qwen2vl.processing.vision_config import VisionProcessingConfig
 from qwen2vl.server.errors import bad_request
 from qwen2vl.server.limits import IMAGE_KEYS, VIDEO_KEYS, ServerLimits
 from qwen2vl.server.tokens import MediaCost, media_cost
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-PART_KINDS = {"image_url": "image", "video_url": "video"}
+SCHEMES = ("data:", "http://", "https://", "file://")
 # A video as a list of frames, in the Qwen form qwen-vl-utils takes: {"type": "video", "video": [url, ...]};
 # file-only sampling options do not apply to it.
 FRAME_LIST_EXCLUDED = ("nframes", "min_frames", "max_frames", "video_start", "video_end")
-SCHEMES = ("data:", "http://", "https://", "file://")
+# The vision options a client may set (a subset of the processor's: no resized_height/width)
+_ALLOWED = {"image": {k: VIDEO_OPTIONS[k] for k in IMAGE_KEYS}, "video": {k: VIDEO_OPTIONS[k] for k in VIDEO_KEYS}}
 # A 1-pixel side holds no picture (a tracking pixel, a broken export); the resize would blow it up
 # into a blank 56x56 tile. Refused as input almost certainly sent by mistake.
 MIN_SIDE = 2
@@ -43,42 +48,38 @@ class MediaRef:
 
 @dataclass
 class ChatInputs:
-    messages: list[dict]  # OpenAI form, checked
+    messages: list[dict]  # checked, in the Qwen form (from_openai): image_url parts are image items
     media: list[MediaRef] = field(default_factory=list)
 
 
-def check_messages(messages: list[dict], body_options: dict | None, limits: ServerLimits,
-                   cfg: VisionProcessingConfig, find_special) -> ChatInputs:
-    """Step 1 (no I/O). `find_special(text)` returns the first special-token string in text."""
-    body_options = _check_options(body_options or {}, set(VIDEO_KEYS), "mm_processor_kwargs")
-    refs: list[MediaRef] = []
+def check_inputs(messages: list[dict], body_options: dict | None, limits: ServerLimits,
+                 cfg: VisionProcessingConfig, find_special) -> ChatInputs:
+    """Step 1 (no I/O). The messages' shape is checked where the processor checks it
+    (processing/messages.py); here the server's policy: message fields, special tokens in text,
+    media only from users and the system, the options a client may set, URL schemes, counts.
+    `find_special(text)` returns the first special-token string in text."""
     for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise bad_request(f"{where}: must be an object with 'role' and 'content'", where)
-        role = msg.get("role")
-        if role not in ROLES:
-            raise bad_request(f"{where}.role: must be one of {list(ROLES)}, got {role!r}", f"{where}.role")
-        unknown = sorted(set(msg) - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
-        if unknown:
-            raise bad_request(f"{where}: unknown field(s) {unknown}", where)
-        content = msg.get("content")
-        if content is None:
-            if role == "assistant" and msg.get("tool_calls"):
-                continue
-            raise bad_request(f"{where}.content: missing", f"{where}.content")
-        if msg.get("tool_calls") is not None and (role != "assistant" or not isinstance(msg["tool_calls"], list)):
-            raise bad_request(f"{where}.tool_calls: must be a list, on an assistant message", f"{where}.tool_calls")
-        if isinstance(content, str):
-            _check_text(content, f"{where}.content", find_special)
-            continue
-        if not isinstance(content, list):
-            raise bad_request(f"{where}.content: must be a string or a list of content parts", f"{where}.content")
-        for j, part in enumerate(content):
-            ref = _check_part(part, f"{where}.content[{j}]", role, body_options, find_special)
-            if ref is not None:
-                ref.message, ref.part = i, j
-                refs.append(ref)
+        _check_policy(msg, f"messages[{i}]", find_special)
+    try:
+        body_options = check_options(body_options or {}, _ALLOWED["video"], "mm_processor_kwargs")
+        qwen = from_openai(messages)
+        items = check_qwen_messages(qwen)
+    except MessageError as e:
+        raise bad_request(str(e), e.param) from None
+    refs: list[MediaRef] = []
+    for item in items:
+        role, where = qwen[item.message]["role"], item.where
+        if role in ("assistant", "tool"):
+            raise bad_request(f"{where}: {item.kind}_url parts are only allowed in user and system messages", where)
+        allowed = _ALLOWED[item.kind]  # _check_policy saw to it that the options are among these
+        url = item.source
+        if isinstance(url, list):  # a video as its frames (_check_policy: a non-empty list of strings)
+            for k, frame in enumerate(url):
+                _check_scheme(frame, f"{where}.video[{k}]")
+        else:
+            _check_scheme(url, f"{where}.{item.kind}_url.url")
+        inherited = {k: v for k, v in body_options.items() if k in allowed}
+        refs.append(MediaRef(item.kind, where, url, {**inherited, **item.options}, item.message, item.part))
     for kind, limit, flag in (("image", limits.max_images, "--max-images-per-request"),
                               ("video", limits.max_videos, "--max-videos-per-request")):
         count = sum(r.kind == kind for r in refs)
@@ -87,84 +88,97 @@ def check_messages(messages: list[dict], body_options: dict | None, limits: Serv
                               "messages")
     for r in refs:
         r.options = limits.clamp(r.kind, r.options, cfg)
-    return ChatInputs(messages, refs)
+    return ChatInputs(qwen, refs)
 
 
-def _check_text(text, where: str, find_special) -> None:
-    if not isinstance(text, str):
-        raise bad_request(f"{where}: must be a string", where)
-    found = find_special(text)
-    if found is not None:
-        raise bad_request(f"{where}: contains the special token {found!r}, which is not allowed in messages", where)
+def _check_scheme(url: str, param: str) -> None:
+    if not url.startswith(SCHEMES):
+        scheme = url.split(":", 1)[0][:20] if ":" in url else "none"
+        raise bad_request(f"{param}: unsupported URL scheme {scheme!r}; use http(s)://, data: or file://", param)
 
 
-def _check_part(part, where: str, role: str, body_options: dict, find_special) -> MediaRef | None:
-    if not isinstance(part, dict):
-        raise bad_request(f"{where}: must be an object like {{'type': 'text', 'text': ...}}", where)
-    kind = part.get("type")
-    if kind == "text":
-        _check_text(part.get("text"), f"{where}.text", find_special)
-        return None
-    if kind == "video" and role not in ("assistant", "tool"):
-        return _check_frame_list(part, where, body_options)
-    if kind not in PART_KINDS:
-        raise bad_request(f"{where}.type: unsupported content type {kind!r}; supported: text, image_url, video_url, "
-                          "video (a list of frame URLs)", f"{where}.type")
-    if role in ("assistant", "tool"):
-        raise bad_request(f"{where}: {kind} parts are only allowed in user and system messages", where)
-    unknown = sorted(set(part) - {"type", kind})
+def _check_policy(msg, where: str, find_special) -> None:
+    """What the server refuses beyond a malformed message: fields it does not know, parts not in the
+    OpenAI form, vision options a client may not set, tool calls that are not a list on an
+    assistant turn, special-token strings in text. The shape itself is check_messages' job."""
+    if not isinstance(msg, dict):
+        return
+    unknown = sorted(set(msg) - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
     if unknown:
         raise bad_request(f"{where}: unknown field(s) {unknown}", where)
-    ref = part.get(kind)
-    ref = {"url": ref} if isinstance(ref, str) else ref
-    if not isinstance(ref, dict) or not isinstance(ref.get("url"), str) or not ref["url"]:
-        raise bad_request(f"{where}.{kind}.url: a non-empty URL string is required", f"{where}.{kind}.url")
-    url = ref["url"]
-    _check_scheme(url, f"{where}.{kind}.url")
-    media = PART_KINDS[kind]
-    keys = set(IMAGE_KEYS if media == "image" else VIDEO_KEYS)
-    item = _check_options({k: v for k, v in ref.items() if k not in ("url", "detail")}, keys, f"{where}.{kind}")
-    inherited = {k: v for k, v in body_options.items() if k in keys}
-    return MediaRef(media, where, url, {**inherited, **item}, -1, -1)
+    calls = msg.get("tool_calls")
+    if calls is not None and (msg.get("role") != "assistant" or not isinstance(calls, list)):
+        raise bad_request(f"{where}.tool_calls: must be a list, on an assistant message", f"{where}.tool_calls")
+    content = msg.get("content")
+    parts = content if isinstance(content, list) else []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict):
+            continue
+        kind, param = part.get("type"), f"{where}.content[{j}]"
+        if kind == "video" and msg.get("role") not in ("assistant", "tool"):
+            _check_frame_list(part, param)
+            continue
+        if kind not in ("text", "image_url", "video_url"):
+            raise bad_request(f"{param}.type: unsupported content type {kind!r}; supported: text, image_url, "
+                              "video_url, video (a list of frame URLs)", f"{param}.type")
+        if kind != "text":
+            unknown = sorted(set(part) - {"type", kind})
+            if unknown:
+                raise bad_request(f"{param}: unknown field(s) {unknown}", param)
+            ref = part.get(kind)
+            allowed = _ALLOWED["image" if kind == "image_url" else "video"]
+            unknown = sorted(set(ref) - {"url", "detail"} - set(allowed)) if isinstance(ref, dict) else []
+            if unknown:
+                raise bad_request(f"{param}.{kind}: unknown option(s) {unknown}; allowed: {sorted(allowed)}",
+                                  f"{param}.{kind}")
+    texts = [(f"{where}.content", content)] if isinstance(content, str) else [
+        (f"{where}.content[{j}].text", part["text"]) for j, part in enumerate(parts)
+        if isinstance(part, dict) and isinstance(part.get("text"), str)]
+    for param, text in texts:
+        found = find_special(text)
+        if found is not None:
+            raise bad_request(f"{param}: contains the special token {found!r}, which is not allowed in messages",
+                              param)
 
 
-def _check_frame_list(part: dict, where: str, body_options: dict) -> MediaRef:
+def template_options(add_generation_prompt, continue_final_message, chat_template_kwargs, find_special) -> dict:
+    """A request's chat template options (vLLM's names) -> the processor's keyword arguments.
+    The two prompt options exclude each other; add_generation_prompt defaults to the opposite of
+    continue_final_message. chat_template_kwargs become template variables, never the processor's
+    own arguments (reject_special_tokens!), and hold no special-token strings."""
+    for name, value in (("add_generation_prompt", add_generation_prompt),
+                        ("continue_final_message", continue_final_message)):
+        if value is not None and not isinstance(value, bool):
+            raise bad_request(f"{name}: must be true or false, got {value!r}", name)
+    if continue_final_message and add_generation_prompt:
+        raise bad_request("continue_final_message and add_generation_prompt can't both be true: one continues the "
+                          "last message, the other starts a new assistant turn (set add_generation_prompt=false)",
+                          "continue_final_message")
+    variables = {} if chat_template_kwargs is None else chat_template_kwargs
+    if not isinstance(variables, dict):
+        raise bad_request("chat_template_kwargs: must be an object of template variables", "chat_template_kwargs")
+    for key in variables:
+        where = f"chat_template_kwargs.{key}"
+        if not key.isidentifier() or key in OWN_ARGUMENTS:
+            raise bad_request(f"{where}: not a template variable this server passes on (names are identifiers, "
+                              f"not {sorted(OWN_ARGUMENTS)}; set those at the top level)", where)
+    found = find_special(json.dumps(variables, ensure_ascii=False))
+    if found is not None:
+        raise bad_request(f"chat_template_kwargs: contains the special token {found!r}, which is not allowed",
+                          "chat_template_kwargs")
+    return {"add_generation_prompt": not continue_final_message if add_generation_prompt is None
+            else add_generation_prompt, "continue_final_message": bool(continue_final_message), **variables}
+
+
+def _check_frame_list(part: dict, param: str) -> None:
     """`{"type": "video", "video": [frame URL, ...], **options}`: one video made of these images."""
     frames = part.get("video")
     if not isinstance(frames, list) or not frames or not all(isinstance(u, str) and u for u in frames):
-        raise bad_request(f"{where}.video: a non-empty list of frame URLs is required", f"{where}.video")
-    for k, url in enumerate(frames):
-        _check_scheme(url, f"{where}.video[{k}]")
-    keys = set(VIDEO_KEYS) - set(FRAME_LIST_EXCLUDED)
-    options = _check_options({k: v for k, v in part.items() if k not in ("type", "video")}, keys, where)
-    inherited = {k: v for k, v in body_options.items() if k in keys}
-    return MediaRef("video", where, frames, {**inherited, **options}, -1, -1)
-
-
-def _check_scheme(url: str, where: str) -> None:
-    if not url.startswith(SCHEMES):
-        scheme = url.split(":", 1)[0][:20] if ":" in url else "none"
-        raise bad_request(f"{where}: unsupported URL scheme {scheme!r}; use http(s)://, data: or file://", where)
-
-
-def _check_options(options, allowed: set, where: str) -> dict:
-    if not isinstance(options, dict):
-        raise bad_request(f"{where}: must be an object", where)
-    unknown = sorted(set(options) - allowed)
+        raise bad_request(f"{param}.video: a non-empty list of frame URLs is required", f"{param}.video")
+    allowed = set(_ALLOWED["video"]) - set(FRAME_LIST_EXCLUDED)
+    unknown = sorted(set(part) - {"type", "video"} - allowed)
     if unknown:
-        raise bad_request(f"{where}: unknown option(s) {unknown}; allowed: {sorted(allowed)}", where)
-    out = {}
-    for k, v in options.items():
-        if v is None:
-            continue
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not ok or v < 0 or (v == 0 and k != "video_start"):
-            raise bad_request(f"{where}.{k}: must be a positive number, got {v!r}", f"{where}.{k}")
-        integer = k not in ("fps", "video_start", "video_end")
-        if integer and v != int(v):
-            raise bad_request(f"{where}.{k}: must be an integer, got {v!r}", f"{where}.{k}")
-        out[k] = int(v) if integer else float(v)
-    return out
+        raise bad_request(f"{param}: unknown option(s) {unknown}; allowed: {sorted(allowed)}", param)
 
 
 def fetch_media(refs: list[MediaRef], policy: MediaPolicy, limits: ServerLimits) -> None:
@@ -232,8 +246,8 @@ def check_context(costs: list[MediaCost], max_model_len: int) -> None:
 
 
 def qwen_messages(inputs: ChatInputs) -> list[dict]:
-    """The OpenAI messages with each media part replaced by the Qwen form holding its fetched data
-    and clamped options (what the processor reads)."""
+    """The messages with each media item holding its fetched data and clamped options (what the
+    processor reads)."""
     out = [dict(m) for m in inputs.messages]
     for m in out:
         if isinstance(m.get("content"), list):

@@ -83,6 +83,11 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     mm_processor_kwargs: dict | None = None
     skip_special_tokens: bool = True  # false keeps grounding markup (<|box_start|>...) in the text
+    # chat template options: open the assistant's turn (default: yes, unless continue_final_message),
+    # or leave the last message open for the model to continue; variables for the template
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
 
     @field_validator("stop")
     @classmethod

@@ -18,7 +18,7 @@ bounded schema always terminates.
 
 import json
 import logging
-import threading
+import time
 
 import llguidance
 import numpy as np
@@ -34,22 +34,18 @@ JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,4}"}
 
 
 class GrammarCompiler:
-    """Owns the llguidance tokenizer (built once, ~1-3 s for a 150k vocabulary, on first use) and
-    turns request options into checked grammars."""
+    """Owns the llguidance tokenizer table and turns request options into checked grammars.
+
+    The table is built here, when the server starts (create_app), not on the first request that
+    needs it: it takes ~2-3 s for a 150k vocabulary and holds the GIL all along, so built lazily it
+    stalled that request and every stream being served. Built before the server listens, so /health
+    answers only once it exists."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]):
-        self._source = (tokenizer_json, vocab_size, list(eos_token_ids))
-        self._tokenizer = None
-        self._lock = threading.Lock()
+        start = time.monotonic()
+        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        log.info("grammar tokenizer table built in %.1f s", time.monotonic() - start)
         self.eos_token_ids = list(eos_token_ids)
-
-    @property
-    def tokenizer(self):
-        with self._lock:
-            if self._tokenizer is None:
-                text, vocab, eos = self._source
-                self._tokenizer = llguidance.LLTokenizer(text, n_vocab=vocab, eos_token=eos)
-            return self._tokenizer
 
     def json_grammar(self, response_format: dict) -> str:
         """Grammar for {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}."""

@@ -10,19 +10,15 @@ a client budget a request before sending it:
                    "resized_width": 588, "resized_height": 336, "grid_thw": [1, 24, 42], "tokens": 252}, ...]}
 """
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
-from PIL import Image, UnidentifiedImageError
-
+from qwen2vl.processing.headers import image_header, video_header
 from qwen2vl.processing.image import image_token_count
 from qwen2vl.processing.media import MediaError
 from qwen2vl.processing.video import video_token_count
 from qwen2vl.processing.vision_config import VisionProcessingConfig
 
-_SWAP_ORIENTATIONS = {5, 6, 7, 8}  # EXIF rotations by 90 degrees: width and height trade places
 _SIZE_OPTIONS = ("min_pixels", "max_pixels", "total_pixels")
 
 
@@ -58,11 +54,13 @@ def media_cost(kind: str, data: bytes | Path | list, options: dict, cfg: VisionP
         width, height = image_header(data, param)
         t = image_token_count(height, width, cfg, **{k: v for k, v in options.items() if k in _SIZE_OPTIONS[:2]})
         return MediaCost(kind, param, width, height, t.width, t.height, t.grid_thw, t.num_tokens)
-    width, height, frames, fps = video_header(data, param)
+    video = video_header(data, param)
     sampling = {k: v for k, v in options.items() if k not in _SIZE_OPTIONS}
     sizes = {k: v for k, v in options.items() if k in _SIZE_OPTIONS}
-    t = video_token_count(height, width, cfg, total_frames=frames, video_fps=fps, **sampling, **sizes)
-    return MediaCost(kind, param, width, height, t.width, t.height, t.grid_thw, t.num_tokens, frames, frames / fps)
+    t = video_token_count(video.height, video.width, cfg, total_frames=video.frames, video_fps=video.fps,
+                          **sampling, **sizes)
+    return MediaCost(kind, param, video.width, video.height, t.width, t.height, t.grid_thw, t.num_tokens,
+                     video.frames, video.seconds)
 
 
 def _frame_list_cost(frames: list, options: dict, cfg: VisionProcessingConfig, param: str) -> MediaCost:
@@ -76,52 +74,3 @@ def _frame_list_cost(frames: list, options: dict, cfg: VisionProcessingConfig, p
     fps = options.get("fps", cfg.fps)
     return MediaCost("video", param, width, height, t.width, t.height, t.grid_thw, t.num_tokens, len(frames),
                      len(frames) / fps)
-
-
-def image_header(data: bytes | Path, param: str) -> tuple[int, int]:
-    """(width, height) as the image will be seen (EXIF rotation applied), reading the header only."""
-    try:
-        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as im:
-            width, height = im.size
-            orientation = _orientation(im.info.get("exif"))
-    except Image.DecompressionBombError as e:
-        raise MediaError(f"{param}: image refused before decoding: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise MediaError(f"{param}: not a readable image ({type(e).__name__})") from None
-    if width < 1 or height < 1:
-        raise MediaError(f"{param}: image is {width}x{height}")
-    return (height, width) if orientation in _SWAP_ORIENTATIONS else (width, height)
-
-
-def _orientation(exif) -> int | None:
-    """EXIF orientation from the header's raw EXIF block. Not `Image.getexif()`: for PNG it decodes
-    the whole image to look for EXIF after the pixels, which is what a bomb wants."""
-    if not isinstance(exif, (bytes, bytearray)):
-        return None
-    data = Image.Exif()
-    try:
-        data.load(bytes(exif))
-    except Exception:  # a broken EXIF block only loses the rotation hint
-        return None
-    return data.get(0x0112)
-
-
-def video_header(data: bytes | Path, param: str) -> tuple[int, int, int, float]:
-    """(width, height, frame count, frames per second) from the container; when the header has no
-    frame count (webm, mkv) the packets are counted, which reads but does not decode."""
-    try:
-        with av.open(str(data) if isinstance(data, Path) else io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{param}: no video stream in the file")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            width, height, frames = stream.codec_context.width, stream.codec_context.height, stream.frames
-            if not frames:
-                frames = sum(1 for p in container.demux(stream) if p.size)
-    except (av.error.FFmpegError, OSError, EOFError, ValueError) as e:
-        if isinstance(e, MediaError):
-            raise
-        raise MediaError(f"{param}: not a readable video ({type(e).__name__})") from None
-    if not rate or not frames or width < 1 or height < 1:
-        raise MediaError(f"{param}: video has no frames, size or frame rate in its header")
-    return width, height, frames, float(rate)

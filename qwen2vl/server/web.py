@@ -14,9 +14,11 @@ from importlib.resources import files
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
+PAGE = files("qwen2vl") / "web" / "index.html"  # where the page is: asked here only
+
 
 def page_html() -> str:
-    return (files("qwen2vl") / "web" / "index.html").read_text(encoding="utf-8")
+    return PAGE.read_text(encoding="utf-8")
 
 
 def page_headers(html: str) -> dict[str, str]:
@@ -32,11 +34,16 @@ def page_headers(html: str) -> dict[str, str]:
             "Cache-Control": "no-cache"}
 
 
-def add_web_page(app: FastAPI) -> None:
-    """Serve the chat page at GET / (read once, at startup)."""
+def add_web_page(app: FastAPI) -> bool:
+    """Serve the chat page at GET / (read once, at startup); False, and no route, when this install
+    has no page."""
+    if not PAGE.is_file():
+        return False
     html = page_html()
     headers = page_headers(html)
 
     @app.get("/", include_in_schema=False)
     async def web_page():
         return HTMLResponse(html, headers=headers)
+
+    return True

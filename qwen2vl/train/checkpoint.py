@@ -25,7 +25,8 @@ NOT_COPIED = {"model.safetensors.index.json", "adapter_config.json"}
 def save_state(folder: Path, step: int, params: dict, optimizer, scheduler, settings: dict) -> Path:
     """Everything needed to continue exactly from after `step` (see `load_state`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({name: p.detach().contiguous() for name, p in params.items()}, str(folder / "trainable.safetensors"))
+    save_file({name: p.detach().cpu().contiguous() for name, p in params.items()},
+              str(folder / "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

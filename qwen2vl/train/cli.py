@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from qwen2vl.adapter import DECODER_LINEARS
+from qwen2vl.chat_cli import positive
 
 TRAIN_EPILOG = """\
 data: JSONL, one conversation per line, either LLaMA-Factory's multimodal sharegpt layout
@@ -25,18 +26,6 @@ examples:
   qwen2vl train --model base/ --data train.jsonl --output my-model --full --train-vision --lr 1e-5
   qwen2vl chat --model Qwen/Qwen2-VL-2B-Instruct --lora my-adapter --image x.png "What is this?"
 """
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
 
 
 def _fraction(text: str) -> float:
@@ -68,39 +57,39 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: frozen)")
     m.add_argument("--init-random", action="store_true", help="with --full: start from random weights "
                    "(the folder needs only config.json, tokenizer and preprocessor files)")
-    m.add_argument("--lora-rank", type=_positive(int), help="LoRA rank r (default 16)")
-    m.add_argument("--lora-alpha", type=_positive(float), help="LoRA alpha; the update is scaled by alpha/r "
+    m.add_argument("--lora-rank", type=positive(int), help="LoRA rank r (default 16)")
+    m.add_argument("--lora-alpha", type=positive(float), help="LoRA alpha; the update is scaled by alpha/r "
                    "(default 2 x rank)")
     m.add_argument("--lora-dropout", type=_fraction, help="dropout on the LoRA input (default 0.05)")
     m.add_argument("--lora-targets", type=_targets, metavar="NAMES",
                    help=f"comma-separated decoder linears to adapt (default {','.join(DECODER_LINEARS)})")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=_positive(float), help="peak learning rate (default 1e-4 LoRA, 1e-5 full)")
+    o.add_argument("--lr", type=positive(float), help="peak learning rate (default 1e-4 LoRA, 1e-5 full)")
     o.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: --warmup-ratio of the steps)")
     o.add_argument("--warmup-ratio", type=_fraction, default=0.0, help="warmup as a fraction of the steps")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
-    o.add_argument("--max-grad-norm", type=_positive(float), default=1.0, help="clip gradients to this norm")
-    o.add_argument("--batch-size", type=_positive(int), default=1, help="conversations per micro-batch, "
+    o.add_argument("--max-grad-norm", type=positive(float), default=1.0, help="clip gradients to this norm")
+    o.add_argument("--batch-size", type=positive(int), default=1, help="conversations per micro-batch, "
                    "packed along the token axis (no padding)")
-    o.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step")
-    o.add_argument("--epochs", type=_positive(int), default=1, help="passes over the data (default 1)")
-    o.add_argument("--steps", type=_positive(int), help="optimizer steps (overrides --epochs)")
-    o.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the "
-                   "backward pass: less memory, ~30%% more time")
+    o.add_argument("--grad-accum", type=positive(int), default=1, help="micro-batches per optimizer step")
+    o.add_argument("--epochs", type=positive(int), default=1, help="passes over the data (default 1)")
+    o.add_argument("--steps", type=positive(int), help="optimizer steps (overrides --epochs)")
+    o.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations "
+                   "in the backward pass: less memory, more time")
     o.add_argument("--seed", type=int, default=0, help="LoRA init, data order and dropout")
     d = p.add_argument_group("inputs")
-    d.add_argument("--max-length", type=_positive(int), help="skip conversations longer than this many tokens "
+    d.add_argument("--max-length", type=positive(int), help="skip conversations longer than this many tokens "
                    "(default: the model's context)")
-    d.add_argument("--min-pixels", type=_positive(int), help="per image / video frame (default: the processor's)")
-    d.add_argument("--max-pixels", type=_positive(int), help="per image / video frame: fewer visual tokens; "
+    d.add_argument("--min-pixels", type=positive(int), help="per image / video frame (default: the processor's)")
+    d.add_argument("--max-pixels", type=positive(int), help="per image / video frame: fewer visual tokens; "
                    "use the same limit at inference")
     r = p.add_argument_group("run")
     r.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="bf16: frozen weights in bf16, "
                    "compute under autocast, trained weights kept in fp32 (default); fp32: everything fp32")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    r.add_argument("--log-every", type=_positive(int), default=1, help="steps between progress lines")
-    r.add_argument("--save-every", type=_positive(int), help="steps between resumable checkpoints")
-    r.add_argument("--eval-every", type=_positive(int), help="steps between held-out losses "
+    r.add_argument("--log-every", type=positive(int), default=1, help="steps between progress lines")
+    r.add_argument("--save-every", type=positive(int), help="steps between resumable checkpoints")
+    r.add_argument("--eval-every", type=positive(int), help="steps between held-out losses "
                    "(default: at each checkpoint and at the end)")
     r.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from OUTPUT's latest checkpoint-STEP (or the one given)")

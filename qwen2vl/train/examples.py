@@ -60,7 +60,8 @@ def _encode(messages: list, processor, config, where: str) -> Example:
     inputs = processor(messages, answers_hold_special_tokens=True)
     ids = inputs["input_ids"].tolist()
     labels = _expand_labels(short, trained, ids, {processor.image_token_id, processor.video_token_id})
-    positions, _ = mrope_positions(ids, inputs["image_grid_thw"], inputs["video_grid_thw"], config)
+    positions, _ = mrope_positions(ids, inputs["image_grid_thw"], inputs["video_grid_thw"], config,
+                                   inputs.get("second_per_grid_ts"))
     return Example(where, inputs["input_ids"], torch.tensor(labels, dtype=torch.long), positions,
                    inputs["pixel_values"], inputs["image_grid_thw"], inputs["pixel_values_videos"],
                    inputs["video_grid_thw"])

@@ -111,9 +111,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
         start = load_state(ckpt, params, optimizer, scheduler, cfg.resumable_settings())
         log(f"resumed from {ckpt} (step {start})")
     n_params = sum(p.numel() for p in params.values())
-    log(f"training {'all of ' + ('the model' if cfg.train_vision else 'the decoder') if cfg.full else 'LoRA'}: "
-        f"{n_params:,} parameters, {len(rows)} rows, {total} steps of {cfg.grad_accum} x {cfg.batch_size} rows, "
-        f"{cfg.dtype} on {cfg.device}")
+    what = "a LoRA adapter" if not cfg.full else "the whole model" if cfg.train_vision else "the decoder"
+    log(f"training {what}: {n_params:,} parameters, {len(rows)} rows, {total} steps of {cfg.grad_accum} x "
+        f"{cfg.batch_size} rows, {cfg.dtype} on {cfg.device}")
 
     skipped: set[str] = set()
     max_length = cfg.max_length or model.config.text.max_position_embeddings

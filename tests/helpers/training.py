@@ -10,8 +10,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from qwen2vl.train.batch import pack
+from qwen2vl.train.examples import encode_row
+from qwen2vl.train.step import loss_sum
 from tests.helpers.checkpoints import build_reference, save_checkpoint
 from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
 
@@ -21,9 +25,10 @@ PREPROCESSOR = {
 }
 
 
-def model_folder(folder: Path, seed: int = 0, tie: bool = False):
-    """A checkpoint folder (fp32, hub layout, tokenizer, preprocessor); returns the transformers model."""
-    hf = build_reference(seed=seed, vocab_size=151936, tie=tie)
+def model_folder(folder: Path, seed: int = 0, tie: bool = False, **config):
+    """A checkpoint folder (fp32, hub layout, tokenizer, preprocessor); returns the transformers model.
+    `config`: more of build_reference's overrides (family="qwen2_5_vl", ...)."""
+    hf = build_reference(seed=seed, vocab_size=151936, tie=tie, **config)
     save_checkpoint(hf, folder, tokenizer_dir=qwen_tokenizer_dir())
     (Path(folder) / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     return hf
@@ -83,3 +88,35 @@ def random_adapter(folder: Path, model_folder: Path, targets: list[str], rank: i
             modules[f"model.layers.{layer}.{parent}.{name}"] = (
                 torch.randn(rank, n_in, generator=g) * std, torch.randn(n_out, rank, generator=g) * std)
     return write_adapter(folder, modules, rank=rank, alpha=alpha, dropout=0.0, targets=targets, base=None)
+
+
+def our_step(model, processor, rows):
+    batch = pack([encode_row(r, processor, model.config) for r in rows])
+    loss = loss_sum(model, batch) / batch.num_targets
+    loss.backward()
+    return loss.detach(), batch
+
+
+def hf_step(hf, processor, rows, config):
+    """transformers' mean loss over the same tokens: each row alone, weighted by its trained tokens."""
+    examples = [encode_row(r, processor, config) for r in rows]
+    total = sum(int((e.labels[1:] != -100).sum()) for e in examples)
+    loss = 0
+    for e in examples:
+        ids = e.input_ids[None]
+        extra = {}
+        if e.pixel_values is not None:
+            types = (ids == config.image_token_id).long()
+            extra = dict(pixel_values=e.pixel_values, image_grid_thw=e.image_grid_thw, mm_token_type_ids=types)
+        out = hf(input_ids=ids, attention_mask=torch.ones_like(ids), labels=e.labels[None], **extra)
+        loss = loss + out.loss * int((e.labels[1:] != -100).sum()) / total
+    loss.backward()
+    return loss.detach()
+
+
+def hf_name(ours: str) -> str:
+    if ours.startswith("visual."):
+        return "model." + ours
+    if ours.startswith("model."):
+        return "model.language_model." + ours[len("model."):]
+    return ours

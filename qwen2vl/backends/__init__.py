@@ -1,0 +1,46 @@
+"""The speed seam: everything that makes the model fast on a given device lives under here.
+
+- `reference.py`: the torch backend, the reference every other backend is tested against: the
+  model's small ops (`TorchOps`) and attention over the paged KV cache (paged_attention.py);
+- `cpu/`: C kernels compiled per CPU tier (isa.py says what the CPU can run and takes the
+  QWEN2VL_CPU_ISA cap, native.py builds and loads csrc/), FastLinear, the compute-dtype policy;
+- `cuda/`: Triton kernels checked against torch at load;
+- `quant.py`: int8/int4 linears (our CPU kernels' layouts, torch's, or dequantize);
+- `kernel_ops.py`: TorchOps' interface over the C and Triton kernel modules.
+
+`prepare(model, quantization)` picks the backend for the model's device once, at load, swaps its
+speed-ups in (the model files never know which) and leaves it at `model.backend`, which the engine
+asks for attention over the cache and, where there is one, a whole decode step. Nothing here
+imports the model files or the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen2vl.backends.quant import QUANTIZATIONS
+from qwen2vl.backends.reference import TorchBackend
+
+
+def backend_for(device: torch.device) -> TorchBackend:
+    """The backend for `device`: C kernels on the CPU, Triton on CUDA, plain torch elsewhere."""
+    if device.type == "cpu":
+        from qwen2vl.backends.cpu.backend import CpuBackend
+
+        return CpuBackend()
+    if device.type == "cuda":
+        from qwen2vl.backends.cuda import CudaBackend
+
+        return CudaBackend(device)
+    return TorchBackend()
+
+
+def prepare(model, quantization: str | None = None) -> TorchBackend:
+    """Swap the fast paths for the model's device and dtype in, once, after load; the backend is
+    left at model.backend."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    backend = backend_for(model.device)
+    backend.prepare(model, quantization)
+    model.backend = backend
+    return backend

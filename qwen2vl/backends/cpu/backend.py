@@ -1,0 +1,77 @@
+"""The CPU backend: C kernels for this CPU's tier, and the compute-dtype policy.
+
+isa.py says what the CPU can run (tiers none < avx2 < avx512 < amx, capped by QWEN2VL_CPU_ISA),
+native.py builds and loads the kernels in csrc/ for it. `CpuBackend.prepare` swaps them in after
+load:
+- linears: quantized (int8/int4: our kernel where built, else torch's weight-only kernels) or
+  FastLinear (linear.py);
+- the decoder's small ops (layer_ops), the vision tower's (vision_ops), decode attention over the
+  paged cache in one call per layer, and, when every decoder linear is one of our kernels', the
+  whole decode step in one C call (decode_step.py).
+
+The compute-dtype policy: where the CPU has no native bf16 matmul (no AVX-512 BF16, no AMX), torch
+emulates bf16 GEMMs ~6-10x slower than float32, so a bf16 model keeps its bf16 weights and KV cache
+but its matmuls run in float32: the decoder's linears convert activations on the way in and out,
+and the vision tower (GEMMs and attention, all compute-bound) runs in float32 throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen2vl.backends.cpu import isa, layer_ops, native, vision_ops
+from qwen2vl.backends.cpu.decode_step import DecodeStep
+from qwen2vl.backends.cpu.linear import speed_up_linears
+from qwen2vl.backends.kernel_ops import TextKernels, VisionKernels
+from qwen2vl.backends.quant import QUANTIZATIONS, quantize_model
+from qwen2vl.backends.reference import TorchBackend
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+
+    def __init__(self):
+        self.isa = isa.current()
+        self.fused_decode = False  # decode attention through paged_decode.c (set where the layer ops are in)
+
+    def prepare(self, model, quantization: str | None) -> None:
+        model.fuse_qkv()
+        if quantization is not None:
+            quantize_model(model, *QUANTIZATIONS[quantization])
+        dtype = model.dtype
+        if dtype not in HALF:  # float32: torch's own GEMMs (MKL / oneDNN) are the fast ones
+            return
+        compute = self.isa.matmul_dtype(dtype)
+        # decode streams every weight once per token; FastLinears (our bf16 kernel, else oneDNN) stream at
+        # about the memory read rate where F.linear's bf16 GEMV gets ~30-70% of it, and the vision tower's
+        # GEMMs run faster too (docs/performance.md). Quantized linears are not nn.Linear and stay as they are.
+        speed_up_linears(model, skip=("visual",), compute_dtype=compute)
+        # the vision tower's GEMMs are compute-bound: no huge pages, which cost load time (the
+        # kernel compacts memory to find them)
+        speed_up_linears(model.visual, skip=(), huge_pages=False, compute_dtype=compute)
+        if compute != dtype:  # the tower computes in the dtype of its norms (vision.py)
+            model.visual.compute_in(compute)
+        cfg = model.config.text
+        if dtype == torch.bfloat16 and layer_ops.available() and layer_ops.supports_layout(
+                cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim):
+            model.model.ops = TextKernels(layer_ops, layer_ops.supports)
+            self.fused_decode = True
+        if model.visual.compute_dtype == torch.bfloat16 and vision_ops.library() is not None:
+            model.visual.ops = VisionKernels(vision_ops, vision_ops.supports)
+
+    def attention(self, q, k, v, k_cache, v_cache, batch):
+        if self.fused_decode and batch.is_decode and q.dtype == torch.bfloat16:
+            # one C call writes k/v to the cache and attends over it in place
+            return layer_ops.paged_decode(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.ctx_slots,
+                                          batch.ctx_lens_t)
+        return super().attention(q, k, v, k_cache, v_cache, batch)
+
+    def decode_step(self, model, cache):
+        return DecodeStep.build(model.model, cache) if self.fused_decode else None
+
+    def describe(self) -> str:
+        libs = [name for name in native.VARIANTS if native.library(name) is not None]
+        return f"cpu, tier {self.isa.tier}, kernels: {', '.join(libs) or 'none'}"
+

@@ -1,0 +1,75 @@
+/* Every C function and struct the Python side uses, declared once.
+ *
+ * Each kernel source includes this header, so the compiler checks its definitions against these
+ * prototypes, and qwen2vl/backends/cpu/native.py reads this file to set the ctypes argument types
+ * and to build the decode step's structs: the C and Python sides can't drift apart.
+ * Keep it to what native.py parses: `typedef uint16_t bf16;`, prototypes of functions returning
+ * void, int or int64_t whose parameters are pointers, int64_t, int or float, and typedef'd structs
+ * whose fields are those types, pointers or earlier structs. */
+#ifndef QWEN2VL_KERNELS_H
+#define QWEN2VL_KERNELS_H
+#include <stdint.h>
+
+typedef uint16_t bf16;
+
+/* bf16_gemm.c: y [M, N] = x [M, K] @ W.T + bias, W packed by pack_bf16, bf16 in and out. */
+void bf16_gemm(const bf16 *w, const bf16 *x, bf16 *y, const bf16 *bias, int64_t M, int64_t N, int64_t K,
+               int nthreads);
+
+/* int_gemv.c: int8 / int4 weights (pack_int8 / pack_int4 layouts) times activations quantized on
+ * the fly; x, y, bias bf16 or fp32 (io_bf16). 0, or -1 when out of memory. */
+int int8_gemm(const uint8_t *w, const void *scales, int scales_bf16, const void *x, void *y, const void *bias,
+              int io_bf16, int64_t M, int64_t N, int64_t K, int nthreads);
+int int4_gemm(const uint8_t *w, const void *scales_zeros, int scales_bf16, const void *x, void *y, const void *bias,
+              int io_bf16, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads);
+
+/* layer_ops.c: a decoder layer's small ops on bf16 rows. */
+void rms_norm(const bf16 *x, const bf16 *res, bf16 *sum_out, const bf16 *w, bf16 *out, int64_t N, int64_t D,
+              float eps, int nthreads);
+void rotary(bf16 *qk, int64_t stride, const bf16 *cos, const bf16 *sin, int64_t N, int64_t H, int64_t D,
+            int nthreads);
+void silu_mul(const bf16 *g, int64_t g_stride, const bf16 *u, int64_t u_stride, bf16 *out, int64_t N, int64_t I,
+              int nthreads);
+
+/* paged_decode.c: write the new tokens' k/v to the paged cache, then attend. 0, or -1 when out of memory. */
+int paged_decode(const bf16 *q, int64_t q_stride, const bf16 *k, int64_t k_stride, const bf16 *v, int64_t v_stride,
+                 bf16 *k_cache, bf16 *v_cache, const int64_t *new_slots, const int64_t *ctx_slots, int64_t ctx_stride,
+                 const int64_t *ctx_lens, bf16 *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int nthreads);
+
+/* vision_ops.c: the vision tower's elementwise ops, in place on bf16. */
+void quick_gelu(bf16 *x, int64_t n, int nthreads);
+void vision_rotary(bf16 *qkv, int64_t stride, const float *cos, const float *sin, int64_t N, int64_t H, int64_t D,
+                   int nthreads);
+void softmax_rows(bf16 *x, int64_t R, int64_t n, int lanes, int nthreads);
+
+/* decode_step.c: a whole decode step, calling the kernels above through these pointers. */
+enum { BF16 = 0, INT8 = 1, INT4 = 2 };
+
+/* One linear: y [M, n] = x [M, k] @ W.T + bias, W in its kernel's packed layout. */
+typedef struct {
+    int64_t kind;                  /* BF16, INT8 or INT4 */
+    const void *fn;                /* bf16_gemm, int8_gemm or int4_gemm */
+    const void *w, *scales, *bias; /* scales: per row (INT8) or scales|zeros per group (INT4); bias bf16 or NULL */
+    int64_t scales_bf16, n, k, group;
+} Linear;
+
+typedef struct {
+    const bf16 *norm1, *norm2; /* input_layernorm, post_attention_layernorm weights */
+    bf16 *k_cache, *v_cache;   /* this layer's [num_slots, Hkv, Dh] */
+    Linear qkv, o, gate, up, down;
+} Layer;
+
+typedef struct {
+    const void *rms_norm, *rotary, *silu_mul, *paged_decode; /* the functions of the same names */
+    int64_t num_layers, hidden, inter, heads, kv_heads, head_dim;
+    float eps;
+    const bf16 *final_norm;
+    const Layer *layers;
+} Decoder;
+
+int64_t decode_step_work(const Decoder *d);
+int decode_step(const Decoder *d, const bf16 *x, bf16 *out, const bf16 *cos, const bf16 *sin,
+                const int64_t *new_slots, const int64_t *ctx_slots, int64_t ctx_stride, const int64_t *ctx_lens,
+                int64_t M, bf16 *work, int nthreads);
+
+#endif

@@ -1,0 +1,179 @@
+"""The CPU GEMM kernels' Python side: weight packing, and calls into bf16_gemm.c and int_gemv.c.
+
+`bf16_gemm.c` multiplies bf16 weights by bf16 activations with AVX-512 BF16 dot products, in
+its own blocked weight layout (`pack_bf16`): FastLinear's path on CPUs that have them.
+`int_gemv.c` multiplies int8 or int4 weights by activations quantized to int8 on the fly, with
+AVX-512 VNNI integer dot products (its header gives the formulas and the weight layouts, which
+`pack_int8` / `pack_int4` below produce). native.py builds and loads them for this CPU's tier.
+
+`int_library()` / `bf16_library()` are None where a kernel can't be had (no compiler, a failed
+compile, a CPU without the features); native.py logs why, once, and the caller keeps torch's
+kernels (backends/quant.py: torch's weight-only ones; backends/cpu/linear.py: oneDNN).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+
+import torch
+
+from qwen2vl.backends.cpu import native
+
+QK = 32  # the kernel quantizes activations per block of 32 along k, so K must be a multiple
+ROWS = 16  # weight rows per block: one 32-bit lane of a 512-bit register each
+
+
+def int_library():
+    """The loaded int_gemv kernel, or None where it can't be built or run here."""
+    return native.library("int_gemv")
+
+
+def bf16_library():
+    """The loaded bf16_gemm kernel, or None where it can't be built or run here."""
+    return native.library("bf16_gemm")
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the kernel can take activations like `x` (it reads and writes fp32 or bf16)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and int_library() is not None
+
+
+def int8_gemm(x, weight, scales, bias, out_features: int) -> torch.Tensor:
+    """x [M, K] times pack_int8 weights with per-row `scales` [N padded], plus bias: [M, out_features]."""
+    return _call(int_library().int8_gemm, x, weight, scales, bias, out_features)
+
+
+def int4_gemm(x, packed, scales_zeros, bias, out_features: int, group_size: int) -> torch.Tensor:
+    """x [M, K] times pack_int4 weights with pack_groups scales and zeros, plus bias: [M, out_features]."""
+    return _call(int_library().int4_gemm, x, packed, scales_zeros, bias, out_features, group_size)
+
+
+@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+def _call(fn, x, weight, scales, bias, n, *extra) -> torch.Tensor:
+    x = x.contiguous()
+    m, k = x.shape
+    assert k % QK == 0 and weight.is_contiguous() and scales.is_contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    y = torch.empty(m, n, dtype=x.dtype)
+    if m == 0:  # nothing to compute (and malloc(0) may return NULL)
+        return y
+    bf16 = x.dtype == torch.bfloat16
+    rc = fn(weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, x.data_ptr(), y.data_ptr(),
+            None if bias is None else bias.data_ptr(), bf16, m, n, k, *extra, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("int_gemv: out of memory for the quantized activations")
+    return y
+
+
+HUGE_PAGE = 2 << 20
+
+
+def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor whose memory is advised to live on transparent huge pages (Linux,
+    THP mode "madvise" or "always"); plain torch.empty elsewhere and for small sizes.
+
+    Decode streams every weight once per token; on 4 KiB pages the CPU's prefetchers stop at each
+    page edge and every page costs a TLB walk. Measured on this VM (2 threads, the 2B's decoder
+    linears in layer order): 66 -> 74-76 GB/s when memory is fast, 45-49 -> 50 GB/s when slow.
+    The advice only helps pages not yet touched, and malloc hands out reused (touched) heap
+    memory for sizes up to 32 MiB, so the memory is a fresh anonymous mapping of its own, aligned
+    to 2 MiB, which the tensor keeps alive (torch.frombuffer holds the mmap).
+    """
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes < 2 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: no THP
+    offset = -torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
+    # whole huge pages only: advising the partly used last one would make it resident in full (+2 MiB a
+    # weight, measured +0.25 GB of peak RSS for the 2B); the bytes before `offset` are never touched
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # a kernel built without THP: EINVAL; the memory is still good
+        pass
+    return torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset).view(shape)
+
+
+def packed_copy(view: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `view` in memory advised onto huge pages (see empty_huge)."""
+    return empty_huge(view.shape, view.dtype).copy_(view)
+
+
+@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """bf16 x [M, K] times pack_bf16 weights, plus bf16 bias: bf16 [M, out_features]."""
+    x = x.contiguous()
+    m, k = x.shape
+    assert x.dtype == torch.bfloat16 and packed.shape[1] * 2 == k and packed.is_contiguous()
+    y = torch.empty(m, out_features, dtype=torch.bfloat16)
+    if m:
+        bf16_library().bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), m, out_features, k,
+                                 torch.get_num_threads())
+    return y
+
+
+def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`t` with zero rows appended up to a multiple of `multiple` rows (`t` itself if it has them)."""
+    return torch.cat([t, t.new_zeros(-t.shape[0] % multiple, *t.shape[1:])]) if t.shape[0] % multiple else t
+
+
+def pack_bf16(w: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
+    """bf16 [N, K] (K even) -> [ceil(N/16), K/2, 16, 2], zero rows padding N (see bf16_gemm.c); on
+    huge pages unless told otherwise (see empty_huge)."""
+    k = w.shape[1]
+    w = pad_rows(w, ROWS)
+    # a k pair as one int32: the same transpose copied as 4-byte elements, 1.6-1.8x faster
+    view = w.contiguous().view(torch.int32).reshape(-1, ROWS, k // 2).transpose(1, 2)
+    out = packed_copy(view) if huge_pages else view.contiguous()
+    return out.view(torch.bfloat16).view(-1, k // 2, ROWS, 2)
+
+
+def unpack_bf16(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_bf16: [n, K]."""
+    nb, k2 = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(nb * ROWS, k2 * 2)[:n]
+
+
+# Layouts (see int_gemv.c): weights in blocks of 16 output rows, N padded to 16 by the caller.
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] (N % 16 == 0) -> uint8 [N/16, K/4, 16, 4], code q + 128."""
+    n, k = q.shape
+    codes = (q.to(torch.int16) + 128).to(torch.uint8)
+    return packed_copy(codes.view(n // ROWS, ROWS, k // 4, 4).transpose(1, 2))
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int8: int8 [N, K]."""
+    nb, k4 = packed.shape[:2]
+    return (packed.transpose(1, 2).reshape(nb * ROWS, k4 * 4).to(torch.int16) - 128).to(torch.int8)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] in 0..15 (N % 16 == 0) -> uint8 [N/16, K/8, 16, 4]: for 8 consecutive k, the
+    first 4 in the low nibbles and the last 4 in the high nibbles."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n // ROWS, ROWS, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [N/16, K/8, 16, 4, 2]
+    return packed_copy(c[..., 0] | (c[..., 1] << 4))
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: codes [N, K] (uint8)."""
+    nb, k8 = packed.shape[:2]
+    c = torch.stack([packed & 15, packed >> 4], -1)  # [N/16, K/8, 16, 4, 2]
+    return c.permute(0, 2, 1, 4, 3).reshape(nb * ROWS, k8 * 8)
+
+
+def pack_groups(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """scales, zeros [N, K/group] (N % 16 == 0) -> [N/16, K/group, 2, 16]."""
+    n, groups = scales.shape
+    return torch.stack([scales, zeros]).view(2, n // ROWS, ROWS, groups).permute(1, 3, 0, 2).contiguous()
+
+
+def unpack_groups(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of pack_groups: scales, zeros [N, K/group]."""
+    nb, groups = sz.shape[:2]
+    s = sz.permute(2, 0, 3, 1).reshape(2, nb * ROWS, groups)
+    return s[0], s[1]
