@@ -165,3 +165,23 @@ def test_training_rows_hold_the_case_first_and_only_true_extra_questions():
     empty = next(c for c in (render_case("count", 4, i) for i in range(50)) if not c.info["shapes"])
     assert extra_turns(empty, random.Random(0), 1) == [(LIST_QUESTION, "none")]
     assert record(video, [], ["f0.png", "f1.png"])["videos"] == [["f0.png", "f1.png"]]
+
+
+def test_the_first_stage_subset_keeps_pictures_of_at_most_n_shapes_and_the_videos(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import shapes_in, write_dataset, write_subset
+
+    train = write_dataset(tmp_path, 30, seed=5, extra=2)
+    lines = [json.loads(t) for t in open(train)]
+    easy = [json.loads(t) for t in open(write_subset(train, tmp_path / "easy.jsonl", 1))]
+    want = [line for line in lines if "videos" in line or (shapes_in(line) is not None and shapes_in(line) <= 1)]
+    assert easy == want and 0 < len(easy) < len(lines)
+    for line in lines:
+        if "images" in line and len(line["images"]) == 1:
+            asked = [m["content"].removeprefix("<image>") for m in line["messages"][::2]]
+            turns = dict(zip(asked, [m["content"] for m in line["messages"][1::2]]))
+            if "How many shapes are there?" in turns:  # shapes_in agrees with the count answer
+                assert str(shapes_in(line)) == turns["How many shapes are there?"]
+    with pytest.raises(ValueError, match="next to"):
+        write_subset(train, tmp_path / "sub" / "easy.jsonl", 1)

@@ -104,15 +104,53 @@ def write_dataset(out: str | Path, cases: int, seed: int, extra: int = 6, mix: d
     return path
 
 
+def shapes_in(line: dict) -> int | None:
+    """How many shapes a training line's picture holds (from its list answer); None for the videos
+    and picture pairs, whose lines have no list."""
+    turns = line["messages"]
+    answers = [turns[i + 1]["content"] for i in range(0, len(turns) - 1, 2) if turns[i]["content"] == LIST_QUESTION]
+    if not answers:
+        return None
+    return 0 if answers[0] == "none" else answers[0].count(",") + 1
+
+
+def write_subset(source: str | Path, out: str | Path, max_shapes: int) -> Path:
+    """The lines of `source` whose picture holds at most `max_shapes` shapes, plus its videos (one
+    shape each), into `out` (in the same folder: the image paths stay relative to it). The demo's
+    first stage: with one shape the answer is wherever the picture is not background, and the
+    tower and the attention learn to find it before they must tell shapes apart."""
+    source, out = Path(source), Path(out)
+    if out.resolve().parent != source.resolve().parent:
+        raise ValueError(f"{out}: write the subset next to {source}, whose image paths are relative to its folder")
+    kept = 0
+    with open(source) as f, open(out, "w") as g:
+        for text in f:
+            line = json.loads(text)
+            n = shapes_in(line)
+            if ("videos" in line) or (n is not None and n <= max_shapes):
+                g.write(text)
+                kept += 1
+    print(f"{kept} lines with at most {max_shapes} shapes (and the videos) -> {out}")
+    return out
+
+
 def main(argv=None) -> None:
     from qwen2vl.demo.evaluate import TRAIN_SEED
 
     parser = argparse.ArgumentParser(description="Write the demo model's training data (sharegpt JSON lines).")
     parser.add_argument("out", help="folder for train.jsonl and img/")
-    parser.add_argument("--cases", type=int, required=True)
+    parser.add_argument("--cases", type=int)
     parser.add_argument("--seed", type=int, default=TRAIN_SEED, help=f"default {TRAIN_SEED} (the eval uses another)")
     parser.add_argument("--extra-turns", type=int, default=6, help="most extra questions per picture (default 6)")
+    parser.add_argument("--subset-of", metavar="TRAIN_JSONL", help="instead: write to OUT (a .jsonl next to "
+                        "TRAIN_JSONL) its lines whose picture holds at most --max-shapes shapes, and its videos")
+    parser.add_argument("--max-shapes", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.subset_of:
+        write_subset(args.subset_of, args.out, args.max_shapes)
+        return
+    if args.cases is None:
+        parser.error("--cases is required")
     print(write_dataset(args.out, args.cases, args.seed, args.extra_turns))
 
 
