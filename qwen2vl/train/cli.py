@@ -74,6 +74,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: --warmup-ratio of the steps)")
     o.add_argument("--warmup-ratio", type=_fraction, default=0.0, help="warmup as a fraction of the steps")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
+    o.add_argument("--adam-beta2", type=_fraction, default=0.999, help="AdamW's second-moment decay (default "
+                   "0.999, torch's; 0.95 forgets the large gradients of a from-scratch start within tens of steps)")
     o.add_argument("--max-grad-norm", type=positive(float), default=1.0, help="clip gradients to this norm")
     o.add_argument("--batch-size", type=positive(int), default=1, help="conversations per micro-batch, "
                    "packed along the token axis (no padding)")
@@ -132,7 +134,8 @@ def config_from_args(args):
         lora_dropout=0.05 if args.lora_dropout is None else args.lora_dropout,
         lora_targets=args.lora_targets or list(DECODER_LINEARS), lr=args.lr, vision_lr=args.vision_lr,
         init_vision_scale=args.init_vision_scale or 1.0, warmup_steps=args.warmup_steps,
-        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, adam_beta2=args.adam_beta2,
+        max_grad_norm=args.max_grad_norm,
         batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, steps=args.steps,
         max_length=args.max_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=device, seed=args.seed,

@@ -52,6 +52,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
     batch_size: int = 1
     grad_accum: int = 1
@@ -105,7 +106,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         group_lr = (cfg.vision_lr or lr) if vision else lr
         groups += [{"params": [p for p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": group_lr},
                    {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr": group_lr}]  # biases, norms
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, cfg.adam_beta2))
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = cfg.steps or math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
