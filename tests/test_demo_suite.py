@@ -172,11 +172,18 @@ def test_the_first_stage_subset_keeps_pictures_of_at_most_n_shapes_and_the_video
 
     from qwen2vl.demo.dataset import shapes_in, write_dataset, write_subset
 
-    train = write_dataset(tmp_path, 30, seed=5, extra=2)
+    train = write_dataset(tmp_path, 60, seed=5, extra=6)
     lines = [json.loads(t) for t in open(train)]
     easy = [json.loads(t) for t in open(write_subset(train, tmp_path / "easy.jsonl", 1))]
-    want = [line for line in lines if "videos" in line or (shapes_in(line) is not None and shapes_in(line) <= 1)]
-    assert easy == want and 0 < len(easy) < len(lines)
+    opens_long = lambda line: line["messages"][0]["content"].startswith(("<image>Where", "<image>What does"))
+    want = [line for line in lines if not opens_long(line)
+            and ("videos" in line or (shapes_in(line) is not None and shapes_in(line) <= 1))]
+    assert 0 < len(easy) == len(want) < len(lines)
+    for got, line in zip(easy, want):  # the same lines, less their box questions
+        kept = [m for m in line["messages"] if m in got["messages"]]
+        assert got["messages"] == kept and got.get("images") == line.get("images")
+        assert not any(m["content"].startswith(("Where", "<|object_ref_start|>")) for m in got["messages"])
+        assert got["messages"][:2] == line["messages"][:2]
     for line in lines:
         if "images" in line and len(line["images"]) == 1:
             asked = [m["content"].removeprefix("<image>") for m in line["messages"][::2]]

@@ -114,11 +114,17 @@ def shapes_in(line: dict) -> int | None:
     return 0 if answers[0] == "none" else answers[0].count(",") + 1
 
 
+LONG_ANSWERS = ("Where is the ", "What does the text say?")  # boxes and words: many hard tokens each
+
+
 def write_subset(source: str | Path, out: str | Path, max_shapes: int) -> Path:
     """The lines of `source` whose picture holds at most `max_shapes` shapes, plus its videos (one
-    shape each), into `out` (in the same folder: the image paths stay relative to it). The demo's
-    first stage: with one shape the answer is wherever the picture is not background, and the
-    tower and the attention learn to find it before they must tell shapes apart."""
+    shape each), into `out` (in the same folder: the image paths stay relative to it), with only
+    the questions of one-word answers: lines that open with a box or a word question are left out,
+    later box questions dropped. The demo's first stage: with one shape the answer is wherever the
+    picture is not background, and the tower and the attention learn to find it before they must
+    tell shapes apart; boxes and words, whose many hard tokens would be most of the loss, wait for
+    the second stage."""
     source, out = Path(source), Path(out)
     if out.resolve().parent != source.resolve().parent:
         raise ValueError(f"{out}: write the subset next to {source}, whose image paths are relative to its folder")
@@ -127,10 +133,16 @@ def write_subset(source: str | Path, out: str | Path, max_shapes: int) -> Path:
         for text in f:
             line = json.loads(text)
             n = shapes_in(line)
+            turns = line["messages"]
+            if turns[0]["content"].removeprefix("<image>").startswith(LONG_ANSWERS):
+                continue
             if ("videos" in line) or (n is not None and n <= max_shapes):
-                g.write(text)
+                pairs = [turns[i:i + 2] for i in range(0, len(turns) - 1, 2)]
+                short = [pair for pair in pairs if not pair[0]["content"].startswith(LONG_ANSWERS)]
+                line["messages"] = [m for pair in short for m in pair]
+                g.write(json.dumps(line) + "\n")
                 kept += 1
-    print(f"{kept} lines with at most {max_shapes} shapes (and the videos) -> {out}")
+    print(f"{kept} lines with at most {max_shapes} shapes (and the videos), one-word answers only -> {out}")
     return out
 
 
