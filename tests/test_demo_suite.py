@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from qwen2vl.demo import scenes
@@ -192,3 +193,15 @@ def test_the_first_stage_subset_keeps_pictures_of_at_most_n_shapes_and_the_video
                 assert str(shapes_in(line)) == turns["How many shapes are there?"]
     with pytest.raises(ValueError, match="next to"):
         write_subset(train, tmp_path / "sub" / "easy.jsonl", 1)
+
+
+def test_the_single_task_set_holds_the_first_cases_with_that_many_shapes(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import write_single_task
+
+    lines = [json.loads(t) for t in open(write_single_task(tmp_path, 5, 3, "color", 1))]
+    first = [c for c in (render_case("color", 3, i) for i in range(200)) if len(c.info["shapes"]) == 1][:5]
+    assert [line["messages"][1]["content"] for line in lines] == [c.answer for c in first]
+    assert all(len(line["messages"]) == 2 and len(regions(Image.open(tmp_path / line["images"][0]))) == 1
+               for line in lines)
