@@ -191,6 +191,9 @@ def test_the_first_stage_subset_keeps_pictures_of_at_most_n_shapes_and_the_video
             turns = dict(zip(asked, [m["content"] for m in line["messages"][1::2]]))
             if "How many shapes are there?" in turns:  # shapes_in agrees with the count answer
                 assert str(shapes_in(line)) == turns["How many shapes are there?"]
+    with_pairs = [json.loads(t) for t in open(write_subset(train, tmp_path / "pairs.jsonl", 6, pairs=True))]
+    assert [line for line in with_pairs if len(line.get("images", ())) == 2] == [
+        line for line in lines if len(line.get("images", ())) == 2] != []
     with pytest.raises(ValueError, match="next to"):
         write_subset(train, tmp_path / "sub" / "easy.jsonl", 1)
 
