@@ -160,9 +160,9 @@ def write_subset(source: str | Path, out: str | Path, max_shapes: int, pairs: bo
                 continue
             pair = pairs and len(line.get("images", ())) == 2
             if ("videos" in line) or pair or (n is not None and n <= max_shapes):
-                pairs = [turns[i:i + 2] for i in range(0, len(turns) - 1, 2)]
-                short = [pair for pair in pairs if not pair[0]["content"].startswith(LONG_ANSWERS)]
-                line["messages"] = [m for pair in short for m in pair]
+                qa = [turns[i:i + 2] for i in range(0, len(turns) - 1, 2)]
+                short = [q_a for q_a in qa if not q_a[0]["content"].startswith(LONG_ANSWERS)]
+                line["messages"] = [m for q_a in short for m in q_a]
                 g.write(json.dumps(line) + "\n")
                 kept += 1
     print(f"{kept} lines with at most {max_shapes} shapes (and the videos{', the pairs' if pairs else ''}), "
