@@ -4,7 +4,8 @@
 
 Reads the progress lines (`step 10/2500 | ... | loss 4.1234 | ...`) and the held-out lines
 (`step 250/2500 | eval loss 0.5678`); draws the training loss (thin), its moving average (thick) and
-the held-out loss (dots) on a log scale.
+the held-out loss (dots) on a log scale. A log of several runs (stages) one after another is one
+curve, each stage after the last, with a grey line where a stage begins.
 """
 
 from __future__ import annotations
@@ -20,17 +21,25 @@ HELD_OUT = re.compile(r"step (\d+)/(\d+) \| eval loss ([0-9.]+)")
 W, H, PAD = 900, 500, 70
 
 
-def read_log(path: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    train, held_out = [], []
+def read_log(path: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]], list[int]]:
+    """(train, held_out, stage starts): a log of several runs one after another (stages, each
+    counting its steps from 1) is drawn as one curve, each stage's steps after the last one's."""
+    train, held_out, starts = [], [], [0]
+    offset, previous = 0, 0
     for line in open(path, encoding="utf-8"):
-        if m := HELD_OUT.search(line):
-            held_out.append((int(m[1]), float(m[3])))
-        elif m := TRAIN.search(line):
-            train.append((int(m[1]), float(m[3])))
-    return train, held_out
+        m = HELD_OUT.search(line) or TRAIN.search(line)
+        if not m:
+            continue
+        step = int(m[1])
+        if step < previous:  # the next stage counts from 1 again
+            offset += previous
+            starts.append(offset)
+        previous = step
+        (held_out if m.re is HELD_OUT else train).append((offset + step, float(m[3])))
+    return train, held_out, starts
 
 
-def plot(train, held_out, out: str, title: str) -> None:
+def plot(train, held_out, out: str, title: str, starts=()) -> None:
     image = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=14)
@@ -64,6 +73,9 @@ def plot(train, held_out, out: str, title: str) -> None:
         smooth = [(train[i][0], sum(v for _, v in train[max(0, i - k):i + 1]) / len(train[max(0, i - k):i + 1]))
                   for i in range(len(train))]
         draw.line([xy(s, v) for s, v in smooth], fill=(30, 80, 180), width=3)
+    for start in starts[1:]:  # where each later stage begins
+        x, _ = xy(start, 10**lo)
+        draw.line((x, PAD, x, H - PAD), fill=(150, 150, 150), width=1)
     for s, v in held_out:
         x, y = xy(s, v)
         draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=(220, 80, 30))
@@ -75,7 +87,7 @@ def plot(train, held_out, out: str, title: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4):
         sys.exit("usage: python scripts/plot_loss.py TRAIN_LOG OUT.png [TITLE]")
-    train, held_out = read_log(sys.argv[1])
+    train, held_out, starts = read_log(sys.argv[1])
     if not train:
         sys.exit(f"{sys.argv[1]}: no 'step N/M | ... | loss X' lines")
-    plot(train, held_out, sys.argv[2], sys.argv[3] if len(sys.argv) == 4 else "qwen2vl train: demo model")
+    plot(train, held_out, sys.argv[2], sys.argv[3] if len(sys.argv) == 4 else "qwen2vl train: demo model", starts)
