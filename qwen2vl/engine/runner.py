@@ -16,7 +16,7 @@ import torch
 
 from qwen2vl.backends.paged_attention import PagedBatch
 from qwen2vl.engine.kv_cache import KVCache
-from qwen2vl.engine.sampler import sample
+from qwen2vl.engine.sampler import Sampler
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.engine.vision_cache import VisionCache
 
@@ -32,12 +32,13 @@ class ModelRunner:
         self.lora = getattr(model, "lora", None)  # LoRARows of served adapters (qwen2vl/lora.py), or None
         # where the backend has one (the CPU's C kernels), a whole decode step in one call
         self.decode_step = self.backend.decode_step(model, cache)
+        self.sample = Sampler(self.device)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> tuple[list[int | None], list]:
         """Tokens (None for a prompt chunk that stops short) and logprob entries, one per sequence."""
         if self.graphs is not None and self.graphs.can_run(seqs):  # all decodes: replay a graph
-            return sample(self.model.compute_logits(self.graphs.run(seqs)), seqs)
+            return self.sample(self.model.compute_logits(self.graphs.run(seqs)), seqs)
         ids, positions, batch = self.prepare(seqs)
         if self.lora is not None:  # each token row's adapter, read by the LoRA linears in this forward
             self.lora.set([s.lora for s in seqs], batch.q_lens, self.device)
@@ -56,7 +57,7 @@ class ModelRunner:
         logprobs: list = [None] * len(seqs)
         if done:
             rows = torch.tensor([batch.q_starts[i] + batch.q_lens[i] - 1 for i in done], device=self.device)
-            sampled, lps = sample(self.model.compute_logits(hidden[rows]), [seqs[i] for i in done])
+            sampled, lps = self.sample(self.model.compute_logits(hidden[rows]), [seqs[i] for i in done])
             for i, t, lp in zip(done, sampled, lps):
                 tokens[i], logprobs[i] = t, lp
         return tokens, logprobs
