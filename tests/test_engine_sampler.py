@@ -125,7 +125,8 @@ def test_draws_follow_the_softmax_distribution():
 @pytest.mark.parametrize(
     "params",
     [dict(top_k=3), dict(top_p=0.5), dict(top_p=0.95), dict(min_p=0.3), dict(top_k=5, top_p=0.6, min_p=0.1),
-     dict(top_k=20, top_p=0.8), dict(top_p=0.7, min_p=0.05), dict(temperature=0.5), dict(temperature=1.5, top_k=10)],
+     dict(top_k=20, top_p=0.8), dict(top_k=10, min_p=0.2), dict(top_p=0.7, min_p=0.05), dict(temperature=0.5),
+     dict(temperature=1.5, top_k=10)],
 )
 def test_draws_match_transformers_warpers(params):
     """Both paths (top-k candidates, softmax over the vocabulary) against HF's warpers as the oracle:
