@@ -49,15 +49,16 @@ class Penalties:
         host = torch.tensor([[b, r] for b, r in zip(batch, rows)], dtype=torch.long)
         batch_t, rows_t = host.to(self.device, non_blocking=True).unbind(1)
         rep, presence, frequency, n = torch.tensor(p, dtype=torch.float32).to(self.device, non_blocking=True).unbind(1)
-        tok, cnt = self.tokens[rows_t, :width], self.counts[rows_t, :width]  # [R, width]
+        tok = self.tokens[:, :width].index_select(0, rows_t)  # [R, width]
+        cnt = self.counts[:, :width].index_select(0, rows_t)
         # columns past a row's length repeat its first entry: the scatter then writes equal values twice
         past = torch.arange(width, device=self.device) >= n[:, None]
         tok, cnt = torch.where(past, tok[:, :1], tok), torch.where(past, cnt[:, :1], cnt)
-        at = (batch_t[:, None].expand_as(tok), tok)
-        v = logits[at]
+        flat, at = logits.view(-1), (batch_t[:, None] * logits.shape[1] + tok).flatten()  # [R * width]
+        v = flat.index_select(0, at).view_as(cnt)
         rep = rep[:, None]
-        v = torch.where(v > 0, v / rep, v * rep)
-        logits[at] = v - (frequency[:, None] * cnt + presence[:, None] * (cnt > 0))
+        v = torch.where(v > 0, v / rep, v * rep) - (frequency[:, None] * cnt + presence[:, None] * (cnt > 0))
+        flat.index_copy_(0, at, v.flatten())
 
     @torch.inference_mode()
     def update(self, seqs: list[Sequence], tokens: list[int | None]) -> None:
@@ -77,9 +78,10 @@ class Penalties:
         if not rows:
             return
         self._fit(len(self.owner), max(cols) + 1)
-        idx = torch.tensor([rows, cols, new], dtype=torch.long).to(self.device, non_blocking=True)
-        self.tokens[idx[0], idx[1]] = idx[2]
-        self.counts[idx[0], idx[1]] += 1  # one entry per row: no repeated index
+        width = self.tokens.shape[1]
+        at, new = torch.tensor([[r * width + c for r, c in zip(rows, cols)], new]).to(self.device, non_blocking=True)
+        self.tokens.view(-1).index_copy_(0, at, new)
+        self.counts.view(-1).index_add_(0, at, torch.ones(len(rows), device=self.device))
 
     def _row(self, seq: Sequence) -> int:
         """The sequence's row, filled from its tokens so far on first use."""

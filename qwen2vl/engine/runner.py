@@ -57,7 +57,7 @@ class ModelRunner:
         logprobs: list = [None] * len(seqs)
         if done:
             rows = torch.tensor([batch.q_starts[i] + batch.q_lens[i] - 1 for i in done], device=self.device)
-            sampled, lps = self.sample(self.model.compute_logits(hidden[rows]), [seqs[i] for i in done])
+            sampled, lps = self.sample(self.model.compute_logits(hidden.index_select(0, rows)), [seqs[i] for i in done])
             for i, t, lp in zip(done, sampled, lps):
                 tokens[i], logprobs[i] = t, lp
         return tokens, logprobs

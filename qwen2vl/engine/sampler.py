@@ -65,7 +65,7 @@ class Sampler:
         entries: list[TokenLogprob | None] = [None] * len(seqs)
         if wants_lp:
             k = max(seqs[i].params.logprobs for i in wants_lp)
-            chosen = raw.gather(1, tokens[wants_lp][:, None]).squeeze(1).tolist()
+            chosen = raw.gather(1, _rows(tokens, wants_lp)[:, None]).squeeze(1).tolist()
             values, ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
             values, ids = values.tolist(), ids.tolist()
             for j, i in enumerate(wants_lp):
@@ -87,8 +87,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) (first index on ties): the block with the largest maximum, then inside it."""
     blocks = _blocks(x, float("-inf"))  # [R, nb, BLOCK]
     b = blocks.amax(-1).argmax(-1)
-    inner = blocks[torch.arange(len(b), device=x.device), b]  # [R, BLOCK]
-    return b * BLOCK + inner.argmax(-1)
+    return b * BLOCK + _block_rows(blocks, b).argmax(-1)
 
 
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +97,7 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if k * BLOCK * 4 > nb * BLOCK:  # the blocks would cover a good part of the row: no gain
         return x.topk(k, dim=-1)
     best = blocks.amax(-1).topk(k, dim=-1).indices  # [R, k]
-    flat = (torch.arange(r, device=x.device)[:, None] * nb + best).flatten()
-    cand = blocks.reshape(r * nb, BLOCK).index_select(0, flat).view(r, k * BLOCK)
+    cand = _block_rows(blocks, best).view(r, k * BLOCK)
     values, j = cand.topk(k, dim=-1)
     columns = best.gather(1, j // BLOCK) * BLOCK + j % BLOCK
     return values, columns
@@ -126,12 +124,12 @@ def _draw_full(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list)
     if nucleus or any(p.min_p for p in ps):
         floor = min_p * w.amax(-1)
         if nucleus:
-            floor[nucleus] = torch.maximum(floor[nucleus], top_p_floor(_rows(w, nucleus), top_p[nucleus]))
+            nucleus_floor = top_p_floor(_rows(w, nucleus), _rows(top_p, nucleus))
+            _put(floor, nucleus, torch.maximum(_rows(floor, nucleus), nucleus_floor))
         w.masked_fill_(w < floor[:, None], 0.0)
     blocks = _blocks(w, 0.0)
     b = pick(blocks.sum(-1), u[:, 0])
-    inner = blocks[torch.arange(len(b), device=x.device), b]  # [R, BLOCK]
-    return b * BLOCK + pick(inner, u[:, 1])
+    return b * BLOCK + pick(_block_rows(blocks, b), u[:, 1])
 
 
 def top_p_floor(w: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -185,12 +183,23 @@ def _blocks(x: torch.Tensor, fill: float) -> torch.Tensor:
     return x.view(x.shape[0], -1, BLOCK)
 
 
+def _block_rows(blocks: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """blocks [R, nb, BLOCK], block ids b [R] or [R, k] -> their columns [R, BLOCK] or [R, k, BLOCK].
+
+    index_select over flattened rows: on the CPU, advanced indexing (x[rows, b]) is many times slower."""
+    r, nb, _ = blocks.shape
+    rows = torch.arange(r, device=b.device).view(-1, *[1] * (b.dim() - 1))
+    return blocks.reshape(r * nb, BLOCK).index_select(0, (rows * nb + b).flatten()).view(*b.shape, BLOCK)
+
+
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    return x if len(rows) == x.shape[0] else x[rows]
+    if len(rows) == x.shape[0]:
+        return x
+    return x.index_select(0, torch.tensor(rows, device=x.device))
 
 
 def _put(tokens: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
     if len(rows) == len(tokens):
         tokens.copy_(values)
     else:
-        tokens[rows] = values
+        tokens.index_copy_(0, torch.tensor(rows, device=tokens.device), values)
