@@ -10,7 +10,7 @@ import torch
 
 from qwen2vl.engine.penalties import Penalties
 from qwen2vl.engine.prompt import Prompt
-from qwen2vl.engine.sampler import Sampler, argmax, top_k, top_p_floor, uniforms
+from qwen2vl.engine.sampler import Sampler, argmax, pick, top_k, top_p_floor, uniforms
 from qwen2vl.engine.sampling_params import SamplingParams, generation_defaults
 from qwen2vl.engine.sequence import Sequence, Status
 
@@ -234,3 +234,13 @@ def test_generation_config_defaults(tmp_path):
     assert SamplingParams(**d).greedy
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
     assert generation_defaults(tmp_path)["temperature"] == 0.0
+
+
+def test_pick_never_lands_on_a_zero_weight():
+    """Inverse CDF at the edges: u = 0 skips leading zeros, the largest u stays off trailing zeros."""
+    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0, 0.0, 1e-30]])
+    for u in ([0.0, 1 - 2.0**-23], [1 / 3, 0.75], [0.5, 0.999999], [1 - 2.0**-23, 0.0]):
+        i = pick(w, torch.tensor(u))
+        assert (w.gather(1, i[:, None]) > 0).all()
+    assert pick(w, torch.tensor([0.0, 1 - 2.0**-23])).tolist() == [1, 0]  # 1e-30 is lost in the float32 sum
+    assert pick(w, torch.tensor([0.5, 0.5])).tolist() == [3, 0]

@@ -148,23 +148,22 @@ def top_p_floor(w: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def pick(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF: per row of weights [R, n] (>= 0, not all 0), the index where u [R] of the mass falls."""
+    """Inverse CDF: per row of weights [R, n] (>= 0, not all 0), the first index whose cumulative
+    weight passes u [R] of the total. u <= 1 - 2**-23 keeps u * total below the total after rounding,
+    so the index always holds a positive weight."""
     c = weights.cumsum(-1)
-    total = c[:, -1:]
-    i = (c <= u[:, None] * total).sum(-1)
-    last = (c < total).sum(-1)  # the last positive weight: u * total can round up to the total
-    return torch.minimum(i, last)
+    return torch.searchsorted(c, u[:, None] * c[:, -1:], right=True).squeeze(1)
 
 
 def uniforms(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
-    """[R, n] floats in [0, 1), a hash of (seed, step, draw index) per row: counter-based noise.
+    """[R, n] floats in [0, 1 - 2**-23], a hash of (seed, step, draw index) per row: counter-based noise.
 
     32-bit integer mixing in int64 lanes; the multipliers are below 2**31, so no product overflows."""
     h = _mix(seed_lo ^ 0x9E3779B9)
     h = _mix(h ^ seed_hi)
     h = _mix(h ^ step)
     h = _mix(h[:, None] ^ torch.arange(1, n + 1, device=h.device))
-    return (h >> 8).float() * 2.0**-24
+    return (h >> 9).float() * 2.0**-23  # 23 bits: at most 1 - 2**-23 (see pick)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
