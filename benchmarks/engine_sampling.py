@@ -1,14 +1,16 @@
 """The engine alone, greedy against sampled: what sampling costs per step at a given batch.
 
     python -m benchmarks.engine_sampling --model .cache/server_tiny_qwen2vl
-    python -m benchmarks.engine_sampling --model DIR --batches 32 128 --tokens 32 --reps 3
+    python -m benchmarks.engine_sampling --model DIR --batches 32 128 --tokens 32 --reps 5 --threads 1
     python -m benchmarks.engine_sampling --model DIR --batches 32 --profile sampled   # cProfile, top entries
 
 `LLM.generate` over B text prompts of 16 distinct token ids (no prefix-cache hits), each generating
 exactly --tokens tokens (ignore_eos), float32 on the CPU. Greedy is temperature 0; sampled is
 temperature 0.7, top-p 0.9, top-k 50, repetition penalty 1.05, a seed per request. Within each
 repetition the two run back to back, in alternating order (this machine's speed drifts), and the
-ratio is taken per repetition; the median of those ratios is printed with all runs in brackets.
+ratio is taken per repetition; the median of those ratios is printed with all runs in brackets. On
+a shared machine, --threads 1 gives steadier ratios: with 2 threads every parallel op waits for
+the other core, which other jobs hold for milliseconds at a time.
 On a tiny checkpoint the step is mostly the head and the sampler, which is the point: the model's
 own time hides neither.
 """
@@ -49,8 +51,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--profile", choices=["greedy", "sampled"], help="profile one run per batch instead")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype="float32", device="cpu", max_num_seqs=max(args.batches), kv_cache_gib=0.5)
     print(f"model {args.model}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.tokens} tokens per request")

@@ -14,7 +14,7 @@ blocks with the largest maxima; a draw picks a block by its mass, then a token i
 - other rows: softmax over the vocabulary; top-p finds its floor (the smallest kept probability)
   on a candidate set, sorted, that grows only while the nucleus does not end inside it (a
   near-flat distribution's nucleus is most of the vocabulary); min-p is a floor too.
-- the draw is inverse-CDF with uniforms that are a hash of (seed, step, draw): a row's token
+- the draw is inverse-CDF with uniforms that are a hash of (seed, step): a row's token
   depends on its logits, its seed and how many tokens it has made, never on the rest of the batch,
   and no generator object is kept per request. Everything stays on the device; the one host sync
   is the `.tolist()` the engine needs anyway (plus one per growth of a top-p candidate set).
@@ -75,12 +75,10 @@ class Sampler:
 
     def _row_params(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """[R, 4] float32 (temperature, top_k, top_p, min_p) and uniforms [R, 2], in one copy."""
-        host = torch.tensor(
-            [(p.temperature, p.top_k, p.top_p, p.min_p, s.seed & 0xFFFFFFFF, s.seed >> 32, s.num_completion_tokens)
-             for s, p in ((s, s.params) for s in seqs)], dtype=torch.float64)  # exact for 32-bit integers
+        host = torch.tensor([(s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p,
+                              *uniforms(s.seed, s.num_completion_tokens)) for s in seqs], dtype=torch.float32)
         host = host.to(self.device, non_blocking=True)
-        ints = host[:, 4:].long()
-        return host[:, :4].float(), uniforms(ints[:, 0], ints[:, 1], ints[:, 2], 2)
+        return host[:, :4], host[:, 4:]
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +117,8 @@ def _draw_top_k(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list
 def _draw_full(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list) -> torch.Tensor:
     """Rows without top-k: softmax over the vocabulary, top-p and min-p floors, a block then a token."""
     temperature, _, top_p, min_p = params.unbind(1)
-    w = torch.softmax(x.div_(temperature[:, None]), dim=-1)  # [R, V]
+    # in place: a fresh [R, V] tensor costs more than the softmax (page faults on 78 MB at R = 128)
+    w = torch.ops.aten._softmax.out(x.div_(temperature[:, None]), -1, False, out=x)  # [R, V]
     nucleus = [i for i, p in enumerate(ps) if p.top_p < 1]
     if nucleus or any(p.min_p for p in ps):
         floor = min_p * w.amax(-1)
@@ -155,23 +154,21 @@ def pick(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(c, u[:, None] * c[:, -1:], right=True).squeeze(1)
 
 
-def uniforms(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
-    """[R, n] floats in [0, 1 - 2**-23], a hash of (seed, step, draw index) per row: counter-based noise.
-
-    32-bit integer mixing in int64 lanes; the multipliers are below 2**31, so no product overflows."""
-    h = _mix(seed_lo ^ 0x9E3779B9)
-    h = _mix(h ^ seed_hi)
-    h = _mix(h ^ step)
-    h = _mix(h[:, None] ^ torch.arange(1, n + 1, device=h.device))
-    return (h >> 9).float() * 2.0**-23  # 23 bits: at most 1 - 2**-23 (see pick)
+def uniforms(seed: int, step: int) -> tuple[float, float]:
+    """Two floats in [0, 1 - 2**-23] that are a hash of (seed, step): counter-based noise, computed on
+    the host with the rest of a row's params (a few microseconds a row)."""
+    h = _splitmix64(seed ^ _splitmix64(step))
+    return (h >> 41) * 2.0**-23, ((h >> 9) & (2**23 - 1)) * 2.0**-23  # 23 bits each: exact in float32
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x = x ^ (x >> 15)
-    x = (x * 0x31848BAB) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+_M64 = 2**64 - 1
 
 
 def _blocks(x: torch.Tensor, fill: float) -> torch.Tensor:
