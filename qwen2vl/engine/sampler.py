@@ -14,10 +14,11 @@ blocks with the largest maxima; a draw picks a block by its mass, then a token i
 - other rows: softmax over the vocabulary; top-p finds its floor (the smallest kept probability)
   on a candidate set, sorted, that grows only while the nucleus does not end inside it (a
   near-flat distribution's nucleus is most of the vocabulary); min-p is a floor too.
-- the draw is inverse-CDF with uniforms that are a hash of (seed, step): a row's token
-  depends on its logits, its seed and how many tokens it has made, never on the rest of the batch,
-  and no generator object is kept per request. Everything stays on the device; the one host sync
-  is the `.tolist()` the engine needs anyway (plus one per growth of a top-p candidate set).
+- the draw is inverse-CDF with two uniforms that are a hash of (seed, step), computed on the host
+  with the row's other params: a row's token depends on its logits, its seed and how many tokens
+  it has made, never on the rest of the batch, and no generator object is kept per request. The
+  one host sync is the `.tolist()` the engine needs anyway (plus one per growth of a top-p
+  candidate set); the rest could be captured in a graph, the params read from a static buffer.
 Logprobs are of the raw model distribution (before penalties and temperature), as vLLM reports.
 """
 
