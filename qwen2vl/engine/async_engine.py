@@ -7,7 +7,9 @@ queue (add, abort) and each request gets an asyncio queue of increments, filled 
         send(delta.text)           # delta.token_ids, delta.finish_reason, delta.usage (on the last)
 
 Leaving the loop early (client gone, task cancelled) aborts the request, and the engine thread
-frees its KV blocks before its next step. Picture decoding and resizing run in a worker thread,
+frees its KV blocks before its next step. A step's increments reach each event loop in one wake-up,
+and a caller that fell behind gets what piled up as one merged increment per completion, so a slow
+stream costs one event per read, not one per token. Picture decoding and resizing run in a worker thread,
 not on the event loop and not in the engine thread.
 """
 
@@ -18,6 +20,7 @@ import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.outputs import Delta, EngineStats
@@ -69,12 +72,16 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
+                items = [await stream.get()]
+                while not stream.empty():  # behind: take everything that piled up
+                    items.append(stream.get_nowait())
+                error = next((x for x in items if isinstance(x, BaseException)), None)
+                if error is not None:
                     finished = True
-                    raise item
-                finished = item.usage is not None  # the request's last increment carries its usage
-                yield item
+                    raise error
+                for delta in merge(items):
+                    finished = delta.usage is not None  # the request's last increment carries its usage
+                    yield delta
         finally:
             if not finished:
                 self.abort(request_id)
@@ -128,6 +135,7 @@ class AsyncLLM:
             self._deliver(self.engine.abort(cmd[1]))
 
     def _deliver(self, deltas: list[Delta]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for delta in deltas:
             target = self._streams.get(delta.request_id)
             if target is None:
@@ -135,10 +143,13 @@ class AsyncLLM:
             loop, stream = target
             if delta.usage is not None:
                 del self._streams[delta.request_id]
+            by_loop.setdefault(loop, []).append((stream, delta))
+        for loop, items in by_loop.items():  # one wake-up per event loop per step
             try:
-                loop.call_soon_threadsafe(stream.put_nowait, delta)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                self.engine.abort(delta.request_id)
+                for _, delta in items:
+                    self.engine.abort(delta.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, (loop, stream) in list(self._streams.items()):
@@ -148,3 +159,26 @@ class AsyncLLM:
             except RuntimeError:
                 pass
         self._streams.clear()
+
+
+def _put_all(items: list) -> None:
+    for stream, delta in items:
+        stream.put_nowait(delta)
+
+
+def merge(deltas: list[Delta]) -> list[Delta]:
+    """Consecutive increments of one completion as one (text, ids and logprobs joined; the last
+    one's finish reason and usage)."""
+    out: list[Delta] = []
+    for d in deltas:
+        last = out[-1] if out else None
+        if last is None or last.index != d.index or last.finished:
+            out.append(replace(d, token_ids=list(d.token_ids),
+                               logprobs=None if d.logprobs is None else list(d.logprobs)))
+            continue
+        last.text += d.text
+        last.token_ids += d.token_ids
+        if d.logprobs is not None:
+            last.logprobs = (last.logprobs or []) + d.logprobs
+        last.finish_reason, last.usage = d.finish_reason, d.usage
+    return out

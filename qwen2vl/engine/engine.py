@@ -96,7 +96,7 @@ class Engine:
         adapters = getattr(self.model, "lora", None)
         if lora and not (adapters is not None and 0 < lora <= len(adapters.names)):
             raise ValueError(f"LoRA slot {lora} is not loaded")
-        seqs = [Sequence(request_id, prompt, params, i, self._generator(params, i), lora) for i in range(params.n)]
+        seqs = [Sequence(request_id, prompt, params, i, self._seed(params, i), lora) for i in range(params.n)]
         request = self.requests[request_id] = Request(request_id, prompt, params, seqs, self.tokenizer)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -143,10 +143,9 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
         )
 
-    def _generator(self, params: SamplingParams, index: int) -> torch.Generator:
+    def _seed(self, params: SamplingParams, index: int) -> int:
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
-        g = torch.Generator(device=self.model.device)
-        return g.manual_seed((seed + index) % 2**64)
+        return (seed + index) % 2**64
 
 
 @torch.inference_mode()
