@@ -14,8 +14,8 @@
  * Every output is one fp32 FMA chain over k in order, in every tile, then + bias: a row's result
  * doesn't depend on how many rows share its batch, nor on the thread count. The tiles differ in
  * how many chains run side by side, which the FMA latency needs (4 cycles, 2 per cycle: 8 chains):
- *   stream (1-4 rows, decode): mr rows x nb 16-row blocks, 8-12 chains, the weights read once,
- *     prefetched non-temporally 8 KB ahead; 1 row x 4 blocks streams 4 lines at once;
+ *   stream (1-4 rows, decode): mr rows x nb 16-row blocks (1 x 4, 2 x 2, 3 x 1, 4 x 1), the
+ *     weights read once, prefetched non-temporally 8 KB ahead in each block's stream;
  *   register tile (5+ rows): 6 rows x 16 columns, 12 accumulators, each weight load feeding 6
  *     FMAs and each broadcast 2; a group of blocks is walked by every 6-row tile while it sits in
  *     L2, so the weights come from memory once per call whatever M is (at 9-16 rows the job of
@@ -41,17 +41,27 @@ static inline __m256 even_k(const bf16 *p) { /* rows' w[n, 2c] of one 32-byte lo
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)p), 16));
 }
 
-static inline __m256 odd_k(const bf16 *p) { /* rows' w[n, 2c + 1] */
-    return _mm256_and_ps(_mm256_loadu_ps((const float *)p), _mm256_castsi256_ps(_mm256_set1_epi32((int)0xffff0000)));
+static const uint32_t HIGH16[8] __attribute__((aligned(32))) = {
+    0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000, 0xffff0000};
+
+/* rows' w[n, 2c + 1]. The mask is an operand in memory, not a register: with it in one, the
+ * 6-row tile's 12 accumulators + 2 weights + a broadcast + the mask were 16 live registers and gcc
+ * kept an accumulator on the stack, a store-to-load chain through every FMA of its row (58 vs
+ * 125 GFLOP/s, one thread, hot) */
+static inline __m256 odd_k(const bf16 *p) {
+    __m256 v = _mm256_loadu_ps((const float *)p);
+    __asm__("vandps %1, %0, %0" : "+x"(v) : "m"(*(const __m256 *)HIGH16));
+    return v;
 }
 
 /* mr rows of x (fp32, row stride ldx) times nb weight blocks from k pair 0 to K/2: acc[(r * nb + j) * 2 + h]
  * gets rows 8h..8h+7 of block j for x row r. mr and nb are constants after inlining, so the
- * arrays live in registers; the loop order keeps the live values within 16 registers. pf: 0 none,
- * 1 stream (non-temporal), 2 into all cache levels. */
+ * arrays live in registers (at most 12 accumulators: with 2 weights and a broadcast, 15 of the 16).
+ * pf: 0 none, 1 stream (non-temporal), 2 into all cache levels. */
 static inline __attribute__((always_inline)) void tile(const bf16 *w, int64_t K, const float *x, int64_t ldx,
                                                        const int mr, const int nb, const int pf, __m256 *acc) {
-    for (int i = 0; i < mr * nb * 2; i++) acc[i] = _mm256_setzero_ps();
+    __m256 a[12]; /* local: written through acc, gcc stored all of them to memory at every k */
+    for (int i = 0; i < mr * nb * 2; i++) a[i] = _mm256_setzero_ps();
     for (int64_t c = 0; c < K / 2; c++) {
         const bf16 *p[4];
         for (int j = 0; j < nb; j++) {
@@ -59,26 +69,18 @@ static inline __attribute__((always_inline)) void tile(const bf16 *w, int64_t K,
             if (pf == 1) __builtin_prefetch((const char *)p[j] + PF_STREAM, 0, 0);
             if (pf == 2) __builtin_prefetch((const char *)p[j] + PF_TILE, 0, 3);
         }
-        for (int parity = 0; parity < 2; parity++) { /* k = 2c, then 2c + 1: one chain, in order */
-            if (mr >= 2 * nb) { /* many rows: 2 nb weights live, one broadcast at a time */
-                __m256 wv[8];
-                for (int j = 0; j < nb; j++)
-                    for (int h = 0; h < 2; h++) wv[2 * j + h] = parity ? odd_k(p[j] + 16 * h) : even_k(p[j] + 16 * h);
+        for (int parity = 0; parity < 2; parity++) /* k = 2c, then 2c + 1: one chain, in order */
+            for (int j = 0; j < nb; j++) { /* live: the accumulators, 2 weights, a broadcast */
+                const __m256 w0 = parity ? odd_k(p[j]) : even_k(p[j]);
+                const __m256 w1 = parity ? odd_k(p[j] + 16) : even_k(p[j] + 16);
                 for (int r = 0; r < mr; r++) {
                     const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 2 * c + parity);
-                    for (int i = 0; i < 2 * nb; i++) acc[r * nb * 2 + i] = _mm256_fmadd_ps(wv[i], xb, acc[r * nb * 2 + i]);
-                }
-            } else { /* many blocks: mr broadcasts live, one weight at a time */
-                __m256 xb[4];
-                for (int r = 0; r < mr; r++) xb[r] = _mm256_broadcast_ss(x + r * ldx + 2 * c + parity);
-                for (int i = 0; i < 2 * nb; i++) {
-                    const bf16 *q = p[i / 2] + 16 * (i % 2);
-                    const __m256 wv = parity ? odd_k(q) : even_k(q);
-                    for (int r = 0; r < mr; r++) acc[r * nb * 2 + i] = _mm256_fmadd_ps(wv, xb[r], acc[r * nb * 2 + i]);
+                    a[(r * nb + j) * 2] = _mm256_fmadd_ps(w0, xb, a[(r * nb + j) * 2]);
+                    a[(r * nb + j) * 2 + 1] = _mm256_fmadd_ps(w1, xb, a[(r * nb + j) * 2 + 1]);
                 }
             }
-        }
     }
+    for (int i = 0; i < mr * nb * 2; i++) acc[i] = a[i];
 }
 
 static inline __m256 load8(const void *p, int bf16) { /* 8 bf16 or fp32 -> fp32 */
@@ -117,7 +119,8 @@ static inline void load_bias(const bf16 *bias, int64_t n0, int n, __m256 *b) {
 static void stream(const bf16 *w, const float *x, char *y, const bf16 *bias, int io_bf16, int64_t M, int64_t N,
                    int64_t K) {
     const int64_t blocks = (N + 15) / 16, m0 = 0, esz = io_bf16 ? 2 : 4;
-    const int per = M == 1 ? 4 : M == 4 ? 1 : 2; /* blocks side by side: 8-12 chains */
+    /* blocks side by side: 8 chains (3 rows: 6, as 3 x 2 blocks left gcc short of registers) */
+    const int per = M == 1 ? 4 : M == 2 ? 2 : 1;
 #pragma omp for schedule(static)
     for (int64_t b0 = 0; b0 < blocks; b0 += per) {
         const int nb = blocks - b0 < per ? (int)(blocks - b0) : per;
@@ -130,7 +133,6 @@ static void stream(const bf16 *w, const float *x, char *y, const bf16 *bias, int
             case 16 + 1: STREAM(2, 1); break;
             case 16 + 2: STREAM(2, 2); break;
             case 24 + 1: STREAM(3, 1); break;
-            case 24 + 2: STREAM(3, 2); break;
             default: STREAM(4, 1);
         }
         for (int j = 0; j < nb; j++) {
