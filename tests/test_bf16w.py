@@ -1,6 +1,7 @@
 """bf16w_gemm.c: pack_bf16 weights times bf16 or float32 activations in fp32 FMAs (CPUs without AVX-512
 BF16), against float64, through every tile and tail; a row's result the same whatever its batch and
-the thread count."""
+the thread count. Every test runs at each tier this machine can play that has a variant (AVX2,
+AVX-512)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ import pytest
 import torch
 
 from qwen2vl.backends.cpu import gemm
+from tests.helpers.tiers import TIERS_HERE, at_tier
 
-pytestmark = pytest.mark.skipif(gemm.bf16w_library() is None, reason="no C compiler or no AVX2 + FMA here")
+
+@pytest.fixture(autouse=True, params=[t for t in TIERS_HERE if t != "none"])
+def tier(request):
+    with at_tier(request.param):
+        if gemm.bf16w_library() is None:
+            pytest.skip(f"no C compiler, or no bf16w_gemm variant at tier {request.param}")
+        yield request.param
 
 
 def assert_fp32_sum_of(y, x, w, bias):

@@ -44,7 +44,7 @@ AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 # library -> its variants, best first: (source in csrc/, features it is compiled for and needs)
 VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "bf16_gemm": [("bf16_gemm.c", (*AVX512, "avx512_bf16"))],
-    "bf16w_gemm": [("bf16w_gemm.c", AVX2)],
+    "bf16w_gemm": [("bf16w_gemm.c", (*AVX2, *AVX512)), ("bf16w_gemm.c", AVX2)],
     "int_gemv": [("int_gemv.c", (*AVX512, "avx512_vnni")), ("int_gemv_avx2.c", AVX2)],
     "layer_ops": [("layer_ops.c", AVX512)],
     "paged_decode": [("paged_decode.c", AVX512)],
