@@ -6,7 +6,8 @@
   rounds (this VM's memory drifts between a ~45-53 and a ~75-83 GB/s phase within minutes);
 - prefill / vision: GFLOP/s of bf16w_gemm's register tile (float32 x as the vision tower, bf16 x
   as the decoder) against torch's float32 F.linear on a float32 copy of the weight (MKL / oneDNN
-  sgemm), interleaved, at vision fc1 5120x1280 with 1024 rows and decoder gate 8960x1536 with 283.
+  sgemm), interleaved, at vision fc1 5120x1280 with 1024 rows and decoder gate 8960x1536 with 283;
+  and the int8 kernel at the same shapes (what an int8 model's prefill runs: int8 x int8).
 Methods run interleaved, round by round; rounds during which other processes used the CPU are
 reported apart (this VM is shared). Kernels are called through ctypes on preallocated outputs,
 as the decode step calls them from C.
@@ -90,11 +91,12 @@ def rounds(calls: dict, n: int, max_tries: int = 4):
     return out
 
 
-def medians(clean_all, per_second: float) -> tuple[str, str, int, int]:
-    """`per_second` / the median seconds of the clean rounds and of all rounds, and their counts."""
+def medians(clean_all, per_second: float) -> tuple[str, str, str, int, int]:
+    """`per_second` / the median seconds of the clean rounds, of all rounds, and / the fastest round
+    (on a busy VM the least disturbed one), and the rounds' counts."""
     clean, every = clean_all
     rate = lambda sec: f"{per_second / statistics.median(sec):.1f}" if sec else "-"
-    return rate(clean), rate(every), len(clean), len(every)
+    return rate(clean), rate(every), f"{per_second / min(every):.1f}", len(clean), len(every)
 
 
 def decode(rows: int, n_rounds: int, min_bytes: float) -> None:
@@ -117,11 +119,11 @@ def decode(rows: int, n_rounds: int, min_bytes: float) -> None:
     src = torch.ones(GIB // 4)
     calls["read probe"], nbytes["read probe"] = [lambda: src.sum()], GIB
     res = rounds(calls, n_rounds)
-    print("| method | weight bytes per pass | GB/s (clean rounds) | GB/s (all rounds) | clean / all rounds |")
-    print("|---|---|---|---|---|")
+    print("| method | weight bytes per pass | GB/s: median of clean rounds | of all | best round | clean / all rounds |")
+    print("|---|---|---|---|---|---|")
     for m, r in res.items():
-        c, a, nc, na = medians(r, nbytes[m] / 1e9)
-        print(f"| {m} | {nbytes[m] / 1e6:.0f} MB | {c} | {a} | {nc} / {na} |")
+        c, a, b, nc, na = medians(r, nbytes[m] / 1e9)
+        print(f"| {m} | {nbytes[m] / 1e6:.0f} MB | {c} | {a} | {b} | {nc} / {na} |")
 
 
 def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> None:
@@ -137,6 +139,13 @@ def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> No
         # F.linear's GEMM (addmm on the transposed weight), into a preallocated output like ours
         "torch F.linear float32": [lambda: torch.mm(x32, w32.t(), out=y32)],
     }
+    if gemm.int_library() is not None:  # int8 weights x int8 activations: W8A8 as the quantized models run it
+        lin = nn.Linear(inp, out, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+        lin.weight.copy_(w)
+        q8, ilib = Int8Linear.from_linear(lin, blocked=True), gemm.int_library()
+        calls["int8 (int_gemv), bf16 x"] = [lambda: ilib.int8_gemm(q8.weight.data_ptr(), q8.scales.data_ptr(), 1,
+                                                                   x16.data_ptr(), y16.data_ptr(), None, 1, rows, out,
+                                                                   inp, nt)]
     if gemm.bf16_library() is not None:
         bf16 = gemm.bf16_library().bf16_gemm
         calls["bf16 (AVX-512 BF16)"] = [lambda: bf16(packed.data_ptr(), x16.data_ptr(), y16.data_ptr(), None, rows,
@@ -144,14 +153,14 @@ def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> No
     for fns in calls.values():
         fns[0]()
     for m, r in rounds(calls, n_rounds).items():
-        c, a, nc, na = medians(r, 2 * rows * out * inp / 1e9)
-        print(f"| {name} {out}x{inp} | {rows} | {m} | {c} | {a} | {nc} / {na} |")
+        c, a, b, nc, na = medians(r, 2 * rows * out * inp / 1e9)
+        print(f"| {name} {out}x{inp} | {rows} | {m} | {c} | {a} | {b} | {nc} / {na} |")
 
 
 def prefill(n_rounds: int) -> None:
     print("\n## prefill / vision: GFLOP/s\n")
-    print("| shape | rows | method | GFLOP/s (clean) | GFLOP/s (all) | clean / all rounds |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | rows | method | GFLOP/s: median of clean rounds | of all | best round | clean / all rounds |")
+    print("|---|---|---|---|---|---|---|")
     for name, out, inp, rows in PREFILL:
         prefill_shape(name, out, inp, rows, n_rounds)
 
