@@ -119,7 +119,7 @@ def decode(rows: int, n_rounds: int, min_bytes: float) -> None:
     src = torch.ones(GIB // 4)
     calls["read probe"], nbytes["read probe"] = [lambda: src.sum()], GIB
     res = rounds(calls, n_rounds)
-    print("| method | weight bytes per pass | GB/s: median of clean rounds | of all | best round | clean / all rounds |")
+    print("| method | weight bytes per pass | GB/s: median, clean rounds | all | best round | clean / all rounds |")
     print("|---|---|---|---|---|---|")
     for m, r in res.items():
         c, a, b, nc, na = medians(r, nbytes[m] / 1e9)
