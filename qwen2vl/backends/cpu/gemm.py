@@ -2,13 +2,18 @@
 
 `bf16_gemm.c` multiplies bf16 weights by bf16 activations with AVX-512 BF16 dot products, in
 its own blocked weight layout (`pack_bf16`): FastLinear's path on CPUs that have them.
+`bf16w_gemm.c` takes the same packed weights on CPUs without AVX-512 BF16 (AVX2 + FMA), widening
+them to fp32 in registers; its activations are bf16 or float32.
 `int_gemv.c` multiplies int8 or int4 weights by activations quantized to int8 on the fly, with
 AVX-512 VNNI integer dot products (its header gives the formulas and the weight layouts, which
-`pack_int8` / `pack_int4` below produce). native.py builds and loads them for this CPU's tier.
+`pack_int8` / `pack_int4` below produce); without AVX-512 `int_gemv_avx2.c` does the same with
+AVX2's vpmaddubsw, with the same results bit for bit. native.py builds and loads the variant for
+this CPU's tier.
 
-`int_library()` / `bf16_library()` are None where a kernel can't be had (no compiler, a failed
-compile, a CPU without the features); native.py logs why, once, and the caller keeps torch's
-kernels (backends/quant.py: torch's weight-only ones; backends/cpu/linear.py: oneDNN).
+`int_library()` / `bf16_library()` / `bf16w_library()` are None where a kernel can't be had (no
+compiler, a failed compile, a CPU without the features); native.py logs why, once, and the caller
+keeps torch's kernels (backends/quant.py: torch's weight-only ones;
+backends/cpu/linear.py: oneDNN).
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ def int_library():
 def bf16_library():
     """The loaded bf16_gemm kernel, or None where it can't be built or run here."""
     return native.library("bf16_gemm")
+
+
+def bf16w_library():
+    """The loaded bf16w_gemm kernel (bf16 weights, fp32 arithmetic, AVX2), or None where it can't be had."""
+    return native.library("bf16w_gemm")
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -111,6 +121,23 @@ def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, 
         bf16_library().bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(),
                                  None if bias is None else bias.data_ptr(), m, out_features, k,
                                  torch.get_num_threads())
+    return y
+
+
+@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+def bf16w_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [M, K] (bf16 or float32) times pack_bf16 weights in fp32 arithmetic, plus bias (read as bf16):
+    [M, out_features] in x's dtype. For CPUs without AVX-512 BF16 (bf16w_gemm.c)."""
+    x = x.contiguous()
+    m, k = x.shape
+    assert x.dtype in (torch.bfloat16, torch.float32) and packed.shape[1] * 2 == k and packed.is_contiguous()
+    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+        bias = bias.to(torch.bfloat16).contiguous()
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    if m and bf16w_library().bf16w_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                        None if bias is None else bias.data_ptr(), x.dtype == torch.bfloat16,
+                                        m, out_features, k, torch.get_num_threads()):
+        raise MemoryError("bf16w_gemm: out of memory for the float32 copy of x")
     return y
 
 

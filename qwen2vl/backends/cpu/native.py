@@ -44,7 +44,8 @@ AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 # library -> its variants, best first: (source in csrc/, features it is compiled for and needs)
 VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "bf16_gemm": [("bf16_gemm.c", (*AVX512, "avx512_bf16"))],
-    "int_gemv": [("int_gemv.c", (*AVX512, "avx512_vnni"))],
+    "bf16w_gemm": [("bf16w_gemm.c", (*AVX2, *AVX512)), ("bf16w_gemm.c", AVX2)],
+    "int_gemv": [("int_gemv.c", (*AVX512, "avx512_vnni")), ("int_gemv_avx2.c", AVX2)],
     # the small ops: one source each, for AVX-512 (with FMA on 8 lanes, bf16_simd.h's f32x8) or AVX2
     "layer_ops": [("layer_ops.c", (*AVX2, *AVX512)), ("layer_ops.c", AVX2)],
     "paged_decode": [("paged_decode.c", (*AVX2, *AVX512)), ("paged_decode.c", AVX2)],
