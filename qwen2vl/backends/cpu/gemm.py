@@ -18,12 +18,15 @@ backends/cpu/linear.py: oneDNN).
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 
 import torch
 
 from qwen2vl.backends.cpu import native
+
+log = logging.getLogger(__name__)
 
 QK = 32  # the kernel quantizes activations per block of 32 along k, so K must be a multiple
 ROWS = 16  # weight rows per block: one 32-bit lane of a 512-bit register each
@@ -35,8 +38,34 @@ def int_library():
 
 
 def bf16_library():
-    """The loaded bf16_gemm kernel, or None where it can't be built or run here."""
-    return native.library("bf16_gemm")
+    """The loaded bf16_gemm kernel, or None where it can't be built or run here. Its AMX variant
+    has its tiles switched on at first use if they pass `amx_check` (`lib.amx` says)."""
+    lib = native.library("bf16_gemm")
+    if lib is not None and "amx_bf16" in lib.variant[1] and not hasattr(lib, "amx"):
+        lib.amx = False  # bf16_gemm below runs the AVX-512 tiles until the check passes
+        lib.amx = amx_check(lib)
+    return lib
+
+
+def amx_check(lib) -> bool:
+    """Switch the AMX tiles on if Linux grants their state and they compute a product with a row tail
+    and an odd block count within a float32 sum of float64 (bf16_amx.h was written without an AMX
+    machine at hand: a wrong result switches it off, logged, rather than serving wrong logits)."""
+    if not lib.bf16_gemm_amx(1):
+        log.warning("bf16_gemm: Linux refused the AMX tile state; prefill uses the AVX-512 tiles")
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(37, 96, generator=g).bfloat16()
+    bias = torch.randn(40, generator=g).bfloat16()
+    y = bf16_gemm(x, pack_bf16(w, huge_pages=False), bias, 40).double()
+    ref = x.double() @ w.double().t() + bias.double()
+    bound = 2**-8 * ref.abs() + 96 * 2.0**-23 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+    if not ((y - ref).abs() <= bound).all():
+        lib.bf16_gemm_amx(0)
+        log.warning("bf16_gemm: the AMX tiles failed their check (max error %.3g); prefill uses the AVX-512 tiles",
+                    (y - ref).abs().max())
+        return False
+    return True
 
 
 def bf16w_library():

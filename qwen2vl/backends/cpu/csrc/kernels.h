@@ -15,6 +15,9 @@ typedef uint16_t bf16;
 /* bf16_gemm.c: y [M, N] = x [M, K] @ W.T + bias, W packed by pack_bf16, bf16 in and out. */
 void bf16_gemm(const bf16 *w, const bf16 *x, bf16 *y, const bf16 *bias, int64_t M, int64_t N, int64_t K,
                int nthreads);
+/* Its AMX tiles for prefill rows (the amx variant only; 0 elsewhere): 1 asks Linux for the tile state and
+ * switches them on, 0 switches them off, -1 asks whether they are on. 1 when on. */
+int bf16_gemm_amx(int enable);
 
 /* bf16w_gemm.c: the same with fp32 arithmetic (CPUs without AVX-512 BF16); x and y bf16 or fp32
  * (io_bf16), bias bf16 or NULL. 0, or -1 when out of memory. */
