@@ -57,7 +57,8 @@ def kernel_lines() -> list[str]:
     for name, variants in native.VARIANTS.items():
         chosen = native.variant(name)
         if chosen is None:
-            wants = " or ".join("+".join(feats) for _, feats in variants if feats) or "a tier above none"
+            least = [feats for _, feats in variants if feats][-1:]  # the variant that asks the least
+            wants = "+".join(least[0]) if least else "a tier above none"
             lines.append(f"  {name:<13} off: needs {wants}")
         elif (lib := native.library(name)) is None:
             lines.append(f"  {name:<13} off: {chosen[0]} did not build or load (see the log)")
