@@ -21,30 +21,12 @@
 #include "kernels.h"
 #include <stdlib.h>
 #include <string.h>
-
-#define QK 32 /* activation block along k */
-#define MR 4  /* activation rows per pass over a weight block */
+#include "int_gemv_acts.h"
 
 #if !(defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__))
 #error "needs AVX2 and FMA (native.py compiles it with -mavx2 -mfma -mf16c)"
 #endif
 #include <immintrin.h>
-
-/* Quantized activations, laid out as int_gemv.c's (q interleaved per chunk of mr <= MR rows). */
-typedef struct {
-    float d;    /* block scale */
-    float s;    /* float sum of the block's x */
-    int32_t sq; /* sum of the block's quantized x */
-} Block;
-
-typedef struct {
-    int8_t *q;
-    Block *blk;
-    float *offset; /* per row: 128 * sum_b d_b * qsum_b, the int8 codes' offset in the row's dots */
-    int once;      /* M <= MR: each weight block is read in one pass */
-} Acts;
-
-static inline int chunk_rows(int64_t M, int64_t m0) { return M - m0 < MR ? (int)(M - m0) : MR; }
 
 static inline __m256 load8(const void *p, int bf16) { /* 8 bf16 or fp32 -> fp32 */
     if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16));
@@ -81,13 +63,6 @@ static inline void store16(void *p, const __m256 *v, int bf16, int n) { /* the f
 }
 
 /* As int_gemv.c: 8 KB ahead, non-temporal when each weight block is read in one pass. */
-#define PREFETCH 8192
-static inline void prefetch(const void *p, int once) {
-    if (once)
-        __builtin_prefetch(p, 0, 0);
-    else
-        __builtin_prefetch(p, 0, 3);
-}
 
 static inline __m256i bcast4(const int8_t *p) { /* 4 activation bytes to every lane */
     int32_t v;
