@@ -147,3 +147,18 @@ def test_metrics_count_the_endpoint(server, client):
     client.embeddings.create(model="tiny", input="count me")
     text = httpx.get(f"{server[0]}/metrics", headers=AUTH).text
     assert 'endpoint="/v1/embeddings"' in text
+
+
+def test_embeddings_between_steps_leave_a_running_generation_unchanged(client):
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+    kw = dict(model="tiny", messages=messages, max_tokens=40, temperature=0)
+    alone = client.chat.completions.create(**kw).choices[0].message.content
+    stream = client.chat.completions.create(stream=True, **kw)
+    text, embedded = "", 0
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if embedded < 3:  # while the stream is running
+            client.embeddings.create(model="tiny", input=["x", chat_input(image_part(), "y")])
+            embedded += 1
+    assert embedded == 3 and text == alone

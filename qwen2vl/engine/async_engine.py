@@ -97,11 +97,10 @@ class AsyncLLM:
                 self.abort(request_id)
 
     async def embed(self, prompts: list[Prompt]) -> torch.Tensor:
-        """[B, D] float32 pooled hidden states (LLM.pooling's mode), from the engine thread."""
+        """[B, D] float32 pooled hidden states (LLM.pooling's mode), from the engine thread; a prompt
+        the engine can't embed raises its ValueError here."""
         if self._stopped:
             raise EngineStopped()
-        for prompt in prompts:
-            self.engine.validate_embed(prompt)  # read-only: raises here, at the caller
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._commands.put(("embed", prompts, loop, future))

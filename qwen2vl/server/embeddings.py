@@ -79,7 +79,7 @@ class EmbeddingService:
         where = ["input"] if single else [f"input[{i}]" for i in range(len(items))]
         checked = [self._check(item, w, req.mm_processor_kwargs) for item, w in zip(items, where)]
         chats = [(c, w) for c, w in zip(checked, where) if isinstance(c, chat_inputs.ChatInputs)]
-        self._count_media([c for c, _ in chats])
+        chat_inputs.check_counts([r for c, _ in chats for r in c.media], self.limits, "input")  # over all inputs
         for chat, w in chats:
             await asyncio.to_thread(_prefixed, w, chat_inputs.fetch_media, chat.media, self.policy, self.limits)
             costs = await asyncio.to_thread(_prefixed, w, chat_inputs.media_costs, chat.media, self.processor.vision,
@@ -112,15 +112,6 @@ class EmbeddingService:
                               f"got the fields {sorted(item)}", where)
         return _prefixed(where, chat_inputs.check_inputs, messages, mm_processor_kwargs, self.limits,
                          self.processor.vision, self.processor.tokenizer.find_special)
-
-    def _count_media(self, chats: list) -> None:
-        """The per-request media limits hold over all inputs together."""
-        for kind, limit, flag in (("image", self.limits.max_images, "--max-images-per-request"),
-                                  ("video", self.limits.max_videos, "--max-videos-per-request")):
-            count = sum(r.kind == kind for c in chats for r in c.media)
-            if count > limit:
-                raise bad_request(f"input: {count} {kind}s in this request, over the limit of {limit} ({flag})",
-                                  "input")
 
     def _prompt(self, checked, where: str):
         """Step 3 (a worker thread): tokenize, or decode the media and apply the chat template."""
