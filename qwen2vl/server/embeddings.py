@@ -17,7 +17,7 @@ import base64
 from typing import Literal
 
 import torch
-from pydantic import StrictInt
+from pydantic import StrictInt, field_validator
 
 from qwen2vl.embedding import check_dimensions, embedding_prompt, finish
 from qwen2vl.engine.embed import POOLING_MODES
@@ -36,6 +36,19 @@ class EmbeddingRequest(_Strict):
     # extras beyond OpenAI (vLLM's names)
     normalize: bool | None = None  # None: the checkpoint's setting (L2-normalized unless it says otherwise)
     mm_processor_kwargs: dict | None = None  # vision options for the images/videos of chat-style inputs
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_shape(cls, v):
+        """One message for any wrong shape (pydantic would list every branch of the union)."""
+        def ids(x):
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(v, str) or ids(v) or (isinstance(v, list) and all(
+                isinstance(x, (str, dict)) or ids(x) for x in v)):
+            return v
+        raise ValueError('must be a string, a list of token ids, or a list of strings, token-id lists and '
+                         '{"messages": [...]} objects')
 
 
 class EmbeddingService:
