@@ -1,6 +1,6 @@
 """Embeddings (LLM.embed, engine/embed.py) against transformers on a tiny random checkpoint: our
 vector is transformers' last hidden state (after the final norm) at the last token, normalized the
-same way, float32 within 1e-5, for text, an image, and image + text; inputs of different lengths
+same way, float32 within 1e-5, for text, an image, image + text, token ids and a video; inputs of different lengths
 packed into one forward equal each run alone; no KV-cache blocks are taken; the checkpoint's
 sentence-transformers files pick the pooling."""
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from qwen2vl.embedding import END_TOKEN, Pooling, read_pooling
 from qwen2vl.engine.llm import LLM
-from tests.helpers.parity import img, make_checkpoint, user
+from tests.helpers.parity import CONVERSATIONS, img, make_checkpoint, user
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,7 @@ INPUTS = {
     "image": {"messages": [user(img(1))]},
     "image_text": {"messages": [user(img(2, 84, 56), "What is in this image?")]},
     "token_ids": [9707, 11, 1879, 0, 42],
+    "video": {"messages": CONVERSATIONS["video"]},
 }
 
 
