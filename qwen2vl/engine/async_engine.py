@@ -10,7 +10,8 @@ Leaving the loop early (client gone, task cancelled) aborts the request, and the
 frees its KV blocks before its next step. A step's increments reach each event loop in one wake-up,
 and a caller that fell behind gets what piled up as one merged increment per completion, so a slow
 stream costs one event per read, not one per token. Picture decoding and resizing run in a worker thread,
-not on the event loop and not in the engine thread.
+not on the event loop and not in the engine thread. Embeddings (`await engine.embed(prompts)`) run in
+the engine thread between two steps: prefill only, no cache blocks (engine/embed.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import torch
+
 from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.outputs import Delta, EngineStats
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams
+
+
+class EngineStopped(RuntimeError):
+    """The engine was shut down: nothing more is served (the server answers 503)."""
+
+    def __init__(self):
+        super().__init__("the engine is shut down")
 
 
 class AsyncLLM:
@@ -60,7 +70,7 @@ class AsyncLLM:
         """Increments of one request. `prompt`: messages (Qwen or OpenAI form) or a `Prompt`; `lora`: the
         name of a loaded LoRA adapter (None: LLM's default)."""
         if self._stopped:
-            raise RuntimeError("AsyncLLM was shut down")
+            raise EngineStopped()
         slot = self.llm.lora_slot(lora)
         if not isinstance(prompt, Prompt):
             prompt = await asyncio.to_thread(self.llm.prompt, prompt, **processor_args)
@@ -86,9 +96,23 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    async def embed(self, prompts: list[Prompt]) -> torch.Tensor:
+        """[B, D] float32 pooled hidden states (LLM.pooling's mode), from the engine thread; a prompt
+        the engine can't embed raises its ValueError here."""
+        if self._stopped:
+            raise EngineStopped()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("embed", prompts, loop, future))
+        return await future
+
     def abort(self, request_id: str) -> None:
         """End a request; its blocks are freed before the engine's next step."""
         self._commands.put(("abort", request_id))
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def stats(self) -> EngineStats:
         """Queue length, running sequences, KV usage, cache hit counts: refreshed after every step."""
@@ -111,9 +135,12 @@ class AsyncLLM:
                         commands.append(self._commands.get_nowait())
                     except queue.Empty:
                         break
-                for cmd in commands:
+                for i, cmd in enumerate(commands):
                     if cmd[0] == "stop":
-                        self._fail_all(RuntimeError("AsyncLLM was shut down"))
+                        self._fail_all(EngineStopped())
+                        for late in commands[i + 1:]:  # queued behind the stop: answer, don't hang
+                            if late[0] in ("add", "embed"):
+                                _answer(late[-2], late[-1], error=EngineStopped())
                         return
                     self._run_command(cmd)
                 if self.engine.has_work():
@@ -131,6 +158,14 @@ class AsyncLLM:
                 loop.call_soon_threadsafe(stream.put_nowait, e)
                 return
             self._streams[request_id] = (loop, stream)
+        elif cmd[0] == "embed":
+            _, prompts, loop, future = cmd
+            try:
+                vectors = self.engine.embed(prompts, self.llm.pooling.mode)
+            except Exception as e:  # a bad request (ValueError) or a real fault: the caller's to report
+                _answer(loop, future, error=e)
+                return
+            _answer(loop, future, vectors)
         elif cmd[0] == "abort":
             self._deliver(self.engine.abort(cmd[1]))
 
@@ -159,6 +194,21 @@ class AsyncLLM:
             except RuntimeError:
                 pass
         self._streams.clear()
+
+
+def _answer(loop: asyncio.AbstractEventLoop, target, value=None, error: BaseException | None = None) -> None:
+    """Settle a future, or put an error on a stream, from the engine thread (if anyone still listens)."""
+
+    def settle():
+        if isinstance(target, asyncio.Queue):
+            target.put_nowait(error)
+        elif not target.done():
+            target.set_exception(error) if error is not None else target.set_result(value)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's event loop is closed
+        pass
 
 
 def _put_all(items: list) -> None:

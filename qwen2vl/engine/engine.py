@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen2vl.engine.block_manager import BlockManager
+from qwen2vl.engine.embed import embed_prompts
 from qwen2vl.engine.kv_cache import KVCache, num_blocks_for
 from qwen2vl.engine.outputs import Delta, EngineStats
 from qwen2vl.engine.prompt import Prompt
@@ -87,6 +88,23 @@ class Engine:
         bad = next((t for t in prompt.token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def validate_embed(self, prompt: Prompt) -> None:
+        """What the engine can't embed, as a ValueError (an embedding generates nothing, so the
+        whole context is the prompt's)."""
+        if len(prompt) > self.max_model_len:
+            raise ValueError(f"the input has {len(prompt)} tokens; this engine's max_model_len is {self.max_model_len}")
+        vocab = self.model.config.text.vocab_size
+        bad = next((t for t in prompt.token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def embed(self, prompts: list[Prompt], pooling: str = "last") -> torch.Tensor:
+        """[B, D] float32 pooled final hidden states (engine/embed.py): prefill only, no cache blocks,
+        packed max_num_batched_tokens at a time. Runs between steps; running requests are untouched."""
+        for prompt in prompts:
+            self.validate_embed(prompt)
+        return embed_prompts(self.model, self.runner, prompts, pooling, self.config.max_num_batched_tokens)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, lora: int = 0) -> Request:
         """`lora`: the LoRA adapter slot the request runs with (qwen2vl/lora.py), 0 for the base model."""

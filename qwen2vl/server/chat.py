@@ -3,7 +3,8 @@
     prepare():  inputs.py checks (no I/O) -> fetch media + read headers (thread) -> context check
                 -> tools rendered into messages -> processor (decode, tokenize; thread) -> Prompt
     complete(): run to the end, one JSON response (n choices, usage, tool calls parsed)
-    stream():   SSE chunks as tokens arrive, tool calls parsed incrementally, usage last, [DONE]
+    stream():   SSE chunks as tokens arrive, tool-call arguments streamed as generated (tool_parse.py),
+                grounding on each choice's last chunk, usage last, [DONE]
 
 Whatever the client sent wrong is a 400 before the engine sees the request. Leaving early (client
 disconnect, a cancelled stream) aborts the request in the engine, which frees its cache blocks.
@@ -23,7 +24,8 @@ from qwen2vl.processing.media import MediaError
 from qwen2vl.server import inputs as chat_inputs
 from qwen2vl.server.errors import APIError, bad_request
 from qwen2vl.server.protocol import ChatCompletionRequest, chat_response, chunk, completion_id, logprobs_dict
-from qwen2vl.server.tools import ToolCallStream, parse_tool_calls, render_messages, tool_grammar
+from qwen2vl.server.tool_parse import ToolCallStream, parse_tool_calls
+from qwen2vl.server.tools import render_messages, tool_grammar
 
 
 @dataclass
@@ -210,9 +212,10 @@ class ChatService:
         for i in range(n):
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
-        usage = None
+        usage, ids = None, [[] for _ in range(n)]
         async for d in self._deltas(prepared, arrival):
             text, calls, parser = d.text, [], parsers[d.index]
+            ids[d.index] += d.token_ids
             if parser is not None:
                 text, calls = parser.push(d.text)
                 if d.finished:
@@ -222,14 +225,15 @@ class ChatService:
             if text:
                 delta["content"] = text
             if calls:
-                start = parser.num_calls - len(calls)
-                delta["tool_calls"] = [c.to_openai(start + k) for k, c in enumerate(calls)]
+                delta["tool_calls"] = calls  # OpenAI deltas: a call's head, then pieces of its arguments
             lp = logprobs_dict(d.logprobs, self.processor.tokenizer.token_bytes) if req.logprobs else None
             if delta or (lp and lp["content"]):
                 yield event([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
             if d.finished:
                 reason = "tool_calls" if parser is not None and parser.num_calls else _finish_reason(d.finish_reason)
-                yield event([{"index": d.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+                regions = self._grounding(ids[d.index], prepared.image_size)
+                last = {"grounding": regions} if regions else {}  # as the whole answer's message carries it
+                yield event([{"index": d.index, "delta": last, "logprobs": None, "finish_reason": reason}])
             usage = d.usage or usage
         self.metrics.prompt_tokens += len(prepared.prompt)
         if include_usage and usage is not None:

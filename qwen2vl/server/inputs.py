@@ -76,15 +76,19 @@ def check_inputs(messages: list[dict], body_options: dict | None, limits: Server
             raise bad_request(f"{param}: unsupported URL scheme {scheme!r}; use http(s)://, data: or file://", param)
         inherited = {k: v for k, v in body_options.items() if k in allowed}
         refs.append(MediaRef(item.kind, where, url, {**inherited, **item.options}, item.message, item.part))
+    check_counts(refs, limits, "messages")
+    for r in refs:
+        r.options = limits.clamp(r.kind, r.options, cfg)
+    return ChatInputs(qwen, refs)
+
+
+def check_counts(refs: list[MediaRef], limits: ServerLimits, param: str) -> None:
+    """Images and videos per request (`param`: the field that holds them all)."""
     for kind, limit, flag in (("image", limits.max_images, "--max-images-per-request"),
                               ("video", limits.max_videos, "--max-videos-per-request")):
         count = sum(r.kind == kind for r in refs)
         if count > limit:
-            raise bad_request(f"messages: {count} {kind}s in this request, over the limit of {limit} ({flag})",
-                              "messages")
-    for r in refs:
-        r.options = limits.clamp(r.kind, r.options, cfg)
-    return ChatInputs(qwen, refs)
+            raise bad_request(f"{param}: {count} {kind}s in this request, over the limit of {limit} ({flag})", param)
 
 
 def _check_policy(msg, where: str, find_special) -> None:

@@ -35,6 +35,7 @@ class ServerLimits:
     max_fps: float = 4.0  # sampling rate a request may ask for
     max_n: int = 8  # completions per request
     max_stop: int = 16  # stop strings per request
+    max_embedding_inputs: int = 128  # inputs of one /v1/embeddings request
     max_queue: int = 64  # requests admitted at once (preprocessing, waiting, running); more get 429
     media_timeout: float = 20.0  # seconds for one download, redirects included
     allowed_media_domains: tuple[str, ...] | None = None  # None: any public host
@@ -95,6 +96,8 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
     g.add_argument("--max-fps", type=float, default=d.max_fps, help="ceiling for a request's video fps")
     g.add_argument("--max-n", type=int, default=d.max_n, help="completions per request")
+    g.add_argument("--max-embedding-inputs", type=int, default=d.max_embedding_inputs,
+                   help="inputs in one /v1/embeddings request")
     g.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="requests in flight at once; beyond it the server answers 429 with Retry-After")
     g.add_argument("--media-timeout", type=float, default=d.media_timeout, help="seconds per media download")
@@ -114,6 +117,7 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
         max_video_bytes=int(args.max_video_mb * MiB), max_image_pixels=args.max_image_pixels,
         max_pixels=args.max_pixels, max_video_frames=args.max_video_frames,
         max_video_seconds=args.max_video_seconds, max_fps=args.max_fps, max_n=args.max_n,
+        max_embedding_inputs=args.max_embedding_inputs,
         max_queue=args.max_queue, media_timeout=args.media_timeout,
         allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
         allow_private_media=args.allow_private_media,
