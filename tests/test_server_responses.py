@@ -13,7 +13,7 @@ from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 from qwen2vl.server.limits import ServerLimits
 from qwen2vl.server.response_store import ResponseStore
 from qwen2vl.server.responses_input import LOW_DETAIL_TOKENS, to_messages
-from tests.helpers.media import data_uri, png_bytes
+from tests.helpers.media import data_uri, mp4_bytes, png_bytes
 from tests.helpers.server import running_server
 
 KEY = "test-key"
@@ -78,6 +78,18 @@ def test_messages_with_an_image_and_instructions(client):
     low = create(client, [{"role": "user", "content": content[:1] + [{**content[1], "detail": "low"}]}],
                  instructions="Answer briefly.")
     assert low.usage.input_tokens == r.usage.input_tokens  # the tiny checkpoint's max_pixels is under low's cap
+
+
+def test_video_item_and_mm_processor_kwargs_as_chat_takes_them(client):
+    video = {"type": "video_url", "video_url": {"url": data_uri(mp4_bytes(frames=8), "video/mp4"), "fps": 4}}
+    big = data_uri(png_bytes(400, 300, seed=2))
+    kwargs = {"mm_processor_kwargs": {"max_pixels": 28 * 28 * 16}}
+    r = create(client, [{"role": "user", "content": [video, {"type": "input_image", "image_url": big},
+                                                     {"type": "input_text", "text": "What happens?"}]}],
+               extra_body=kwargs)
+    ref = chat(client, [{"role": "user", "content": [video, {"type": "image_url", "image_url": {"url": big}},
+                                                     {"type": "text", "text": "What happens?"}]}], extra_body=kwargs)
+    assert r.usage.input_tokens == ref.usage.prompt_tokens and r.output_text == ref.choices[0].message.content
 
 
 def test_detail_is_a_pixel_budget_and_item_options_win():
