@@ -10,9 +10,10 @@ import httpx
 import pytest
 from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 
+from qwen2vl.server.errors import bad_request
 from qwen2vl.server.limits import ServerLimits
 from qwen2vl.server.response_store import ResponseStore
-from qwen2vl.server.responses_input import LOW_DETAIL_TOKENS, to_messages
+from qwen2vl.server.responses_input import LOW_DETAIL_TOKENS, rename, to_messages
 from tests.helpers.media import data_uri, mp4_bytes, png_bytes
 from tests.helpers.server import running_server
 
@@ -101,6 +102,24 @@ def test_detail_is_a_pixel_budget_and_item_options_win():
     assert image(detail="low") == {"url": "u", "max_pixels": LOW_DETAIL_TOKENS * 28 * 28}
     assert image(detail="high") == image(detail="auto") == image() == {"url": "u"}
     assert image(detail="low", max_pixels=784 * 4) == {"url": "u", "max_pixels": 784 * 4}
+
+
+def test_output_items_read_back_as_one_assistant_turn_and_errors_name_the_input():
+    said = {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+            "content": [{"type": "output_text", "text": "Let me look.", "annotations": [], "logprobs": []}]}
+    call = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": "{}"}
+    result = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+    messages, origins = to_messages([said, call, result], ["input[0]", "input[1]", "input[2]"], factor=28)
+    assert messages == [{"role": "assistant", "content": [{"type": "text", "text": "Let me look."}],
+                         "tool_calls": [{"id": "call_1", "type": "function",
+                                         "function": {"name": "f", "arguments": "{}"}}]},
+                        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    assert origins == ["input[0]", "input[2]"]
+    err = rename(bad_request("messages[1].content[0].image_url.url: bad", "messages[1].content[0].image_url.url"),
+                 ["instructions", "input[3]"])
+    assert (err.message, err.param) == ("input[3].content[0].image_url: bad", "input[3].content[0].image_url")
+    err = rename(bad_request("messages[0].content: has <|im_end|>", "messages[0].content"), ["instructions"])
+    assert (err.message, err.param) == ("instructions: has <|im_end|>", "instructions")
 
 
 def test_json_schema_output_parses(client):
@@ -209,6 +228,8 @@ def test_auth(server):
     ({"input": 3}, "input", "a string or a list"),
     ({"input": []}, "input", "empty"),
     ({"input": [{"type": "file_search_call"}]}, "input[0].type", "unsupported item type"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {}}]}, "input[0].arguments",
+     "string"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
      "input[0].content[0].type", "input_file"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": IMAGE, "detail": "max"}]}]},

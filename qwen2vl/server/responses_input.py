@@ -40,11 +40,15 @@ def to_messages(items: list[dict], origins: list[str], factor: int) -> tuple[lis
             message = _message(item, origin, factor)
         elif kind == "function_call":
             _fields(item, {"type", "call_id", "name", "arguments"}, origin)
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            for key in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(key), str):
+                    raise bad_request(f"{origin}.{key}: must be a string", f"{origin}.{key}")
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(call)  # the calls of one turn share one assistant message
+            if last is not None and last["role"] == "assistant":
+                # one assistant turn: its text (a message item) and its calls, as the model wrote them
+                last.setdefault("tool_calls", []).append(call)
                 continue
             message = {"role": "assistant", "content": None, "tool_calls": [call]}
         elif kind == "function_call_output":
@@ -111,12 +115,13 @@ def _fields(item: dict, allowed: set, where: str) -> None:
 
 # -- errors in the request's own names -------------------------------------------------------
 
-_MESSAGE = re.compile(r"messages\[(\d+)\](\.content)?")
+_MESSAGE = re.compile(r"messages\[(\d+)\]((?:\.\w+|\[\d+\])*)")
 _NAMES = [(re.compile(r"\bmessages\b"), "input"), (re.compile(r"\bmax_tokens\b"), "max_output_tokens"),
           (re.compile(r"response_format\.json_schema\.schema"), "text.format.schema"),
           (re.compile(r"response_format(\.json_schema)?"), "text.format"),
           (re.compile(r"(tools\[\d+\])\.function\b"), r"\1"), (re.compile(r"\.image_url\.url\b"), ".image_url")]
-WHOLE = ("instructions", "input", "previous_response_id")  # origins that are one string, not a list of parts
+# origins named as a whole: one string (instructions, a string input) or a stored conversation
+WHOLE = ("instructions", "input", "previous_response_id")
 
 
 def rename(err: APIError, origins: list[str]) -> APIError:
@@ -128,7 +133,7 @@ def rename(err: APIError, origins: list[str]) -> APIError:
 
         def origin(m):
             label = origins[int(m.group(1))] if int(m.group(1)) < len(origins) else "input"
-            return label if label in WHOLE else label + (m.group(2) or "")
+            return label if label in WHOLE else label + m.group(2)
 
         text = _MESSAGE.sub(origin, text)
         for pattern, name in _NAMES:
