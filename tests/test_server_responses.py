@@ -10,7 +10,7 @@ import httpx
 import pytest
 from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 
-from qwen2vl.server.errors import bad_request
+from qwen2vl.server.errors import APIError, bad_request
 from qwen2vl.server.limits import ServerLimits
 from qwen2vl.server.response_store import ResponseStore
 from qwen2vl.server.responses_input import LOW_DETAIL_TOKENS, rename, to_messages
@@ -166,13 +166,20 @@ def test_previous_response_id_prepends_the_stored_conversation(client):
         client.responses.retrieve(unstored.id)
 
 
-def test_the_store_keeps_the_newest():
-    store = ResponseStore(2)
+def test_the_store_keeps_the_newest_within_both_caps():
+    store = ResponseStore(2, max_bytes=10**6)
     for i in range(3):
         store.put({"id": f"resp_{i}"}, [{"role": "user", "content": str(i)}])
     assert len(store) == 2 and store.conversation("resp_2") == [{"role": "user", "content": "2"}]
-    with pytest.raises(Exception, match="resp_0"):
+    with pytest.raises(APIError, match="resp_0") as e:
         store.response("resp_0")
+    assert e.value.status == 404
+    small = ResponseStore(100, max_bytes=3000)
+    for i in range(3):
+        small.put({"id": f"resp_{i}"}, [{"role": "user", "content": "x" * 1000}])
+    assert len(small) == 2 and small.bytes <= 3000
+    small.put({"id": "resp_big"}, [{"role": "user", "content": "x" * 5000}])  # over the cap alone: not kept
+    assert len(small) == 0 and small.bytes == 0
 
 
 def test_stream_events_in_order_and_deltas_equal_the_whole_answer(client):

@@ -60,7 +60,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     compiler = GrammarCompiler(tok.backend.to_str(), llm.model.config.text.vocab_size, eos)
     service = ChatService(engine, processor, llm.model.config, limits, metrics, compiler, llm.defaults,
                           model_name, max_model_len)
-    responder = ResponsesService(service, ResponseStore(limits.max_stored_responses))
+    responder = ResponsesService(service, ResponseStore(limits.max_stored_responses, limits.max_stored_bytes))
     embedder = EmbeddingService(engine, processor, llm.model.config, limits, metrics, model_name, max_model_len)
     app.state.service, app.state.metrics = service, metrics
     app.add_middleware(_CountRequests, metrics=metrics)

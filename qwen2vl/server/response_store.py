@@ -1,29 +1,36 @@
 """Stored responses, for `previous_response_id` and `GET /v1/responses/{id}`: in memory, the newest
-`capacity` of them (--max-stored-responses), the oldest evicted first; gone when the server stops.
+of them within two caps (--max-stored-responses, --max-stored-responses-mb), the oldest evicted
+first; gone when the server stops.
 
 Each entry keeps the response and its whole conversation as input items (the earlier turns', this
 request's input, this response's output), so a follow-up only prepends one list. Items are shared
-between entries, not copied, so a long chain costs its items once.
+between entries, not copied; an entry is still charged its whole conversation's JSON size, so the
+byte cap holds however the entries share (a long chat with images evicts its older turns first).
 """
 
+import json
 from collections import OrderedDict
 
 from qwen2vl.server.errors import APIError
 
 
 class ResponseStore:
-    def __init__(self, capacity: int):
-        assert capacity > 0
-        self.capacity = capacity
-        self._entries: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+    def __init__(self, capacity: int, max_bytes: int):
+        assert capacity > 0 and max_bytes > 0
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def put(self, response: dict, conversation: list[dict]) -> None:
-        self._entries[response["id"]] = (response, conversation)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        """Keep it, evicting the oldest past either cap (one bigger than the byte cap is not kept)."""
+        size = len(json.dumps([response, conversation], ensure_ascii=False))
+        self._entries[response["id"]] = (response, conversation, size)
+        self.bytes += size
+        while self._entries and (len(self._entries) > self.capacity or self.bytes > self.max_bytes):
+            self.bytes -= self._entries.popitem(last=False)[1][2]
 
     def response(self, rid: str, param: str | None = None) -> dict:
         return self._entry(rid, param)[0]
@@ -35,7 +42,8 @@ class ResponseStore:
         entry = self._entries.get(rid)
         if entry is None:
             where = f"{param}: " if param else ""
-            raise APIError(404, f"{where}no stored response {rid!r}; this server keeps the newest {self.capacity} "
-                                "responses made with store=true, in memory (--max-stored-responses)",
+            raise APIError(404, f"{where}no stored response {rid!r}; this server keeps the newest responses made "
+                                f"with store=true in memory, at most {self.capacity} (--max-stored-responses) "
+                                f"and {self.max_bytes / 2**20:g} MiB (--max-stored-responses-mb)",
                            param=param, code="response_not_found")
         return entry
