@@ -106,7 +106,7 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                    help="responses kept in memory for previous_response_id and GET /v1/responses/{id}; "
                         "the oldest are dropped first")
     g.add_argument("--max-stored-responses-mb", type=float, default=d.max_stored_bytes / MiB,
-                   help="memory for stored responses, MiB (each charged its whole conversation as JSON)")
+                   help="memory for stored responses, MiB (each charged its whole conversation, base64 media included)")
     g.add_argument("--media-timeout", type=float, default=d.media_timeout, help="seconds per media download")
     m = parser.add_argument_group("media sources")
     m.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",

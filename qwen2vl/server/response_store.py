@@ -4,11 +4,11 @@ first; gone when the server stops.
 
 Each entry keeps the response and its whole conversation as input items (the earlier turns', this
 request's input, this response's output), so a follow-up only prepends one list. Items are shared
-between entries, not copied; an entry is still charged its whole conversation's JSON size, so the
-byte cap holds however the entries share (a long chat with images evicts its older turns first).
+between entries, not copied; an entry is still charged its whole conversation's size (the length of
+its strings: base64 media counts in full), so the byte cap holds however the entries share (a long
+chat with images evicts its older turns first).
 """
 
-import json
 from collections import OrderedDict
 
 from qwen2vl.server.errors import APIError
@@ -26,7 +26,7 @@ class ResponseStore:
 
     def put(self, response: dict, conversation: list[dict]) -> None:
         """Keep it, evicting the oldest past either cap (one bigger than the byte cap is not kept)."""
-        size = len(json.dumps([response, conversation], ensure_ascii=False))
+        size = _size([response, conversation])
         self._entries[response["id"]] = (response, conversation, size)
         self.bytes += size
         while self._entries and (len(self._entries) > self.capacity or self.bytes > self.max_bytes):
@@ -47,3 +47,15 @@ class ResponseStore:
                                 f"and {self.max_bytes / 2**20:g} MiB (--max-stored-responses-mb)",
                            param=param, code="response_not_found")
         return entry
+
+
+def _size(value) -> int:
+    """About the bytes `value` holds: its strings' lengths (O(1) each, so a 30 MB data URI costs
+    nothing to measure) plus a little per number and container."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(k) + _size(v) for k, v in value.items()) + 8
+    if isinstance(value, list):
+        return sum(_size(v) for v in value) + 8
+    return 8
