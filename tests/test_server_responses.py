@@ -104,6 +104,18 @@ def test_detail_is_a_pixel_budget_and_item_options_win():
     assert image(detail="low", max_pixels=784 * 4) == {"url": "u", "max_pixels": 784 * 4}
 
 
+def test_parse_with_a_pydantic_model(client):
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=150)
+
+    r = client.responses.parse(model="tiny", input="Make up a person.", text_format=Person, max_output_tokens=200,
+                               extra_body={"seed": 2})
+    assert r.status == "completed" and isinstance(r.output_parsed, Person)
+
+
 def test_output_items_read_back_as_one_assistant_turn_and_errors_name_the_input():
     said = {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
             "content": [{"type": "output_text", "text": "Let me look.", "annotations": [], "logprobs": []}]}
