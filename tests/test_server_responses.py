@@ -233,12 +233,18 @@ def test_function_call_arguments_stream(client):
     final = events[-1].response.output
     assert [o.arguments for o in final] == [d.arguments for d in done]
     assert all(set(json.loads(d.arguments)) == {"city", "unit"} for d in done)
+    stored = client.responses.retrieve(events[-1].response.id)  # a stream's response is stored when it ends
+    assert [(o.call_id, o.arguments) for o in stored.output] == [(o.call_id, o.arguments) for o in final]
 
 
-def test_auth(server):
+def test_auth_and_metrics(server, client):
     bad = OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(AuthenticationError):
         bad.responses.create(model="tiny", input="Hi")
+    stored = create(client, "Hi", max_output_tokens=2)
+    assert httpx.get(f"{server}/v1/responses/{stored.id}").status_code == 401
+    metrics = httpx.get(f"{server}/metrics", headers=AUTH).text
+    assert 'qwen2vl_requests_total{endpoint="/v1/responses",status="401"}' in metrics
 
 
 @pytest.mark.parametrize("body,param,needle", [
