@@ -4,7 +4,8 @@
 
 A request's `model` picks the base model (its served name) or one of the engine's LoRA adapters (by name).
 
-Routes: POST /v1/chat/completions, POST /v1/embeddings, POST /v1/token_count, GET /v1/models,
+Routes: POST /v1/chat/completions, POST /v1/responses (and GET /v1/responses/{id} for a stored one),
+POST /v1/embeddings, POST /v1/token_count, GET /v1/models,
 GET /metrics, GET /health (the only one without the key), and GET / for the web page when it is
 installed. A shut-down engine answers 503.
 """
@@ -35,6 +36,9 @@ from qwen2vl.server.errors import (
 from qwen2vl.server.limits import ServerLimits
 from qwen2vl.server.metrics import Metrics
 from qwen2vl.server.protocol import ChatCompletionRequest, model_card
+from qwen2vl.server.response_store import ResponseStore
+from qwen2vl.server.responses import ResponsesService
+from qwen2vl.server.responses_protocol import ResponsesRequest
 from qwen2vl.server.structured import GrammarCompiler
 from qwen2vl.server.web import add_web_page
 
@@ -56,6 +60,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     compiler = GrammarCompiler(tok.backend.to_str(), llm.model.config.text.vocab_size, eos)
     service = ChatService(engine, processor, llm.model.config, limits, metrics, compiler, llm.defaults,
                           model_name, max_model_len)
+    responder = ResponsesService(service, ResponseStore(limits.max_stored_responses, limits.max_stored_bytes))
     embedder = EmbeddingService(engine, processor, llm.model.config, limits, metrics, model_name, max_model_len)
     app.state.service, app.state.metrics = service, metrics
     app.add_middleware(_CountRequests, metrics=metrics)
@@ -168,6 +173,29 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
         finally:
             metrics.in_flight -= 1
 
+    @app.post("/v1/responses", dependencies=auth)
+    async def responses(request: Request):
+        arrival = time.monotonic()
+        req = parse_model(ResponsesRequest, await read_json(request, limits.max_body_bytes))
+        check_model(req.model)
+        admit()
+        try:
+            turn = await responder.prepare(req)
+        except BaseException:
+            metrics.in_flight -= 1
+            raise
+        if req.stream:
+            return StreamingResponse(_released(_sse(responder.stream(turn, arrival)), metrics),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            return await _unless_disconnected(responder.complete(turn, arrival), request, metrics)
+        finally:
+            metrics.in_flight -= 1
+
+    @app.get("/v1/responses/{response_id}", dependencies=auth)
+    async def stored_response(response_id: str):
+        return responder.response(response_id)
+
     add_web_page(app)  # if installed; static, holds no data, so no key; the page sends the key with its API calls
 
     return app
@@ -253,8 +281,8 @@ class _CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        endpoint = path if path in ("/v1/chat/completions", "/v1/embeddings", "/v1/token_count", "/v1/models",
-                                    "/metrics", "/health", "/") else "other"
+        endpoint = path if path in ("/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/token_count",
+                                    "/v1/models", "/metrics", "/health", "/") else "other"
 
         async def counting_send(message):
             if message["type"] == "http.response.start":

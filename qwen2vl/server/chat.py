@@ -145,7 +145,7 @@ class ChatService:
 
     # -- running ------------------------------------------------------------------------------
 
-    async def _deltas(self, prepared: Prepared, arrival: float):
+    async def deltas(self, prepared: Prepared, arrival: float):
         """The engine's increments; leaving early (cancelled, client gone) makes AsyncLLM abort the
         request, which frees its blocks."""
         first = True
@@ -162,7 +162,7 @@ class ChatService:
         n = prepared.params.n
         texts, reasons, lps, usage = [""] * n, [None] * n, [[] for _ in range(n)], None
         ids = [[] for _ in range(n)]
-        async for d in self._deltas(prepared, arrival):
+        async for d in self.deltas(prepared, arrival):
             texts[d.index] += d.text
             ids[d.index] += d.token_ids
             reasons[d.index] = d.finish_reason or reasons[d.index]
@@ -213,7 +213,7 @@ class ChatService:
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         usage, ids = None, [[] for _ in range(n)]
-        async for d in self._deltas(prepared, arrival):
+        async for d in self.deltas(prepared, arrival):
             text, calls, parser = d.text, [], parsers[d.index]
             ids[d.index] += d.token_ids
             if parser is not None:
