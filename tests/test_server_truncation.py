@@ -2,8 +2,9 @@
 prompt fits. Through the official `openai` client against a real server on the tiny checkpoint with a
 256-token context: without the option the 400 names the sizes and the option; with it the reply
 equals a request sent with only the kept messages (greedy), the kept prompt is what the processor
-makes of them, the system message and last turn stay, the fewest turns go; the impossible case is
-a 400; streaming says it on the first chunk; a Responses chain grows past the context."""
+makes of them, the system message and last turn stay, the fewest turns go, a tool call goes with
+its results; the impossible case is a 400; streaming says it on the first chunk; a Responses chain
+grows past the context."""
 
 import pytest
 from openai import BadRequestError, OpenAI
@@ -102,6 +103,32 @@ def test_when_even_the_last_turn_does_not_fit_it_is_a_400_naming_sizes(client):
         chat(client, messages, **AUTO)
     message = e.value.body["message"]
     assert "last turn alone" in message and f"context is {CONTEXT}" in message and "over by" in message
+
+
+def test_a_tool_call_goes_with_its_results(client, processor):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "cats"}'}}
+    old = [{"role": "user", "content": "Look it up: " + "cats " * 30},
+           {"role": "assistant", "content": None, "tool_calls": [call]},
+           {"role": "tool", "tool_call_id": "c1", "content": "found " * 30},
+           {"role": "assistant", "content": "Cats " * 20}]
+    messages = [SYSTEM] + old + long_chat(3)[1:]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, tools=tools,
+                                       extra_body=AUTO)
+    n = r.model_extra["truncation"]["dropped_messages"]
+    assert n >= 4  # the whole tool-call turn, never the call without its result
+    ref = client.chat.completions.create(model="tiny", messages=[SYSTEM] + messages[1 + n:], max_tokens=5,
+                                         temperature=0, tools=tools)
+    assert r.usage.prompt_tokens == ref.usage.prompt_tokens
+    assert r.choices[0].message == ref.choices[0].message
+
+
+def test_the_responses_api_impossible_case_speaks_its_own_names(client):
+    with pytest.raises(BadRequestError) as e:
+        client.responses.create(model="tiny", input="why " * 400, instructions="Be terse.", truncation="auto",
+                                max_output_tokens=5)
+    message = e.value.body["message"]
+    assert "last turn alone" in message and "max_output_tokens=5" in message and e.value.body["param"] == "input"
 
 
 def test_streaming_says_what_was_dropped_on_the_first_chunk(client):

@@ -85,7 +85,7 @@ def fit(inputs: ChatInputs, costs: list[MediaCost], count, limit: int, max_token
     if best[2] > budget:
         last = after(hi)
         if last[2] > budget:
-            raise _too_long(before, last[2], last[1], limit, max_tokens, len(last[3]))
+            raise _too_long(before, last[2], last[1], limit, max_tokens, hi)
         best = last
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -100,12 +100,13 @@ def fit(inputs: ChatInputs, costs: list[MediaCost], count, limit: int, max_token
 
 
 def _too_long(before: int, least: int, kept_costs: list[MediaCost], limit: int, max_tokens: int | None,
-              dropped: int):
+              older: int):
+    """Worded without "messages", which the Responses API renames to "input"."""
     visual = sum(c.tokens for c in kept_costs)
     room = f"max_tokens={max_tokens}" if max_tokens else "one generated token"
     return bad_request(
-        f"the prompt is {before} tokens and the context is {limit}; with {OPTION} the {dropped} older messages "
-        f"can be dropped, but the system message(s) and the last turn alone are {least} tokens ({visual} of them "
+        f"the prompt is {before} tokens and the context is {limit}; {OPTION} can drop the {older} older turn(s), "
+        f"but the system message(s) and the last turn alone are {least} tokens ({visual} of them "
         f"for images/videos), over by {least + (max_tokens or 1) - limit} leaving room for {room}; shorten the "
         "last message" + (" or lower mm_processor_kwargs.max_pixels" if visual else "")
         + (" or lower max_tokens" if max_tokens else ""), "messages")
