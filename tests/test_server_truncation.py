@@ -175,6 +175,21 @@ def test_a_responses_chain_grows_past_the_context(client):
     pytest.fail("the chain never outgrew the context")
 
 
+def test_a_streamed_response_reports_the_same_truncation(client):
+    items = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+              [{"type": "input_text", "text": m["content"][0]["text"]}, {"type": "input_image", "image_url": IMAGE}]}
+             for m in long_chat(8)[1:]]
+    kw = {"model": "tiny", "input": items, "max_output_tokens": 5, "temperature": 0, "truncation": "auto",
+          "instructions": SYSTEM["content"]}
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    done = events[-1].response
+    assert done.truncation == "auto" and done.output_text == whole.output_text
+    assert done.model_extra["truncation_details"] == whole.model_extra["truncation_details"]
+    assert whole.model_extra["truncation_details"]["dropped_images"] > 0
+
+
 # -- the rule, without a server ----------------------------------------------------------------
 
 def _m(role, **kw):

@@ -87,7 +87,7 @@ class ChatService:
         except (MediaError, ValueError) as e:
             raise bad_request(chat_inputs.public_message(str(e)), "messages") from None
         visual = sum(c.tokens for c in costs)
-        self._check_length(len(prompt), visual, params)
+        self._check_length(len(prompt), visual, params, "" if truncation else HINT)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(prompt)
         images = [c for c in costs if c.kind == "image"]
@@ -151,17 +151,17 @@ class ChatService:
             spec["json_schema"] = {"schema": fmt.json_schema.schema_}
         return self.compiler.json_grammar(spec), "response_format"
 
-    def _check_length(self, prompt_len: int, visual: int, params: SamplingParams) -> None:
+    def _check_length(self, prompt_len: int, visual: int, params: SamplingParams, hint: str) -> None:
         limit = self.max_model_len
         if prompt_len >= limit:
             raise bad_request(
                 f"the prompt is {prompt_len} tokens ({visual} of them for images/videos) but the context is {limit} "
                 f"tokens (over by {prompt_len - limit + 1}, counting one generated token); shorten the messages"
-                + (" or lower mm_processor_kwargs.max_pixels" if visual else "") + HINT, "messages")
+                + (" or lower mm_processor_kwargs.max_pixels" if visual else "") + hint, "messages")
         if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
             raise bad_request(
                 f"max_tokens: the prompt is {prompt_len} tokens, so at most {limit - prompt_len} more fit in the "
-                f"context of {limit}; got max_tokens={params.max_tokens}" + HINT, "max_tokens")
+                f"context of {limit}; got max_tokens={params.max_tokens}" + hint, "max_tokens")
 
     # -- running ------------------------------------------------------------------------------
 
