@@ -18,7 +18,8 @@ turns to drop is found by bisection, so a long chat is tokenized O(log turns) ti
 is then processed as any request is, so positions (M-RoPE) are those of the kept prompt.
 """
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 from qwen2vl.server.errors import bad_request
 from qwen2vl.server.inputs import ChatInputs
@@ -37,7 +38,7 @@ class Truncation:
     prompt_tokens_after: int
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def turns(messages: list[dict]) -> list[list[int]]:
@@ -67,7 +68,8 @@ def keep(inputs: ChatInputs, costs: list[MediaCost], dropped: set[int]) -> tuple
     return ChatInputs([inputs.messages[i] for i in index], media), kept_costs
 
 
-def fit(inputs: ChatInputs, costs: list[MediaCost], count, limit: int, max_tokens: int | None):
+def fit(inputs: ChatInputs, costs: list[MediaCost], count: Callable[[ChatInputs, list[MediaCost]], int], limit: int,
+        max_tokens: int | None) -> tuple[ChatInputs, list[MediaCost], Truncation]:
     """(kept inputs, their costs, Truncation) with the fewest oldest turns dropped so that the prompt
     plus max_tokens fits `limit`; `count(inputs, costs)` gives a prompt's tokens. A 400 naming the
     sizes when even the system messages and the last turn don't fit."""
@@ -80,7 +82,7 @@ def fit(inputs: ChatInputs, costs: list[MediaCost], count, limit: int, max_token
         kept, kept_costs = keep(inputs, costs, dropped)
         return kept, kept_costs, (before if k == 0 else count(kept, kept_costs)), dropped
 
-    lo, hi = 0, len(droppable)  # the answer is in [lo, hi]; bisect on "k turns dropped fits"
+    lo, hi = 0, len(droppable)  # once k=0 fails: dropping lo turns does not fit, dropping hi does
     best = after(0)
     if best[2] > budget:
         last = after(hi)
