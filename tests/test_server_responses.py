@@ -265,7 +265,7 @@ def test_auth_and_metrics(server, client):
     ({"input": "Hi", "instructions": "<|im_end|>"}, "instructions", "special token"),
     ({"input": "Hi", "max_output_tokens": 5000}, "max_output_tokens", "at most"),
     ({"input": "word " * 3000}, "input", "context is 2048"),
-    ({"input": "Hi", "truncation": "auto"}, "truncation", "truncation"),
+    ({"input": "Hi", "truncation": "middle"}, "truncation", "truncation"),
     ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format", "schema"),
     ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools[0]", "function"),
     ({"input": "Hi", "tool_choice": "required"}, "tool_choice", "needs tools"),

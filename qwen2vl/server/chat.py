@@ -26,6 +26,7 @@ from qwen2vl.server.errors import APIError, bad_request
 from qwen2vl.server.protocol import ChatCompletionRequest, chat_response, chunk, completion_id, logprobs_dict
 from qwen2vl.server.tool_parse import ToolCallStream, parse_tool_calls
 from qwen2vl.server.tools import render_messages, tool_grammar
+from qwen2vl.server.truncation import HINT, fit
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Prepared:
     visual_tokens: int
     image_size: tuple[int, int] | None = None  # (width, height) of the last image: grounding boxes scale to it
     lora: str | None = None  # the LoRA adapter the request named as its model (None: the base model)
+    truncation: dict | None = None  # with "truncation": "auto": what was dropped (truncation.Truncation)
 
 
 class ChatService:
@@ -70,21 +72,39 @@ class ChatService:
         params = await asyncio.to_thread(self._params, req, tools, choice)
         await asyncio.to_thread(chat_inputs.fetch_media, inputs.media, self.policy, self.limits)
         costs = await asyncio.to_thread(chat_inputs.media_costs, inputs.media, cfg, self.limits)
-        chat_inputs.check_context(costs, self.max_model_len)
-        messages = render_messages(chat_inputs.qwen_messages(inputs), tools if choice != "none" else None)
+        offered = tools if choice != "none" else None
+        truncation = None
+        if req.truncation == "auto":  # drop the oldest turns until it fits, counted without decoding
+            count = partial(self._count, offered, template)
+            inputs, costs, truncation = await asyncio.to_thread(fit, inputs, costs, count, self.max_model_len,
+                                                                params.max_tokens)
+        else:
+            chat_inputs.check_context(costs, self.max_model_len, HINT)
+        messages = render_messages(chat_inputs.qwen_messages(inputs), offered)
         try:
             batch = await asyncio.to_thread(partial(self.processor, messages, reject_special_tokens=True, **template))
             prompt = Prompt.from_inputs(batch, self.model_config)
         except (MediaError, ValueError) as e:
             raise bad_request(chat_inputs.public_message(str(e)), "messages") from None
         visual = sum(c.tokens for c in costs)
-        self._check_length(len(prompt), visual, params)
+        self._check_length(len(prompt), visual, params, "" if truncation else HINT)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(prompt)
         images = [c for c in costs if c.kind == "image"]
         size = (images[-1].width, images[-1].height) if images else None
         lora = req.model if req.model in self.engine.llm.lora_names else None
-        return Prepared(prompt, params, bool(tools) and choice != "none", visual, size, lora)
+        return Prepared(prompt, params, bool(tools) and choice != "none", visual, size, lora,
+                        truncation.to_dict() if truncation else None)
+
+    def _count(self, tools, template: dict, inputs: chat_inputs.ChatInputs, costs) -> int:
+        """Prompt tokens of `inputs`: the text with one pad per image/video, plus the visual tokens
+        the headers gave (no pixels read)."""
+        messages = render_messages(chat_inputs.qwen_messages(inputs), tools)
+        try:
+            ids = self.processor.encode_text(messages, **template)
+        except ValueError as e:
+            raise bad_request(chat_inputs.public_message(str(e)), "messages") from None
+        return len(ids) - len(costs) + sum(c.tokens for c in costs)
 
     def _params(self, req: ChatCompletionRequest, tools, choice) -> SamplingParams:
         if req.n > self.limits.max_n:
@@ -131,17 +151,17 @@ class ChatService:
             spec["json_schema"] = {"schema": fmt.json_schema.schema_}
         return self.compiler.json_grammar(spec), "response_format"
 
-    def _check_length(self, prompt_len: int, visual: int, params: SamplingParams) -> None:
+    def _check_length(self, prompt_len: int, visual: int, params: SamplingParams, hint: str) -> None:
         limit = self.max_model_len
         if prompt_len >= limit:
             raise bad_request(
                 f"the prompt is {prompt_len} tokens ({visual} of them for images/videos) but the context is {limit} "
                 f"tokens (over by {prompt_len - limit + 1}, counting one generated token); shorten the messages"
-                + (" or lower mm_processor_kwargs.max_pixels" if visual else ""), "messages")
+                + (" or lower mm_processor_kwargs.max_pixels" if visual else "") + hint, "messages")
         if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
             raise bad_request(
                 f"max_tokens: the prompt is {prompt_len} tokens, so at most {limit - prompt_len} more fit in the "
-                f"context of {limit}; got max_tokens={params.max_tokens}", "max_tokens")
+                f"context of {limit}; got max_tokens={params.max_tokens}" + hint, "max_tokens")
 
     # -- running ------------------------------------------------------------------------------
 
@@ -186,7 +206,8 @@ class ChatService:
             if req.logprobs:
                 choice["logprobs"] = logprobs_dict(lps[i], self.processor.tokenizer.token_bytes)
             choices.append(choice)
-        return chat_response(completion_id(), prepared.lora or self.model_name, int(time.time()), choices, usage)
+        return chat_response(completion_id(), prepared.lora or self.model_name, int(time.time()), choices, usage,
+                             prepared.truncation)
 
     def _grounding(self, token_ids: list[int], image_size: tuple[int, int] | None) -> list[dict]:
         """Boxes/quads the answer names, in the last image's pixels (0-1000 scale without an image).
@@ -205,13 +226,14 @@ class ChatService:
         extra = {"usage": None} if include_usage else {}
         parsers = [ToolCallStream() if prepared.parse_tools else None for _ in range(n)]
 
-        def event(choices, usage=None) -> str:
-            body = chunk(rid, model, created, choices, usage)
+        def event(choices, usage=None, more=None) -> str:
+            body = {**chunk(rid, model, created, choices, usage), **(more or {})}
             return f"data: {json.dumps({**body, **extra} if usage is None else body, ensure_ascii=False)}\n\n"
 
+        said = {"truncation": prepared.truncation} if prepared.truncation else None  # on the first chunk
         for i in range(n):
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+                          "finish_reason": None}], more=said if i == 0 else None)
         usage, ids = None, [[] for _ in range(n)]
         async for d in self.deltas(prepared, arrival):
             text, calls, parser = d.text, [], parsers[d.index]

@@ -198,8 +198,8 @@ def media_costs(refs: list[MediaRef], cfg: VisionProcessingConfig, limits: Serve
     return costs
 
 
-def check_context(costs: list[MediaCost], max_model_len: int) -> None:
-    """Visual tokens alone must leave room for text and one generated token."""
+def check_context(costs: list[MediaCost], max_model_len: int, hint: str = "") -> None:
+    """Visual tokens alone must leave room for text and one generated token; `hint` ends the 400."""
     visual = sum(c.tokens for c in costs)
     budget = max_model_len - 64  # room for the chat template, a question and a short answer
     if visual <= budget:
@@ -211,7 +211,7 @@ def check_context(costs: list[MediaCost], max_model_len: int) -> None:
     raise bad_request(
         f"the images/videos need {visual} tokens but the context is {max_model_len} tokens "
         f"(over by {visual - budget}, keeping 64 for text); send smaller media or lower "
-        f"mm_processor_kwargs.max_pixels to about {suggestion} or less", "messages")
+        f"mm_processor_kwargs.max_pixels to about {suggestion} or less{hint}", "messages")
 
 
 def qwen_messages(inputs: ChatInputs) -> list[dict]:

@@ -83,7 +83,7 @@ class ResponsesService:
 
         def snapshot(status, output, usage=None) -> dict:
             return response_object(rid, created, model, req, prepared.params, status=status, output=output,
-                                   usage=usage)
+                                   usage=usage, truncated=prepared.truncation)
 
         out.event("response.created", response=snapshot("in_progress", []))
         out.event("response.in_progress", response=snapshot("in_progress", []))

@@ -61,7 +61,7 @@ class ResponsesRequest(_Strict):
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None  # echoed back, unused
-    truncation: Literal["disabled"] | None = None  # "auto" (dropping old turns) is not supported
+    truncation: Literal["auto", "disabled"] | None = None  # "auto": drop the oldest turns to fit (truncation.py)
     user: str | None = None  # accepted for compatibility, unused
     # extras beyond OpenAI (vLLM's names, as chat completions takes them)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
@@ -83,7 +83,7 @@ class ResponsesRequest(_Strict):
         body = {"model": self.model, "max_tokens": self.max_output_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "parallel_tool_calls": self.parallel_tool_calls, "seed": self.seed,
                 "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
-                "mm_processor_kwargs": self.mm_processor_kwargs}
+                "mm_processor_kwargs": self.mm_processor_kwargs, "truncation": self.truncation}
         if self.tools:
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in self.tools]
@@ -116,8 +116,9 @@ def usage_dict(usage) -> dict | None:
 
 
 def response_object(rid: str, created_at: int, model: str, req: ResponsesRequest, params, *, status: str,
-                    output: list[dict], usage=None) -> dict:
-    """The response as OpenAI returns it; `params`: the request's effective SamplingParams."""
+                    output: list[dict], usage=None, truncated: dict | None = None) -> dict:
+    """The response as OpenAI returns it; `params`: the request's effective SamplingParams;
+    `truncated`: what "truncation": "auto" dropped, as `truncation_details` (ours, not OpenAI's)."""
     fmt = req.text.format if req.text and req.text.format else None
     choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedFunction) else req.tool_choice
     return {"id": rid, "object": "response", "created_at": created_at, "status": status, "model": model,
@@ -129,4 +130,5 @@ def response_object(rid: str, created_at: int, model: str, req: ResponsesRequest
             "temperature": params.temperature, "top_p": params.top_p,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "tool_choice": choice or "auto", "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
-            "truncation": "disabled", "usage": usage_dict(usage), "user": req.user}
+            "truncation": req.truncation or "disabled", "usage": usage_dict(usage), "user": req.user,
+            **({"truncation_details": truncated} if truncated else {})}
