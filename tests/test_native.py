@@ -169,3 +169,23 @@ def test_amx_tiles_that_compute_wrong_are_switched_off(monkeypatch, caplog):
         wrong = Lib(True)
         assert gemm.amx_check(wrong) is False and wrong.calls == [1, 0]
         assert "failed their check" in caplog.text
+
+
+def test_amx_tiles_stay_off_unless_asked(monkeypatch):
+    """Without QWEN2VL_AMX=1 the AMX variant's tiles are never switched on (nor checked)."""
+    from qwen2vl.backends.cpu import gemm
+
+    class Lib:
+        variant = ("bf16_gemm.c", native.VARIANTS["bf16_gemm"][0][1])
+
+        def bf16_gemm_amx(self, enable):
+            raise AssertionError("asked for the tiles")
+
+    monkeypatch.delenv(gemm.AMX_ENV, raising=False)
+    monkeypatch.setattr(native, "library", lambda name: lib)
+    lib = Lib()
+    assert gemm.bf16_library() is lib and lib.amx is False
+    monkeypatch.setenv(gemm.AMX_ENV, "1")
+    monkeypatch.setattr(gemm, "amx_check", lambda lib: True)
+    lib = Lib()
+    assert gemm.bf16_library().amx is True

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import os
 
 import torch
 
@@ -37,13 +38,21 @@ def int_library():
     return native.library("int_gemv")
 
 
+AMX_ENV = "QWEN2VL_AMX"
+
+
 def bf16_library():
-    """The loaded bf16_gemm kernel, or None where it can't be built or run here. Its AMX variant
-    has its tiles switched on at first use if they pass `amx_check` (`lib.amx` says)."""
+    """The loaded bf16_gemm kernel, or None where it can't be built or run here.
+
+    Its AMX variant's tiles are opt-in ($QWEN2VL_AMX=1), switched on at first use if they pass
+    `amx_check` (`lib.amx` says): they are unmeasured (no AMX machine yet), and rows > 16 would sum
+    in another order than decode rows, so a row's output would depend on its batch, which every
+    other path here guarantees it does not."""
     lib = native.library("bf16_gemm")
-    if lib is not None and "amx_bf16" in lib.variant[1] and not hasattr(lib, "amx"):
+    if lib is not None and not hasattr(lib, "amx"):
         lib.amx = False  # bf16_gemm below runs the AVX-512 tiles until the check passes
-        lib.amx = amx_check(lib)
+        if "amx_bf16" in lib.variant[1] and os.environ.get(AMX_ENV) == "1":
+            lib.amx = amx_check(lib)
     return lib
 
 

@@ -9,11 +9,12 @@
  *
  * Each output accumulates its k pairs in order inside the tile unit. Rows past M are read from a
  * zero-padded copy of the last rows, so no tile reads past x. Linux hands out the 8 KB of tile
- * state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM); if it refuses, or the caller
- * switched AMX off (bf16_gemm_amx(0): the Python side does when a check against torch fails at
- * load), the AVX-512 tiles run instead. A tail buffer that can't be allocated does the same. Unmeasured: no machine with AMX was at hand when it was
- * written; tests/test_linear.py runs its checks wherever the amx tier is available, and this
- * machine compiles it (tests/test_native.py).
+ * state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM). The tiles are off unless
+ * the Python side switches them on: only with QWEN2VL_AMX=1 (see gemm.bf16_library: rows > 16
+ * would sum in another order than decode rows) and only if a checked product passes; when Linux
+ * refuses, when switched off, or when the tail buffer can't be allocated, the AVX-512 tiles run.
+ * Unmeasured: no machine with AMX was at hand when it was written; this machine compiles it and
+ * runs it switched off (tests/test_native.py).
  */
 #ifndef QWEN2VL_BF16_AMX_H
 #define QWEN2VL_BF16_AMX_H
