@@ -1,12 +1,13 @@
 """The whole decode step in one C call (qwen2vl/backends/cpu/csrc/decode_step.c) against the Python path that
-calls the same kernels one by one: the same values, bit for bit, in bf16, int8 and int4, at every CPU tier
+calls the same kernels one by one: the same values, bit for bit, in bf16 (AVX-512 BF16 dot products, or
+fp32 FMAs on bf16 weights below that tier), int8 and int4, at every CPU tier
 this machine can play where the linears are our kernels too (the `tier` fixture)."""
 
 import pytest
 import torch
 
 from qwen2vl import LLM, SamplingParams
-from qwen2vl.backends.cpu import decode_step, layer_ops
+from qwen2vl.backends.cpu import decode_step, gemm, layer_ops
 from qwen2vl.backends.cpu.decode_step import DecodeStep
 from tests.helpers.checkpoints import tiny_checkpoint
 from tests.helpers.tiers import tier_fixture
@@ -38,6 +39,9 @@ def test_decode_step_in_c_equals_the_python_path_bit_for_bit(quantization, monke
     skip_without_linear_kernels(llm.model.model)
     runner = llm.engine.runner
     assert isinstance(runner.decode_step, DecodeStep)
+    if quantization is None:  # bf16 weights: AVX-512 BF16 dot products, else fp32 FMAs on the same packing
+        kinds = {lin.kind for layer in runner.decode_step._layers for lin in (layer.qkv, layer.o, layer.down)}
+        assert kinds == {decode_step.BF16 if gemm.bf16_library() is not None else decode_step.BF16W}
     g = torch.Generator().manual_seed(1)
     # three sequences of different lengths decode together (M = 3 rows, blocks interleaved in the
     # cache), then one alone (M = 1) after the others finish

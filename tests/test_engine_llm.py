@@ -204,3 +204,41 @@ def test_async_engine_batches_streams_and_aborts(llm):
     assert (tb, ib) == (want_image.text, want_image.token_ids)
     assert la.finish_reason == "length" and la.usage.completion_tokens == 10
     assert free_after(llm)
+
+
+def test_a_stream_that_falls_behind_gets_merged_increments(llm):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    (want,) = llm.chat(TEXT, params)
+    engine = AsyncLLM.from_llm(llm)
+
+    async def slow_reader():
+        deltas = []
+        async for delta in engine.generate(TEXT, params, request_id="slow"):
+            deltas.append(delta)
+            if len(deltas) == 1:
+                await asyncio.sleep(1.0)  # the engine runs ahead meanwhile
+        return deltas
+
+    try:
+        deltas = asyncio.run(slow_reader())
+    finally:
+        engine.shutdown()
+    assert len(deltas) < 12  # fewer events than tokens
+    assert "".join(d.text for d in deltas) == want.text
+    assert [t for d in deltas for t in d.token_ids] == want.token_ids
+    assert deltas[-1].finish_reason == "length" and deltas[-1].usage.completion_tokens == 12
+    assert all(d.usage is None and d.finish_reason is None for d in deltas[:-1])
+
+
+def test_merge_joins_consecutive_increments_of_one_completion():
+    from qwen2vl.engine.async_engine import merge
+    from qwen2vl.engine.outputs import Delta, TokenLogprob, Usage
+
+    lp = [TokenLogprob(i, -1.0) for i in range(4)]
+    deltas = [Delta("r", 0, "a", [1], logprobs=lp[:1]), Delta("r", 0, "b", [2], logprobs=lp[1:2]),
+              Delta("r", 1, "c", [3], logprobs=lp[2:3]), Delta("r", 1, "d", [4], "stop", lp[3:], Usage(2, 4))]
+    merged = merge(deltas)
+    assert [(d.index, d.text, d.token_ids, d.finish_reason) for d in merged] == [
+        (0, "ab", [1, 2], None), (1, "cd", [3, 4], "stop")]
+    assert merged[0].logprobs == lp[:2] and merged[1].usage == Usage(2, 4)
+    assert deltas[0].token_ids == [1] and deltas[0].text == "a"  # the inputs are left alone

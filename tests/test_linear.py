@@ -42,6 +42,8 @@ def test_fast_linear_matches_f_linear(rows, bias, dtype):
     fast = FastLinear.from_linear(linear)
     if dtype == torch.bfloat16 and gemm.bf16_library() is not None:
         assert fast.path == "bf16 kernel"
+    elif dtype == torch.bfloat16 and gemm.bf16w_library() is not None:  # float32 FMAs on the packed weights
+        assert fast.path == "bf16w kernel"
     elif torch.backends.mkldnn.is_available():  # in the CPU's matmul dtype (float32 where bf16/fp16 is emulated)
         assert fast.path == "oneDNN"
     with torch.no_grad():

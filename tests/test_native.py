@@ -49,6 +49,7 @@ def test_header_types_match_the_c_prototypes():
     assert h.functions["bf16_gemm"] == (None, [p, p, p, p, i64, i64, i64, i32])
     assert h.functions["rms_norm"] == (None, [p, p, p, p, p, i64, i64, f32, i32])
     assert h.functions["int4_gemm"] == (i32, [p, p, i32, p, p, p, i32, i64, i64, i64, i64, i32])
+    assert h.functions["bf16w_gemm"] == (i32, [p, p, p, p, i32, i64, i64, i64, i32])
     assert h.functions["decode_step_work"] == (i64, [p])
     linear = h.structs["Linear"]
     assert [name for name, _ in linear._fields_] == ["kind", "fn", "w", "scales", "bias", "scales_bf16", "n", "k",
@@ -77,3 +78,114 @@ def test_each_library_loads_exactly_where_its_variant_runs(tier):
 def test_a_cap_above_the_cpu_changes_nothing():
     with at_tier("amx") as here:
         assert here.tier == isa.capped(isa._cpuinfo_flags(), None).tier
+
+
+def test_a_variant_that_does_not_build_gives_way_to_the_next(monkeypatch, caplog):
+    """An AMX variant on a compiler without -mamx-tile: the AVX-512 one loads instead, and says so."""
+    import logging
+    import subprocess
+
+    real = native.build
+
+    def build(source, flags):
+        if "-mavx512bf16" in flags and "-mamx-tile" not in flags:
+            return real(source, flags)
+        raise subprocess.CalledProcessError(1, "cc", stderr="cc: error: unrecognized option")
+
+    monkeypatch.setattr(native, "build", build)
+    monkeypatch.setattr(native, "VARIANTS", {**native.VARIANTS, "bf16_gemm": [
+        ("bf16_gemm.c", ()), ("bf16_gemm.c", native.VARIANTS["bf16_gemm"][-1][1])]})
+    monkeypatch.setattr(native, "variants", lambda name: native.VARIANTS[name])  # as on a CPU that runs both
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="qwen2vl.backends.cpu.native"):
+            lib = native.library("bf16_gemm")
+        # (compiled and loaded, not run: that needs no AVX-512 here)
+        assert lib.variant == native.VARIANTS["bf16_gemm"][-1] and "trying the next variant" in caplog.text
+        assert "compile failed" not in caplog.text
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+
+
+def amx_build():
+    """bf16_gemm.c built as the AMX variant (compiled here whatever the CPU: loading it needs only
+    AVX-512 BF16 while its tiles are off), or None where the compiler or the CPU can't."""
+    import subprocess
+
+    if not isa.current().has(*native.VARIANTS["bf16_gemm"][-1][1]):
+        return None
+    try:
+        path = native.build(native.CSRC / "bf16_gemm.c", native.flags_for(native.VARIANTS["bf16_gemm"][0][1]))
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    lib = ctypes.CDLL(str(path))
+    native.header().type_functions(lib)
+    return lib
+
+
+def test_the_amx_variant_builds_and_with_its_tiles_off_is_the_avx512_kernel():
+    import torch
+
+    from qwen2vl.backends.cpu import gemm
+
+    lib = amx_build()
+    if lib is None:
+        pytest.skip("no AVX-512 BF16 here, or a compiler without AMX")
+    assert lib.bf16_gemm_amx(-1) == 0  # off until switched on
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(37, 96, generator=g).bfloat16()
+    packed, bias = gemm.pack_bf16(w, huge_pages=False), torch.randn(40, generator=g).bfloat16()
+    y = torch.empty(37, 40, dtype=torch.bfloat16)
+    lib.bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), bias.data_ptr(), 37, 40, 96, 1)
+    assert torch.equal(y, gemm.bf16_gemm(x, packed, bias, 40))
+
+
+def test_amx_tiles_that_compute_wrong_are_switched_off(monkeypatch, caplog):
+    """The load-time check (gemm.amx_check): a refused tile state or a wrong product leaves them off."""
+    import logging
+
+    import torch
+
+    from qwen2vl.backends.cpu import gemm
+
+    class Lib:
+        def __init__(self, grant):
+            self.grant, self.calls = grant, []
+
+        def bf16_gemm_amx(self, enable):
+            self.calls.append(enable)
+            return int(self.grant and enable != 0)
+
+    with caplog.at_level(logging.WARNING, logger="qwen2vl.backends.cpu.gemm"):
+        assert gemm.amx_check(Lib(False)) is False
+        assert "refused" in caplog.text
+        def exact(x, packed, bias, n):
+            return (x.float() @ gemm.unpack_bf16(packed, n).float().t() + bias.float()).bfloat16()
+
+        monkeypatch.setattr(gemm, "bf16_gemm", exact)
+        assert gemm.amx_check(Lib(True)) is True
+        monkeypatch.setattr(gemm, "bf16_gemm", lambda *a: exact(*a) + torch.tensor(0.5).bfloat16())
+        wrong = Lib(True)
+        assert gemm.amx_check(wrong) is False and wrong.calls == [1, 0]
+        assert "failed their check" in caplog.text
+
+
+def test_amx_tiles_stay_off_unless_asked(monkeypatch):
+    """Without QWEN2VL_AMX=1 the AMX variant's tiles are never switched on (nor checked)."""
+    from qwen2vl.backends.cpu import gemm
+
+    class Lib:
+        variant = ("bf16_gemm.c", native.VARIANTS["bf16_gemm"][0][1])
+
+        def bf16_gemm_amx(self, enable):
+            raise AssertionError("asked for the tiles")
+
+    monkeypatch.delenv(gemm.AMX_ENV, raising=False)
+    monkeypatch.setattr(native, "library", lambda name: lib)
+    lib = Lib()
+    assert gemm.bf16_library() is lib and lib.amx is False
+    monkeypatch.setenv(gemm.AMX_ENV, "1")
+    monkeypatch.setattr(gemm, "amx_check", lambda lib: True)
+    lib = Lib()
+    assert gemm.bf16_library().amx is True

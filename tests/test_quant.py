@@ -1,8 +1,10 @@
-"""int8/int4 linears: error within the quantization step; our VNNI kernel equals a float reference of
-the same quantized weights and activations; torch's kernels equal the dequantize fallback."""
+"""int8/int4 linears: error within the quantization step, with torch's kernels and with ours at every
+tier this machine can play; torch's kernels equal the dequantize fallback. Our kernel alone:
+test_int_gemv.py."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -13,27 +15,15 @@ import torch.nn.functional as F
 import qwen2vl.backends.quant as quant
 from qwen2vl.backends.cpu import gemm, isa, native
 from qwen2vl.backends.quant import Int4Linear, Int8Linear, pack_torch_int4, quantize_model, unpack_torch_int4
-
-K = 256
-
-
-def make_linear(dtype, n=96, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(K, n, bias=bias)
-    with torch.no_grad():
-        # rows of very different size, a few outliers, and groups offset from zero
-        linear.weight.copy_(torch.randn(n, K, generator=g) * torch.rand(n, 1, generator=g) * 0.1)
-        linear.weight[::7, ::13] *= 8
-        linear.weight[::5, :64] += 0.05
-        if bias:
-            linear.bias.copy_(torch.randn(n, generator=g))
-    return linear.to(dtype)
-
-
-def quantize(kind, linear, group_size=32, blocked=None):
-    if kind == "int8":
-        return Int8Linear.from_linear(linear, blocked=blocked)
-    return Int4Linear.from_linear(linear, group_size, blocked=blocked)
+from tests.helpers.quant_checks import (
+    KERNEL_TIERS,
+    K,
+    kernel_at,
+    make_linear,
+    per_block,
+    quantize,
+    quantize_activations,
+)
 
 
 def max_weight_error(q) -> torch.Tensor:
@@ -78,36 +68,6 @@ def test_dequantized_weights_within_half_a_step(kind, group_size, dtype, n, bloc
     assert err.mean() > 0.1 * bound.mean()  # really quantized, not stored as is
 
 
-def quantize_activations(x):
-    """The kernel's recipe in torch: per row and block of 32 along k, d = max|x| / 127, xq = round(x / d).
-
-    Returns xq [M, K/32, 32] (integers, as float64), d and the float sum of x per block [M, K/32].
-    """
-    xb = x.float().view(x.shape[0], -1, gemm.QK)
-    d = xb.abs().amax(-1) / 127
-    xq = torch.round(xb * torch.where(d > 0, 1 / d, 0)[..., None])  # 1 / d in float32, as the kernel
-    return xq.double(), d.double(), xb.double().sum(-1)
-
-
-def per_block(q, t):
-    """Per-group [N, K/group] -> per activation block [N, K/32]."""
-    return t.double().repeat_interleave(q.group_size // gemm.QK, 1)
-
-
-def int_gemv_reference(q, x):
-    """float64 output of the kernel's formula, on the module's own codes and x quantized like the kernel."""
-    xq, d, xsum = quantize_activations(x)
-    n = q.out_features
-    if isinstance(q, Int8Linear):  # y = scale * sum_b d_b (q . xq)_b
-        w = q.codes().double() * q.scales[:n].double()[:, None]
-        y = torch.einsum("mbk,nbk,mb->mn", xq, w.view(n, -1, gemm.QK), d)
-    else:  # y = sum_b scale_g d_b ((q - 8) . xq)_b + zero_g sum_b x
-        codes, scales, zeros = q.unpack()
-        dots = torch.einsum("mbk,nbk->mnb", xq, codes.double().view(n, -1, gemm.QK) - 8)
-        y = (dots * d[:, None] * per_block(q, scales)).sum(-1) + xsum @ per_block(q, zeros).t()
-    return y if q.bias is None else y + q.bias.double()
-
-
 def activation_error(q, x):
     """Bound on what quantizing x costs: half a step (d / 2) per element times the |w| it multiplies
     (for int4, only the (q - 8) * scale part: the zero point meets the exact sum of x)."""
@@ -120,23 +80,20 @@ def activation_error(q, x):
     return (d.repeat_interleave(gemm.QK, 1) / 2) @ w.abs().t()
 
 
-needs_int_gemv = pytest.mark.skipif(gemm.int_library() is None, reason="no C compiler or no AVX-512 VNNI here")
-
-
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("blocked", [True, False])  # our kernel, torch's
-def test_output_error_bounded_by_step(kind, rows, dtype, bias, blocked):
-    if blocked and gemm.int_library() is None:
-        pytest.skip("no int_gemv kernel here")
-    linear = make_linear(dtype, bias=bias)
-    q = quantize(kind, linear, blocked=blocked)
-    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
-    with torch.no_grad():
-        y = q(x)
-        ref = F.linear(x.double(), linear.weight.double(), None if not bias else linear.bias.double())
+@pytest.mark.parametrize("path", ["torch", *KERNEL_TIERS])  # torch's kernels, or ours at a tier
+def test_output_error_bounded_by_step(kind, rows, dtype, bias, path):
+    blocked = path != "torch"
+    with kernel_at(path) if blocked else contextlib.nullcontext():
+        linear = make_linear(dtype, bias=bias)
+        q = quantize(kind, linear, blocked=blocked)
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        with torch.no_grad():
+            y = q(x)
+    ref = F.linear(x.double(), linear.weight.double(), None if not bias else linear.bias.double())
     assert y.dtype == dtype and y.shape == ref.shape
     # |sum_k (w - w_q) x| <= sum_k bound_k |x_k|, plus one output rounding (and bf16 dequantized weights)
     eps = torch.finfo(dtype).eps
@@ -146,52 +103,6 @@ def test_output_error_bounded_by_step(kind, rows, dtype, bias, blocked):
         bound += activation_error(q, x)
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), (err / bound).max()
-
-
-@needs_int_gemv
-@pytest.mark.parametrize("kind,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 256)])
-@pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("n", [96, 97])  # 97: the last block of 16 weight rows is padded
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias", [True, False])
-def test_int_gemv_equals_float_reference_of_the_same_quantized_operands(kind, group_size, rows, n, dtype, bias):
-    q = quantize(kind, make_linear(dtype, n, bias), group_size)
-    assert q.blocked
-    x = torch.randn(2, rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
-    x[..., 32:64] = 0  # a block whose scale is 0
-    x[0, 0, 100] = 40  # an outlier that sets its block's scale
-    with torch.no_grad():
-        y = q(x)
-    ref = int_gemv_reference(q, x.view(-1, K)).view(2, rows, n)
-    assert y.dtype == dtype and y.shape == ref.shape
-    # integer dot products are exact; the float32 sums over 8 blocks round a few times, the output once
-    size = x.double().abs() @ q.dequantize(torch.float64).abs().t()
-    err = (y.double() - ref).abs()
-    assert (err <= 1e-6 * size + torch.finfo(dtype).eps / 2 * ref.abs()).all(), err.max()
-
-
-@needs_int_gemv
-def test_int_gemv_takes_zero_rows_and_strided_input():
-    q = quantize("int8", make_linear(torch.float32, 97))
-    with torch.no_grad():
-        assert q(torch.empty(0, K)).shape == (0, 97)
-        x = torch.randn(K, 3)
-        torch.testing.assert_close(q(x.t()), q(x.t().contiguous()), rtol=0, atol=0)
-
-
-@needs_int_gemv
-def test_int_gemv_result_does_not_depend_on_thread_count():
-    q = quantize("int4", make_linear(torch.bfloat16, 200))
-    x = torch.randn(5, K).to(torch.bfloat16)
-    threads = torch.get_num_threads()
-    try:
-        ys = []
-        for t in (1, 3):
-            torch.set_num_threads(t)
-            ys.append(q(x))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(*ys)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -230,9 +141,10 @@ def test_without_int_gemv_modules_take_torch_layouts_and_blocked_ones_dequantize
 
 def test_build_problems_fall_back_and_log_once(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    (tmp_path / "int_gemv.c").write_text("int int8_gemm(void) { return }\n")
     cases = [(None, "none", "no variant for this CPU", logging.INFO)]  # capped below every variant
-    if native.variant("int_gemv") is not None:  # a variant this CPU runs: its build can fail
+    if native.variant("int_gemv") is not None:  # the variants this CPU would build: each build can fail
+        for source, _ in native.variants("int_gemv"):  # (a failed one gives way to the next: tests/test_native.py)
+            (tmp_path / source).write_text("int int8_gemm(void) { return }\n")
         cases += [("CC", "/nonexistent/cc", "unavailable", logging.WARNING),
                   ("CSRC", tmp_path, "compile failed", logging.WARNING)]
     try:

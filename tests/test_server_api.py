@@ -258,16 +258,20 @@ def test_tools_round_trip(client):
 def test_tool_calls_stream(client):
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
                                             tools=[WEATHER], tool_choice="required", max_tokens=300, stream=True)
-    calls, finish = {}, None
+    calls, finish, pieces = {}, None, {}
     for c in stream:
         for d in c.choices[0].delta.tool_calls or []:
+            if d.index not in calls:  # a call's first delta: its id, type and name, as OpenAI sends it
+                assert d.id.startswith("call_") and d.type == "function" and d.function.name == "get_weather"
             calls.setdefault(d.index, {"name": "", "arguments": ""})
             calls[d.index]["name"] += d.function.name or ""
             calls[d.index]["arguments"] += d.function.arguments or ""
+            pieces[d.index] = pieces.get(d.index, 0) + bool(d.function.arguments)
         finish = c.choices[0].finish_reason or finish
     assert finish == "tool_calls" and calls
-    for call in calls.values():
+    for index, call in calls.items():
         assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city", "unit"}
+        assert pieces[index] > 3  # the arguments stream as they are generated, not in one delta
 
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},

@@ -26,10 +26,12 @@ def test_defaults_are_safe():
 def test_flags_reach_limits_and_policy(tmp_path):
     args = parse("m", "--host", "0.0.0.0", "--api-key", "k", "--max-body-mb", "4", "--max-images-per-request", "2",
                  "--max-image-mb", "1.5", "--max-pixels", "200704", "--max-video-frames", "32", "--max-queue", "5",
+                 "--max-stored-responses", "7", "--max-stored-responses-mb", "2",
                  "--allowed-media-domains", "example.com", ".cdn.example", "--allow-private-media",
                  "--allowed-local-media-path", str(tmp_path))
     limits = limits_from_args(args)
     assert (limits.max_body_bytes, limits.max_images, limits.max_pixels, limits.max_queue) == (4 * MiB, 2, 200704, 5)
+    assert (limits.max_stored_responses, limits.max_stored_bytes) == (7, 2 * MiB)
     policy = limits.media_policy()
     assert policy.allow_local_files and policy.local_roots == (str(tmp_path.resolve()),)
     assert policy.allowed_hosts == ("example.com", ".cdn.example") and policy.allow_private

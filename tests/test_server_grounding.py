@@ -58,3 +58,14 @@ def test_skip_special_tokens_false_keeps_the_markup(client):
     message = ask(client, extra_body={"skip_special_tokens": False}).choices[0].message
     assert message.content == ANSWER
     assert message.model_extra["grounding"][0]["box"] == [20, 20, 100, 90]
+
+
+def test_a_stream_carries_grounding_on_its_last_chunk(client):
+    chunks = list(ask(client, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "The cat(100,200),(500,900) sleeps."
+    last = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    [region] = last.choices[0].delta.model_extra["grounding"]  # as the whole answer's message has it
+    assert region == ask(client).choices[0].message.model_extra["grounding"][0]
+    assert region["label"] == "cat" and region["box"] == [20, 20, 100, 90]
+    assert all("grounding" not in (c.choices[0].delta.model_extra or {}) for c in chunks if c is not last)

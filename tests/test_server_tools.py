@@ -7,7 +7,8 @@ import torch
 
 from qwen2vl.server.errors import APIError
 from qwen2vl.server.structured import GrammarCompiler
-from qwen2vl.server.tools import ToolCallStream, parse_tool_calls, render_messages, tool_grammar
+from qwen2vl.server.tool_parse import ToolCallStream, parse_tool_calls
+from qwen2vl.server.tools import render_messages, tool_grammar
 from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
 
 CALL = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
@@ -32,8 +33,23 @@ def test_parse_tool_calls(text, content, calls):
     assert all(c.id.startswith("call_") for c in got_calls)
 
 
-@pytest.mark.parametrize("text,content,calls", PARSE_CASES)
+def joined(deltas: list[dict]) -> list[tuple[str, str]]:
+    """OpenAI tool-call deltas joined per index, as a client does: (name, arguments)."""
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        call = calls.setdefault(d["index"], ["", ""])
+        call[0] += d["function"].get("name", "")
+        call[1] += d["function"].get("arguments", "")
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("text,content,calls", PARSE_CASES + [
+    ('<tool_call>\n{"name": "f", "arguments": {"a": {"b": [1, "}"]}, "c": "</tool"}}\n</tool_call> ok', "ok",
+     [("f", '{"a": {"b": [1, "}"]}, "c": "</tool"}')]),
+    ('<tool_call>{"name":"f","arguments":{"x":1} }</tool_call>', "", [("f", '{"x":1}')]),  # as written
+])
 def test_streamed_parse_equals_whole_at_every_split(text, content, calls):
+    assert [(c.name, c.arguments) for c in parse_tool_calls(text)[1]] == calls
     for cut in range(len(text) + 1):
         for step in (1, 3, len(text) or 1):  # the rest in pieces of 1, 3, or at once
             stream = ToolCallStream()
@@ -44,7 +60,21 @@ def test_streamed_parse_equals_whole_at_every_split(text, content, calls):
             more, more_calls = stream.finish()
             out, got = out + more, got + more_calls
             assert out.strip() == content
-            assert [(c.name, c.arguments) for c in got] == calls
+            assert joined(got) == calls
+            assert all("id" in d and d["id"].startswith("call_") for d in got if "name" in d["function"])
+
+
+def test_arguments_stream_in_pieces_as_they_are_generated():
+    stream = ToolCallStream()
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+    pieces = [stream.push(ch)[1] for ch in text] + [stream.finish()[1]]
+    head = next(i for i, p in enumerate(pieces) if p)
+    assert pieces[head][0] == {"index": 0, "id": pieces[head][0]["id"], "type": "function",
+                               "function": {"name": "get_weather", "arguments": ""}}
+    args = [d["function"]["arguments"] for p in pieces[head:] for d in p if "name" not in d["function"]]
+    assert len(args) > 10 and "".join(args) == '{"city": "Paris", "unit": "c"}'
+    # each piece goes out as soon as it is known not to be the call's closing brace
+    assert "".join(args[:-1]) == '{"city": "Paris", "unit": "c"'
 
 
 def test_tool_call_content_is_not_emitted_until_known():

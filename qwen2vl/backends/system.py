@@ -57,12 +57,14 @@ def kernel_lines() -> list[str]:
     for name, variants in native.VARIANTS.items():
         chosen = native.variant(name)
         if chosen is None:
-            wants = " or ".join("+".join(feats) for _, feats in variants if feats) or "a tier above none"
+            least = [feats for _, feats in variants if feats][-1:]  # the variant that asks the least
+            wants = "+".join(least[0]) if least else "a tier above none"
             lines.append(f"  {name:<13} off: needs {wants}")
-        elif native.library(name) is None:
+        elif (lib := native.library(name)) is None:
             lines.append(f"  {name:<13} off: {chosen[0]} did not build or load (see the log)")
         else:
-            lines.append(f"  {name:<13} on: {chosen[0]} for {'+'.join(chosen[1]) or 'any tier'}")
+            source, features = lib.variant
+            lines.append(f"  {name:<13} on: {source} for {'+'.join(features) or 'any tier'}")
     return lines
 
 

@@ -7,8 +7,11 @@ queue (add, abort) and each request gets an asyncio queue of increments, filled 
         send(delta.text)           # delta.token_ids, delta.finish_reason, delta.usage (on the last)
 
 Leaving the loop early (client gone, task cancelled) aborts the request, and the engine thread
-frees its KV blocks before its next step. Picture decoding and resizing run in a worker thread,
-not on the event loop and not in the engine thread.
+frees its KV blocks before its next step. A step's increments reach each event loop in one wake-up,
+and a caller that fell behind gets what piled up as one merged increment per completion, so a slow
+stream costs one event per read, not one per token. Picture decoding and resizing run in a worker thread,
+not on the event loop and not in the engine thread. Embeddings (`await engine.embed(prompts)`) run in
+the engine thread between two steps: prefill only, no cache blocks (engine/embed.py).
 """
 
 from __future__ import annotations
@@ -18,11 +21,21 @@ import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import torch
 
 from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.outputs import Delta, EngineStats
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams
+
+
+class EngineStopped(RuntimeError):
+    """The engine was shut down: nothing more is served (the server answers 503)."""
+
+    def __init__(self):
+        super().__init__("the engine is shut down")
 
 
 class AsyncLLM:
@@ -57,7 +70,7 @@ class AsyncLLM:
         """Increments of one request. `prompt`: messages (Qwen or OpenAI form) or a `Prompt`; `lora`: the
         name of a loaded LoRA adapter (None: LLM's default)."""
         if self._stopped:
-            raise RuntimeError("AsyncLLM was shut down")
+            raise EngineStopped()
         slot = self.llm.lora_slot(lora)
         if not isinstance(prompt, Prompt):
             prompt = await asyncio.to_thread(self.llm.prompt, prompt, **processor_args)
@@ -69,19 +82,37 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
+                items = [await stream.get()]
+                while not stream.empty():  # behind: take everything that piled up
+                    items.append(stream.get_nowait())
+                error = next((x for x in items if isinstance(x, BaseException)), None)
+                if error is not None:
                     finished = True
-                    raise item
-                finished = item.usage is not None  # the request's last increment carries its usage
-                yield item
+                    raise error
+                for delta in merge(items):
+                    finished = delta.usage is not None  # the request's last increment carries its usage
+                    yield delta
         finally:
             if not finished:
                 self.abort(request_id)
 
+    async def embed(self, prompts: list[Prompt]) -> torch.Tensor:
+        """[B, D] float32 pooled hidden states (LLM.pooling's mode), from the engine thread; a prompt
+        the engine can't embed raises its ValueError here."""
+        if self._stopped:
+            raise EngineStopped()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("embed", prompts, loop, future))
+        return await future
+
     def abort(self, request_id: str) -> None:
         """End a request; its blocks are freed before the engine's next step."""
         self._commands.put(("abort", request_id))
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def stats(self) -> EngineStats:
         """Queue length, running sequences, KV usage, cache hit counts: refreshed after every step."""
@@ -104,9 +135,12 @@ class AsyncLLM:
                         commands.append(self._commands.get_nowait())
                     except queue.Empty:
                         break
-                for cmd in commands:
+                for i, cmd in enumerate(commands):
                     if cmd[0] == "stop":
-                        self._fail_all(RuntimeError("AsyncLLM was shut down"))
+                        self._fail_all(EngineStopped())
+                        for late in commands[i + 1:]:  # queued behind the stop: answer, don't hang
+                            if late[0] in ("add", "embed"):
+                                _answer(late[-2], late[-1], error=EngineStopped())
                         return
                     self._run_command(cmd)
                 if self.engine.has_work():
@@ -124,10 +158,19 @@ class AsyncLLM:
                 loop.call_soon_threadsafe(stream.put_nowait, e)
                 return
             self._streams[request_id] = (loop, stream)
+        elif cmd[0] == "embed":
+            _, prompts, loop, future = cmd
+            try:
+                vectors = self.engine.embed(prompts, self.llm.pooling.mode)
+            except Exception as e:  # a bad request (ValueError) or a real fault: the caller's to report
+                _answer(loop, future, error=e)
+                return
+            _answer(loop, future, vectors)
         elif cmd[0] == "abort":
             self._deliver(self.engine.abort(cmd[1]))
 
     def _deliver(self, deltas: list[Delta]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for delta in deltas:
             target = self._streams.get(delta.request_id)
             if target is None:
@@ -135,10 +178,13 @@ class AsyncLLM:
             loop, stream = target
             if delta.usage is not None:
                 del self._streams[delta.request_id]
+            by_loop.setdefault(loop, []).append((stream, delta))
+        for loop, items in by_loop.items():  # one wake-up per event loop per step
             try:
-                loop.call_soon_threadsafe(stream.put_nowait, delta)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                self.engine.abort(delta.request_id)
+                for _, delta in items:
+                    self.engine.abort(delta.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, (loop, stream) in list(self._streams.items()):
@@ -148,3 +194,41 @@ class AsyncLLM:
             except RuntimeError:
                 pass
         self._streams.clear()
+
+
+def _answer(loop: asyncio.AbstractEventLoop, target, value=None, error: BaseException | None = None) -> None:
+    """Settle a future, or put an error on a stream, from the engine thread (if anyone still listens)."""
+
+    def settle():
+        if isinstance(target, asyncio.Queue):
+            target.put_nowait(error)
+        elif not target.done():
+            target.set_exception(error) if error is not None else target.set_result(value)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's event loop is closed
+        pass
+
+
+def _put_all(items: list) -> None:
+    for stream, delta in items:
+        stream.put_nowait(delta)
+
+
+def merge(deltas: list[Delta]) -> list[Delta]:
+    """Consecutive increments of one completion as one (text, ids and logprobs joined; the last
+    one's finish reason and usage)."""
+    out: list[Delta] = []
+    for d in deltas:
+        last = out[-1] if out else None
+        if last is None or last.index != d.index or last.finished:
+            out.append(replace(d, token_ids=list(d.token_ids),
+                               logprobs=None if d.logprobs is None else list(d.logprobs)))
+            continue
+        last.text += d.text
+        last.token_ids += d.token_ids
+        if d.logprobs is not None:
+            last.logprobs = (last.logprobs or []) + d.logprobs
+        last.finish_reason, last.usage = d.finish_reason, d.usage
+    return out

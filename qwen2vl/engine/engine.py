@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen2vl.engine.block_manager import BlockManager
+from qwen2vl.engine.embed import embed_prompts
 from qwen2vl.engine.kv_cache import KVCache, num_blocks_for
 from qwen2vl.engine.outputs import Delta, EngineStats
 from qwen2vl.engine.prompt import Prompt
@@ -88,6 +89,23 @@ class Engine:
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
 
+    def validate_embed(self, prompt: Prompt) -> None:
+        """What the engine can't embed, as a ValueError (an embedding generates nothing, so the
+        whole context is the prompt's)."""
+        if len(prompt) > self.max_model_len:
+            raise ValueError(f"the input has {len(prompt)} tokens; this engine's max_model_len is {self.max_model_len}")
+        vocab = self.model.config.text.vocab_size
+        bad = next((t for t in prompt.token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def embed(self, prompts: list[Prompt], pooling: str = "last") -> torch.Tensor:
+        """[B, D] float32 pooled final hidden states (engine/embed.py): prefill only, no cache blocks,
+        packed max_num_batched_tokens at a time. Runs between steps; running requests are untouched."""
+        for prompt in prompts:
+            self.validate_embed(prompt)
+        return embed_prompts(self.model, self.runner, prompts, pooling, self.config.max_num_batched_tokens)
+
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, lora: int = 0) -> Request:
         """`lora`: the LoRA adapter slot the request runs with (qwen2vl/lora.py), 0 for the base model."""
         if request_id in self.requests:
@@ -96,7 +114,7 @@ class Engine:
         adapters = getattr(self.model, "lora", None)
         if lora and not (adapters is not None and 0 < lora <= len(adapters.names)):
             raise ValueError(f"LoRA slot {lora} is not loaded")
-        seqs = [Sequence(request_id, prompt, params, i, self._generator(params, i), lora) for i in range(params.n)]
+        seqs = [Sequence(request_id, prompt, params, i, self._seed(params, i), lora) for i in range(params.n)]
         request = self.requests[request_id] = Request(request_id, prompt, params, seqs, self.tokenizer)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -143,10 +161,9 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
         )
 
-    def _generator(self, params: SamplingParams, index: int) -> torch.Generator:
+    def _seed(self, params: SamplingParams, index: int) -> int:
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
-        g = torch.Generator(device=self.model.device)
-        return g.manual_seed((seed + index) % 2**64)
+        return (seed + index) % 2**64
 
 
 @torch.inference_mode()

@@ -11,6 +11,11 @@ Everything submitted together runs batched (continuous batching inside the engin
 (PEFT format, e.g. from `qwen2vl train`): `LLM(folder, lora="adapter/")` applies one to every request;
 `LLM(folder, lora={"forms": "a/", "receipts": "b/"})` loads several, and `chat(..., lora="forms")` picks
 one per request (default: the base model); requests with different adapters are batched together.
+
+    vecs = llm.embed(["a cat", {"messages": [{"role": "user", "content": [image, "a cat"]}]}])  # [2, D]
+
+embeds (embedding.py): last-token pooling of the final hidden state, L2-normalized, unless the
+checkpoint's sentence-transformers files say otherwise; `dimensions` truncates (Matryoshka).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from qwen2vl.adapter import read_adapter
 from qwen2vl.backends import prepare
 from qwen2vl.backends.quant import QUANTIZATIONS
+from qwen2vl.embedding import as_inputs, check_dimensions, embedding_prompt, finish, read_pooling
 from qwen2vl.engine.engine import Engine, EngineConfig
 from qwen2vl.engine.outputs import RequestOutput, TextChunk
 from qwen2vl.engine.prompt import Prompt
@@ -60,6 +66,7 @@ class LLM:
             attach_adapters(self.model, adapters)
         self.processor = Processor.from_pretrained(folder)
         self.defaults = generation_defaults(folder)
+        self.pooling = read_pooling(folder)  # how embed() pools and whether it normalizes by default
         eos = self.processor.eos_token_ids + generation_eos_ids(folder) + _ids(self.model.config.eos_token_id)
         self.engine = Engine(self.model, config, self.processor.tokenizer, list(dict.fromkeys(eos)))
         self._ids = itertools.count()
@@ -137,6 +144,21 @@ class LLM:
                             return
         finally:
             self.engine.abort(request_id)
+
+    def embed(self, inputs, *, normalize: bool | None = None, dimensions: int | None = None,
+              **processor_args) -> torch.Tensor:
+        """[B, dimensions or D] float32 vectors, one per input, in order (all run batched).
+
+        An input is a string, a list of token ids, or {"messages": [...]} with images/videos
+        (embedding.py). `normalize` None: the checkpoint's setting (default: L2-normalized);
+        `dimensions`: keep the first this many, then normalize (Matryoshka)."""
+        items = as_inputs(inputs)
+        if not items:
+            raise ValueError("embed: no inputs")
+        check_dimensions(dimensions, self.model.config.text.hidden_size)
+        prompts = [embedding_prompt(x, self.processor, self.model.config, **processor_args) for x in items]
+        vectors = self.engine.embed(prompts, self.pooling.mode)
+        return finish(vectors, self.pooling.normalize if normalize is None else normalize, dimensions)
 
     def lora_slot(self, name: str | None) -> int:
         """The engine's slot for adapter `name` (None: the default adapter, else the base model: 0)."""

@@ -3,7 +3,9 @@
 Token-level stops (eos, stop ids, length) are decided by the scheduler; stop strings need text, so
 they are checked here, after each step, on the incrementally detokenized output. A stop string may
 span several tokens, so streamed text is held back by len(longest stop) - 1 characters until it
-can no longer turn out to be the start of a stop string.
+can no longer turn out to be the start of a stop string. A step costs what its new tokens and the
+held-back tail add up to, never the length of the output: sent text is kept as a list of pieces,
+and only the unsent tail is searched.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ class Request:
         self.seqs = seqs
         skip = params.skip_special_tokens
         self.detoks = [Detokenizer(tokenizer, skip_special_tokens=skip) if tokenizer else None for _ in seqs]
-        self.texts = [""] * len(seqs)
-        self.sent_chars = [0] * len(seqs)
+        self.sent: list[list[str]] = [[] for _ in seqs]  # text already handed out, in pieces
+        self.tails = [""] * len(seqs)  # text not handed out yet: what could still start a stop string
         self.sent_tokens = [0] * len(seqs)
         self.done = [False] * len(seqs)
         self.hold = max((len(s) for s in params.stop), default=1) - 1
@@ -40,42 +42,47 @@ class Request:
         i = seq.index
         if self.done[i]:
             return None
-        new = seq.completion_token_ids[self.sent_tokens[i] :]
+        first = seq.num_prompt_tokens + self.sent_tokens[i]
+        new = seq.token_ids[first:]
         # ended by eos or a stop id (the scheduler leaves stop_reason None or the id): the token is
         # in token_ids but not in the text
         by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
         visible = new[:-1] if by_token and new and not self.params.include_stop_str_in_output else new
         detok = self.detoks[i]
         if detok is not None:
-            start = max(0, len(self.texts[i]) - self.hold)
-            self.texts[i] += detok.push(visible)
+            self.tails[i] += detok.push(visible)
             if seq.is_finished:
-                self.texts[i] += detok.flush()
+                self.tails[i] += detok.flush()
             if self.params.stop and seq.finish_reason in (None, "length", "stop"):
-                self._find_stop(seq, start, finish)
+                self._find_stop(seq, finish)
         lps = seq.logprobs[self.sent_tokens[i] :] if self.params.logprobs is not None else None
         self.sent_tokens[i] = seq.num_completion_tokens
-        end = len(self.texts[i]) if seq.is_finished else max(self.sent_chars[i], len(self.texts[i]) - self.hold)
-        text = self.texts[i][self.sent_chars[i] : end]
-        self.sent_chars[i] = end
+        tail = self.tails[i]
+        end = len(tail) if seq.is_finished else max(0, len(tail) - self.hold)
+        text, self.tails[i] = tail[:end], tail[end:]
+        if text:
+            self.sent[i].append(text)
         self.done[i] = seq.is_finished
         if not (new or text or seq.is_finished):
             return None
         return Delta(self.request_id, i, text, new, seq.finish_reason, lps,
                      self.usage() if self.finished else None)
 
-    def _find_stop(self, seq: Sequence, start: int, finish) -> None:
-        text = self.texts[seq.index]
-        found = [(text.find(s, start), s) for s in self.params.stop]
+    def _find_stop(self, seq: Sequence, finish) -> None:
+        tail = self.tails[seq.index]
+        found = [(tail.find(s), s) for s in self.params.stop]
         found = [(at, s) for at, s in found if at >= 0]
         if not found:
             return
         at, s = min(found)
-        self.texts[seq.index] = text[: at + len(s)] if self.params.include_stop_str_in_output else text[:at]
+        self.tails[seq.index] = tail[: at + len(s)] if self.params.include_stop_str_in_output else tail[:at]
         if seq.is_finished:  # ended by a token-level stop in the same step: the string wins
             seq.finish_reason, seq.stop_reason = "stop", s
         else:
             finish(seq, "stop", s)
+
+    def text(self, index: int) -> str:
+        return "".join(self.sent[index]) + self.tails[index]
 
     def usage(self) -> Usage:
         return Usage(
@@ -86,7 +93,7 @@ class Request:
 
     def output(self) -> RequestOutput:
         completions = [
-            Completion(s.index, self.texts[s.index], s.completion_token_ids, s.finish_reason,
+            Completion(s.index, self.text(s.index), s.completion_token_ids, s.finish_reason,
                        list(s.logprobs) if self.params.logprobs is not None else None, s.stop_reason)
             for s in self.seqs
         ]

@@ -16,7 +16,7 @@ import torch
 
 from qwen2vl.backends.paged_attention import PagedBatch
 from qwen2vl.engine.kv_cache import KVCache
-from qwen2vl.engine.sampler import sample
+from qwen2vl.engine.sampler import Sampler
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.engine.vision_cache import VisionCache
 
@@ -32,12 +32,13 @@ class ModelRunner:
         self.lora = getattr(model, "lora", None)  # LoRARows of served adapters (qwen2vl/lora.py), or None
         # where the backend has one (the CPU's C kernels), a whole decode step in one call
         self.decode_step = self.backend.decode_step(model, cache)
+        self.sample = Sampler(self.device)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> tuple[list[int | None], list]:
         """Tokens (None for a prompt chunk that stops short) and logprob entries, one per sequence."""
         if self.graphs is not None and self.graphs.can_run(seqs):  # all decodes: replay a graph
-            return sample(self.model.compute_logits(self.graphs.run(seqs)), seqs)
+            return self.sample(self.model.compute_logits(self.graphs.run(seqs)), seqs)
         ids, positions, batch = self.prepare(seqs)
         if self.lora is not None:  # each token row's adapter, read by the LoRA linears in this forward
             self.lora.set([s.lora for s in seqs], batch.q_lens, self.device)
@@ -56,38 +57,49 @@ class ModelRunner:
         logprobs: list = [None] * len(seqs)
         if done:
             rows = torch.tensor([batch.q_starts[i] + batch.q_lens[i] - 1 for i in done], device=self.device)
-            sampled, lps = sample(self.model.compute_logits(hidden[rows]), [seqs[i] for i in done])
+            sampled, lps = self.sample(self.model.compute_logits(hidden.index_select(0, rows)), [seqs[i] for i in done])
             for i, t, lp in zip(done, sampled, lps):
                 tokens[i], logprobs[i] = t, lp
         return tokens, logprobs
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
+        """Ids [N], positions [3, N] and the batch's slots and tables: one host tensor, one copy.
+
+        A generated token's three M-RoPE rows are equal (cache index + rope_delta), so only prompt
+        chunks read the prompt's position table."""
         bs = self.cache.block_size
-        ids, positions, slots = [], [], []
-        q_starts, q_lens, ctx_lens = [], [], []
-        n = 0
+        ids, pos, slots, q_starts, q_lens, ctx_lens = [], [], [], [], [], []
+        prompt_parts = []  # (column, [3, n] positions) of prompt chunks
         for seq in seqs:
             start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
-            ids.extend(seq.token_ids[start:end])
-            positions.append(seq.prompt.positions_for(start, end))
-            slots.extend(seq.block_table[i // bs] * bs + i % bs for i in range(start, end))
-            q_starts.append(n)
+            p, delta, table = seq.num_prompt_tokens, seq.prompt.rope_delta, seq.block_table
+            ids += seq.token_ids[start:end]
+            if start < p:
+                prompt_parts.append((len(pos), seq.prompt.positions[:, start : min(end, p)]))
+                pos += [0] * (min(end, p) - start)
+            pos += range(max(start, p) + delta, end + delta)
+            slots += [table[i // bs] * bs + i % bs for i in range(start, end)]
+            q_starts.append(len(ids) - (end - start))
             q_lens.append(end - start)
             ctx_lens.append(end)
-            n += end - start
+        n, b = len(ids), len(seqs)
         width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        dev = self.device
-        tables_t = torch.tensor(tables, dtype=torch.long).to(dev, non_blocking=True)
-        lens_t = torch.tensor(ctx_lens, dtype=torch.long).to(dev, non_blocking=True)
+        tables = [x for s in seqs for x in s.block_table + [0] * (width - len(s.block_table))]
+        packed = torch.tensor(ids + pos + slots + ctx_lens + tables, dtype=torch.long)
+        if prompt_parts:  # prompt positions differ per row: fill them in on the host
+            positions = packed[n : 2 * n].repeat(3, 1)
+            for col, part in prompt_parts:
+                positions[:, col : col + part.shape[1]] = part
+            positions = positions.to(self.device, non_blocking=True)
+        dev = packed.to(self.device, non_blocking=True)
+        ids_t, pos_t, slots_t, ctx_t = dev[: 3 * n + b].split([n, n, n, b])
+        tables_t = dev[3 * n + b :].view(b, width)
         batch = PagedBatch(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            q_starts=q_starts, q_lens=q_lens, ctx_lens=ctx_lens,
-            ctx_slots=PagedBatch.context_slots(tables_t, bs, max(ctx_lens), lens_t), ctx_lens_t=lens_t,
-            ctx_run=consecutive_run(seqs[0].block_table, bs) if len(seqs) == 1 else None,
+            slot_mapping=slots_t, q_starts=q_starts, q_lens=q_lens, ctx_lens=ctx_lens,
+            ctx_slots=PagedBatch.context_slots(tables_t, bs, max(ctx_lens), ctx_t), ctx_lens_t=ctx_t,
+            ctx_run=consecutive_run(seqs[0].block_table, bs) if b == 1 else None,
         )
-        ids_t = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        return ids_t, torch.cat(positions, dim=1).to(dev, non_blocking=True), batch
+        return ids_t, positions if prompt_parts else pos_t.expand(3, -1), batch
 
     def vision_rows(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Encoder rows for every pad token in this step's chunks, in packing order."""

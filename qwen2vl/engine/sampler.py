@@ -1,9 +1,24 @@
-"""Next tokens from a step's logits, each row under its own request's SamplingParams.
+"""Next tokens from a step's logits, each row under its own request's SamplingParams, all rows batched.
 
-Order (as HF's processors): penalties, then temperature, top-k, top-p, min-p, then a draw.
-Greedy rows take the argmax of the penalised logits. A sampled row draws with the Gumbel-style
-race `argmax(p / E)`, E ~ Exp(1), from its own generator, so a seeded request gets the same tokens
-whatever else is in the batch. The only host sync is the final `.tolist()` the engine needs anyway.
+Order (as HF's processors): logits processors, penalties (penalties.py), then temperature, top-k,
+top-p, min-p, then a draw. Every rule is one tensor op over all the rows that use it; the host
+only decides which rows go which way, from their params, never from their values.
+
+Why blocks: on the CPU an argmax, a top-k or a cumsum over the 151,936-token vocabulary costs
+several times a plain reduction. So the vocabulary is cut into blocks of BLOCK columns and the
+search narrows: the argmax is in the block with the largest maximum; the top k tokens lie in the k
+blocks with the largest maxima; a draw picks a block by its mass, then a token inside it.
+
+- greedy rows: argmax of the penalised logits.
+- rows with top-k: the k best candidates (sorted), then temperature, top-p and min-p on those k.
+- other rows: softmax over the vocabulary; top-p finds its floor (the smallest kept probability)
+  on a candidate set, sorted, that grows only while the nucleus does not end inside it (a
+  near-flat distribution's nucleus is most of the vocabulary); min-p is a floor too.
+- the draw is inverse-CDF with two uniforms that are a hash of (seed, step), computed on the host
+  with the row's other params: a row's token depends on its logits, its seed and how many tokens
+  it has made, never on the rest of the batch, and no generator object is kept per request. The
+  one host sync is the `.tolist()` the engine needs anyway (plus one per growth of a top-p
+  candidate set); the rest could be captured in a graph, the params read from a static buffer.
 Logprobs are of the raw model distribution (before penalties and temperature), as vLLM reports.
 """
 
@@ -12,80 +27,176 @@ from __future__ import annotations
 import torch
 
 from qwen2vl.engine.outputs import TokenLogprob
+from qwen2vl.engine.penalties import Penalties
 from qwen2vl.engine.sequence import Sequence
 
-
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [B, V] float32, one row per sequence -> B token ids and B logprob entries (or None)."""
-    assert logits.dim() == 2 and logits.shape[0] == len(seqs)
-    logprobs = _logprobs_of(logits, seqs)
-    for i, seq in enumerate(seqs):  # per-request processors (grammar masks, logit bias)
-        for process in seq.params.logits_processors:
-            logits[i] = process(seq.completion_token_ids, logits[i])
-    logits = apply_penalties(logits, seqs)
-    tokens = logits.argmax(dim=-1)
-    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if rows:
-        probs = warp([seqs[i].params for i in rows], logits[rows])
-        for probs_row, i in zip(probs, rows):
-            race = torch.empty_like(probs_row).exponential_(generator=seqs[i].generator)
-            tokens[i] = probs_row.div_(race).argmax()
-    token_list = tokens.tolist()
-    if logprobs is None:
-        return token_list, [None] * len(seqs)
-    return token_list, [_entry(lp, s.params.logprobs, t) for lp, s, t in zip(logprobs, seqs, token_list)]
+BLOCK = 128
+TOP_P_CANDIDATES = 256  # first candidate set for top-p without top-k; x8 while the nucleus is larger
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Repetition penalty over prompt + output (HF: divide positive logits, multiply negative
-    ones); presence / frequency penalties over output tokens only (OpenAI)."""
-    vocab = logits.shape[1]
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.token_ids, device=logits.device).unique()
-            seen = seen[seen < vocab]
-            row = logits[i, seen]
-            logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and seq.num_completion_tokens:
-            out = torch.tensor(seq.completion_token_ids, device=logits.device)
-            counts = torch.bincount(out[out < vocab], minlength=vocab).to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+class Sampler:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.penalties = Penalties(device)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [B, V] float32 (overwritten), one row per sequence -> B token ids and logprob entries."""
+        assert logits.dim() == 2 and logits.shape[0] == len(seqs)
+        wants_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        raw = torch.log_softmax(_rows(logits, wants_lp), dim=-1) if wants_lp else None
+        for i, seq in enumerate(seqs):  # per-request processors (grammar masks, logit bias)
+            for process in seq.params.logits_processors:
+                logits[i] = process(seq.completion_token_ids, logits[i])
+        self.penalties.apply(logits, seqs)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        greedy, top_k, full = [], [], []
+        for i, s in enumerate(seqs):
+            p = s.params
+            (greedy if p.greedy else top_k if 0 < p.top_k < logits.shape[1] else full).append(i)
+        if greedy:
+            _put(tokens, greedy, argmax(_rows(logits, greedy)))
+        for rows, draw in ((top_k, _draw_top_k), (full, _draw_full)):
+            if rows:  # the host passes what it knows (k, which rows truncate) so the device never waits
+                ps = [seqs[i].params for i in rows]
+                params, u = self._row_params([seqs[i] for i in rows])
+                _put(tokens, rows, draw(_rows(logits, rows), params, u, ps))
+        token_list = tokens.tolist()
+        self.penalties.update(seqs, token_list)
+        entries: list[TokenLogprob | None] = [None] * len(seqs)
+        if wants_lp:
+            k = max(seqs[i].params.logprobs for i in wants_lp)
+            chosen = raw.gather(1, _rows(tokens, wants_lp)[:, None]).squeeze(1).tolist()
+            values, ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
+            values, ids = values.tolist(), ids.tolist()
+            for j, i in enumerate(wants_lp):
+                n = seqs[i].params.logprobs
+                entries[i] = TokenLogprob(token_list[i], chosen[j], list(zip(ids[j][:n], values[j][:n])))
+        return token_list, entries
+
+    def _row_params(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[R, 4] float32 (temperature, top_k, top_p, min_p) and uniforms [R, 2], in one copy."""
+        host = torch.tensor([(s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p,
+                              *uniforms(s.seed, s.num_completion_tokens)) for s in seqs], dtype=torch.float32)
+        host = host.to(self.device, non_blocking=True)
+        return host[:, :4], host[:, 4:]
 
 
-def warp(params: list, logits: torch.Tensor) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p over rows [R, V] -> probabilities [R, V]."""
-    device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
-    logits = logits / temperature[:, None]
-    if all(p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0.0 for p in params):
-        return torch.softmax(logits, dim=-1)
-    vocab = logits.shape[1]
-    ranked, order = logits.sort(dim=-1, descending=True)
-    top_k = torch.tensor([p.top_k or vocab for p in params], device=device)
-    ranked.masked_fill_(torch.arange(vocab, device=device) >= top_k[:, None], float("-inf"))
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
-    probs = torch.softmax(ranked, dim=-1)
-    # drop a token once the mass before it already reaches top_p; the best token always stays
-    ranked.masked_fill_(probs.cumsum(dim=-1) - probs > top_p[:, None], float("-inf"))
-    min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
-    probs = torch.softmax(ranked, dim=-1)
-    ranked.masked_fill_(probs < min_p[:, None] * probs[:, :1], float("-inf"))
-    return torch.softmax(torch.empty_like(logits).scatter_(1, order, ranked), dim=-1)
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) (first index on ties): the block with the largest maximum, then inside it."""
+    blocks = _blocks(x, float("-inf"))  # [R, nb, BLOCK]
+    b = blocks.amax(-1).argmax(-1)
+    return b * BLOCK + _block_rows(blocks, b).argmax(-1)
 
 
-def _logprobs_of(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor | None:
-    if all(s.params.logprobs is None for s in seqs):
-        return None
-    return torch.log_softmax(logits, dim=-1)
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x.topk(k) (values sorted, their columns): the k best lie in the k blocks with the best maxima."""
+    blocks = _blocks(x, float("-inf"))
+    r, nb, _ = blocks.shape
+    if k * BLOCK * 4 > nb * BLOCK:  # the blocks would cover a good part of the row: no gain
+        return x.topk(k, dim=-1)
+    best = blocks.amax(-1).topk(k, dim=-1).indices  # [R, k]
+    cand = _block_rows(blocks, best).view(r, k * BLOCK)
+    values, j = cand.topk(k, dim=-1)
+    columns = best.gather(1, j // BLOCK) * BLOCK + j % BLOCK
+    return values, columns
 
 
-def _entry(logprobs: torch.Tensor, k: int | None, token: int) -> TokenLogprob | None:
-    if k is None:
-        return None
-    top = []
-    if k:
-        values, ids = logprobs.topk(k)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token, float(logprobs[token]), top)
+def _draw_top_k(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list) -> torch.Tensor:
+    """Rows with top-k: temperature, top-p and min-p on the k best, then a draw among them."""
+    temperature, k_row, top_p, min_p = params.unbind(1)
+    values, columns = top_k(x, max(p.top_k for p in ps))
+    values = values / temperature[:, None]
+    values.masked_fill_(torch.arange(values.shape[1], device=x.device) >= k_row[:, None], float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    before = probs.cumsum(-1) - probs  # mass of the better tokens
+    top_p = torch.where(top_p < 1, top_p, 2.0)  # 1 = off, whatever the rounding of the cumsum
+    probs.masked_fill_((before >= top_p[:, None]) | (probs < min_p[:, None] * probs[:, :1]), 0.0)
+    return columns.gather(1, pick(probs, u[:, 0])[:, None]).squeeze(1)
+
+
+def _draw_full(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list) -> torch.Tensor:
+    """Rows without top-k: softmax over the vocabulary, top-p and min-p floors, a block then a token."""
+    temperature, _, top_p, min_p = params.unbind(1)
+    # in place: a fresh [R, V] tensor costs more than the softmax (page faults on 78 MB at R = 128)
+    w = torch.ops.aten._softmax.out(x.div_(temperature[:, None]), -1, False, out=x)  # [R, V]
+    nucleus = [i for i, p in enumerate(ps) if p.top_p < 1]
+    if nucleus or any(p.min_p for p in ps):
+        floor = min_p * w.amax(-1)
+        if nucleus:
+            nucleus_floor = top_p_floor(_rows(w, nucleus), _rows(top_p, nucleus))
+            _put(floor, nucleus, torch.maximum(_rows(floor, nucleus), nucleus_floor))
+        w.masked_fill_(w < floor[:, None], 0.0)
+    blocks = _blocks(w, 0.0)
+    b = pick(blocks.sum(-1), u[:, 0])
+    return b * BLOCK + pick(_block_rows(blocks, b), u[:, 1])
+
+
+def top_p_floor(w: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The smallest probability top-p (< 1) keeps, per row of probabilities w [R, V].
+
+    A token stays while the mass of the better ones is below top_p. The search sorts only the best
+    n candidates; a row whose nucleus reaches past them is searched again with 8n."""
+    n, vocab = TOP_P_CANDIDATES, w.shape[1]
+    while True:
+        values = top_k(w, min(n, vocab))[0]
+        before = values.cumsum(-1) - values
+        kept = (before < top_p[:, None]).sum(-1)  # >= 1: the best token always stays
+        if n >= vocab or bool((kept < n).all()):
+            return values.gather(1, (kept - 1)[:, None]).squeeze(1)
+        n *= 8
+
+
+def pick(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: per row of weights [R, n] (>= 0, not all 0), the first index whose cumulative
+    weight passes u [R] of the total. u <= 1 - 2**-23 keeps u * total below the total after rounding,
+    so the index always holds a positive weight."""
+    c = weights.cumsum(-1)
+    return torch.searchsorted(c, u[:, None] * c[:, -1:], right=True).squeeze(1)
+
+
+def uniforms(seed: int, step: int) -> tuple[float, float]:
+    """Two floats in [0, 1 - 2**-23] that are a hash of (seed, step): counter-based noise, computed on
+    the host with the rest of a row's params (a few microseconds a row)."""
+    h = _splitmix64(seed ^ _splitmix64(step))
+    return (h >> 41) * 2.0**-23, ((h >> 9) & (2**23 - 1)) * 2.0**-23  # 23 bits each: exact in float32
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+_M64 = 2**64 - 1
+
+
+def _blocks(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """[R, V] -> [R, nb, BLOCK], padded with `fill` when V is not a multiple (small test vocabularies)."""
+    pad = -x.shape[1] % BLOCK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
+    return x.view(x.shape[0], -1, BLOCK)
+
+
+def _block_rows(blocks: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """blocks [R, nb, BLOCK], block ids b [R] or [R, k] -> their columns [R, BLOCK] or [R, k, BLOCK].
+
+    index_select over flattened rows: on the CPU, advanced indexing (x[rows, b]) is many times slower."""
+    r, nb, _ = blocks.shape
+    rows = torch.arange(r, device=b.device).view(-1, *[1] * (b.dim() - 1))
+    return blocks.reshape(r * nb, BLOCK).index_select(0, (rows * nb + b).flatten()).view(*b.shape, BLOCK)
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    if len(rows) == x.shape[0]:
+        return x
+    return x.index_select(0, torch.tensor(rows, device=x.device))
+
+
+def _put(tokens: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
+    if len(rows) == len(tokens):
+        tokens.copy_(values)
+    else:
+        tokens.index_copy_(0, torch.tensor(rows, device=tokens.device), values)

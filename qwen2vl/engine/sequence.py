@@ -27,13 +27,13 @@ class Sequence:
     _ids = count()
 
     def __init__(self, request_id: str, prompt: Prompt, params: SamplingParams, index: int = 0,
-                 generator: torch.Generator | None = None, lora: int = 0):
+                 seed: int = 0, lora: int = 0):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.index = index  # which of the request's n completions
         self.prompt = prompt
         self.params = params
-        self.generator = generator  # per request, so a seed reproduces whatever else is batched
+        self.seed = seed  # in [0, 2**64): with the step, all a draw's noise depends on (sampler.py)
         self.lora = lora  # LoRA adapter slot (qwen2vl/lora.py), 0 for the base model
         self.token_ids = list(prompt.token_ids)
         self.num_prompt_tokens = len(prompt)

@@ -138,14 +138,17 @@ class Processor:
                 else None
         return out
 
-    def encode_text(self, messages, add_generation_prompt: bool = False, *,
-                    answers_hold_special_tokens: bool = False) -> list[int]:
+    def encode_text(self, messages, add_generation_prompt: bool = False, *, tools: list[dict] | None = None,
+                    continue_final_message: bool = False, answers_hold_special_tokens: bool = False,
+                    **variables) -> list[int]:
         """The ids of `messages` with one pad per image/video (no pixels read): what `__call__`
-        returns before the pads are expanded. Training masks its labels on these."""
+        returns before the pads are expanded. Training masks its labels on these; the server
+        counts a prompt with them (and the visual tokens from headers) before decoding anything."""
         messages = from_openai(messages)
         check_messages(messages)
-        return self._encode_chat(messages, add_generation_prompt, None,
-                                 answers_hold_special_tokens=answers_hold_special_tokens)
+        return self._encode_chat(messages, add_generation_prompt, tools,
+                                 continue_final_message=continue_final_message,
+                                 answers_hold_special_tokens=answers_hold_special_tokens, **variables)
 
     # -- text ------------------------------------------------------------------------------
 

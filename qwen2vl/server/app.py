@@ -4,8 +4,10 @@
 
 A request's `model` picks the base model (its served name) or one of the engine's LoRA adapters (by name).
 
-Routes: POST /v1/chat/completions, POST /v1/token_count, GET /v1/models, GET /metrics,
-GET /health (the only one without the key), and GET / for the web page when it is installed.
+Routes: POST /v1/chat/completions, POST /v1/responses (and GET /v1/responses/{id} for a stored one),
+POST /v1/embeddings, POST /v1/token_count, GET /v1/models,
+GET /metrics, GET /health (the only one without the key), and GET / for the web page when it is
+installed. A shut-down engine answers 503.
 """
 
 import asyncio
@@ -17,12 +19,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from qwen2vl.engine.async_engine import AsyncLLM
+from qwen2vl.engine.async_engine import AsyncLLM, EngineStopped
 from qwen2vl.server import inputs as chat_inputs
 from qwen2vl.server.chat import ChatService
+from qwen2vl.server.embeddings import EmbeddingRequest, EmbeddingService
 from qwen2vl.server.errors import (
     APIError,
     bad_request,
+    error_response,
     first_param,
     format_validation_error,
     install_error_handlers,
@@ -32,6 +36,9 @@ from qwen2vl.server.errors import (
 from qwen2vl.server.limits import ServerLimits
 from qwen2vl.server.metrics import Metrics
 from qwen2vl.server.protocol import ChatCompletionRequest, model_card
+from qwen2vl.server.response_store import ResponseStore
+from qwen2vl.server.responses import ResponsesService
+from qwen2vl.server.responses_protocol import ResponsesRequest
 from qwen2vl.server.structured import GrammarCompiler
 from qwen2vl.server.web import add_web_page
 
@@ -53,6 +60,8 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     compiler = GrammarCompiler(tok.backend.to_str(), llm.model.config.text.vocab_size, eos)
     service = ChatService(engine, processor, llm.model.config, limits, metrics, compiler, llm.defaults,
                           model_name, max_model_len)
+    responder = ResponsesService(service, ResponseStore(limits.max_stored_responses, limits.max_stored_bytes))
+    embedder = EmbeddingService(engine, processor, llm.model.config, limits, metrics, model_name, max_model_len)
     app.state.service, app.state.metrics = service, metrics
     app.add_middleware(_CountRequests, metrics=metrics)
 
@@ -66,6 +75,10 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(authorized)]
+
+    @app.exception_handler(EngineStopped)
+    async def _stopped(_request: Request, _exc: EngineStopped):
+        return error_response(engine_stopped())
 
     @app.get("/health")
     async def health():
@@ -109,21 +122,44 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
         return {"prompt_tokens": text_tokens + visual, "text_tokens": text_tokens, "visual_tokens": visual,
                 "max_model_len": max_model_len, "items": [c.to_dict() for c in costs]}
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(request: Request):
-        arrival = time.monotonic()
-        body = await read_json(request, limits.max_body_bytes)
-        req = parse_model(ChatCompletionRequest, body)
-        if req.model is not None and req.model != model_name and req.model not in adapters:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name and name not in adapters:
             served = ", ".join(repr(m) for m in [model_name, *adapters])
-            raise APIError(404, f"model: {req.model!r} is not served here; this server serves {served}",
+            raise APIError(404, f"model: {name!r} is not served here; this server serves {served}",
                            param="model", code="model_not_found")
+
+    def admit() -> None:
+        """One more request in flight, or a 429 past --max-queue (the caller decrements when done)."""
+        if engine.stopped:  # before a stream starts: its status can still say so
+            raise engine_stopped()
         if metrics.in_flight >= limits.max_queue:
             metrics.rejected += 1
             raise APIError(429, f"server busy: {metrics.in_flight} requests in flight, the limit is "
                                 f"{limits.max_queue} (--max-queue); retry shortly",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_S})
         metrics.in_flight += 1
+
+    @app.post("/v1/embeddings", dependencies=auth)
+    async def embeddings(request: Request):
+        body = await read_json(request, limits.max_body_bytes)
+        req = parse_model(EmbeddingRequest, body)
+        check_model(req.model)
+        if req.model in adapters:
+            raise bad_request(f"model: embeddings come from the base model {model_name!r}; LoRA adapters "
+                              f"({req.model!r}) are applied to chat completions only", "model")
+        admit()
+        try:
+            return await _unless_disconnected(embedder.embed(req), request, metrics)
+        finally:
+            metrics.in_flight -= 1
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request):
+        arrival = time.monotonic()
+        body = await read_json(request, limits.max_body_bytes)
+        req = parse_model(ChatCompletionRequest, body)
+        check_model(req.model)
+        admit()
         try:
             prepared = await service.prepare(req)
         except BaseException:
@@ -136,6 +172,29 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
             return await _unless_disconnected(service.complete(req, prepared, arrival), request, metrics)
         finally:
             metrics.in_flight -= 1
+
+    @app.post("/v1/responses", dependencies=auth)
+    async def responses(request: Request):
+        arrival = time.monotonic()
+        req = parse_model(ResponsesRequest, await read_json(request, limits.max_body_bytes))
+        check_model(req.model)
+        admit()
+        try:
+            turn = await responder.prepare(req)
+        except BaseException:
+            metrics.in_flight -= 1
+            raise
+        if req.stream:
+            return StreamingResponse(_released(_sse(responder.stream(turn, arrival)), metrics),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            return await _unless_disconnected(responder.complete(turn, arrival), request, metrics)
+        finally:
+            metrics.in_flight -= 1
+
+    @app.get("/v1/responses/{response_id}", dependencies=auth)
+    async def stored_response(response_id: str):
+        return responder.response(response_id)
 
     add_web_page(app)  # if installed; static, holds no data, so no key; the page sends the key with its API calls
 
@@ -170,6 +229,11 @@ def parse_model(model: type[BaseModel], body: dict):
         raise bad_request(format_validation_error(errors), first_param(errors)) from None
 
 
+def engine_stopped() -> APIError:
+    return APIError(503, "the engine is shut down (the server is stopping); retry on another server",
+                    code="engine_stopped")
+
+
 async def _sse(lines):
     """Errors after the stream has started can't change the status code: send one error event."""
     try:
@@ -177,6 +241,8 @@ async def _sse(lines):
             yield line
     except APIError as e:
         yield sse_error(e)
+    except EngineStopped:
+        yield sse_error(engine_stopped())
     except Exception as e:  # a real fault mid-stream: logged, reported, the server goes on
         yield sse_error(internal_error(e, "chat stream"))
 
@@ -215,8 +281,8 @@ class _CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        endpoint = path if path in ("/v1/chat/completions", "/v1/token_count", "/v1/models", "/metrics",
-                                    "/health", "/") else "other"
+        endpoint = path if path in ("/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/token_count",
+                                    "/v1/models", "/metrics", "/health", "/") else "other"
 
         async def counting_send(message):
             if message["type"] == "http.response.start":

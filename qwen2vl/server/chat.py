@@ -3,7 +3,8 @@
     prepare():  inputs.py checks (no I/O) -> fetch media + read headers (thread) -> context check
                 -> tools rendered into messages -> processor (decode, tokenize; thread) -> Prompt
     complete(): run to the end, one JSON response (n choices, usage, tool calls parsed)
-    stream():   SSE chunks as tokens arrive, tool calls parsed incrementally, usage last, [DONE]
+    stream():   SSE chunks as tokens arrive, tool-call arguments streamed as generated (tool_parse.py),
+                grounding on each choice's last chunk, usage last, [DONE]
 
 Whatever the client sent wrong is a 400 before the engine sees the request. Leaving early (client
 disconnect, a cancelled stream) aborts the request in the engine, which frees its cache blocks.
@@ -23,7 +24,9 @@ from qwen2vl.processing.media import MediaError
 from qwen2vl.server import inputs as chat_inputs
 from qwen2vl.server.errors import APIError, bad_request
 from qwen2vl.server.protocol import ChatCompletionRequest, chat_response, chunk, completion_id, logprobs_dict
-from qwen2vl.server.tools import ToolCallStream, parse_tool_calls, render_messages, tool_grammar
+from qwen2vl.server.tool_parse import ToolCallStream, parse_tool_calls
+from qwen2vl.server.tools import render_messages, tool_grammar
+from qwen2vl.server.truncation import HINT, fit
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Prepared:
     visual_tokens: int
     image_size: tuple[int, int] | None = None  # (width, height) of the last image: grounding boxes scale to it
     lora: str | None = None  # the LoRA adapter the request named as its model (None: the base model)
+    truncation: dict | None = None  # with "truncation": "auto": what was dropped (truncation.Truncation)
 
 
 class ChatService:
@@ -68,21 +72,39 @@ class ChatService:
         params = await asyncio.to_thread(self._params, req, tools, choice)
         await asyncio.to_thread(chat_inputs.fetch_media, inputs.media, self.policy, self.limits)
         costs = await asyncio.to_thread(chat_inputs.media_costs, inputs.media, cfg, self.limits)
-        chat_inputs.check_context(costs, self.max_model_len)
-        messages = render_messages(chat_inputs.qwen_messages(inputs), tools if choice != "none" else None)
+        offered = tools if choice != "none" else None
+        truncation = None
+        if req.truncation == "auto":  # drop the oldest turns until it fits, counted without decoding
+            count = partial(self._count, offered, template)
+            inputs, costs, truncation = await asyncio.to_thread(fit, inputs, costs, count, self.max_model_len,
+                                                                params.max_tokens)
+        else:
+            chat_inputs.check_context(costs, self.max_model_len, HINT)
+        messages = render_messages(chat_inputs.qwen_messages(inputs), offered)
         try:
             batch = await asyncio.to_thread(partial(self.processor, messages, reject_special_tokens=True, **template))
             prompt = Prompt.from_inputs(batch, self.model_config)
         except (MediaError, ValueError) as e:
             raise bad_request(chat_inputs.public_message(str(e)), "messages") from None
         visual = sum(c.tokens for c in costs)
-        self._check_length(len(prompt), visual, params)
+        self._check_length(len(prompt), visual, params, "" if truncation else HINT)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(prompt)
         images = [c for c in costs if c.kind == "image"]
         size = (images[-1].width, images[-1].height) if images else None
         lora = req.model if req.model in self.engine.llm.lora_names else None
-        return Prepared(prompt, params, bool(tools) and choice != "none", visual, size, lora)
+        return Prepared(prompt, params, bool(tools) and choice != "none", visual, size, lora,
+                        truncation.to_dict() if truncation else None)
+
+    def _count(self, tools, template: dict, inputs: chat_inputs.ChatInputs, costs) -> int:
+        """Prompt tokens of `inputs`: the text with one pad per image/video, plus the visual tokens
+        the headers gave (no pixels read)."""
+        messages = render_messages(chat_inputs.qwen_messages(inputs), tools)
+        try:
+            ids = self.processor.encode_text(messages, **template)
+        except ValueError as e:
+            raise bad_request(chat_inputs.public_message(str(e)), "messages") from None
+        return len(ids) - len(costs) + sum(c.tokens for c in costs)
 
     def _params(self, req: ChatCompletionRequest, tools, choice) -> SamplingParams:
         if req.n > self.limits.max_n:
@@ -129,21 +151,21 @@ class ChatService:
             spec["json_schema"] = {"schema": fmt.json_schema.schema_}
         return self.compiler.json_grammar(spec), "response_format"
 
-    def _check_length(self, prompt_len: int, visual: int, params: SamplingParams) -> None:
+    def _check_length(self, prompt_len: int, visual: int, params: SamplingParams, hint: str) -> None:
         limit = self.max_model_len
         if prompt_len >= limit:
             raise bad_request(
                 f"the prompt is {prompt_len} tokens ({visual} of them for images/videos) but the context is {limit} "
                 f"tokens (over by {prompt_len - limit + 1}, counting one generated token); shorten the messages"
-                + (" or lower mm_processor_kwargs.max_pixels" if visual else ""), "messages")
+                + (" or lower mm_processor_kwargs.max_pixels" if visual else "") + hint, "messages")
         if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
             raise bad_request(
                 f"max_tokens: the prompt is {prompt_len} tokens, so at most {limit - prompt_len} more fit in the "
-                f"context of {limit}; got max_tokens={params.max_tokens}", "max_tokens")
+                f"context of {limit}; got max_tokens={params.max_tokens}" + hint, "max_tokens")
 
     # -- running ------------------------------------------------------------------------------
 
-    async def _deltas(self, prepared: Prepared, arrival: float):
+    async def deltas(self, prepared: Prepared, arrival: float):
         """The engine's increments; leaving early (cancelled, client gone) makes AsyncLLM abort the
         request, which frees its blocks."""
         first = True
@@ -160,7 +182,7 @@ class ChatService:
         n = prepared.params.n
         texts, reasons, lps, usage = [""] * n, [None] * n, [[] for _ in range(n)], None
         ids = [[] for _ in range(n)]
-        async for d in self._deltas(prepared, arrival):
+        async for d in self.deltas(prepared, arrival):
             texts[d.index] += d.text
             ids[d.index] += d.token_ids
             reasons[d.index] = d.finish_reason or reasons[d.index]
@@ -184,7 +206,8 @@ class ChatService:
             if req.logprobs:
                 choice["logprobs"] = logprobs_dict(lps[i], self.processor.tokenizer.token_bytes)
             choices.append(choice)
-        return chat_response(completion_id(), prepared.lora or self.model_name, int(time.time()), choices, usage)
+        return chat_response(completion_id(), prepared.lora or self.model_name, int(time.time()), choices, usage,
+                             prepared.truncation)
 
     def _grounding(self, token_ids: list[int], image_size: tuple[int, int] | None) -> list[dict]:
         """Boxes/quads the answer names, in the last image's pixels (0-1000 scale without an image).
@@ -203,16 +226,18 @@ class ChatService:
         extra = {"usage": None} if include_usage else {}
         parsers = [ToolCallStream() if prepared.parse_tools else None for _ in range(n)]
 
-        def event(choices, usage=None) -> str:
-            body = chunk(rid, model, created, choices, usage)
+        def event(choices, usage=None, more=None) -> str:
+            body = {**chunk(rid, model, created, choices, usage), **(more or {})}
             return f"data: {json.dumps({**body, **extra} if usage is None else body, ensure_ascii=False)}\n\n"
 
+        said = {"truncation": prepared.truncation} if prepared.truncation else None  # on the first chunk
         for i in range(n):
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        usage = None
-        async for d in self._deltas(prepared, arrival):
+                          "finish_reason": None}], more=said if i == 0 else None)
+        usage, ids = None, [[] for _ in range(n)]
+        async for d in self.deltas(prepared, arrival):
             text, calls, parser = d.text, [], parsers[d.index]
+            ids[d.index] += d.token_ids
             if parser is not None:
                 text, calls = parser.push(d.text)
                 if d.finished:
@@ -222,14 +247,15 @@ class ChatService:
             if text:
                 delta["content"] = text
             if calls:
-                start = parser.num_calls - len(calls)
-                delta["tool_calls"] = [c.to_openai(start + k) for k, c in enumerate(calls)]
+                delta["tool_calls"] = calls  # OpenAI deltas: a call's head, then pieces of its arguments
             lp = logprobs_dict(d.logprobs, self.processor.tokenizer.token_bytes) if req.logprobs else None
             if delta or (lp and lp["content"]):
                 yield event([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
             if d.finished:
                 reason = "tool_calls" if parser is not None and parser.num_calls else _finish_reason(d.finish_reason)
-                yield event([{"index": d.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+                regions = self._grounding(ids[d.index], prepared.image_size)
+                last = {"grounding": regions} if regions else {}  # as the whole answer's message carries it
+                yield event([{"index": d.index, "delta": last, "logprobs": None, "finish_reason": reason}])
             usage = d.usage or usage
         self.metrics.prompt_tokens += len(prepared.prompt)
         if include_usage and usage is not None:

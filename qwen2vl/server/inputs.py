@@ -80,15 +80,19 @@ def check_inputs(messages: list[dict], body_options: dict | None, limits: Server
             _check_scheme(url, f"{where}.{item.kind}_url.url")
         inherited = {k: v for k, v in body_options.items() if k in allowed}
         refs.append(MediaRef(item.kind, where, url, {**inherited, **item.options}, item.message, item.part))
+    check_counts(refs, limits, "messages")
+    for r in refs:
+        r.options = limits.clamp(r.kind, r.options, cfg)
+    return ChatInputs(qwen, refs)
+
+
+def check_counts(refs: list[MediaRef], limits: ServerLimits, param: str) -> None:
+    """Images and videos per request (`param`: the field that holds them all)."""
     for kind, limit, flag in (("image", limits.max_images, "--max-images-per-request"),
                               ("video", limits.max_videos, "--max-videos-per-request")):
         count = sum(r.kind == kind for r in refs)
         if count > limit:
-            raise bad_request(f"messages: {count} {kind}s in this request, over the limit of {limit} ({flag})",
-                              "messages")
-    for r in refs:
-        r.options = limits.clamp(r.kind, r.options, cfg)
-    return ChatInputs(qwen, refs)
+            raise bad_request(f"{param}: {count} {kind}s in this request, over the limit of {limit} ({flag})", param)
 
 
 def _check_scheme(url: str, param: str) -> None:
@@ -229,8 +233,8 @@ def media_costs(refs: list[MediaRef], cfg: VisionProcessingConfig, limits: Serve
     return costs
 
 
-def check_context(costs: list[MediaCost], max_model_len: int) -> None:
-    """Visual tokens alone must leave room for text and one generated token."""
+def check_context(costs: list[MediaCost], max_model_len: int, hint: str = "") -> None:
+    """Visual tokens alone must leave room for text and one generated token; `hint` ends the 400."""
     visual = sum(c.tokens for c in costs)
     budget = max_model_len - 64  # room for the chat template, a question and a short answer
     if visual <= budget:
@@ -242,7 +246,7 @@ def check_context(costs: list[MediaCost], max_model_len: int) -> None:
     raise bad_request(
         f"the images/videos need {visual} tokens but the context is {max_model_len} tokens "
         f"(over by {visual - budget}, keeping 64 for text); send smaller media or lower "
-        f"mm_processor_kwargs.max_pixels to about {suggestion} or less", "messages")
+        f"mm_processor_kwargs.max_pixels to about {suggestion} or less{hint}", "messages")
 
 
 def qwen_messages(inputs: ChatInputs) -> list[dict]:

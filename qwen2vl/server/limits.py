@@ -35,7 +35,10 @@ class ServerLimits:
     max_fps: float = 4.0  # sampling rate a request may ask for
     max_n: int = 8  # completions per request
     max_stop: int = 16  # stop strings per request
+    max_embedding_inputs: int = 128  # inputs of one /v1/embeddings request
     max_queue: int = 64  # requests admitted at once (preprocessing, waiting, running); more get 429
+    max_stored_responses: int = 1000  # /v1/responses kept for previous_response_id; the oldest go first
+    max_stored_bytes: int = 256 * MiB  # their conversations' JSON together (base64 media included)
     media_timeout: float = 20.0  # seconds for one download, redirects included
     allowed_media_domains: tuple[str, ...] | None = None  # None: any public host
     allow_private_media: bool = False  # loopback/private/link-local hosts (tests, trusted networks)
@@ -95,8 +98,15 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-video-seconds", type=float, default=d.max_video_seconds)
     g.add_argument("--max-fps", type=float, default=d.max_fps, help="ceiling for a request's video fps")
     g.add_argument("--max-n", type=int, default=d.max_n, help="completions per request")
+    g.add_argument("--max-embedding-inputs", type=int, default=d.max_embedding_inputs,
+                   help="inputs in one /v1/embeddings request")
     g.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="requests in flight at once; beyond it the server answers 429 with Retry-After")
+    g.add_argument("--max-stored-responses", type=int, default=d.max_stored_responses,
+                   help="responses kept in memory for previous_response_id and GET /v1/responses/{id}; "
+                        "the oldest are dropped first")
+    g.add_argument("--max-stored-responses-mb", type=float, default=d.max_stored_bytes / MiB,
+                   help="memory for stored responses, MiB (each charged its whole conversation, base64 media included)")
     g.add_argument("--media-timeout", type=float, default=d.media_timeout, help="seconds per media download")
     m = parser.add_argument_group("media sources")
     m.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
@@ -114,7 +124,9 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
         max_video_bytes=int(args.max_video_mb * MiB), max_image_pixels=args.max_image_pixels,
         max_pixels=args.max_pixels, max_video_frames=args.max_video_frames,
         max_video_seconds=args.max_video_seconds, max_fps=args.max_fps, max_n=args.max_n,
-        max_queue=args.max_queue, media_timeout=args.media_timeout,
+        max_embedding_inputs=args.max_embedding_inputs,
+        max_queue=args.max_queue, max_stored_responses=args.max_stored_responses,
+        max_stored_bytes=int(args.max_stored_responses_mb * MiB), media_timeout=args.media_timeout,
         allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
         allow_private_media=args.allow_private_media,
         allowed_local_media_path=tuple(args.allowed_local_media_path),

@@ -83,6 +83,8 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     mm_processor_kwargs: dict | None = None
     skip_special_tokens: bool = True  # false keeps grounding markup (<|box_start|>...) in the text
+    # "auto": drop the oldest turns (and their images) until the prompt fits the context (truncation.py)
+    truncation: Literal["auto", "disabled"] | None = None
     # chat template options: open the assistant's turn (default: yes, unless continue_final_message),
     # or leave the last message open for the model to continue; variables for the template
     add_generation_prompt: bool | None = None
@@ -123,9 +125,12 @@ def usage_dict(usage) -> dict:
     return d
 
 
-def chat_response(rid: str, model: str, created: int, choices: list[dict], usage) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage_dict(usage), "system_fingerprint": None}
+def chat_response(rid: str, model: str, created: int, choices: list[dict], usage, truncation=None) -> dict:
+    d = {"id": rid, "object": "chat.completion", "created": created, "model": model,
+         "choices": choices, "usage": usage_dict(usage), "system_fingerprint": None}
+    if truncation is not None:
+        d["truncation"] = truncation
+    return d
 
 
 def chunk(rid: str, model: str, created: int, choices: list[dict], usage=None) -> dict:

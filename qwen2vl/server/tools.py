@@ -9,14 +9,12 @@ documents): the tool schemas go into the system message, an assistant's calls be
     </tool_call>
 
 and `tool` messages become a user turn of `<tool_response>...</tool_response>` blocks. The model
-answers in the same form; `parse_tool_calls` (whole text) and `ToolCallStream` (increments)
-turn it back into OpenAI `tool_calls`. `tool_choice` "required" or a named function is enforced
+answers in the same form; tool_parse.py turns it back into OpenAI `tool_calls` (whole, or
+streamed as the arguments are generated). `tool_choice` "required" or a named function is enforced
 with a grammar (`tool_grammar`), so even a weak model produces a well-formed call.
 """
 
 import json
-import uuid
-from dataclasses import dataclass
 
 from qwen2vl.server.errors import bad_request
 
@@ -103,98 +101,6 @@ def _text_of(content, where: str) -> str:
             texts.append(part["text"])
         return "".join(texts)
     raise bad_request(f"{where}: must be a string or a list of text parts", where)
-
-
-# -- parsing the model's answer --------------------------------------------------------------
-
-
-@dataclass
-class ToolCall:
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-    id: str = ""
-
-    def __post_init__(self):
-        self.id = self.id or f"call_{uuid.uuid4().hex[:24]}"
-
-    def to_openai(self, index: int | None = None) -> dict:
-        d = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-        return d if index is None else {"index": index, **d}
-
-
-def parse_call(body: str) -> ToolCall | None:
-    """One `<tool_call>` body -> ToolCall, or None if it is not a {"name", "arguments"} object."""
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """(content, calls) of a finished answer. Content is the text outside the calls; a block
-    that does not parse stays in the content, so nothing the model said is lost."""
-    stream = ToolCallStream()
-    content, calls = stream.push(text)
-    more_content, more_calls = stream.finish()
-    return (content + more_content).strip(), calls + more_calls
-
-
-class ToolCallStream:
-    """Splits streamed text into content and complete tool calls. Text that might be the start of
-    `<tool_call>` is held back until it is known; a call is emitted when its `</tool_call>`
-    arrives (or at the end, if the model stopped right after the JSON)."""
-
-    def __init__(self):
-        self.buffer = ""
-        self.inside = False
-        self.num_calls = 0
-
-    def push(self, text: str) -> tuple[str, list[ToolCall]]:
-        self.buffer += text
-        content, calls = "", []
-        while True:
-            if not self.inside:
-                at = self.buffer.find(OPEN)
-                if at < 0:
-                    keep = _partial_suffix(self.buffer, OPEN)
-                    content += self.buffer[: len(self.buffer) - keep]
-                    self.buffer = self.buffer[len(self.buffer) - keep :]
-                    return content, calls
-                content += self.buffer[:at]
-                self.buffer, self.inside = self.buffer[at + len(OPEN) :], True
-            end = self.buffer.find(CLOSE)
-            if end < 0:
-                return content, calls
-            body, self.buffer, self.inside = self.buffer[:end], self.buffer[end + len(CLOSE) :], False
-            call = parse_call(body.strip())
-            if call is None:
-                content += OPEN + body + CLOSE
-            else:
-                calls.append(call)
-                self.num_calls += 1
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        rest, self.buffer = self.buffer, ""
-        if not self.inside:
-            return rest, []
-        self.inside = False
-        call = parse_call(rest.strip())
-        if call is None:
-            return OPEN + rest, []
-        self.num_calls += 1
-        return "", [call]
-
-
-def _partial_suffix(text: str, token: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `token`."""
-    for n in range(min(len(token) - 1, len(text)), 0, -1):
-        if text.endswith(token[:n]):
-            return n
-    return 0
 
 
 # -- forcing a call --------------------------------------------------------------------------

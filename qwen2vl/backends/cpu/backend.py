@@ -44,7 +44,7 @@ class CpuBackend(TorchBackend):
         if dtype not in HALF:  # float32: torch's own GEMMs (MKL / oneDNN) are the fast ones
             return
         compute = self.isa.matmul_dtype(dtype)
-        # decode streams every weight once per token; FastLinears (our bf16 kernel, else oneDNN) stream at
+        # decode streams every weight once per token; FastLinears (our bf16 or bf16w kernel, else oneDNN) stream at
         # about the memory read rate where F.linear's bf16 GEMV gets ~30-70% of it, and the vision tower's
         # GEMMs run faster too (docs/performance.md). Quantized linears are not nn.Linear and stay as they are.
         speed_up_linears(model, skip=("visual",), compute_dtype=compute)

@@ -17,7 +17,7 @@ import torch
 from qwen2vl.backends.cpu import gemm, layer_ops, native
 from qwen2vl.rotary import mrope_cos_sin
 
-BF16, INT8, INT4 = 0, 1, 2  # Linear.kind, the enum in kernels.h
+BF16, INT8, INT4, BF16W = 0, 1, 2, 3  # Linear.kind, the enum in kernels.h
 
 
 def library():
@@ -38,6 +38,10 @@ def _linear(module, keep: list):
     if isinstance(module, FastLinear) and module.path == "bf16 kernel":
         return Linear(BF16, native.address(gemm.bf16_library().bf16_gemm), module.packed.data_ptr(), None, bias_ptr,
                       0, module.out_features, module.in_features, 0)
+    # the same packed weights in fp32 arithmetic, FastLinear's path on CPUs without AVX-512 BF16
+    if isinstance(module, FastLinear) and module.path == "bf16w kernel" and gemm.bf16w_library() is not None:
+        return Linear(BF16W, native.address(gemm.bf16w_library().bf16w_gemm), module.packed.data_ptr(), None,
+                      bias_ptr, 0, module.out_features, module.in_features, 0)
     if isinstance(module, (Int8Linear, Int4Linear)) and module.blocked and gemm.int_library() is not None:
         int8 = isinstance(module, Int8Linear)
         w, scales = (module.weight, module.scales) if int8 else (module.packed, module.scales_zeros)

@@ -2,23 +2,32 @@
 
 `bf16_gemm.c` multiplies bf16 weights by bf16 activations with AVX-512 BF16 dot products, in
 its own blocked weight layout (`pack_bf16`): FastLinear's path on CPUs that have them.
+`bf16w_gemm.c` takes the same packed weights on CPUs without AVX-512 BF16 (AVX2 + FMA), widening
+them to fp32 in registers; its activations are bf16 or float32.
 `int_gemv.c` multiplies int8 or int4 weights by activations quantized to int8 on the fly, with
 AVX-512 VNNI integer dot products (its header gives the formulas and the weight layouts, which
-`pack_int8` / `pack_int4` below produce). native.py builds and loads them for this CPU's tier.
+`pack_int8` / `pack_int4` below produce); without AVX-512 `int_gemv_avx2.c` does the same with
+AVX2's vpmaddubsw, with the same results bit for bit. native.py builds and loads the variant for
+this CPU's tier.
 
-`int_library()` / `bf16_library()` are None where a kernel can't be had (no compiler, a failed
-compile, a CPU without the features); native.py logs why, once, and the caller keeps torch's
-kernels (backends/quant.py: torch's weight-only ones; backends/cpu/linear.py: oneDNN).
+`int_library()` / `bf16_library()` / `bf16w_library()` are None where a kernel can't be had (no
+compiler, a failed compile, a CPU without the features); native.py logs why, once, and the caller
+keeps torch's kernels (backends/quant.py: torch's weight-only ones;
+backends/cpu/linear.py: oneDNN).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
+import os
 
 import torch
 
 from qwen2vl.backends.cpu import native
+
+log = logging.getLogger(__name__)
 
 QK = 32  # the kernel quantizes activations per block of 32 along k, so K must be a multiple
 ROWS = 16  # weight rows per block: one 32-bit lane of a 512-bit register each
@@ -29,9 +38,48 @@ def int_library():
     return native.library("int_gemv")
 
 
+AMX_ENV = "QWEN2VL_AMX"
+
+
 def bf16_library():
-    """The loaded bf16_gemm kernel, or None where it can't be built or run here."""
-    return native.library("bf16_gemm")
+    """The loaded bf16_gemm kernel, or None where it can't be built or run here.
+
+    Its AMX variant's tiles are opt-in ($QWEN2VL_AMX=1), switched on at first use if they pass
+    `amx_check` (`lib.amx` says): they are unmeasured (no AMX machine yet), and rows > 16 would sum
+    in another order than decode rows, so a row's output would depend on its batch, which every
+    other path here guarantees it does not."""
+    lib = native.library("bf16_gemm")
+    if lib is not None and not hasattr(lib, "amx"):
+        lib.amx = False  # bf16_gemm below runs the AVX-512 tiles until the check passes
+        if "amx_bf16" in lib.variant[1] and os.environ.get(AMX_ENV) == "1":
+            lib.amx = amx_check(lib)
+    return lib
+
+
+def amx_check(lib) -> bool:
+    """Switch the AMX tiles on if Linux grants their state and they compute a product with a row tail
+    and an odd block count within a float32 sum of float64 (bf16_amx.h was written without an AMX
+    machine at hand: a wrong result switches it off, logged, rather than serving wrong logits)."""
+    if not lib.bf16_gemm_amx(1):
+        log.warning("bf16_gemm: Linux refused the AMX tile state; prefill uses the AVX-512 tiles")
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(37, 96, generator=g).bfloat16()
+    bias = torch.randn(40, generator=g).bfloat16()
+    y = bf16_gemm(x, pack_bf16(w, huge_pages=False), bias, 40).double()
+    ref = x.double() @ w.double().t() + bias.double()
+    bound = 2**-8 * ref.abs() + 96 * 2.0**-23 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+    if not ((y - ref).abs() <= bound).all():
+        lib.bf16_gemm_amx(0)
+        log.warning("bf16_gemm: the AMX tiles failed their check (max error %.3g); prefill uses the AVX-512 tiles",
+                    (y - ref).abs().max())
+        return False
+    return True
+
+
+def bf16w_library():
+    """The loaded bf16w_gemm kernel (bf16 weights, fp32 arithmetic, AVX2), or None where it can't be had."""
+    return native.library("bf16w_gemm")
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -111,6 +159,23 @@ def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, 
         bf16_library().bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(),
                                  None if bias is None else bias.data_ptr(), m, out_features, k,
                                  torch.get_num_threads())
+    return y
+
+
+@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+def bf16w_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [M, K] (bf16 or float32) times pack_bf16 weights in fp32 arithmetic, plus bias (read as bf16):
+    [M, out_features] in x's dtype. For CPUs without AVX-512 BF16 (bf16w_gemm.c)."""
+    x = x.contiguous()
+    m, k = x.shape
+    assert x.dtype in (torch.bfloat16, torch.float32) and packed.shape[1] * 2 == k and packed.is_contiguous()
+    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+        bias = bias.to(torch.bfloat16).contiguous()
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    if m and bf16w_library().bf16w_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                        None if bias is None else bias.data_ptr(), x.dtype == torch.bfloat16,
+                                        m, out_features, k, torch.get_num_threads()):
+        raise MemoryError("bf16w_gemm: out of memory for the float32 copy of x")
     return y
 
 

@@ -10,7 +10,10 @@ should run in (`compute_dtype`, the backend's policy: see backends/cpu/__init__.
   (oneDNN below: 59-89%, worst on the small q/k/v and o), prefill and batched rows run a register
   tile as fast as oneDNN's GEMM. Measured in docs/performance.md.
 - float32 arithmetic on bf16 weights (CPUs without bf16 matmuls, where torch emulates them ~6-10x
-  slower than float32): oneDNN on a float32 copy, the activations converted on the way in and out.
+  slower than float32): our csrc/bf16w_gemm.c on the same packed bf16 weights, widened to fp32 in
+  registers (activations bf16 or float32). Decode reads half the bytes a float32 copy would, and the
+  prefill register tile beat oneDNN's float32 GEMM at AVX2 (benchmarks/cpu_gemm_tier.py); where it
+  can't be built, oneDNN on a float32 copy.
 - otherwise oneDNN on a weight reordered once (`mkldnn._reorder_linear_weight`, the layout
   inductor's freezing pass uses) through `mkldnn._linear_pointwise`: ~100% of the read probe for
   the big decode shapes, as fast as F.linear for prefill, no compiler needed.
@@ -47,10 +50,12 @@ def reorder_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def kernel_takes(weight: torch.Tensor) -> bool:
-    """Whether our bf16 kernel can hold `weight` [N, K]: bf16 on the CPU, K even, kernel built."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
-            and gemm.bf16_library() is not None)
+def kernel_takes(weight: torch.Tensor, compute: torch.dtype = torch.bfloat16) -> bool:
+    """Whether our kernel for `compute` arithmetic can hold `weight` [N, K]: bf16 on the CPU, K even,
+    the kernel built (bf16_gemm for bf16 arithmetic, bf16w_gemm for float32)."""
+    library = {torch.bfloat16: gemm.bf16_library, torch.float32: gemm.bf16w_library}.get(compute)
+    return (library is not None and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and weight.shape[1] % 2 == 0 and library() is not None)
 
 
 class FastLinear(nn.Module):
@@ -66,14 +71,15 @@ class FastLinear(nn.Module):
         compute = compute_dtype or isa.current().matmul_dtype(weight.dtype)
         self.path = "F.linear"
         self.packed = None  # opaque or oddly shaped, so a plain attribute rather than a buffer
-        if use_kernel and compute == torch.bfloat16 and kernel_takes(weight):
-            self.packed, self.path = gemm.pack_bf16(weight.detach(), huge_pages), "bf16 kernel"
+        if use_kernel and kernel_takes(weight, compute):
+            self.packed = gemm.pack_bf16(weight.detach(), huge_pages)
+            self.path = "bf16 kernel" if compute == torch.bfloat16 else "bf16w kernel"
         elif (packed := reorder_weight(weight.detach().to(compute))) is not None:
             self.packed, self.path = packed, "oneDNN"
         # the plain weight is kept only when it is the path taken
         self.weight = None if self.packed is not None else nn.Parameter(weight.detach(), requires_grad=False)
-        if bias is not None:  # in the dtype the path adds it in (the bf16 kernel reads bf16)
-            bias = bias.detach().to(torch.bfloat16 if self.path == "bf16 kernel" else compute).contiguous()
+        if bias is not None:  # in the dtype the path adds it in (our kernels read bf16)
+            bias = bias.detach().to(torch.bfloat16 if self.path.endswith("kernel") else compute).contiguous()
         self.register_buffer("bias", bias)
 
     @classmethod
@@ -88,6 +94,9 @@ class FastLinear(nn.Module):
         if self.path == "bf16 kernel" and x.dtype == torch.bfloat16:
             y = gemm.bf16_gemm(x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features)
             return y.view(*x.shape[:-1], self.out_features)
+        if self.path == "bf16w kernel" and x.dtype in (torch.bfloat16, torch.float32):
+            y = gemm.bf16w_gemm(x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
         # oneDNN in the dtype it was reordered in: the input's, or float32 for any input (the policy
         # for bf16 weights on CPUs without bf16 matmuls)
         if self.path == "oneDNN" and (x.dtype == self.packed.dtype or self.packed.dtype == torch.float32):
@@ -97,7 +106,7 @@ class FastLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The plain [N, K] weight (rebuilt from the reordered one when that is all that is kept)."""
-        if self.path == "bf16 kernel":
+        if self.path.endswith("kernel"):
             return gemm.unpack_bf16(self.packed, self.out_features)
         return self.weight if self.packed is None else self.packed.to_dense()
 

@@ -43,8 +43,11 @@ AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 
 # library -> its variants, best first: (source in csrc/, features it is compiled for and needs)
 VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
-    "bf16_gemm": [("bf16_gemm.c", (*AVX512, "avx512_bf16"))],
-    "int_gemv": [("int_gemv.c", (*AVX512, "avx512_vnni"))],
+    # the AMX build adds tile products for prefill rows (bf16_amx.h) to the same source
+    "bf16_gemm": [("bf16_gemm.c", (*AVX512, "avx512_bf16", "amx_tile", "amx_bf16")),
+                  ("bf16_gemm.c", (*AVX512, "avx512_bf16"))],
+    "bf16w_gemm": [("bf16w_gemm.c", (*AVX2, *AVX512)), ("bf16w_gemm.c", AVX2)],
+    "int_gemv": [("int_gemv.c", (*AVX512, "avx512_vnni")), ("int_gemv_avx2.c", AVX2)],
     # the small ops: one source each, for AVX-512 (with FMA on 8 lanes, bf16_simd.h's f32x8) or AVX2
     "layer_ops": [("layer_ops.c", (*AVX2, *AVX512)), ("layer_ops.c", AVX2)],
     "paged_decode": [("paged_decode.c", (*AVX2, *AVX512)), ("paged_decode.c", AVX2)],
@@ -84,33 +87,46 @@ def build(source: Path, flags: list[str]) -> Path:
     return out
 
 
+def variants(name: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The variants of library `name` this CPU can run under the cap, best first."""
+    here = isa.current()
+    return [(src, feats) for src, feats in VARIANTS[name] if here.has(*feats) and (feats or here.tier != "none")]
+
+
 def variant(name: str) -> tuple[str, tuple[str, ...]] | None:
     """The best variant of library `name` this CPU can run under the cap, or None."""
-    here = isa.current()
-    return next(((src, feats) for src, feats in VARIANTS[name] if here.has(*feats)
-                 and (feats or here.tier != "none")), None)
+    return next(iter(variants(name)), None)
 
 
 @functools.cache
 def library(name: str) -> ctypes.CDLL | None:
     """Library `name` (a key of VARIANTS) built and loaded with its functions typed from kernels.h,
     or None, logged once: no variant for this CPU (at info: the norm below AVX-512), no compiler, a
-    failed compile. `library.cache_clear()` after changing the cap."""
-    chosen = variant(name)
-    if chosen is None:
+    failed compile. A variant that fails to build gives way to the next one this CPU runs (an AMX
+    variant needs a gcc >= 11; the AVX-512 one does not). `lib.variant` is the one loaded.
+    `library.cache_clear()` after changing the cap."""
+    candidates = variants(name)
+    if not candidates:
         log.info("%s: no variant for this CPU (tier %s), using torch's kernels", name, isa.current().tier)
         return None
-    source, features = chosen
-    try:
-        lib = ctypes.CDLL(str(build(CSRC / source, flags_for(features) + SOURCE_FLAGS.get(source, []))))
-    except subprocess.CalledProcessError as e:
-        log.warning("%s: compile failed, using torch's kernels:\n%s", name, e.stderr[-2000:])
-        return None
-    except OSError as e:  # no compiler, no writable cache folder, a .so that won't load
-        log.warning("%s unavailable (%s), using torch's kernels", name, e)
-        return None
-    header().type_functions(lib)
-    return lib
+    for i, (source, features) in enumerate(candidates):
+        last = i == len(candidates) - 1
+        try:
+            lib = ctypes.CDLL(str(build(CSRC / source, flags_for(features) + SOURCE_FLAGS.get(source, []))))
+        except subprocess.CalledProcessError as e:
+            if not last:
+                log.warning("%s: %s for %s did not build, trying the next variant:\n%s", name, source,
+                            "+".join(features), e.stderr[-2000:])
+                continue
+            log.warning("%s: compile failed, using torch's kernels:\n%s", name, e.stderr[-2000:])
+            return None
+        except OSError as e:  # no compiler, no writable cache folder, a .so that won't load
+            log.warning("%s unavailable (%s), using torch's kernels", name, e)
+            return None
+        header().type_functions(lib)
+        lib.variant = (source, features)
+        return lib
+    return None
 
 
 def address(fn) -> int:

@@ -223,9 +223,29 @@ static void tiled(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint1
     }
 }
 
-/* y [M, N] = x [M, K] @ w.T + bias. Up to MV rows stream the weights once; more use the tile. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "bf16_amx.h"
+#define HAVE_AMX 1
+#else
+#define HAVE_AMX 0
+static int amx_state = -1;
+static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint16_t *bias, int64_t M, int64_t N,
+                    int64_t K, int nthreads) {
+    (void)w, (void)x, (void)y, (void)bias, (void)M, (void)N, (void)K, (void)nthreads;
+    return -1;
+}
+int bf16_gemm_amx(int enable) { /* built without AMX: never on */
+    (void)enable;
+    return 0;
+}
+#endif
+
+/* y [M, N] = x [M, K] @ w.T + bias. Up to MV rows stream the weights once; more use the tile (AMX
+ * tiles for prefill rows where built and switched on; when they can't run, the AVX-512 tiles). */
 void bf16_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint16_t *bias, int64_t M, int64_t N,
                int64_t K, int nthreads) {
+    if (HAVE_AMX && M > WIDE_MAX && K % 32 == 0 && amx_state > 0 && amx_gemm(w, x, y, bias, M, N, K, nthreads) == 0)
+        return;
     if (M <= MV)
         stream(w, x, y, bias, M, N, K, nthreads);
     else if (M > MT && M <= WIDE_MAX)

@@ -5,7 +5,8 @@
  * allocation, ~3 ms a step, more than a tenth of an int4 step. Here the same kernels are called in
  * the same order on the same values (so the result is the Python path's, bit for bit), from C.
  *
- * The kernels live in the other libraries (bf16_gemm.c, int_gemv.c, layer_ops.c, paged_decode.c):
+ * The kernels live in the other libraries (bf16_gemm.c or bf16w_gemm.c, int_gemv.c, layer_ops.c,
+ * paged_decode.c):
  * the caller passes their addresses in the Decoder, and the weights' and the KV cache's addresses
  * in each Layer (qwen2vl/kernels/decode_step.py builds them once;
  * kernels.h declares the structs). Nothing here needs AVX-512 itself.
@@ -17,6 +18,7 @@
 /* The kernels' types, from their prototypes in kernels.h (the Decoder and each Linear hold them as
  * plain addresses). */
 typedef __typeof__(&bf16_gemm) bf16_gemm_fn;
+typedef __typeof__(&bf16w_gemm) bf16w_gemm_fn;
 typedef __typeof__(&int8_gemm) int8_gemm_fn;
 typedef __typeof__(&int4_gemm) int4_gemm_fn;
 typedef __typeof__(&rms_norm) rms_norm_fn;
@@ -35,6 +37,8 @@ static int linear(const Linear *l, const bf16 *x, bf16 *y, int64_t M, int nt) {
     case BF16:
         ((bf16_gemm_fn)l->fn)(l->w, x, y, l->bias, M, l->n, l->k, nt);
         return 0;
+    case BF16W:
+        return ((bf16w_gemm_fn)l->fn)(l->w, x, y, l->bias, 1, M, l->n, l->k, nt);
     case INT8:
         return ((int8_gemm_fn)l->fn)(l->w, l->scales, (int)l->scales_bf16, x, y, l->bias, 1, M, l->n, l->k, nt);
     default:

@@ -22,42 +22,19 @@
  *         64-byte load gives two dpbusd operands after an and / a shift.
  *   int4 scales and zeros: [N/16][K/group][2][16] (16 scales, then 16 zeros).
  * x, y and bias are bf16 or fp32 (io_bf16); scales bf16 or fp32 (scales_bf16). K % 32 == 0.
- * Returns 0, or -1 when out of memory. Built by qwen2vl/kernels/__init__.py.
+ * Returns 0, or -1 when out of memory. Built by qwen2vl/backends/cpu/native.py.
  */
 #include <stdint.h>
 #include "kernels.h"
 #include <stdlib.h>
 #include <string.h>
-
-#define QK 32 /* activation block along k */
-#define MR 4  /* activation rows per pass over a weight block: 4 x 2 accumulators, one per chain */
+#include "int_gemv_acts.h"
 
 #if !(defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
       defined(__AVX512VNNI__))
 #error "needs AVX-512 VNNI (native.py compiles it with -mavx512f -mavx512bw -mavx512vl -mavx512vnni)"
 #endif
 #include <immintrin.h>
-
-
-/* Quantized activations, interleaved per chunk of mr <= MR rows (the rows that one pass over a
- * weight block reads together), so a pass reads two sequential streams rather than 4 per row
- * (cold 4-row calls of the 1536x8960 shape: int4 341 -> 262 us, int8 415 -> 369 us):
- *   q:   the chunk of rows m0.. starts at m0 * K; 4 k of row r at ((k / 4) * mr + r) * 4
- *   blk: the chunk starts at m0 * K / QK; block b of row r at b * mr + r */
-typedef struct {
-    float d;    /* block scale */
-    float s;    /* float sum of the block's x */
-    int32_t sq; /* sum of the block's quantized x */
-} Block;
-
-typedef struct {
-    int8_t *q;
-    Block *blk;
-    float *offset; /* per row: 128 * sum_b d_b * qsum_b, the int8 codes' offset in the row's dots */
-    int once;      /* M <= MR: each weight block is read in one pass */
-} Acts;
-
-static inline int chunk_rows(int64_t M, int64_t m0) { return M - m0 < MR ? (int)(M - m0) : MR; }
 
 static inline __m512 load16(const void *p, int bf16) {
     if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)), 16));
@@ -79,19 +56,6 @@ static inline void store16(void *p, __m512 v, int bf16, __mmask16 mask) {
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
     _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-}
-
-/* Weights come from memory, and with the hardware prefetcher alone the compute and the memory
- * reads take turns: each 64-byte line is requested 8 KB ahead. Non-temporal when each weight
- * block is read in one pass (M <= MR); to all cache levels when later passes re-read it. Cold 2B
- * shapes: int4 4-row calls of 1536x8960 288 -> 218 us, one-row calls 5-10% faster, 283-row
- * prefill within 3%. (gcc 12 dropped _mm_prefetch called from this helper: check objdump.) */
-#define PREFETCH 8192
-static inline void prefetch(const void *p, int once) {
-    if (once)
-        __builtin_prefetch(p, 0, 0); /* prefetchnta */
-    else
-        __builtin_prefetch(p, 0, 3); /* prefetcht0 */
 }
 
 static inline __m512i bcast4(const int8_t *p) { /* 4 activation bytes to every lane */

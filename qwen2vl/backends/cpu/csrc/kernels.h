@@ -15,8 +15,16 @@ typedef uint16_t bf16;
 /* bf16_gemm.c: y [M, N] = x [M, K] @ W.T + bias, W packed by pack_bf16, bf16 in and out. */
 void bf16_gemm(const bf16 *w, const bf16 *x, bf16 *y, const bf16 *bias, int64_t M, int64_t N, int64_t K,
                int nthreads);
+/* Its AMX tiles for prefill rows (the amx variant only; 0 elsewhere): 1 asks Linux for the tile state and
+ * switches them on, 0 switches them off, -1 asks whether they are on. 1 when on. */
+int bf16_gemm_amx(int enable);
 
-/* int_gemv.c: int8 / int4 weights (pack_int8 / pack_int4 layouts) times activations quantized on
+/* bf16w_gemm.c: the same with fp32 arithmetic (CPUs without AVX-512 BF16); x and y bf16 or fp32
+ * (io_bf16), bias bf16 or NULL. 0, or -1 when out of memory. */
+int bf16w_gemm(const bf16 *w, const void *x, void *y, const bf16 *bias, int io_bf16, int64_t M, int64_t N, int64_t K,
+               int nthreads);
+
+/* int_gemv.c (int_gemv_avx2.c without AVX-512): int8 / int4 weights (pack_int8 / pack_int4 layouts) times activations quantized on
  * the fly; x, y, bias bf16 or fp32 (io_bf16). 0, or -1 when out of memory. */
 int int8_gemm(const uint8_t *w, const void *scales, int scales_bf16, const void *x, void *y, const void *bias,
               int io_bf16, int64_t M, int64_t N, int64_t K, int nthreads);
@@ -43,12 +51,12 @@ void vision_rotary(bf16 *qkv, int64_t stride, const float *cos, const float *sin
 void softmax_rows(bf16 *x, int64_t R, int64_t n, int lanes, int nthreads);
 
 /* decode_step.c: a whole decode step, calling the kernels above through these pointers. */
-enum { BF16 = 0, INT8 = 1, INT4 = 2 };
+enum { BF16 = 0, INT8 = 1, INT4 = 2, BF16W = 3 };
 
 /* One linear: y [M, n] = x [M, k] @ W.T + bias, W in its kernel's packed layout. */
 typedef struct {
-    int64_t kind;                  /* BF16, INT8 or INT4 */
-    const void *fn;                /* bf16_gemm, int8_gemm or int4_gemm */
+    int64_t kind;                  /* BF16, INT8, INT4 or BF16W */
+    const void *fn;                /* bf16_gemm, int8_gemm, int4_gemm or bf16w_gemm */
     const void *w, *scales, *bias; /* scales: per row (INT8) or scales|zeros per group (INT4); bias bf16 or NULL */
     int64_t scales_bf16, n, k, group;
 } Linear;

@@ -1,0 +1,111 @@
+/* AMX bf16 tiles for bf16_gemm.c's prefill rows (Sapphire Rapids and later), included only when the
+ * amx variant is compiled (-mamx-tile -mamx-bf16, native.py).
+ *
+ * Why: prefill and the vision tower are compute-bound, and `tdpbf16ps` does a 16x32 by 32x16 bf16
+ * product (8192 multiply-adds) per instruction, several times the AVX-512 BF16 register tile's rate.
+ * pack_bf16's layout [N/16][K/2][16][2] is already AMX's B-tile layout: 16 rows of 64 bytes, row c
+ * holding the k pair c of the block's 16 output rows, so a block times 32 k is one tile load with a
+ * 64-byte stride. x [M, K] row-major is the A tile as it stands (16 rows of 32 bf16, stride 2K).
+ *
+ * Each output accumulates its k pairs in order inside the tile unit. Rows past M are read from a
+ * zero-padded copy of the last rows, so no tile reads past x. Linux hands out the 8 KB of tile
+ * state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM). The tiles are off unless
+ * the Python side switches them on: only with QWEN2VL_AMX=1 (see gemm.bf16_library: rows > 16
+ * would sum in another order than decode rows) and only if a checked product passes; when Linux
+ * refuses, when switched off, or when the tail buffer can't be allocated, the AVX-512 tiles run.
+ * Unmeasured: no machine with AMX was at hand when it was written; this machine compiles it and
+ * runs it switched off (tests/test_native.py).
+ */
+#ifndef QWEN2VL_BF16_AMX_H
+#define QWEN2VL_BF16_AMX_H
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_ROWS 32 /* x rows per pass: two A tiles */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int amx_state = 0; /* 0: not asked yet (off), 1: on, -1: switched off or refused */
+
+int bf16_gemm_amx(int enable) {
+    if (enable == 0) amx_state = -1;
+    if (enable == 1) amx_state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+    return amx_state > 0;
+}
+
+/* tiles 0-3: C (fp32, 16 x 16), 4-5: A (two row groups), 6-7: B (two weight blocks); all 16 x 64 B */
+static void amx_configure(void) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+/* C tile t (16 x 16 fp32) + bias -> y rows m0.. (those < M) of block n0, rounded once to bf16 */
+#define AMX_STORE(t, row0, n0)                                                                     \
+    do {                                                                                           \
+        _tile_stored(t, c, 64);                                                                    \
+        const __mmask16 mask = row_mask(N, n0);                                                    \
+        const __m512 b = load_bias(bias, n0, mask);                                                \
+        for (int r = 0; r < 16 && (row0) + r < M; r++)                                             \
+            store16(y + ((row0) + r) * N + (n0), _mm512_add_ps(_mm512_loadu_ps(c + r * 16), b), mask); \
+    } while (0)
+
+/* y [M, N] = x [M, K] @ w.T + bias with K % 32 == 0. Returns -1 when out of memory (nothing written). */
+static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint16_t *bias, int64_t M,
+                    int64_t N, int64_t K, int nthreads) {
+    const int64_t blocks = (N + 15) / 16, groups = (M + AMX_ROWS - 1) / AMX_ROWS, pairs = (blocks + 1) / 2;
+    uint16_t *tail = NULL; /* the last rows, zero-padded to AMX_ROWS */
+    if (M % AMX_ROWS) {
+        if (!(tail = calloc((size_t)AMX_ROWS * K, sizeof *tail))) return -1;
+        memcpy(tail, x + (M / AMX_ROWS) * AMX_ROWS * K, (size_t)(M % AMX_ROWS) * K * sizeof *tail);
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        float c[256];
+        amx_configure(); /* tile state is per thread */
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < groups * pairs; task++) {
+            const int64_t g = task / pairs, b0 = (task % pairs) * 2, m0 = g * AMX_ROWS;
+            const uint16_t *xa = (tail && g == groups - 1) ? tail : x + m0 * K;
+            const uint16_t *w0 = w + b0 * 16 * K, *w1 = w0 + 16 * K;
+            const int two = b0 + 1 < blocks;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t k = 0; k < K; k += 32) {
+                _tile_loadd(4, xa + k, 2 * K);
+                _tile_loadd(5, xa + 16 * K + k, 2 * K);
+                _tile_loadd(6, w0 + k * 16, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(2, 5, 6);
+                if (two) {
+                    _tile_loadd(7, w1 + k * 16, 64);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            AMX_STORE(0, m0, b0 * 16);
+            AMX_STORE(2, m0 + 16, b0 * 16);
+            if (two) {
+                AMX_STORE(1, m0, (b0 + 1) * 16);
+                AMX_STORE(3, m0 + 16, (b0 + 1) * 16);
+            }
+        }
+        _tile_release();
+    }
+    free(tail);
+    return 0;
+}
+#endif
