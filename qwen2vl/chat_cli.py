@@ -17,7 +17,7 @@ from pathlib import Path
 from qwen2vl.backends.quant import QUANTIZATIONS
 from qwen2vl.cli_errors import explain
 from qwen2vl.grounding import drop_markup
-from qwen2vl.hub import DEFAULT_MODEL
+from qwen2vl.hub import DEFAULT_MODEL, DEMO_MODEL
 
 HELP = "commands: /image PATH, /video PATH, /reset (forget the conversation), /quit"
 
@@ -37,7 +37,9 @@ def positive(kind):
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", nargs="?", help="ask this once and exit; without it, chat interactively")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"folder or hub repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"folder, hub repo id or {DEMO_MODEL!r} (the small model shipped in the package, for trying "
+                        f"things offline; default {DEFAULT_MODEL})")
     p.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL", help="repeat for several")
     p.add_argument("--video", action="append", default=[], metavar="PATH_OR_URL", help="repeat for several")
     p.add_argument("--system", help="system prompt")

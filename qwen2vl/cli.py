@@ -1,4 +1,4 @@
-"""The `qwen2vl` command (also `python -m qwen2vl`): chat, serve, train, merge, download, info, tokens.
+"""The `qwen2vl` command (also `python -m qwen2vl`): chat, serve, train, merge, download, info, tokens, eval.
 
 Every failure a user can cause (no network, missing folder, wrong format, out of memory, bad
 option) ends as one line on stderr saying what to do next, and a non-zero exit code; set
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from qwen2vl.cli_errors import explain
-from qwen2vl.hub import DEFAULT_MODEL, is_repo_id, no_such_model
+from qwen2vl.hub import DEFAULT_MODEL, DEMO_MODEL, is_repo_id, no_such_model
 
 PUBLISHED_PREPROCESSOR = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384}  # Qwen2-VL-*-Instruct on the hub
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="sizes, dtypes, parameter counts and memory of a checkpoint, without loading; "
                                        "--system: this machine's CPU tier, kernels and memory bandwidth")
-    info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="local folder or hub repo id")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                      help=f"local folder, hub repo id or {DEMO_MODEL!r} (the model shipped in the package)")
     info.add_argument("--system", action="store_true",
                       help="describe this machine instead: CPU tier, which kernels load and why not the others, "
                            "the compiler, a memory-bandwidth probe and the decode speed it bounds")
@@ -75,11 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokens = sub.add_parser("tokens", help="how many visual tokens an image or video costs")
     tokens.add_argument("media", metavar="IMAGE_OR_VIDEO", help="path or URL")
-    tokens.add_argument("--model", help="read the pixel settings of this model folder (default: published ones)")
+    tokens.add_argument("--model", help=f"read the pixel settings of this model (a folder, hub repo id or "
+                        f"{DEMO_MODEL!r}; default: the published Qwen2-VL ones)")
     tokens.add_argument("--min-pixels", type=chat_cli.positive(int))
     tokens.add_argument("--max-pixels", type=chat_cli.positive(int))
     tokens.add_argument("--fps", type=chat_cli.positive(float), help="video frames sampled per second")
     tokens.set_defaults(run=run_tokens)
+
+    from qwen2vl.demo.evaluate import add_eval_arguments, run_eval
+
+    evaluate = sub.add_parser("eval", help="accuracy per task of the demo model on fresh synthetic cases")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=run_eval)
     return parser
 
 
@@ -102,6 +110,9 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
 # -- download ------------------------------------------------------------------------------
 
 def run_download(args) -> int:
+    if args.model == DEMO_MODEL:
+        print(f"the {DEMO_MODEL} model ships with the package; nothing to download")
+        return 0
     if Path(args.model).expanduser().is_dir():
         print(f"{args.model} is a local folder already; nothing to download")
         return 0
@@ -166,7 +177,11 @@ def checkpoint_headers(name: str) -> tuple[dict, dict[str, dict], str]:
     """(config.json, {file: {tensor: {dtype, shape, data_offsets}}}, where) without reading weights:
     a local folder (or the hub cache) from the files, a hub repo from the headers alone."""
     path = Path(name).expanduser()
-    if not path.is_dir() and is_repo_id(name):
+    if name == DEMO_MODEL:
+        from qwen2vl.hub import resolve_model_path
+
+        path = resolve_model_path(name)
+    elif not path.is_dir() and is_repo_id(name):
         from huggingface_hub import snapshot_download
 
         try:

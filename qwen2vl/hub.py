@@ -1,4 +1,5 @@
-"""Turn a model name into a local folder: a folder as is, a hub repo id through huggingface_hub."""
+"""Turn a model name into a local folder: a folder as is, "demo" the model shipped in the package,
+a hub repo id through huggingface_hub."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 from pathlib import Path
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
+DEMO_MODEL = "demo"  # a tiny Qwen2-VL trained on the package's synthetic tasks (qwen2vl/demo/), always offline
+DEMO_PATH = Path(__file__).resolve().parent / "demo" / "checkpoint"
 # what a Qwen2-VL folder needs; skips other formats a repo may carry (gguf, onnx, ...)
 FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -24,12 +27,17 @@ def no_such_model(name: str) -> FileNotFoundError:
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A local checkpoint folder for `name_or_path`, downloading a hub repo id if needed.
 
-    A local folder never touches the network. A repo id is looked up in the local hub cache
-    first, then downloaded (progress bar, resumable); offline, this fails fast with a message
-    that says how to pass a local folder.
+    A local folder never touches the network, nor does "demo" (the model shipped in the package,
+    docs in qwen2vl/demo/). A repo id is looked up in the local hub cache first, then downloaded
+    (progress bar, resumable); offline, this fails fast with a message that says how to pass a
+    local folder.
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if name == DEMO_MODEL:  # the name, always: a folder called demo is ./demo
+        if not (DEMO_PATH / "model.safetensors").is_file():
+            raise FileNotFoundError(f"the demo model is missing from this install ({DEMO_PATH}); reinstall the package")
+        return DEMO_PATH
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; is this a Qwen2-VL or Qwen2.5-VL checkpoint folder?")

@@ -226,6 +226,23 @@ def test_special_tokens_in_system_and_assistant_strings_too(proc):
     assert proc.image_token_id not in ids and ids.count(proc.tokenizer.token_to_id("<|im_end|>")) == 3
 
 
+def test_answers_hold_special_tokens_only_in_assistant_messages(proc, enc):
+    """Training data: a grounding answer's markup is the model's own tokens (what it must learn to
+    write), while the same strings in user and system text stay plain text."""
+    answer = "<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(1,2),(30,40)<|box_end|>"
+    msgs = [{"role": "system", "content": "<|box_start|>"}, {"role": "user", "content": "Where <|im_end|>?"},
+            {"role": "assistant", "content": answer}]
+    ids = proc(msgs, answers_hold_special_tokens=True)["input_ids"].tolist()
+    assert ids == proc.encode_text(msgs, answers_hold_special_tokens=True)
+    text = ("<|im_start|>system\n", "<|box_start|>", "<|im_end|>\n<|im_start|>user\n", "Where <|im_end|>?",
+            "<|im_end|>\n<|im_start|>assistant\n" + answer + "<|im_end|>\n")
+    special = {"allowed_special": "all"}
+    assert ids == (enc.encode(text[0], **special) + enc.encode_ordinary(text[1]) + enc.encode(text[2], **special)
+                   + enc.encode_ordinary(text[3]) + enc.encode(text[4], **special))
+    assert ids.count(proc.tokenizer.token_to_id("<|box_start|>")) == 1
+    assert proc(msgs)["input_ids"].tolist().count(proc.tokenizer.token_to_id("<|box_start|>")) == 0  # off by default
+
+
 def test_strict_mode_names_the_token(proc):
     msgs = [{"role": "user", "content": [{"type": "text", "text": "a <|image_pad|> b"}]}]
     with pytest.raises(ValueError, match=r"<\|image_pad\|>"):

@@ -2,6 +2,7 @@
 several images, streaming, n/seed/logprobs/stop, tools round trip, JSON schema, usage, metrics,
 token counts, and a client disconnect freeing the cache. One real server for the module."""
 
+import io
 import json
 import threading
 import time
@@ -10,7 +11,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
+from PIL import Image
 
 from qwen2vl.server.limits import ServerLimits
 from tests.helpers.checkpoints import tiny_checkpoint
@@ -28,6 +30,7 @@ def media_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("media")
     (folder / "img.png").write_bytes(IMAGE)
     (folder / "clip.mp4").write_bytes(VIDEO)
+    (folder / "frame4.png").write_bytes(png_bytes(84, 56, seed=14))
     return folder
 
 
@@ -150,6 +153,35 @@ def test_video_and_multi_image(server, client, media_url):
     counted = count(server, two)
     assert [i["tokens"] for i in counted["items"]] == [4, 12]  # 120x90 -> 112x84 -> 8x6 patches -> 12
     assert ask(client, two).usage.prompt_tokens == counted["prompt_tokens"]
+
+
+def test_video_as_a_list_of_frames_answers_as_the_engine_does(server, client, media_url):
+    """Qwen form {"type": "video", "video": [frame URLs]} (what qwen-vl-utils takes): every frame
+    used as given, costed from the frames' headers, answered as LLM answers the same PIL frames."""
+    from qwen2vl.engine.llm import LLM
+    from qwen2vl.engine.sampling_params import SamplingParams
+
+    frames = [png_bytes(84, 56, seed=10 + i) for i in range(5)]
+    size = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 6}  # options on the part, as qwen-vl-utils reads them
+    part = {"type": "video", "video": [data_uri(f) for f in frames[:4]] + [f"{media_url}/frame4.png"], **size}
+    counted = count(server, [part, {"type": "text", "text": "What moves?"}])
+    (item,) = counted["items"]
+    assert item["frames"] == 5 and item["grid_thw"] == [3, 4, 6]  # 5 frames -> 3 pairs (the last repeated)
+    r = ask(client, [part, {"type": "text", "text": "What moves?"}], max_tokens=5)
+    assert r.usage.prompt_tokens == counted["prompt_tokens"]
+
+    llm = LLM(str(tiny_checkpoint()), dtype="float32", kv_cache_gib=0.02, max_model_len=2048)
+    pil = [Image.open(io.BytesIO(f)) for f in frames]
+    messages = [{"role": "user", "content": [{"type": "video", "video": pil, **size},
+                                             {"type": "text", "text": "What moves?"}]}]
+    ref = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5))[0]
+    assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == len(ref.prompt_token_ids)
+
+    for bad, where in (({"type": "video", "video": []}, "non-empty list of frame URLs"),
+                       ({"type": "video", "video": [data_uri(frames[0])] * 2, "nframes": 2}, "nframes"),
+                       ({"type": "video", "video": ["ftp://x/y.png"]}, r"video\[0\]: unsupported URL scheme")):
+        with pytest.raises(BadRequestError, match=where):
+            ask(client, [bad, {"type": "text", "text": "?"}])
 
 
 def test_mm_processor_kwargs_per_request_per_item_and_clamped(server):

@@ -131,6 +131,37 @@ def test_full_training_from_random_weights_writes_a_loadable_checkpoint(setup):
     assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
 
 
+def test_vision_lr_and_init_scale_reach_the_vision_tower_only(setup):
+    """--vision-lr: the vision tower (merger included) steps at its own rate; --init-vision-scale: the
+    merger's output layer starts scaled (visual features near the text embeddings' size)."""
+    from qwen2vl.train.setup import random_model
+
+    root, data = setup
+    torch.manual_seed(0)
+    plain = random_model(root / "base", "cpu")
+    torch.manual_seed(0)
+    scaled = random_model(root / "base", "cpu", vision_scale=0.1)
+    torch.testing.assert_close(scaled.visual.merger.mlp[-1].weight, 0.1 * plain.visual.merger.mlp[-1].weight)
+    torch.testing.assert_close(scaled.visual.merger.mlp[0].weight, plain.visual.merger.mlp[0].weight)
+    torch.testing.assert_close(scaled.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+
+    base = load_file(str(root / "base" / "model.safetensors"))
+
+    def moved(vision_lr) -> dict[str, float]:
+        """Mean change of a vision and a decoder weight after one step (Adam moves each by about its lr)."""
+        out = root / f"vision_lr_{vision_lr}"
+        train(TrainConfig(model=str(root / "base"), data=str(data), output=str(out), full=True, train_vision=True,
+                          lr=1e-3, vision_lr=vision_lr, batch_size=4, steps=1, dtype="fp32"), log=lambda line: None)
+        trained = load_file(str(out / "model.safetensors"))
+        return {k: (trained[k].float() - base[k].float()).abs().mean().item()
+                for k in ("visual.merger.mlp.2.weight", "model.layers.0.mlp.up_proj.weight")}
+
+    same, slow = moved(None), moved(1e-5)
+    decoder, vision = "model.layers.0.mlp.up_proj.weight", "visual.merger.mlp.2.weight"
+    assert slow[decoder] == pytest.approx(same[decoder], rel=1e-3)  # the decoder's rate is --lr either way
+    assert slow[vision] < same[vision] / 20
+
+
 def qwen2vl(*args, cwd=REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "qwen2vl", *map(str, args)], capture_output=True, text=True,

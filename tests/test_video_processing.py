@@ -145,6 +145,27 @@ def test_frame_list_is_used_as_given_and_odd_counts_repeat_the_last_frame(tmp_pa
     assert load_video([Image.fromarray(arrays[0])] * 2, fps=4.0)[1] == 4.0
 
 
+@pytest.mark.parametrize("as_paths", [False, True])
+def test_frame_list_matches_qwen_vl_utils(reference, tmp_path, as_paths):
+    """qwen-vl-utils' list-of-frames path: each frame through fetch_image, the last repeated to an even
+    count, then the video resize. Its fetch_image gets 28 as the patch size there, so it first
+    rounds each frame to multiples of 56; we resize once, as transformers' video processor does a
+    list of frames (test above). On frames whose sides are multiples of 56 the two agree exactly."""
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (56, 112, 3), dtype=np.uint8)) for _ in range(5)]
+    frames = images
+    if as_paths:
+        frames = [str(tmp_path / f"f{i}.png") for i in range(5)]
+        for image, path in zip(images, frames):
+            image.save(path)
+    options = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 8}
+    ref_video = reference.fetch_video({"video": frames, **options})
+    ref_pv, ref_grid = hf_video_patches(ref_video)
+    pv, grid = preprocess_video(load_video(frames)[0], CFG, **options)
+    assert grid == ref_grid == (3, 4, 8)
+    torch.testing.assert_close(pv, ref_pv, rtol=0, atol=1e-6)
+
+
 def test_bad_requests_and_limits_raise_clear_errors(clips, tmp_path):
     with pytest.raises(ValueError, match="either fps or nframes"):
         load_video(clips["mp4"], fps=2.0, nframes=4)

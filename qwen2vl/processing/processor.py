@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from qwen2vl.hub import DEMO_MODEL, resolve_model_path
 from qwen2vl.processing.chat_template import ChatTemplate
 from qwen2vl.processing.detokenizer import Detokenizer
 from qwen2vl.processing.image import load_image, preprocess_image
@@ -65,7 +66,9 @@ class Processor:
     @classmethod
     def from_pretrained(cls, folder: str | Path, policy: MediaPolicy | None = None) -> "Processor":
         """Tokenizer, chat template (built-in Qwen2-VL one if the folder has none) and pixel
-        settings (preprocessor_config.json) of a checkpoint folder."""
+        settings (preprocessor_config.json) of a checkpoint folder, hub repo id or "demo"."""
+        if str(folder) == DEMO_MODEL or not Path(folder).expanduser().is_dir():  # a folder needs no config.json
+            folder = resolve_model_path(folder)
         tok = Tokenizer.from_pretrained(folder)
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
         template = ChatTemplate.from_pretrained(folder, {k: v for k, v in specials.items() if v is not None})
@@ -104,14 +107,20 @@ class Processor:
 
     def __call__(self, messages, add_generation_prompt: bool = False, *, tools: list[dict] | None = None,
                  add_vision_id: bool = False, continue_final_message: bool = False,
-                 reject_special_tokens: bool = False, **variables) -> dict:
+                 reject_special_tokens: bool = False, answers_hold_special_tokens: bool = False,
+                 **variables) -> dict:
         """Input ids and pixel tensors for `messages` (Qwen or OpenAI form); see the module docstring
-        and `apply_chat_template`."""
+        and `apply_chat_template`.
+
+        `answers_hold_special_tokens`: special-token strings in assistant messages are the tokens
+        themselves, as in training data whose answers hold grounding markup (`<|box_start|>`...);
+        they stay plain text everywhere else."""
         messages = from_openai(messages)
         media = check_messages(messages)
         if reject_special_tokens:
             self._reject_special_tokens({"messages": messages, "tools": tools, **variables})
         ids = self._encode_chat(messages, add_generation_prompt, tools, continue_final_message=continue_final_message,
+                                answers_hold_special_tokens=answers_hold_special_tokens,
                                 add_vision_id=add_vision_id, **variables)
 
         images = [self._image(m) for m in media if m.kind == "image"]
@@ -130,25 +139,29 @@ class Processor:
         return out
 
     def encode_text(self, messages, add_generation_prompt: bool = False, *, tools: list[dict] | None = None,
-                    continue_final_message: bool = False, **variables) -> list[int]:
+                    continue_final_message: bool = False, answers_hold_special_tokens: bool = False,
+                    **variables) -> list[int]:
         """The ids of `messages` with one pad per image/video (no pixels read): what `__call__`
         returns before the pads are expanded. Training masks its labels on these; the server
         counts a prompt with them (and the visual tokens from headers) before decoding anything."""
         messages = from_openai(messages)
         check_messages(messages)
         return self._encode_chat(messages, add_generation_prompt, tools,
-                                 continue_final_message=continue_final_message, **variables)
+                                 continue_final_message=continue_final_message,
+                                 answers_hold_special_tokens=answers_hold_special_tokens, **variables)
 
     # -- text ------------------------------------------------------------------------------
 
     def _encode_chat(self, messages, add_generation_prompt, tools, continue_final_message=False,
+                     answers_hold_special_tokens=False,
                      **variables) -> list[int]:
         """Render with user-typed special strings marked, then tokenize (module docstring)."""
         tok = self.tokenizer
         start, end = _markers([messages, tools, variables])
         mark = tok.special_re
+        unmarked = [m for m in messages if answers_hold_special_tokens and m.get("role") == "assistant"]
         marked = _map_strings({"messages": messages, "tools": tools, "variables": variables},
-                              lambda s: mark.sub(lambda m: start + m.group(0) + end, s))
+                              lambda s: mark.sub(lambda m: start + m.group(0) + end, s), keep=unmarked)
         text = self.template.render(marked["messages"], add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final_message, tools=marked["tools"],
                                     **marked["variables"])
@@ -214,16 +227,18 @@ def _stack(processed: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return pixels, torch.tensor([list(g) for _, g in processed], dtype=torch.long)
 
 
-def _map_strings(value, fn):
-    """Apply `fn` to every string in nested dicts/lists (dict keys left alone)."""
+def _map_strings(value, fn, keep=()):
+    """Apply `fn` to every string in nested dicts/lists (dict keys, and the objects in `keep`, left alone)."""
+    if any(value is k for k in keep):
+        return value
     if isinstance(value, str):
         return fn(value)
     if isinstance(value, dict):
-        return {k: _map_strings(v, fn) for k, v in value.items()}
+        return {k: _map_strings(v, fn, keep) for k, v in value.items()}
     if isinstance(value, list):
-        return [_map_strings(v, fn) for v in value]
+        return [_map_strings(v, fn, keep) for v in value]
     if isinstance(value, tuple):
-        return tuple(_map_strings(v, fn) for v in value)
+        return tuple(_map_strings(v, fn, keep) for v in value)
     return value
 
 

@@ -11,13 +11,14 @@ import os
 import sys
 
 from qwen2vl.backends.quant import QUANTIZATIONS
-from qwen2vl.hub import DEFAULT_MODEL
+from qwen2vl.hub import DEFAULT_MODEL, DEMO_MODEL
 from qwen2vl.server.limits import add_limit_arguments, limits_from_args
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                        help=f"local folder or hub repo id (default {DEFAULT_MODEL})")
+                        help=f"local folder, hub repo id or {DEMO_MODEL!r} (the model shipped in the package; "
+                             f"default {DEFAULT_MODEL})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("QWEN2VL_API_KEY"),

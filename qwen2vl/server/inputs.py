@@ -25,6 +25,9 @@ from qwen2vl.server.limits import IMAGE_KEYS, VIDEO_KEYS, ServerLimits
 from qwen2vl.server.tokens import MediaCost, media_cost
 
 SCHEMES = ("data:", "http://", "https://", "file://")
+# A video as a list of frames, in the Qwen form qwen-vl-utils takes: {"type": "video", "video": [url, ...]};
+# file-only sampling options do not apply to it.
+FRAME_LIST_EXCLUDED = ("nframes", "min_frames", "max_frames", "video_start", "video_end")
 # The vision options a client may set (a subset of the processor's: no resized_height/width)
 _ALLOWED = {"image": {k: VIDEO_OPTIONS[k] for k in IMAGE_KEYS}, "video": {k: VIDEO_OPTIONS[k] for k in VIDEO_KEYS}}
 # A 1-pixel side holds no picture (a tracking pixel, a broken export); the resize would blow it up
@@ -36,7 +39,7 @@ MIN_SIDE = 2
 class MediaRef:
     kind: str  # "image" or "video"
     param: str  # messages[i].content[j]
-    url: str
+    url: str | list[str]  # a list: the frames of a video
     options: dict
     message: int
     part: int
@@ -70,10 +73,11 @@ def check_inputs(messages: list[dict], body_options: dict | None, limits: Server
             raise bad_request(f"{where}: {item.kind}_url parts are only allowed in user and system messages", where)
         allowed = _ALLOWED[item.kind]  # _check_policy saw to it that the options are among these
         url = item.source
-        if not url.startswith(SCHEMES):
-            scheme = url.split(":", 1)[0][:20] if ":" in url else "none"
-            param = f"{where}.{item.kind}_url.url"
-            raise bad_request(f"{param}: unsupported URL scheme {scheme!r}; use http(s)://, data: or file://", param)
+        if isinstance(url, list):  # a video as its frames (_check_policy: a non-empty list of strings)
+            for k, frame in enumerate(url):
+                _check_scheme(frame, f"{where}.video[{k}]")
+        else:
+            _check_scheme(url, f"{where}.{item.kind}_url.url")
         inherited = {k: v for k, v in body_options.items() if k in allowed}
         refs.append(MediaRef(item.kind, where, url, {**inherited, **item.options}, item.message, item.part))
     check_counts(refs, limits, "messages")
@@ -89,6 +93,12 @@ def check_counts(refs: list[MediaRef], limits: ServerLimits, param: str) -> None
         count = sum(r.kind == kind for r in refs)
         if count > limit:
             raise bad_request(f"{param}: {count} {kind}s in this request, over the limit of {limit} ({flag})", param)
+
+
+def _check_scheme(url: str, param: str) -> None:
+    if not url.startswith(SCHEMES):
+        scheme = url.split(":", 1)[0][:20] if ":" in url else "none"
+        raise bad_request(f"{param}: unsupported URL scheme {scheme!r}; use http(s)://, data: or file://", param)
 
 
 def _check_policy(msg, where: str, find_special) -> None:
@@ -109,9 +119,12 @@ def _check_policy(msg, where: str, find_special) -> None:
         if not isinstance(part, dict):
             continue
         kind, param = part.get("type"), f"{where}.content[{j}]"
+        if kind == "video" and msg.get("role") not in ("assistant", "tool"):
+            _check_frame_list(part, param)
+            continue
         if kind not in ("text", "image_url", "video_url"):
             raise bad_request(f"{param}.type: unsupported content type {kind!r}; supported: text, image_url, "
-                              "video_url", f"{param}.type")
+                              "video_url, video (a list of frame URLs)", f"{param}.type")
         if kind != "text":
             unknown = sorted(set(part) - {"type", kind})
             if unknown:
@@ -161,19 +174,41 @@ def template_options(add_generation_prompt, continue_final_message, chat_templat
             else add_generation_prompt, "continue_final_message": bool(continue_final_message), **variables}
 
 
+def _check_frame_list(part: dict, param: str) -> None:
+    """`{"type": "video", "video": [frame URL, ...], **options}`: one video made of these images."""
+    frames = part.get("video")
+    if not isinstance(frames, list) or not frames or not all(isinstance(u, str) and u for u in frames):
+        raise bad_request(f"{param}.video: a non-empty list of frame URLs is required", f"{param}.video")
+    allowed = set(_ALLOWED["video"]) - set(FRAME_LIST_EXCLUDED)
+    unknown = sorted(set(part) - {"type", "video"} - allowed)
+    if unknown:
+        raise bad_request(f"{param}: unknown option(s) {unknown}; allowed: {sorted(allowed)}", param)
+
+
 def fetch_media(refs: list[MediaRef], policy: MediaPolicy, limits: ServerLimits) -> None:
     """Step 2 (blocking I/O, run in a worker thread): every URL into bytes or a checked Path."""
     for r in refs:
-        if r.url.startswith("file://") and not limits.allowed_local_media_path:
-            raise bad_request(f"{r.param}: file:// URLs are disabled on this server (the operator can allow a "
-                              "folder with --allowed-local-media-path)", r.param)
-        max_bytes = policy.max_image_bytes if r.kind == "image" else policy.max_video_bytes
-        try:
-            r.data = open_source(r.url, policy, max_bytes=max_bytes, what=f"{r.param} ({r.kind})")
-        except MediaError as e:
-            raise bad_request(public_message(str(e)), r.param) from None
-        if not r.data:
-            raise bad_request(f"{r.param}: the {r.kind} is empty (0 bytes)", r.param)
+        if isinstance(r.url, list):
+            if len(r.url) > policy.max_video_frames:
+                raise bad_request(f"{r.param}: the video has {len(r.url)} frames, over the limit of "
+                                  f"{policy.max_video_frames}", r.param)
+            r.data = [_fetch(url, f"{r.param}.video[{k}]", "image", policy, limits) for k, url in enumerate(r.url)]
+        else:
+            r.data = _fetch(r.url, r.param, r.kind, policy, limits)
+
+
+def _fetch(url: str, param: str, kind: str, policy: MediaPolicy, limits: ServerLimits):
+    if url.startswith("file://") and not limits.allowed_local_media_path:
+        raise bad_request(f"{param}: file:// URLs are disabled on this server (the operator can allow a "
+                          "folder with --allowed-local-media-path)", param)
+    max_bytes = policy.max_image_bytes if kind == "image" else policy.max_video_bytes
+    try:
+        data = open_source(url, policy, max_bytes=max_bytes, what=f"{param} ({kind})")
+    except MediaError as e:
+        raise bad_request(public_message(str(e)), param) from None
+    if not data:
+        raise bad_request(f"{param}: the {kind} is empty (0 bytes)", param)
+    return data
 
 
 def media_costs(refs: list[MediaRef], cfg: VisionProcessingConfig, limits: ServerLimits) -> list[MediaCost]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qwen2vl.processing.headers import image_header, video_header
 from qwen2vl.processing.image import image_token_count
+from qwen2vl.processing.media import MediaError
 from qwen2vl.processing.video import video_token_count
 from qwen2vl.processing.vision_config import VisionProcessingConfig
 
@@ -43,9 +44,12 @@ class MediaCost:
         return d
 
 
-def media_cost(kind: str, data: bytes | Path, options: dict, cfg: VisionProcessingConfig, param: str) -> MediaCost:
-    """Cost of one fetched image/video under its (already clamped) options; MediaError/ValueError
-    for a file whose header can't be read or options that select nothing."""
+def media_cost(kind: str, data: bytes | Path | list, options: dict, cfg: VisionProcessingConfig,
+               param: str) -> MediaCost:
+    """Cost of one fetched image/video (a list: a video's frames) under its (already clamped) options;
+    MediaError/ValueError for a file whose header can't be read or options that select nothing."""
+    if isinstance(data, list):
+        return _frame_list_cost(data, options, cfg, param)
     if kind == "image":
         width, height = image_header(data, param)
         t = image_token_count(height, width, cfg, **{k: v for k, v in options.items() if k in _SIZE_OPTIONS[:2]})
@@ -57,3 +61,16 @@ def media_cost(kind: str, data: bytes | Path, options: dict, cfg: VisionProcessi
                           **sampling, **sizes)
     return MediaCost(kind, param, video.width, video.height, t.width, t.height, t.grid_thw, t.num_tokens,
                      video.frames, video.seconds)
+
+
+def _frame_list_cost(frames: list, options: dict, cfg: VisionProcessingConfig, param: str) -> MediaCost:
+    """A video given as its frames: every frame is used, at `fps` (default the config's) per second."""
+    sizes = {image_header(f, f"{param}.video[{k}]") for k, f in enumerate(frames)}
+    if len(sizes) > 1:
+        raise MediaError(f"{param}: all frames of a video must have one size, got {sorted(sizes)}")
+    (width, height), = sizes
+    t = video_token_count(height, width, cfg, num_frames=len(frames),
+                          **{k: v for k, v in options.items() if k in _SIZE_OPTIONS})
+    fps = options.get("fps", cfg.fps)
+    return MediaCost("video", param, width, height, t.width, t.height, t.grid_thw, t.num_tokens, len(frames),
+                     len(frames) / fps)

@@ -57,6 +57,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: frozen)")
     m.add_argument("--init-random", action="store_true", help="with --full: start from random weights "
                    "(the folder needs only config.json, tokenizer and preprocessor files)")
+    m.add_argument("--init-vision-scale", type=positive(float), help="with --init-random: scale the vision "
+                   "merger's output layer by this, so that visual features start near the text embeddings' "
+                   "size (0.1 for the demo model's shapes; default 1)")
     m.add_argument("--lora-rank", type=positive(int), help="LoRA rank r (default 16)")
     m.add_argument("--lora-alpha", type=positive(float), help="LoRA alpha; the update is scaled by alpha/r "
                    "(default 2 x rank)")
@@ -65,9 +68,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated decoder linears to adapt (default {','.join(DECODER_LINEARS)})")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=positive(float), help="peak learning rate (default 1e-4 LoRA, 1e-5 full)")
+    o.add_argument("--vision-lr", type=positive(float), help="with --train-vision: peak learning rate of the vision "
+                   "tower and its merger (default --lr; from scratch, 1/10 of it keeps the visual features from "
+                   "blowing up into one constant direction)")
     o.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: --warmup-ratio of the steps)")
     o.add_argument("--warmup-ratio", type=_fraction, default=0.0, help="warmup as a fraction of the steps")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
+    o.add_argument("--adam-beta2", type=_fraction, default=0.999, help="AdamW's second-moment decay (default "
+                   "0.999, torch's; 0.95 forgets the large gradients of a from-scratch start within tens of steps)")
     o.add_argument("--max-grad-norm", type=positive(float), default=1.0, help="clip gradients to this norm")
     o.add_argument("--batch-size", type=positive(int), default=1, help="conversations per micro-batch, "
                    "packed along the token axis (no padding)")
@@ -107,6 +115,10 @@ def config_from_args(args):
         raise ValueError("--train-vision needs --full (a LoRA adapter covers the decoder's linears only)")
     if args.init_random and not args.full:
         raise ValueError("--init-random needs --full (an adapter on random weights learns nothing useful)")
+    if args.vision_lr is not None and not args.train_vision:
+        raise ValueError("--vision-lr needs --train-vision (the vision tower is frozen otherwise)")
+    if args.init_vision_scale is not None and not args.init_random:
+        raise ValueError("--init-vision-scale needs --init-random")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     rank = args.lora_rank or 16
@@ -120,8 +132,10 @@ def config_from_args(args):
         train_vision=args.train_vision, init_random=args.init_random, lora_rank=rank,
         lora_alpha=args.lora_alpha or 2.0 * rank,
         lora_dropout=0.05 if args.lora_dropout is None else args.lora_dropout,
-        lora_targets=args.lora_targets or list(DECODER_LINEARS), lr=args.lr, warmup_steps=args.warmup_steps,
-        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        lora_targets=args.lora_targets or list(DECODER_LINEARS), lr=args.lr, vision_lr=args.vision_lr,
+        init_vision_scale=args.init_vision_scale or 1.0, warmup_steps=args.warmup_steps,
+        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, adam_beta2=args.adam_beta2,
+        max_grad_norm=args.max_grad_norm,
         batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, steps=args.steps,
         max_length=args.max_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=device, seed=args.seed,

@@ -11,6 +11,9 @@ Everything else (system, user turns, pictures, the template's markup) is -100.
     tokens: <|im_start|>user\\n <image pads> What?<|im_end|>\\n<|im_start|>assistant\\n A cat. <|im_end|> \\n
     labels:  -100 ...............................................................  A cat. <|im_end|> -100
 
+Special-token strings in an answer (grounding markup: `<|object_ref_start|>`, `<|box_start|>`, ...) are
+the tokens themselves, as Qwen2-VL writes them; in user and system text they stay plain text.
+
 Labels are not shifted (transformers' convention): labels[t] is the token at t, predicted from t - 1.
 """
 
@@ -52,9 +55,9 @@ def encode_row(row: Row, processor, config) -> Example:
 
 
 def _encode(messages: list, processor, config, where: str) -> Example:
-    short = processor.encode_text(messages)  # one pad per picture
+    short = processor.encode_text(messages, answers_hold_special_tokens=True)  # one pad per picture
     trained = answer_mask(messages, short, processor, where)
-    inputs = processor(messages)
+    inputs = processor(messages, answers_hold_special_tokens=True)
     ids = inputs["input_ids"].tolist()
     labels = _expand_labels(short, trained, ids, {processor.image_token_id, processor.video_token_id})
     positions, _ = mrope_positions(ids, inputs["image_grid_thw"], inputs["video_grid_thw"], config,
@@ -73,8 +76,9 @@ def answer_mask(messages: list, ids: list[int], processor, where: str) -> list[b
             continue
         if k == 0:
             raise DataError(f"{where}: message 0 is an assistant answer to nothing; start with a user message")
-        start = _prefix_length(processor.encode_text(messages[:k], add_generation_prompt=True), ids, where, k)
-        stop = _prefix_length(processor.encode_text(messages[: k + 1]), ids, where, k)
+        start = _prefix_length(processor.encode_text(messages[:k], add_generation_prompt=True,
+                                                     answers_hold_special_tokens=True), ids, where, k)
+        stop = _prefix_length(processor.encode_text(messages[: k + 1], answers_hold_special_tokens=True), ids, where, k)
         closing = [i for i in range(start, stop) if ids[i] in ends]
         if not closing:
             raise DataError(f"{where}: message {k}: the chat template closes this answer with none of the "

@@ -42,14 +42,17 @@ class TrainConfig:
     full: bool = False  # else LoRA
     train_vision: bool = False
     init_random: bool = False
+    init_vision_scale: float = 1.0  # with init_random: the merger's output layer scaled by this
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(DECODER_LINEARS))
     lr: float | None = None  # default: 1e-4 for LoRA, 1e-5 full
+    vision_lr: float | None = None  # the vision tower's (with train_vision); default lr
     warmup_steps: int | None = None
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
     batch_size: int = 1
     grad_accum: int = 1
@@ -87,17 +90,23 @@ def train(cfg: TrainConfig, log=print) -> Path:
     rows = read_rows(cfg.data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     eval_rows = read_rows(cfg.eval_data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) if cfg.eval_data else []
     for row in rows + eval_rows:  # template problems show up now, not hours in
-        answer_mask(row.messages, processor.encode_text(row.messages), processor, row.where)
+        answer_mask(row.messages, processor.encode_text(row.messages, answers_hold_special_tokens=True), processor,
+                    row.where)
     lora = None if cfg.full else dict(targets=cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                       dropout=cfg.lora_dropout)
     model = load_for_training(folder, dtype=DTYPES[cfg.dtype], device=cfg.device, full=cfg.full,
-                              train_vision=cfg.train_vision, init_random=cfg.init_random, lora=lora,
+                              train_vision=cfg.train_vision, init_random=cfg.init_random,
+                              init_vision_scale=cfg.init_vision_scale, lora=lora,
                               gradient_checkpointing=cfg.gradient_checkpointing)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}],  # biases, norms
-        lr=cfg.lr or (1e-5 if cfg.full else 1e-4))
+    lr = cfg.lr or (1e-5 if cfg.full else 1e-4)
+    groups = []
+    for vision in (False, True):  # the vision tower's own learning rate (--vision-lr)
+        part = [p for name, p in params.items() if name.startswith("visual.") == vision]
+        group_lr = (cfg.vision_lr or lr) if vision else lr
+        groups += [{"params": [p for p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": group_lr},
+                   {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr": group_lr}]  # biases, norms
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, cfg.adam_beta2))
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = cfg.steps or math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)

@@ -22,11 +22,11 @@ from qwen2vl.train.step import checkpoint_layers
 
 
 def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, train_vision: bool,
-                      init_random: bool = False, lora: dict | None = None,
+                      init_random: bool = False, init_vision_scale: float = 1.0, lora: dict | None = None,
                       gradient_checkpointing: bool = False) -> Qwen2VL:
     """`lora`: {targets, rank, alpha, dropout} for LoRA runs (None with full=True)."""
     if init_random:
-        model = random_model(folder, device)
+        model = random_model(folder, device, vision_scale=init_vision_scale)
     else:
         model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device)
     for p in model.parameters():
@@ -48,10 +48,10 @@ def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, t
     return model.train()
 
 
-def random_model(folder: Path, device) -> Qwen2VL:
+def random_model(folder: Path, device, vision_scale: float = 1.0) -> Qwen2VL:
     """A Qwen2VL of `folder`'s config.json with transformers' initialisation: normal(0,
     initializer_range) weights and embeddings, zero biases, unit norms. The folder's weights, if it
-    has any, are not read."""
+    has any, are not read. `vision_scale` scales the vision merger's output layer."""
     config = Qwen2VLConfig.from_pretrained(folder)
     raw = json.loads((Path(folder) / "config.json").read_text())
     std = raw.get("initializer_range") or (raw.get("text_config") or {}).get("initializer_range") or 0.02
@@ -67,6 +67,9 @@ def random_model(folder: Path, device) -> Qwen2VL:
             nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+    if vision_scale != 1.0:  # visual features start near the text embeddings' size (a from-scratch run)
+        with torch.no_grad():
+            model.visual.merger.mlp[-1].weight.mul_(vision_scale)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model

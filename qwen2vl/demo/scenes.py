@@ -1,0 +1,126 @@
+"""Scenes of the demo suite: coloured shapes (and a word) on a plain background.
+
+Every shape sits in its own square, which is also its answer box for grounding: a circle fills the
+square, a square is the square, a triangle is the regular triangle inscribed in the square's circle
+(apex on the top edge). Squares are 12-25% of the image's shorter side (at least 16 px) and no two
+are closer than GAP px, so shapes never touch and can always be counted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS = {
+    "red": (230, 25, 75), "green": (60, 180, 75), "blue": (0, 130, 200),
+    "yellow": (255, 225, 25), "purple": (145, 30, 180), "orange": (245, 130, 48),
+}
+SHAPES = ("circle", "square", "triangle")
+MIN_SIDE, MAX_SIDE = 112, 448  # image width and height
+MIN_SHAPE = 16  # px: the smallest shape square
+SHAPE_FRACTION = (0.12, 0.25)  # of the image's shorter side
+GAP = 4  # px between any two squares (and between a square and the word)
+BACKGROUND = (200, 255)  # each RGB channel of the background
+TEXT_COLOR = (0, 0, 0)
+FONT_SIZES = (18, 40)
+WORD_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # one of SHAPES
+    color: str  # a key of COLORS
+    x: int  # top-left corner of the shape's square, px
+    y: int
+    side: int  # px
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """The square as (x1, y1, x2, y2), x2/y2 exclusive."""
+        return self.x, self.y, self.x + self.side, self.y + self.side
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.kind}"
+
+
+def box_1000(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """A pixel box on Qwen2-VL's 0-1000 scale of width and height (grounding.py's convention)."""
+    x1, y1, x2, y2 = box
+    return (round(x1 * 1000 / width), round(y1 * 1000 / height), round(x2 * 1000 / width), round(y2 * 1000 / height))
+
+
+def apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int = GAP) -> bool:
+    """True when boxes a and b (x2/y2 exclusive) are at least `gap` px apart on some axis."""
+    return a[0] >= b[2] + gap or b[0] >= a[2] + gap or a[1] >= b[3] + gap or b[1] >= a[3] + gap
+
+
+def shape_sides(width: int, height: int) -> tuple[int, int]:
+    """Smallest and largest square side for an image of this size."""
+    short = min(width, height)
+    return max(MIN_SHAPE, math.ceil(SHAPE_FRACTION[0] * short)), max(MIN_SHAPE, int(SHAPE_FRACTION[1] * short))
+
+
+def random_size(rng: random.Random, lo: int = MIN_SIDE, hi: int = MAX_SIDE) -> tuple[int, int]:
+    return rng.randint(lo, hi), rng.randint(lo, hi)
+
+
+def random_background(rng: random.Random) -> tuple[int, int, int]:
+    return tuple(rng.randint(*BACKGROUND) for _ in range(3))
+
+
+def place(rng: random.Random, width: int, height: int, specs: list[tuple[str, str]],
+          keep_out: list[tuple[int, int, int, int]] = (), tries: int = 200) -> list[Shape] | None:
+    """Shapes of the given (kind, color) at random sizes and places, every square at least GAP px from
+    the others and from the `keep_out` boxes; None when they do not fit after `tries` attempts."""
+    lo, hi = shape_sides(width, height)
+    for _ in range(tries):
+        shapes: list[Shape] = []
+        for kind, color in specs:
+            side = rng.randint(lo, hi)
+            for _ in range(50):
+                s = Shape(kind, color, rng.randint(0, width - side), rng.randint(0, height - side), side)
+                if all(apart(s.box, o) for o in [*keep_out, *(t.box for t in shapes)]):
+                    shapes.append(s)
+                    break
+            else:
+                break
+        if len(shapes) == len(specs):
+            return shapes
+    return None
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+    x, y, s, fill = shape.x, shape.y, shape.side, COLORS[shape.color]
+    if shape.kind == "circle":
+        draw.ellipse((x, y, x + s - 1, y + s - 1), fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle((x, y, x + s - 1, y + s - 1), fill=fill)
+    else:  # apex up, inscribed in the square's circle
+        draw.regular_polygon((x + s / 2, y + s / 2, s / 2), 3, fill=fill)
+
+
+def font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def text_box(word: str, size: int, x: int, y: int) -> tuple[int, int, int, int]:
+    """Pixels the word covers when drawn at (x, y) (x2/y2 exclusive)."""
+    left, top, right, bottom = font(size).getbbox(word)
+    return x + left, y + top, x + right, y + bottom
+
+
+def draw_scene(width: int, height: int, background, shapes: list[Shape],
+               word: tuple[str, int, int, int] | None = None) -> Image.Image:
+    """An RGB image with the shapes and, optionally, `word` = (text, font size, x, y) in black."""
+    image = Image.new("RGB", (width, height), tuple(background))
+    draw = ImageDraw.Draw(image)
+    for shape in shapes:
+        draw_shape(draw, shape)
+    if word is not None:
+        text, size, x, y = word
+        draw.text((x, y), text, fill=TEXT_COLOR, font=font(size))
+    return image

@@ -1,0 +1,210 @@
+"""The demo suite's renderer follows its spec, checked on the pixels: sizes, colours, gaps, and every
+answer recomputed from what was drawn (shapes found as connected regions of a palette colour, the
+word as the dark pixels, a video's motion from where the shape is in each frame)."""
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from qwen2vl.demo import scenes
+from qwen2vl.demo.dataset import LIST_QUESTION, extra_turns, record, task_counts
+from qwen2vl.demo.scenes import COLORS, apart
+from qwen2vl.demo.score import iou, score
+from qwen2vl.demo.tasks import TASKS, render_case
+from qwen2vl.grounding import parse_grounding
+
+CASES = 12  # per task and test: ~1 s in all
+
+
+def regions(image) -> list[dict]:
+    """Every connected region of one palette colour: its colour name and pixel box (x2/y2 exclusive)."""
+    a = np.asarray(image)
+    found = []
+    for name, rgb in COLORS.items():
+        labels, n = ndimage.label((a == rgb).all(-1))
+        for sl in ndimage.find_objects(labels):
+            found.append({"color": name, "box": (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)})
+    return found
+
+
+def drawn_extent(shape) -> tuple[int, int, int, int]:
+    """Where `shape`'s pixels must lie: its square, less the corners a triangle leaves empty."""
+    x1, y1, x2, y2 = shape.box
+    if shape.kind != "triangle":
+        return x1, y1, x2, y2
+    half = shape.side * 3**0.5 / 4  # the inscribed triangle is sqrt(3)/2 of the side wide, 3/4 high
+    cx = x1 + shape.side / 2
+    return round(cx - half), y1, round(cx + half), round(y1 + 0.75 * shape.side)
+
+
+def check_scene(image, shapes, text_box=None):
+    width, height = image.size
+    assert scenes.MIN_SIDE <= width <= scenes.MAX_SIDE and scenes.MIN_SIDE <= height <= scenes.MAX_SIDE
+    a = np.asarray(image).astype(np.int32)
+    values, counts = np.unique((a[..., 0] << 16 | a[..., 1] << 8 | a[..., 2]).ravel(), return_counts=True)
+    top = int(values[counts.argmax()])
+    background = (top >> 16, top >> 8 & 255, top & 255)
+    assert all(200 <= c <= 255 for c in background)
+    lo, hi = scenes.shape_sides(width, height)
+    assert 0 <= len(shapes) <= 6
+    for i, s in enumerate(shapes):
+        assert lo <= s.side <= hi and max(16, 0.12 * min(width, height)) <= s.side <= max(16, 0.25 * min(width, height))
+        assert 0 <= s.x and s.x + s.side <= width and 0 <= s.y and s.y + s.side <= height
+        assert all(apart(s.box, t.box, 4) for t in shapes[i + 1:])
+        if text_box is not None:
+            assert apart(s.box, text_box, 4)
+    # one region per shape, of its colour, inside its square and filling the extent its kind draws
+    found = regions(image)
+    assert len(found) == len(shapes)
+    for s in shapes:
+        (r,) = [r for r in found if r["color"] == s.color and iou(r["box"], s.box) > 0.3]
+        ex = drawn_extent(s)
+        assert all(abs(a - b) <= 1 for a, b in zip(r["box"], ex)), (s, r["box"], ex)
+    return found
+
+
+@pytest.mark.parametrize("task", ["color", "count", "grounding", "text"])
+def test_single_image_cases_follow_the_spec_and_their_answers_hold(task):
+    for i in range(CASES):
+        case = render_case(task, seed=7, index=i)
+        (image,) = case.images
+        found = check_scene(image, case.info["shapes"], case.info.get("text_box"))
+        shapes = case.info["shapes"]
+        if task == "color":
+            kind = case.question.removeprefix("What color is the ").removesuffix("?")
+            (only,) = [s for s in shapes if s.kind == kind]
+            assert case.answer == only.color and any(r["color"] == only.color for r in found)
+        elif task == "count":
+            kind = case.question.removeprefix("How many ").removesuffix("s are there?")
+            expected = len(found) if kind == "shape" else sum(s.kind == kind for s in shapes)
+            assert case.answer == str(expected) and 0 <= expected <= 6
+        elif task == "grounding":
+            color, kind = case.question.removeprefix("Where is the ").removesuffix("?").split()
+            (target,) = [s for s in shapes if (s.kind, s.color) == (kind, color)]
+            (region,) = parse_grounding(case.answer, *image.size)
+            assert region.label == f"the {color} {kind}"
+            assert all(abs(a - b) <= 1 for a, b in zip(region.bbox, target.box))  # 0-1000 rounding
+            assert score(case, case.answer) and not score(case, case.answer.replace("(", "(9"))
+        else:
+            word = case.answer
+            assert 3 <= len(word) <= 6 and set(word) <= set(scenes.WORD_CHARS)
+            assert scenes.FONT_SIZES[0] <= case.info["size"] <= scenes.FONT_SIZES[1] and len(shapes) <= 2
+            dark = np.argwhere((np.asarray(image) < 100).all(-1))
+            (y1, x1), (y2, x2) = dark.min(0), dark.max(0) + 1
+            tx1, ty1, tx2, ty2 = case.info["text_box"]
+            assert tx1 <= x1 and ty1 <= y1 and x2 <= tx2 and y2 <= ty2  # the ink stays in the kept-out box
+            assert (x2 - x1) >= 6 * len(word) and (y2 - y1) >= 10  # drawn, at least 18 px type
+
+
+def test_video_cases_move_one_shape_straight_by_at_least_8_percent_a_frame():
+    for i in range(CASES):
+        case = render_case("video", seed=7, index=i)
+        frames = [np.asarray(f) for f in case.images]
+        side = case.images[0].width
+        assert 4 <= len(frames) <= 8 and all(f.shape == (side, side, 3) for f in frames) and 112 <= side <= 224
+        color, kind = case.question.removeprefix("Which direction does the ").removesuffix(" move?").split()
+        still = [s.box for s in case.info["shapes"]]
+        centres = []
+        for f in frames:  # the moving shape: the region of its colour that is no still shape
+            labels, _ = ndimage.label((f == COLORS[color]).all(-1))
+            boxes = [(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop) for sl in ndimage.find_objects(labels)]
+            (box,) = [b for b in boxes if all(apart(b, s, 1) for s in still)]
+            centres.append(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+        steps = np.diff(np.array(centres), axis=0)  # [frames - 1, 2] as (dx, dy)
+        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[case.answer]
+        along = steps @ np.array([dx, dy])
+        across = steps @ np.array([dy, dx])
+        assert (along >= 0.08 * side - 1).all() and (np.abs(across) <= 1).all()
+        assert (frames[0] != frames[-1]).any() and kind in scenes.SHAPES
+
+
+def test_two_image_cases_answer_which_has_more_shapes():
+    for i in range(CASES):
+        case = render_case("two_images", seed=7, index=i)
+        counts = [len(check_scene(im, shapes)) for im, shapes in zip(case.images, case.info["shapes"])]
+        assert counts[0] != counts[1] and case.answer == ("first" if counts[0] > counts[1] else "second")
+
+
+def test_cases_are_reproducible_and_seeds_differ():
+    for task in TASKS:
+        a, b = render_case(task, 3, 5), render_case(task, 3, 5)
+        assert a.question == b.question and a.answer == b.answer
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
+    answers = lambda seed: [render_case("grounding", seed, i).answer for i in range(5)]
+    assert answers(1) != answers(2)
+    with pytest.raises(ValueError, match="unknown task"):
+        render_case("colour", 0, 0)
+
+
+def test_training_rows_hold_the_case_first_and_only_true_extra_questions():
+    assert task_counts(1000) == {"color": 95, "count": 143, "grounding": 238, "text": 286, "video": 95,
+                                 "two_images": 143}
+    assert sum(task_counts(37).values()) == 37
+    case = render_case("grounding", 4, 2)
+    extra = extra_turns(case, random.Random(0), 8)
+    row = record(case, extra, ["img/a.png"])
+    shapes = case.info["shapes"]
+    assert row["messages"][0] == {"role": "user", "content": "<image>" + case.question}
+    assert row["messages"][1]["content"] == case.answer and row["images"] == ["img/a.png"]
+    shapes = case.info["shapes"]
+    assert extra[0] == (LIST_QUESTION, ", ".join(s.name for s in sorted(shapes, key=lambda s: (s.x + s.side / 2, s.y))))
+    for q, a in extra[1:]:  # every extra answer is true of the picture
+        if q.startswith("Where"):
+            (region,) = parse_grounding(a, *case.images[0].size)
+            assert any(iou(region.bbox, s.box) > 0.9 and q == f"Where is the {s.name}?" for s in shapes)
+        elif q == "How many shapes are there?":
+            assert a == str(len(shapes))
+        elif q.startswith("How many"):
+            assert a == str(sum(s.kind + "s" in q for s in shapes))
+        else:
+            assert [s.color for s in shapes if s.kind in q] == [a]
+    video = render_case("video", 4, 0)
+    assert extra_turns(video, random.Random(0), 3) == []
+    empty = next(c for c in (render_case("count", 4, i) for i in range(50)) if not c.info["shapes"])
+    assert extra_turns(empty, random.Random(0), 1) == [(LIST_QUESTION, "none")]
+    assert record(video, [], ["f0.png", "f1.png"])["videos"] == [["f0.png", "f1.png"]]
+
+
+def test_the_first_stage_subset_keeps_pictures_of_at_most_n_shapes_and_the_videos(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import shapes_in, write_dataset, write_subset
+
+    train = write_dataset(tmp_path, 60, seed=5, extra=6)
+    lines = [json.loads(t) for t in open(train)]
+    easy = [json.loads(t) for t in open(write_subset(train, tmp_path / "easy.jsonl", 1))]
+    opens_long = lambda line: line["messages"][0]["content"].startswith(("<image>Where", "<image>What does"))
+    want = [line for line in lines if not opens_long(line)
+            and ("videos" in line or (shapes_in(line) is not None and shapes_in(line) <= 1))]
+    assert 0 < len(easy) == len(want) < len(lines)
+    for got, line in zip(easy, want):  # the same lines, less their box questions
+        kept = [m for m in line["messages"] if m in got["messages"]]
+        assert got["messages"] == kept and got.get("images") == line.get("images")
+        assert not any(m["content"].startswith(("Where", "<|object_ref_start|>")) for m in got["messages"])
+        assert got["messages"][:2] == line["messages"][:2]
+    for line in lines:
+        if "images" in line and len(line["images"]) == 1:
+            asked = [m["content"].removeprefix("<image>") for m in line["messages"][::2]]
+            turns = dict(zip(asked, [m["content"] for m in line["messages"][1::2]]))
+            if "How many shapes are there?" in turns:  # shapes_in agrees with the count answer
+                assert str(shapes_in(line)) == turns["How many shapes are there?"]
+    with_pairs = [json.loads(t) for t in open(write_subset(train, tmp_path / "pairs.jsonl", 6, pairs=True))]
+    assert [line for line in with_pairs if len(line.get("images", ())) == 2] == [
+        line for line in lines if len(line.get("images", ())) == 2] != []
+    with pytest.raises(ValueError, match="next to"):
+        write_subset(train, tmp_path / "sub" / "easy.jsonl", 1)
+
+
+def test_the_single_task_set_holds_the_first_cases_with_that_many_shapes(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import write_single_task
+
+    lines = [json.loads(t) for t in open(write_single_task(tmp_path, 5, 3, "color", 1))]
+    first = [c for c in (render_case("color", 3, i) for i in range(200)) if len(c.info["shapes"]) == 1][:5]
+    assert [line["messages"][1]["content"] for line in lines] == [c.answer for c in first]
+    assert all(len(line["messages"]) == 2 and len(regions(Image.open(tmp_path / line["images"][0]))) == 1
+               for line in lines)
