@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import math
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,7 @@ def load(args):
 
     from qwen2vl.engine.llm import LLM
     from qwen2vl.hub import resolve_model_path
+    from qwen2vl.loader import checkpoint_files, read_header
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
@@ -102,7 +104,8 @@ def load(args):
     engine_args = {k: v for k, v in (("kv_cache_gib", args.kv_cache_gib), ("max_model_len", args.max_model_len),
                                      ("seed", args.seed)) if v is not None}
     llm = LLM(folder, dtype=args.dtype, device=device, quantization=args.quantization, lora=args.lora, **engine_args)
-    n = sum(p.numel() for p in llm.model.parameters())
+    # from the checkpoint's headers: after load the CPU backend keeps packed weights outside parameters()
+    n = sum(math.prod(t["shape"]) for f in checkpoint_files(folder) for t in read_header(f).values())
     size = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
     print(f"ready in {time.perf_counter() - start:.1f} s ({size} parameters)", file=sys.stderr, flush=True)
     return llm

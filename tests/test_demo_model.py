@@ -102,6 +102,7 @@ def test_readme_first_command_answers_offline():
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[0] == answer
+    assert "(6.1 M parameters)" in done.stderr  # the checkpoint's 6,057,856, though the CPU backend packs them
     assert f"--image qwen2vl/demo/examples/{name} \"{question}\"" in (REPO / "README.md").read_text()
 
 
