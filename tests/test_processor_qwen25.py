@@ -9,8 +9,6 @@ already sampled and resized by qwen-vl-utils, written out (tests/helpers/video_r
 
 import json
 import shutil
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -19,7 +17,12 @@ from PIL import Image
 
 from qwen2vl import Processor
 from tests.helpers.qwen_tokenizer import OFFICIAL_CHAT_TEMPLATE, qwen_tokenizer_dir
-from tests.helpers.video_reference import NaiveVideoReader, hf_video_patches, load_qwen_vl_utils, make_video
+from tests.helpers.video_reference import (
+    hf_video_patches,
+    make_video,
+    qwen_vl_utils_or_skip,
+    reading_with_naive_decoder,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,17 +76,12 @@ def ref(folder):
 
 @pytest.fixture(scope="module")
 def qvu():
-    vp = load_qwen_vl_utils()
-    if vp is None:
-        pytest.skip("test oracle missing: pip install qwen-vl-utils==0.0.14")
-    return vp
+    return qwen_vl_utils_or_skip()
 
 
 @pytest.fixture
 def sampler(qvu, monkeypatch):
-    monkeypatch.setitem(sys.modules, "decord", types.SimpleNamespace(VideoReader=NaiveVideoReader))
-    monkeypatch.setattr(qvu, "get_video_reader_backend", lambda: "decord")
-    return qvu
+    return reading_with_naive_decoder(qvu, monkeypatch)
 
 
 @pytest.fixture(scope="module")

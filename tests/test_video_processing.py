@@ -2,8 +2,6 @@
 here with stand-ins for torchvision and decord (tests/helpers/video_reference.py)."""
 
 import io
-import sys
-import types
 from fractions import Fraction
 
 import av
@@ -16,24 +14,25 @@ from qwen2vl.processing import video as video_mod
 from qwen2vl.processing.media import MediaError, MediaPolicy
 from qwen2vl.processing.video import load_video, preprocess_video, video_token_count
 from qwen2vl.processing.vision_config import VisionProcessingConfig
-from tests.helpers.video_reference import NaiveVideoReader, hf_video_patches, load_qwen_vl_utils, make_video, tv_resize
+from tests.helpers.video_reference import (
+    hf_video_patches,
+    make_video,
+    qwen_vl_utils_or_skip,
+    reading_with_naive_decoder,
+    tv_resize,
+)
 
 CFG = VisionProcessingConfig()
 
 
 @pytest.fixture(scope="module")
 def qvu():
-    vp = load_qwen_vl_utils()
-    if vp is None:
-        pytest.skip("test oracle missing: pip install qwen-vl-utils==0.0.14")
-    return vp
+    return qwen_vl_utils_or_skip()
 
 
 @pytest.fixture
 def reference(qvu, monkeypatch):
-    monkeypatch.setitem(sys.modules, "decord", types.SimpleNamespace(VideoReader=NaiveVideoReader))
-    monkeypatch.setattr(qvu, "get_video_reader_backend", lambda: "decord")
-    return qvu
+    return reading_with_naive_decoder(qvu, monkeypatch)
 
 
 def painted_index(frames):

@@ -17,6 +17,7 @@ import types
 
 import av
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,21 @@ def load_qwen_vl_utils():
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+    return vp
+
+
+def qwen_vl_utils_or_skip():
+    """load_qwen_vl_utils(), or the test skipped with the install line."""
+    vp = load_qwen_vl_utils()
+    if vp is None:
+        pytest.skip("test oracle missing: pip install qwen-vl-utils==0.0.14")
+    return vp
+
+
+def reading_with_naive_decoder(vp, monkeypatch):
+    """qwen-vl-utils `vp` reading videos through NaiveVideoReader (as its decord backend) for one test."""
+    monkeypatch.setitem(sys.modules, "decord", types.SimpleNamespace(VideoReader=NaiveVideoReader))
+    monkeypatch.setattr(vp, "get_video_reader_backend", lambda: "decord")
     return vp
 
 
