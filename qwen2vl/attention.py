@@ -23,6 +23,19 @@ def causal_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return out[0].transpose(0, 1)
 
 
+def packed_causal_attend(cu_seqlens: list[int]):
+    """An `attend` for packed sequences (training batches, embedding batches): causal SDPA on each
+    [cu[i], cu[i+1]) run of rows, none across runs."""
+    spans = list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    if len(spans) == 1:
+        return causal_attend
+
+    def attend(layer, q, k, v):
+        return torch.cat([causal_attend(layer, q[a:b], k[a:b], v[a:b]) for a, b in spans])
+
+    return attend
+
+
 def block_diagonal_attention(q, k, v, cu_seqlens: list[int], softmax=torch.softmax) -> torch.Tensor:
     """Non-causal attention within each [cu_seqlens[i], cu_seqlens[i+1]) block, none across.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen2vl.attention import causal_attend
+from qwen2vl.attention import packed_causal_attend
 from qwen2vl.engine.prompt import Prompt
 
 POOLING_MODES = ("last", "mean", "first")
@@ -58,18 +58,6 @@ def _run(model, runner, prompts: list[Prompt], mode: str) -> list[torch.Tensor]:
     x = model.embed(ids, vision_embeds=_vision_rows(runner, prompts))
     hidden = model.model(x, positions, packed_causal_attend(cu))  # [N, D], final-normed
     return [_pool(hidden[a:b], mode).float() for a, b in zip(cu[:-1], cu[1:])]
-
-
-def packed_causal_attend(cu_seqlens: list[int]):
-    """Causal attention within each [cu[i], cu[i+1]) run of packed rows, none across runs."""
-    spans = list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
-    if len(spans) == 1:
-        return causal_attend
-
-    def attend(layer, q, k, v):
-        return torch.cat([causal_attend(layer, q[a:b], k[a:b], v[a:b]) for a, b in spans])
-
-    return attend
 
 
 def _pool(hidden: torch.Tensor, mode: str) -> torch.Tensor:

@@ -14,21 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qwen2vl.attention import causal_attend
+from qwen2vl.attention import packed_causal_attend
 from qwen2vl.train.batch import Batch
 from qwen2vl.train.examples import IGNORE
-
-
-def packed_causal_attend(cu_seqlens: list[int]):
-    """An `attend` (see attention.py) for packed sequences: causal SDPA on each one's slice."""
-    spans = list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
-    if len(spans) == 1:
-        return causal_attend
-
-    def attend(layer, q, k, v):
-        return torch.cat([causal_attend(layer, q[s:e], k[s:e], v[s:e]) for s, e in spans])
-
-    return attend
 
 
 def loss_sum(model, batch: Batch) -> torch.Tensor:
