@@ -34,6 +34,7 @@
 #error "needs AVX2 and FMA (native.py compiles it with -mavx2 -mfma -mf16c)"
 #endif
 #include <immintrin.h>
+#include "avx2_io.h"
 
 #define GROUP_BYTES (192 << 10) /* weights a group of blocks keeps in L2 for the register tile */
 #define PF_STREAM 8192
@@ -125,9 +126,9 @@ static inline __attribute__((always_inline)) void tile(const bf16 *w, int64_t K,
 
 /* y[0..n) (n <= 16) = one block's 16 outputs acc + bias b, rounded to bf16 (nearest even) or fp32 */
 static inline void store16(void *y, const vec *acc, const vec *b, int bf16, int n) {
+#ifdef __AVX512F__
     char tmp[64];
     void *dst = n < 16 ? (void *)tmp : y;
-#ifdef __AVX512F__
     const __m512 v = _mm512_add_ps(acc[0], b[0]);
     if (!bf16) {
         _mm512_storeu_ps(dst, v);
@@ -137,22 +138,11 @@ static inline void store16(void *y, const vec *acc, const vec *b, int bf16, int 
         u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
         _mm256_storeu_si256(dst, _mm512_cvtepi32_epi16(u));
     }
+    if (n < 16) memcpy(y, tmp, n * (bf16 ? 2 : 4));
 #else
     const __m256 v[2] = {_mm256_add_ps(acc[0], b[0]), _mm256_add_ps(acc[1], b[1])};
-    if (!bf16) {
-        _mm256_storeu_ps(dst, v[0]), _mm256_storeu_ps((float *)dst + 8, v[1]);
-    } else {
-        __m256i h[2];
-        for (int i = 0; i < 2; i++) {
-            __m256i u = _mm256_castps_si256(v[i]);
-            __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-            h[i] = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-        }
-        /* packus works per 128-bit lane: 0-3 8-11 4-7 12-15, put back in order */
-        _mm256_storeu_si256(dst, _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xd8));
-    }
+    avx2_store16(y, v, bf16, n);
 #endif
-    if (n < 16) memcpy(y, tmp, n * (bf16 ? 2 : 4));
 }
 
 static inline void load_bias(const bf16 *bias, int64_t n0, int n, vec *b) { /* zeros past n, or all if NULL */

@@ -27,40 +27,7 @@
 #error "needs AVX2 and FMA (native.py compiles it with -mavx2 -mfma -mf16c)"
 #endif
 #include <immintrin.h>
-
-static inline __m256 load8(const void *p, int bf16) { /* 8 bf16 or fp32 -> fp32 */
-    if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16));
-    return _mm256_loadu_ps(p);
-}
-
-/* 16 values of row-block n0 (bias, scales) with zeros past n (< 16) */
-static inline void load16(const void *p, int bf16, int n, __m256 *v) {
-    if (n < 16) {
-        char tmp[64] = {0};
-        memcpy(tmp, p, n * (bf16 ? 2 : 4));
-        load16(tmp, bf16, 16, v);
-        return;
-    }
-    v[0] = load8(p, bf16), v[1] = load8((const char *)p + 8 * (bf16 ? 2 : 4), bf16);
-}
-
-static inline void store16(void *p, const __m256 *v, int bf16, int n) { /* the first n (<= 16) */
-    char tmp[64];
-    void *dst = n < 16 ? (void *)tmp : p;
-    if (!bf16) {
-        _mm256_storeu_ps(dst, v[0]), _mm256_storeu_ps((float *)dst + 8, v[1]);
-    } else { /* round to nearest even, as torch does (NaN payloads aside) */
-        __m256i h[2];
-        for (int i = 0; i < 2; i++) {
-            __m256i u = _mm256_castps_si256(v[i]);
-            __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-            h[i] = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-        }
-        /* packus works per 128-bit lane: 0-3 8-11 4-7 12-15, put back in order */
-        _mm256_storeu_si256(dst, _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xd8));
-    }
-    if (n < 16) memcpy(p, tmp, n * (bf16 ? 2 : 4));
-}
+#include "avx2_io.h"
 
 /* As int_gemv.c: 8 KB ahead, non-temporal when each weight block is read in one pass. */
 
@@ -79,7 +46,7 @@ static void quantize_row(const char *x, int bf16, int64_t M, int64_t K, Acts a, 
     float offset = 0;
     for (int64_t b = 0; b < nb; b++) {
         __m256 v[4];
-        for (int i = 0; i < 4; i++) v[i] = load8(x + (b * QK + 8 * i) * esz, bf16);
+        for (int i = 0; i < 4; i++) v[i] = avx2_load8(x + (b * QK + 8 * i) * esz, bf16);
         __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
@@ -170,7 +137,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *w, co
         const char *sg = sz + (b >> gshift) * 32 * esz;
         prefetch(sg + PREFETCH / 2, a.once);
         __m256 scale[2], zero[2];
-        load16(sg, sz_bf16, 16, scale), load16(sg + 16 * esz, sz_bf16, 16, zero);
+        avx2_load16(sg, sz_bf16, 16, scale), avx2_load16(sg + 16 * esz, sz_bf16, 16, zero);
         for (int r = 0; r < mr; r++) {
             const Block k = a.blk[m0 * nb + b * mr + r];
             for (int h = 0; h < 2; h++) {
@@ -199,8 +166,8 @@ static int gemm(int bits, const uint8_t *w, const void *scales, int scales_bf16,
                 const int n = N - n0 < 16 ? (int)(N - n0) : 16;
                 __m256 rowscale[2] = {_mm256_set1_ps(1), _mm256_set1_ps(1)}, b[2] = {_mm256_setzero_ps(),
                                                                                    _mm256_setzero_ps()};
-                if (bits == 8) load16((const char *)scales + n0 * sesz, scales_bf16, 16, rowscale);
-                if (bias) load16((const char *)bias + n0 * esz, io_bf16, n, b);
+                if (bits == 8) avx2_load16((const char *)scales + n0 * sesz, scales_bf16, 16, rowscale);
+                if (bias) avx2_load16((const char *)bias + n0 * esz, io_bf16, n, b);
                 for (int64_t m0 = 0; m0 < M; m0 += MR) {
                     __m256 acc[2 * MR];
                     const int mr = chunk_rows(M, m0);
@@ -227,7 +194,7 @@ static int gemm(int bits, const uint8_t *w, const void *scales, int scales_bf16,
                     for (int r = 0; r < mr; r++) {
                         __m256 out[2];
                         for (int h = 0; h < 2; h++) out[h] = _mm256_fmadd_ps(acc[2 * r + h], rowscale[h], b[h]);
-                        store16((char *)y + ((m0 + r) * N + n0) * esz, out, io_bf16, n);
+                        avx2_store16((char *)y + ((m0 + r) * N + n0) * esz, out, io_bf16, n);
                     }
                 }
             }
