@@ -14,6 +14,7 @@ import torch
 
 from qwen2vl.engine.async_engine import AsyncLLM
 from qwen2vl.engine.outputs import EngineStats
+from qwen2vl.server.structured import GrammarCompiler
 
 
 class EngineReplica:
@@ -23,6 +24,10 @@ class EngineReplica:
         if torch_threads:  # a replica sharing a machine with others: its share of the cores
             torch.set_num_threads(torch_threads)
         self.engine = AsyncLLM(model, **llm_args)
+        served = self.engine.served
+        # structured output and forced tool calls arrive as grammars, enforced here (server/structured.py)
+        self.grammars = GrammarCompiler(served.processor.tokenizer.backend.to_str(), served.config.text.vocab_size,
+                                        served.eos_token_ids)
 
     def describe(self) -> dict:
         """The facts the ingress can't read from the checkpoint folder: they depend on how the
