@@ -173,6 +173,7 @@ def test_replica_flags_reach_every_replica_unchanged(monkeypatch):
     with pytest.raises(Stop):
         run_serve(args)
     assert seen["num_replicas"] == 3 and seen["ray_address"] == "auto" and seen["replica_cpus"] == 2
+    assert seen["name"] == "m"  # the served model name: servers sharing a cluster keep their own replicas
     assert seen["llm_args"]["quantization"] == "int8" and seen["llm_args"]["max_model_len"] == 512
     with pytest.raises(ValueError, match="--ray-address"):
         run_serve(parser.parse_args(["m", "--ray-address", "auto", "--device", "cpu"]))

@@ -13,13 +13,13 @@ package and the model. Ray Serve's own HTTP proxy is off: the ingress is our Fas
 from __future__ import annotations
 
 import logging
+import re
 
 from qwen2vl.engine.served import ServedModel
 
 log = logging.getLogger("qwen2vl.replicas")
 
 INSTALL_HINT = 'pip install -e ".[ray]" (or pip install "ray[serve]")'
-APP_PREFIX = "qwen2vl-engine-"
 # Ray Serve queues calls past max_ongoing_requests (default 5) in front of a replica; the engine
 # batches far more than 5 requests, and the server's --max-queue already bounds admission.
 MAX_ONGOING = 4096
@@ -39,9 +39,11 @@ def import_ray():
 
 def start_replicas(model: str, llm_args: dict, num_replicas: int, *, ray_address: str | None = None,
                    num_cpus: float | None = None, replica_cpus: float = 1, replica_gpus: float = 0,
-                   torch_threads: int | None = None, max_imbalance: int = 4):
+                   torch_threads: int | None = None, max_imbalance: int = 4, name: str = "engine"):
     """Deploy `num_replicas` replicas of `LLM(model, **llm_args)` and return their ReplicaPool.
-    `replica_cpus`/`replica_gpus`: what Ray reserves for each (so it spreads them over nodes)."""
+    `replica_cpus`/`replica_gpus`: what Ray reserves for each (so it spreads them over nodes); `name`
+    names their Serve applications `qwen2vl-{name}-{i}`: servers sharing a cluster need their own
+    (deploying an application of a taken name replaces it)."""
     if num_replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {num_replicas}")
     ray, serve = import_ray()
@@ -65,8 +67,9 @@ def start_replicas(model: str, llm_args: dict, num_replicas: int, *, ray_address
     deployment = serve.deployment(EngineReplica).options(
         ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         max_ongoing_requests=MAX_ONGOING, logging_config=QUIET)
-    targets = [serve.RunTarget(deployment.bind(model, llm_args, torch_threads), name=f"{APP_PREFIX}{i}",
-                               route_prefix=None) for i in range(num_replicas)]
+    apps = [f"qwen2vl-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{i}" for i in range(num_replicas)]
+    targets = [serve.RunTarget(deployment.bind(model, llm_args, torch_threads), name=app, route_prefix=None)
+               for app in apps]
     handles = serve.run_many(targets)  # deployed together; returns when every replica has loaded
     info = handles[0].describe.remote().result()
     served = ServedModel(Processor.from_pretrained(folder), Qwen2VLConfig.from_pretrained(folder),
@@ -74,7 +77,7 @@ def start_replicas(model: str, llm_args: dict, num_replicas: int, *, ray_address
                          info["max_model_len"], info["eos_token_ids"])
     lost = (RayActorError, ActorUnavailableError, DeploymentUnavailableError)
     pool = ReplicaPool(handles, served, info["block_size"], lost, max_imbalance=max_imbalance)
-    pool.started_ray = started_ray
+    pool.started_ray, pool.apps = started_ray, apps
     log.info("%d replicas of %s on Ray Serve", num_replicas, model)
     return pool
 
@@ -87,8 +90,8 @@ def stop_replicas(pool) -> None:
         serve.shutdown()
         ray.shutdown()
         return
-    for i in range(len(pool.handles)):
+    for app in pool.apps:
         try:
-            serve.delete(f"{APP_PREFIX}{i}")
+            serve.delete(app)
         except Exception as e:  # the cluster went first: nothing left to delete
-            log.warning("could not delete %s%d: %s", APP_PREFIX, i, e)
+            log.warning("could not delete %s: %s", app, e)

@@ -56,6 +56,7 @@ class ReplicaPool:
         self._stopped = False
         self._probe: asyncio.Task | None = None
         self.started_ray = False  # launch.py started Ray for this pool (and shuts it down with it)
+        self.apps: list[str] = []  # the replicas' Serve application names (launch.py)
 
     @property
     def stopped(self) -> bool:

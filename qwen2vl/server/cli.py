@@ -77,7 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"starting {args.replicas} replicas of {args.model} on {device} (Ray Serve) ...", file=sys.stderr)
         engine = start_replicas(args.model, llm_args, args.replicas, ray_address=args.ray_address,
                                 replica_cpus=args.replica_cpus, replica_gpus=1 if device.startswith("cuda") else 0,
-                                torch_threads=max(1, int(args.replica_cpus)))
+                                torch_threads=max(1, int(args.replica_cpus)), name=name)
         stop = partial(stop_replicas, engine)
     else:
         if args.ray_address:
