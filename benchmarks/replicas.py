@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
@@ -59,6 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     folder = model_folder(args)
+    load_before = os.getloadavg()[0]
     engine = {"dtype": "bfloat16" if args.model != "tiny" else "float32", "device": "cpu", "kv_cache_gib": 0.5,
               "max_model_len": 2048}
     one_thread = start_replicas(folder, engine, 3, num_cpus=args.num_cpus, replica_cpus=0.5, torch_threads=1,
@@ -90,7 +92,9 @@ def main() -> None:
         stop_replicas(two_threads)
         stop_replicas(one_thread)
     base = statistics.median(rates["1 replica, 1 thread"])
-    print(f"\nmodel {args.model}{f' ({args.layers} layers)' if args.layers else ''}, {args.requests} requests x "
+    print(f"\nload average (1 min) of this machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+          f"({os.cpu_count()} cores): other jobs share the cores")
+    print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, {args.requests} requests x "
           f"{args.max_tokens} tokens, {args.rounds} rounds, medians:")
     for name, values in rates.items():
         print(f"  {name:26s} {statistics.median(values):7.1f} tok/s  x{statistics.median(values) / base:.2f}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from qwen2vl.config import Qwen2VLConfig
     from qwen2vl.embedding import Pooling
     from qwen2vl.engine.prompt import Prompt
     from qwen2vl.processing.processor import Processor
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 @dataclass
 class ServedModel:
     processor: Processor
-    config: object  # the model's config (qwen2vl.config): token ids, vision merge, vocab and hidden sizes
+    config: Qwen2VLConfig  # token ids, vision merge, vocab and hidden sizes
     defaults: dict  # generation_config.json's sampling settings
     lora_names: list[str]  # adapters served as models of their own names
     pooling: Pooling  # how embeddings are pooled (embedding.read_pooling)

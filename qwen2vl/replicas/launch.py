@@ -86,8 +86,7 @@ def stop_replicas(pool) -> None:
     """Delete our Serve applications; shut Ray down if we started it (a joined cluster keeps running)."""
     ray, serve = import_ray()
     pool.shutdown()
-    if pool.started_ray:
-        serve.shutdown()
+    if pool.started_ray:  # our own Ray: stopping it stops Serve and every replica with it
         ray.shutdown()
         return
     for app in pool.apps:

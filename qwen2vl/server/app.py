@@ -48,7 +48,7 @@ RETRY_AFTER_S = "1"
 def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = None,
                model_name: str = "qwen2vl") -> FastAPI:
     """`engine`: a running AsyncLLM, or a ReplicaPool (qwen2vl/replicas) in front of engine replicas: the
-    same generate/embed/abort/stats/served/stopped; requests are served under `limits`; `api_key` None: no key."""
+    same generate/embed/stats/served/stopped; requests are served under `limits`; `api_key` None: no key."""
     app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     metrics = Metrics(model_name)
