@@ -96,8 +96,11 @@ def main() -> None:
           f"({os.cpu_count()} cores): other jobs share the cores")
     print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, {args.requests} requests x "
           f"{args.max_tokens} tokens, {args.rounds} rounds, medians:")
+    first = rates["1 replica, 1 thread"]
     for name, values in rates.items():
-        print(f"  {name:26s} {statistics.median(values):7.1f} tok/s  x{statistics.median(values) / base:.2f}")
+        per_round = statistics.median(v / b for v, b in zip(values, first))  # each round against its own baseline
+        print(f"  {name:26s} {statistics.median(values):7.1f} tok/s  x{statistics.median(values) / base:.2f} "
+              f"(median of per-round ratios x{per_round:.2f})")
 
 
 if __name__ == "__main__":
