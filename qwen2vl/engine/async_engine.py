@@ -29,6 +29,7 @@ from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.outputs import Delta, EngineStats
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams
+from qwen2vl.engine.served import ServedModel
 
 
 class EngineStopped(RuntimeError):
@@ -54,6 +55,7 @@ class AsyncLLM:
         self.llm = llm
         self.engine = llm.engine
         self.processor = llm.processor
+        self.served = ServedModel.from_llm(llm)  # what the server reads (a replica pool has one too)
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()

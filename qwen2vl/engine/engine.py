@@ -21,6 +21,7 @@ from qwen2vl.engine.runner import ModelRunner
 from qwen2vl.engine.sampling_params import SamplingParams
 from qwen2vl.engine.scheduler import Scheduler
 from qwen2vl.engine.sequence import Sequence
+from qwen2vl.engine.served import validate_embed
 from qwen2vl.engine.vision_cache import VisionCache
 
 
@@ -90,14 +91,8 @@ class Engine:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
 
     def validate_embed(self, prompt: Prompt) -> None:
-        """What the engine can't embed, as a ValueError (an embedding generates nothing, so the
-        whole context is the prompt's)."""
-        if len(prompt) > self.max_model_len:
-            raise ValueError(f"the input has {len(prompt)} tokens; this engine's max_model_len is {self.max_model_len}")
-        vocab = self.model.config.text.vocab_size
-        bad = next((t for t in prompt.token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        """What the engine can't embed, as a ValueError."""
+        validate_embed(prompt, self.max_model_len, self.model.config.text.vocab_size)
 
     def embed(self, prompts: list[Prompt], pooling: str = "last") -> torch.Tensor:
         """[B, D] float32 pooled final hidden states (engine/embed.py): prefill only, no cache blocks,

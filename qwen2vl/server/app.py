@@ -47,21 +47,21 @@ RETRY_AFTER_S = "1"
 
 def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = None,
                model_name: str = "qwen2vl") -> FastAPI:
-    """`engine`: a running AsyncLLM; requests are served under `limits`; `api_key` None: no key."""
+    """`engine`: a running AsyncLLM, or a ReplicaPool (qwen2vl/replicas) in front of engine replicas: the
+    same generate/embed/stats/served/stopped; requests are served under `limits`; `api_key` None: no key."""
     app = FastAPI(title="qwen2vl", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     metrics = Metrics(model_name)
-    llm = engine.llm
+    served = engine.served
     # the engine's processor, with the server's media policy instead of the permissive default
-    processor = llm.processor.with_policy(limits.media_policy())
+    processor = served.processor.with_policy(limits.media_policy())
     tok = processor.tokenizer
-    max_model_len = llm.engine.max_model_len
-    eos = sorted(llm.engine.scheduler.eos_token_ids)
-    compiler = GrammarCompiler(tok.backend.to_str(), llm.model.config.text.vocab_size, eos)
-    service = ChatService(engine, processor, llm.model.config, limits, metrics, compiler, llm.defaults,
+    max_model_len = served.max_model_len
+    compiler = GrammarCompiler(tok.backend.to_str(), served.config.text.vocab_size, served.eos_token_ids)
+    service = ChatService(engine, processor, served.config, limits, metrics, compiler, served.defaults,
                           model_name, max_model_len)
     responder = ResponsesService(service, ResponseStore(limits.max_stored_responses, limits.max_stored_bytes))
-    embedder = EmbeddingService(engine, processor, llm.model.config, limits, metrics, model_name, max_model_len)
+    embedder = EmbeddingService(engine, processor, served.config, limits, metrics, model_name, max_model_len)
     app.state.service, app.state.metrics = service, metrics
     app.add_middleware(_CountRequests, metrics=metrics)
 
@@ -84,7 +84,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     async def health():
         return {"status": "ok"}
 
-    adapters = llm.lora_names  # LoRA adapters are served as models of their own names
+    adapters = served.lora_names  # LoRA adapters are served as models of their own names
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
@@ -94,7 +94,8 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
 
     @app.get("/metrics", dependencies=auth)
     async def prometheus():
-        return PlainTextResponse(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4")
+        replicas = getattr(engine, "health", None)  # a ReplicaPool's: replicas up, requests re-run
+        return PlainTextResponse(metrics.render(engine.stats(), replicas), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/token_count", dependencies=auth)
     async def token_count(request: Request):

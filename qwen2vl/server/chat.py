@@ -43,7 +43,7 @@ class Prepared:
 class ChatService:
     def __init__(self, engine, processor, model_config, limits, metrics, compiler, defaults: dict, model_name: str,
                  max_model_len: int):
-        self.engine = engine  # AsyncLLM
+        self.engine = engine  # AsyncLLM or ReplicaPool
         self.max_model_len = max_model_len
         self.processor = processor  # built with the server's MediaPolicy
         self.model_config = model_config
@@ -92,7 +92,7 @@ class ChatService:
             params.max_tokens = self.max_model_len - len(prompt)
         images = [c for c in costs if c.kind == "image"]
         size = (images[-1].width, images[-1].height) if images else None
-        lora = req.model if req.model in self.engine.llm.lora_names else None
+        lora = req.model if req.model in self.engine.served.lora_names else None
         return Prepared(prompt, params, bool(tools) and choice != "none", visual, size, lora,
                         truncation.to_dict() if truncation else None)
 

@@ -1,4 +1,4 @@
-"""`qwen2vl serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [limits...]`.
+"""`qwen2vl serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--replicas N] [limits...]`.
 
 `qwen2vl/cli.py` owns the command; it calls `add_serve_arguments(parser)` and `run_serve(args)`.
 Safe by default: loopback only, no local files, no private-network media; binding elsewhere
@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
 
 from qwen2vl.backends.quant import QUANTIZATIONS
 from qwen2vl.hub import DEFAULT_MODEL, DEMO_MODEL
@@ -40,6 +41,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--max-model-len", type=int, help="context length cap")
     e.add_argument("--max-num-seqs", type=int, help="sequences decoded together")
     e.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r = parser.add_argument_group("replicas on Ray Serve (pip install -e \".[ray]\"; docs/deployment.md)")
+    r.add_argument("--replicas", type=int, help="run N engine replicas behind this server, each request routed "
+                                                "to one (prefix/image affinity, else the least loaded)")
+    r.add_argument("--ray-address", help="join this Ray cluster ('auto', 'HOST:6379', 'ray://HOST:10001') "
+                                         "instead of starting Ray on this machine")
+    r.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs Ray reserves for each replica (and its torch threads; default 1)")
     add_limit_arguments(parser)
 
 
@@ -61,16 +69,29 @@ def run_serve(args: argparse.Namespace) -> int:
     engine_args = {k: v for k, v in (("kv_cache_gib", args.kv_cache_gib), ("max_model_len", args.max_model_len),
                                      ("max_num_seqs", args.max_num_seqs),
                                      ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
-    print(f"loading {args.model} on {device} ...", file=sys.stderr)
-    engine = AsyncLLM(args.model, dtype=args.dtype, device=device, quantization=args.quantization,
-                      lora=adapters or None, **engine_args)
+    llm_args = dict(dtype=args.dtype, device=device, quantization=args.quantization, lora=adapters or None,
+                    **engine_args)
+    if args.replicas is not None:
+        from qwen2vl.replicas.launch import start_replicas, stop_replicas
+
+        print(f"starting {args.replicas} replicas of {args.model} on {device} (Ray Serve) ...", file=sys.stderr)
+        engine = start_replicas(args.model, llm_args, args.replicas, ray_address=args.ray_address,
+                                replica_cpus=args.replica_cpus, replica_gpus=1 if device.startswith("cuda") else 0,
+                                torch_threads=max(1, int(args.replica_cpus)), name=name)
+        stop = partial(stop_replicas, engine)
+    else:
+        if args.ray_address:
+            raise ValueError("--ray-address: only used with --replicas N")
+        print(f"loading {args.model} on {device} ...", file=sys.stderr)
+        engine = AsyncLLM(args.model, **llm_args)
+        stop = engine.shutdown
     app = create_app(engine, limits, api_key=args.api_key, model_name=name)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (key {'required' if args.api_key else 'off'})",
           file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
-        engine.shutdown()
+        stop()
     return 0
 
 

@@ -61,7 +61,7 @@ class EmbeddingService:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.policy = limits.media_policy()
-        self.pooling = engine.llm.pooling
+        self.pooling = engine.served.pooling
 
     async def embed(self, req: EmbeddingRequest) -> dict:
         if self.pooling.mode not in POOLING_MODES:
@@ -102,7 +102,7 @@ class EmbeddingService:
         for c, w in zip(checked, where):
             prompt = await asyncio.to_thread(self._prompt, c, w)
             try:
-                self.engine.llm.engine.validate_embed(prompt)
+                self.engine.served.validate_embed(prompt)
             except ValueError as e:
                 raise bad_request(f"{w}: {e}" + ("; send less text or smaller images/videos" if prompt.vision else ""),
                                   w) from None

@@ -48,8 +48,9 @@ class Metrics:
     def count_request(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
 
-    def render(self, stats=None) -> str:
-        """The exposition text; `stats` is the engine's EngineStats (or None before it exists)."""
+    def render(self, stats=None, replicas=None) -> str:
+        """The exposition text; `stats` is the engine's EngineStats (or None before it exists), summed over
+        the replicas when there are several; `replicas`: their ReplicaHealth (qwen2vl/replicas/pool.py)."""
         lines: list[str] = []
 
         def metric(name: str, kind: str, doc: str, samples: list[str]) -> None:
@@ -89,4 +90,9 @@ class Metrics:
                    [f"qwen2vl_vision_cache_hits_total {stats.vision_cache_hits}"])
             metric("qwen2vl_preemptions_total", "counter", "Sequences preempted because the cache was full.",
                    [f"qwen2vl_preemptions_total {stats.num_preemptions}"])
+        if replicas is not None:
+            metric("qwen2vl_replicas", "gauge", "Engine replicas deployed.", [f"qwen2vl_replicas {replicas.total}"])
+            metric("qwen2vl_replicas_up", "gauge", "Engine replicas answering.", [f"qwen2vl_replicas_up {replicas.up}"])
+            metric("qwen2vl_replica_retries_total", "counter", "Requests re-run on another replica after one was lost.",
+                   [f"qwen2vl_replica_retries_total {replicas.retries}"])
         return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ the grammar forbids. When the grammar is complete only end-of-sequence stays all
 bounded schema always terminates.
 """
 
+import hashlib
 import json
 import logging
 import time
@@ -32,6 +33,11 @@ log = logging.getLogger("qwen2vl.server")
 # on them); at most this many whitespace characters between tokens.
 JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,4}"}
 
+# This process's compilers by fingerprint. A constraint sent to an engine replica in another process
+# (qwen2vl/replicas) travels as (fingerprint, grammar) and is rebuilt there on the replica's compiler of
+# the same tokenizer: llguidance's table is native and a few MB, built once per process, never pickled.
+_COMPILERS: dict[str, "GrammarCompiler"] = {}
+
 
 class GrammarCompiler:
     """Owns the llguidance tokenizer table and turns request options into checked grammars.
@@ -46,6 +52,9 @@ class GrammarCompiler:
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids))
         log.info("grammar tokenizer table built in %.1f s", time.monotonic() - start)
         self.eos_token_ids = list(eos_token_ids)
+        key = hashlib.sha256(f"{vocab_size}:{sorted(self.eos_token_ids)}:".encode() + tokenizer_json.encode())
+        self.fingerprint = key.hexdigest()
+        _COMPILERS[self.fingerprint] = self
 
     def json_grammar(self, response_format: dict) -> str:
         """Grammar for {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}."""
@@ -78,11 +87,17 @@ class GrammarConstraint:
     own path: with n = 1 the one matcher is advanced in place, with n > 1 it is copied first."""
 
     def __init__(self, compiler: GrammarCompiler, grammar: str, n: int = 1):
+        self._fingerprint, self._grammar = compiler.fingerprint, grammar
         self._eos = compiler.eos_token_ids
         self._new = lambda: llguidance.LLMatcher(compiler.tokenizer, grammar, log_level=0)
         self._states: dict[tuple, object] = {(): self._new()}
         self._n = n
         self.failed = False
+
+    def __reduce__(self):
+        """Pickled as what it enforces, rebuilt fresh (no tokens consumed) on the receiving process's
+        compiler: an engine replica starts the request from its prompt."""
+        return _rebuilt_constraint, (self._fingerprint, self._grammar, self._n)
 
     def __call__(self, token_ids, logits: torch.Tensor) -> torch.Tensor:
         key = tuple(token_ids)
@@ -119,3 +134,11 @@ class GrammarConstraint:
                 del self._states[k]  # two or more tokens behind: no completion extends these
         self._states[key] = matcher
         return matcher
+
+
+def _rebuilt_constraint(fingerprint: str, grammar: str, n: int) -> GrammarConstraint:
+    compiler = _COMPILERS.get(fingerprint)
+    if compiler is None:
+        raise RuntimeError("a grammar constraint arrived in a process with no GrammarCompiler for its tokenizer; "
+                           "build one first (an engine replica does, replicas/replica.py)")
+    return GrammarConstraint(compiler, grammar, n)

@@ -21,8 +21,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 def running_server(limits, api_key: str | None = "test-key", model=None, **engine_args):
     """Yield (base_url, app) of a real server on loopback serving `model` (default: the tiny
     checkpoint); stopped and its engine shut down after."""
-    import uvicorn
-
     from qwen2vl.engine.async_engine import AsyncLLM
     from qwen2vl.server.app import create_app
 
@@ -30,6 +28,18 @@ def running_server(limits, api_key: str | None = "test-key", model=None, **engin
                    **engine_args}
     engine = AsyncLLM(str(model or tiny_checkpoint()), **engine_args)
     app = create_app(engine, limits, api_key=api_key, model_name="tiny")
+    try:
+        with serving(app) as url:
+            yield url, app
+    finally:
+        engine.shutdown()
+
+
+@contextmanager
+def serving(app):
+    """Yield the base URL of `app` run by uvicorn on a free loopback port, in a thread; stopped after."""
+    import uvicorn
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -39,8 +49,7 @@ def running_server(limits, api_key: str | None = "test-key", model=None, **engin
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", app
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        engine.shutdown()
