@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 
 from qwen2vl.backends.quant import QUANTIZATIONS
 from qwen2vl.hub import DEFAULT_MODEL, DEMO_MODEL
@@ -35,7 +36,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="int8/int4 weights for the language model's linears: ~1.8x / ~2.8x faster CPU decode "
                         "than bf16 (int4: groups of 32; int4-g64/-g128: fewer bytes, more error), "
                         "see docs/performance.md")
-    e.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU (default 2)")
+    e.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU (default 2), per tensor-parallel rank")
+    e.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the decoder over N processes (N GPUs from --device's on, or the CPU's cores); "
+                        "N must divide the attention heads")
     e.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory for weights + cache")
     e.add_argument("--max-model-len", type=int, help="context length cap")
     e.add_argument("--max-num-seqs", type=int, help="sequences decoded together")
@@ -63,14 +67,25 @@ def run_serve(args: argparse.Namespace) -> int:
                                      ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
     print(f"loading {args.model} on {device} ...", file=sys.stderr)
     engine = AsyncLLM(args.model, dtype=args.dtype, device=device, quantization=args.quantization,
-                      lora=adapters or None, **engine_args)
+                      lora=adapters or None, tensor_parallel_size=args.tensor_parallel_size, **engine_args)
     app = create_app(engine, limits, api_key=args.api_key, model_name=name)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (key {'required' if args.api_key else 'off'})",
           file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+
+    def stop_when_failed():  # an engine that can't serve any more (a tensor-parallel rank died): exit
+        engine.failed.wait()
+        server.should_exit = True
+
+    threading.Thread(target=stop_when_failed, daemon=True).start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        server.run()
     finally:
         engine.shutdown()
+    if engine.failure is not None:
+        print(f"error: {engine.failure}; the server stopped", file=sys.stderr)
+        return 1
     return 0
 
 
