@@ -76,7 +76,6 @@ class TensorParallel:
         except BaseException:
             self.close()
             raise
-        self.n = n
         self.model.model.register_forward_pre_hook(self._send)
         # the thread holds a weak reference: a model nobody uses any more is collected, and its ranks stopped
         threading.Thread(target=_watch, args=(weakref.ref(self), [p.sentinel for p in self.procs], self._closing),
