@@ -8,9 +8,9 @@ round, two measurements in the same process:
   MLP width) on the kernels the engine uses (FastLinear), timed over LAYERS_TIMED layers of distinct
   cold weights and scaled to 28.
 Printed (rank 0, medians over rounds): all-reduce latency per call (and in the fastest round), per
-step, and as a share of the step (comm / (comm + compute)). Both processes share this VM's 2 cores with other work, which bounds
-and perturbs every figure here: on a machine with a core per rank and idle neighbours the
-compute halves relative to one process and the all-reduce is the price of that.
+step, and as a share of the step (comm / (comm + compute)). Both processes share this VM's 2 cores
+with other work, which bounds and perturbs every figure here: on a machine with a core per rank and
+idle neighbours the compute halves relative to one process and the all-reduce is the price of that.
 
     python -m benchmarks.tp_allreduce [--rounds 15] [--batch 1,8,32]
 """

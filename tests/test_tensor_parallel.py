@@ -7,22 +7,24 @@ logits within round-off. At bf16 each rank rounds its partial sums, so the kerne
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import signal
 
 import pytest
 import torch
+from openai import APIStatusError, OpenAI
 
 from qwen2vl.config import TextConfig
-from qwen2vl.engine.async_engine import AsyncLLM, EngineStopped
+from qwen2vl.engine.async_engine import AsyncLLM
 from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.sampling_params import SamplingParams
 from qwen2vl.loader import read_tensors
 from qwen2vl.parallel.group import WorkerDied
 from qwen2vl.parallel.plan import ShardPlan, check_tensor_parallel, rank_config
+from qwen2vl.server.limits import ServerLimits
 from tests.helpers.parity import CONVERSATIONS, make_checkpoint
+from tests.helpers.server import running_server
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 CASES = ["text", "one_image", "two_images", "video"]
@@ -36,14 +38,19 @@ def folder(tmp_path_factory):
     return folder
 
 
-def test_bf16_kernels_and_int8_run_per_shard_and_close_on_collection(folder):
-    # first: one tensor-parallel model per process (one torch.distributed group), and `pair` lives on
-    one = LLM(str(folder), dtype="bfloat16", quantization="int8", **ARGS)
+@pytest.fixture(scope="module")
+def one(folder):
+    return LLM(str(folder), dtype="float32", **ARGS)
+
+
+def test_bf16_kernels_and_int8_run_per_shard_and_close_on_collection(folder, one):
+    # first: one tensor-parallel model per process (one torch.distributed group), and `two` lives on
     two = LLM(str(folder), dtype="bfloat16", quantization="int8", tensor_parallel_size=2, **ARGS)
     procs = list(two.tp.procs)
+    assert type(two.model.model.layers[0].mlp.down_proj.linear).__name__ == "Int8Linear"  # quantized per shard
     inputs = one.processor(CONVERSATIONS["one_image"], add_generation_prompt=True)
     want, got = one.model.logits(**inputs), two.model.logits(**inputs)
-    # row-parallel int8 shards have their own per-channel scales, and bf16 partial sums round: close, not equal
+    # int8 (row-parallel shards with their own per-channel scales) in bf16 against float32: close, not equal
     assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.99
     assert len(two.generate([list(range(20, 40))], GREEDY)[0].token_ids) == 8  # decode on the per-shard kernels
     del two
@@ -52,15 +59,13 @@ def test_bf16_kernels_and_int8_run_per_shard_and_close_on_collection(folder):
 
 
 @pytest.fixture(scope="module")
-def pair(folder):
-    one = LLM(str(folder), dtype="float32", **ARGS)
+def two(folder):
     two = LLM(str(folder), dtype="float32", tensor_parallel_size=2, **ARGS)
-    yield one, two
+    yield two
     two.close()
 
 
-def test_greedy_answers_equal_one_process_alone_and_batched(pair):
-    one, two = pair
+def test_greedy_answers_equal_one_process_alone_and_batched(one, two):
     convs = [CONVERSATIONS[c] for c in CASES]
     want = [o.token_ids for o in one.chat(convs, GREEDY)]
     assert [two.chat(c, GREEDY)[0].token_ids for c in convs] == want  # alone
@@ -69,8 +74,7 @@ def test_greedy_answers_equal_one_process_alone_and_batched(pair):
     assert s.num_free_blocks == s.num_blocks
 
 
-def test_logits_within_float32_round_off(pair):
-    one, two = pair
+def test_logits_within_float32_round_off(one, two):
     for case in ("two_images", "video"):
         inputs = one.processor(CONVERSATIONS[case], add_generation_prompt=True)
         want = one.model.logits(**inputs)
@@ -128,21 +132,17 @@ def test_a_shard_reads_only_its_slice(folder):
     raise AssertionError("no down_proj in the checkpoint")
 
 
-def test_a_dead_rank_stops_the_engine_with_a_clear_error(pair):
-    _, two = pair
+def test_a_dead_rank_stops_the_server_with_503_naming_it(two):
     engine = AsyncLLM.from_llm(two)
-    (proc,) = two.tp.procs
-    os.kill(proc.pid, signal.SIGKILL)
-    assert engine.failed.wait(10)
-    assert f"rank 1 (pid {proc.pid}) exited with code -9" in engine.failure
-
-    async def ask():
-        async for _ in engine.generate(CONVERSATIONS["text"], GREEDY):
-            pass
-
-    with pytest.raises(EngineStopped, match="rank 1 .* exited"):
-        asyncio.run(ask())
-    with pytest.raises(WorkerDied):
-        two.generate([[1, 2, 3]], GREEDY)
-    engine.shutdown()
-    assert not any(p.is_alive() for p in two.tp.procs)
+    with running_server(ServerLimits(), api_key=None, engine=engine) as (url, _):
+        (proc,) = two.tp.procs
+        os.kill(proc.pid, signal.SIGKILL)
+        assert engine.failed.wait(10)  # what makes `qwen2vl serve` exit (server/cli.py)
+        assert f"rank 1 (pid {proc.pid}) exited with code -9" in engine.failure
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
+        with pytest.raises(APIStatusError) as info:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert info.value.status_code == 503 and f"rank 1 (pid {proc.pid}) exited" in info.value.body["message"]
+        with pytest.raises(WorkerDied, match="rank 1"):
+            two.generate([[1, 2, 3]], GREEDY)
+    assert not any(p.is_alive() for p in two.tp.procs)  # the engine's shutdown closed the LLM

@@ -63,7 +63,7 @@ class AsyncLLM:
         self.failure: str | None = None  # why the engine can't serve any more (a tensor-parallel rank died)
         self.failed = threading.Event()  # set with failure: the server stops (server/cli.py)
         if llm.tp is not None:
-            llm.tp.on_death.append(self._fail)
+            llm.tp.on_death.append(self.fail)
         self._thread = threading.Thread(target=self._loop, name="qwen2vl-engine", daemon=True)
         self._thread.start()
 
@@ -129,7 +129,7 @@ class AsyncLLM:
         self._thread.join(timeout=30)
         self.llm.close()
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
         """Stop for good (any thread): callers get 503 with `reason`, and `failed` is set."""
         self.failure = self.failure or reason
         self._stopped = True
@@ -163,7 +163,7 @@ class AsyncLLM:
                     self._deliver(self.engine.step())
             except Exception as e:  # a failed step must not hang every client: fail them, keep serving
                 if self.llm.tp is not None:  # ranks out of step (or one dead): nothing more can run
-                    self._fail(self.llm.tp.failure(e))
+                    self.fail(self.llm.tp.failure(e))
                     self._fail_all(self._stopped_error())
                     return
                 self._fail_all(e)

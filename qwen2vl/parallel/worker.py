@@ -48,8 +48,8 @@ def main(rank: int, n: int, folder, dtype, device: torch.device, quantization, t
         while True:
             try:
                 message = conn.recv()
-            except EOFError:  # rank 0 is gone
-                break
+            except EOFError:  # rank 0 is gone, and the group's store with it: tearing the group down would
+                os._exit(1)  # wait on it (measured ~14 s), so leave at once
             if message[0] == "stop":
                 break
             if message[0] == "cache":  # the engine sized it on rank 0; each rank holds its own KV heads
