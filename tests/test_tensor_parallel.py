@@ -38,19 +38,27 @@ def folder(tmp_path_factory):
     return folder
 
 
-def test_one_kv_head_replicated_bf16_and_int8_per_shard_and_close_on_collection(tmp_path):
+@pytest.fixture(scope="module")
+def one_kv_head(tmp_path_factory):
+    """A checkpoint with 1 KV head, which 2 ranks both hold, and one bf16 process on it."""
+    folder = tmp_path_factory.mktemp("tp_kv1")
+    make_checkpoint(folder, num_kv_heads=1)
+    return folder, LLM(str(folder), dtype="bfloat16", **ARGS)
+
+
+@pytest.mark.parametrize("quantization, linear", [(None, "FastLinear"), ("int8", "Int8Linear")])
+def test_replicated_kv_head_and_cpu_kernels_per_shard_then_close_on_collection(one_kv_head, quantization, linear):
     # first: one tensor-parallel model per process (one torch.distributed group), and `two` lives on.
-    # 1 KV head for 2 ranks: both hold it. bf16 runs the CPU backend's kernels (FastLinear, C layer ops), and
-    # int8 shards quantize on their own, so row-parallel ones have their own per-channel scales: close, not equal
-    make_checkpoint(tmp_path, num_kv_heads=1)
-    one = LLM(str(tmp_path), dtype="bfloat16", **ARGS)
-    two = LLM(str(tmp_path), dtype="bfloat16", quantization="int8", tensor_parallel_size=2, **ARGS)
+    # bf16 runs the CPU backend's kernels on each shard; its partial sums round to bf16 before the all-reduce,
+    # and int8 row-parallel shards have their own per-channel scales: close to one process, not equal
+    folder, one = one_kv_head
+    two = LLM(str(folder), dtype="bfloat16", quantization=quantization, tensor_parallel_size=2, **ARGS)
     procs = list(two.tp.procs)
-    assert type(two.model.model.layers[0].mlp.down_proj.linear).__name__ == "Int8Linear"  # under RowParallel
+    assert type(two.model.model.layers[0].mlp.down_proj.linear).__name__ == linear  # under RowParallel
     inputs = one.processor(CONVERSATIONS["one_image"], add_generation_prompt=True)
     want, got = one.model.logits(**inputs), two.model.logits(**inputs)
     cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1)
-    assert cos(got, want).min() > 0.999  # measured 0.9997
+    assert cos(got, want).min() > 0.999  # measured 0.9997 with int8
     assert cos(want[1:], want[:-1]).max() < 0.99  # measured 0.95: the bound tells one position from the next
     assert len(two.generate([list(range(20, 40))], GREEDY)[0].token_ids) == 8  # decode on the per-shard kernels
     del two
@@ -79,12 +87,14 @@ def test_greedy_answers_equal_one_process_alone_and_batched(one, two):
     assert s.num_free_blocks == s.num_blocks
 
 
-def test_logits_within_float32_round_off(one, two):
+def test_logits_and_embeddings_within_float32_round_off(one, two):
     for case in ("two_images", "video"):
         inputs = one.processor(CONVERSATIONS[case], add_generation_prompt=True)
         want = one.model.logits(**inputs)
         got = two.model.logits(**inputs)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    inputs = ["a cat", {"messages": CONVERSATIONS["one_image"]}, "a dog on a mat"]  # packed, cache-free forward
+    torch.testing.assert_close(two.embed(inputs), one.embed(inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_ranks_hold_their_share():
