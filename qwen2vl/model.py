@@ -28,13 +28,19 @@ class Qwen2VL(nn.Module):
         self.backend = TorchBackend()  # the torch code; backends.prepare swaps in the device's speed-ups
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2VL:
-        """Load a checkpoint folder (or hub repo id) straight into `dtype` on `device`."""
+    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device="cpu",
+                        map_linears: bool = False) -> Qwen2VL:
+        """Load a checkpoint folder (or hub repo id) straight into `dtype` on `device`.
+
+        `map_linears`: the linears' weights are maps of the file (loader.py), for a caller that
+        replaces every one by a copy (the CPU backend's repacking or quantization)."""
         folder = resolve_model_path(name_or_path)
         config = Qwen2VLConfig.from_pretrained(folder)
         with torch.device("meta"):
             model = cls(config)
-        load_weights(model, Path(folder), dtype or checkpoint_dtype(folder), device, config.tie_word_embeddings)
+        linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        load_weights(model, Path(folder), dtype or checkpoint_dtype(folder), device, config.tie_word_embeddings,
+                     mapped=linears.__contains__ if map_linears else lambda name: False)
         return model.eval()
 
     # read from the final norm: a tensor-parallel rank other than 0 holds no embedding (parallel/plan.py)

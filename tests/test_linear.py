@@ -241,3 +241,23 @@ def test_empty_huge_survives_a_kernel_without_thp(monkeypatch):
     t = gemm.empty_huge((3 << 20,), torch.float32)
     t.fill_(2)
     assert t.shape == (3 << 20,) and t.sum().item() == 6 << 20
+
+
+@pytest.mark.skipif(native.library("pack") is None, reason="pack.c is built only where a kernel that reads it runs")
+@pytest.mark.parametrize("huge", [True, False])
+@pytest.mark.parametrize("n,words", [(16, 1), (97, 100), (33, 64), (2048, 129)])  # n % 16, words % 64
+def test_pack_c_writes_the_layout_torch_does(monkeypatch, n, words, huge):
+    """pack.c's blocks of 16 rows equal torch's strided copy, zero rows included, at any thread count."""
+    w = torch.randint(-2**31, 2**31 - 1, (n, words), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    threads = torch.get_num_threads()
+    ours = [gemm.pack_words(w, huge)]
+    torch.set_num_threads(1)
+    try:
+        ours.append(gemm.pack_words(w, huge))
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(native, "library", lambda name: None)
+    theirs = gemm.pack_words(w, huge)
+    assert theirs.shape == ((n + 15) // 16, words, 16)
+    for out in ours:
+        assert torch.equal(out, theirs)

@@ -92,3 +92,37 @@ def test_truncated_or_corrupt_file_is_a_clear_error(hf, tmp_path):
     path.write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a safetensors file"):
         Qwen2VL.from_pretrained(folder)
+
+
+def test_mapped_linears_equal_read_ones_and_write_only_to_themselves(hf, tmp_path):
+    """map_linears: the linears' weights are copy-on-write maps of the file: the same values as a
+    read, writable, and a write reaches neither the file nor a later load."""
+    folder = save_checkpoint(hf, tmp_path / "m", dtype=torch.bfloat16)
+    read = Qwen2VL.from_pretrained(folder, dtype=torch.bfloat16)
+    mapped = Qwen2VL.from_pretrained(folder, dtype=torch.bfloat16, map_linears=True)
+    ours = dict(mapped.named_parameters())
+    for name, p in read.named_parameters():
+        assert torch.equal(p, ours[name]), name
+    before = (folder / "model.safetensors").read_bytes()
+    weight = mapped.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        weight.fill_(3.0)
+    assert (folder / "model.safetensors").read_bytes() == before
+    again = Qwen2VL.from_pretrained(folder, dtype=torch.bfloat16, map_linears=True)
+    assert torch.equal(again.model.layers[0].mlp.down_proj.weight, read.model.layers[0].mlp.down_proj.weight)
+
+
+def test_a_misaligned_tensor_is_read_not_mapped(tmp_path):
+    """A tensor whose bytes sit at an offset its dtype can't be addressed at (safetensors files
+    written without alignment) is read into memory of its own, with the same values."""
+    from qwen2vl.loader import read_tensors
+
+    data = torch.arange(6, dtype=torch.float32)
+    header = json.dumps({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                         "b": {"dtype": "F32", "shape": [6], "data_offsets": [1, 25]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x07" + data.numpy().tobytes())
+    tensors = {name: read(mapped=True) for name, read in read_tensors(path)}
+    assert tensors["a"].tolist() == [7] and torch.equal(tensors["b"], data)
+    assert tensors["b"].data_ptr() % 4 == 0  # a map would have put it at an odd address

@@ -35,6 +35,7 @@ from qwen2vl.engine.outputs import RequestOutput, TextChunk
 from qwen2vl.engine.prompt import Prompt
 from qwen2vl.engine.sampling_params import SamplingParams, generation_defaults, generation_eos_ids
 from qwen2vl.hub import resolve_model_path
+from qwen2vl.loader import checkpoint_dtype
 from qwen2vl.lora import attach_adapters
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import OWN_ARGUMENTS, Processor
@@ -212,7 +213,11 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
-    model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device)
+    # the CPU backend replaces every half-precision or quantized linear by a repacked copy: map
+    # those weights rather than read them into memory that is dropped right after (loader.py)
+    half = (dtype or checkpoint_dtype(folder)) in (torch.bfloat16, torch.float16)
+    model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device,
+                                    map_linears=device.type == "cpu" and (half or quantization is not None))
     prepare(model, quantization)
     return model
 

@@ -45,7 +45,13 @@ def load_rank(folder: Path, dtype: torch.dtype | None, device, quantization: str
     plan = ShardPlan(config.text, rank, n)
     with torch.device("meta"):
         model = Qwen2VL(replace(config, text=rank_config(config.text, n)))
-    load_weights(model, folder, dtype or checkpoint_dtype(folder), device, config.tie_word_embeddings, plan)
+    dtype = dtype or checkpoint_dtype(folder)
+    # as llm.load_model: where the CPU backend repacks every linear, the whole ones are maps of the file
+    # (loader.py); a shard's slice is always read
+    linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    repacked = torch.device(device).type == "cpu" and (dtype in (torch.bfloat16, torch.float16) or quantization)
+    load_weights(model, folder, dtype, device, config.tie_word_embeddings,
+                 mapped=linears.__contains__ if repacked else lambda name: False, plan=plan)
     if rank > 0:  # rank 0 embeds, sees and samples for all (plan.py): what it alone holds is dropped here
         model.visual = model.lm_head = model.model.embed_tokens = None
     model.eval()

@@ -188,11 +188,23 @@ def pack_bf16(w: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
     """bf16 [N, K] (K even) -> [ceil(N/16), K/2, 16, 2], zero rows padding N (see bf16_gemm.c); on
     huge pages unless told otherwise (see empty_huge)."""
     k = w.shape[1]
-    w = pad_rows(w, ROWS)
-    # a k pair as one int32: the same transpose copied as 4-byte elements, 1.6-1.8x faster
-    view = w.contiguous().view(torch.int32).reshape(-1, ROWS, k // 2).transpose(1, 2)
-    out = packed_copy(view) if huge_pages else view.contiguous()
+    # a k pair as one int32 word: pack.c's transpose of 4-byte words
+    out = pack_words(w.contiguous().view(torch.int32), huge_pages)
     return out.view(torch.bfloat16).view(-1, k // 2, ROWS, 2)
+
+
+def pack_words(words: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
+    """int32 [N, W] -> [ceil(N/16), W, 16], zero rows padding N: the kernels' blocks of 16 rows
+    (pack.c, or torch's strided copy where it isn't built), on huge pages if asked (empty_huge)."""
+    n, w = words.shape
+    blocks = -(-n // ROWS)
+    lib = native.library("pack")
+    if lib is None or not words.is_contiguous():
+        view = pad_rows(words, ROWS).reshape(blocks, ROWS, w).transpose(1, 2)
+        return packed_copy(view) if huge_pages else view.contiguous()
+    out = empty_huge((blocks, w, ROWS), torch.int32) if huge_pages else torch.empty(blocks, w, ROWS, dtype=torch.int32)
+    lib.pack_rows16(words.data_ptr(), out.data_ptr(), n, w, torch.get_num_threads())
+    return out
 
 
 def unpack_bf16(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -207,7 +219,7 @@ def pack_int8(q: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] (N % 16 == 0) -> uint8 [N/16, K/4, 16, 4], code q + 128."""
     n, k = q.shape
     codes = (q.to(torch.int16) + 128).to(torch.uint8)
-    return packed_copy(codes.view(n // ROWS, ROWS, k // 4, 4).transpose(1, 2))
+    return pack_words(codes.view(torch.int32)).view(torch.uint8).view(n // ROWS, k // 4, ROWS, 4)
 
 
 def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
