@@ -161,3 +161,5 @@ def test_a_dead_rank_stops_the_server_with_503_naming_it(two):
         with pytest.raises(WorkerDied, match="rank 1"):
             two.generate([[1, 2, 3]], GREEDY)
     assert not any(p.is_alive() for p in two.tp.procs)  # the engine's shutdown closed the LLM
+    with pytest.raises(RuntimeError, match="was closed"):
+        two.generate([[1, 2, 3]], GREEDY)

@@ -100,6 +100,8 @@ class TensorParallel:
                          for r, p in gone) + ": the model can't run without it"
 
     def _send(self, _module, args) -> None:
+        if self._closing.is_set():
+            raise RuntimeError("this tensor-parallel model was closed (LLM.close()); its other ranks are gone")
         if self.dead is not None:
             raise WorkerDied(self.dead)
         step.send(self.conns, *args)

@@ -5,15 +5,16 @@ Per decoder layer, N ranks:
   heads [r H/N, (r+1) H/N) and the KV heads those queries read: KV/N of them when N divides KV, else
   (N a multiple of KV) the one KV head its query heads share, held by N/KV ranks alike;
 - row-parallel (input columns split): o (over heads) and down (over the MLP width). Each rank's
-  output is a partial sum, all-reduced once (layers.py). Neither has a bias, so nothing is added twice;
+  output is a partial sum, all-reduced once (shard.py). Neither has a bias, so nothing is added twice;
 - replicated: the norms (a few KB).
 
 Only rank 0 holds the rest: the embedding, the head and the vision tower. The scheduler, the
 processor and the sampler live on rank 0, which embeds the step's tokens (vision rows scattered in)
 and broadcasts the [N, D] embeddings, so the other ranks need neither table nor tower; rank 0 alone
 computes logits from the full hidden state every rank ends with. That costs one broadcast of N x D
-per step (6 KB a decode token at 2B) and keeps the head exact, where a vocabulary-parallel head would
-all-gather [N, vocab] float32 logits (600 KB a token) for a sampler that needs every column anyway.
+per step (3 KB a bf16 decode token at 2B) and keeps the head exact, where a vocabulary-parallel
+head would all-gather [N, vocab] float32 logits (600 KB a token) for a sampler that needs every
+column anyway.
 """
 
 from __future__ import annotations
