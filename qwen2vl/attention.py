@@ -33,6 +33,7 @@ def packed_causal_attend(cu_seqlens: list[int]):
     def attend(layer, q, k, v):
         return torch.cat([causal_attend(layer, q[a:b], k[a:b], v[a:b]) for a, b in spans])
 
+    attend.cu_seqlens = list(cu_seqlens)  # what a tensor-parallel rank rebuilds it from (parallel/step.py)
     return attend
 
 

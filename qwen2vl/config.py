@@ -111,10 +111,13 @@ class TextConfig:
     rope_theta: float = 1000000.0
     mrope_section: tuple[int, ...] = (16, 24, 24)
     max_position_embeddings: int = 32768
+    # hidden_size // num_attention_heads, fixed once: a tensor-parallel rank's config keeps it while
+    # holding only its share of the heads (parallel/plan.py)
+    head_dim: int = 0
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self):
+        if not self.head_dim and self.num_attention_heads:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     @classmethod
     def from_dict(cls, d: dict) -> TextConfig:

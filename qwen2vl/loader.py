@@ -13,11 +13,15 @@ repacking reads the file's page cache directly instead of a fresh copy of it. Fr
 load costs where pages are first touched slowly (a VM whose host backs guest memory on first
 touch: 0.3-2.7 GB/s measured here, against ~18 GB/s rewriting touched memory), and the map of one
 tensor goes when its repacked copy replaces it, so peak memory does not grow.
+
+A tensor-parallel rank (`plan`) reads only its slice of each tensor it holds: rows as one read,
+columns a chunk of whole rows at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import re
 from pathlib import Path
@@ -76,6 +80,7 @@ def _read_header(f, file: Path) -> tuple[dict, int]:
 
 def read_tensors(file: Path):
     """Yield (name, read) for every tensor of a safetensors file; read() returns it in its own memory,
+    read((dim, start, stop)) only that slice of it (a 1-D or 2-D tensor), reading no other bytes,
     read(mapped=True) as a copy-on-write map of the file where its bytes are aligned for its dtype.
 
     Reading is deferred so a caller can skip tensors it doesn't want without reading their bytes.
@@ -84,29 +89,51 @@ def read_tensors(file: Path):
     with open(file, "rb", buffering=0) as f:
         header, data_start = _read_header(f, file)
 
-        def read(name: str, info: dict, mapped: bool = False) -> torch.Tensor:
-            dtype = _DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise ValueError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-            begin, end = info.get("data_offsets", (0, -1))
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            nbytes = tensor.numel() * tensor.element_size()
-            if end - begin != nbytes or data_start + end > file_size:
-                raise ValueError(f"{file}: tensor {name} has offsets {begin}..{end} that don't fit "
-                                 f"its shape {info['shape']} or the file ({file_size} bytes)")
-            if mapped and nbytes and (data_start + begin) % tensor.element_size() == 0:
-                return _map(f, data_start + begin, tensor)
-            f.seek(data_start + begin)
-            view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        def read_into(view: memoryview, offset: int, name: str) -> None:
+            f.seek(offset)
             while view.nbytes:  # readinto may return short reads on big requests
                 got = f.readinto(view)
                 if not got:
                     raise ValueError(f"{file}: truncated inside tensor {name}")
                 view = view[got:]
+
+        def read(name: str, info: dict, part: tuple[int, int, int] | None = None, mapped: bool = False
+                 ) -> torch.Tensor:
+            """The tensor, or only `part` = (dim, start, stop) of it (a tensor-parallel shard, always read)."""
+            dtype = _DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+            begin, end = info.get("data_offsets", (0, -1))
+            shape = list(info["shape"])
+            nbytes = torch.empty(0, dtype=dtype).element_size() * math.prod(shape)
+            if end - begin != nbytes or data_start + end > file_size:
+                raise ValueError(f"{file}: tensor {name} has offsets {begin}..{end} that don't fit "
+                                 f"its shape {info['shape']} or the file ({file_size} bytes)")
+            if part is None:
+                tensor = torch.empty(shape, dtype=dtype)
+                if mapped and nbytes and (data_start + begin) % tensor.element_size() == 0:
+                    return _map(f, data_start + begin, tensor)
+                read_into(_bytes(tensor), data_start + begin, name)
+                return tensor
+            dim, start, stop = part
+            if dim >= len(shape) or not 0 <= start < stop <= shape[dim] or len(shape) > 2:
+                raise ValueError(f"{file}: tensor {name} of shape {shape} has no slice {start}:{stop} on dim {dim}")
+            row = nbytes // shape[0]
+            if dim == 0:  # whole rows: one contiguous range of the file
+                tensor = torch.empty([stop - start, *shape[1:]], dtype=dtype)
+                read_into(_bytes(tensor), data_start + begin + start * row, name)
+                return tensor
+            # columns of a matrix: whole rows a chunk at a time (16 MiB), keeping the columns
+            tensor = torch.empty(shape[0], stop - start, dtype=dtype)
+            step = max(1, 2**24 // row)
+            for r in range(0, shape[0], step):
+                chunk = torch.empty(min(step, shape[0] - r), shape[1], dtype=dtype)
+                read_into(_bytes(chunk), data_start + begin + r * row, name)
+                tensor[r : r + chunk.shape[0]] = chunk[:, start:stop]
             return tensor
 
         for name, info in header.items():
-            yield name, lambda mapped=False, name=name, info=info: read(name, info, mapped)
+            yield name, lambda part=None, mapped=False, name=name, info=info: read(name, info, part, mapped)
 
 
 def _map(f, start: int, like: torch.Tensor) -> torch.Tensor:
@@ -116,6 +143,11 @@ def _map(f, start: int, like: torch.Tensor) -> torch.Tensor:
     buf = mmap.mmap(f.fileno(), start - base + nbytes, offset=base, access=mmap.ACCESS_COPY)
     # the tensor holds `buf`: the map lives exactly as long as the tensor and its views
     return torch.frombuffer(buf, dtype=like.dtype, count=like.numel(), offset=start - base).view(like.shape)
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's own memory as writable bytes."""
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
 
 
 def canonical_name(name: str) -> str:
@@ -131,13 +163,17 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tied_head: bool,
-                 mapped=lambda name: False) -> None:
+                 mapped=lambda name: False, plan=None) -> None:
     """Fill a meta-device `model` from the checkpoint in `folder`, in place. Tensors whose name
     `mapped(name)` accepts are mapped rather than read (see the module's docstring): only for those
-    the caller replaces by a copy (a conversion to another dtype or device copies them too)."""
+    the caller replaces by a copy (a conversion to another dtype or device copies them too).
+    `plan` (parallel/plan.py's ShardPlan): a tensor-parallel rank's, which reads only the tensors and
+    slices it holds; the parameters it doesn't keep stay on the meta device."""
     expected = dict(model.named_parameters(remove_duplicate=False))
     if tied_head:
         expected.pop("lm_head.weight", None)
+    if plan is not None:
+        expected = {name: p for name, p in expected.items() if plan.keeps(name)}
     seen: set[str] = set()
     unexpected: list[str] = []
     for file in checkpoint_files(folder):
@@ -145,12 +181,15 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tie
             name = canonical_name(disk_name)
             if tied_head and name == "lm_head.weight":
                 continue  # some tied checkpoints still carry a copy; the embedding is the truth
+            if plan is not None and not plan.keeps(name):
+                continue
             if name not in expected:
                 unexpected.append(disk_name)
                 continue
             if name in seen:
                 raise ValueError(f"{folder}: tensor {name} appears twice (as {disk_name})")
-            tensor = read(mapped=mapped(name))
+            part = None if plan is None else plan.slice(name)
+            tensor = read(part, mapped=part is None and mapped(name))
             want = expected[name].shape
             if name == "visual.patch_embed.proj.weight" and tensor.dim() == 5:
                 tensor = tensor.reshape(tensor.shape[0], -1)  # Conv3d (E, C, T, P, P) -> Linear (E, C*T*P*P)
@@ -165,7 +204,7 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tie
     missing = sorted(set(expected) - seen)
     if missing:
         raise ValueError(f"{folder}: tensors missing from checkpoint: {missing[:10]} ({len(missing)} in all)")
-    if tied_head:
+    if tied_head and "model.embed_tokens.weight" in seen:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 

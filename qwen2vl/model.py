@@ -43,13 +43,14 @@ class Qwen2VL(nn.Module):
                      mapped=linears.__contains__ if map_linears else lambda name: False)
         return model.eval()
 
+    # read from the final norm: a tensor-parallel rank other than 0 holds no embedding (parallel/plan.py)
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def embed(self, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [N, D] with vision_embeds rows placed, in order, at the image/video pads."""

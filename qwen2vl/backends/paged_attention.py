@@ -56,6 +56,18 @@ class PagedBatch:
         return torch.where(past, slots[:, :1], slots)
 
 
+
+class PagedAttend:
+    """The decoder's `attend` for one engine step: write this step's k/v to layer `layer`'s cache,
+    then attend over it, through `backend`. An object rather than a closure so a tensor-parallel rank
+    can rebuild it from the broadcast batch (parallel/step.py)."""
+
+    def __init__(self, backend, layers: list, batch: PagedBatch):
+        self.backend, self.layers, self.batch = backend, layers, batch
+
+    def __call__(self, layer: int, q, k, v) -> torch.Tensor:
+        return self.backend.attention(q, k, v, *self.layers[layer], self.batch)
+
 def paged_attention(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
     """q [N, Hq, Dh], fresh k/v [N, Hkv, Dh] (already written to the cache),
     k_cache/v_cache [num_blocks, block_size, Hkv, Dh] of one layer -> [N, Hq, Dh]."""

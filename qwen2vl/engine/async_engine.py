@@ -33,10 +33,11 @@ from qwen2vl.engine.served import ServedModel
 
 
 class EngineStopped(RuntimeError):
-    """The engine was shut down: nothing more is served (the server answers 503)."""
+    """The engine was shut down, or failed for good: nothing more is served (the server answers 503)."""
 
-    def __init__(self):
-        super().__init__("the engine is shut down")
+    def __init__(self, failure: str | None = None):
+        super().__init__(failure or "the engine is shut down")
+        self.failure = failure  # why the engine failed for good, or None: it was shut down
 
 
 class AsyncLLM:
@@ -61,6 +62,10 @@ class AsyncLLM:
         self._ids = itertools.count()
         self._stats = self.engine.stats()
         self._stopped = False
+        self.failure: str | None = None  # why the engine can't serve any more (a tensor-parallel rank died)
+        self.failed = threading.Event()  # set with failure: the server stops (server/cli.py)
+        if llm.tp is not None:
+            llm.tp.on_death.append(self.fail)
         self._thread = threading.Thread(target=self._loop, name="qwen2vl-engine", daemon=True)
         self._thread.start()
 
@@ -72,7 +77,7 @@ class AsyncLLM:
         """Increments of one request. `prompt`: messages (Qwen or OpenAI form) or a `Prompt`; `lora`: the
         name of a loaded LoRA adapter (None: LLM's default)."""
         if self._stopped:
-            raise EngineStopped()
+            raise self._stopped_error()
         slot = self.llm.lora_slot(lora)
         if not isinstance(prompt, Prompt):
             prompt = await asyncio.to_thread(self.llm.prompt, prompt, **processor_args)
@@ -102,7 +107,7 @@ class AsyncLLM:
         """[B, D] float32 pooled hidden states (LLM.pooling's mode), from the engine thread; a prompt
         the engine can't embed raises its ValueError here."""
         if self._stopped:
-            raise EngineStopped()
+            raise self._stopped_error()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._commands.put(("embed", prompts, loop, future))
@@ -124,6 +129,17 @@ class AsyncLLM:
         self._stopped = True
         self._commands.put(("stop",))
         self._thread.join(timeout=30)
+        self.llm.close()
+
+    def fail(self, reason: str) -> None:
+        """Stop for good (any thread): callers get 503 with `reason`, and `failed` is set."""
+        self.failure = self.failure or reason
+        self._stopped = True
+        self.failed.set()
+        self._commands.put(("stop",))
+
+    def _stopped_error(self) -> EngineStopped:
+        return EngineStopped(self.failure)
 
     # -- the engine thread ----------------------------------------------------------------
 
@@ -139,15 +155,19 @@ class AsyncLLM:
                         break
                 for i, cmd in enumerate(commands):
                     if cmd[0] == "stop":
-                        self._fail_all(EngineStopped())
+                        self._fail_all(self._stopped_error())
                         for late in commands[i + 1:]:  # queued behind the stop: answer, don't hang
                             if late[0] in ("add", "embed"):
-                                _answer(late[-2], late[-1], error=EngineStopped())
+                                _answer(late[-2], late[-1], error=self._stopped_error())
                         return
                     self._run_command(cmd)
                 if self.engine.has_work():
                     self._deliver(self.engine.step())
             except Exception as e:  # a failed step must not hang every client: fail them, keep serving
+                if self.llm.tp is not None:  # ranks out of step (or one dead): nothing more can run
+                    self.fail(self.llm.tp.failure(e))
+                    self._fail_all(self._stopped_error())
+                    return
                 self._fail_all(e)
             self._stats = self.engine.stats()
 

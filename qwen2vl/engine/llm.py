@@ -47,22 +47,36 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 class LLM:
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                  quantization: str | None = None, lora: str | Path | dict[str, str | Path] | None = None,
-                 **engine_args):
+                 tensor_parallel_size: int = 1, **engine_args):
         """`lora`: an adapter folder used by every request, or {name: folder} to pick per request.
-        `engine_args` are EngineConfig fields: kv_cache_gib, gpu_memory_utilization, block_size,
-        max_model_len, max_num_seqs, max_num_batched_tokens, enable_prefix_caching,
-        vision_cache_mib, seed."""
+        `tensor_parallel_size` N > 1: the decoder split over N processes, this one rank 0 (parallel/;
+        `close()` stops the others). `engine_args` are EngineConfig fields: kv_cache_gib (per rank),
+        gpu_memory_utilization, block_size, max_model_len, max_num_seqs, max_num_batched_tokens,
+        enable_prefix_caching, vision_cache_mib, seed."""
         dtype = parse_dtype(dtype)  # argument errors before any download or load
         if quantization is not None and quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or \
+                tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
+        if tensor_parallel_size > 1 and lora is not None:
+            raise ValueError("LoRA adapters are not served with tensor parallelism yet; use tensor_parallel_size=1")
         config = EngineConfig(**engine_args)
         adapters = {name: read_adapter(path) for name, path in _adapter_folders(lora).items()}
-        if adapters:
-            config.enforce_eager = True  # CUDA graphs would capture one step's adapter slots
+        if adapters or tensor_parallel_size > 1:
+            # CUDA graphs would capture one step's adapter slots, or leave the other ranks out of a replay
+            config.enforce_eager = True
         self.lora_names = list(adapters)
         self.default_lora = self.lora_names[0] if isinstance(lora, (str, Path)) else None
         folder = resolve_model_path(model)
-        self.model = load_model(folder, dtype, device, quantization)
+        self.tp = None  # rank 0's TensorParallel, when the decoder is split
+        if tensor_parallel_size > 1:
+            from qwen2vl.parallel.group import TensorParallel
+
+            self.tp = TensorParallel(folder, dtype, device, quantization, tensor_parallel_size)
+            self.model = self.tp.model
+        else:
+            self.model = load_model(folder, dtype, device, quantization)
         if adapters:
             attach_adapters(self.model, adapters)
         self.processor = Processor.from_pretrained(folder)
@@ -70,7 +84,14 @@ class LLM:
         self.pooling = read_pooling(folder)  # how embed() pools and whether it normalizes by default
         eos = self.processor.eos_token_ids + generation_eos_ids(folder) + _ids(self.model.config.eos_token_id)
         self.engine = Engine(self.model, config, self.processor.tokenizer, list(dict.fromkeys(eos)))
+        if self.tp is not None:
+            self.tp.size_cache(self.engine.cache)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (also done when the LLM is garbage-collected)."""
+        if self.tp is not None:
+            self.tp.close()
 
     def default_sampling_params(self, **overrides) -> SamplingParams:
         """generation_config.json's settings, with `overrides` on top."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen2vl.backends.paged_attention import PagedBatch
+from qwen2vl.backends.paged_attention import PagedAttend, PagedBatch
 from qwen2vl.engine.kv_cache import KVCache
 from qwen2vl.engine.sampler import Sampler
 from qwen2vl.engine.sequence import Sequence
@@ -43,11 +43,7 @@ class ModelRunner:
         if self.lora is not None:  # each token row's adapter, read by the LoRA linears in this forward
             self.lora.set([s.lora for s in seqs], batch.q_lens, self.device)
         x = self.model.embed(ids, vision_embeds=self.vision_rows(seqs))
-        layers = self.cache.layers
-
-        def attend(layer, q, k, v):  # writes this step's k/v to the cache, then attends over it
-            return self.backend.attention(q, k, v, *layers[layer], batch)
-
+        attend = PagedAttend(self.backend, self.cache.layers, batch)  # writes k/v to the cache, attends over it
         if self.decode_step is not None and batch.is_decode and x.dtype == torch.bfloat16:
             hidden = self.decode_step(x, positions, batch)  # the same kernels, called from C
         else:

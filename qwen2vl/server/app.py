@@ -77,8 +77,8 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     auth = [Depends(authorized)]
 
     @app.exception_handler(EngineStopped)
-    async def _stopped(_request: Request, _exc: EngineStopped):
-        return error_response(engine_stopped())
+    async def _stopped(_request: Request, exc: EngineStopped):
+        return error_response(engine_stopped(exc.failure))
 
     @app.get("/health")
     async def health():
@@ -132,7 +132,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     def admit() -> None:
         """One more request in flight, or a 429 past --max-queue (the caller decrements when done)."""
         if engine.stopped:  # before a stream starts: its status can still say so
-            raise engine_stopped()
+            raise engine_stopped(getattr(engine, "failure", None))  # a replica pool has none
         if metrics.in_flight >= limits.max_queue:
             metrics.rejected += 1
             raise APIError(429, f"server busy: {metrics.in_flight} requests in flight, the limit is "
@@ -230,9 +230,10 @@ def parse_model(model: type[BaseModel], body: dict):
         raise bad_request(format_validation_error(errors), first_param(errors)) from None
 
 
-def engine_stopped() -> APIError:
-    return APIError(503, "the engine is shut down (the server is stopping); retry on another server",
-                    code="engine_stopped")
+def engine_stopped(failure: str | None = None) -> APIError:
+    """503: the server is stopping, or (`failure`) its engine failed for good and the server exits."""
+    why = "the engine is shut down" if failure is None else f"the engine failed: {failure}"
+    return APIError(503, f"{why} (the server is stopping); retry on another server", code="engine_stopped")
 
 
 async def _sse(lines):
@@ -242,8 +243,8 @@ async def _sse(lines):
             yield line
     except APIError as e:
         yield sse_error(e)
-    except EngineStopped:
-        yield sse_error(engine_stopped())
+    except EngineStopped as e:
+        yield sse_error(engine_stopped(e.failure))
     except Exception as e:  # a real fault mid-stream: logged, reported, the server goes on
         yield sse_error(internal_error(e, "chat stream"))
 

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from functools import partial
 
 from qwen2vl.backends.quant import QUANTIZATIONS
@@ -36,7 +37,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="int8/int4 weights for the language model's linears: ~1.8x / ~2.8x faster CPU decode "
                         "than bf16 (int4: groups of 32; int4-g64/-g128: fewer bytes, more error), "
                         "see docs/performance.md")
-    e.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU (default 2)")
+    e.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU (default 2), per tensor-parallel rank")
+    e.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the decoder over N processes (N GPUs from --device's on, or the CPU's cores); "
+                        "N must divide the attention heads")
     e.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory for weights + cache")
     e.add_argument("--max-model-len", type=int, help="context length cap")
     e.add_argument("--max-num-seqs", type=int, help="sequences decoded together")
@@ -70,13 +74,14 @@ def run_serve(args: argparse.Namespace) -> int:
                                      ("max_num_seqs", args.max_num_seqs),
                                      ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
     llm_args = dict(dtype=args.dtype, device=device, quantization=args.quantization, lora=adapters or None,
-                    **engine_args)
+                    tensor_parallel_size=args.tensor_parallel_size, **engine_args)
     if args.replicas is not None:
         from qwen2vl.replicas.launch import start_replicas, stop_replicas
 
         print(f"starting {args.replicas} replicas of {args.model} on {device} (Ray Serve) ...", file=sys.stderr)
+        gpus = args.tensor_parallel_size if device.startswith("cuda") else 0  # a replica's ranks, one GPU each
         engine = start_replicas(args.model, llm_args, args.replicas, ray_address=args.ray_address,
-                                replica_cpus=args.replica_cpus, replica_gpus=1 if device.startswith("cuda") else 0,
+                                replica_cpus=args.replica_cpus, replica_gpus=gpus,
                                 torch_threads=max(1, int(args.replica_cpus)), name=name)
         stop = partial(stop_replicas, engine)
     else:
@@ -88,10 +93,22 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(engine, limits, api_key=args.api_key, model_name=name)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (key {'required' if args.api_key else 'off'})",
           file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+
+    def stop_when_failed():  # an engine that can't serve any more (a tensor-parallel rank died): exit
+        engine.failed.wait()
+        server.should_exit = True
+
+    if hasattr(engine, "failed"):  # a replica pool routes around a lost replica instead
+        threading.Thread(target=stop_when_failed, daemon=True).start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        server.run()
     finally:
         stop()
+    if getattr(engine, "failure", None) is not None:
+        print(f"error: {engine.failure}; the server stopped", file=sys.stderr)
+        return 1
     return 0
 
 

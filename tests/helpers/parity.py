@@ -50,8 +50,9 @@ CONVERSATIONS = {
 }
 
 
-def make_checkpoint(folder):
-    hf = build_reference(vocab_size=151936, tie=False)
+def make_checkpoint(folder, **config):
+    """`config`: tiny_config overrides (e.g. num_kv_heads=1)."""
+    hf = build_reference(vocab_size=151936, tie=False, **config)
     save_checkpoint(hf, folder, tokenizer_dir=qwen_tokenizer_dir())
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     return hf

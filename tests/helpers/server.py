@@ -18,15 +18,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextmanager
-def running_server(limits, api_key: str | None = "test-key", model=None, **engine_args):
+def running_server(limits, api_key: str | None = "test-key", model=None, engine=None, **engine_args):
     """Yield (base_url, app) of a real server on loopback serving `model` (default: the tiny
-    checkpoint); stopped and its engine shut down after."""
+    checkpoint), or an AsyncLLM already running (`engine`); stopped and its engine shut down after."""
     from qwen2vl.engine.async_engine import AsyncLLM
     from qwen2vl.server.app import create_app
 
     engine_args = {"dtype": "float32", "device": "cpu", "kv_cache_gib": 0.02, "max_model_len": MAX_MODEL_LEN,
                    **engine_args}
-    engine = AsyncLLM(str(model or tiny_checkpoint()), **engine_args)
+    engine = engine or AsyncLLM(str(model or tiny_checkpoint()), **engine_args)
     app = create_app(engine, limits, api_key=api_key, model_name="tiny")
     try:
         with serving(app) as url:

@@ -49,17 +49,19 @@ class CpuBackend(TorchBackend):
         # GEMMs run faster too (docs/performance.md). Quantized linears are not nn.Linear and stay as they are.
         speed_up_linears(model, skip=("visual",), compute_dtype=compute)
         # the vision tower's GEMMs are compute-bound: no huge pages, which cost load time (the
-        # kernel compacts memory to find them)
-        speed_up_linears(model.visual, skip=(), huge_pages=False, compute_dtype=compute)
-        if compute != dtype:  # the tower computes in the dtype of its norms (vision.py)
-            model.visual.compute_in(compute)
+        # kernel compacts memory to find them). A tensor-parallel rank other than 0 has no tower.
+        tower = model.visual
+        if tower is not None:
+            speed_up_linears(tower, skip=(), huge_pages=False, compute_dtype=compute)
+            if compute != dtype:  # the tower computes in the dtype of its norms (vision.py)
+                tower.compute_in(compute)
         cfg = model.config.text
         if dtype == torch.bfloat16 and layer_ops.available() and layer_ops.supports_layout(
                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim):
             model.model.ops = TextKernels(layer_ops, layer_ops.supports)
             self.fused_decode = True
-        if model.visual.compute_dtype == torch.bfloat16 and vision_ops.library() is not None:
-            model.visual.ops = VisionKernels(vision_ops, vision_ops.supports)
+        if tower is not None and tower.compute_dtype == torch.bfloat16 and vision_ops.library() is not None:
+            tower.ops = VisionKernels(vision_ops, vision_ops.supports)
 
     def attention(self, q, k, v, k_cache, v_cache, batch):
         if self.fused_decode and batch.is_decode and q.dtype == torch.bfloat16:

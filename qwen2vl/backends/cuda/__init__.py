@@ -54,7 +54,7 @@ class CudaBackend(TorchBackend):
         takes = lambda x: x.is_cuda and x.dtype == torch.bfloat16
         if (ops := triton_kernels("triton_layer_ops", self.device)) is not None:
             model.model.ops, self.layer_ops = TextKernels(ops, takes), ops
-        if (ops := triton_kernels("triton_vision_ops", self.device)) is not None:
+        if model.visual is not None and (ops := triton_kernels("triton_vision_ops", self.device)) is not None:
             model.visual.ops = VisionKernels(ops, takes)  # the attention's softmax stays in SDPA
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
