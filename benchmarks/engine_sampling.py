@@ -10,7 +10,9 @@ temperature 0.7, top-p 0.9, top-k 50, repetition penalty 1.05, a seed per reques
 repetition the two run back to back, in alternating order (this machine's speed drifts), and the
 ratio is taken per repetition; the median of those ratios is printed with all runs in brackets. On
 a shared machine, --threads 1 gives steadier ratios: with 2 threads every parallel op waits for
-the other core, which other jobs hold for milliseconds at a time.
+the other core, which other jobs hold for milliseconds at a time. The sampler's share is the CPU
+time (this thread's, so other jobs on the machine do not count) spent in the sampler over the CPU
+time of the whole run: the steadiest figure on a busy machine.
 On a tiny checkpoint the step is mostly the head and the sampler, which is the point: the model's
 own time hides neither.
 """
@@ -35,14 +37,32 @@ def params(kind: str, tokens: int, seed: int) -> SamplingParams:
     return SamplingParams(max_tokens=tokens, ignore_eos=True, seed=seed, **extra)
 
 
-def run(llm: LLM, kind: str, batch: int, tokens: int, start: int) -> float:
-    """Generated tokens/s of `batch` requests submitted together (prefill included)."""
+class TimedSampler:
+    """The runner's sampler, its CPU time summed."""
+
+    def __init__(self, sample):
+        self.sample, self.cpu = sample, 0.0
+
+    def __call__(self, logits, seqs):
+        t0 = time.thread_time()
+        out = self.sample(logits, seqs)
+        self.cpu += time.thread_time() - t0
+        return out
+
+
+def run(llm: LLM, kind: str, batch: int, tokens: int, start: int) -> tuple[float, float]:
+    """Generated tokens/s of `batch` requests submitted together (prefill included), and the
+    sampler's share of the run's CPU time."""
     prompts = [[(1000 + (start + i) * 16 + j) % 150_000 for j in range(16)] for i in range(batch)]
-    t0 = time.perf_counter()
+    runner = llm.engine.runner
+    if not isinstance(runner.sample, TimedSampler):
+        runner.sample = TimedSampler(runner.sample)
+    runner.sample.cpu = 0.0
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     outs = llm.generate(prompts, [params(kind, tokens, start + i) for i in range(batch)])
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     assert all(len(o.token_ids) == tokens for o in outs)
-    return batch * tokens / elapsed
+    return batch * tokens / elapsed, runner.sample.cpu / cpu
 
 
 def main() -> None:
@@ -66,21 +86,25 @@ def main() -> None:
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
-            tps = run(llm, args.profile, batch, args.tokens, start)
+            tps = run(llm, args.profile, batch, args.tokens, start)[0]
             prof.disable()
             start += batch
             print(f"\nbatch {batch}, {args.profile}: {tps:.1f} tok/s under cProfile; top entries by own time")
             pstats.Stats(prof).sort_stats("tottime").print_stats(15)
             continue
         rates: dict[str, list[float]] = {"greedy": [], "sampled": []}
+        shares: dict[str, list[float]] = {"greedy": [], "sampled": []}
         for rep in range(args.reps):
             for kind in ("greedy", "sampled") if rep % 2 == 0 else ("sampled", "greedy"):
-                rates[kind].append(run(llm, kind, batch, args.tokens, start))
+                tps, share = run(llm, kind, batch, args.tokens, start)
+                rates[kind].append(tps)
+                shares[kind].append(share)
                 start += batch
         ratios = [s / g for s, g in zip(rates["sampled"], rates["greedy"])]
         print(f"\nbatch {batch}")
         for kind, r in rates.items():
-            print(f"  {kind:8} {statistics.median(r):8.1f} tok/s   [{', '.join(f'{x:.1f}' for x in r)}]")
+            print(f"  {kind:8} {statistics.median(r):8.1f} tok/s   [{', '.join(f'{x:.1f}' for x in r)}]   "
+                  f"sampler {statistics.median(shares[kind]):.1%} of the CPU time")
         print(f"  sampled/greedy {statistics.median(ratios):.2f}   [{', '.join(f'{x:.2f}' for x in ratios)}]")
 
 

@@ -33,7 +33,7 @@ class ModelRunner:
         self.lora = getattr(model, "lora", None)  # LoRARows of served adapters (qwen2vl/lora.py), or None
         # where the backend has one (the CPU's C kernels), a whole decode step in one call
         self.decode_step = self.backend.decode_step(model, cache)
-        self.sample = Sampler(self.device)
+        self.sample = Sampler(self.device, self.backend.top_k)
         self.tables = BlockTables()  # block tables kept between steps, one row per running sequence
 
     @torch.inference_mode()

@@ -53,6 +53,7 @@ VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "paged_decode": [("paged_decode.c", (*AVX2, *AVX512)), ("paged_decode.c", AVX2)],
     "vision_ops": [("vision_ops.c", (*AVX2, *AVX512)), ("vision_ops.c", AVX2)],
     "decode_step": [("decode_step.c", ())],
+    "top_k": [("top_k.c", (*AVX2, *AVX512)), ("top_k.c", AVX2)],
 }
 # flags a source needs beyond its features': the small ops round where torch rounds, so no a*b+c may
 # become one FMA unless the source asks for it (gcc fuses them by default wherever FMA is on)
