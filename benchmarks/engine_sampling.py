@@ -3,6 +3,7 @@
     python -m benchmarks.engine_sampling --model .cache/server_tiny_qwen2vl
     python -m benchmarks.engine_sampling --model DIR --batches 32 128 --tokens 32 --reps 5 --threads 1
     python -m benchmarks.engine_sampling --model DIR --batches 32 --profile sampled   # cProfile, top entries
+    python -m benchmarks.engine_sampling --model DIR --batches 32 128 --threads 1 --profile-ops sampled  # torch ops
 
 `LLM.generate` over B text prompts of 16 distinct token ids (no prefix-cache hits), each generating
 exactly --tokens tokens (ignore_eos), float32 on the CPU. Greedy is temperature 0; sampled is
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--profile", choices=["greedy", "sampled"], help="profile one run per batch instead")
+    ap.add_argument("--profile-ops", choices=["greedy", "sampled"],
+                    help="torch.profiler over one run per batch instead: torch ops by own CPU time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,6 +86,13 @@ def main() -> None:
     run(llm, "sampled", 4, 4, 0)
     start = 10_000  # fresh prompts every run: the prefix cache never helps
     for batch in args.batches:
+        if args.profile_ops:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                tps = run(llm, args.profile_ops, batch, args.tokens, start)[0]
+            start += batch
+            print(f"\nbatch {batch}, {args.profile_ops}: {tps:.1f} tok/s under torch.profiler; ops by own CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            continue
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
