@@ -13,7 +13,8 @@ ratio is taken per repetition; the median of those ratios is printed with all ru
 a shared machine, --threads 1 gives steadier ratios: with 2 threads every parallel op waits for
 the other core, which other jobs hold for milliseconds at a time. The sampler's share is the CPU
 time (this thread's, so other jobs on the machine do not count) spent in the sampler over the CPU
-time of the whole run: the steadiest figure on a busy machine.
+time of the whole run, and tokens per CPU second gives a second sampled/greedy ratio: the steadiest
+figures on a busy machine.
 On a tiny checkpoint the step is mostly the head and the sampler, which is the point: the model's
 own time hides neither.
 """
@@ -51,9 +52,9 @@ class TimedSampler:
         return out
 
 
-def run(llm: LLM, kind: str, batch: int, tokens: int, start: int) -> tuple[float, float]:
-    """Generated tokens/s of `batch` requests submitted together (prefill included), and the
-    sampler's share of the run's CPU time."""
+def run(llm: LLM, kind: str, batch: int, tokens: int, start: int) -> tuple[float, float, float]:
+    """Generated tokens/s of `batch` requests submitted together (prefill included), the sampler's
+    share of the run's CPU time, and generated tokens per CPU second."""
     prompts = [[(1000 + (start + i) * 16 + j) % 150_000 for j in range(16)] for i in range(batch)]
     runner = llm.engine.runner
     if not isinstance(runner.sample, TimedSampler):
@@ -63,7 +64,7 @@ def run(llm: LLM, kind: str, batch: int, tokens: int, start: int) -> tuple[float
     outs = llm.generate(prompts, [params(kind, tokens, start + i) for i in range(batch)])
     elapsed, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     assert all(len(o.token_ids) == tokens for o in outs)
-    return batch * tokens / elapsed, runner.sample.cpu / cpu
+    return batch * tokens / elapsed, runner.sample.cpu / cpu, batch * tokens / cpu
 
 
 def main() -> None:
@@ -104,11 +105,13 @@ def main() -> None:
             continue
         rates: dict[str, list[float]] = {"greedy": [], "sampled": []}
         shares: dict[str, list[float]] = {"greedy": [], "sampled": []}
+        per_cpu: dict[str, list[float]] = {"greedy": [], "sampled": []}
         for rep in range(args.reps):
             for kind in ("greedy", "sampled") if rep % 2 == 0 else ("sampled", "greedy"):
-                tps, share = run(llm, kind, batch, args.tokens, start)
+                tps, share, tpc = run(llm, kind, batch, args.tokens, start)
                 rates[kind].append(tps)
                 shares[kind].append(share)
+                per_cpu[kind].append(tpc)
                 start += batch
         ratios = [s / g for s, g in zip(rates["sampled"], rates["greedy"])]
         print(f"\nbatch {batch}")
@@ -116,6 +119,9 @@ def main() -> None:
             print(f"  {kind:8} {statistics.median(r):8.1f} tok/s   [{', '.join(f'{x:.1f}' for x in r)}]   "
                   f"sampler {statistics.median(shares[kind]):.1%} of the CPU time")
         print(f"  sampled/greedy {statistics.median(ratios):.2f}   [{', '.join(f'{x:.2f}' for x in ratios)}]")
+        cpu_ratios = [s / g for s, g in zip(per_cpu["sampled"], per_cpu["greedy"])]
+        print(f"  sampled/greedy by tokens per CPU second {statistics.median(cpu_ratios):.2f}   "
+              f"[{', '.join(f'{x:.2f}' for x in cpu_ratios)}]")
 
 
 if __name__ == "__main__":
