@@ -2,12 +2,18 @@
 
     python -m benchmarks.load_test --model .cache/server_tiny_qwen2vl --clients 8 --requests 64
     python -m benchmarks.load_test --url http://127.0.0.1:8000 --api-key KEY --clients 4 --image 448
+    python -m benchmarks.load_test --model .cache/server_tiny_qwen2vl --clients 32 --requests 128 --engine-alone
 
 With --model it starts `qwen2vl serve` on a free loopback port and stops it afterwards; with --url
 it uses a running server, which must be on a loopback address. Bounded: at most 256 clients,
 10,000 requests and 600 seconds (requests still running at the deadline are cancelled and counted).
 Prints throughput (requests/s, generated tokens/s), time to first token and latency percentiles,
-inter-token latency, and errors by kind.
+inter-token latency, and errors by kind. --engine-alone runs the same requests (messages, seeds,
+max_tokens, temperature, the checkpoint's defaults otherwise) through `LLM.chat` in this process
+with max_num_seqs = --clients and no server: its tok/s over the server's is the server's own cost.
+Both print the CPU time the engine's process used per generated token (the server's, not the load
+generator's): on a shared machine the steadier comparison (run both with OMP_NUM_THREADS=1, or the
+idle OpenMP threads' spinning counts too).
 """
 
 import argparse
@@ -41,10 +47,15 @@ def main() -> None:
     p.add_argument("--image", type=int, default=0, metavar="SIDE", help="add a SIDE x SIDE image to every prompt")
     p.add_argument("--duration", type=float, default=300.0, help=f"stop after this many seconds (<= {MAX_SECONDS:g})")
     p.add_argument("--server-args", default="", help="extra `qwen2vl serve` arguments with --model")
+    p.add_argument("--engine-alone", action="store_true", help="with --model: the same requests through LLM.chat")
     args = p.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS or not 1 <= args.requests <= MAX_REQUESTS:
         p.error(f"--clients must be in [1, {MAX_CLIENTS}] and --requests in [1, {MAX_REQUESTS}]")
     args.duration = min(args.duration, MAX_SECONDS)
+    if args.engine_alone:
+        if not args.model or args.image:
+            p.error("--engine-alone needs --model and no --image")
+        return engine_alone(args)
 
     server = None
     if args.model:
@@ -55,12 +66,43 @@ def main() -> None:
         if not _is_loopback(host):
             p.error(f"--url must be a loopback address (127.0.0.1, ::1, localhost), got {host!r}")
     try:
+        cpu = cpu_seconds(server.pid) if server is not None else None
         results, wall = asyncio.run(run(url, args))
+        if server is not None:
+            cpu = cpu_seconds(server.pid) - cpu
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
     report(results, wall, args)
+    if cpu is not None:
+        tokens = sum(r["tokens"] for r in results if "error" not in r)
+        print(f"server CPU: {cpu:.1f} s, {cpu / max(tokens, 1) * 1e3:.2f} ms per generated token")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process `pid` has used: what it costs, whatever else runs."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_alone(args) -> None:
+    from qwen2vl import LLM
+
+    llm = LLM(args.model, dtype="float32", device="cpu", max_num_seqs=args.clients)
+    llm.chat([{"role": "user", "content": "warm-up"}], llm.default_sampling_params(max_tokens=4))
+    conversations = [[{"role": "user", "content": f"Request {i}: describe a busy street in detail."}]
+                     for i in range(args.requests)]
+    params = [llm.default_sampling_params(max_tokens=args.max_tokens, seed=i, temperature=args.temperature)
+              for i in range(args.requests)]
+    start, cpu = time.monotonic(), cpu_seconds(os.getpid())
+    outs = llm.chat(conversations, params)
+    wall, cpu = time.monotonic() - start, cpu_seconds(os.getpid()) - cpu
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    print(f"engine alone (LLM.chat, max_num_seqs {args.clients}): requests {len(outs)}, max_tokens "
+          f"{args.max_tokens}, temperature {args.temperature:g}, wall {wall:.1f} s")
+    print(f"throughput: {len(outs) / wall:.2f} req/s, {tokens / wall:.1f} generated tok/s ({tokens} tokens)")
+    print(f"engine CPU: {cpu:.1f} s, {cpu / max(tokens, 1) * 1e3:.2f} ms per generated token")
 
 
 def _is_loopback(host: str) -> bool:

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from qwen2vl.backends.top_k import top_k
 from qwen2vl.engine.penalties import Penalties
 from qwen2vl.engine.prompt import Prompt
-from qwen2vl.engine.sampler import Sampler, argmax, pick, top_k, top_p_floor, uniforms
+from qwen2vl.engine.sampler import Sampler, argmax, pick, top_p_floor, uniforms
 from qwen2vl.engine.sampling_params import SamplingParams, generation_defaults
 from qwen2vl.engine.sequence import Sequence, Status
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qwen2vl.backends import top_k
 from qwen2vl.backends.paged_attention import PagedBatch, paged_attention
 from qwen2vl.backends.quant import QUANTIZATIONS, quantize_model
 from qwen2vl.rotary import apply_rotary
@@ -96,6 +97,10 @@ class TorchBackend:
         """A callable running a whole decode step (x, positions, batch) -> hidden, or None: the
         engine then runs the model with `attention`."""
         return None
+
+    def top_k(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampler's x.topk(k) over float32 logits [R, V]: values sorted, their columns."""
+        return top_k.top_k(x, k)
 
     def describe(self) -> str:
         return self.name

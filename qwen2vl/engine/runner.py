@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from qwen2vl.backends.paged_attention import PagedAttend, PagedBatch
+from qwen2vl.engine.block_tables import BlockTables
 from qwen2vl.engine.kv_cache import KVCache
 from qwen2vl.engine.sampler import Sampler
 from qwen2vl.engine.sequence import Sequence
@@ -32,7 +33,8 @@ class ModelRunner:
         self.lora = getattr(model, "lora", None)  # LoRARows of served adapters (qwen2vl/lora.py), or None
         # where the backend has one (the CPU's C kernels), a whole decode step in one call
         self.decode_step = self.backend.decode_step(model, cache)
-        self.sample = Sampler(self.device)
+        self.sample = Sampler(self.device, self.backend.top_k)
+        self.tables = BlockTables()  # block tables kept between steps, one row per running sequence
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> tuple[list[int | None], list]:
@@ -61,29 +63,41 @@ class ModelRunner:
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
         """Ids [N], positions [3, N] and the batch's slots and tables: one host tensor, one copy.
 
-        A generated token's three M-RoPE rows are equal (cache index + rope_delta), so only prompt
-        chunks read the prompt's position table."""
+        The host loop is per sequence, not per token or block: the block tables are kept between
+        steps (block_tables.py), and each token's slot and position come from tensor ops over its
+        index in its sequence. A generated token's three M-RoPE rows are equal (cache index +
+        rope_delta), so only prompt chunks read the prompt's position table."""
         bs = self.cache.block_size
-        ids, pos, slots, q_starts, q_lens, ctx_lens = [], [], [], [], [], []
+        rows = self.tables.rows(seqs)
+        ids, starts, q_starts, q_lens, ctx_lens, deltas = [], [], [], [], [], []
         prompt_parts = []  # (column, [3, n] positions) of prompt chunks
         for seq in seqs:
             start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
-            p, delta, table = seq.num_prompt_tokens, seq.prompt.rope_delta, seq.block_table
+            if start < seq.num_prompt_tokens:
+                prompt_parts.append((len(ids), seq.prompt.positions[:, start : min(end, seq.num_prompt_tokens)]))
+            q_starts.append(len(ids))
             ids += seq.token_ids[start:end]
-            if start < p:
-                prompt_parts.append((len(pos), seq.prompt.positions[:, start : min(end, p)]))
-                pos += [0] * (min(end, p) - start)
-            pos += range(max(start, p) + delta, end + delta)
-            slots += [table[i // bs] * bs + i % bs for i in range(start, end)]
-            q_starts.append(len(ids) - (end - start))
+            starts.append(start)
             q_lens.append(end - start)
             ctx_lens.append(end)
+            deltas.append(seq.prompt.rope_delta)
         n, b = len(ids), len(seqs)
-        width = max(len(s.block_table) for s in seqs)
-        tables = [x for s in seqs for x in s.block_table + [0] * (width - len(s.block_table))]
-        packed = torch.tensor(ids + pos + slots + ctx_lens + tables, dtype=torch.long)
+        width = -(-max(ctx_lens) // bs)
+        host = torch.tensor(ids + starts + q_lens + deltas + rows, dtype=torch.long)
+        ids_h, start_h, qlen_h, delta_h, rows_h = host.split([n, b, b, b, b])
+        tables = self.tables.table[:, :width].index_select(0, rows_h)  # [B, W]
+        if n == b:  # decodes only: token i is sequence i's, at cache index start
+            index, delta = start_h, delta_h
+            block = tables.gather(1, (index // bs)[:, None]).squeeze(1)
+        else:  # a token's index in its sequence: its sequence's start + its offset in the chunk
+            seq_of = torch.repeat_interleave(torch.arange(b), qlen_h)  # [N]
+            index = torch.arange(n) + (start_h - torch.tensor(q_starts)).index_select(0, seq_of)
+            block = tables.view(-1).index_select(0, seq_of * width + index // bs)
+            delta = delta_h.index_select(0, seq_of)
+        slots, pos = block * bs + index % bs, index + delta
+        packed = torch.cat([ids_h, pos, slots, start_h + qlen_h, tables.flatten()])
         if prompt_parts:  # prompt positions differ per row: fill them in on the host
-            positions = packed[n : 2 * n].repeat(3, 1)
+            positions = pos.repeat(3, 1)
             for col, part in prompt_parts:
                 positions[:, col : col + part.shape[1]] = part
             positions = positions.to(self.device, non_blocking=True)

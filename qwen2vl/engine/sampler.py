@@ -7,7 +7,8 @@ only decides which rows go which way, from their params, never from their values
 Why blocks: on the CPU an argmax, a top-k or a cumsum over the 151,936-token vocabulary costs
 several times a plain reduction. So the vocabulary is cut into blocks of BLOCK columns and the
 search narrows: the argmax is in the block with the largest maximum; the top k tokens lie in the k
-blocks with the largest maxima; a draw picks a block by its mass, then a token inside it.
+blocks with the largest maxima (the backend's top_k: backends/top_k.py in torch, a C kernel on the
+CPU); a draw picks a block by its mass, then a token inside it.
 
 - greedy rows: argmax of the penalised logits.
 - rows with top-k: the k best candidates (sorted), then temperature, top-p and min-p on those k.
@@ -26,17 +27,20 @@ from __future__ import annotations
 
 import torch
 
+from qwen2vl.backends.top_k import BLOCK, block_rows, blocks
+from qwen2vl.backends.top_k import top_k as block_top_k
 from qwen2vl.engine.outputs import TokenLogprob
 from qwen2vl.engine.penalties import Penalties
 from qwen2vl.engine.sequence import Sequence
 
-BLOCK = 128
 TOP_P_CANDIDATES = 256  # first candidate set for top-p without top-k; x8 while the nucleus is larger
 
 
 class Sampler:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, top_k=block_top_k):
+        """`top_k(x, k)`: x.topk(k) of float32 logits, the backend's (a CPU kernel where built)."""
         self.device = device
+        self.top_k = top_k
         self.penalties = Penalties(device)
 
     @torch.inference_mode()
@@ -60,7 +64,7 @@ class Sampler:
             if rows:  # the host passes what it knows (k, which rows truncate) so the device never waits
                 ps = [seqs[i].params for i in rows]
                 params, u = self._row_params([seqs[i] for i in rows])
-                _put(tokens, rows, draw(_rows(logits, rows), params, u, ps))
+                _put(tokens, rows, draw(_rows(logits, rows), params, u, ps, self.top_k))
         token_list = tokens.tolist()
         self.penalties.update(seqs, token_list)
         entries: list[TokenLogprob | None] = [None] * len(seqs)
@@ -84,25 +88,12 @@ class Sampler:
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) (first index on ties): the block with the largest maximum, then inside it."""
-    blocks = _blocks(x, float("-inf"))  # [R, nb, BLOCK]
-    b = blocks.amax(-1).argmax(-1)
-    return b * BLOCK + _block_rows(blocks, b).argmax(-1)
+    cut = blocks(x, float("-inf"))  # [R, nb, BLOCK]
+    b = cut.amax(-1).argmax(-1)
+    return b * BLOCK + block_rows(cut, b).argmax(-1)
 
 
-def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x.topk(k) (values sorted, their columns): the k best lie in the k blocks with the best maxima."""
-    blocks = _blocks(x, float("-inf"))
-    r, nb, _ = blocks.shape
-    if k * BLOCK * 4 > nb * BLOCK:  # the blocks would cover a good part of the row: no gain
-        return x.topk(k, dim=-1)
-    best = blocks.amax(-1).topk(k, dim=-1).indices  # [R, k]
-    cand = _block_rows(blocks, best).view(r, k * BLOCK)
-    values, j = cand.topk(k, dim=-1)
-    columns = best.gather(1, j // BLOCK) * BLOCK + j % BLOCK
-    return values, columns
-
-
-def _draw_top_k(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list) -> torch.Tensor:
+def _draw_top_k(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list, top_k) -> torch.Tensor:
     """Rows with top-k: temperature, top-p and min-p on the k best, then a draw among them."""
     temperature, k_row, top_p, min_p = params.unbind(1)
     values, columns = top_k(x, max(p.top_k for p in ps))
@@ -115,7 +106,7 @@ def _draw_top_k(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list
     return columns.gather(1, pick(probs, u[:, 0])[:, None]).squeeze(1)
 
 
-def _draw_full(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list) -> torch.Tensor:
+def _draw_full(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list, top_k) -> torch.Tensor:
     """Rows without top-k: softmax over the vocabulary, top-p and min-p floors, a block then a token."""
     temperature, _, top_p, min_p = params.unbind(1)
     # in place: a fresh [R, V] tensor costs more than the softmax (page faults on 78 MB at R = 128)
@@ -124,15 +115,15 @@ def _draw_full(x: torch.Tensor, params: torch.Tensor, u: torch.Tensor, ps: list)
     if nucleus or any(p.min_p for p in ps):
         floor = min_p * w.amax(-1)
         if nucleus:
-            nucleus_floor = top_p_floor(_rows(w, nucleus), _rows(top_p, nucleus))
+            nucleus_floor = top_p_floor(_rows(w, nucleus), _rows(top_p, nucleus), top_k)
             _put(floor, nucleus, torch.maximum(_rows(floor, nucleus), nucleus_floor))
         w.masked_fill_(w < floor[:, None], 0.0)
-    blocks = _blocks(w, 0.0)
-    b = pick(blocks.sum(-1), u[:, 0])
-    return b * BLOCK + pick(_block_rows(blocks, b), u[:, 1])
+    cut = blocks(w, 0.0)
+    b = pick(cut.sum(-1), u[:, 0])
+    return b * BLOCK + pick(block_rows(cut, b), u[:, 1])
 
 
-def top_p_floor(w: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def top_p_floor(w: torch.Tensor, top_p: torch.Tensor, top_k=block_top_k) -> torch.Tensor:
     """The smallest probability top-p (< 1) keeps, per row of probabilities w [R, V].
 
     A token stays while the mass of the better ones is below top_p. The search sorts only the best
@@ -170,23 +161,6 @@ def _splitmix64(x: int) -> int:
 
 
 _M64 = 2**64 - 1
-
-
-def _blocks(x: torch.Tensor, fill: float) -> torch.Tensor:
-    """[R, V] -> [R, nb, BLOCK], padded with `fill` when V is not a multiple (small test vocabularies)."""
-    pad = -x.shape[1] % BLOCK
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad), value=fill)
-    return x.view(x.shape[0], -1, BLOCK)
-
-
-def _block_rows(blocks: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """blocks [R, nb, BLOCK], block ids b [R] or [R, k] -> their columns [R, BLOCK] or [R, k, BLOCK].
-
-    index_select over flattened rows: on the CPU, advanced indexing (x[rows, b]) is many times slower."""
-    r, nb, _ = blocks.shape
-    rows = torch.arange(r, device=b.device).view(-1, *[1] * (b.dim() - 1))
-    return blocks.reshape(r * nb, BLOCK).index_select(0, (rows * nb + b).flatten()).view(*b.shape, BLOCK)
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -7,7 +7,8 @@ load:
   FastLinear (linear.py);
 - the decoder's small ops (layer_ops), the vision tower's (vision_ops), decode attention over the
   paged cache in one call per layer, and, when every decoder linear is one of our kernels', the
-  whole decode step in one C call (decode_step.py).
+  whole decode step in one C call (decode_step.py);
+- the sampler's top-k over float32 logits (sample_ops), whatever the model's dtype.
 
 The compute-dtype policy: where the CPU has no native bf16 matmul (no AVX-512 BF16, no AMX), torch
 emulates bf16 GEMMs ~6-10x slower than float32, so a bf16 model keeps its bf16 weights and KV cache
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen2vl.backends.cpu import isa, layer_ops, native, vision_ops
+from qwen2vl.backends.cpu import isa, layer_ops, native, sample_ops, vision_ops
 from qwen2vl.backends.cpu.decode_step import DecodeStep
 from qwen2vl.backends.cpu.linear import speed_up_linears
 from qwen2vl.backends.kernel_ops import TextKernels, VisionKernels
@@ -72,6 +73,9 @@ class CpuBackend(TorchBackend):
 
     def decode_step(self, model, cache):
         return DecodeStep.build(model.model, cache) if self.fused_decode else None
+
+    def top_k(self, x, k):
+        return sample_ops.top_k(x, k) if sample_ops.supports(x, k) else super().top_k(x, k)
 
     def describe(self) -> str:
         libs = [name for name in native.VARIANTS if native.library(name) is not None]

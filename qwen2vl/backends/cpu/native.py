@@ -55,6 +55,7 @@ VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "decode_step": [("decode_step.c", ())],
     # plain C: the layout every kernel above reads, written at load (wherever one of them runs)
     "pack": [("pack.c", AVX2)],
+    "top_k": [("top_k.c", (*AVX2, *AVX512)), ("top_k.c", AVX2)],
 }
 # flags a source needs beyond its features': the small ops round where torch rounds, so no a*b+c may
 # become one FMA unless the source asks for it (gcc fuses them by default wherever FMA is on)

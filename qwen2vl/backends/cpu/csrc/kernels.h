@@ -42,6 +42,11 @@ void rotary(bf16 *qk, int64_t stride, const bf16 *cos, const bf16 *sin, int64_t 
 void silu_mul(const bf16 *g, int64_t g_stride, const bf16 *u, int64_t u_stride, bf16 *out, int64_t N, int64_t I,
               int nthreads);
 
+/* top_k.c: the k largest values of each float32 row x [rows, n] (row stride `stride`), best first, and
+ * their columns; maxima is scratch of rows * ceil(n / 128) floats. Needs k <= ceil(n / 128); no NaN. */
+void top_k_rows(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t k, float *values,
+                int64_t *columns, float *maxima, int nthreads);
+
 /* paged_decode.c: write the new tokens' k/v to the paged cache, then attend. 0, or -1 when out of memory. */
 int paged_decode(const bf16 *q, int64_t q_stride, const bf16 *k, int64_t k_stride, const bf16 *v, int64_t v_stride,
                  bf16 *k_cache, bf16 *v_cache, const int64_t *new_slots, const int64_t *ctx_slots, int64_t ctx_stride,
