@@ -198,6 +198,25 @@ def test_the_first_stage_subset_keeps_pictures_of_at_most_n_shapes_and_the_video
         write_subset(train, tmp_path / "sub" / "easy.jsonl", 1)
 
 
+
+def test_the_boxes_subset_adds_the_lines_that_open_with_a_box_and_no_other_box(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import write_dataset, write_subset
+
+    train = write_dataset(tmp_path, 60, seed=5, extra=6)
+    lines = [json.loads(t) for t in open(train)]
+    short = [json.loads(t) for t in open(write_subset(train, tmp_path / "short.jsonl", 6, pairs=True))]
+    boxes = [json.loads(t) for t in open(write_subset(train, tmp_path / "boxes.jsonl", 6, pairs=True, boxes=True))]
+    opens_box = [line for line in lines if line["messages"][0]["content"].startswith("<image>Where")]
+    assert opens_box and len(boxes) == len(short) + len(opens_box)
+    assert not any(line["messages"][0]["content"].startswith("<image>What does") for line in boxes)
+    for line in boxes:
+        asked = [m["content"].removeprefix("<image>") for m in line["messages"][::2]]
+        assert not any(q.startswith("Where") for q in asked[1:])  # one box a line, the case's own
+        assert all(m["content"].startswith("<|object_ref_start|>") == q.startswith("Where")
+                   for q, m in zip(asked, line["messages"][1::2]))
+    assert [line for line in boxes if not line["messages"][0]["content"].startswith("<image>Where")] == short
 def test_the_single_task_set_holds_the_first_cases_with_that_many_shapes(tmp_path):
     import json
 

@@ -139,34 +139,37 @@ def shapes_in(line: dict) -> int | None:
 LONG_ANSWERS = ("Where is the ", "What does the text say?")  # boxes and words: many hard tokens each
 
 
-def write_subset(source: str | Path, out: str | Path, max_shapes: int, pairs: bool = False) -> Path:
+def write_subset(source: str | Path, out: str | Path, max_shapes: int, pairs: bool = False,
+                 boxes: bool = False) -> Path:
     """The lines of `source` whose picture holds at most `max_shapes` shapes, plus its videos (one
     shape each), into `out` (in the same folder: the image paths stay relative to it), with only
     the questions of one-word answers: lines that open with a box or a word question are left out,
     later box questions dropped. The demo's first stage: with one shape the answer is wherever the
     picture is not background, and the tower and the attention learn to find it before they must
     tell shapes apart; boxes and words, whose many hard tokens would be most of the loss, wait for
-    the second stage. `pairs`: the picture pairs (which image has more shapes) too."""
+    the second stage. `pairs`: the picture pairs (which image has more shapes) too. `boxes`: the lines
+    that open with a box question too (one box a line: later ones are still dropped)."""
     source, out = Path(source), Path(out)
     if out.resolve().parent != source.resolve().parent:
         raise ValueError(f"{out}: write the subset next to {source}, whose image paths are relative to its folder")
+    left_out = LONG_ANSWERS[1:] if boxes else LONG_ANSWERS
     kept = 0
     with open(source) as f, open(out, "w") as g:
         for text in f:
             line = json.loads(text)
             n = shapes_in(line)
             turns = line["messages"]
-            if turns[0]["content"].removeprefix("<image>").startswith(LONG_ANSWERS):
+            if turns[0]["content"].removeprefix("<image>").startswith(left_out):
                 continue
             pair = pairs and len(line.get("images", ())) == 2
             if ("videos" in line) or pair or (n is not None and n <= max_shapes):
                 qa = [turns[i:i + 2] for i in range(0, len(turns) - 1, 2)]
-                short = [q_a for q_a in qa if not q_a[0]["content"].startswith(LONG_ANSWERS)]
+                short = qa[:1] + [q_a for q_a in qa[1:] if not q_a[0]["content"].startswith(LONG_ANSWERS)]
                 line["messages"] = [m for q_a in short for m in q_a]
                 g.write(json.dumps(line) + "\n")
                 kept += 1
     print(f"{kept} lines with at most {max_shapes} shapes (and the videos{', the pairs' if pairs else ''}), "
-          f"one-word answers only -> {out}")
+          f"{'no words' if boxes else 'one-word answers only'} -> {out}")
     return out
 
 
@@ -182,6 +185,8 @@ def main(argv=None) -> None:
                         "TRAIN_JSONL) its lines whose picture holds at most --max-shapes shapes, and its videos")
     parser.add_argument("--max-shapes", type=int, default=1)
     parser.add_argument("--pairs", action="store_true", help="with --subset-of: keep the picture pairs too")
+    parser.add_argument("--boxes", action="store_true", help="with --subset-of: keep the lines that "
+                        "open with a box question too")
     parser.add_argument("--only", metavar="TASK", choices=EXTRA_TASKS, help="instead: --cases cases of this task "
                         "whose picture holds exactly --shapes shapes, without extra questions")
     parser.add_argument("--shapes", type=int, default=1)
@@ -190,7 +195,7 @@ def main(argv=None) -> None:
         print(write_single_task(args.out, args.cases, args.seed, args.only, args.shapes))
         return
     if args.subset_of:
-        write_subset(args.subset_of, args.out, args.max_shapes, args.pairs)
+        write_subset(args.subset_of, args.out, args.max_shapes, args.pairs, args.boxes)
         return
     if args.cases is None:
         parser.error("--cases is required")
