@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from qwen2vl.gptq import PACKED_FIELDS, QuantConfig, QuantizedLinear, unpack
+
 # transformers 5 keeps these in-memory names on disk too; map them to the hub layout we use
 _NAME_RULES = [
     (re.compile(r"^model\.language_model\."), "model."),
@@ -111,15 +113,26 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tied_head: bool) -> None:
-    """Fill a meta-device `model` from the checkpoint in `folder`, in place."""
+    """Fill a meta-device `model` from the checkpoint in `folder`, in place.
+
+    In a GPTQ or AWQ checkpoint (gptq.py) a linear stored as qweight/qzeros/scales[/g_idx] instead
+    of `weight` becomes a gptq.QuantizedLinear holding integer codes; the tensors decide which
+    linears are quantized, so AWQ's `modules_to_not_convert` and the fp16 vision tower load as usual.
+    """
+    quant = QuantConfig.from_folder(folder)
     expected = dict(model.named_parameters(remove_duplicate=False))
     if tied_head:
         expected.pop("lm_head.weight", None)
     seen: set[str] = set()
     unexpected: list[str] = []
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # quantized linear -> its packed tensors
     for file in checkpoint_files(folder):
         for disk_name, read in read_tensors(file):
             name = canonical_name(disk_name)
+            module_name, _, field = name.rpartition(".")
+            if quant is not None and field in PACKED_FIELDS and f"{module_name}.weight" in expected:
+                packed.setdefault(module_name, {})[field] = read()
+                continue
             if tied_head and name == "lm_head.weight":
                 continue  # some tied checkpoints still carry a copy; the embedding is the truth
             if name not in expected:
@@ -137,6 +150,12 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tie
                 )
             _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
             seen.add(name)
+    for module_name, tensors in packed.items():
+        linear = model.get_submodule(module_name)
+        weight = unpack(quant, f"{folder}: {module_name}", tensors, linear.in_features, linear.out_features)
+        bias = linear.bias.detach() if f"{module_name}.bias" in seen else None
+        model.set_submodule(module_name, QuantizedLinear(weight, bias))
+        expected.pop(f"{module_name}.weight")
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensors in checkpoint: {unexpected[:10]} ({len(unexpected)} in all)")
     missing = sorted(set(expected) - seen)
