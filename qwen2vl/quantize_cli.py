@@ -111,3 +111,38 @@ def run_quantize(args) -> int:
     count = quantize_checkpoint(src, Path(args.output).expanduser(), args.method)
     print(f"{count} linears quantized ({args.method}, GPTQ format) -> {args.output}")
     return 0
+
+
+def describe(config: dict, tensors: dict[str, dict]) -> tuple[list[str], int, int]:
+    """For `qwen2vl info` on a GPTQ/AWQ checkpoint, from its headers: (lines to print, the weights its
+    quantized linears stand for, the bytes they take once repacked for our kernels)."""
+    from math import prod
+
+    from qwen2vl.backends.repack import INT4_GROUPS
+    from qwen2vl.gptq import QuantConfig
+
+    q = QuantConfig.parse(config["quantization_config"])
+    per_word = 32 // q.bits
+    linears = weights = loaded = fallback = 0
+    for name, t in tensors.items():
+        if not name.endswith(".qweight"):
+            continue
+        n = prod(t["shape"]) * per_word
+        groups, rows = tensors[name.removesuffix("qweight") + "scales"]["shape"]  # [G, N]
+        group, sub = n // rows // groups, next((g for g in INT4_GROUPS if (n // rows // groups) % g == 0), None)
+        linears, weights = linears + 1, weights + n
+        if q.bits == 4 and sub is not None:  # codes, float32 scale and zero per sub-group (repack.py)
+            loaded += n // 2 + 8 * rows * groups * (group // sub)
+        elif q.bits == 8 and groups == 1 and config["quantization_config"].get("sym", True):
+            loaded += n + 4 * rows  # Int8Linear (the zeros, read at load, must all be 128)
+        else:
+            loaded, fallback = loaded + 2 * n, fallback + 1
+    act_order = any(name.endswith(".g_idx") for name in tensors) and config["quantization_config"].get("desc_act")
+    group = "one per row" if q.group_size == -1 else f"of {q.group_size}"
+    lines = [f"quantized   {q.method} {q.bits}-bit, groups {group}"
+             f"{', v1 zero points' if q.v1_zeros else ''}{', act-order' if act_order else ''}: "
+             f"{linears} linears, {weights:,} weights"]
+    if fallback:
+        lines.append(f"            {fallback} of them have no int kernel here ({q.bits}-bit in groups): "
+                     "dequantized to 16-bit at load")
+    return lines, weights, loaded
