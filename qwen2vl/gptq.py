@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import torch
@@ -106,7 +107,8 @@ class IntWeight:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] in the input's own feature order. Exact: a code minus a zero is an integer of
-        at most 9 bits and the scales come from fp16, so every product fits float32's mantissa."""
+        at most 9 bits and the checkpoints' scales are 16-bit floats, so every product fits float32's
+        mantissa."""
         per_k = lambda t: t.float().repeat_interleave(self.group_size, 1)
         w = (self.codes.float() - per_k(self.zeros)) * per_k(self.scales)
         if self.perm is None:
@@ -117,8 +119,8 @@ class IntWeight:
     def cat(parts: list[IntWeight]) -> IntWeight:
         """The weights of linears on the same input stacked along N (q/k/v fused)."""
         first = parts[0]
-        same_perm = all((p.perm is None and first.perm is None) or (p.perm is not None and first.perm is not None
-                        and torch.equal(p.perm, first.perm)) for p in parts)
+        perms = [p.perm for p in parts]
+        same_perm = all(q is None for q in perms) or all(q is not None and torch.equal(q, perms[0]) for q in perms)
         if not same_perm:  # GPTQ orders features by the Hessian of their shared input: one order for all
             raise ValueError("linears on the same input (q/k/v or gate/up) have different act-order g_idx; "
                              "GPTQ gives them one order")
@@ -221,6 +223,15 @@ def pack_gptq(w: IntWeight, v1: bool = True) -> dict[str, torch.Tensor]:
     g_idx = torch.arange(k, dtype=torch.int32) // w.group_size
     return {"qweight": as_int32(qweight), "qzeros": as_int32(qzeros), "scales": w.scales.T.half().contiguous(),
             "g_idx": g_idx}
+
+
+def weights_in(name: str, shape: list[int], cfg: QuantConfig | None) -> int:
+    """How many weights a checkpoint tensor stands for: a qweight's words hold 32 / bits each, and
+    qzeros/scales/g_idx are none (they belong to the qweight's)."""
+    field, n = name.rpartition(".")[2], prod(shape)
+    if cfg is None or field not in PACKED_FIELDS:
+        return n
+    return n * 32 // cfg.bits if field == "qweight" else 0
 
 
 class QuantizedLinear(nn.Module):
