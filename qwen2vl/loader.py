@@ -150,7 +150,10 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tie
                 )
             _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
             seen.add(name)
-    for module_name, tensors in packed.items():
+    for module_name in list(packed):
+        tensors = packed.pop(module_name)  # the packed words go as their codes come
+        if f"{module_name}.weight" in seen:
+            raise ValueError(f"{folder}: {module_name} has both a weight and quantized tensors ({', '.join(tensors)})")
         linear = model.get_submodule(module_name)
         weight = unpack(quant, f"{folder}: {module_name}", tensors, linear.in_features, linear.out_features)
         bias = linear.bias.detach() if f"{module_name}.bias" in seen else None

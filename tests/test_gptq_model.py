@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from qwen2vl import LLM, SamplingParams
 from qwen2vl.backends import prepare
@@ -89,8 +90,15 @@ def test_a_quantized_checkpoint_refuses_quantizing_again_and_a_bad_config_names_
     bad.mkdir()
     for f in folder.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
-    (bad / "config.json").write_text((folder / "config.json").read_text().replace('"bits": 4', '"bits": 2'))
+    config = (folder / "config.json").read_text()
+    (bad / "config.json").write_text(config.replace('"bits": 4', '"bits": 2'))
     with pytest.raises(ValueError, match="quantization_config.bits 2"):
+        Qwen2VL.from_pretrained(bad)
+    (bad / "config.json").write_text(config)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(256, 128)
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj has both a weight and quantized tensors"):
         Qwen2VL.from_pretrained(bad)
 
 
