@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import math
 import sys
 import time
 from pathlib import Path
@@ -93,6 +92,7 @@ def load(args):
     import torch
 
     from qwen2vl.engine.llm import LLM
+    from qwen2vl.gptq import QuantConfig, weights_in
     from qwen2vl.hub import resolve_model_path
     from qwen2vl.loader import checkpoint_files, read_header
 
@@ -105,7 +105,8 @@ def load(args):
                                      ("seed", args.seed)) if v is not None}
     llm = LLM(folder, dtype=args.dtype, device=device, quantization=args.quantization, lora=args.lora, **engine_args)
     # from the checkpoint's headers: after load the CPU backend keeps packed weights outside parameters()
-    n = sum(math.prod(t["shape"]) for f in checkpoint_files(folder) for t in read_header(f).values())
+    quant = QuantConfig.from_folder(folder)  # a GPTQ/AWQ checkpoint's packed words count what they hold
+    n = sum(weights_in(name, t["shape"], quant) for f in checkpoint_files(folder) for name, t in read_header(f).items())
     size = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
     print(f"ready in {time.perf_counter() - start:.1f} s ({size} parameters)", file=sys.stderr, flush=True)
     return llm

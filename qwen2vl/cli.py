@@ -1,4 +1,5 @@
-"""The `qwen2vl` command (also `python -m qwen2vl`): chat, serve, train, merge, download, info, tokens, eval.
+"""The `qwen2vl` command (also `python -m qwen2vl`): chat, serve, train, merge, download, quantize, info, tokens,
+eval.
 
 Every failure a user can cause (no network, missing folder, wrong format, out of memory, bad
 option) ends as one line on stderr saying what to do next, and a non-zero exit code; set
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     download = sub.add_parser("download", help="download a model from the Hugging Face hub")
     download.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub repo id (default {DEFAULT_MODEL})")
     download.set_defaults(run=run_download)
+
+    from qwen2vl.quantize_cli import add_quantize_arguments, run_quantize
+
+    quantize = sub.add_parser("quantize", help="write a checkpoint's decoder linears quantized, in GPTQ's format")
+    add_quantize_arguments(quantize)
+    quantize.set_defaults(run=run_quantize)
 
     info = sub.add_parser("info", help="sizes, dtypes, parameter counts and memory of a checkpoint, without loading; "
                                        "--system: this machine's CPU tier, kernels and memory bandwidth")
@@ -154,6 +161,18 @@ def run_info(args) -> int:
         counts[t["dtype"]] = counts.get(t["dtype"], 0) + n
         by_tower["vision" if "visual." in name else "language"] += n
         stored += t["data_offsets"][1] - t["data_offsets"][0]
+    quant_lines, quant_weights, quant_bytes = [], 0, 0
+    if "quantization_config" in config:  # packed tensors count the weights they stand for, not their words
+        from qwen2vl.quantize_cli import describe
+
+        quant_lines, quant_weights, quant_bytes = describe(config, tensors)
+        packed = [n for n in tensors if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")]
+        for name in packed:
+            t = tensors[name]
+            counts[t["dtype"]] -= math.prod(t["shape"])
+            by_tower["vision" if "visual." in name else "language"] -= math.prod(t["shape"])
+        by_tower["language"] += quant_weights
+        counts = {dtype: n for dtype, n in counts.items() if n}
     total = sum(counts.values())
     text, vision = cfg.text, cfg.vision
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2  # k and v, 16-bit
@@ -166,10 +185,17 @@ def run_info(args) -> int:
     print(f"vision      {vision.depth} blocks, width {vision.embed_dim}, {vision.num_heads} heads, "
           f"patch {vision.patch_size}, merge {vision.spatial_merge_size}x{vision.spatial_merge_size}{windows}")
     print(f"files       {len(headers)} safetensors file(s), {_gib(stored)} of tensors")
-    print(f"parameters  {total:,} (language {by_tower['language']:,}, vision {by_tower['vision']:,})")
-    print("stored as   " + ", ".join(f"{dtype.lower()} {n:,}" for dtype, n in sorted(counts.items())))
-    print(f"memory      weights in bfloat16/float16 {_gib(total * 2)}, in float32 {_gib(total * 4)}; "
-          f"plus the KV cache, {_gib(kv_per_token * 1000)} per 1,000 tokens in 16-bit")
+    print(f"parameters  {total + quant_weights:,} (language {by_tower['language']:,}, vision {by_tower['vision']:,})")
+    print("stored as   " + ", ".join(f"{dtype.lower()} {n:,}" for dtype, n in sorted(counts.items()))
+          + (f", quantized {quant_weights:,}" if quant_weights else ""))
+    for line in quant_lines:
+        print(line)
+    kv = f"plus the KV cache, {_gib(kv_per_token * 1000)} per 1,000 tokens in 16-bit"
+    if quant_weights:
+        print(f"memory      weights as loaded {_gib(quant_bytes + total * 2)} (quantized linears "
+              f"{_gib(quant_bytes)}, the rest in bfloat16/float16 {_gib(total * 2)}); {kv}")
+    else:
+        print(f"memory      weights in bfloat16/float16 {_gib(total * 2)}, in float32 {_gib(total * 4)}; {kv}")
     return 0
 
 

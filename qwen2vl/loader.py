@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from qwen2vl.gptq import PACKED_FIELDS, QuantConfig, QuantizedLinear, unpack
+
 # transformers 5 keeps these in-memory names on disk too; map them to the hub layout we use
 _NAME_RULES = [
     (re.compile(r"^model\.language_model\."), "model."),
@@ -168,7 +170,16 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tie
     `mapped(name)` accepts are mapped rather than read (see the module's docstring): only for those
     the caller replaces by a copy (a conversion to another dtype or device copies them too).
     `plan` (parallel/plan.py's ShardPlan): a tensor-parallel rank's, which reads only the tensors and
-    slices it holds; the parameters it doesn't keep stay on the meta device."""
+    slices it holds; the parameters it doesn't keep stay on the meta device.
+
+    In a GPTQ or AWQ checkpoint (gptq.py) a linear stored as qweight/qzeros/scales[/g_idx] instead
+    of `weight` becomes a gptq.QuantizedLinear holding integer codes; the tensors decide which
+    linears are quantized, so AWQ's `modules_to_not_convert` and the fp16 vision tower load as usual.
+    """
+    quant = QuantConfig.from_folder(folder)
+    if quant is not None and plan is not None:
+        raise ValueError(f"{folder}: a {quant.method.upper()} checkpoint can't be split for tensor parallelism yet "
+                         "(its packed tensors aren't sliced); use tensor_parallel_size=1")
     expected = dict(model.named_parameters(remove_duplicate=False))
     if tied_head:
         expected.pop("lm_head.weight", None)
@@ -176,9 +187,14 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tie
         expected = {name: p for name, p in expected.items() if plan.keeps(name)}
     seen: set[str] = set()
     unexpected: list[str] = []
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # quantized linear -> its packed tensors
     for file in checkpoint_files(folder):
         for disk_name, read in read_tensors(file):
             name = canonical_name(disk_name)
+            module_name, _, field = name.rpartition(".")
+            if quant is not None and field in PACKED_FIELDS and f"{module_name}.weight" in expected:
+                packed.setdefault(module_name, {})[field] = read()
+                continue
             if tied_head and name == "lm_head.weight":
                 continue  # some tied checkpoints still carry a copy; the embedding is the truth
             if plan is not None and not plan.keeps(name):
@@ -199,6 +215,15 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device, tie
                 )
             _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
             seen.add(name)
+    for module_name in list(packed):
+        tensors = packed.pop(module_name)  # the packed words go as their codes come
+        if f"{module_name}.weight" in seen:
+            raise ValueError(f"{folder}: {module_name} has both a weight and quantized tensors ({', '.join(tensors)})")
+        linear = model.get_submodule(module_name)
+        weight = unpack(quant, f"{folder}: {module_name}", tensors, linear.in_features, linear.out_features)
+        bias = linear.bias.detach() if f"{module_name}.bias" in seen else None
+        model.set_submodule(module_name, QuantizedLinear(weight, bias))
+        expected.pop(f"{module_name}.weight")
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensors in checkpoint: {unexpected[:10]} ({len(unexpected)} in all)")
     missing = sorted(set(expected) - seen)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from qwen2vl.backends.reference import TORCH_OPS
 from qwen2vl.config import TextConfig
+from qwen2vl.gptq import IntWeight, QuantizedLinear
 from qwen2vl.rotary import mrope_cos_sin
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,8 +31,19 @@ def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
     The output is the concatenation along the last dim; split it by the listed out_features.
     It streams the same bytes as the separate calls but pays the per-call cost once, which
     matters for the small k/v projections (256 x 1536 in the 2B). It is a plain nn.Linear, so
-    a backend's linear swaps and quantization treat it like any other.
+    a backend's linear swaps and quantization treat it like any other. A quantized checkpoint's
+    linears (gptq.QuantizedLinear) fuse into one of those, stacking their integer codes.
     """
+    quantized = [isinstance(m, QuantizedLinear) for m in linears]
+    if any(quantized):
+        if not all(quantized):
+            raise ValueError("the checkpoint quantizes some of the linears fused into one (q/k/v or gate/up) "
+                             "but not all; quantize all or none of them")
+        biases = [m.bias for m in linears]
+        like = next((b for b in biases if b is not None), None)
+        bias = None if like is None else torch.cat(
+            [b if b is not None else like.new_zeros(m.out_features) for b, m in zip(biases, linears)])
+        return QuantizedLinear(IntWeight.cat([m.int_weight for m in linears]), bias)
     weight = torch.cat([m.weight.detach() for m in linears])
     biases = [m.bias for m in linears]
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases), device="meta")

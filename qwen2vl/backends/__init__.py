@@ -5,7 +5,8 @@
 - `cpu/`: C kernels compiled per CPU tier (isa.py says what the CPU can run and takes the
   QWEN2VL_CPU_ISA cap, native.py builds and loads csrc/), FastLinear, the compute-dtype policy;
 - `cuda/`: Triton kernels checked against torch at load;
-- `quant.py`: int8/int4 linears (our CPU kernels' layouts, torch's, or dequantize);
+- `quant.py`: int8/int4 linears (our CPU kernels' layouts, torch's, or dequantize); `repack.py`
+  turns a GPTQ/AWQ checkpoint's linears (gptq.py) into them;
 - `kernel_ops.py`: TorchOps' interface over the C and Triton kernel modules.
 
 `prepare(model, quantization)` picks the backend for the model's device once, at load, swaps its
@@ -20,6 +21,7 @@ import torch
 
 from qwen2vl.backends.quant import QUANTIZATIONS
 from qwen2vl.backends.reference import TorchBackend
+from qwen2vl.gptq import QuantizedLinear
 
 
 def backend_for(device: torch.device) -> TorchBackend:
@@ -40,6 +42,8 @@ def prepare(model, quantization: str | None = None) -> TorchBackend:
     left at model.backend."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization is not None and any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError(f"the checkpoint is quantized already (GPTQ/AWQ); leave out quantization={quantization!r}")
     backend = backend_for(model.device)
     backend.prepare(model, quantization)
     model.backend = backend

@@ -96,10 +96,16 @@ class Int8Linear(nn.Module):
         # symmetric: the largest |w| of a row maps to 127 (or just under: the scale is rounded up)
         scales = _round(w.abs().amax(1).clamp(min=1e-8) / 127, linear.weight.dtype, up=True)
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        if use_int_gemv(linear.weight) if blocked is None else blocked:
-            q, scales = gemm.pack_int8(gemm.pad_rows(q, gemm.ROWS)), gemm.pad_rows(scales, gemm.ROWS)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q, scales, bias, *linear.weight.shape)
+        return cls.from_codes(q, scales, bias, use_int_gemv(linear.weight) if blocked is None else blocked)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, bias, blocked: bool) -> Int8Linear:
+        """From q, int8 [N, K] in [-127, 127], and per-row scales [N] (w = q * scale), as they are."""
+        n, k = q.shape
+        if blocked:
+            q, scales = gemm.pack_int8(gemm.pad_rows(q, gemm.ROWS)), gemm.pad_rows(scales, gemm.ROWS)
+        return cls(q, scales, bias, n, k)
 
     def codes(self) -> torch.Tensor:
         """q, int8 [N, K]."""
@@ -153,10 +159,19 @@ class Int4Linear(nn.Module):
         zeros = (lo + 8 * scales.float()).to(dtype)
         q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15).view(-1, k)
         bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_codes(q[:n], scales[:n], zeros[:n], bias, group_size, blocked)
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros, bias, group_size: int, blocked: bool) -> Int4Linear:
+        """From codes [N, K] in 0..15 and per-group scales and zeros [N, K/group] (w = (q - 8) * s + z),
+        stored in the dtype they come in."""
+        n, k = codes.shape
+        rows = gemm.ROWS if blocked else INT4_BLOCK_N
+        codes, scales, zeros = (gemm.pad_rows(t, rows) for t in (codes, scales, zeros))
         if blocked:
-            return cls(gemm.pack_int4(q), gemm.pack_groups(scales, zeros), bias, n, k, group_size)
+            return cls(gemm.pack_int4(codes), gemm.pack_groups(scales, zeros), bias, n, k, group_size)
         scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
-        return cls(pack_torch_int4(q), scales_zeros, bias, n, k, group_size)
+        return cls(pack_torch_int4(codes), scales_zeros, bias, n, k, group_size)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes [N, K] (uint8), scales and zeros [N, K/group]."""

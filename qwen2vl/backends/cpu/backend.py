@@ -3,8 +3,8 @@
 isa.py says what the CPU can run (tiers none < avx2 < avx512 < amx, capped by QWEN2VL_CPU_ISA),
 native.py builds and loads the kernels in csrc/ for it. `CpuBackend.prepare` swaps them in after
 load:
-- linears: quantized (int8/int4: our kernel where built, else torch's weight-only kernels) or
-  FastLinear (linear.py);
+- linears: quantized (int8/int4: our kernel where built, else torch's weight-only kernels; a
+  GPTQ/AWQ checkpoint's repacked into them, repack.py) or FastLinear (linear.py);
 - the decoder's small ops (layer_ops), the vision tower's (vision_ops), decode attention over the
   paged cache in one call per layer, and, when every decoder linear is one of our kernels', the
   whole decode step in one C call (decode_step.py);
@@ -26,6 +26,7 @@ from qwen2vl.backends.cpu.linear import speed_up_linears
 from qwen2vl.backends.kernel_ops import TextKernels, VisionKernels
 from qwen2vl.backends.quant import QUANTIZATIONS, quantize_model
 from qwen2vl.backends.reference import TorchBackend
+from qwen2vl.backends.repack import repack_checkpoint_linears
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -39,6 +40,7 @@ class CpuBackend(TorchBackend):
 
     def prepare(self, model, quantization: str | None) -> None:
         model.fuse_qkv()
+        repack_checkpoint_linears(model)  # a GPTQ/AWQ checkpoint's linears into our int kernels' layouts
         if quantization is not None:
             quantize_model(model, *QUANTIZATIONS[quantization])
         dtype = model.dtype

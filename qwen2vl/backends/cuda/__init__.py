@@ -20,6 +20,7 @@ import torch
 from qwen2vl.backends.kernel_ops import TextKernels, VisionKernels
 from qwen2vl.backends.quant import QUANTIZATIONS, quantize_model
 from qwen2vl.backends.reference import TorchBackend
+from qwen2vl.backends.repack import repack_checkpoint_linears
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class CudaBackend(TorchBackend):
     def prepare(self, model, quantization: str | None) -> None:
         model.fuse_qkv()
         model.fuse_gate_up()  # one launch fewer per layer in the decode graph (not on the CPU: no gain there)
+        # a GPTQ/AWQ checkpoint's linears: int4 codes dequantized per call (no W4A16 Triton kernel yet)
+        repack_checkpoint_linears(model)
         if quantization is not None:
             quantize_model(model, *QUANTIZATIONS[quantization])
         if model.dtype != torch.bfloat16:
