@@ -35,6 +35,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="int8/int4 weights for the language model's linears: ~1.8x / ~2.8x faster CPU decode "
                         "than bf16 (int4: groups of 32; int4-g64/-g128: fewer bytes, more error), "
                         "see docs/performance.md")
+    e.add_argument("--matmul", choices=["int8"], help="the vision tower and prefill in int8 on the CPU (faster "
+                   "time to first token, some error; docs/performance.md)")
     e.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU (default 2)")
     e.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory for weights + cache")
     e.add_argument("--max-model-len", type=int, help="context length cap")
@@ -63,7 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                      ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
     print(f"loading {args.model} on {device} ...", file=sys.stderr)
     engine = AsyncLLM(args.model, dtype=args.dtype, device=device, quantization=args.quantization,
-                      lora=adapters or None, **engine_args)
+                      lora=adapters or None, matmul=args.matmul, **engine_args)
     app = create_app(engine, limits, api_key=args.api_key, model_name=name)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (key {'required' if args.api_key else 'off'})",
           file=sys.stderr)
