@@ -13,6 +13,11 @@ The compute-dtype policy: where the CPU has no native bf16 matmul (no AVX-512 BF
 emulates bf16 GEMMs ~6-10x slower than float32, so a bf16 model keeps its bf16 weights and KV cache
 but its matmuls run in float32: the decoder's linears convert activations on the way in and out,
 and the vision tower (GEMMs and attention, all compute-bound) runs in float32 throughout.
+
+Its one knob, `matmul="int8"` (LLM's argument, Isa.matmul_dtype): the matmul-heavy phases in int8
+(int8_mm.py): the vision tower's linears become int8 codes, and each decoder linear gets int8 codes
+beside it (an int8 model's own) for calls of more than 4 rows, prefill's; decode rows keep the path
+above. Off by default: it trades accuracy for time to first token (docs/performance.md).
 """
 
 from __future__ import annotations
