@@ -1,6 +1,6 @@
-"""Time to first token with and without `matmul="int8"`, interleaved in one process (2B shapes,
-random weights, a fresh 448x448 image + question each request, 2 threads): the ratio of each pair
-of requests taken back to back, so a shared machine's drift mostly cancels. `benchmarks/cpu_tier.py
+"""Time to first token with and without `matmul="int8"`, in turn in one process (2B shapes, random
+weights, a fresh 448x448 image + question each request, 2 threads): rounds of one request each,
+and the ratio of each round's pair, so a shared machine's drift mostly cancels. `benchmarks/cpu_tier.py
 --matmul int8` gives both against transformers (runs in turn, not interleaved).
 
     QWEN2VL_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.ttft_matmul --reps 5
@@ -9,6 +9,7 @@ of requests taken back to back, so a shared machine's drift mostly cancels. `ben
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 
 import torch
@@ -29,17 +30,21 @@ def main() -> None:
     from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
 
     folder = random_checkpoint("2b", tokenizer_dir=qwen_tokenizer_dir())
-    (plain, load_plain), (int8, load_int8) = load_ours(folder, args.quantization), load_ours(folder, args.quantization,
-                                                                                            "int8")
-    print(f"tier {isa.current().tier}, {args.threads} threads, quantization {args.quantization}; load s: "
-          f"default {load_plain:.2f}, matmul int8 {load_int8:.2f}")
+    print(f"tier {isa.current().tier}, {args.threads} threads, quantization {args.quantization}")
     seeds = iter(range(5000, 100000))
-    for llm in (plain, int8):  # warm-up: kernels built, caches touched
-        engine_single(llm, next(seeds), 2)
-    times = {"default": [], "matmul int8": []}
+    times, loads = {"default": [], "matmul int8": []}, {"default": [], "matmul int8": []}
+    # one model in memory at a time (a 2B in bf16 plus one with int8 codes beside it is ~10 GB): each
+    # round loads each in turn, warms it up, takes one request
     for _ in range(args.reps):
-        times["default"].append(engine_single(plain, next(seeds), 2)[0])
-        times["matmul int8"].append(engine_single(int8, next(seeds), 2)[0])
+        for name, matmul in (("default", None), ("matmul int8", "int8")):
+            llm, seconds = load_ours(folder, args.quantization, matmul)
+            loads[name].append(seconds)
+            engine_single(llm, next(seeds), 2)  # warm-up: kernels built, caches touched
+            times[name].append(engine_single(llm, next(seeds), 2)[0])
+            del llm
+            gc.collect()
+    for name, ts in loads.items():
+        print(f"load {name:12} median {statistics.median(ts):6.2f} s  [{', '.join(f'{t:.2f}' for t in ts)}]")
     for name, ts in times.items():
         print(f"TTFT {name:12} median {statistics.median(ts):6.2f} s  [{', '.join(f'{t:.2f}' for t in ts)}]")
     ratios = [b / a for a, b in zip(times["default"], times["matmul int8"])]

@@ -62,8 +62,9 @@ typedef __m256i ivec;
 /* Blocks w.. (nb of them, each 16 * K bytes apart) times quantized rows x.. (mr of them): the
  * int32 sums acc[(r * nb + j) * H + h]. mr and nb are constants after inlining. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *w, const int8_t *x, int64_t K, const int mr,
-                                                       const int nb, const int pf, ivec *acc) {
+                                                       const int nb, const int pf, ivec *out) {
     const int64_t bstride = 16 * K;
+    ivec acc[MT * NT * H]; /* local, copied out at the end: gcc keeps it in registers (not `out`) */
     for (int i = 0; i < mr * nb * H; i++) acc[i] = (ivec){0};
 #if VNNI
     for (int64_t c = 0; c < K / 4; c++) {
@@ -80,25 +81,26 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, const i
     }
 #else
     const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    /* one 8-row half of the block at a time: 8 accumulators, the half's weights (signed and
+     * absolute), a broadcast, a product and the two constants fit the 16 registers (both halves'
+     * weights at once spilled accumulators); the second half broadcasts x again, from memory */
     for (int64_t c = 0; c < K / 4; c++) {
-        __m256i q[NT * 2], u[NT * 2];
-        for (int j = 0; j < nb; j++) {
-            const uint8_t *p = w + j * bstride + c * 64;
-            if (pf) __builtin_prefetch(p + PF, 0, 3);
-            for (int h = 0; h < 2; h++) {
-                q[2 * j + h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * h)), flip);
-                u[2 * j + h] = _mm256_abs_epi8(q[2 * j + h]);
-            }
-        }
-        for (int r = 0; r < mr; r++) {
-            const __m256i xb = _mm256_set1_epi32(load4(x + r * K + 4 * c));
-            for (int i = 0; i < 2 * nb; i++) {
-                const __m256i p = _mm256_maddubs_epi16(u[i], _mm256_sign_epi8(xb, q[i]));
-                acc[r * 2 * nb + i] = _mm256_add_epi32(acc[r * 2 * nb + i], _mm256_madd_epi16(p, ones));
+        for (int i = 0; i < 2 * nb; i++) {
+            const uint8_t *p = w + (i / 2) * bstride + c * 64 + 32 * (i % 2);
+            if (pf && i % 2 == 0) __builtin_prefetch(p + PF, 0, 3);
+            const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)p), flip);
+            const __m256i u = _mm256_abs_epi8(q);
+            for (int r = 0; r < mr; r++) {
+                const int8_t *xp = x + r * K + 4 * c;
+                __asm__ volatile("" : "+r"(xp)); /* or gcc keeps the first half's broadcasts in registers */
+                const __m256i xb = _mm256_set1_epi32(load4(xp));
+                const __m256i prod = _mm256_maddubs_epi16(u, _mm256_sign_epi8(xb, q));
+                acc[r * 2 * nb + i] = _mm256_add_epi32(acc[r * 2 * nb + i], _mm256_madd_epi16(prod, ones));
             }
         }
     }
 #endif
+    for (int i = 0; i < mr * nb * H; i++) out[i] = acc[i];
 }
 
 typedef struct {
