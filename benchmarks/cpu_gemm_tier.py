@@ -7,7 +7,8 @@
 - prefill / vision: GFLOP/s of bf16w_gemm's register tile (float32 x as the vision tower, bf16 x
   as the decoder) against torch's float32 F.linear on a float32 copy of the weight (MKL / oneDNN
   sgemm), interleaved, at vision fc1 5120x1280 with 1024 rows and decoder gate 8960x1536 with 283;
-  and the int8 kernel at the same shapes (what an int8 model's prefill runs: int8 x int8).
+  and the int8 kernels at the same shapes: int_gemv (what an int8 model's prefill runs: activations
+  per block of 32) and int8_mm (activations per row, the matmul="int8" policy).
 Methods run interleaved, round by round; rounds during which other processes used the CPU are
 reported apart (this VM is shared). Kernels are called through ctypes on preallocated outputs,
 as the decode step calls them from C.
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.bandwidth import GIB, memory_gbs, others_cpu_ticks
-from qwen2vl.backends.cpu import gemm, isa, native
+from qwen2vl.backends.cpu import gemm, int8_mm, isa, native
 from qwen2vl.backends.quant import Int4Linear, Int8Linear
 
 D, I = 1536, 8960
@@ -139,13 +140,21 @@ def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> No
         # F.linear's GEMM (addmm on the transposed weight), into a preallocated output like ours
         "torch F.linear float32": [lambda: torch.mm(x32, w32.t(), out=y32)],
     }
+    lin = nn.Linear(inp, out, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    lin.weight.copy_(w)
+    q8 = Int8Linear.from_linear(lin, blocked=True)
     if gemm.int_library() is not None:  # int8 weights x int8 activations: W8A8 as the quantized models run it
-        lin = nn.Linear(inp, out, bias=False, dtype=torch.bfloat16).requires_grad_(False)
-        lin.weight.copy_(w)
-        q8, ilib = Int8Linear.from_linear(lin, blocked=True), gemm.int_library()
+        ilib = gemm.int_library()
         calls["int8 (int_gemv), bf16 x"] = [lambda: ilib.int8_gemm(q8.weight.data_ptr(), q8.scales.data_ptr(), 1,
                                                                    x16.data_ptr(), y16.data_ptr(), None, 1, rows, out,
                                                                    inp, nt)]
+    if int8_mm.library() is not None:  # the same codes, activations per row: the matmul="int8" policy
+        mm = int8_mm.library().int8_mm
+        w8, s8 = q8.weight, q8.scales
+        calls["int8_mm (per-row x), bf16 x"] = [lambda: mm(w8.data_ptr(), s8.data_ptr(), 1, x16.data_ptr(),
+                                                           y16.data_ptr(), None, 1, rows, out, inp, nt)]
+        calls["int8_mm (per-row x), float32 x"] = [lambda: mm(w8.data_ptr(), s8.data_ptr(), 1, x32.data_ptr(),
+                                                              y32.data_ptr(), None, 0, rows, out, inp, nt)]
     if gemm.bf16_library() is not None:
         bf16 = gemm.bf16_library().bf16_gemm
         calls["bf16 (AVX-512 BF16)"] = [lambda: bf16(packed.data_ptr(), x16.data_ptr(), y16.data_ptr(), None, rows,

@@ -11,7 +11,7 @@ ONEDNN_MAX_CPU_ISA=AVX2` makes it an AVX2 machine for us, torch and oneDNN alike
   builds it) llama.cpp's llama-bench on DIR's model-{bf16,q8_0,q4_0}.gguf in the same run.
 Each figure is the median of `--reps` runs (all runs printed).
 
-    python -m benchmarks.cpu_tier --reps 3 [--llama /work/llama] [--model DIR]
+    python -m benchmarks.cpu_tier --reps 3 [--llama /work/llama] [--model DIR] [--matmul int8] [--modes]
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def load_ours(folder, quantization=None) -> tuple[LLM, float]:
+def load_ours(folder, quantization=None, matmul=None) -> tuple[LLM, float]:
     llm, seconds = timed(lambda: LLM(str(folder), dtype="bfloat16", device="cpu", quantization=quantization,
-                                     kv_cache_gib=1.0))
+                                     kv_cache_gib=1.0, matmul=matmul))
     own_weights(llm.model)
     return llm, seconds
 
@@ -81,7 +81,10 @@ def main() -> None:
     ap.add_argument("--model", help="checkpoint folder (default: the cached random 2B, built if missing)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32, help="tokens per decode run")
-    ap.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"], choices=list(QUANT))
+    ap.add_argument("--modes", nargs="*", default=["bf16", "int8", "int4"], choices=list(QUANT),
+                    help="decode modes (none: no decode runs)")
+    ap.add_argument("--matmul", choices=["int8"], help="also load and TTFT LLM(matmul=...) (the vision tower and "
+                    "prefill in int8)")
     ap.add_argument("--llama", type=Path, help="folder of benchmarks/llama_cpp.sh (bin/ and the gguf files)")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
@@ -112,6 +115,20 @@ def main() -> None:
     rates = {"bf16": decode_rate(llm, seeds, args.tokens, args.reps)} if "bf16" in args.modes else {}
     del llm
     gc.collect()
+    if args.matmul:
+        load_key, ttft_key = f"load s, matmul {args.matmul}", f"TTFT s, matmul {args.matmul}"
+        ours[load_key], ours[ttft_key], ref[load_key], ref[ttft_key] = [], [], ref["load s"], ref["TTFT s"]
+        llm = None
+        for _ in range(args.reps):
+            del llm
+            gc.collect()
+            llm, seconds = load_ours(folder, matmul=args.matmul)
+            ours[load_key].append(seconds)
+        engine_single(llm, next(seeds), 2)
+        for _ in range(args.reps):
+            ours[ttft_key].append(engine_single(llm, next(seeds), 2)[0])
+        del llm
+        gc.collect()
     if not args.no_transformers:
         model = None
         for _ in range(args.reps):
@@ -132,9 +149,9 @@ def main() -> None:
             del llm
             gc.collect()
 
-    print(f"{'':22}{'ours':>8}{'':28}{'transformers ' + str(ref_dtype).split('.')[1]:>24}")
+    print(f"{'':24}{'ours':>8}{'':28}{'transformers ' + str(ref_dtype).split('.')[1]:>24}")
     for key in ours:
-        line = f"{key:22}{median(ours[key])}"
+        line = f"{key:24}{median(ours[key])}"
         if ref[key]:
             ratio = statistics.median(ours[key]) / statistics.median(ref[key])
             line += f"   {median(ref[key])}   ratio {ratio:.2f}"

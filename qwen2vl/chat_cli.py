@@ -53,6 +53,8 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quantization", choices=list(QUANTIZATIONS),
                    help="int8/int4 weights for the language model's linears (faster CPU decode, some error)")
+    p.add_argument("--matmul", choices=["int8"], help="the vision tower and prefill in int8 on the CPU (faster "
+                   "time to first token, some error; docs/performance.md)")
     p.add_argument("--lora", metavar="DIR", help="apply this LoRA adapter (PEFT format, e.g. from `qwen2vl train`)")
     p.add_argument("--kv-cache-gib", type=positive(float), help="KV cache size on CPU (default 2)")
     p.add_argument("--max-model-len", type=positive(int), help="context length cap")
@@ -103,7 +105,8 @@ def load(args):
     print(f"loading {folder} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
     engine_args = {k: v for k, v in (("kv_cache_gib", args.kv_cache_gib), ("max_model_len", args.max_model_len),
                                      ("seed", args.seed)) if v is not None}
-    llm = LLM(folder, dtype=args.dtype, device=device, quantization=args.quantization, lora=args.lora, **engine_args)
+    llm = LLM(folder, dtype=args.dtype, device=device, quantization=args.quantization, lora=args.lora,
+              matmul=args.matmul, **engine_args)
     # from the checkpoint's headers: after load the CPU backend keeps packed weights outside parameters()
     quant = QuantConfig.from_folder(folder)  # a GPTQ/AWQ checkpoint's packed words count what they hold
     n = sum(weights_in(name, t["shape"], quant) for f in checkpoint_files(folder) for name, t in read_header(f).items())

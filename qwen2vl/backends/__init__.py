@@ -9,7 +9,7 @@
   turns a GPTQ/AWQ checkpoint's linears (gptq.py) into them;
 - `kernel_ops.py`: TorchOps' interface over the C and Triton kernel modules.
 
-`prepare(model, quantization)` picks the backend for the model's device once, at load, swaps its
+`prepare(model, quantization, matmul)` picks the backend for the model's device once, at load, swaps its
 speed-ups in (the model files never know which) and leaves it at `model.backend`, which the engine
 asks for attention over the cache and, where there is one, a whole decode step. Nothing here
 imports the model files or the engine.
@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import torch
 
+from qwen2vl.backends.cpu.isa import MATMULS
 from qwen2vl.backends.quant import QUANTIZATIONS
 from qwen2vl.backends.reference import TorchBackend
 from qwen2vl.gptq import QuantizedLinear
 
 
-def backend_for(device: torch.device) -> TorchBackend:
-    """The backend for `device`: C kernels on the CPU, Triton on CUDA, plain torch elsewhere."""
+def backend_for(device: torch.device, matmul: str | None = None) -> TorchBackend:
+    """The backend for `device`: C kernels on the CPU, Triton on CUDA, plain torch elsewhere.
+    `matmul` (CPU only): "int8" for the matmul-heavy phases (cpu/isa.py, Isa.matmul_dtype)."""
+    if matmul is not None and device.type != "cpu":
+        raise ValueError(f"matmul={matmul!r} is a CPU policy (the int8_mm kernel); this model is on {device.type}")
     if device.type == "cpu":
         from qwen2vl.backends.cpu.backend import CpuBackend
 
-        return CpuBackend()
+        return CpuBackend(matmul)
     if device.type == "cuda":
         from qwen2vl.backends.cuda import CudaBackend
 
@@ -37,14 +41,16 @@ def backend_for(device: torch.device) -> TorchBackend:
     return TorchBackend()
 
 
-def prepare(model, quantization: str | None = None) -> TorchBackend:
+def prepare(model, quantization: str | None = None, matmul: str | None = None) -> TorchBackend:
     """Swap the fast paths for the model's device and dtype in, once, after load; the backend is
-    left at model.backend."""
+    left at model.backend. `matmul="int8"`: the CPU's vision tower and prefill in int8 (MATMULS)."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     if quantization is not None and any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError(f"the checkpoint is quantized already (GPTQ/AWQ); leave out quantization={quantization!r}")
-    backend = backend_for(model.device)
+    if matmul is not None and matmul not in MATMULS:
+        raise ValueError(f"matmul must be None or one of {', '.join(MATMULS)}, got {matmul!r}")
+    backend = backend_for(model.device, matmul)
     backend.prepare(model, quantization)
     model.backend = backend
     return backend

@@ -81,6 +81,11 @@ def report(probe: bool = True) -> str:
         "bf16 model  " + ("matmuls in bf16 (native bf16 dot products)" if here.native_bf16_matmul else
                           "bf16 weights and KV cache, matmuls in float32 (this CPU has no bf16 matmul: "
                           "torch would emulate it)"),
+        "matmul int8 " + (f"available: LLM(matmul='int8') / --matmul int8 run the vision tower and prefill in "
+                          f"int8 (int8_mm, {'VNNI' if here.has('avx512_vnni') else 'AVX2'}; weights per channel, "
+                          "activations per token); off by default"
+                          if here.matmul_dtype(torch.bfloat16, "int8") == torch.int8 else
+                          "unavailable (needs AVX2): matmul='int8' keeps the dtype's policy"),
         "C kernels",
         *kernel_lines(),
     ]

@@ -2,6 +2,7 @@
 
     qwen2vl eval demo                          # 50 cases per task, through LLM, greedy
     qwen2vl eval demo --quantization int8      # the same cases with int8 linears
+    qwen2vl eval demo --matmul int8            # ... with the vision tower and prefill in int8
     qwen2vl eval demo --server                 # through the OpenAI-compatible server and the openai client
 
 The cases come from `render_cases(seed, n)` with a seed the training data never uses (training
@@ -132,6 +133,8 @@ def add_eval_arguments(parser) -> None:
                         "float32; default bfloat16); the quantized and server runs use the first")
     parser.add_argument("--quantization", action="append", default=[], choices=["int8", "int4", "int4-g64",
                         "int4-g128"], help="also run with these quantized linears (repeat for several)")
+    parser.add_argument("--matmul", action="append", default=[], choices=["int8"], help="also run with the "
+                        "vision tower and prefill in int8 (LLM(matmul=...), CPU)")
     parser.add_argument("--server", action="store_true", help="also run through the server (started here on "
                         "loopback) and the openai client")
     parser.add_argument("--server-url", help="also run through an already running server at this /v1 URL")
@@ -150,7 +153,8 @@ def run_eval(args) -> int:
     if not dtypes or set(dtypes) - {"bfloat16", "float16", "float32"}:
         raise ValueError(f"--dtype must list bfloat16, float16 or float32, got {args.dtype!r}")
     cases = render_cases(args.seed, args.cases, tasks)
-    runs = [(d, d, None) for d in dtypes] + [(q, dtypes[0], q) for q in args.quantization]
+    runs = ([(d, d, None, None) for d in dtypes] + [(q, dtypes[0], q, None) for q in args.quantization]
+            + [(f"matmul {m}", dtypes[0], None, m) for m in args.matmul])
     results, answers = {}, {}
 
     def record(name: str, got: list[str], start: float) -> None:
@@ -162,9 +166,9 @@ def run_eval(args) -> int:
                                          f"differ from {first}'s")
         print(f"{name}: {right}/{len(cases)} right in {time.perf_counter() - start:.0f} s{same}", flush=True)
 
-    for name, dtype, quant in runs:
+    for name, dtype, quant, matmul in runs:
         start = time.perf_counter()
-        llm = LLM(args.model, dtype=dtype, device=args.device, quantization=quant)
+        llm = LLM(args.model, dtype=dtype, device=args.device, quantization=quant, matmul=matmul)
         record(name, run_llm(llm, cases), start)
         del llm
     if args.server:

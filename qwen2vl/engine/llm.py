@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from qwen2vl.adapter import read_adapter
-from qwen2vl.backends import prepare
+from qwen2vl.backends import MATMULS, prepare
 from qwen2vl.backends.quant import QUANTIZATIONS
 from qwen2vl.embedding import as_inputs, check_dimensions, embedding_prompt, finish, read_pooling
 from qwen2vl.engine.engine import Engine, EngineConfig
@@ -47,20 +47,27 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 class LLM:
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                  quantization: str | None = None, lora: str | Path | dict[str, str | Path] | None = None,
-                 tensor_parallel_size: int = 1, **engine_args):
+                 tensor_parallel_size: int = 1, matmul: str | None = None, **engine_args):
         """`lora`: an adapter folder used by every request, or {name: folder} to pick per request.
         `tensor_parallel_size` N > 1: the decoder split over N processes, this one rank 0 (parallel/;
-        `close()` stops the others). `engine_args` are EngineConfig fields: kv_cache_gib (per rank),
-        gpu_memory_utilization, block_size, max_model_len, max_num_seqs, max_num_batched_tokens,
-        enable_prefix_caching, vision_cache_mib, seed."""
+        `close()` stops the others). `matmul="int8"` (CPU): the vision tower and prefill in int8,
+        weights per channel, activations per token (faster time to first token where the CPU has no
+        bf16 matmul; docs/performance.md). `engine_args` are EngineConfig fields: kv_cache_gib (per
+        rank), gpu_memory_utilization, block_size, max_model_len, max_num_seqs,
+        max_num_batched_tokens, enable_prefix_caching, vision_cache_mib, seed."""
         dtype = parse_dtype(dtype)  # argument errors before any download or load
         if quantization is not None and quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        if matmul is not None and matmul not in MATMULS:
+            raise ValueError(f"matmul must be None or one of {', '.join(MATMULS)}, got {matmul!r}")
         if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or \
                 tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
         if tensor_parallel_size > 1 and lora is not None:
             raise ValueError("LoRA adapters are not served with tensor parallelism yet; use tensor_parallel_size=1")
+        if tensor_parallel_size > 1 and matmul is not None:
+            raise ValueError(f"matmul={matmul!r} is not applied under tensor parallelism yet; "
+                             "use tensor_parallel_size=1")
         config = EngineConfig(**engine_args)
         adapters = {name: read_adapter(path) for name, path in _adapter_folders(lora).items()}
         if adapters or tensor_parallel_size > 1:
@@ -76,7 +83,7 @@ class LLM:
             self.tp = TensorParallel(folder, dtype, device, quantization, tensor_parallel_size)
             self.model = self.tp.model
         else:
-            self.model = load_model(folder, dtype, device, quantization)
+            self.model = load_model(folder, dtype, device, quantization, matmul)
         if adapters:
             attach_adapters(self.model, adapters)
         self.processor = Processor.from_pretrained(folder)
@@ -208,7 +215,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
     return None if dtype == "auto" else DTYPES[dtype]
 
 
-def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: str | None) -> Qwen2VL:
+def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: str | None,
+               matmul: str | None = None) -> Qwen2VL:
     """The checkpoint in `folder` on `device`, with its backend's speed-ups swapped in (backends/)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -218,7 +226,7 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
     half = (dtype or checkpoint_dtype(folder)) in (torch.bfloat16, torch.float16)
     model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device,
                                     map_linears=device.type == "cpu" and (half or quantization is not None))
-    prepare(model, quantization)
+    prepare(model, quantization, matmul)
     return model
 
 

@@ -37,6 +37,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="int8/int4 weights for the language model's linears: ~1.8x / ~2.8x faster CPU decode "
                         "than bf16 (int4: groups of 32; int4-g64/-g128: fewer bytes, more error), "
                         "see docs/performance.md")
+    e.add_argument("--matmul", choices=["int8"], help="the vision tower and prefill in int8 on the CPU (faster "
+                   "time to first token, some error; docs/performance.md)")
     e.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU (default 2), per tensor-parallel rank")
     e.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split the decoder over N processes (N GPUs from --device's on, or the CPU's cores); "
@@ -74,7 +76,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                      ("max_num_seqs", args.max_num_seqs),
                                      ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
     llm_args = dict(dtype=args.dtype, device=device, quantization=args.quantization, lora=adapters or None,
-                    tensor_parallel_size=args.tensor_parallel_size, **engine_args)
+                    tensor_parallel_size=args.tensor_parallel_size, matmul=args.matmul,
+                    **engine_args)
     if args.replicas is not None:
         from qwen2vl.replicas.launch import start_replicas, stop_replicas
 

@@ -14,28 +14,38 @@ The compute-dtype policy: where the CPU has no native bf16 matmul (no AVX-512 BF
 emulates bf16 GEMMs ~6-10x slower than float32, so a bf16 model keeps its bf16 weights and KV cache
 but its matmuls run in float32: the decoder's linears convert activations on the way in and out,
 and the vision tower (GEMMs and attention, all compute-bound) runs in float32 throughout.
+
+Its one knob, `matmul="int8"` (LLM's argument, Isa.matmul_dtype): the matmul-heavy phases in int8
+(int8_mm.py): the vision tower's linears become int8 codes, and each decoder linear gets int8 codes
+beside it (an int8 model's own) for calls of more than 4 rows, prefill's; decode rows keep the path
+above. Off by default: it trades accuracy for time to first token (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from qwen2vl.backends.cpu import isa, layer_ops, native, sample_ops, vision_ops
+from qwen2vl.backends.cpu import int8_mm, isa, layer_ops, native, sample_ops, vision_ops
 from qwen2vl.backends.cpu.decode_step import DecodeStep
-from qwen2vl.backends.cpu.linear import speed_up_linears
+from qwen2vl.backends.cpu.int8_mm import use_int8_matmuls
+from qwen2vl.backends.cpu.linear import FastLinear, speed_up_linears
 from qwen2vl.backends.kernel_ops import TextKernels, VisionKernels
 from qwen2vl.backends.quant import QUANTIZATIONS, quantize_model
 from qwen2vl.backends.reference import TorchBackend
 from qwen2vl.backends.repack import repack_checkpoint_linears
 
 HALF = (torch.bfloat16, torch.float16)
+log = logging.getLogger(__name__)
 
 
 class CpuBackend(TorchBackend):
     name = "cpu"
 
-    def __init__(self):
+    def __init__(self, matmul: str | None = None):
         self.isa = isa.current()
+        self.matmul = matmul  # LLM's knob for the matmul-heavy phases (Isa.matmul_dtype)
         self.fused_decode = False  # decode attention through paged_decode.c (set where the layer ops are in)
 
     def prepare(self, model, quantization: str | None) -> None:
@@ -44,9 +54,19 @@ class CpuBackend(TorchBackend):
         if quantization is not None:
             quantize_model(model, *QUANTIZATIONS[quantization])
         dtype = model.dtype
+        compute = self.isa.matmul_dtype(dtype)
+        heavy = self.isa.matmul_dtype(dtype, self.matmul)  # the vision tower's and prefill's
+        if heavy == torch.int8 and int8_mm.library() is None:
+            log.warning("matmul='int8': the int8_mm kernel did not load here; matmuls stay in %s", compute)
+            heavy = compute
+        if heavy == torch.int8:
+            # decode rows (SMALL_ROWS or fewer a call) keep the linear they had: FastLinear, an Int8Linear
+            fast = None if dtype == torch.float32 else (
+                lambda linear: FastLinear.from_linear(linear, compute_dtype=compute))
+            use_int8_matmuls(model.model, small=fast if fast is not None else lambda linear: linear)
+            use_int8_matmuls(model.visual)
         if dtype not in HALF:  # float32: torch's own GEMMs (MKL / oneDNN) are the fast ones
             return
-        compute = self.isa.matmul_dtype(dtype)
         # decode streams every weight once per token; FastLinears (our bf16 or bf16w kernel, else oneDNN) stream at
         # about the memory read rate where F.linear's bf16 GEMV gets ~30-70% of it, and the vision tower's
         # GEMMs run faster too (docs/performance.md). Quantized linears are not nn.Linear and stay as they are.

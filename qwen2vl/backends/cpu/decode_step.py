@@ -26,9 +26,12 @@ def library():
 
 def _linear(module, keep: list):
     """The C description (kernels.h's Linear) of one of our kernels' linears, or None for any other."""
+    from qwen2vl.backends.cpu.int8_mm import Int8RowsLinear
     from qwen2vl.backends.cpu.linear import FastLinear
     from qwen2vl.backends.quant import Int4Linear, Int8Linear
 
+    if isinstance(module, Int8RowsLinear) and module.small is not None:
+        module = module.small  # matmul="int8": decode rows run the linear beside the int8 codes, here too
     Linear = native.header().structs["Linear"]
     bias = getattr(module, "bias", None)
     if bias is not None:

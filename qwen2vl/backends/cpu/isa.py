@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 TIERS = ("none", "avx2", "avx512", "amx")
+MATMULS = ("int8",)  # what LLM(matmul=...) takes besides None (the dtype's policy): see Isa.matmul_dtype
 ENV = "QWEN2VL_CPU_ISA"
 
 # what each tier adds: _BASE is what a CPU needs to be of that tier, _EXTRAS what some CPUs of the
@@ -60,10 +61,20 @@ class Isa:
         them, ~6-10x slower than float32, so matmul-heavy phases must not compute in bf16."""
         return self.has("avx512_bf16") or self.has("amx_bf16")
 
-    def matmul_dtype(self, dtype: torch.dtype) -> torch.dtype:
+    def matmul_dtype(self, dtype: torch.dtype, matmul: str | None = None) -> torch.dtype:
         """The dtype matmuls on `dtype` weights should run in here (the compute-dtype policy):
         float32 for bf16 without native bf16 dot products and for fp16 without AVX-512 FP16, where
-        torch would emulate them; the weights keep their dtype."""
+        torch would emulate them; the weights keep their dtype.
+
+        `matmul="int8"` (LLM's knob, MATMULS) asks for int8 in the matmul-heavy phases (the vision
+        tower, prefill: calls of many rows) of bf16 and float32 models: torch.int8 where the CPU runs
+        the int8 kernel (int8_mm.c, AVX2 and up), weights quantized per output channel at load and
+        activations per token on each call (docs/performance.md has its error and speed). Decode
+        rows keep the dtype's policy."""
+        if matmul not in (None, *MATMULS):
+            raise ValueError(f"matmul must be None or one of {', '.join(MATMULS)}, got {matmul!r}")
+        if matmul == "int8" and self.has(*_BASE["avx2"]) and dtype in (torch.bfloat16, torch.float32):
+            return torch.int8
         if dtype == torch.bfloat16 and not self.native_bf16_matmul:
             return torch.float32
         if dtype == torch.float16 and not self.has("avx512_fp16"):

@@ -48,6 +48,7 @@ VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
                   ("bf16_gemm.c", (*AVX512, "avx512_bf16"))],
     "bf16w_gemm": [("bf16w_gemm.c", (*AVX2, *AVX512)), ("bf16w_gemm.c", AVX2)],
     "int_gemv": [("int_gemv.c", (*AVX512, "avx512_vnni")), ("int_gemv_avx2.c", AVX2)],
+    "int8_mm": [("int8_mm.c", (*AVX2, *AVX512, "avx512_vnni")), ("int8_mm.c", AVX2)],
     # the small ops: one source each, for AVX-512 (with FMA on 8 lanes, bf16_simd.h's f32x8) or AVX2
     "layer_ops": [("layer_ops.c", (*AVX2, *AVX512)), ("layer_ops.c", AVX2)],
     "paged_decode": [("paged_decode.c", (*AVX2, *AVX512)), ("paged_decode.c", AVX2)],
@@ -59,7 +60,7 @@ VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
 }
 # flags a source needs beyond its features': the small ops round where torch rounds, so no a*b+c may
 # become one FMA unless the source asks for it (gcc fuses them by default wherever FMA is on)
-SOURCE_FLAGS = {src: ["-ffp-contract=off"] for src in ("layer_ops.c", "paged_decode.c", "vision_ops.c")}
+SOURCE_FLAGS = {src: ["-ffp-contract=off"] for src in ("layer_ops.c", "paged_decode.c", "vision_ops.c", "int8_mm.c")}
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,11 @@ int int8_gemm(const uint8_t *w, const void *scales, int scales_bf16, const void 
 int int4_gemm(const uint8_t *w, const void *scales_zeros, int scales_bf16, const void *x, void *y, const void *bias,
               int io_bf16, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads);
 
+/* int8_mm.c: pack_int8 weights times x quantized to int8 per row (prefill, vision): exact int32 dots, a row's
+ * output independent of the rows beside it. x, y, bias bf16 or fp32 (io_bf16). 0, or -1 when out of memory. */
+int int8_mm(const uint8_t *w, const void *scales, int scales_bf16, const void *x, void *y, const void *bias,
+            int io_bf16, int64_t M, int64_t N, int64_t K, int nthreads);
+
 /* layer_ops.c: a decoder layer's small ops on bf16 rows. */
 void rms_norm(const bf16 *x, const bf16 *res, bf16 *sum_out, const bf16 *w, bf16 *out, int64_t N, int64_t D,
               float eps, int nthreads);
