@@ -6,6 +6,14 @@
 #include <immintrin.h>
 #include <string.h>
 
+static inline float load1(const void *p, int64_t k, int bf16) { /* element k, bf16 or fp32 -> fp32 */
+    if (!bf16) return ((const float *)p)[k];
+    const uint32_t u = (uint32_t)((const uint16_t *)p)[k] << 16;
+    float t;
+    memcpy(&t, &u, 4);
+    return t;
+}
+
 static inline __m256 avx2_load8(const void *p, int bf16) { /* 8 bf16 or fp32 -> fp32 */
     if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16));
     return _mm256_loadu_ps(p);

@@ -122,13 +122,7 @@ static void quantize_row(const char *x, int bf16, int64_t K, Rows a, int64_t m) 
     _mm256_storeu_ps(v, mx);
     for (int i = 0; i < 8; i++) amax = v[i] > amax ? v[i] : amax;
     for (int64_t k = k8; k < K; k++) {
-        float t;
-        if (bf16) {
-            const uint32_t u = (uint32_t)((const uint16_t *)xm)[k] << 16;
-            memcpy(&t, &u, 4);
-        } else {
-            t = ((const float *)xm)[k];
-        }
+        float t = load1(xm, k, bf16);
         t = t < 0 ? -t : t;
         amax = t > amax ? t : amax;
     }
@@ -145,13 +139,7 @@ static void quantize_row(const char *x, int bf16, int64_t K, Rows a, int64_t m) 
     _mm256_storeu_si256((__m256i *)si, s);
     for (int i = 0; i < 8; i++) sum += si[i];
     for (int64_t k = k8; k < K; k++) {
-        float t;
-        if (bf16) {
-            const uint32_t u = (uint32_t)((const uint16_t *)xm)[k] << 16;
-            memcpy(&t, &u, 4);
-        } else {
-            t = ((const float *)xm)[k];
-        }
+        float t = load1(xm, k, bf16);
         q[k] = (int8_t)_mm_cvtss_si32(_mm_set_ss(t * id)); /* nearest even, as the vector path */
         sum += q[k];
     }
