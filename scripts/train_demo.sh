@@ -88,7 +88,10 @@ stage stage5 --model "$WORK/stage4" --data "$WORK/data/mix.jsonl" \
 #       --steps 250 --batch-size 16 --lr 5e-4 --vision-lr 1e-3 --warmup-steps 20 --weight-decay 0.01
 #   stage stage6d --model "$WORK/stage6c" --data "$WORK/video0/two.jsonl" \
 #       --steps 300 --batch-size 16 --lr 5e-4 --vision-lr 1e-3 --warmup-steps 20 --weight-decay 0.01
-#   (two-frame held-out videos 26 / 40, the suite's 4-8-frame ones 13 / 40: the next stage would train those)
+#   (two-frame held-out videos 26 / 40, the suite's 4-8-frame ones 13 / 40; then the 4-8-frame videos:)
+#   stage stage6e --model "$WORK/stage6d" --data "$WORK/video0/train.jsonl" \
+#       --steps 200 --batch-size 12 --lr 5e-4 --vision-lr 1e-3 --warmup-steps 20 --weight-decay 0.01
+#   (held-out videos 24 / 40, colours and counts 0 / 40: the mix of stage 5 with videos would come next)
 
 cat "$WORK"/stage{1a,1b,2,3,4,5}.log > "$WORK/train.log"
 python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png
