@@ -75,6 +75,24 @@ stage stage4 --model "$WORK/stage3" --data "$WORK/color2/train.jsonl" \
 stage stage5 --model "$WORK/stage4" --data "$WORK/data/mix.jsonl" \
     --steps 1000 --batch-size 8 --lr 2e-4 --vision-lr 2e-4 --warmup-steps 30 --weight-decay 0.01
 
+# Tried after stage 5 and not shipped (videos stayed at chance; docs/demo.md, "what did not work"): the videos
+# alone, as stage 4 did for colours, from the shipped checkpoint (2026-12-03, 2 shared cores, ~1.3 s a step):
+#   python -m qwen2vl.demo.dataset "$WORK/video" --only video --cases 5000 --seed 1002     # 0-2 still shapes
+#   stage stage6 --model qwen2vl/demo/checkpoint --data "$WORK/video/train.jsonl" \
+#       --steps 600 --batch-size 12 --lr 5e-4 --vision-lr 5e-4 --warmup-steps 30 --weight-decay 0.01   # stopped at 350
+#   python -m qwen2vl.demo.dataset "$WORK/video0" --only video --shapes 0 --cases 3000 --seed 1003  # the moving one only
+#   stage stage6b --model qwen2vl/demo/checkpoint --data "$WORK/video0/train.jsonl" \
+#       --steps 300 --batch-size 12 --lr 5e-4 --vision-lr 1e-3 --warmup-steps 30 --weight-decay 0.01
+#   (the same videos cut to their first two frames, "videos": [frames[:2]], as video0/two.jsonl:)
+#   stage stage6c --model qwen2vl/demo/checkpoint --data "$WORK/video0/two.jsonl" \
+#       --steps 250 --batch-size 16 --lr 5e-4 --vision-lr 1e-3 --warmup-steps 20 --weight-decay 0.01
+#   stage stage6d --model "$WORK/stage6c" --data "$WORK/video0/two.jsonl" \
+#       --steps 300 --batch-size 16 --lr 5e-4 --vision-lr 1e-3 --warmup-steps 20 --weight-decay 0.01
+#   (two-frame held-out videos 26 / 40, the suite's 4-8-frame ones 13 / 40; then the 4-8-frame videos:)
+#   stage stage6e --model "$WORK/stage6d" --data "$WORK/video0/train.jsonl" \
+#       --steps 200 --batch-size 12 --lr 5e-4 --vision-lr 1e-3 --warmup-steps 20 --weight-decay 0.01
+#   (held-out videos 24 / 40, colours and counts 0 / 40: the mix of stage 5 with videos would come next)
+
 cat "$WORK"/stage{1a,1b,2,3,4,5}.log > "$WORK/train.log"
 python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png
 mkdir -p qwen2vl/demo/checkpoint

@@ -227,3 +227,19 @@ def test_the_single_task_set_holds_the_first_cases_with_that_many_shapes(tmp_pat
     assert [line["messages"][1]["content"] for line in lines] == [c.answer for c in first]
     assert all(len(line["messages"]) == 2 and len(regions(Image.open(tmp_path / line["images"][0]))) == 1
                for line in lines)
+
+
+def test_the_single_task_set_of_videos_keeps_every_frame(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import write_single_task
+
+    lines = [json.loads(t) for t in open(write_single_task(tmp_path, 3, 3, "video", None))]
+    cases = [render_case("video", 3, i) for i in range(3)]
+    assert [line["messages"][0]["content"] for line in lines] == ["<video>" + c.question for c in cases]
+    assert [line["messages"][1]["content"] for line in lines] == [c.answer for c in cases]
+    for line, case in zip(lines, cases):
+        (frames,) = line["videos"]
+        assert len(frames) == len(case.images)
+        assert all(np.array_equal(np.asarray(Image.open(tmp_path / f)), np.asarray(image))
+                   for f, image in zip(frames, case.images))

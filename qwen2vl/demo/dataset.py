@@ -104,11 +104,12 @@ def write_dataset(out: str | Path, cases: int, seed: int, extra: int = 6, mix: d
     return path
 
 
-def write_single_task(out: str | Path, cases: int, seed: int, task: str, shapes: int) -> Path:
+def write_single_task(out: str | Path, cases: int, seed: int, task: str, shapes: int | None) -> Path:
     """`cases` cases of one task whose picture holds exactly `shapes` shapes (the first such indices
-    of `seed`), no extra questions, into out/train.jsonl + out/img/. The demo's first stage is the
-    colour of the only shape: one answer per picture that needs the picture, which a from-scratch
-    tower and decoder learn in ~100 steps where a mix of tasks stayed at chance for 1,000."""
+    of `seed`; None: any number, and for a video the still shapes besides the moving one), no extra
+    questions, into out/train.jsonl + out/img/. The demo's first stage is the colour of the only
+    shape: one answer per picture that needs the picture, which a from-scratch tower and decoder
+    learn in ~100 steps where a mix of tasks stayed at chance for 1,000."""
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     path = out / "train.jsonl"
@@ -117,11 +118,12 @@ def write_single_task(out: str | Path, cases: int, seed: int, task: str, shapes:
         while written < cases:
             case = render_case(task, seed, index)
             index += 1
-            if len(case.info["shapes"]) != shapes:
+            if shapes is not None and len(case.info["shapes"]) != shapes:
                 continue
-            name = f"img/{written:06d}.png"
-            case.images[0].save(out / name)
-            f.write(json.dumps(record(case, [], [name])) + "\n")
+            names = [f"img/{written:06d}-{k}.png" for k in range(len(case.images))]
+            for image, name in zip(case.images, names):
+                image.save(out / name)
+            f.write(json.dumps(record(case, [], names)) + "\n")
             written += 1
     return path
 
@@ -187,9 +189,10 @@ def main(argv=None) -> None:
     parser.add_argument("--pairs", action="store_true", help="with --subset-of: keep the picture pairs too")
     parser.add_argument("--boxes", action="store_true", help="with --subset-of: keep the lines that "
                         "open with a box question too")
-    parser.add_argument("--only", metavar="TASK", choices=EXTRA_TASKS, help="instead: --cases cases of this task "
-                        "whose picture holds exactly --shapes shapes, without extra questions")
-    parser.add_argument("--shapes", type=int, default=1)
+    parser.add_argument("--only", metavar="TASK", choices=(*EXTRA_TASKS, "video"), help="instead: --cases cases "
+                        "of this task whose picture holds exactly --shapes shapes, without extra questions")
+    parser.add_argument("--shapes", type=int, help="with --only: how many shapes (a video: still ones besides "
+                        "the moving one); default any")
     args = parser.parse_args(argv)
     if args.only:
         print(write_single_task(args.out, args.cases, args.seed, args.only, args.shapes))
