@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qwen2vl.backends.cpu import gemm
+from tests.helpers.gemm_checks import exact_integer_gemm
 from tests.helpers.tiers import TIERS_HERE, at_tier
 
 
@@ -83,12 +84,7 @@ def test_bf16w_kernel_is_independent_of_thread_count_and_takes_no_rows():
 def test_bf16w_kernel_rounds_to_nearest_even(rows):
     # small integers: every product and sum is exact in float32, so the only rounding is the final
     # one to bf16, which must be torch's round-to-nearest-even bit for bit (float32: no rounding)
-    g = torch.Generator().manual_seed(rows)
-    w = torch.randint(-16, 17, (64, 64), generator=g).to(torch.bfloat16)
-    x = torch.randint(-16, 17, (rows, 64), generator=g).to(torch.bfloat16)
-    bias = torch.randint(-64, 65, (64,), generator=g).to(torch.bfloat16)
-    exact = x.double() @ w.double().t() + bias.double()
-    assert (exact.abs() > 256).any()  # rounding happens
+    w, x, bias, exact = exact_integer_gemm(rows)
     packed = gemm.pack_bf16(w)
     assert torch.equal(gemm.bf16w_gemm(x, packed, bias, 64), exact.to(torch.bfloat16))
     assert torch.equal(gemm.bf16w_gemm(x.float(), packed, bias, 64), exact.float())

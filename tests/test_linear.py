@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from qwen2vl.backends.cpu import gemm, native
 from qwen2vl.backends.cpu.linear import FastLinear, speed_up_linears
 from qwen2vl.text import fuse_linears
+from tests.helpers.gemm_checks import exact_integer_gemm
 
 # k not a multiple of the 32-wide vector and n odd, so the kernels' tail loops run too
 N, K = 97, 200
@@ -160,12 +161,7 @@ def test_bf16_kernel_rounds_to_nearest_even(rows):
     # small integers: every product and sum is exact in float32, so the only rounding is the
     # final one to bf16 (sums up to ~2^14 keep 8 bits: ties and round-ups happen), which must be
     # torch's round-to-nearest-even bit for bit
-    g = torch.Generator().manual_seed(rows)
-    w = torch.randint(-16, 17, (64, 64), generator=g).to(torch.bfloat16)
-    x = torch.randint(-16, 17, (rows, 64), generator=g).to(torch.bfloat16)
-    bias = torch.randint(-64, 65, (64,), generator=g).to(torch.bfloat16)
-    exact = x.double() @ w.double().t() + bias.double()
-    assert (exact.abs() > 256).any()  # rounding happens
+    w, x, bias, exact = exact_integer_gemm(rows)
     assert torch.equal(gemm.bf16_gemm(x, gemm.pack_bf16(w), bias, 64), exact.to(torch.bfloat16))
 
 
