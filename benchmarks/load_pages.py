@@ -22,6 +22,7 @@ import time
 import torch
 
 from benchmarks.bandwidth import memory_gbs
+from benchmarks.cpu_tier import median
 from benchmarks.engine_cpu import engine_single
 from benchmarks.random_checkpoint import random_checkpoint
 from qwen2vl import LLM
@@ -85,7 +86,7 @@ def main() -> None:
             gc.collect()
     print("first touch of fresh memory after:", ", ".join(f"{k} {v:.2f} GB/s" for k, v in first_touch_gbs().items()))
     for name, xs in times.items():
-        print(f"load, {name:<12} {statistics.median(xs):6.2f} s  [{', '.join(f'{x:.2f}' for x in xs)}]")
+        print(f"load, {name:<12} {median(xs)} s")
     if not args.decode:
         return
     llms = {name: load(folder, name)[0] for name in PAGES}

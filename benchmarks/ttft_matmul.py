@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from benchmarks.cpu_tier import load_ours
+from benchmarks.cpu_tier import load_ours, median
 from benchmarks.engine_cpu import engine_single
 from benchmarks.random_checkpoint import random_checkpoint
 from qwen2vl.backends.cpu import isa
@@ -44,9 +44,9 @@ def main() -> None:
             del llm
             gc.collect()
     for name, ts in loads.items():
-        print(f"load {name:12} median {statistics.median(ts):6.2f} s  [{', '.join(f'{t:.2f}' for t in ts)}]")
+        print(f"load {name:12} median {median(ts)} s")
     for name, ts in times.items():
-        print(f"TTFT {name:12} median {statistics.median(ts):6.2f} s  [{', '.join(f'{t:.2f}' for t in ts)}]")
+        print(f"TTFT {name:12} median {median(ts)} s")
     ratios = [b / a for a, b in zip(times["default"], times["matmul int8"])]
     print(f"matmul int8 / default, pair by pair: median {statistics.median(ratios):.3f} "
           f"[{', '.join(f'{r:.3f}' for r in ratios)}]")
