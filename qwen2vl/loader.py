@@ -107,14 +107,15 @@ def read_tensors(file: Path):
                 raise ValueError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
             begin, end = info.get("data_offsets", (0, -1))
             shape = list(info["shape"])
-            nbytes = torch.empty(0, dtype=dtype).element_size() * math.prod(shape)
+            size = torch.empty(0, dtype=dtype).element_size()
+            nbytes = size * math.prod(shape)
             if end - begin != nbytes or data_start + end > file_size:
                 raise ValueError(f"{file}: tensor {name} has offsets {begin}..{end} that don't fit "
                                  f"its shape {info['shape']} or the file ({file_size} bytes)")
             if part is None:
+                if mapped and nbytes and (data_start + begin) % size == 0:
+                    return _map(f, data_start + begin, shape, dtype, nbytes)
                 tensor = torch.empty(shape, dtype=dtype)
-                if mapped and nbytes and (data_start + begin) % tensor.element_size() == 0:
-                    return _map(f, data_start + begin, tensor)
                 read_into(_bytes(tensor), data_start + begin, name)
                 return tensor
             dim, start, stop = part
@@ -138,13 +139,12 @@ def read_tensors(file: Path):
             yield name, lambda part=None, mapped=False, name=name, info=info: read(name, info, part, mapped)
 
 
-def _map(f, start: int, like: torch.Tensor) -> torch.Tensor:
-    """`like`'s shape and dtype over a private (copy-on-write) map of f's bytes from `start`."""
+def _map(f, start: int, shape: list[int], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+    """A tensor of `shape` and `dtype` over a private (copy-on-write) map of f's `nbytes` from `start`."""
     base = start - start % mmap.ALLOCATIONGRANULARITY
-    nbytes = like.numel() * like.element_size()
     buf = mmap.mmap(f.fileno(), start - base + nbytes, offset=base, access=mmap.ACCESS_COPY)
     # the tensor holds `buf`: the map lives exactly as long as the tensor and its views
-    return torch.frombuffer(buf, dtype=like.dtype, count=like.numel(), offset=start - base).view(like.shape)
+    return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=start - base).view(shape)
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:
