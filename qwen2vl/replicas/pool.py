@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import uuid
 from dataclasses import dataclass, fields, replace
 
@@ -54,6 +55,10 @@ class ReplicaPool:
         self.retries = 0  # requests re-run on another replica
         self._stats: list[EngineStats | None] = [None] * len(handles)
         self._stopped = False
+        # AsyncLLM's "failed for good" pair, which the server watches: a pool never sets it, since it
+        # routes around a lost replica and Serve restarts it
+        self.failure: str | None = None
+        self.failed = threading.Event()
         self._probe: asyncio.Task | None = None
         self.started_ray = False  # launch.py started Ray for this pool (and shuts it down with it)
         self.apps: list[str] = []  # the replicas' Serve application names (launch.py)

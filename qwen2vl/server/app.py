@@ -132,7 +132,7 @@ def create_app(engine: AsyncLLM, limits: ServerLimits, *, api_key: str | None = 
     def admit() -> None:
         """One more request in flight, or a 429 past --max-queue (the caller decrements when done)."""
         if engine.stopped:  # before a stream starts: its status can still say so
-            raise engine_stopped(getattr(engine, "failure", None))  # a replica pool has none
+            raise engine_stopped(engine.failure)
         if metrics.in_flight >= limits.max_queue:
             metrics.rejected += 1
             raise APIError(429, f"server busy: {metrics.in_flight} requests in flight, the limit is "

@@ -103,13 +103,12 @@ def run_serve(args: argparse.Namespace) -> int:
         engine.failed.wait()
         server.should_exit = True
 
-    if hasattr(engine, "failed"):  # a replica pool routes around a lost replica instead
-        threading.Thread(target=stop_when_failed, daemon=True).start()
+    threading.Thread(target=stop_when_failed, daemon=True).start()
     try:
         server.run()
     finally:
         stop()
-    if getattr(engine, "failure", None) is not None:
+    if engine.failure is not None:
         print(f"error: {engine.failure}; the server stopped", file=sys.stderr)
         return 1
     return 0
