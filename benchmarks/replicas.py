@@ -34,8 +34,12 @@ def model_folder(args) -> str:
 
         return str(tiny_checkpoint())
     from benchmarks.random_checkpoint import CONFIGS, random_checkpoint
+    from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
 
-    return str(random_checkpoint(args.model, layers=args.layers)) if args.model in CONFIGS else args.model
+    if args.model not in CONFIGS:
+        return args.model
+    # the engine needs a tokenizer; random checkpoints get the real Qwen one
+    return str(random_checkpoint(args.model, tokenizer_dir=qwen_tokenizer_dir(), layers=args.layers))
 
 
 async def one_round(pool: ReplicaPool, prompts: list[Prompt], max_tokens: int) -> tuple[float, int]:
