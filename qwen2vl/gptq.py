@@ -140,11 +140,25 @@ def _unsigned(words: torch.Tensor) -> torch.Tensor:
     return words.long() & 0xFFFFFFFF
 
 
-def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [R, C] holding 32 / bits values per word (value j at bits j*bits) -> [R * 32/bits, C]."""
     shifts = torch.arange(0, 32, bits)
     v = (_unsigned(words)[:, None, :] >> shifts[None, :, None]) & (2**bits - 1)  # [R, 32/bits, C]
     return v.reshape(-1, words.shape[1])
+
+
+def _as_int32(v: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns held in int64 -> the int32 words with those bits."""
+    return (v - ((v >> 31) << 32)).to(torch.int32)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of unpack_rows: [R * 32/bits, C] values in 0 .. 2**bits - 1 -> int32 [R, C], value j of
+    word r the row r * 32/bits + j (GPTQ's qweight packing along the input features)."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device)
+    v = values.to(torch.int64).reshape(-1, per_word, values.shape[1])
+    return _as_int32((v << shifts[None, :, None]).sum(1))
 
 
 def _unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -180,7 +194,7 @@ def unpack(cfg: QuantConfig, name: str, t: dict[str, torch.Tensor], k: int, n: i
     if cfg.method == "gptq":
         _check(f"{name}.qweight", t["qweight"], (k // per_word, n), torch.int32)
         _check(f"{name}.qzeros", t["qzeros"], (g, n // per_word), torch.int32)
-        codes = _unpack_rows(t["qweight"], bits).T
+        codes = unpack_rows(t["qweight"], bits).T
         zero_words = _unsigned(t["qzeros"])
         zeros = _unpack_cols((zero_words + _ones(bits)) & 0xFFFFFFFF if cfg.v1_zeros else zero_words, bits)
     else:
@@ -211,18 +225,15 @@ def pack_gptq(w: IntWeight, v1: bool = True) -> dict[str, torch.Tensor]:
     """GPTQ tensors (qweight, qzeros, scales fp16, g_idx) of an IntWeight without act-order; the
     inverse of `unpack`, checked equal to gptqmodel's packer on its own samples."""
     assert w.perm is None and w.bits in (4, 8)
-    n, k = w.shape
+    k = w.shape[1]
     per_word, shifts = 32 // w.bits, torch.arange(0, 32, w.bits, dtype=torch.int64)
-    codes = w.codes.T.to(torch.int64).reshape(k // per_word, per_word, n)
-    qweight = (codes << shifts[None, :, None]).sum(1)
     zeros = w.zeros.T.to(torch.int64)
     qzeros = (zeros.reshape(zeros.shape[0], -1, per_word) << shifts).sum(-1)
     if v1:  # zero - 1 in each value, taken off the whole word (gptqmodel's convert_gptq_v2_to_v1_format)
         qzeros = (qzeros - _ones(w.bits)) & 0xFFFFFFFF
-    as_int32 = lambda v: (v - ((v >> 31) << 32)).to(torch.int32)  # uint32 bit patterns as int32
     g_idx = torch.arange(k, dtype=torch.int32) // w.group_size
-    return {"qweight": as_int32(qweight), "qzeros": as_int32(qzeros), "scales": w.scales.T.half().contiguous(),
-            "g_idx": g_idx}
+    return {"qweight": pack_rows(w.codes.T, w.bits), "qzeros": _as_int32(qzeros),
+            "scales": w.scales.T.half().contiguous(), "g_idx": g_idx}
 
 
 def weights_in(name: str, shape: list[int], cfg: QuantConfig | None) -> int:

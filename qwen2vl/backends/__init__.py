@@ -6,7 +6,8 @@
   QWEN2VL_CPU_ISA cap, native.py builds and loads csrc/), FastLinear, the compute-dtype policy;
 - `cuda/`: Triton kernels checked against torch at load;
 - `quant.py`: int8/int4 linears (our CPU kernels' layouts, torch's, or dequantize); `repack.py`
-  turns a GPTQ/AWQ checkpoint's linears (gptq.py) into them;
+  turns a GPTQ/AWQ checkpoint's linears (gptq.py) into them, or on CUDA into `packed_linear.py`'s,
+  which run the Triton W4A16/W8A16 kernel;
 - `kernel_ops.py`: TorchOps' interface over the C and Triton kernel modules.
 
 `prepare(model, quantization, matmul)` picks the backend for the model's device once, at load, swaps its

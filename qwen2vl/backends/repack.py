@@ -1,6 +1,10 @@
 """A GPTQ/AWQ checkpoint's linears (gptq.QuantizedLinear) repacked once, at load, into our int kernels.
 
-GPTQ and AWQ store w = (q - zero) * s with integer zeros; our layouts take:
+GPTQ and AWQ store w = (q - zero) * s with integer zeros. Where the CUDA backend's W4A16/W8A16 kernel
+loaded (it passes `int_gemm`) and the model is 16-bit, every 4- or 8-bit weight in groups of a multiple
+of 16 (every published one) goes to PackedIntLinear: the codes in GPTQ's own packing, fp16 scales,
+integer zeros, act-order read through a permutation inside the kernel (cuda/triton_int_gemm.py).
+Elsewhere (the CPU; CUDA without Triton) our layouts take:
 - 4 bits, groups a multiple of 32: Int4Linear, whose w = (q - 8) * s + z is the same weight with
   z = (8 - zero) * s. Groups of 32..256 go as they are; a larger group (-1, one per row, included)
   repeats its scale and zero over sub-groups of the largest of 256/128/64/32 dividing it (exact).
@@ -13,16 +17,19 @@ GPTQ and AWQ store w = (q - zero) * s with integer zeros; our layouts take:
   permuted the same way before the kernel (PermutedLinear), as vLLM does.
 - anything else, notably 8 bits in groups (Qwen's GPTQ-Int8 uses groups of 128; our int8 kernel has
   one scale per row) and groups not a multiple of 32: dequantized once to the model's dtype, logged.
+On CUDA without the Triton kernel, Int4Linear and Int8Linear dequantize per call.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.packed_linear import PackedIntLinear
 from qwen2vl.backends.quant import Int4Linear, Int8Linear
 from qwen2vl.gptq import IntWeight, QuantizedLinear
 
@@ -51,11 +58,15 @@ def _is_per_channel_int8(w: IntWeight) -> bool:
     return w.bits == 8 and w.group_size == w.shape[1] and bool((w.zeros == 128).all())
 
 
-def repack(module: QuantizedLinear, dtype: torch.dtype, device: torch.device, name: str = "") -> nn.Module:
-    """Our kernel's linear for one checkpoint linear (see the module doc for which)."""
+def repack(module: QuantizedLinear, dtype: torch.dtype, device: torch.device, name: str = "",
+           int_gemm: Callable | None = None) -> nn.Module:
+    """Our kernel's linear for one checkpoint linear (see the module doc for which). `int_gemm`: the
+    CUDA backend's kernel function (cuda/triton_int_gemm.int_gemm) where it loaded."""
     w = module.int_weight
     n, k = w.shape
     bias = None if module.bias is None else module.bias.to(device)
+    if int_gemm is not None and dtype in (torch.bfloat16, torch.float16) and PackedIntLinear.takes(w):
+        return PackedIntLinear.from_int_weight(w, bias, device, int_gemm)
     blocked = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and k % gemm.QK == 0
                and gemm.int_library() is not None)
     if (group := _int4_group(w)) is not None:
@@ -78,9 +89,9 @@ def repack(module: QuantizedLinear, dtype: torch.dtype, device: torch.device, na
     return linear if w.perm is None else PermutedLinear(linear, w.perm.to(device))
 
 
-def repack_checkpoint_linears(model: nn.Module) -> int:
+def repack_checkpoint_linears(model: nn.Module, int_gemm: Callable | None = None) -> int:
     """Replace every QuantizedLinear of `model` by its repacked linear, in place; returns how many."""
     names = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name in names:
-        model.set_submodule(name, repack(model.get_submodule(name), model.dtype, model.device, name))
+        model.set_submodule(name, repack(model.get_submodule(name), model.dtype, model.device, name, int_gemm))
     return len(names)

@@ -21,6 +21,7 @@ from qwen2vl.backends.kernel_ops import TextKernels, VisionKernels
 from qwen2vl.backends.quant import QUANTIZATIONS, quantize_model
 from qwen2vl.backends.reference import TorchBackend
 from qwen2vl.backends.repack import repack_checkpoint_linears
+from qwen2vl.gptq import QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,20 @@ class CudaBackend(TorchBackend):
     def __init__(self, device: torch.device):
         self.device = device
         self.layer_ops = None  # triton_layer_ops where it loads, for the one-launch k/v write
+        self.int_gemm = False  # whether a GPTQ/AWQ checkpoint's linears run on triton_int_gemm
 
     def prepare(self, model, quantization: str | None) -> None:
         model.fuse_qkv()
         model.fuse_gate_up()  # one launch fewer per layer in the decode graph (not on the CPU: no gain there)
-        # a GPTQ/AWQ checkpoint's linears: int4 codes dequantized per call (no W4A16 Triton kernel yet)
-        repack_checkpoint_linears(model)
+        # a GPTQ/AWQ checkpoint's linears on the W4A16/W8A16 kernel where it loads (16-bit models), else
+        # repack.py's layouts, which dequantize per call here
+        int_gemm = None
+        if model.dtype in (torch.bfloat16, torch.float16) and any(isinstance(m, QuantizedLinear)
+                                                                   for m in model.modules()):
+            kernels = triton_kernels("triton_int_gemm", self.device)
+            int_gemm = None if kernels is None else kernels.int_gemm
+        repack_checkpoint_linears(model, int_gemm)
+        self.int_gemm = int_gemm is not None
         if quantization is not None:
             quantize_model(model, *QUANTIZATIONS[quantization])
         if model.dtype != torch.bfloat16:
@@ -65,4 +74,5 @@ class CudaBackend(TorchBackend):
             super().write_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def describe(self) -> str:
-        return f"cuda ({torch.cuda.get_device_name(self.device)}), Triton ops: {self.layer_ops is not None}"
+        return (f"cuda ({torch.cuda.get_device_name(self.device)}), Triton ops: {self.layer_ops is not None}, "
+                f"GPTQ/AWQ W4A16/W8A16 kernel: {self.int_gemm}")

@@ -109,14 +109,14 @@ def _combine_kernel(part_ptr, out_ptr, stride_ob, stride_oh, HEAD_DIM: tl.conste
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def num_splits(batch: int, heads: int, device: torch.device) -> int:
     """Slices of the context per (sequence, head): enough programs for two per multiprocessor,
     at most 16 (a power of two; 1 once the batch's heads alone are that many)."""
-    want = -(-2 * _multiprocessors(device) // (batch * heads))
+    want = -(-2 * multiprocessors(device) // (batch * heads))
     return min(16, triton.next_power_of_2(want))
 
 
