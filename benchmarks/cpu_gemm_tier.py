@@ -134,6 +134,11 @@ def decode(rows: int, n_rounds: int, min_bytes: float) -> None:
     for m, r in res.items():
         c, a, b, nc, na = medians(r, nbytes[m] / 1e9)
         print(f"| {m} | {nbytes[m] / 1e6:.0f} MB | {c} | {a} | {b} | {nc} / {na} |")
+    # time per pass relative to int8's in the same round (all rounds: neighbours share the disturbance)
+    paired = {m: statistics.median(t / b for t, b in zip(r[1], res["int8"][1])) for m, r in res.items()
+              if m not in ("int8", "read probe")}
+    print("\ntime per pass over int8's, median of the rounds' ratios: "
+          + ", ".join(f"{m} {x:.3f}" for m, x in paired.items()))
 
 
 def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> None:
