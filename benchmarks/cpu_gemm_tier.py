@@ -117,14 +117,14 @@ def decode(rows: int, n_rounds: int, min_bytes: float) -> None:
         raise SystemExit("no kernels at this tier")
     source = native.variant("int_gemv")[0]
     print(f"\n## decode, {rows} row(s), layer order; int kernel: {source}\n")
-    calls, nbytes = {}, {}
+    calls, nbytes, nlayers = {}, {}, {}
     for m in methods:
         layer = [decoder_call(m, out, inp, bias, rows) for _, out, inp, bias in LAYER]
         per_layer = sum(b for _, b in layer)
         layers = [layer] + [[decoder_call(m, out, inp, bias, rows) for _, out, inp, bias in LAYER]
                             for _ in range(int(min_bytes // per_layer))]
         calls[m] = [fn for lay in layers for fn, _ in lay]
-        nbytes[m] = per_layer * len(layers)
+        nbytes[m], nlayers[m] = per_layer * len(layers), len(layers)
         calls[m][0]()  # build, warm up
     src = torch.ones(GIB // 4)
     calls["read probe"], nbytes["read probe"] = [lambda: src.sum()], GIB
@@ -134,10 +134,11 @@ def decode(rows: int, n_rounds: int, min_bytes: float) -> None:
     for m, r in res.items():
         c, a, b, nc, na = medians(r, nbytes[m] / 1e9)
         print(f"| {m} | {nbytes[m] / 1e6:.0f} MB | {c} | {a} | {b} | {nc} / {na} |")
-    # time per pass relative to int8's in the same round (all rounds: neighbours share the disturbance)
-    paired = {m: statistics.median(t / b for t, b in zip(r[1], res["int8"][1])) for m, r in res.items()
-              if m not in ("int8", "read probe")}
-    print("\ntime per pass over int8's, median of the rounds' ratios: "
+    # time per decoder layer relative to int8's in the same round (all rounds: neighbours share the disturbance)
+    per_layer = lambda m, sec: sec / nlayers[m]
+    paired = {m: statistics.median(per_layer(m, t) / per_layer("int8", b) for t, b in zip(r[1], res["int8"][1]))
+              for m, r in res.items() if m not in ("int8", "read probe")}
+    print("\ntime per layer over int8's, median of the rounds' ratios: "
           + ", ".join(f"{m} {x:.3f}" for m, x in paired.items()))
 
 
