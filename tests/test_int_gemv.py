@@ -22,6 +22,13 @@ from tests.helpers.quant_checks import (
 )
 
 
+def grouped_weights(q):
+    """A grouped kind's (w_q [N, K], scales, zeros) in float64, w = w_q * s + z: w_q = code - 8 (int4) or
+    code - 128 (int8g, what Int8GroupLinear.unpack gives)."""
+    w_q, scales, zeros = q.unpack()
+    return (w_q.double() - 8 if isinstance(q, Int4Linear) else w_q.double()), scales.double(), zeros.double()
+
+
 def int_gemv_reference(q, x):
     """float64 output of the kernel's formula, on the module's own codes and x quantized like the kernel."""
     xq, d, xsum = quantize_activations(x)
@@ -29,9 +36,8 @@ def int_gemv_reference(q, x):
     if isinstance(q, Int8Linear):  # y = scale * sum_b d_b (q . xq)_b
         w = q.codes().double() * q.scales[:n].double()[:, None]
         y = torch.einsum("mbk,nbk,mb->mn", xq, w.view(n, -1, gemm.QK), d)
-    else:  # y = sum_b scale_g d_b (w_q . xq)_b + zero_g sum_b x, w_q = code - 8 (int4) or code - 128 (int8g)
-        w_q, scales, zeros = q.unpack()
-        w_q = w_q.double() - 8 if isinstance(q, Int4Linear) else w_q.double()  # Int8GroupLinear's unpack: q
+    else:  # y = sum_b scale_g d_b (w_q . xq)_b + zero_g sum_b x
+        w_q, scales, zeros = grouped_weights(q)
         dots = torch.einsum("mbk,nbk->mnb", xq, w_q.view(n, -1, gemm.QK))
         y = (dots * d[:, None] * per_block(q, scales)).sum(-1) + xsum @ per_block(q, zeros).t()
     return y if q.bias is None else y + q.bias.double()
@@ -42,9 +48,8 @@ def magnitude(q) -> torch.Tensor:
     kind's q * s and z separately: they may cancel in w)."""
     if isinstance(q, Int8Linear):
         return q.dequantize(torch.float64).abs()
-    w_q, scales, zeros = q.unpack()
-    w_q = w_q.double() - 8 if isinstance(q, Int4Linear) else w_q.double()
-    per_k = lambda t: t.double().repeat_interleave(q.group_size, 1)
+    w_q, scales, zeros = grouped_weights(q)
+    per_k = lambda t: t.repeat_interleave(q.group_size, 1)
     return (w_q * per_k(scales)).abs() + per_k(zeros).abs()
 
 
