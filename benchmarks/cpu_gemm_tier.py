@@ -2,8 +2,8 @@
 
 - decode: the decoder's linears in layer order (qkv 1792x1536 fused, o 1536x1536, gate and up
   8960x1536, down 1536x8960) over enough layers that every pass is cold, M rows (1 by default),
-  per method: GB/s of weights (and scales) streamed, next to the read probe timed in the same
-  rounds (this VM's memory drifts between a ~45-53 and a ~75-83 GB/s phase within minutes);
+  per method (int8 g128: GPTQ-Int8's groups): GB/s of weights (and scales) streamed, next to the
+  read probe timed in the same rounds (this VM's memory drifts between a ~45-53 and a ~75-83 GB/s phase within minutes);
 - prefill / vision: GFLOP/s of bf16w_gemm's register tile (float32 x as the vision tower, bf16 x
   as the decoder) against torch's float32 F.linear on a float32 copy of the weight (MKL / oneDNN
   sgemm), interleaved, at vision fc1 5120x1280 with 1024 rows and decoder gate 8960x1536 with 283;
@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from benchmarks.bandwidth import GIB, memory_gbs, others_cpu_ticks
 from qwen2vl.backends.cpu import gemm, int8_mm, isa, native
+from qwen2vl.backends.int8_groups import Int8GroupLinear
 from qwen2vl.backends.quant import Int4Linear, Int8Linear
 
 D, I = 1536, 8960
@@ -62,6 +63,14 @@ def decoder_call(method: str, out: int, inp: int, bias: bool, rows: int):
         w, s = q.weight, q.scales
         return (lambda: lib.int8_gemm(w.data_ptr(), s.data_ptr(), 1, x.data_ptr(), y.data_ptr(), ptr(b), 1, rows,
                                       out, inp, nt)), w.nbytes + s.nbytes
+    if method == "int8 g128":  # GPTQ-Int8's 8 bits per group, float32 scales and zeros as repack.py keeps them
+        g = torch.Generator().manual_seed(out)
+        codes = torch.randint(0, 256, (out, inp), dtype=torch.uint8, generator=g)
+        sz = torch.rand(out, inp // 128, generator=g) * 1e-3
+        q = Int8GroupLinear.from_codes(codes, sz, sz, b, 128)
+        w, s = q.weight, q.scales_zeros
+        return (lambda: lib.int8g_gemm(w.data_ptr(), s.data_ptr(), 0, x.data_ptr(), y.data_ptr(), ptr(b), 1, rows,
+                                       out, inp, 128, nt)), w.nbytes + s.nbytes
     group = int(method.split("g")[-1])
     q = Int4Linear.from_linear(lin, group, blocked=True)
     w, s = q.packed, q.scales_zeros
@@ -101,21 +110,21 @@ def medians(clean_all, per_second: float) -> tuple[str, str, str, int, int]:
 
 
 def decode(rows: int, n_rounds: int, min_bytes: float) -> None:
-    methods = ["bf16w", "int8", "int4 g32", "int4 g128"]
+    methods = ["bf16w", "int8", "int8 g128", "int4 g32", "int4 g128"]
     if gemm.bf16_library() is not None:
         methods.insert(1, "bf16 (AVX-512 BF16)")
     if gemm.int_library() is None or gemm.bf16w_library() is None:
         raise SystemExit("no kernels at this tier")
     source = native.variant("int_gemv")[0]
     print(f"\n## decode, {rows} row(s), layer order; int kernel: {source}\n")
-    calls, nbytes = {}, {}
+    calls, nbytes, nlayers = {}, {}, {}
     for m in methods:
         layer = [decoder_call(m, out, inp, bias, rows) for _, out, inp, bias in LAYER]
         per_layer = sum(b for _, b in layer)
         layers = [layer] + [[decoder_call(m, out, inp, bias, rows) for _, out, inp, bias in LAYER]
                             for _ in range(int(min_bytes // per_layer))]
         calls[m] = [fn for lay in layers for fn, _ in lay]
-        nbytes[m] = per_layer * len(layers)
+        nbytes[m], nlayers[m] = per_layer * len(layers), len(layers)
         calls[m][0]()  # build, warm up
     src = torch.ones(GIB // 4)
     calls["read probe"], nbytes["read probe"] = [lambda: src.sum()], GIB
@@ -125,6 +134,12 @@ def decode(rows: int, n_rounds: int, min_bytes: float) -> None:
     for m, r in res.items():
         c, a, b, nc, na = medians(r, nbytes[m] / 1e9)
         print(f"| {m} | {nbytes[m] / 1e6:.0f} MB | {c} | {a} | {b} | {nc} / {na} |")
+    # time per decoder layer relative to int8's in the same round (all rounds: neighbours share the disturbance)
+    per_layer = lambda m, sec: sec / nlayers[m]
+    paired = {m: statistics.median(per_layer(m, t) / per_layer("int8", b) for t, b in zip(r[1], res["int8"][1]))
+              for m, r in res.items() if m not in ("int8", "read probe")}
+    print("\ntime per layer over int8's, median of the rounds' ratios: "
+          + ", ".join(f"{m} {x:.3f}" for m, x in paired.items()))
 
 
 def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> None:

@@ -1,16 +1,19 @@
-"""Single-stream decode speed of a GPTQ-Int4 (groups of 128) checkpoint against our own int4-g128, through
-the engine (2B shapes, CPU).
+"""Single-stream decode speed of GPTQ checkpoints against our own in-memory quantization of the same
+weights, through the engine (2B shapes, CPU).
 
-The GPTQ checkpoint is the 2B random one written by `qwen2vl quantize --method int4-g128` (GPTQ's v1
-format, as Qwen's GPTQ-Int4 checkpoints; built once under .cache/). Like Qwen's, it quantizes the
-decoder's linears and leaves the (tied) lm_head in bf16, so the like-for-like baseline is our
-`int4-g128` with the head kept in bf16 too (`int4-g128-bf16-head`); `int4-g128` as
-`LLM(quantization=...)` runs it also quantizes the head (15% of the 2B's weights), for reference.
+The GPTQ checkpoints are the 2B random one written by `qwen2vl quantize` (GPTQ's v1 format, as Qwen's;
+built once under .cache/): `gptq` with `--method int4-g128` (Qwen's GPTQ-Int4 layout, repacked into
+Int4Linear), `gptq-int8-g128` with `--method int8-g128` (Qwen's GPTQ-Int8 layout: 8 bits, symmetric,
+groups of 128, repacked into Int8GroupLinear). Like Qwen's, they quantize the decoder's linears and
+leave the (tied) lm_head in bf16, so the like-for-like baselines are our `int4-g128` and `int8` with the
+head kept in bf16 too (`int4-g128-bf16-head`, `int8-bf16-head`); `int4-g128` and `int8` as
+`LLM(quantization=...)` runs them also quantize the head (15% of the 2B's weights), for reference.
 One process holds every LLM; each repetition runs every one in turn, and ratios come from runs
 seconds apart (the memory speed drifts): printed per mode the median tokens/s and the median of
-the per-repetition ratios to the first mode (`gptq`).
+the per-repetition ratios to the first mode.
 
     python -m benchmarks.gptq_decode [--reps 5] [--steps 32] [--modes gptq int4-g128-bf16-head int4-g128]
+    python -m benchmarks.gptq_decode --modes gptq-int8-g128 int8-bf16-head int8
 """
 
 from __future__ import annotations
@@ -30,28 +33,30 @@ from benchmarks.engine_cpu import engine_decode_rate
 from qwen2vl import LLM
 from qwen2vl.backends.quant import quantize_model
 
+GPTQ_MODES = {"gptq": "int4-g128", "gptq-int8-g128": "int8-g128"}  # mode -> `qwen2vl quantize --method`
 
-def gptq_checkpoint(folder):
-    """The 2B random checkpoint quantized to GPTQ-Int4 g128 (`qwen2vl quantize`), under .cache/, built once."""
-    out = folder.parent / (folder.name + "-gptq-int4-g128")
+
+def gptq_checkpoint(folder, method: str):
+    """The 2B random checkpoint quantized by `qwen2vl quantize --method METHOD`, under .cache/, built once."""
+    out = folder.parent / (folder.name + f"-gptq-{method}")
     with open(folder.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not out.is_dir():  # written whole under another name, then renamed
             tmp = folder.parent / f".{out.name}.tmp"
-            subprocess.run([sys.executable, "-m", "qwen2vl", "quantize", str(folder), "--method", "int4-g128",
+            subprocess.run([sys.executable, "-m", "qwen2vl", "quantize", str(folder), "--method", method,
                             "--output", str(tmp)], check=True)
             tmp.rename(out)
     return out
 
 
-def load(folder, gptq_folder, mode: str) -> LLM:
+def load(folder, mode: str) -> LLM:
     kw = dict(dtype="bfloat16", device="cpu", kv_cache_gib=0.5)
-    if mode == "gptq":
-        return LLM(str(gptq_folder), **kw)
-    if mode == "int4-g128-bf16-head":
+    if mode in GPTQ_MODES:
+        return LLM(str(gptq_checkpoint(folder, GPTQ_MODES[mode])), **kw)
+    if mode.endswith("-bf16-head"):
         keep_head = functools.partial(quantize_model, include_head=False)
         with unittest.mock.patch("qwen2vl.backends.cpu.backend.quantize_model", keep_head):
-            return LLM(str(folder), quantization="int4-g128", **kw)
+            return LLM(str(folder), quantization=mode.removesuffix("-bf16-head"), **kw)
     return LLM(str(folder), quantization=mode, **kw)
 
 
@@ -66,8 +71,7 @@ def main() -> None:
     from tests.helpers.qwen_tokenizer import qwen_tokenizer_dir
 
     folder = random_checkpoint("2b", tokenizer_dir=qwen_tokenizer_dir())
-    gptq_folder = gptq_checkpoint(folder)
-    llms = {m: load(folder, gptq_folder, m) for m in args.modes}
+    llms = {m: load(folder, m) for m in args.modes}
     seed = iter(range(5000, 100000))
     for llm in llms.values():  # warm-up: first calls build kernels and touch every page
         engine_decode_rate(llm, [next(seed)], 4)

@@ -1,10 +1,11 @@
-"""`qwen2vl quantize MODEL --method int8|int4|int4-g64|int4-g128 --output DIR`: a quantized checkpoint
+"""`qwen2vl quantize MODEL --method int8|int8-g128|int4|int4-g64|int4-g128 --output DIR`: a quantized checkpoint
 in GPTQ's own format, which we (gptq.py, backends/repack.py) and other GPTQ loaders read without
 quantizing again.
 
 The decoder's linears are quantized round-to-nearest, as `LLM(quantization=...)` does at load, but
 with what GPTQ stores: fp16 scales and integer zero points. int8 is our symmetric per-row int8 as
-it is (codes q + 128, one group per row, zero 128); int4 puts the zero point on an integer level
+it is (codes q + 128, one group per row, zero 128), int8-g128 the same per group of 128 (as Qwen's
+GPTQ-Int8 checkpoints); int4 puts the zero point on an integer level
 (GPTQ's asymmetric grid, the range stretched to hold 0) where our in-memory int4 keeps a float zero,
 so its codes differ a little from `--quantization int4`'s. Everything else (embeddings, norms,
 lm_head, the vision tower) is copied as it is, as in Qwen's published GPTQ checkpoints.
@@ -23,7 +24,8 @@ from qwen2vl.gptq import IntWeight, pack_gptq
 from qwen2vl.hub import DEMO_MODEL
 from qwen2vl.loader import canonical_name, checkpoint_files, read_tensors
 
-METHODS = {"int8": (8, -1), "int4": (4, 32), "int4-g64": (4, 64), "int4-g128": (4, 128)}  # (bits, group)
+METHODS = {"int8": (8, -1), "int8-g128": (8, 128), "int4": (4, 32), "int4-g64": (4, 64),
+           "int4-g128": (4, 128)}  # (bits, group)
 # the decoder's linears, by their hub names (`model.layers.N.self_attn.q_proj.weight`)
 QUANTIZED = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
@@ -96,7 +98,8 @@ def quantize_checkpoint(src: Path, out: Path, method: str) -> int:
 def add_quantize_arguments(parser) -> None:
     parser.add_argument("model", help=f"checkpoint folder (bf16/fp16/fp32 safetensors) or {DEMO_MODEL!r}")
     parser.add_argument("--method", required=True, choices=list(METHODS),
-                        help="int8: one scale per row; int4: groups of 32 (int4-g64, int4-g128: of 64, 128)")
+                        help="int8: one scale per row (int8-g128: per group of 128); int4: groups of 32 (int4-g64, "
+                        "int4-g128: of 64, 128)")
     parser.add_argument("--output", required=True, help="folder to write the GPTQ checkpoint to")
 
 
@@ -135,6 +138,8 @@ def describe(config: dict, tensors: dict[str, dict]) -> tuple[list[str], int, in
             loaded += n // 2 + 8 * rows * groups * (group // sub)
         elif q.bits == 8 and groups == 1 and config["quantization_config"].get("sym", True):
             loaded += n + 4 * rows  # Int8Linear (the zeros, read at load, must all be 128)
+        elif q.bits == 8 and sub is not None:  # Int8GroupLinear: codes, float32 scale and zero per sub-group
+            loaded += n + 8 * rows * groups * (group // sub)
         else:
             loaded, fallback = loaded + 2 * n, fallback + 1
     act_order = any(name.endswith(".g_idx") for name in tensors) and config["quantization_config"].get("desc_act")
@@ -143,6 +148,6 @@ def describe(config: dict, tensors: dict[str, dict]) -> tuple[list[str], int, in
              f"{', v1 zero points' if q.v1_zeros else ''}{', act-order' if act_order else ''}: "
              f"{linears} linears, {weights:,} weights"]
     if fallback:
-        lines.append(f"            {fallback} of them have no int kernel here ({q.bits}-bit in groups): "
+        lines.append(f"            {fallback} of them have no int kernel here (groups not a multiple of 32): "
                      "dequantized to 16-bit at load")
     return lines, weights, loaded

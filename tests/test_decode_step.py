@@ -1,6 +1,6 @@
 """The whole decode step in one C call (qwen2vl/backends/cpu/csrc/decode_step.c) against the Python path that
 calls the same kernels one by one: the same values, bit for bit, in bf16 (AVX-512 BF16 dot products, or
-fp32 FMAs on bf16 weights below that tier), int8 and int4, at every CPU tier
+fp32 FMAs on bf16 weights below that tier), int8, int4 and 8 bits in groups (GPTQ-Int8's), at every CPU tier
 this machine can play where the linears are our kernels too (the `tier` fixture)."""
 
 import pytest
@@ -42,6 +42,11 @@ def test_decode_step_in_c_equals_the_python_path_bit_for_bit(quantization, monke
     if quantization is None:  # bf16 weights: AVX-512 BF16 dot products, else fp32 FMAs on the same packing
         kinds = {lin.kind for layer in runner.decode_step._layers for lin in (layer.qkv, layer.o, layer.down)}
         assert kinds == {decode_step.BF16 if gemm.bf16_library() is not None else decode_step.BF16W}
+    assert_c_step_equals_python_path(llm, monkeypatch)
+
+
+def assert_c_step_equals_python_path(llm, monkeypatch):
+    runner = llm.engine.runner
     g = torch.Generator().manual_seed(1)
     # three sequences of different lengths decode together (M = 3 rows, blocks interleaved in the
     # cache), then one alone (M = 1) after the others finish
@@ -56,6 +61,23 @@ def test_decode_step_in_c_equals_the_python_path_bit_for_bit(quantization, monke
     plain = tokens_and_logprobs(llm, prompts) + tokens_and_logprobs(llm, prompts[:1], 30)
     assert not calls
     assert fast == plain
+
+
+def test_decode_step_in_c_runs_gptq_int8_groups_as_the_python_path(tmp_path, monkeypatch, tier):
+    """A GPTQ checkpoint of 8 bits in groups (Qwen's GPTQ-Int8 layout; groups of 32 here, the tiny model's
+    widths being 64 and 96): every decoder linear is an INT8G kernel linear in the C step."""
+    from qwen2vl import quantize_cli
+
+    monkeypatch.setitem(quantize_cli.METHODS, "int8-g32", (8, 32))
+    folder = tmp_path / "gptq8"
+    quantize_cli.quantize_checkpoint(tiny_checkpoint(), folder, "int8-g32")
+    llm = LLM(str(folder), dtype="bfloat16", device="cpu", kv_cache_gib=0.02, enable_prefix_caching=False)
+    skip_without_linear_kernels(llm.model.model)
+    step = llm.engine.runner.decode_step
+    assert isinstance(step, DecodeStep)
+    kinds = {lin.kind for layer in step._layers for lin in (layer.qkv, layer.o, layer.gate, layer.up, layer.down)}
+    assert kinds == {decode_step.INT8G}
+    assert_c_step_equals_python_path(llm, monkeypatch)
 
 
 def test_a_linear_off_our_kernels_keeps_the_python_path(tier):

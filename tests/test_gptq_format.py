@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from qwen2vl.backends.int8_groups import Int8GroupLinear
 from qwen2vl.backends.quant import Int4Linear, Int8Linear
 from qwen2vl.backends.repack import PermutedLinear, repack
 from qwen2vl.gptq import IntWeight, QuantConfig, QuantizedLinear, pack_gptq, unpack
@@ -102,15 +103,15 @@ def effective_weight(module) -> torch.Tensor:
     if isinstance(module, PermutedLinear):
         inner = effective_weight(module.linear)
         return torch.empty_like(inner).index_copy_(1, module.perm, inner)
-    if isinstance(module, (Int4Linear, Int8Linear)):
+    if isinstance(module, (Int4Linear, Int8Linear, Int8GroupLinear)):
         return module.dequantize(torch.float32)
     return module.weight.float()
 
 
 # what each sample becomes: 4 bits in groups a multiple of 32 -> Int4Linear, 8 bits per row with zero 128
-# -> Int8Linear, the rest dequantized (8 bits in groups; per row but asymmetric)
+# -> Int8Linear, other 8 bits (in groups; per row but asymmetric) -> Int8GroupLinear
 KINDS = {"gptq4_g128": Int4Linear, "gptq4_g32_asym": Int4Linear, "gptq4_g64_desc": Int4Linear,
-         "gptq4_gall": Int4Linear, "gptq8_g128": torch.nn.Linear, "gptq8_gall_asym": torch.nn.Linear,
+         "gptq4_gall": Int4Linear, "gptq8_g128": Int8GroupLinear, "gptq8_gall_asym": Int8GroupLinear,
          "awq4_g128": Int4Linear, "awq4_g64": Int4Linear}
 
 
@@ -128,16 +129,28 @@ def test_repacked_linears_hold_the_checkpoint_weights_exactly_and_compute_with_t
         assert torch.equal(effective_weight(module), w.dequantize())  # float32, exact: scales stayed float32
         y = module(x)
     exact = F.linear(x.double(), w.dequantize().double(), bias.double())
-    if getattr(inner, "blocked", False):  # int_gemv quantizes x per block of 32: bound that error
+    # int_gemv quantizes x per block of 32: bound that error (Int8GroupLinear runs it at every kernel tier)
+    if getattr(inner, "blocked", tier != "none"):
         xp = x[:, module.perm] if isinstance(module, PermutedLinear) else x
         _, d, _ = quantize_activations(xp)
         w_part = effective_weight(inner).double().abs()  # int4: (q - 8) * s + z; |w| bounds what x's error meets
-        if isinstance(inner, Int4Linear):
-            codes, scales, _ = inner.unpack()
-            w_part = ((codes.double() - 8) * scales.double().repeat_interleave(inner.group_size, 1)).abs()
+        if isinstance(inner, (Int4Linear, Int8GroupLinear)):  # z meets the exact sum of x: only q * s counts
+            q, scales, _ = inner.unpack()
+            q = q.double() - 8 if isinstance(inner, Int4Linear) else q.double()
+            w_part = (q * scales.double().repeat_interleave(inner.group_size, 1)).abs()
         bound = (d.repeat_interleave(32, 1) / 2) @ w_part.T + 1e-4 * exact.abs() + 1e-5
         assert ((y.double() - exact).abs() <= bound).all()
     else:
         torch.testing.assert_close(y.double(), exact, rtol=1e-4, atol=1e-4)
-    if KINDS[name] is torch.nn.Linear:
-        assert "no int kernel here; dequantized" in caplog.text
+    assert "dequantized" not in caplog.text
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_groups_no_kernel_takes_are_dequantized_once_and_logged(bits, caplog):
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 2**bits, (N, K), generator=g).to(torch.uint8)
+    zeros = torch.randint(0, 2**bits, (N, K // 16), generator=g).to(torch.int16)
+    w = IntWeight(codes, zeros, torch.rand(N, K // 16, generator=g) / 64, 16, bits)  # groups of 16: under 32
+    module = repack(QuantizedLinear(w, None), torch.float32, torch.device("cpu"), "odd")
+    assert type(module) is torch.nn.Linear and torch.equal(module.weight, w.dequantize())
+    assert f"odd: {bits}-bit weights in groups of 16 have no int kernel here; dequantized" in caplog.text

@@ -1,5 +1,5 @@
-"""Our int8/int4 kernel (int_gemv.c with AVX-512 VNNI, int_gemv_avx2.c with AVX2) at every tier this
-machine can play: equal to a float reference of the same quantized weights and activations, the
+"""Our int8/int4/grouped-int8 kernel (int_gemv.c with AVX-512 VNNI, int_gemv_avx2.c with AVX2) at every
+tier this machine can play: equal to a float reference of the same quantized weights and activations, the
 same whatever the rows and threads, and the two variants equal to each other bit for bit."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from qwen2vl.backends.cpu import gemm, native
-from qwen2vl.backends.quant import Int8Linear
+from qwen2vl.backends.int8_groups import Int8GroupLinear
+from qwen2vl.backends.quant import Int4Linear, Int8Linear
 from tests.helpers.quant_checks import (
     KERNEL_TIERS,
     K,
@@ -21,6 +22,13 @@ from tests.helpers.quant_checks import (
 )
 
 
+def grouped_weights(q):
+    """A grouped kind's (w_q [N, K], scales, zeros) in float64, w = w_q * s + z: w_q = code - 8 (int4) or
+    code - 128 (int8g, what Int8GroupLinear.unpack gives)."""
+    w_q, scales, zeros = q.unpack()
+    return (w_q.double() - 8 if isinstance(q, Int4Linear) else w_q.double()), scales.double(), zeros.double()
+
+
 def int_gemv_reference(q, x):
     """float64 output of the kernel's formula, on the module's own codes and x quantized like the kernel."""
     xq, d, xsum = quantize_activations(x)
@@ -28,11 +36,21 @@ def int_gemv_reference(q, x):
     if isinstance(q, Int8Linear):  # y = scale * sum_b d_b (q . xq)_b
         w = q.codes().double() * q.scales[:n].double()[:, None]
         y = torch.einsum("mbk,nbk,mb->mn", xq, w.view(n, -1, gemm.QK), d)
-    else:  # y = sum_b scale_g d_b ((q - 8) . xq)_b + zero_g sum_b x
-        codes, scales, zeros = q.unpack()
-        dots = torch.einsum("mbk,nbk->mnb", xq, codes.double().view(n, -1, gemm.QK) - 8)
+    else:  # y = sum_b scale_g d_b (w_q . xq)_b + zero_g sum_b x
+        w_q, scales, zeros = grouped_weights(q)
+        dots = torch.einsum("mbk,nbk->mnb", xq, w_q.view(n, -1, gemm.QK))
         y = (dots * d[:, None] * per_block(q, scales)).sum(-1) + xsum @ per_block(q, zeros).t()
     return y if q.bias is None else y + q.bias.double()
+
+
+def magnitude(q) -> torch.Tensor:
+    """float64 [N, K]: what each weight's terms in the kernel's float sums add up to in size (a grouped
+    kind's q * s and z separately: they may cancel in w)."""
+    if isinstance(q, Int8Linear):
+        return q.dequantize(torch.float64).abs()
+    w_q, scales, zeros = grouped_weights(q)
+    per_k = lambda t: t.repeat_interleave(q.group_size, 1)
+    return (w_q * per_k(scales)).abs() + per_k(zeros).abs()
 
 
 @pytest.fixture(params=KERNEL_TIERS)
@@ -41,14 +59,15 @@ def tier(request):
         yield request.param
 
 
-@pytest.mark.parametrize("kind,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 256)])
+@pytest.mark.parametrize("kind,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 256), ("int8g", 32),
+                                             ("int8g", 128)])
 # 1-4: one pass over each weight block; more: passes of 4 rows and a remainder
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9, 16, 17, 40])
 @pytest.mark.parametrize("n", [96, 97])  # 97: the last block of 16 weight rows is padded
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int_gemv_equals_float_reference_of_the_same_quantized_operands(kind, group_size, rows, n, dtype, tier):
     q = quantize(kind, make_linear(dtype, n, bias=rows % 2 == 1), group_size)
-    assert q.blocked
+    assert getattr(q, "blocked", True)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(dtype)
     x[..., 32:64] = 0  # a block whose scale is 0
     x[0, 100] = 40  # an outlier that sets its block's scale
@@ -57,9 +76,15 @@ def test_int_gemv_equals_float_reference_of_the_same_quantized_operands(kind, gr
     ref = int_gemv_reference(q, x)
     assert y.dtype == dtype and y.shape == ref.shape
     # integer dot products are exact; the float32 sums over 8 blocks round a few times, the output once
-    size = x.double().abs() @ q.dequantize(torch.float64).abs().t()
+    size = x.double().abs() @ magnitude(q).t()
     err = (y.double() - ref).abs()
     assert (err <= 1e-6 * size + torch.finfo(dtype).eps / 2 * ref.abs()).all(), err.max()
+
+
+def test_grouped_int8_refuses_groups_the_kernel_cant_take():
+    codes, sz = torch.zeros(16, 96, dtype=torch.uint8), torch.ones(16, 2)
+    with pytest.raises(ValueError, match="8-bit groups of 48 don't tile in_features=96: groups of 32, 64, 128, 256"):
+        Int8GroupLinear.from_codes(codes, sz, sz, None, 48)
 
 
 def test_int_gemv_takes_zero_rows_strided_input_and_leading_dims(tier):
@@ -71,8 +96,9 @@ def test_int_gemv_takes_zero_rows_strided_input_and_leading_dims(tier):
         assert torch.equal(q(x.t().reshape(2, 3, K)), q(x.t()).view(2, 3, 97))
 
 
-def test_int_gemv_result_does_not_depend_on_thread_count(tier):
-    q = quantize("int4", make_linear(torch.bfloat16, 200))
+@pytest.mark.parametrize("kind", ["int4", "int8g"])
+def test_int_gemv_result_does_not_depend_on_thread_count(kind, tier):
+    q = quantize(kind, make_linear(torch.bfloat16, 200))
     x = torch.randn(5, K).to(torch.bfloat16)
     threads = torch.get_num_threads()
     try:
@@ -85,9 +111,10 @@ def test_int_gemv_result_does_not_depend_on_thread_count(tier):
     assert torch.equal(*ys)
 
 
-def test_int_gemv_rows_do_not_depend_on_their_batch(tier):
+@pytest.mark.parametrize("kind", ["int4", "int8g"])
+def test_int_gemv_rows_do_not_depend_on_their_batch(kind, tier):
     """Passes of 4 rows, one or several: each row's dots and float steps are its own."""
-    q = quantize("int4", make_linear(torch.bfloat16, 97))
+    q = quantize(kind, make_linear(torch.bfloat16, 97))
     x = torch.randn(23, K).to(torch.bfloat16)
     with torch.no_grad():
         full = q(x)
@@ -95,7 +122,7 @@ def test_int_gemv_rows_do_not_depend_on_their_batch(tier):
 
 
 @pytest.mark.skipif(KERNEL_TIERS[-1:] != ["avx512"], reason="needs a CPU that can play both int_gemv variants")
-@pytest.mark.parametrize("kind,group_size", [("int8", 0), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("kind,group_size", [("int8", 0), ("int4", 32), ("int4", 128), ("int8g", 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_avx2_kernel_equals_the_vnni_kernel_bit_for_bit(kind, group_size, dtype):
     """Zero tolerance: both compute the same integer dots (vpmaddubsw + vpmaddwd vs vpdpbusd, exact)

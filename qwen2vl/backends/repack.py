@@ -13,10 +13,14 @@ Elsewhere (the CPU; CUDA without Triton) our layouts take:
   reads 4 more bytes per group of 128, 6% over bf16's, benchmarks/gptq_decode.py).
 - 8 bits, one group per row, zero 128 everywhere (symmetric per-channel): Int8Linear, q = code - 128,
   float32 scales.
+- 8 bits otherwise (Qwen's GPTQ-Int8: groups of 128), groups a multiple of 32, on the CPU in bf16 or
+  float32: Int8GroupLinear (int8_groups.py), w = (code - 128) * s + z with z = (128 - zero) * s, the
+  groups as for 4 bits; 1 byte a weight + 8 per group of 128, the int kernel's INT8G kind (without
+  it, at tier none, dequantized per call).
 - act-order (`desc_act`): gptq.unpack sorted the code columns by group, so the activations are
   permuted the same way before the kernel (PermutedLinear), as vLLM does.
-- anything else, notably 8 bits in groups (Qwen's GPTQ-Int8 uses groups of 128; our int8 kernel has
-  one scale per row) and groups not a multiple of 32: dequantized once to the model's dtype, logged.
+- anything else (groups not a multiple of 32; 8 bits in groups off the CPU or in fp16): dequantized
+  once to the model's dtype, logged.
 On CUDA without the Triton kernel, Int4Linear and Int8Linear dequantize per call.
 """
 
@@ -29,12 +33,13 @@ import torch
 import torch.nn as nn
 
 from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.int8_groups import Int8GroupLinear
 from qwen2vl.backends.packed_linear import PackedIntLinear
 from qwen2vl.backends.quant import Int4Linear, Int8Linear
 from qwen2vl.gptq import IntWeight, QuantizedLinear
 
 log = logging.getLogger("qwen2vl.quant")
-INT4_GROUPS = (256, 128, 64, 32)  # the group sizes Int4Linear takes, largest first
+INT4_GROUPS = (256, 128, 64, 32)  # the group sizes Int4Linear (and Int8GroupLinear) take, largest first
 
 
 class PermutedLinear(nn.Module):
@@ -50,8 +55,16 @@ class PermutedLinear(nn.Module):
         return self.linear(x.index_select(-1, self.perm))
 
 
-def _int4_group(w: IntWeight) -> int | None:
-    return next((g for g in INT4_GROUPS if w.group_size % g == 0), None) if w.bits == 4 else None
+def _kernel_group(w: IntWeight) -> int | None:
+    """The largest group our kernels take that divides w's (a whole row's, -1, included), or None."""
+    return next((g for g in INT4_GROUPS if w.group_size % g == 0), None)
+
+
+def _kernel_groups(w: IntWeight, group: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w's scales and zeros z = (offset - zero) * s per group of `group` (a divisor of w's: repeated, exact)."""
+    repeat = w.group_size // group
+    scales = w.scales.repeat_interleave(repeat, 1)
+    return scales, (offset - w.zeros.float()).repeat_interleave(repeat, 1) * scales
 
 
 def _is_per_channel_int8(w: IntWeight) -> bool:
@@ -67,16 +80,16 @@ def repack(module: QuantizedLinear, dtype: torch.dtype, device: torch.device, na
     bias = None if module.bias is None else module.bias.to(device)
     if int_gemm is not None and dtype in (torch.bfloat16, torch.float16) and PackedIntLinear.takes(w):
         return PackedIntLinear.from_int_weight(w, bias, device, int_gemm)
-    blocked = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and k % gemm.QK == 0
-               and gemm.int_library() is not None)
-    if (group := _int4_group(w)) is not None:
-        repeat = w.group_size // group
-        scales = w.scales.repeat_interleave(repeat, 1)
-        zeros = (8 - w.zeros.float()).repeat_interleave(repeat, 1) * scales
-        linear = Int4Linear.from_codes(w.codes, scales, zeros, bias, group, blocked)
+    cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)  # what our int kernels take
+    blocked = cpu and k % gemm.QK == 0 and gemm.int_library() is not None
+    group = _kernel_group(w)
+    if w.bits == 4 and group is not None:
+        linear = Int4Linear.from_codes(w.codes, *_kernel_groups(w, group, 8), bias, group, blocked)
     elif _is_per_channel_int8(w):
         q = (w.codes.to(torch.int16) - 128).to(torch.int8)
         linear = Int8Linear.from_codes(q, w.scales[:, 0].contiguous(), bias, blocked)
+    elif w.bits == 8 and group is not None and cpu:
+        linear = Int8GroupLinear.from_codes(w.codes, *_kernel_groups(w, group, 128), bias, group)
     else:
         log.warning("%s: %d-bit weights in groups of %d have no int kernel here; dequantized to %s",
                     name or "a linear", w.bits, w.group_size, dtype)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.int8_groups import Int8GroupLinear
 from qwen2vl.backends.quant import Int4Linear, Int8Linear
 from tests.helpers.tiers import TIERS_HERE, at_tier
 
@@ -30,9 +31,26 @@ def make_linear(dtype, n=96, bias=True, seed=0):
 
 
 def quantize(kind, linear, group_size=32, blocked=None):
+    """`linear` as kind int8 (per row), int4 or int8g (8 bits per group; always in the kernel's layout)."""
     if kind == "int8":
         return Int8Linear.from_linear(linear, blocked=blocked)
+    if kind == "int8g":
+        return int8_groups(linear, group_size)
     return Int4Linear.from_linear(linear, group_size, blocked=blocked)
+
+
+def int8_groups(linear, group_size: int) -> Int8GroupLinear:
+    """`linear` in 8-bit codes per group on GPTQ's asymmetric grid: each group's [min(w, 0), max(w, 0)]
+    over the 256 codes, fp16 scales, an integer zero point (so codes reach both ends, zeros far from 128)."""
+    w = linear.weight.detach().float()
+    n, k = w.shape
+    wg = w.view(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    scales = ((hi - lo) / 255).clamp(min=2**-24).half().float()
+    zeros = torch.round(-lo / scales).clamp(0, 255)
+    codes = (torch.round(wg / scales[..., None]) + zeros[..., None]).clamp(0, 255).to(torch.uint8).view(n, k)
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    return Int8GroupLinear.from_codes(codes, scales, (128 - zeros) * scales, bias, group_size)
 
 
 def quantize_activations(x):

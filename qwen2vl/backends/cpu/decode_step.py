@@ -17,7 +17,7 @@ import torch
 from qwen2vl.backends.cpu import gemm, layer_ops, native
 from qwen2vl.rotary import mrope_cos_sin
 
-BF16, INT8, INT4, BF16W = 0, 1, 2, 3  # Linear.kind, the enum in kernels.h
+BF16, INT8, INT4, BF16W, INT8G = 0, 1, 2, 3, 4  # Linear.kind, the enum in kernels.h
 
 
 def library():
@@ -28,6 +28,7 @@ def _linear(module, keep: list):
     """The C description (kernels.h's Linear) of one of our kernels' linears, or None for any other."""
     from qwen2vl.backends.cpu.int8_mm import Int8RowsLinear
     from qwen2vl.backends.cpu.linear import FastLinear
+    from qwen2vl.backends.int8_groups import Int8GroupLinear
     from qwen2vl.backends.quant import Int4Linear, Int8Linear
 
     if isinstance(module, Int8RowsLinear) and module.small is not None:
@@ -52,6 +53,10 @@ def _linear(module, keep: list):
         return Linear(INT8 if int8 else INT4, native.address(fn), w.data_ptr(), scales.data_ptr(), bias_ptr,
                       int(scales.dtype == torch.bfloat16), module.out_features, module.in_features,
                       0 if int8 else module.group_size)
+    if isinstance(module, Int8GroupLinear) and gemm.int_library() is not None:  # a GPTQ-Int8 checkpoint's
+        return Linear(INT8G, native.address(gemm.int_library().int8g_gemm), module.weight.data_ptr(),
+                      module.scales_zeros.data_ptr(), bias_ptr, int(module.scales_zeros.dtype == torch.bfloat16),
+                      module.out_features, module.in_features, module.group_size)
     return None
 
 

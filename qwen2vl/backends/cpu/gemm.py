@@ -4,7 +4,8 @@
 its own blocked weight layout (`pack_bf16`): FastLinear's path on CPUs that have them.
 `bf16w_gemm.c` takes the same packed weights on CPUs without AVX-512 BF16 (AVX2 + FMA), widening
 them to fp32 in registers; its activations are bf16 or float32.
-`int_gemv.c` multiplies int8 or int4 weights by activations quantized to int8 on the fly, with
+`int_gemv.c` multiplies int8 (a scale per row or per group) or int4 weights by activations quantized
+to int8 on the fly, with
 AVX-512 VNNI integer dot products (its header gives the formulas and the weight layouts, which
 `pack_int8` / `pack_int4` below produce); without AVX-512 `int_gemv_avx2.c` does the same with
 AVX2's vpmaddubsw, with the same results bit for bit. native.py builds and loads the variant for
@@ -95,6 +96,12 @@ def int8_gemm(x, weight, scales, bias, out_features: int) -> torch.Tensor:
 def int4_gemm(x, packed, scales_zeros, bias, out_features: int, group_size: int) -> torch.Tensor:
     """x [M, K] times pack_int4 weights with pack_groups scales and zeros, plus bias: [M, out_features]."""
     return _call(int_library().int4_gemm, x, packed, scales_zeros, bias, out_features, group_size)
+
+
+def int8g_gemm(x, weight, scales_zeros, bias, out_features: int, group_size: int) -> torch.Tensor:
+    """x [M, K] times pack_int8 codes with pack_groups scales and zeros (w = (code - 128) * s + z per
+    group), plus bias: [M, out_features]."""
+    return _call(int_library().int8g_gemm, x, weight, scales_zeros, bias, out_features, group_size)
 
 
 @torch.compiler.disable  # a ctypes call: dynamo can't trace it

@@ -21,6 +21,7 @@ typedef __typeof__(&bf16_gemm) bf16_gemm_fn;
 typedef __typeof__(&bf16w_gemm) bf16w_gemm_fn;
 typedef __typeof__(&int8_gemm) int8_gemm_fn;
 typedef __typeof__(&int4_gemm) int4_gemm_fn;
+_Static_assert(__builtin_types_compatible_p(int4_gemm_fn, __typeof__(&int8g_gemm)), "INT8G is called as INT4");
 typedef __typeof__(&rms_norm) rms_norm_fn;
 typedef __typeof__(&rotary) rotary_fn;
 typedef __typeof__(&silu_mul) silu_mul_fn;
@@ -41,7 +42,7 @@ static int linear(const Linear *l, const bf16 *x, bf16 *y, int64_t M, int nt) {
         return ((bf16w_gemm_fn)l->fn)(l->w, x, y, l->bias, 1, M, l->n, l->k, nt);
     case INT8:
         return ((int8_gemm_fn)l->fn)(l->w, l->scales, (int)l->scales_bf16, x, y, l->bias, 1, M, l->n, l->k, nt);
-    default:
+    default: /* INT4, INT8G: the same parameters */
         return ((int4_gemm_fn)l->fn)(l->w, l->scales, (int)l->scales_bf16, x, y, l->bias, 1, M, l->n, l->k,
                                      l->group, nt);
     }

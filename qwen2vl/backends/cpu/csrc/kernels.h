@@ -28,11 +28,14 @@ int bf16w_gemm(const bf16 *w, const void *x, void *y, const bf16 *bias, int io_b
                int nthreads);
 
 /* int_gemv.c (int_gemv_avx2.c without AVX-512): int8 / int4 weights (pack_int8 / pack_int4 layouts) times activations quantized on
- * the fly; x, y, bias bf16 or fp32 (io_bf16). 0, or -1 when out of memory. */
+ * the fly; x, y, bias bf16 or fp32 (io_bf16). 0, or -1 when out of memory. int8_gemm: a scale per row;
+ * int4_gemm and int8g_gemm (8-bit codes in groups, GPTQ-Int8's): a scale and a zero per group (pack_groups). */
 int int8_gemm(const uint8_t *w, const void *scales, int scales_bf16, const void *x, void *y, const void *bias,
               int io_bf16, int64_t M, int64_t N, int64_t K, int nthreads);
 int int4_gemm(const uint8_t *w, const void *scales_zeros, int scales_bf16, const void *x, void *y, const void *bias,
               int io_bf16, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads);
+int int8g_gemm(const uint8_t *w, const void *scales_zeros, int scales_bf16, const void *x, void *y, const void *bias,
+               int io_bf16, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads);
 
 /* int8_mm.c: pack_int8 weights times x quantized to int8 per row (prefill, vision): exact int32 dots, a row's
  * output independent of the rows beside it. x, y, bias bf16 or fp32 (io_bf16). 0, or -1 when out of memory. */
@@ -64,13 +67,13 @@ void vision_rotary(bf16 *qkv, int64_t stride, const float *cos, const float *sin
 void softmax_rows(bf16 *x, int64_t R, int64_t n, int lanes, int nthreads);
 
 /* decode_step.c: a whole decode step, calling the kernels above through these pointers. */
-enum { BF16 = 0, INT8 = 1, INT4 = 2, BF16W = 3 };
+enum { BF16 = 0, INT8 = 1, INT4 = 2, BF16W = 3, INT8G = 4 }; /* also int_gemv's weight kinds */
 
 /* One linear: y [M, n] = x [M, k] @ W.T + bias, W in its kernel's packed layout. */
 typedef struct {
-    int64_t kind;                  /* BF16, INT8, INT4 or BF16W */
-    const void *fn;                /* bf16_gemm, int8_gemm, int4_gemm or bf16w_gemm */
-    const void *w, *scales, *bias; /* scales: per row (INT8) or scales|zeros per group (INT4); bias bf16 or NULL */
+    int64_t kind;                  /* BF16, INT8, INT4, BF16W or INT8G */
+    const void *fn;                /* bf16_gemm, int8_gemm, int4_gemm, bf16w_gemm or int8g_gemm */
+    const void *w, *scales, *bias; /* scales: per row (INT8) or scales|zeros per group (INT4, INT8G); bias bf16 or NULL */
     int64_t scales_bf16, n, k, group;
 } Linear;
 
