@@ -14,6 +14,9 @@ typedef uint16_t bf16;
 
 /* pack.c: w [n, words] 32-bit words -> [ceil(n/16), words, 16], rows past n zero (the kernels' layout). */
 void pack_rows16(const uint32_t *w, uint32_t *out, int64_t n, int64_t words, int nthreads);
+/* pack.c: w [n, k] bf16 or fp32 quantized per row (symmetric int8, as backends/quant.py's Int8Linear)
+ * -> pack_int8's codes [ceil(n/16), k/4, 16, 4] and scales [ceil(n/16) * 16] in w's dtype. k % 4 == 0. */
+void quantize_int8(const void *w, int w_bf16, uint8_t *codes, void *scales, int64_t n, int64_t k, int nthreads);
 
 /* bf16_gemm.c: y [M, N] = x [M, K] @ W.T + bias, W packed by pack_bf16, bf16 in and out. */
 void bf16_gemm(const bf16 *w, const bf16 *x, bf16 *y, const bf16 *bias, int64_t M, int64_t N, int64_t K,
