@@ -83,7 +83,7 @@ class CpuBackend(TorchBackend):
                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim):
             model.model.ops = TextKernels(layer_ops, layer_ops.supports)
             self.fused_decode = True
-        if tower is not None and tower.compute_dtype == torch.bfloat16 and vision_ops.library() is not None:
+        if tower is not None and vision_ops.library() is not None:  # bf16, or float32 where it computes in that
             tower.ops = VisionKernels(vision_ops, vision_ops.supports)
 
     def attention(self, q, k, v, k_cache, v_cache, batch):
