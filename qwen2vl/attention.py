@@ -76,8 +76,9 @@ _SCORES_BUDGET = 1 << 22  # score elements per chunk (8 MB in bf16): the chunk s
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 4,
                       softmax=torch.softmax) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for [n, H, D] tensors, `heads` heads and a slab of query rows at a time
-    (four: a 1024-patch image's scores for four heads fill the budget, and took 0.7-0.8x the time of
-    two on 2 AVX2 cores in float32, about the same in bf16 with AVX-512; the same bits either way).
+    (four: a 1024-patch image's scores for four heads fill the budget; 0.72-0.98x the time of two
+    in three runs on 2 shared AVX2 cores in float32 (benchmarks/attention_cpu.py), no slower in bf16
+    with AVX-512; the same bits either way).
 
     SDPA's CPU flash kernel runs the vision tower's head_dim 80 at ~20% of GEMM speed; plain
     matmuls with the softmax in between reach ~3x that once the score slab fits in cache. The

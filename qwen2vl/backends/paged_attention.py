@@ -85,8 +85,9 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch, fused: bool = False) -> torch.Tensor:
     """`fused`: SDPA on 4-D inputs, which its fused CPU (flash) kernel takes, instead of the 3-D ones
     that run its unfused math path (the default, whose bits the engine's tests pin). In bf16 on 2
-    AVX2 cores (no bf16 matmuls) the math path took 149 ms a layer of the 2B's 283-token prefill and
-    the fused one 11 ms, with relative error vs float32 0.0016 and 0.0019 (matmul="int8" asks for it)."""
+    AVX2 cores (no bf16 matmuls) the fused one took 0.25x the math path's time a layer of the 2B's
+    283-token prefill (12 vs 42 ms, shared machine), relative error vs float32 0.0019 against 0.0016
+    (benchmarks/attention_cpu.py); matmul="int8" asks for it."""
     out = torch.empty_like(q)
     for i, (start, n, ctx) in enumerate(zip(batch.q_starts, batch.q_lens, batch.ctx_lens)):
         rows = slice(start, start + n)
