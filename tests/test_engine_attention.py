@@ -20,10 +20,11 @@ from tests.helpers.paged_cache import BS, HKV, HQ, D, build
         ([0, 9, 3, 12], [5, 1, 4, 1]),  # prefill, decode, chunk, decode packed together
     ],
 )
-def test_varlen_matches_causal_attention(cached, new):
+@pytest.mark.parametrize("fused", [False, True])  # SDPA's math path, or its fused kernel (matmul="int8")
+def test_varlen_matches_causal_attention(cached, new, fused):
     q, k, v, cache, batch, want = build(cached, new)
-    torch.testing.assert_close(varlen(q, k, v, cache.k[0], cache.v[0], batch), want)
-    torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], batch), want)
+    torch.testing.assert_close(varlen(q, k, v, cache.k[0], cache.v[0], batch, fused), want)
+    torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], batch, fused), want)
 
 
 @pytest.mark.parametrize("cached", [[0, 13, 3, 30, 7], [9, 9, 9], [21]])  # padded + masked, or sliced
@@ -61,6 +62,7 @@ def test_slots_nothing_wrote_never_reach_the_output(cached, new, garbage):
     q, k, v, cache, batch, want = build(cached, new, seed=3, fill=garbage)
     torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], batch), want)
     torch.testing.assert_close(varlen(q, k, v, cache.k[0], cache.v[0], batch), want)
+    torch.testing.assert_close(varlen(q, k, v, cache.k[0], cache.v[0], batch, fused=True), want)
     if batch.is_decode:
         torch.testing.assert_close(decode(q, cache.k[0], cache.v[0], batch), want)
         # the CUDA graphs' torch fallback: tables padded with block 0 to a fixed width, always masked

@@ -98,3 +98,20 @@ def test_bad_matmul_values_are_refused():
         prepare(load(), None, "fp8")
     with pytest.raises(ValueError, match="CPU policy"):
         backend_for(torch.device("cuda"), "int8")
+
+
+def test_the_knob_fuses_prefill_attention_only_where_it_is_in_effect(monkeypatch):
+    import qwen2vl.backends.cpu.backend as cpu_backend
+    from tests.helpers.paged_cache import build
+
+    seen = []
+    real = cpu_backend.paged_attention
+    monkeypatch.setattr(cpu_backend, "paged_attention", lambda *a, fused: seen.append(fused) or real(*a, fused=fused))
+    for tier in TIERS_HERE:
+        with at_tier(tier):
+            model = load()
+            prepare(model, None, "int8")
+            q, k, v, cache, batch, want = build([0, 3], [5, 4])
+            torch.testing.assert_close(model.backend.attention(q, k, v, *cache.layers[0], batch), want)
+            assert seen.pop() if model.backend.int8_prefill else not seen
+            assert model.backend.int8_prefill == (tier != "none" and int8_mm.library() is not None)

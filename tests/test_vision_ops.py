@@ -1,6 +1,6 @@
 """The vision tower's C kernels (qwen2vl/backends/cpu/csrc/vision_ops.c) against the torch code they replace,
-and a tower using them (the CPU backend's VisionKernels) against one that doesn't: equal bit for bit, at every CPU
-tier this machine can play (the `tier` fixture)."""
+and a tower using them (the CPU backend's VisionKernels) against one that doesn't: equal bit for bit, in bf16 and
+float32, at every CPU tier this machine can play (the `tier` fixture)."""
 
 import functools
 import os
@@ -29,23 +29,27 @@ def randn(*shape, scale=1.0, seed=0, dtype=BF16):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
 @pytest.mark.parametrize("shape", [(1024, 5120), (3, 7), (1, 1)])
-def test_quick_gelu_equals_torch_bit_for_bit(shape, tier):
-    x = randn(*shape, scale=4)
+def test_quick_gelu_equals_torch_bit_for_bit(shape, dtype, tier):
+    x = randn(*shape, scale=4, dtype=dtype)
     x[0, 0] = -100.0  # exp's underflow end
     want = x * torch.sigmoid(1.702 * x)
     assert torch.equal(vision_ops.quick_gelu_(x.clone()), want)
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
 @pytest.mark.parametrize("n, heads, dim", [(1024, 16, 80), (5, 2, 16), (3, 1, 40)])
-def test_rotary_equals_apply_rotary_in_float32_bit_for_bit(n, heads, dim, tier):
-    assert_vision_rotary_equals_apply_rotary_in_float32(vision_ops.rotary_, n, heads, dim)
+def test_rotary_equals_apply_rotary_in_float32_bit_for_bit(n, heads, dim, dtype, tier):
+    assert_vision_rotary_equals_apply_rotary_in_float32(vision_ops.rotary_, n, heads, dim, dtype=dtype)
 
 
-# (2, 9001): rows longer than the kernel keeps exps for (SOFTMAX_KEEP), so it computes them again
-@pytest.mark.parametrize("shape", [(2, 300, 1024), (1, 3, 17), (4, 1), (2, 9001)])
-def test_softmax_equals_torch_bit_for_bit(shape, tier):
-    scores = randn(*shape, scale=6, seed=4)
+# (2, 9001): rows longer than the kernel keeps exps for (SOFTMAX_KEEP), so it computes them again; (3, 9008):
+# as long in float32, whose rows the kernel takes in multiples of torch's vector width (others: torch)
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 300, 1024), (1, 3, 17), (4, 1), (2, 9001), (3, 9008)])
+def test_softmax_equals_torch_bit_for_bit(shape, dtype, tier):
+    scores = randn(*shape, scale=6, seed=4, dtype=dtype)
     want = torch.softmax(scores, -1)
     assert torch.equal(vision_ops.softmax_(scores.clone()), want)
 
@@ -80,12 +84,13 @@ def test_softmax_sums_in_the_order_of_torchs_vector_width(lanes, capability, tie
     assert torch.equal(vision_ops.softmax_(SCORES.clone()), want)
 
 
-def test_tower_with_the_kernels_equals_the_torch_tower_bit_for_bit(monkeypatch, tier):
-    model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=BF16)
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])  # float32: how it computes without bf16 matmuls
+def test_tower_with_the_kernels_equals_the_torch_tower_bit_for_bit(dtype, monkeypatch, tier):
+    model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=dtype)
     cfg = model.config.vision
     # 2 images: 16 x 16 patches (256: the CPU's matmul attention, where the softmax kernel runs) and 4 x 6
     grid = torch.tensor([[1, 16, 16], [1, 4, 6]])
-    pixels = randn(int(grid.prod(-1).sum()), cfg.patch_dim, seed=5)
+    pixels = randn(int(grid.prod(-1).sum()), cfg.patch_dim, seed=5, dtype=dtype)
     with torch.inference_mode():
         want = model.visual(pixels, grid)
         model.visual.ops = VisionKernels(vision_ops, vision_ops.supports)
@@ -96,7 +101,7 @@ def test_tower_with_the_kernels_equals_the_torch_tower_bit_for_bit(monkeypatch, 
         got = model.visual(pixels, grid)
     assert {"quick_gelu_", "rotary_", "softmax_"} <= set(calls)
     assert torch.equal(got, want)
-    assert set(model.state_dict()) == set(Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=BF16).state_dict())
+    assert set(model.state_dict()) == set(Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=dtype).state_dict())
 
 
 def test_without_the_kernels_or_in_float32_the_tower_keeps_the_torch_code(monkeypatch):
@@ -107,3 +112,12 @@ def test_without_the_kernels_or_in_float32_the_tower_keeps_the_torch_code(monkey
     monkeypatch.setattr(vision_ops, "library", lambda: None)
     CpuBackend().prepare(model, None)
     assert model.visual.ops is TORCH_OPS
+
+
+def test_a_bf16_tower_computing_in_float32_takes_the_kernels(tier):
+    """A bf16 model's tower computes in float32 where the CPU has no bf16 matmuls: with the kernels' float32 forms."""
+    model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=BF16)
+    backend = CpuBackend()
+    backend.prepare(model, None)
+    assert model.visual.compute_dtype == (BF16 if backend.isa.native_bf16_matmul else torch.float32)
+    assert isinstance(model.visual.ops, VisionKernels)

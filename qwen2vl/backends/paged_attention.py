@@ -68,12 +68,12 @@ class PagedAttend:
     def __call__(self, layer: int, q, k, v) -> torch.Tensor:
         return self.backend.attention(q, k, v, *self.layers[layer], self.batch)
 
-def paged_attention(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
+def paged_attention(q, k, v, k_cache, v_cache, batch: PagedBatch, fused: bool = False) -> torch.Tensor:
     """q [N, Hq, Dh], fresh k/v [N, Hkv, Dh] (already written to the cache),
-    k_cache/v_cache [num_blocks, block_size, Hkv, Dh] of one layer -> [N, Hq, Dh]."""
+    k_cache/v_cache [num_blocks, block_size, Hkv, Dh] of one layer -> [N, Hq, Dh]. `fused`: see varlen."""
     if batch.is_decode:
         return decode(q, k_cache, v_cache, batch)
-    return varlen(q, k, v, k_cache, v_cache, batch)
+    return varlen(q, k, v, k_cache, v_cache, batch, fused)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,12 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[2:])
 
 
-def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
+def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch, fused: bool = False) -> torch.Tensor:
+    """`fused`: SDPA on 4-D inputs, which its fused CPU (flash) kernel takes, instead of the 3-D ones
+    that run its unfused math path (the default, whose bits the engine's tests pin). In bf16 on 2
+    AVX2 cores (no bf16 matmuls) the fused one took 0.25x the math path's time a layer of the 2B's
+    283-token prefill (12 vs 42 ms, shared machine), relative error vs float32 0.0019 against 0.0016
+    (benchmarks/attention_cpu.py); matmul="int8" asks for it."""
     out = torch.empty_like(q)
     for i, (start, n, ctx) in enumerate(zip(batch.q_starts, batch.q_lens, batch.ctx_lens)):
         rows = slice(start, start + n)
@@ -96,11 +101,11 @@ def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
             if n > 1:  # query j sees keys up to ctx - n + j
                 idx = torch.arange(ctx, device=q.device)
                 mask = idx[None, :] <= idx[ctx - n :, None]
-        o = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1),
-            attn_mask=mask, is_causal=causal, enable_gqa=True,
-        )  # [Hq, n, Dh]
-        out[rows] = o.transpose(0, 1)
+        qh, kh, vh = (x.transpose(0, 1) for x in (q[rows], kk, vv))  # [H, n, Dh]
+        if fused:
+            qh, kh, vh = qh[None], kh[None], vh[None]
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        out[rows] = o.view(o.shape[-3:]).transpose(0, 1)  # [Hq, n, Dh] -> [n, Hq, Dh]
     return out
 
 

@@ -81,6 +81,16 @@ def use_int_gemv(weight: torch.Tensor) -> bool:
             and weight.shape[1] % gemm.QK == 0 and gemm.int_library() is not None)
 
 
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q int8 [N, K] in [-127, 127], scales [N] in weight's dtype), w ~ q * scale.
+    Symmetric per row: the largest |w| of a row maps to 127 (or just under: the scale is rounded up
+    to the dtype). pack.c's quantize_int8 computes the same bits straight into the blocked layout."""
+    w = weight.float()
+    scales = _round(w.abs().amax(1).clamp(min=1e-8) / 127, weight.dtype, up=True)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
 class Int8Linear(nn.Module):
     def __init__(self, weight, scales, bias, out_features: int, in_features: int):
         super().__init__()
@@ -91,20 +101,24 @@ class Int8Linear(nn.Module):
         self.blocked = weight.dim() == 4  # stored in int_gemv's layout, for our kernel
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocked: bool | None = None) -> Int8Linear:
-        w = linear.weight.detach().float()
-        # symmetric: the largest |w| of a row maps to 127 (or just under: the scale is rounded up)
-        scales = _round(w.abs().amax(1).clamp(min=1e-8) / 127, linear.weight.dtype, up=True)
-        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    def from_linear(cls, linear: nn.Linear, blocked: bool | None = None, huge_pages: bool = True) -> Int8Linear:
+        """Quantized per output channel (quantize_int8_rows); `huge_pages=False` for codes that decode
+        doesn't stream (gemm.empty_huge)."""
+        blocked = use_int_gemv(linear.weight) if blocked is None else blocked
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls.from_codes(q, scales, bias, use_int_gemv(linear.weight) if blocked is None else blocked)
+        # the blocked layout straight from C in one pass (the torch code below takes ~8 over float32 copies)
+        packed = gemm.quantize_int8(linear.weight.detach(), huge_pages) if blocked else None
+        if packed is not None:
+            return cls(*packed, bias, *linear.weight.shape)
+        return cls.from_codes(*quantize_int8_rows(linear.weight.detach()), bias, blocked, huge_pages)
 
     @classmethod
-    def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, bias, blocked: bool) -> Int8Linear:
+    def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, bias, blocked: bool,
+                   huge_pages: bool = True) -> Int8Linear:
         """From q, int8 [N, K] in [-127, 127], and per-row scales [N] (w = q * scale), as they are."""
         n, k = q.shape
         if blocked:
-            q, scales = gemm.pack_int8(gemm.pad_rows(q, gemm.ROWS)), gemm.pad_rows(scales, gemm.ROWS)
+            q, scales = gemm.pack_int8(gemm.pad_rows(q, gemm.ROWS), huge_pages), gemm.pad_rows(scales, gemm.ROWS)
         return cls(q, scales, bias, n, k)
 
     def codes(self) -> torch.Tensor:

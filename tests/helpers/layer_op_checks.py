@@ -21,10 +21,11 @@ def assert_rotary_in_place_equals_apply_rotary(rotary_, n: int, heads: int, kv_h
     assert torch.equal(got[:, qk:], qkv[:, qk:])  # v untouched
 
 
-def assert_vision_rotary_equals_apply_rotary_in_float32(rotary_, n: int, heads: int, dim: int, device="cpu"):
+def assert_vision_rotary_equals_apply_rotary_in_float32(rotary_, n: int, heads: int, dim: int, device="cpu",
+                                                        dtype=torch.bfloat16):
     """rotary_(qkv, cos, sin, 2 * heads, dim) turns q and k of the vision tower's [q | k | v] output in
-    place exactly as `apply_rotary(x.float(), cos, sin).to(bf16)` does, and leaves v alone."""
-    def randn(*shape, seed, dtype=torch.bfloat16):
+    place exactly as `apply_rotary(x.float(), cos, sin).to(dtype)` does, and leaves v alone."""
+    def randn(*shape, seed, dtype=dtype):
         return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
 
     qkv = randn(n, 3 * heads * dim, seed=1)
@@ -32,6 +33,6 @@ def assert_vision_rotary_equals_apply_rotary_in_float32(rotary_, n: int, heads: 
     got = qkv.clone()
     rotary_(got, cos, sin, 2 * heads, dim)
     for i in (0, 1):  # q and k turned, v untouched
-        want = apply_rotary(qkv.view(n, 3, heads, dim)[:, i].float(), cos, sin).to(torch.bfloat16)
+        want = apply_rotary(qkv.view(n, 3, heads, dim)[:, i].float(), cos, sin).to(dtype)
         assert torch.equal(got.view(n, 3, heads, dim)[:, i], want)
     assert torch.equal(got.view(n, 3, heads, dim)[:, 2], qkv.view(n, 3, heads, dim)[:, 2])

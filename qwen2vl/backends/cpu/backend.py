@@ -18,7 +18,8 @@ and the vision tower (GEMMs and attention, all compute-bound) runs in float32 th
 Its one knob, `matmul="int8"` (LLM's argument, Isa.matmul_dtype): the matmul-heavy phases in int8
 (int8_mm.py): the vision tower's linears become int8 codes, and each decoder linear gets int8 codes
 beside it (an int8 model's own) for calls of more than 4 rows, prefill's; decode rows keep the path
-above. Off by default: it trades accuracy for time to first token (docs/performance.md).
+above, and prefill attention runs SDPA's fused kernel (paged_attention.varlen's `fused`). Off by
+default: it trades accuracy for time to first token (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from qwen2vl.backends.cpu.decode_step import DecodeStep
 from qwen2vl.backends.cpu.int8_mm import use_int8_matmuls
 from qwen2vl.backends.cpu.linear import FastLinear, speed_up_linears
 from qwen2vl.backends.kernel_ops import TextKernels, VisionKernels
+from qwen2vl.backends.paged_attention import paged_attention
 from qwen2vl.backends.quant import QUANTIZATIONS, quantize_model
 from qwen2vl.backends.reference import TorchBackend
 from qwen2vl.backends.repack import repack_checkpoint_linears
@@ -47,6 +49,7 @@ class CpuBackend(TorchBackend):
         self.isa = isa.current()
         self.matmul = matmul  # LLM's knob for the matmul-heavy phases (Isa.matmul_dtype)
         self.fused_decode = False  # decode attention through paged_decode.c (set where the layer ops are in)
+        self.int8_prefill = False  # the knob in effect (its kernel loaded): prefill attention fused too
 
     def prepare(self, model, quantization: str | None) -> None:
         model.fuse_qkv()
@@ -59,6 +62,7 @@ class CpuBackend(TorchBackend):
         if heavy == torch.int8 and int8_mm.library() is None:
             log.warning("matmul='int8': the int8_mm kernel did not load here; matmuls stay in %s", compute)
             heavy = compute
+        self.int8_prefill = heavy == torch.int8
         if heavy == torch.int8:
             # decode rows (SMALL_ROWS or fewer a call) keep the linear they had: FastLinear, an Int8Linear
             fast = None if dtype == torch.float32 else (
@@ -83,7 +87,7 @@ class CpuBackend(TorchBackend):
                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim):
             model.model.ops = TextKernels(layer_ops, layer_ops.supports)
             self.fused_decode = True
-        if tower is not None and tower.compute_dtype == torch.bfloat16 and vision_ops.library() is not None:
+        if tower is not None and vision_ops.library() is not None:  # bf16, or float32 where it computes in that
             tower.ops = VisionKernels(vision_ops, vision_ops.supports)
 
     def attention(self, q, k, v, k_cache, v_cache, batch):
@@ -91,6 +95,9 @@ class CpuBackend(TorchBackend):
             # one C call writes k/v to the cache and attends over it in place
             return layer_ops.paged_decode(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.ctx_slots,
                                           batch.ctx_lens_t)
+        if self.int8_prefill and not batch.is_decode:  # the knob trades bits for time to first token
+            self.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            return paged_attention(q, k, v, k_cache, v_cache, batch, fused=True)
         return super().attention(q, k, v, k_cache, v_cache, batch)
 
     def decode_step(self, model, cache):

@@ -222,11 +222,28 @@ def unpack_bf16(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 # Layouts (see int_gemv.c): weights in blocks of 16 output rows, N padded to 16 by the caller.
 
-def pack_int8(q: torch.Tensor) -> torch.Tensor:
+def pack_int8(q: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
     """int8 [N, K] (N % 16 == 0) -> uint8 [N/16, K/4, 16, 4], code q + 128."""
     n, k = q.shape
     codes = (q.to(torch.int16) + 128).to(torch.uint8)
-    return pack_words(codes.view(torch.int32)).view(torch.uint8).view(n // ROWS, k // 4, ROWS, 4)
+    return pack_words(codes.view(torch.int32), huge_pages).view(torch.uint8).view(n // ROWS, k // 4, ROWS, 4)
+
+
+def quantize_int8(w: torch.Tensor, huge_pages: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """w [N, K] (bf16 or float32) quantized per row into pack_int8's layout in one C pass (pack.c):
+    (codes uint8 [ceil(N/16), K/4, 16, 4], scales [N padded to 16] in w's dtype), the same bits as
+    backends/quant.py's torch code; None where pack.c can't take `w` (that code is the fallback)."""
+    lib = native.library("pack")
+    n, k = w.shape
+    if lib is None or w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32) or k % 4:
+        return None
+    w = w.contiguous()
+    blocks = -(-n // ROWS)
+    codes = (empty_huge if huge_pages else torch.empty)((blocks, k // 4, ROWS, 4), dtype=torch.uint8)
+    scales = torch.empty(blocks * ROWS, dtype=w.dtype)
+    lib.quantize_int8(w.data_ptr(), w.dtype == torch.bfloat16, codes.data_ptr(), scales.data_ptr(), n, k,
+                      torch.get_num_threads())
+    return codes, scales
 
 
 def unpack_int8(packed: torch.Tensor) -> torch.Tensor:

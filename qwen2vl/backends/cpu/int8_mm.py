@@ -73,7 +73,7 @@ class Int8RowsLinear(nn.Module):
     @classmethod
     def quantize(cls, linear: nn.Linear, small: nn.Module | None = None) -> Int8RowsLinear:
         """Codes quantized from `linear`'s weight, symmetric per output channel (as Int8Linear's)."""
-        q = Int8Linear.from_linear(linear, blocked=True)
+        q = Int8Linear.from_linear(linear, blocked=True, huge_pages=False)  # compute-bound calls only
         return cls(q.weight, q.scales, q.bias, q.out_features, q.in_features, small)
 
     @classmethod

@@ -21,11 +21,12 @@
  *     one instruction; the codes' offset comes out once per row: dot = dot(code) - 128 * sum xq.
  *     Register tile 8 rows x one block. (8 x 3 blocks ran at half the rate: the blocks' streams lie
  *     16 * K bytes apart, a multiple of 4 KiB for K % 256 == 0, and alias in L1.)
- * Each thread takes groups of blocks (about GROUP_BYTES of weights, kept in L2); every row tile
- * walks the group, the first one bringing it from memory.
+ * Each thread takes an equal share of the blocks, in groups (about GROUP_BYTES of weights, kept
+ * in L2); every row tile walks the group, the first one bringing it from memory.
  * Weights: pack_int8's [N/16][K/4][16][4] codes, scales sw [N padded to 16] bf16 or fp32. x, y,
  * bias bf16 or fp32 (io_bf16). K % 4 == 0. Returns 0, or -1 when out of memory.
  */
+#include <omp.h>
 #include <stdint.h>
 #include "kernels.h"
 #include <stdlib.h>
@@ -205,9 +206,12 @@ int int8_mm(const uint8_t *w, const void *scales, int scales_bf16, const void *x
         {
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) quantize_row(x, io_bf16, K, a, m);
-#pragma omp for schedule(static)
-            for (int64_t g0 = 0; g0 < blocks; g0 += group) {
-                const int64_t g1 = blocks - g0 < group ? blocks : g0 + group;
+            /* (the for's barrier: every row is quantized) each thread its own share of the blocks, in
+             * groups: whole groups dealt out would leave 80 blocks in groups of 12 as 4 + 3 groups */
+            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+            const int64_t b_end = blocks * (t + 1) / nt;
+            for (int64_t g0 = blocks * t / nt; g0 < b_end; g0 += group) {
+                const int64_t g1 = b_end - g0 < group ? b_end : g0 + group;
                 for (int64_t m0 = 0; m0 < M; m0 += MT) {
                     const int mr = M - m0 < MT ? (int)(M - m0) : MT;
                     for (int64_t b0 = g0; b0 < g1; b0 += NT) {

@@ -14,6 +14,9 @@ typedef uint16_t bf16;
 
 /* pack.c: w [n, words] 32-bit words -> [ceil(n/16), words, 16], rows past n zero (the kernels' layout). */
 void pack_rows16(const uint32_t *w, uint32_t *out, int64_t n, int64_t words, int nthreads);
+/* pack.c: w [n, k] bf16 or fp32 quantized per row (symmetric int8, as backends/quant.py's Int8Linear)
+ * -> pack_int8's codes [ceil(n/16), k/4, 16, 4] and scales [ceil(n/16) * 16] in w's dtype. k % 4 == 0. */
+void quantize_int8(const void *w, int w_bf16, uint8_t *codes, void *scales, int64_t n, int64_t k, int nthreads);
 
 /* bf16_gemm.c: y [M, N] = x [M, K] @ W.T + bias, W packed by pack_bf16, bf16 in and out. */
 void bf16_gemm(const bf16 *w, const bf16 *x, bf16 *y, const bf16 *bias, int64_t M, int64_t N, int64_t K,
@@ -60,11 +63,16 @@ int paged_decode(const bf16 *q, int64_t q_stride, const bf16 *k, int64_t k_strid
                  bf16 *k_cache, bf16 *v_cache, const int64_t *new_slots, const int64_t *ctx_slots, int64_t ctx_stride,
                  const int64_t *ctx_lens, bf16 *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int nthreads);
 
-/* vision_ops.c: the vision tower's elementwise ops, in place on bf16. */
+/* vision_ops.c: the vision tower's elementwise ops, in place on bf16 ... */
 void quick_gelu(bf16 *x, int64_t n, int nthreads);
 void vision_rotary(bf16 *qkv, int64_t stride, const float *cos, const float *sin, int64_t N, int64_t H, int64_t D,
                    int nthreads);
 void softmax_rows(bf16 *x, int64_t R, int64_t n, int lanes, int nthreads);
+/* ... and on fp32 (softmax_rows_f32: n % lanes == 0) */
+void quick_gelu_f32(float *x, int64_t n, int nthreads);
+void vision_rotary_f32(float *qkv, int64_t stride, const float *cos, const float *sin, int64_t N, int64_t H, int64_t D,
+                       int nthreads);
+void softmax_rows_f32(float *x, int64_t R, int64_t n, int lanes, int nthreads);
 
 /* decode_step.c: a whole decode step, calling the kernels above through these pointers. */
 enum { BF16 = 0, INT8 = 1, INT4 = 2, BF16W = 3, INT8G = 4 }; /* also int_gemv's weight kinds */

@@ -1,0 +1,72 @@
+"""The CPU's attention at the 2B's time-to-first-token shapes, variants alternating in one process:
+
+- decoder prefill (283 tokens, 12 query and 2 kv heads of 128, bf16): paged_attention.varlen through
+  SDPA's math path (3-D inputs: the default) against its fused kernel (4-D: what matmul="int8" runs),
+  with each one's relative error against float32;
+- vision attention (1024 patches, 16 heads of 80, float32 as the tower computes below AVX-512 BF16):
+  attention._matmul_attention taking 2 or 4 heads a slab (the same bits).
+
+    QWEN2VL_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.attention_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks.cpu_tier import median
+from qwen2vl.attention import _matmul_attention
+from qwen2vl.backends.paged_attention import PagedBatch, varlen
+
+
+def alternate(fns: dict, reps: int) -> dict[str, list[float]]:
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]], layers: int) -> None:
+    first = next(iter(times))
+    print(title)
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, times[first])]
+        print(f"  {name:28} {median([1e3 * t for t in ts])} ms a layer, x{layers} "
+              f"{layers * statistics.median(ts):.2f} s, / {first} pair by pair {statistics.median(ratios):.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+
+    n = 283
+    q, k, v = (torch.randn(n, h, 128, generator=g).bfloat16() for h in (12, 2, 2))
+    # one sequence, nothing cached: varlen attends over the fresh k/v (the cache is not read)
+    batch = PagedBatch(torch.arange(n), [0], [n], [n], torch.arange(n)[None], torch.tensor([n]))
+    ref = varlen(q.float(), k.float(), v.float(), None, None, batch)
+    for fused in (False, True):
+        err = (varlen(q, k, v, None, None, batch, fused).float() - ref).norm() / ref.norm()
+        print(f"decoder prefill, fused={fused}: relative error vs float32 {err:.2e}")
+    report("decoder prefill attention, 283 tokens, bf16:", alternate(
+        {"math path (default)": lambda: varlen(q, k, v, None, None, batch),
+         "fused (matmul=int8)": lambda: varlen(q, k, v, None, None, batch, True)}, args.reps), 28)
+
+    q, k, v = (torch.randn(1024, 16, 80, generator=g) for _ in range(3))
+    assert torch.equal(_matmul_attention(q, k, v, heads=2), _matmul_attention(q, k, v, heads=4))
+    report("vision attention, 1024 patches, float32:", alternate(
+        {"2 heads a slab": lambda: _matmul_attention(q, k, v, heads=2).reshape(1024, -1),
+         "4 heads a slab": lambda: _matmul_attention(q, k, v, heads=4).reshape(1024, -1)}, args.reps), 32)
+
+
+if __name__ == "__main__":
+    main()
