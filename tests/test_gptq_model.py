@@ -20,7 +20,7 @@ from qwen2vl.cli import main
 from qwen2vl.gptq import QuantizedLinear
 from qwen2vl.model import Qwen2VL
 from tests.helpers.checkpoints import tiny_checkpoint
-from tests.helpers.gptq_checkpoints import quantized_checkpoint
+from tests.helpers.gptq_checkpoints import quantized_checkpoint, relative_rms
 from tests.helpers.tiers import TIERS_HERE, at_tier
 
 # (method, bits, group, act-order, checkpoint format) and the linear each decoder linear becomes
@@ -44,10 +44,6 @@ def checkpoints(tmp_path_factory):
         with torch.no_grad():
             out[name] = folder, hf(input_ids=IDS[None]).logits[0].float()
     return out
-
-
-def relative_rms(a, b) -> float:
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -25,7 +25,7 @@ from qwen2vl.backends.quant import Int4Linear  # noqa: E402
 from qwen2vl.backends.repack import repack  # noqa: E402
 from qwen2vl.gptq import IntWeight, QuantConfig, QuantizedLinear, unpack  # noqa: E402
 from qwen2vl.model import Qwen2VL  # noqa: E402
-from tests.helpers.gptq_checkpoints import quantized_checkpoint  # noqa: E402
+from tests.helpers.gptq_checkpoints import quantized_checkpoint, relative_rms  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BF16 = torch.bfloat16
@@ -155,10 +155,6 @@ def checkpoints(tmp_path_factory):
         with torch.no_grad():
             out[name] = folder, hf(input_ids=IDS[None]).logits[0].float()
     return out
-
-
-def relative_rms(a, b) -> float:
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
 def prepared(folder, monkeypatch, int_gemm_module):

@@ -80,3 +80,8 @@ def quantized_checkpoint(folder: Path, method: str, bits: int, group: int, desc_
     (folder / "config.json").write_text(json.dumps(config))
     return folder, hf
 
+
+
+def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMS of a - b relative to b's: how the logits tests state their tolerance."""
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
