@@ -27,6 +27,7 @@ import math
 import mmap
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -135,7 +136,10 @@ class PackedCache:
             if free < total + SPARE:
                 log.info("%s: not written: %.1f GB free, it needs %.1f + 1 GB", self.path, free / 1e9, total / 1e9)
                 return
+            start = time.perf_counter()
             _write(self.path, self.key, self.packed)
+            log.info("%s: wrote %.2f GB of packed weights in %.1f s", self.path, total / 1e9,
+                     time.perf_counter() - start)
             for old in self.path.parent.glob(self.path.name.split("-")[0] + "-*"):
                 if old != self.path:  # the folder's stale packings (another key) and dead writers' files
                     old.unlink(missing_ok=True)
