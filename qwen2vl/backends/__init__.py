@@ -26,15 +26,17 @@ from qwen2vl.backends.reference import TorchBackend
 from qwen2vl.gptq import QuantizedLinear
 
 
-def backend_for(device: torch.device, matmul: str | None = None) -> TorchBackend:
+def backend_for(device: torch.device, matmul: str | None = None, checkpoint=None) -> TorchBackend:
     """The backend for `device`: C kernels on the CPU, Triton on CUDA, plain torch elsewhere.
-    `matmul` (CPU only): "int8" for the matmul-heavy phases (cpu/isa.py, Isa.matmul_dtype)."""
+    `matmul` (CPU only): "int8" for the matmul-heavy phases (cpu/isa.py, Isa.matmul_dtype).
+    `checkpoint` (CPU only): the model's folder, whose packed weights the CPU keeps on disk
+    (cpu/packed_cache.py)."""
     if matmul is not None and device.type != "cpu":
         raise ValueError(f"matmul={matmul!r} is a CPU policy (the int8_mm kernel); this model is on {device.type}")
     if device.type == "cpu":
         from qwen2vl.backends.cpu.backend import CpuBackend
 
-        return CpuBackend(matmul)
+        return CpuBackend(matmul, checkpoint)
     if device.type == "cuda":
         from qwen2vl.backends.cuda import CudaBackend
 
@@ -42,16 +44,17 @@ def backend_for(device: torch.device, matmul: str | None = None) -> TorchBackend
     return TorchBackend()
 
 
-def prepare(model, quantization: str | None = None, matmul: str | None = None) -> TorchBackend:
+def prepare(model, quantization: str | None = None, matmul: str | None = None, checkpoint=None) -> TorchBackend:
     """Swap the fast paths for the model's device and dtype in, once, after load; the backend is
-    left at model.backend. `matmul="int8"`: the CPU's vision tower and prefill in int8 (MATMULS)."""
+    left at model.backend. `matmul="int8"`: the CPU's vision tower and prefill in int8 (MATMULS).
+    `checkpoint`: the folder the model was loaded from, where the backend may cache by it."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     if quantization is not None and any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError(f"the checkpoint is quantized already (GPTQ/AWQ); leave out quantization={quantization!r}")
     if matmul is not None and matmul not in MATMULS:
         raise ValueError(f"matmul must be None or one of {', '.join(MATMULS)}, got {matmul!r}")
-    backend = backend_for(model.device, matmul)
+    backend = backend_for(model.device, matmul, checkpoint)
     backend.prepare(model, quantization)
     model.backend = backend
     return backend

@@ -243,5 +243,5 @@ def quantize_model(
     if not include_head:
         skip = (*skip, "lm_head")
     if mode == "int8":
-        return replace_linears(model, Int8Linear.from_linear, skip)
-    return replace_linears(model, lambda linear: Int4Linear.from_linear(linear, group_size), skip)
+        return replace_linears(model, lambda name, linear: Int8Linear.from_linear(linear), skip)
+    return replace_linears(model, lambda name, linear: Int4Linear.from_linear(linear, group_size), skip)

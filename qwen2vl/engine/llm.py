@@ -226,7 +226,7 @@ def load_model(folder: Path, dtype: torch.dtype | None, device, quantization: st
     half = (dtype or checkpoint_dtype(folder)) in (torch.bfloat16, torch.float16)
     model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device,
                                     map_linears=device.type == "cpu" and (half or quantization is not None))
-    prepare(model, quantization, matmul)
+    prepare(model, quantization, matmul, checkpoint=folder)
     return model
 
 

@@ -32,6 +32,7 @@ from qwen2vl.backends.cpu import int8_mm, isa, layer_ops, native, sample_ops, vi
 from qwen2vl.backends.cpu.decode_step import DecodeStep
 from qwen2vl.backends.cpu.int8_mm import use_int8_matmuls
 from qwen2vl.backends.cpu.linear import FastLinear, speed_up_linears
+from qwen2vl.backends.cpu.packed_cache import PackedCache
 from qwen2vl.backends.kernel_ops import TextKernels, VisionKernels
 from qwen2vl.backends.paged_attention import paged_attention
 from qwen2vl.backends.quant import QUANTIZATIONS, quantize_model
@@ -45,8 +46,9 @@ log = logging.getLogger(__name__)
 class CpuBackend(TorchBackend):
     name = "cpu"
 
-    def __init__(self, matmul: str | None = None):
+    def __init__(self, matmul: str | None = None, checkpoint=None):
         self.isa = isa.current()
+        self.checkpoint = checkpoint  # the model's folder: its packed weights are cached (packed_cache.py)
         self.matmul = matmul  # LLM's knob for the matmul-heavy phases (Isa.matmul_dtype)
         self.fused_decode = False  # decode attention through paged_decode.c (set where the layer ops are in)
         self.int8_prefill = False  # the knob in effect (its kernel loaded): prefill attention fused too
@@ -74,14 +76,17 @@ class CpuBackend(TorchBackend):
         # decode streams every weight once per token; FastLinears (our bf16 or bf16w kernel, else oneDNN) stream at
         # about the memory read rate where F.linear's bf16 GEMV gets ~30-70% of it, and the vision tower's
         # GEMMs run faster too (docs/performance.md). Quantized linears are not nn.Linear and stay as they are.
-        speed_up_linears(model, skip=("visual",), compute_dtype=compute)
+        cache = None if self.checkpoint is None else PackedCache.open(self.checkpoint, dtype)
+        speed_up_linears(model, skip=("visual",), compute_dtype=compute, cache=cache)
         # the vision tower's GEMMs are compute-bound: no huge pages, which cost load time (the
         # kernel compacts memory to find them). A tensor-parallel rank other than 0 has no tower.
         tower = model.visual
         if tower is not None:
-            speed_up_linears(tower, skip=(), huge_pages=False, compute_dtype=compute)
+            speed_up_linears(tower, skip=(), huge_pages=False, compute_dtype=compute, cache=cache, prefix="visual.")
             if compute != dtype:  # the tower computes in the dtype of its norms (vision.py)
                 tower.compute_in(compute)
+        if cache is not None:
+            cache.save()
         cfg = model.config.text
         if dtype == torch.bfloat16 and layer_ops.available() and layer_ops.supports_layout(
                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim):

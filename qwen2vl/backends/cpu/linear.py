@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen2vl.backends.cpu import gemm, isa
+from qwen2vl.backends.cpu.packed_cache import PackedCache
 from qwen2vl.backends.swap import replace_linears
 
 
@@ -65,14 +66,14 @@ class FastLinear(nn.Module):
     dtype, isa.Isa.matmul_dtype: float32 for bf16 weights where bf16 matmuls would be emulated)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, use_kernel: bool = True,
-                 huge_pages: bool = True, compute_dtype: torch.dtype | None = None):
+                 huge_pages: bool = True, compute_dtype: torch.dtype | None = None, pack=gemm.pack_bf16):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         compute = compute_dtype or isa.current().matmul_dtype(weight.dtype)
         self.path = "F.linear"
         self.packed = None  # opaque or oddly shaped, so a plain attribute rather than a buffer
         if use_kernel and kernel_takes(weight, compute):
-            self.packed = gemm.pack_bf16(weight.detach(), huge_pages)
+            self.packed = pack(weight.detach(), huge_pages)  # gemm.pack_bf16, or its packed_cache.py copy
             self.path = "bf16 kernel" if compute == torch.bfloat16 else "bf16w kernel"
         elif (packed := reorder_weight(weight.detach().to(compute))) is not None:
             self.packed, self.path = packed, "oneDNN"
@@ -84,8 +85,8 @@ class FastLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, use_kernel: bool = True, huge_pages: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> FastLinear:
-        return cls(linear.weight, linear.bias, use_kernel, huge_pages, compute_dtype)
+                    compute_dtype: torch.dtype | None = None, pack=gemm.pack_bf16) -> FastLinear:
+        return cls(linear.weight, linear.bias, use_kernel, huge_pages, compute_dtype, pack)
 
     # dynamo traces the oneDNN op but inductor can only lower it on weights it froze itself; a
     # compiled model should keep nn.Linear and set torch._inductor.config.freezing = True instead
@@ -115,12 +116,17 @@ class FastLinear(nn.Module):
 
 
 def speed_up_linears(model: nn.Module, skip: tuple[str, ...] = ("visual",), huge_pages: bool = True,
-                     compute_dtype: torch.dtype | None = None) -> int:
+                     compute_dtype: torch.dtype | None = None, cache: PackedCache | None = None,
+                     prefix: str = "") -> int:
     """Swap every nn.Linear of `model` for a FastLinear in place; returns how many were swapped.
 
     Modules whose qualified name starts with one of `skip` stay as they are: by default the
     vision tower (the CPU backend swaps it too, without huge pages: its GEMMs are compute-bound,
-    and finding huge pages at load costs time).
+    and finding huge pages at load costs time). With a `cache` the packed weights come from its
+    file where it has them, by name (`prefix` + the name in `model`).
     """
-    make = lambda linear: FastLinear.from_linear(linear, huge_pages=huge_pages, compute_dtype=compute_dtype)
+    def make(name: str, linear: nn.Linear) -> FastLinear:
+        pack = gemm.pack_bf16 if cache is None else lambda w, huge: cache.pack_bf16(prefix + name, w, huge)
+        return FastLinear.from_linear(linear, huge_pages=huge_pages, compute_dtype=compute_dtype, pack=pack)
+
     return replace_linears(model, make, skip)
