@@ -129,7 +129,9 @@ stage stage9 --model "$WORK/stage8" --data "$WORK/data/mix.jsonl" --seed 1 \
 #       --steps 400 --batch-size 16 --lr 5e-4 --vision-lr 2e-4 --warmup-steps 20 --weight-decay 0.01   # 8.4 min
 #   stage stage11b --model "$WORK/stage11" --data "$WORK/ground1/train.jsonl" \
 #       --steps 600 --batch-size 16 --lr 5e-4 --vision-lr 2e-4 --warmup-steps 20 --weight-decay 0.01
-#   (the loss flat at ~1.1, the box digits at chance: 0 / 40 held-out single-shape boxes; see docs/demo.md)
+#   stage stage11c --model "$WORK/stage11b" --data "$WORK/ground1/train.jsonl" \
+#       --steps 500 --batch-size 16 --lr 5e-4 --vision-lr 2e-4 --warmup-steps 20 --weight-decay 0.01
+#   (single-shape boxes 0 / 40 after stage 11, 6 / 40 after 11b, 5 / 40 after 11c; every other task 0: no mix yet)
 #   python -m qwen2vl.demo.dataset "$WORK/count" --only count --cases 3000 --seed 1006      # any number of shapes
 #   python -m qwen2vl.demo.dataset "$WORK/color" --only color --cases 3000 --seed 1007
 #   python - "$WORK" <<'PY'
