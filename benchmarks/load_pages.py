@@ -86,6 +86,7 @@ def main() -> None:
     folder = args.model or str(random_checkpoint("2b"))
     times = {name: [] for name in VARIANTS}
     load(folder, "shipped")  # writes the cache file the shipped variant maps
+    packed_cache.wait_for_writes()  # on its own thread: not in a timed load
     gc.collect()
     print("first touch of fresh memory before:", ", ".join(f"{k} {v:.2f} GB/s" for k, v in first_touch_gbs().items()))
     for rep in range(args.reps):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import pytest
 import torch
@@ -36,8 +37,10 @@ def checkpoint(folder, seed=0):
 
 
 def load(folder):
+    """A prepared model; its cache write (on a thread of its own) ended, so the folder shows it."""
     model = Qwen2VL.from_pretrained(folder, dtype=torch.bfloat16)
     prepare(model, checkpoint=folder)
+    packed_cache.wait_for_writes()
     return model
 
 
@@ -142,3 +145,28 @@ def test_a_disk_short_of_its_share_gets_no_file_and_the_load_goes_on(cache, tmp_
         model = load(folder)
     assert "not written" in caplog.text and list(cache.glob("*.bin")) == []
     assert torch.equal(logits(model), logits(load_without_cache(folder)))
+
+
+def test_the_load_returns_before_its_write_ends_and_a_later_load_waits_for_it(cache, tmp_path, monkeypatch):
+    if not kernel_here():
+        pytest.skip("no bf16 kernel at this tier: nothing is packed")
+    folder = checkpoint(tmp_path / "ckpt")
+    release, write = threading.Event(), packed_cache._write
+
+    def held_write(*args):
+        assert release.wait(30), "the test never released the write"
+        write(*args)
+
+    monkeypatch.setattr(packed_cache, "_write", held_write)
+    model = Qwen2VL.from_pretrained(folder, dtype=torch.bfloat16)
+    prepare(model, checkpoint=folder)  # returns with the write held
+    assert list(cache.glob("*.bin")) == []
+    release.set()
+
+    def no_packing(*args):
+        raise AssertionError("packed again: the second load did not wait for the first's file")
+
+    monkeypatch.setattr(gemm, "pack_bf16", no_packing)
+    second = load(folder)  # opening the cache waits for the first load's write, then maps it
+    assert len(list(cache.glob("*.bin"))) == 1
+    assert torch.equal(logits(second), logits(model))
