@@ -101,17 +101,17 @@ def test_bad_matmul_values_are_refused():
 
 
 def test_the_knob_fuses_prefill_attention_only_where_it_is_in_effect(monkeypatch):
-    import qwen2vl.backends.cpu.backend as cpu_backend
+    import qwen2vl.backends.reference as reference
     from tests.helpers.paged_cache import build
 
     seen = []
-    real = cpu_backend.paged_attention
-    monkeypatch.setattr(cpu_backend, "paged_attention", lambda *a, fused: seen.append(fused) or real(*a, fused=fused))
+    real = reference.paged_attention
+    monkeypatch.setattr(reference, "paged_attention", lambda *a, fused: seen.append(fused) or real(*a, fused=fused))
     for tier in TIERS_HERE:
         with at_tier(tier):
             model = load()
             prepare(model, None, "int8")
             q, k, v, cache, batch, want = build([0, 3], [5, 4])
             torch.testing.assert_close(model.backend.attention(q, k, v, *cache.layers[0], batch), want)
-            assert seen.pop() if model.backend.int8_prefill else not seen
-            assert model.backend.int8_prefill == (tier != "none" and int8_mm.library() is not None)
+            assert seen.pop() == model.backend.fused_prefill and not seen
+            assert model.backend.fused_prefill == (tier != "none" and int8_mm.library() is not None)

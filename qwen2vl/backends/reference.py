@@ -75,6 +75,7 @@ class TorchBackend:
     (kernel backends only) a whole decode step in one call."""
 
     name = "torch"
+    fused_prefill = False  # prefill attention through SDPA's fused kernel (paged_attention.varlen's `fused`)
 
     def prepare(self, model, quantization: str | None) -> None:
         """The torch code as it is: q/k/v fused into one linear, the linears quantized if asked
@@ -91,7 +92,7 @@ class TorchBackend:
     def attention(self, q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
         """Write this step's k/v to the cache, then attend q [N, Hq, Dh] over it -> [N, Hq, Dh]."""
         self.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        return paged_attention(q, k, v, k_cache, v_cache, batch)
+        return paged_attention(q, k, v, k_cache, v_cache, batch, fused=self.fused_prefill)
 
     def decode_step(self, model, cache):
         """A callable running a whole decode step (x, positions, batch) -> hidden, or None: the

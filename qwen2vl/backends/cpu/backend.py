@@ -34,7 +34,6 @@ from qwen2vl.backends.cpu.int8_mm import use_int8_matmuls
 from qwen2vl.backends.cpu.linear import FastLinear, speed_up_linears
 from qwen2vl.backends.cpu.packed_cache import PackedCache
 from qwen2vl.backends.kernel_ops import TextKernels, VisionKernels
-from qwen2vl.backends.paged_attention import paged_attention
 from qwen2vl.backends.quant import QUANTIZATIONS, quantize_model
 from qwen2vl.backends.reference import TorchBackend
 from qwen2vl.backends.repack import repack_checkpoint_linears
@@ -51,7 +50,6 @@ class CpuBackend(TorchBackend):
         self.checkpoint = checkpoint  # the model's folder: its packed weights are cached (packed_cache.py)
         self.matmul = matmul  # LLM's knob for the matmul-heavy phases (Isa.matmul_dtype)
         self.fused_decode = False  # decode attention through paged_decode.c (set where the layer ops are in)
-        self.int8_prefill = False  # the knob in effect (its kernel loaded): prefill attention fused too
 
     def prepare(self, model, quantization: str | None) -> None:
         model.fuse_qkv()
@@ -64,7 +62,7 @@ class CpuBackend(TorchBackend):
         if heavy == torch.int8 and int8_mm.library() is None:
             log.warning("matmul='int8': the int8_mm kernel did not load here; matmuls stay in %s", compute)
             heavy = compute
-        self.int8_prefill = heavy == torch.int8
+        self.fused_prefill = heavy == torch.int8  # the knob in effect (its kernel loaded): trades bits for TTFT
         if heavy == torch.int8:
             # decode rows (SMALL_ROWS or fewer a call) keep the linear they had: FastLinear, an Int8Linear
             fast = None if dtype == torch.float32 else (
@@ -100,9 +98,6 @@ class CpuBackend(TorchBackend):
             # one C call writes k/v to the cache and attends over it in place
             return layer_ops.paged_decode(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.ctx_slots,
                                           batch.ctx_lens_t)
-        if self.int8_prefill and not batch.is_decode:  # the knob trades bits for time to first token
-            self.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-            return paged_attention(q, k, v, k_cache, v_cache, batch, fused=True)
         return super().attention(q, k, v, k_cache, v_cache, batch)
 
     def decode_step(self, model, cache):
