@@ -191,13 +191,17 @@ def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(-t.shape[0] % multiple, *t.shape[1:])]) if t.shape[0] % multiple else t
 
 
+def packed_bf16_shape(n: int, k: int) -> list[int]:
+    """pack_bf16's output shape for an [n, k] weight."""
+    return [-(-n // ROWS), k // 2, ROWS, 2]
+
+
 def pack_bf16(w: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
     """bf16 [N, K] (K even) -> [ceil(N/16), K/2, 16, 2], zero rows padding N (see bf16_gemm.c); on
     huge pages unless told otherwise (see empty_huge)."""
-    k = w.shape[1]
     # a k pair as one int32 word: pack.c's transpose of 4-byte words
     out = pack_words(w.contiguous().view(torch.int32), huge_pages)
-    return out.view(torch.bfloat16).view(-1, k // 2, ROWS, 2)
+    return out.view(torch.bfloat16).view(packed_bf16_shape(*w.shape))
 
 
 def pack_words(words: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:

@@ -125,8 +125,7 @@ class PackedCache:
 
     def pack_bf16(self, name: str, weight: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
         """gemm.pack_bf16(weight, huge_pages), from the file where it has `name` at this shape."""
-        n, k = weight.shape
-        shape = [-(-n // gemm.ROWS), k // 2, gemm.ROWS, 2]
+        shape = gemm.packed_bf16_shape(*weight.shape)
         entry = self.entries.get(name)
         if entry is not None and entry[1] == shape:
             packed = torch.frombuffer(self.map, dtype=torch.bfloat16, count=math.prod(shape), offset=entry[0])
