@@ -21,7 +21,7 @@ from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.sampling_params import SamplingParams
 from qwen2vl.server.limits import ServerLimits
 from tests.helpers.checkpoints import tiny_checkpoint
-from tests.helpers.server import MAX_MODEL_LEN, serving
+from tests.helpers.server import MAX_MODEL_LEN, ask_all, serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's pydantic fields
 pytest.importorskip("ray", reason='the replicas need Ray: pip install -e ".[test]"')
@@ -81,17 +81,7 @@ def replica_stats(pool):
 def test_concurrent_requests_are_all_answered_as_one_process_answers(client, pool, reference):
     conversations = [conversation(i) for i in range(8)]
     before = [s.prefix_cache_queries for s in replica_stats(pool)]
-    answers = [None] * len(conversations)
-
-    def ask(i):
-        r = client.chat.completions.create(model="tiny", messages=conversations[i], temperature=0, max_tokens=12)
-        answers[i] = r.choices[0].message.content
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(conversations))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    answers = ask_all(client, conversations)
     assert answers == reference["short"]
     after = [s.prefix_cache_queries for s in replica_stats(pool)]
     assert all(a > b for a, b in zip(after, before)), f"both replicas should have served: {before} -> {after}"

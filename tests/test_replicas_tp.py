@@ -3,7 +3,6 @@ model is split over two gloo ranks (four engine processes on a local Ray started
 checkpoint). Concurrent requests through the server's app must be answered as one process answers
 them, token for token, and both replicas must have served."""
 
-import threading
 from functools import partial
 
 import pytest
@@ -14,7 +13,7 @@ from qwen2vl.engine.llm import LLM
 from qwen2vl.engine.sampling_params import SamplingParams
 from qwen2vl.server.limits import ServerLimits
 from tests.helpers.checkpoints import tiny_checkpoint
-from tests.helpers.server import MAX_MODEL_LEN, serving
+from tests.helpers.server import MAX_MODEL_LEN, ask_all, serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's pydantic fields
 pytest.importorskip("ray", reason='the replicas need Ray: pip install -e ".[test]"')
@@ -57,19 +56,9 @@ def test_replicas_of_tensor_parallel_engines_answer_as_one_process(pool, referen
 
     assert len(set(reference)) >= len(PROMPTS) - 1, f"the prompts should get different answers: {reference}"
     before = [h.stats.remote().result().prefix_cache_queries for h in pool.handles]
-    answers = [None] * len(PROMPTS)
     with serving(create_app(pool, ServerLimits(), api_key=KEY, model_name="tiny")) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
-
-        def ask(i):
-            r = client.chat.completions.create(model="tiny", messages=conversation(i), temperature=0, max_tokens=12)
-            answers[i] = r.choices[0].message.content
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        answers = ask_all(client, [conversation(i) for i in range(len(PROMPTS))])
     assert answers == reference
     after = [h.stats.remote().result().prefix_cache_queries for h in pool.handles]
     assert all(a > b for a, b in zip(after, before)), f"both replicas should have served: {before} -> {after}"

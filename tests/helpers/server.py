@@ -4,6 +4,7 @@ the tiny checkpoint (checkpoints.tiny_checkpoint)."""
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from tests.helpers.checkpoints import tiny_checkpoint
@@ -53,3 +54,14 @@ def serving(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def ask_all(client, conversations: list, model: str = "tiny", max_tokens: int = 12) -> list[str]:
+    """The greedy answer to each conversation through an openai `client`, every one asked at once
+    (a thread each), in the conversations' order."""
+    def ask(messages):
+        r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens)
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(len(conversations)) as pool:
+        return list(pool.map(ask, conversations))
