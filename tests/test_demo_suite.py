@@ -217,6 +217,24 @@ def test_the_boxes_subset_adds_the_lines_that_open_with_a_box_and_no_other_box(t
         assert all(m["content"].startswith("<|object_ref_start|>") == q.startswith("Where")
                    for q, m in zip(asked, line["messages"][1::2]))
     assert [line for line in boxes if not line["messages"][0]["content"].startswith("<image>Where")] == short
+
+
+def test_the_mix_weights_the_tasks_and_leaves_out_the_ones_not_named(tmp_path, capsys):
+    import json
+
+    from qwen2vl.demo.dataset import main
+
+    main([str(tmp_path), "--cases", "24", "--seed", "5", "--mix", "color=2,count=1,two_images=1"])
+    firsts = [json.loads(t)["messages"][0]["content"] for t in open(tmp_path / "train.jsonl")]
+    assert sum(q.startswith("<image>What color") for q in firsts) == 12
+    assert sum(q.startswith("<image>How many") for q in firsts) == 6
+    assert sum(q.startswith("<image><image>Which image") for q in firsts) == 6
+    for bad, why in (("colour=1", "unknown task 'colour'"), ("color=x", "must be a number")):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path), "--cases", "2", "--mix", bad])
+        assert why in capsys.readouterr().err
+
+
 def test_the_single_task_set_holds_the_first_cases_with_that_many_shapes(tmp_path):
     import json
 

@@ -175,6 +175,20 @@ def write_subset(source: str | Path, out: str | Path, max_shapes: int, pairs: bo
     return out
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """"color=1.5,count=1.5,video=0.5" -> {"color": 1.5, ...}: a later stage's data, weighted to its weak tasks."""
+    mix = {}
+    for part in text.split(","):
+        task, _, weight = part.partition("=")
+        if task.strip() not in TASKS:
+            raise argparse.ArgumentTypeError(f"unknown task {task.strip()!r} in --mix; tasks: {', '.join(TASKS)}")
+        try:
+            mix[task.strip()] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--mix {part!r}: the weight must be a number") from None
+    return mix
+
+
 def main(argv=None) -> None:
     from qwen2vl.demo.evaluate import TRAIN_SEED
 
@@ -183,6 +197,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", type=int)
     parser.add_argument("--seed", type=int, default=TRAIN_SEED, help=f"default {TRAIN_SEED} (the eval uses another)")
     parser.add_argument("--extra-turns", type=int, default=6, help="most extra questions per picture (default 6)")
+    parser.add_argument("--mix", type=parse_mix, default=MIX, metavar="TASK=W,...", help="cases per task in "
+                        "proportion to these weights; tasks left out get none (default "
+                        + ",".join(f"{t}={w:g}" for t, w in MIX.items()) + ")")
     parser.add_argument("--subset-of", metavar="TRAIN_JSONL", help="instead: write to OUT (a .jsonl next to "
                         "TRAIN_JSONL) its lines whose picture holds at most --max-shapes shapes, and its videos")
     parser.add_argument("--max-shapes", type=int, default=1)
@@ -202,7 +219,7 @@ def main(argv=None) -> None:
         return
     if args.cases is None:
         parser.error("--cases is required")
-    print(write_dataset(args.out, args.cases, args.seed, args.extra_turns))
+    print(write_dataset(args.out, args.cases, args.seed, args.extra_turns, args.mix))
 
 
 if __name__ == "__main__":
