@@ -79,21 +79,23 @@ def main(argv=None) -> None:
                         "low for 300 steps of a new answer vocabulary)")
     parser.add_argument("--lora-alpha", default="32", help="default 32 (train's default: the update x 2)")
     parser.add_argument("--warmup-ratio", default="0.1", help="of the 300 steps (default 0.1)")
+    parser.add_argument("--loraplus-ratio", help="LoRA+: B learns at this x --lr (default: off)")
+    parser.add_argument("--model", default="demo", help="the base model (default demo; a candidate checkpoint)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     shapes = args.shapes or None
     data = write_rows(work, args.rows, shapes)
-    command = [sys.executable, "-m", "qwen2vl", "train", "--model", "demo", "--data", str(data),
+    command = [sys.executable, "-m", "qwen2vl", "train", "--model", args.model, "--data", str(data),
                "--output", str(work / "lora"), "--lora-rank", "16", "--epochs", "3", "--lr", args.lr,
                "--lora-alpha", args.lora_alpha, "--warmup-ratio", args.warmup_ratio, "--overwrite",
-               "--log-every", "50"]
+               "--log-every", "50"] + (["--loraplus-ratio", args.loraplus_ratio] if args.loraplus_ratio else [])
     print("$", " ".join(["qwen2vl", *command[3:]]), flush=True)
     began = time.perf_counter()
     subprocess.run(command, check=True)
     took = time.perf_counter() - began
 
     cases = colour_cases(HELD_OUT_SEED, args.cases, shapes)
-    llm = LLM("demo", lora={"french": str(work / "lora")}, kv_cache_gib=0.05)
+    llm = LLM(args.model, lora={"french": str(work / "lora")}, kv_cache_gib=0.05)
     english = ask(llm, cases, "", None)
     base_french = ask(llm, cases, SUFFIX, None)
     french = ask(llm, cases, SUFFIX, "french")

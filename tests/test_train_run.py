@@ -162,6 +162,21 @@ def test_vision_lr_and_init_scale_reach_the_vision_tower_only(setup):
     assert slow[vision] < same[vision] / 20
 
 
+def test_loraplus_steps_the_b_matrices_at_ratio_times_the_rate(setup):
+    """--loraplus-ratio: Adam's first step moves each weight by about its group's rate, so B (zero at the
+    start, the only LoRA half with a gradient then) moves ratio x as far as without LoRA+."""
+    root, data = setup
+
+    def b_moved(ratio) -> float:
+        out = f"loraplus_{ratio}"
+        train(replace(config(root, data, out, loraplus_ratio=ratio), steps=1, save_every=None, lr=1e-4),
+              log=lambda line: None)
+        adapter = load_file(str(root / out / "adapter_model.safetensors"))
+        return torch.stack([w.abs().mean() for name, w in adapter.items() if "lora_B" in name]).mean().item()
+
+    assert b_moved(10.0) == pytest.approx(10 * b_moved(None), rel=1e-3)
+
+
 def qwen2vl(*args, cwd=REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "qwen2vl", *map(str, args)], capture_output=True, text=True,

@@ -47,6 +47,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(DECODER_LINEARS))
+    loraplus_ratio: float | None = None  # LoRA+: B's learning rate is this times A's
     lr: float | None = None  # default: 1e-4 for LoRA, 1e-5 full
     vision_lr: float | None = None  # the vision tower's (with train_vision); default lr
     warmup_steps: int | None = None
@@ -73,8 +74,8 @@ class TrainConfig:
 
     def resumable_settings(self) -> dict:
         """What a resumed run must keep (the data order and the trained tensors depend on it)."""
-        keep = ("data", "full", "train_vision", "lora_rank", "lora_alpha", "lora_targets", "batch_size",
-                "grad_accum", "seed", "max_length", "min_pixels", "max_pixels")
+        keep = ("data", "full", "train_vision", "lora_rank", "lora_alpha", "lora_targets", "loraplus_ratio",
+                "batch_size", "grad_accum", "seed", "max_length", "min_pixels", "max_pixels")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -106,6 +107,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
         group_lr = (cfg.vision_lr or lr) if vision else lr
         groups += [{"params": [p for p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": group_lr},
                    {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr": group_lr}]  # biases, norms
+    if cfg.loraplus_ratio:  # LoRA+ (Hayou et al. 2024): B, which starts at zero, learns ratio x faster than A
+        b = {id(p) for name, p in params.items() if name.endswith("lora_B")}
+        groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in b]
+        groups.append({"params": [p for p in params.values() if id(p) in b], "weight_decay": cfg.weight_decay,
+                       "lr": lr * cfg.loraplus_ratio})
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, cfg.adam_beta2))
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = cfg.steps or math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
