@@ -235,6 +235,29 @@ def test_the_mix_weights_the_tasks_and_leaves_out_the_ones_not_named(tmp_path, c
         assert why in capsys.readouterr().err
 
 
+def test_the_kind_lesson_asks_every_shape_of_distinct_colours_and_names_the_kind_drawn(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import write_kind_set
+
+    lines = [json.loads(t) for t in open(write_kind_set(tmp_path, 12, 4, (2, 6)))]
+    assert len(lines) == 12
+    fill = {"square": (0.95, 1.0), "circle": (0.7, 0.85), "triangle": (0.3, 0.55)}  # of the region's box
+    for line in lines:
+        a = np.asarray(Image.open(tmp_path / line["images"][0]))
+        found = {r["color"]: r["box"] for r in regions(Image.fromarray(a))}
+        asked = [m["content"].removeprefix("<image>") for m in line["messages"][::2]]
+        answers = [m["content"] for m in line["messages"][1::2]]
+        assert line["messages"][0]["content"].startswith("<image>") and 2 <= len(asked) == len(found) <= 6
+        assert sorted(q.removeprefix("Which shape is ").removesuffix("?") for q in asked) == sorted(found)
+        for q, answer in zip(asked, answers):
+            color = q.removeprefix("Which shape is ").removesuffix("?")
+            the, said_color, kind = answer.split()
+            x1, y1, x2, y2 = found[color]
+            share = (a[y1:y2, x1:x2] == COLORS[color]).all(-1).mean()
+            assert (the, said_color) == ("the", color) and fill[kind][0] <= share <= fill[kind][1], (answer, share)
+
+
 def test_the_single_task_set_holds_the_first_cases_with_that_many_shapes(tmp_path):
     import json
 

@@ -128,6 +128,39 @@ def write_single_task(out: str | Path, cases: int, seed: int, task: str, shapes:
     return path
 
 
+def kind_question(color: str) -> str:
+    return f"Which shape is {color}?"
+
+
+def write_kind_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int] = (1, 6)) -> Path:
+    """`cases` pictures of `shapes` shapes (lo-hi) in distinct colours, each shape asked about in random
+    order: "Which shape is red?" -> "the red circle". Not a suite task: a lesson in the shapes' kinds,
+    which the tower had not learnt after stage 9 (it named a lone shape's kind right 8 / 27 times, chance
+    9; colours 24 / 27), so "What color is the circle?" among other shapes was a guess among the colours
+    present. The answer is the grounding's words, whose tokens training had already moved (a bare
+    "circle" is the untrained bytes c-ir-cle)."""
+    from qwen2vl.demo.scenes import COLORS, SHAPES
+    from qwen2vl.demo.tasks import _scene
+
+    out = Path(out)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    path = out / "train.jsonl"
+    with open(path, "w") as f:
+        for index in range(cases):
+            rng = random.Random(f"qwen2vl-demo-kind:{seed}:{index}")
+            colors = rng.sample(list(COLORS), rng.randint(*shapes))
+            image, drawn = _scene(rng, [(rng.choice(SHAPES), c) for c in colors])
+            name = f"img/{index:06d}.png"
+            image.save(out / name)
+            messages = []
+            for shape in rng.sample(drawn, len(drawn)):
+                question = kind_question(shape.color)
+                messages += [{"role": "user", "content": ("<image>" if not messages else "") + question},
+                             {"role": "assistant", "content": f"the {shape.color} {shape.kind}"}]
+            f.write(json.dumps({"messages": messages, "images": [name]}) + "\n")
+    return path
+
+
 def shapes_in(line: dict) -> int | None:
     """How many shapes a training line's picture holds (from its list answer); None for the videos
     and picture pairs, whose lines have no list."""
@@ -210,7 +243,13 @@ def main(argv=None) -> None:
                         "of this task whose picture holds exactly --shapes shapes, without extra questions")
     parser.add_argument("--shapes", type=int, help="with --only: how many shapes (a video: still ones besides "
                         "the moving one); default any")
+    parser.add_argument("--kinds", metavar="LO-HI", help="instead: --cases pictures of LO-HI shapes in distinct "
+                        "colours, each asked 'Which shape is {color}?' (a lesson in the shapes' kinds)")
     args = parser.parse_args(argv)
+    if args.kinds:
+        lo, _, hi = args.kinds.partition("-")
+        print(write_kind_set(args.out, args.cases, args.seed, (int(lo), int(hi or lo))))
+        return
     if args.only:
         print(write_single_task(args.out, args.cases, args.seed, args.only, args.shapes))
         return
