@@ -256,6 +256,11 @@ def test_the_kind_lesson_asks_every_shape_of_distinct_colours_and_names_the_kind
             x1, y1, x2, y2 = found[color]
             share = (a[y1:y2, x1:x2] == COLORS[color]).all(-1).mean()
             assert (the, said_color) == ("the", color) and fill[kind][0] <= share <= fill[kind][1], (answer, share)
+    big = [json.loads(t) for t in open(write_kind_set(tmp_path / "big", 6, 4, (1, 1), fraction=(0.4, 0.8)))]
+    for line in big:
+        image = Image.open(tmp_path / "big" / line["images"][0])
+        ((x1, y1, x2, y2),) = [r["box"] for r in regions(image)]
+        assert 0.4 * min(image.size) - 1 <= max(x2 - x1, y2 - y1) <= 0.8 * min(image.size)
 
 
 def test_the_single_task_set_holds_the_first_cases_with_that_many_shapes(tmp_path):

@@ -132,15 +132,16 @@ def kind_question(color: str) -> str:
     return f"Which shape is {color}?"
 
 
-def write_kind_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int] = (1, 6)) -> Path:
+def write_kind_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int] = (1, 6),
+                   fraction: tuple[float, float] | None = None) -> Path:
     """`cases` pictures of `shapes` shapes (lo-hi) in distinct colours, each shape asked about in random
     order: "Which shape is red?" -> "the red circle". Not a suite task: a lesson in the shapes' kinds,
     which the tower had not learnt after stage 9 (it named a lone shape's kind right 8 / 27 times, chance
     9; colours 24 / 27), so "What color is the circle?" among other shapes was a guess among the colours
     present. The answer is the grounding's words, whose tokens training had already moved (a bare
-    "circle" is the untrained bytes c-ir-cle)."""
-    from qwen2vl.demo.scenes import COLORS, SHAPES
-    from qwen2vl.demo.tasks import _scene
+    "circle" is the untrained bytes c-ir-cle). `fraction`: shape sides as this share of the picture's
+    shorter side (default the suite's 12-25%; bigger shapes are the easier first lesson)."""
+    from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, place, random_background, random_size
 
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,10 @@ def write_kind_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, in
         for index in range(cases):
             rng = random.Random(f"qwen2vl-demo-kind:{seed}:{index}")
             colors = rng.sample(list(COLORS), rng.randint(*shapes))
-            image, drawn = _scene(rng, [(rng.choice(SHAPES), c) for c in colors])
+            specs = [(rng.choice(SHAPES), c) for c in colors]
+            while (drawn := place(rng, *(size := random_size(rng)), specs, fraction=fraction)) is None:
+                pass
+            image = draw_scene(*size, random_background(rng), drawn)
             name = f"img/{index:06d}.png"
             image.save(out / name)
             messages = []
@@ -243,12 +247,15 @@ def main(argv=None) -> None:
                         "of this task whose picture holds exactly --shapes shapes, without extra questions")
     parser.add_argument("--shapes", type=int, help="with --only: how many shapes (a video: still ones besides "
                         "the moving one); default any")
+    parser.add_argument("--fraction", metavar="LO-HI", help="with --kinds: shape sides as this share of the "
+                        "shorter side (default the suite's 0.12-0.25)")
     parser.add_argument("--kinds", metavar="LO-HI", help="instead: --cases pictures of LO-HI shapes in distinct "
                         "colours, each asked 'Which shape is {color}?' (a lesson in the shapes' kinds)")
     args = parser.parse_args(argv)
     if args.kinds:
         lo, _, hi = args.kinds.partition("-")
-        print(write_kind_set(args.out, args.cases, args.seed, (int(lo), int(hi or lo))))
+        fraction = tuple(map(float, args.fraction.split("-"))) if args.fraction else None
+        print(write_kind_set(args.out, args.cases, args.seed, (int(lo), int(hi or lo)), fraction))
         return
     if args.only:
         print(write_single_task(args.out, args.cases, args.seed, args.only, args.shapes))

@@ -73,10 +73,15 @@ def random_background(rng: random.Random) -> tuple[int, int, int]:
 
 
 def place(rng: random.Random, width: int, height: int, specs: list[tuple[str, str]],
-          keep_out: list[tuple[int, int, int, int]] = (), tries: int = 200) -> list[Shape] | None:
+          keep_out: list[tuple[int, int, int, int]] = (), tries: int = 200,
+          fraction: tuple[float, float] | None = None) -> list[Shape] | None:
     """Shapes of the given (kind, color) at random sizes and places, every square at least GAP px from
-    the others and from the `keep_out` boxes; None when they do not fit after `tries` attempts."""
+    the others and from the `keep_out` boxes; None when they do not fit after `tries` attempts.
+    `fraction`: square sides as this share of the shorter side instead of the suite's (training lessons)."""
     lo, hi = shape_sides(width, height)
+    if fraction:
+        short = min(width, height)
+        lo, hi = max(MIN_SHAPE, math.ceil(fraction[0] * short)), max(MIN_SHAPE, int(fraction[1] * short))
     for _ in range(tries):
         shapes: list[Shape] = []
         for kind, color in specs:
