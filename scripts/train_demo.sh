@@ -192,6 +192,11 @@ stage stage9 --model "$WORK/stage8" --data "$WORK/data/mix.jsonl" --seed 1 \
 #       --steps 1000 --batch-size 8 --lr 3e-4 --vision-lr 1e-4 --warmup-steps 30 --weight-decay 0.01   # 15 min
 #   stage kA --model "$WORK/alignA" --data "$WORK/k1/train.jsonl" --seed 1 \
 #       --steps 300 --batch-size 16 --lr 5e-4 --vision-lr 5e-5 --warmup-steps 20 --weight-decay 0.01   # kinds 58 / 80
+#   (k16.jsonl: k1's and k6's lines, shuffled, 7,000; mixB.jsonl: mixA's and k16's, shuffled, 27,000)
+#   stage kB --model "$WORK/kA" --data "$WORK/k16.jsonl" --seed 2 \
+#       --steps 300 --batch-size 16 --lr 5e-4 --vision-lr 5e-5 --warmup-steps 20 --weight-decay 0.01   # 65 / 80, 27 / 80
+#   stage mB --model "$WORK/kB" --data "$WORK/mixB.jsonl" --seed 3 \
+#       --steps 600 --batch-size 8 --lr 2e-4 --vision-lr 5e-5 --warmup-steps 20 --weight-decay 0.01    # video 24%
 
 cat "$WORK"/stage{1a,1b,2,3,4,5,6c,6d,6e,7,8,9}.log > "$WORK/train.log"
 python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png

@@ -11,7 +11,8 @@ Why (docs/demo.md, 2026-12-04): the curriculum's tower (stages 1-9) sees colours
 cannot learn them: its patch embedding projects every patch onto its colour with a norm ~7x a fresh
 tower's, and neither a lesson through the decoder (800 steps of 16) nor a classifier trained on the
 tower directly took lone shapes' kinds much past half. A fresh tower with one label per token
-learns colour and kind at once, in the place the decoder needs them, in ~1,000 steps of 16.
+learns colour and kind at once, in the place the decoder needs them: 89% of held-out shapes named
+after 1,000 steps of 16, 95% after 1,800 (measured with a version that cached 6,000 pictures).
 """
 
 from __future__ import annotations
