@@ -185,7 +185,7 @@ stage stage9 --model "$WORK/stage8" --data "$WORK/data/mix.jsonl" --seed 1 \
 # Then the tower (docs/demo.md, "Why the kinds do not come"): a fresh tower on per-token shape labels, put in
 # stage 9's checkpoint, then the decoder taught to read it (the tower used came from a throwaway version of
 # qwen2vl/demo/tower.py that cached 6,000 pictures; 95.4% of held-out shapes named after 1,800 steps, 35 min):
-#   python -m qwen2vl.demo.tower "$WORK/stage9" "$WORK/tower" --steps 1800 --seed 5
+#   python -m qwen2vl.demo.tower "$WORK/stage9" "$WORK/tower" --steps 1800 --seed 5   # its own 600-step run: 72%
 #   python -m qwen2vl.demo.dataset "$WORK/vid" --only video --cases 2000 --seed 1002
 #   (mixA.jsonl: mix15's lines and vid's, shuffled: 20,000 lines)
 #   stage alignA --model "$WORK/tower" --data "$WORK/mixA.jsonl" --save-every 250 \

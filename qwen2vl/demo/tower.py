@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from qwen2vl.demo.scenes import COLORS, SHAPES, Shape, draw_scene, place, random_background, random_size
+from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import Processor
 from qwen2vl.train.checkpoint import save_full
@@ -122,15 +123,16 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Train a fresh vision tower for the demo on per-token shape labels.")
-    parser.add_argument("base", type=Path, help="checkpoint folder whose decoder and config are kept")
+    parser.add_argument("base", help="checkpoint folder (or \"demo\") whose decoder and config are kept")
     parser.add_argument("out", type=Path, help="where the checkpoint with the new tower goes")
     parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
-    model = teach_tower(args.base, args.steps, args.seed, args.lr, args.batch_size)
-    save_full(model, args.base, args.out, torch.bfloat16)
+    base = resolve_model_path(args.base)
+    model = teach_tower(base, args.steps, args.seed, args.lr, args.batch_size)
+    save_full(model, base, args.out, torch.bfloat16)
     print(args.out)
 
 
