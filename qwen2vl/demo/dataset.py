@@ -141,7 +141,7 @@ def write_kind_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, in
     present. The answer is the grounding's words, whose tokens training had already moved (a bare
     "circle" is the untrained bytes c-ir-cle). `fraction`: shape sides as this share of the picture's
     shorter side (default the suite's 12-25%; bigger shapes are the easier first lesson)."""
-    from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, place, random_background, random_size
+    from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
 
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
@@ -151,9 +151,8 @@ def write_kind_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, in
             rng = random.Random(f"qwen2vl-demo-kind:{seed}:{index}")
             colors = rng.sample(list(COLORS), rng.randint(*shapes))
             specs = [(rng.choice(SHAPES), c) for c in colors]
-            while (drawn := place(rng, *(size := random_size(rng)), specs, fraction=fraction)) is None:
-                pass
-            image = draw_scene(*size, random_background(rng), drawn)
+            width, height, drawn = fit(rng, specs, fraction)
+            image = draw_scene(width, height, random_background(rng), drawn)
             name = f"img/{index:06d}.png"
             image.save(out / name)
             messages = []

@@ -58,10 +58,10 @@ def apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int =
     return a[0] >= b[2] + gap or b[0] >= a[2] + gap or a[1] >= b[3] + gap or b[1] >= a[3] + gap
 
 
-def shape_sides(width: int, height: int) -> tuple[int, int]:
-    """Smallest and largest square side for an image of this size."""
+def shape_sides(width: int, height: int, fraction: tuple[float, float] = SHAPE_FRACTION) -> tuple[int, int]:
+    """Smallest and largest square side for an image of this size: `fraction` of its shorter side."""
     short = min(width, height)
-    return max(MIN_SHAPE, math.ceil(SHAPE_FRACTION[0] * short)), max(MIN_SHAPE, int(SHAPE_FRACTION[1] * short))
+    return max(MIN_SHAPE, math.ceil(fraction[0] * short)), max(MIN_SHAPE, int(fraction[1] * short))
 
 
 def random_size(rng: random.Random, lo: int = MIN_SIDE, hi: int = MAX_SIDE) -> tuple[int, int]:
@@ -78,10 +78,7 @@ def place(rng: random.Random, width: int, height: int, specs: list[tuple[str, st
     """Shapes of the given (kind, color) at random sizes and places, every square at least GAP px from
     the others and from the `keep_out` boxes; None when they do not fit after `tries` attempts.
     `fraction`: square sides as this share of the shorter side instead of the suite's (training lessons)."""
-    lo, hi = shape_sides(width, height)
-    if fraction:
-        short = min(width, height)
-        lo, hi = max(MIN_SHAPE, math.ceil(fraction[0] * short)), max(MIN_SHAPE, int(fraction[1] * short))
+    lo, hi = shape_sides(width, height, fraction or SHAPE_FRACTION)
     for _ in range(tries):
         shapes: list[Shape] = []
         for kind, color in specs:
@@ -96,6 +93,16 @@ def place(rng: random.Random, width: int, height: int, specs: list[tuple[str, st
         if len(shapes) == len(specs):
             return shapes
     return None
+
+
+def fit(rng: random.Random, specs: list[tuple[str, str]],
+        fraction: tuple[float, float] | None = None) -> tuple[int, int, list[Shape]]:
+    """A random picture size and `specs` placed in it (`place`), the size drawn again until they fit."""
+    while True:
+        width, height = random_size(rng)
+        shapes = place(rng, width, height, specs, fraction=fraction)
+        if shapes is not None:
+            return width, height, shapes
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:

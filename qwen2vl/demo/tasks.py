@@ -67,12 +67,9 @@ def _other(rng, specs_to_avoid: set, n: int, kinds=SHAPES) -> list[tuple[str, st
 def _scene(rng, specs: list[tuple[str, str]]) -> tuple[Image.Image, list[Shape]]:
     """An image of random size and background holding shapes of `specs` (the size is drawn again
     until they fit)."""
-    while True:
-        width, height = random_size(rng)
-        shapes = place(rng, width, height, specs)
-        if shapes is not None:
-            rng.shuffle(shapes)
-            return draw_scene(width, height, random_background(rng), shapes), shapes
+    width, height, shapes = scenes.fit(rng, specs)
+    rng.shuffle(shapes)
+    return draw_scene(width, height, random_background(rng), shapes), shapes
 
 
 def color_case(rng) -> Case:
