@@ -54,3 +54,10 @@ def test_the_lesson_trains_the_tower_and_keeps_the_decoder(tmp_path):
         same = torch.equal(before[name], after[name])
         assert same != name.startswith("visual."), name  # every tower tensor new, every decoder one kept
     Qwen2VL.from_pretrained(out, dtype=torch.float32)
+
+
+def test_workers_draw_the_pictures_the_lesson_draws_without_them():
+    towers = [teach_tower(DEMO, steps=2, batch_size=2, held_out=1, workers=workers, log=lambda _: None).visual
+              for workers in (0, 2)]
+    for (name, a), b in zip(towers[0].state_dict().items(), towers[1].state_dict().values()):
+        assert torch.equal(a, b), name

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from qwen2vl.processing.processor import Processor
 from qwen2vl.train.batch import pack
-from qwen2vl.train.data import read_rows
+from qwen2vl.train.data import DataError, read_rows
 from qwen2vl.train.examples import encode_row
-from qwen2vl.train.loop import TrainConfig, train
+from qwen2vl.train.loop import TrainConfig, check_rows, train
 from qwen2vl.train.setup import load_for_training
 from qwen2vl.train.step import loss_sum
 from tests.helpers.training import model_folder, sample_rows, write_jsonl
@@ -71,6 +71,33 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(setup):
         train(replace(config(root, data, "cut", resume="latest"), batch_size=1), log=lambda _: None)
     with pytest.raises(ValueError, match="is not empty; --resume to continue"):
         train(config(root, data, "whole"), log=lambda _: None)
+
+
+def test_workers_prepare_the_steps_a_run_without_them_takes(setup):
+    """Two worker processes encode the rows ahead: the same rows per step, the same dropout masks (the
+    loader must not draw from the global RNG), so the same adapter bit for bit, resumed or not."""
+    root, data = setup
+    train(config(root, data, "unhelped"), log=lambda _: None)
+    with pytest.raises(Interrupted):
+        train(config(root, data, "helped", workers=2), log=interrupt_after_saving)
+    train(config(root, data, "helped", workers=2, resume="latest"), log=lambda _: None)
+    unhelped = load_file(str(root / "unhelped" / "adapter_model.safetensors"))
+    helped = load_file(str(root / "helped" / "adapter_model.safetensors"))
+    for name in unhelped:
+        assert torch.equal(helped[name], unhelped[name]), name
+
+
+def test_a_row_whose_answers_cannot_be_found_stops_the_run_before_it_starts_with_workers_too(setup):
+    root, data = setup
+    processor = Processor.from_pretrained(root / "base")
+    rows = read_rows(data) * 150  # more than one chunk, so that the workers share them
+    check_rows(rows, processor, workers=2)
+    rows[-1] = replace(rows[-1], messages=rows[-1].messages[1:])  # opens with the assistant's answer
+    for workers in (0, 2):
+        with pytest.raises(DataError) as caught:
+            check_rows(rows, processor, workers=workers)
+        assert str(caught.value) == (f"{rows[-1].where}: message 0 is an assistant answer to nothing; "
+                                     "start with a user message")
 
 
 def test_accumulating_two_micro_batches_equals_one_batch_of_both(setup):

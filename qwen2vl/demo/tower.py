@@ -1,6 +1,7 @@
 """A lesson for the demo's vision tower alone: every merged token names the shape centred in it.
 
     python -m qwen2vl.demo.tower BASE OUT --steps 1800 [--seed 5] [--lr 1e-3] [--batch-size 16]
+                                            [--device cuda] [--workers 8]
 
 trains a fresh vision tower (random weights) on pictures of the suite, with a linear head on its
 merged tokens that must name, for each token, the shape whose square's centre falls in it (one of
@@ -68,12 +69,31 @@ def render(rng: random.Random, processor: Processor):
     return batch["pixel_values"], grid, token_labels(shapes, width, height, rows, cols)
 
 
+class Lesson(torch.utils.data.Dataset):
+    """Item i: step i's pictures, packed (pixel_values, grid_thw, labels); drawn from (seed, i) alone,
+    so worker processes can draw steps ahead."""
+
+    def __init__(self, processor: Processor, steps: int, batch_size: int, seed: int):
+        self.processor, self.steps, self.batch_size, self.seed = processor, steps, batch_size, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} of {self.steps}")
+        rng = random.Random(f"tower lesson {self.seed} {step}")
+        cases = [render(rng, self.processor) for _ in range(self.batch_size)]
+        return tuple(torch.cat([c[k] for c in cases]) for k in range(3))
+
+
 def score(tower: nn.Module, head: nn.Linear, cases: list) -> tuple[float, int]:
     """(share of shapes whose centre token is named right, tokens wrongly named a shape)."""
     right = shapes = false = 0
+    device = head.weight.device
     with torch.no_grad():
         for pixels, grid, labels in cases:
-            guess = head(tower(pixels, grid).float()).argmax(-1)
+            guess = head(tower(pixels.to(device), grid).float()).argmax(-1).cpu()
             held = labels > 0
             right += int((guess[held] == labels[held]).sum())
             shapes += int(held.sum())
@@ -82,31 +102,35 @@ def score(tower: nn.Module, head: nn.Linear, cases: list) -> tuple[float, int]:
 
 
 def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_size: int = 16,
-                held_out: int = 100, log=print) -> Qwen2VL:
+                held_out: int = 100, device: str = "cpu", workers: int = 0, log=None) -> Qwen2VL:
     """BASE's model with a fresh vision tower trained on token labels for `steps` AdamW steps
-    (warmup, then cosine to a tenth)."""
+    (warmup, then cosine to a tenth); pictures drawn by `workers` processes ahead of the steps
+    (0: between steps)."""
+    log = log or (lambda text: print(text, flush=True))
     torch.manual_seed(seed)
     processor = Processor.from_pretrained(base)
-    model = Qwen2VL.from_pretrained(base, dtype=torch.float32, device="cpu")
-    model.visual = random_model(base, "cpu").visual.float().train()
+    model = Qwen2VL.from_pretrained(base, dtype=torch.float32, device=device)
+    model.visual = random_model(base, device).visual.float().train()
     tower = model.visual
-    head = nn.Linear(model.config.vision.hidden_size, CLASSES)
+    head = nn.Linear(model.config.vision.hidden_size, CLASSES, device=device)
     params = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = min(30, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
                                                  * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
-    weight = torch.ones(CLASSES)
+    weight = torch.ones(CLASSES, device=device)
     weight[0] = NOTHING_WEIGHT
-    rng = random.Random(seed)
     held_out = [render(random.Random(f"held-out {seed} {i}"), processor) for i in range(held_out)]
+    lesson = Lesson(processor, steps, batch_size, seed)
+    if workers:
+        pictures = torch.utils.data.DataLoader(lesson, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                               generator=torch.Generator().manual_seed(seed))
+    else:
+        pictures = (lesson[i] for i in range(steps))
     start = time.time()
-    for step in range(1, steps + 1):
-        cases = [render(rng, processor) for _ in range(batch_size)]
-        pixels = torch.cat([c[0] for c in cases])
-        grids = torch.cat([c[1] for c in cases])
-        logits = head(tower(pixels, grids).float())
-        loss = nn.functional.cross_entropy(logits, torch.cat([c[2] for c in cases]), weight=weight)
+    for step, (pixels, grids, labels) in enumerate(pictures, 1):
+        logits = head(tower(pixels.to(device), grids).float())
+        loss = nn.functional.cross_entropy(logits, labels.to(device), weight=weight)
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -129,9 +153,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--workers", type=int, default=0, help="processes drawing the next steps' pictures")
     args = parser.parse_args(argv)
     base = resolve_model_path(args.base)
-    model = teach_tower(base, args.steps, args.seed, args.lr, args.batch_size)
+    model = teach_tower(base, args.steps, args.seed, args.lr, args.batch_size, device=args.device,
+                        workers=args.workers)
     save_full(model, base, args.out, torch.bfloat16)
     print(args.out)
 
