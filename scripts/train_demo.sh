@@ -198,6 +198,9 @@ stage stage9 --model "$WORK/stage8" --data "$WORK/data/mix.jsonl" --seed 1 \
 #   stage mB --model "$WORK/kB" --data "$WORK/mixB.jsonl" --seed 3 \
 #       --steps 600 --batch-size 8 --lr 2e-4 --vision-lr 5e-5 --warmup-steps 20 --weight-decay 0.01    # video 24%
 
+# On a GPU: scripts/train_demo_gpu.sh (the tower lesson, then the decoder, then the whole model; docs/demo.md,
+# "On a GPU"); its one run so far (2026-12-04, H200) gave the tower 97.3% in 88 s, and no checkpoint shipped.
+
 cat "$WORK"/stage{1a,1b,2,3,4,5,6c,6d,6e,7,8,9}.log > "$WORK/train.log"
 python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png
 mkdir -p qwen2vl/demo/checkpoint
