@@ -19,7 +19,8 @@ from qwen2vl.processing.processor import Processor
 from qwen2vl.train.batch import pack
 from qwen2vl.train.data import DataError, read_rows
 from qwen2vl.train.examples import encode_row
-from qwen2vl.train.loop import TrainConfig, check_rows, train
+from qwen2vl.train.feed import check_rows
+from qwen2vl.train.loop import TrainConfig, train
 from qwen2vl.train.setup import load_for_training
 from qwen2vl.train.step import loss_sum
 from tests.helpers.training import model_folder, sample_rows, write_jsonl

@@ -32,6 +32,7 @@ from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import Processor
 from qwen2vl.train.checkpoint import save_full
+from qwen2vl.train.feed import in_order
 from qwen2vl.train.setup import random_model
 
 CLASSES = 1 + len(SHAPES) * len(COLORS)  # nothing, then every (kind, colour)
@@ -121,14 +122,9 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
     weight = torch.ones(CLASSES, device=device)
     weight[0] = NOTHING_WEIGHT
     held_out = [render(random.Random(f"held-out {seed} {i}"), processor) for i in range(held_out)]
-    lesson = Lesson(processor, steps, batch_size, seed)
-    if workers:
-        pictures = torch.utils.data.DataLoader(lesson, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                               generator=torch.Generator().manual_seed(seed))
-    else:
-        pictures = (lesson[i] for i in range(steps))
+    lesson = in_order(Lesson(processor, steps, batch_size, seed), workers, seed)
     start = time.time()
-    for step, (pixels, grids, labels) in enumerate(pictures, 1):
+    for step, (pixels, grids, labels) in enumerate(lesson, 1):
         logits = head(tower(pixels.to(device), grids).float())
         loss = nn.functional.cross_entropy(logits, labels.to(device), weight=weight)
         optimizer.zero_grad()
