@@ -29,8 +29,13 @@ def packed_causal_attend(cu_seqlens: list[int]):
     spans = list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
     if len(spans) == 1:
         return causal_attend
+    masks = {}  # device -> the batch's mask, built by the first layer and kept for the others
 
     def attend(layer, q, k, v):
+        if _one_masked_call(q):
+            if q.device not in masks:
+                masks[q.device] = block_mask(cu_seqlens, q.device, causal=True)
+            return masked_attention(q, k, v, masks[q.device])
         return torch.cat([causal_attend(layer, q[a:b], k[a:b], v[a:b]) for a, b in spans])
 
     attend.cu_seqlens = list(cu_seqlens)  # what a tensor-parallel rank rebuilds it from (parallel/step.py)
@@ -40,15 +45,19 @@ def packed_causal_attend(cu_seqlens: list[int]):
 def block_diagonal_attention(q, k, v, cu_seqlens: list[int], softmax=torch.softmax) -> torch.Tensor:
     """Non-causal attention within each [cu_seqlens[i], cu_seqlens[i+1]) block, none across.
 
-    q, k, v [N, H, D] -> [N, H, D]. No N x N mask is ever built: a block (an image, one temporal
-    patch pair of a video, one of Qwen2.5-VL's windows) of >= CPU_MATMUL_ATTENTION_MIN tokens on the
-    CPU goes through _matmul_attention, whose `softmax(scores, -1)` may work in place (the C kernel,
-    backends/cpu/vision_ops.py: the scores are its own); the others through SDPA, blocks of one
-    length together as one batch (a 1080p image has 180 windows of at most four lengths: one call
-    per length instead of one per window, measured 1.6-2x faster on the CPU).
+    q, k, v [N, H, D] -> [N, H, D]. On a GPU, blocks of several lengths go through one masked call
+    (masked_attention) while the scores stay under MASKED_SCORES_MAX; otherwise no N x N mask is
+    built: a block (an image, one temporal patch pair of a video, one of Qwen2.5-VL's windows) of
+    >= CPU_MATMUL_ATTENTION_MIN tokens on the CPU goes through _matmul_attention, whose
+    `softmax(scores, -1)` may work in place (the C kernel, backends/cpu/vision_ops.py: the scores are
+    its own); the others through SDPA, blocks of one length together as one batch (a 1080p image has
+    180 windows of at most four lengths: one call per length instead of one per window, measured
+    1.6-2x faster on the CPU).
     """
     if q.device.type == "cpu" and len(cu_seqlens) == 2 and cu_seqlens[1] - cu_seqlens[0] >= CPU_MATMUL_ATTENTION_MIN:
         return _matmul_attention(q, k, v, softmax=softmax)  # one image: no copy into `out`
+    if len(set(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))) > 1 and _one_masked_call(q):
+        return masked_attention(q, k, v, block_mask(cu_seqlens, q.device, causal=False))
     out = torch.empty_like(q)
     by_length: dict[int, list[int]] = {}
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
@@ -65,6 +74,38 @@ def block_diagonal_attention(q, k, v, cu_seqlens: list[int], softmax=torch.softm
             qs, ks, vs = (x[rows].unflatten(0, (len(starts), length)).transpose(1, 2) for x in (q, k, v))
         out[rows] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).flatten(0, 1)
     return out
+
+
+# Up to this many scores (N x N x heads) a GPU attends to every block in one SDPA call under an N x N
+# mask instead of one call per block (or per block length): a training batch of 32 rows is 32 SDPA
+# calls per layer otherwise, forward and backward, and the GPU waits on the launches. The bound keeps
+# SDPA's unfused fallback, should it take the call, within 4 GB of float32 scores.
+MASKED_SCORES_MAX = 1 << 30
+
+
+def _one_masked_call(q: torch.Tensor) -> bool:
+    return q.device.type != "cpu" and q.shape[0] ** 2 * q.shape[1] <= MASKED_SCORES_MAX
+
+
+def block_mask(cu_seqlens: list[int], device, causal: bool) -> torch.Tensor:
+    """[N, N] bool: row i may attend to column j (same block; j <= i too when causal)."""
+    lengths = torch.tensor(cu_seqlens, device=device).diff()
+    block = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    mask = block[:, None] == block[None, :]
+    if causal:
+        index = torch.arange(block.numel(), device=device)
+        mask &= index[:, None] >= index[None, :]
+    return mask
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA of [N, Hq, D] queries over [N, Hkv, D] keys and values under an [N, N] bool mask -> [N, Hq, D].
+    K and V are repeated to Hq heads here: SDPA's memory-efficient kernel, the one that takes a mask on
+    CUDA, does not take enable_gqa."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    out = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=mask)
+    return out[0].transpose(0, 1)
 
 
 # From this many tokens a block on the CPU goes through _matmul_attention: measured 2x faster than

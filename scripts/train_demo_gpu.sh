@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # The demo checkpoint's GPU recipe (docs/demo.md, "On a GPU"): stage 9's decoder, a fresh vision tower
-# taught to name every shape (python -m qwen2vl.demo.tower), then `qwen2vl train` on the suite's six
-# tasks and the kind lessons: first the decoder alone (it learns to read the new tower), then the
-# whole model. Sized for one GPU and ~16 cores in under 10 minutes; the sizes are variables, so a
-# smoke run (TOWER_STEPS=20 A_STEPS=20 B_STEPS=20 CASES=100 ...) runs the same commands.
+# taught to name every shape, its motion in a video and every character of a word (python -m
+# qwen2vl.demo.tower), then `qwen2vl train` on the suite's six tasks and the kind lessons: first the
+# decoder alone (it learns to read the new tower), then the whole model, the tower at a low rate.
+# Sized for one GPU and ~16 cores in under 10 minutes; the sizes are variables, so a smoke run
+# (TOWER_STEPS=20 A_STEPS=20 B_STEPS=20 CASES=100 ...) runs the same commands.
 #
-#   OUT=/tmp/out bash scripts/train_demo_gpu.sh     # -> OUT/{A,B}.safetensors (decoder-read, whole) + logs
+#   OUT=/tmp/out bash scripts/train_demo_gpu.sh     # -> OUT/{tower,A,B}.safetensors, OUT/run.log
 set -euo pipefail
 WORK=${WORK:-/tmp/demo_gpu}
 OUT=${OUT:-$WORK/out}
 DEVICE=${DEVICE:-cuda}
 GEN=${GEN:-16}                 # data-writing processes
-CASES=${CASES:-2500}           # suite cases per process (the default mix: all six tasks, extra questions)
+CASES=${CASES:-2500}           # suite cases per process (MIX: all six tasks, extra questions)
+MIX=${MIX:-color=1,count=1.5,grounding=2,text=2.5,video=1.5,two_images=1.5}
 KIND_CASES=${KIND_CASES:-4000} # each of the two kind lessons
 VIDEO_CASES=${VIDEO_CASES:-4000}
 TOWER_STEPS=${TOWER_STEPS:-1200}
 TOWER_BATCH=${TOWER_BATCH:-32}
 A_STEPS=${A_STEPS:-800}
+A_LR=${A_LR:-5e-4}
+B_LR=${B_LR:-3e-4}
+B_VISION_LR=${B_VISION_LR:-3e-5}
 B_STEPS=${B_STEPS:-2000}
 BATCH=${BATCH:-32}
 WORKERS=${WORKERS:-14}
@@ -29,7 +34,7 @@ say() { echo "[$(date +%T)] $*" | tee -a "$OUT/run.log"; }
 say "data: $GEN x $CASES suite cases, kinds 2 x $KIND_CASES, videos $VIDEO_CASES (in the background)"
 (
     for i in $(seq 1 "$GEN"); do
-        nice -n 10 $PY -m qwen2vl.demo.dataset "$WORK/mix$i" --cases "$CASES" --seed $((3000 + i)) >/dev/null &
+        nice -n 10 $PY -m qwen2vl.demo.dataset "$WORK/mix$i" --cases "$CASES" --mix "$MIX" --seed $((3000 + i)) >/dev/null &
     done
     nice -n 10 $PY -m qwen2vl.demo.dataset "$WORK/k1" --kinds 1 --cases "$KIND_CASES" --seed 4001 >/dev/null &
     nice -n 10 $PY -m qwen2vl.demo.dataset "$WORK/k6" --kinds 2-6 --cases "$KIND_CASES" --seed 4002 >/dev/null &
@@ -40,7 +45,8 @@ data=$!
 
 say "tower lesson: $TOWER_STEPS steps of $TOWER_BATCH"
 $PY -m qwen2vl.demo.tower demo "$WORK/tower" --steps "$TOWER_STEPS" --batch-size "$TOWER_BATCH" \
-    --device "$DEVICE" --workers "$WORKERS" 2>&1 | tee "$OUT/tower.log"
+    --device "$DEVICE" --workers "$WORKERS" 2>&1 | tee -a "$OUT/run.log"
+cp "$WORK/tower/model.safetensors" "$OUT/tower.safetensors"
 wait $data
 say "data written"
 
@@ -66,16 +72,27 @@ PY
 train() { $PY -m qwen2vl train --data "$WORK/all.jsonl" --full --batch-size "$BATCH" --workers "$WORKERS" \
     --device "$DEVICE" --weight-decay 0.01 --log-every 50 "$@"; }
 
+say "one masked attention call vs one per row, the tower's checkpoint, the first rows"
+head -n $((BATCH * 6)) "$WORK/all.jsonl" > "$WORK/bench.jsonl"
+$PY -m benchmarks.train_step_attention "$WORK/tower" "$WORK/bench.jsonl" --device "$DEVICE" --batch-size "$BATCH" \
+    --steps 3 2>&1 | tee "$WORK/bench.log" | tee -a "$OUT/run.log" || true
+# A gets half of what is left (its steps ~2/3 of the whole model's, which the benchmark timed), B the rest
+ms=$(sed -n 's/^ *masked: \([0-9]*\).*/\1/p' "$WORK/bench.log")
+if [[ -n "$ms" ]]; then
+    fit=$(( (BUDGET - (SECONDS - began) - 60) * 1000 * 3 / (4 * ms + 1) ))
+    if (( fit < A_STEPS )); then A_STEPS=$(( fit > 100 ? fit : 100 )); fi
+fi
+
 say "A: the decoder learns to read the new tower ($A_STEPS steps of $BATCH)"
 a_began=$SECONDS
-train --model "$WORK/tower" --output "$WORK/A" --steps "$A_STEPS" --lr 5e-4 --warmup-steps 50 2>&1 | tee "$OUT/A.log"
+train --model "$WORK/tower" --output "$WORK/A" --steps "$A_STEPS" --lr "$A_LR" --warmup-steps 50 2>&1 | tee -a "$OUT/run.log"
 cp "$WORK/A/model.safetensors" "$OUT/A.safetensors"
 # B's steps cost ~1.5x A's (the tower's backward too): as many as fit what is left of the budget
 fit=$(( (BUDGET - (SECONDS - began) - 30) * A_STEPS * 2 / (3 * (SECONDS - a_began + 1)) ))
 if (( fit < B_STEPS )); then B_STEPS=$(( fit > 50 ? fit : 50 )); fi
 
 say "B: the whole model ($B_STEPS steps of $BATCH)"
-train --model "$WORK/A" --output "$WORK/B" --steps "$B_STEPS" --train-vision --lr 3e-4 --vision-lr 1e-4 \
-    --warmup-steps 50 --seed 1 2>&1 | tee "$OUT/B.log"
+train --model "$WORK/A" --output "$WORK/B" --steps "$B_STEPS" --train-vision --lr "$B_LR" --vision-lr "$B_VISION_LR" \
+    --warmup-steps 50 --seed 1 2>&1 | tee -a "$OUT/run.log"
 cp "$WORK/B/model.safetensors" "$OUT/B.safetensors"
 say "done"

@@ -67,3 +67,28 @@ def test_blocks_of_one_length_go_together_and_match(monkeypatch):
     out = block_diagonal_attention(q, k, v, cu)
     assert sorted(calls) == [1, 2, 4]  # 16 alone, 32 twice, 64 four times; the big block by matmuls
     torch.testing.assert_close(out.double(), reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+
+
+def test_one_masked_call_gives_what_a_call_per_block_gives(monkeypatch):
+    """On a GPU many blocks go through one SDPA call under an N x N mask (attention.masked_attention):
+    the vision tower's blocks of several lengths, and a training batch's packed rows (causal, GQA),
+    the same values and gradients as the call per block the CPU makes. The GPU's switch is forced here."""
+    g = torch.Generator().manual_seed(2)
+    sizes = [40, 7, 64, 33]
+    cu = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    q, k, v = (torch.randn(sum(sizes), 4, 8, generator=g) for _ in range(3))
+    per_block = block_diagonal_attention(q, k, v, cu)
+    monkeypatch.setattr(attention, "_one_masked_call", lambda q: True)
+    torch.testing.assert_close(block_diagonal_attention(q, k, v, cu), per_block, atol=1e-6, rtol=1e-6)
+
+    def run(masked: bool):
+        monkeypatch.setattr(attention, "_one_masked_call", lambda q: masked)
+        leaves = [x.clone().requires_grad_() for x in (q, k[:, :2], v[:, :2])]  # 4 query heads, 2 KV heads
+        out = attention.packed_causal_attend(cu)(0, *leaves)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out, [x.grad for x in leaves]
+
+    (out, grads), (expected, expected_grads) = run(True), run(False)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)

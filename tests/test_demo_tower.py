@@ -1,5 +1,6 @@
-"""The demo's tower lesson (qwen2vl/demo/tower.py): each merged token's label is the shape drawn at
-that token's place in the processed picture, and a lesson changes the tower and nothing else."""
+"""The demo's tower lesson (qwen2vl/demo/tower.py, tower_cases.py): each merged token's labels are the
+shape, the motion and the characters drawn at that token's place in the processed picture or video,
+and a lesson changes the tower and nothing else."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import random
 import torch
 from safetensors.torch import load_file
 
-from qwen2vl.demo.scenes import COLORS, SHAPES
-from qwen2vl.demo.tower import CLASSES, render, teach_tower
+from qwen2vl.demo import tower_cases
+from qwen2vl.demo.scenes import COLORS, SHAPES, TEXT_COLOR
+from qwen2vl.demo.tasks import DIRECTIONS
+from qwen2vl.demo.tower import teach_tower
+from qwen2vl.demo.tower_cases import CHARS, SHAPE_CLASSES, SLOTS
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import Processor
@@ -18,13 +22,22 @@ from qwen2vl.train.checkpoint import save_full
 DEMO = resolve_model_path("demo")
 
 
-def token_pixels(pixels: torch.Tensor, token: int, processor: Processor) -> torch.Tensor:
-    """(3, n) RGB values in 0-255 of the merged token's patches, as the processor normalised them."""
+def token_pixels(pixels: torch.Tensor, token: int, processor: Processor, frame: int = 0) -> torch.Tensor:
+    """(3, n) RGB values in 0-255 of the merged token's patches, as the processor normalised them, in
+    `frame` (0 or 1) of the token's frame pair."""
     v = processor.vision
     patches = pixels[token * v.merge_size**2:(token + 1) * v.merge_size**2]
-    rgb = patches.reshape(-1, 3, v.temporal_patch_size, v.patch_size, v.patch_size).transpose(0, 1).reshape(3, -1)
+    rgb = patches.reshape(-1, 3, v.temporal_patch_size, v.patch_size, v.patch_size)[:, :, frame]
     mean, std = torch.tensor(v.image_mean)[:, None], torch.tensor(v.image_std)[:, None]
-    return (rgb * std + mean) * 255
+    return (rgb.transpose(0, 1).reshape(3, -1) * std + mean) * 255
+
+
+def closest(pixels, token, processor, color, frame=0) -> float:
+    return float((token_pixels(pixels, token, processor, frame) - torch.tensor(color)[:, None]).abs().amax(0).min())
+
+
+def shape_color(label: int) -> tuple[int, int, int]:
+    return list(COLORS.values())[(label - 1) % len(COLORS)]
 
 
 def test_a_labelled_token_holds_its_shapes_colour_in_the_processed_picture():
@@ -32,15 +45,53 @@ def test_a_labelled_token_holds_its_shapes_colour_in_the_processed_picture():
     rng = random.Random(3)
     checked = 0
     for _ in range(12):
-        pixels, grid, labels = render(rng, processor)
-        assert labels.numel() == int(grid.prod()) // processor.vision.merge_size**2
-        for token in labels.nonzero().flatten().tolist():
-            color = list(COLORS.values())[(int(labels[token]) - 1) % len(COLORS)]
-            closest = (token_pixels(pixels, token, processor) - torch.tensor(color)[:, None]).abs().amax(0).min()
-            assert closest < 12, (token, color, float(closest))  # the shape's own fill is there
+        case = tower_cases.picture(rng, processor)
+        assert case.shapes.numel() == int(case.grid.prod()) // processor.vision.merge_size**2
+        assert not case.motion.any() and not case.chars.any()
+        for token in case.shapes.nonzero().flatten().tolist():
+            color = shape_color(int(case.shapes[token]))
+            assert closest(case.pixels, token, processor, color) < 12, token  # the shape's own fill is there
             checked += 1
     assert checked > 20
-    assert CLASSES == 1 + len(SHAPES) * len(COLORS)
+    assert SHAPE_CLASSES == 1 + len(SHAPES) * len(COLORS)
+
+
+def test_a_moving_shape_is_labelled_with_its_direction_where_it_is_in_each_frame_pair():
+    processor = Processor.from_pretrained(DEMO)
+    rng = random.Random(4)
+    for _ in range(8):
+        state = rng.getstate()
+        case = tower_cases.video(rng, processor)
+        rng.setstate(state)
+        answer = tower_cases.tasks.video_case(rng)  # the same video, as the suite asks about it
+        pairs = int(case.grid[0, 0])
+        moving = case.motion.nonzero().flatten().tolist()
+        assert len(moving) == len(answer.images) // 2  # one token a pair (an odd count's last pair is still)
+        assert {int(case.motion[t]) for t in moving} == {1 + list(DIRECTIONS).index(answer.answer)}
+        per_pair = case.shapes.numel() // pairs
+        assert sorted(t // per_pair for t in moving) == list(range(len(moving)))
+        color = shape_color(int(case.shapes[moving[0]]))
+        assert COLORS[answer.info["path"][0].color] == color
+        for token in moving:  # the shape is drawn in that token in one of the pair's frames at least
+            assert min(closest(case.pixels, token, processor, color, frame) for frame in (0, 1)) < 12
+
+
+def test_each_character_of_a_word_is_labelled_in_order_where_it_is_drawn():
+    processor = Processor.from_pretrained(DEMO)
+    rng = random.Random(5)
+    whole = 0
+    for _ in range(20):
+        state = rng.getstate()
+        case = tower_cases.word(rng, processor)
+        rng.setstate(state)
+        word = tower_cases.tasks.text_case(rng).info["word"]
+        read = "".join(CHARS[c - 1] for c in case.chars.flatten().tolist() if c)  # raster order, slot by slot
+        whole += read == word
+        assert len(read) >= len(word) - 1 and all(c in word for c in read), (read, word)  # two may share a slot
+        for token in case.chars.any(-1).nonzero().flatten().tolist():
+            assert closest(case.pixels, token, processor, TEXT_COLOR) < 60  # ink there (antialiased, resized)
+    assert whole >= 17
+    assert case.chars.shape[-1] == SLOTS
 
 
 def test_the_lesson_trains_the_tower_and_keeps_the_decoder(tmp_path):

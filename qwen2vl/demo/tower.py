@@ -1,12 +1,13 @@
-"""A lesson for the demo's vision tower alone: every merged token names the shape centred in it.
+"""A lesson for the demo's vision tower alone: every merged token names what is drawn in it.
 
     python -m qwen2vl.demo.tower BASE OUT --steps 1800 [--seed 5] [--lr 1e-3] [--batch-size 16]
-                                            [--device cuda] [--workers 8]
+                                            [--device cuda] [--workers 8] [--mix picture=4,video=1.5,word=1.5]
 
-trains a fresh vision tower (random weights) on pictures of the suite, with a linear head on its
-merged tokens that must name, for each token, the shape whose square's centre falls in it (one of
-the 18 colour/kind pairs) or nothing, and writes BASE's checkpoint with that tower in OUT (the
-decoder's weights as BASE has them; `qwen2vl train` then teaches the decoder to read the new tower).
+trains a fresh vision tower (random weights) on the suite's pictures, videos and word pictures, with
+linear heads on its merged tokens that must name, for each token, the shape whose square's centre falls
+in it (one of the 18 colour/kind pairs) or nothing, that shape's direction in a video, and the
+character in each quarter of its width (tower_cases.py), and writes BASE's checkpoint with that tower
+in OUT (the decoder's weights as BASE has them; `qwen2vl train` then teaches the decoder to read it).
 
 Why (docs/demo.md, 2026-12-04): the curriculum's tower (stages 1-9) sees colours but not kinds, and
 cannot learn them: its patch embedding projects every patch onto its colour with a norm ~7x a fresh
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qwen2vl.demo.scenes import COLORS, SHAPES, Shape, draw_scene, place, random_background, random_size
+from qwen2vl.demo.tower_cases import CHAR_CLASSES, KINDS, MOTION_CLASSES, SHAPE_CLASSES, SLOTS, Drawn
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import Processor
@@ -35,77 +36,79 @@ from qwen2vl.train.checkpoint import save_full
 from qwen2vl.train.feed import in_order
 from qwen2vl.train.setup import random_model
 
-CLASSES = 1 + len(SHAPES) * len(COLORS)  # nothing, then every (kind, colour)
 NOTHING_WEIGHT = 0.2  # most tokens hold no shape's centre; at full weight "nothing" everywhere is a cheap minimum
+MIX = {"picture": 4.0, "video": 1.5, "word": 1.5}  # how often each kind of case (tower_cases.KINDS) is drawn
 
 
-def shape_class(shape: Shape) -> int:
-    return 1 + SHAPES.index(shape.kind) * len(COLORS) + list(COLORS).index(shape.color)
-
-
-def token_labels(shapes: list[Shape], width: int, height: int, rows: int, cols: int) -> torch.Tensor:
-    """(rows * cols,) class of each merged token, raster order: the shape whose square's centre lies in
-    the token's cell of the picture (the processor resizes the whole picture onto the token grid)."""
-    labels = torch.zeros(rows * cols, dtype=torch.long)
-    for s in shapes:
-        row = min(rows - 1, int((s.y + s.side / 2) * rows / height))
-        col = min(cols - 1, int((s.x + s.side / 2) * cols / width))
-        labels[row * cols + col] = shape_class(s)
-    return labels
-
-
-def render(rng: random.Random, processor: Processor):
-    """A suite picture of 0-6 shapes: (pixel_values, grid_thw, token labels)."""
-    while True:
-        width, height = random_size(rng)
-        specs = [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(rng.randint(0, 6))]
-        shapes = place(rng, width, height, specs)
-        if shapes is not None:
-            break
-    picture = draw_scene(width, height, random_background(rng), shapes)
-    batch = processor([{"role": "user", "content": [{"type": "image", "image": picture}]}])
-    grid = batch["image_grid_thw"]
-    merge = processor.vision.merge_size
-    rows, cols = int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
-    return batch["pixel_values"], grid, token_labels(shapes, width, height, rows, cols)
+def draw(rng: random.Random, processor: Processor, mix: dict[str, float] = MIX) -> Drawn:
+    kind = rng.choices(list(mix), weights=list(mix.values()))[0]
+    return KINDS[kind](rng, processor)
 
 
 class Lesson(torch.utils.data.Dataset):
-    """Item i: step i's pictures, packed (pixel_values, grid_thw, labels); drawn from (seed, i) alone,
-    so worker processes can draw steps ahead."""
+    """Item i: step i's cases, packed (a Drawn); drawn from (seed, i) alone, so worker processes can draw
+    steps ahead."""
 
-    def __init__(self, processor: Processor, steps: int, batch_size: int, seed: int):
-        self.processor, self.steps, self.batch_size, self.seed = processor, steps, batch_size, seed
+    def __init__(self, processor: Processor, steps: int, batch_size: int, seed: int, mix: dict[str, float] = MIX):
+        self.processor, self.steps, self.batch_size, self.seed, self.mix = processor, steps, batch_size, seed, mix
 
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, step: int):
+    def __getitem__(self, step: int) -> Drawn:
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} of {self.steps}")
         rng = random.Random(f"tower lesson {self.seed} {step}")
-        cases = [render(rng, self.processor) for _ in range(self.batch_size)]
-        return tuple(torch.cat([c[k] for c in cases]) for k in range(3))
+        return Drawn.cat([draw(rng, self.processor, self.mix) for _ in range(self.batch_size)])
 
 
-def score(tower: nn.Module, head: nn.Linear, cases: list) -> tuple[float, int]:
-    """(share of shapes whose centre token is named right, tokens wrongly named a shape)."""
-    right = shapes = false = 0
-    device = head.weight.device
+class Heads(nn.Module):
+    """Linear heads on the merged tokens: the shape, its motion, the character in each quarter."""
+
+    def __init__(self, width: int, device):
+        super().__init__()
+        self.shapes = nn.Linear(width, SHAPE_CLASSES, device=device)
+        self.motion = nn.Linear(width, MOTION_CLASSES, device=device)
+        self.chars = nn.Linear(width, SLOTS * CHAR_CLASSES, device=device)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = tokens.float()
+        return self.shapes(tokens), self.motion(tokens), self.chars(tokens).unflatten(-1, (SLOTS, CHAR_CLASSES))
+
+    def loss(self, tokens: torch.Tensor, case: Drawn) -> torch.Tensor:
+        device = tokens.device
+        return sum(nn.functional.cross_entropy(logits.flatten(0, -2), labels.to(device).flatten(),
+                                               weight=_weights(logits.shape[-1], device))
+                   for logits, labels in zip(self(tokens), (case.shapes, case.motion, case.chars)))
+
+
+def _weights(classes: int, device) -> torch.Tensor:
+    weight = torch.ones(classes, device=device)
+    weight[0] = NOTHING_WEIGHT
+    return weight
+
+
+def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float]:
+    """Share of labelled shapes, motions and characters named right; tokens wrongly named a shape."""
+    right, held, false = [0, 0, 0], [0, 0, 0], 0
+    device = heads.shapes.weight.device
     with torch.no_grad():
-        for pixels, grid, labels in cases:
-            guess = head(tower(pixels.to(device), grid).float()).argmax(-1).cpu()
-            held = labels > 0
-            right += int((guess[held] == labels[held]).sum())
-            shapes += int(held.sum())
-            false += int((guess[~held] > 0).sum())
-    return right / max(shapes, 1), false
+        for case in cases:
+            guesses = [g.argmax(-1).cpu() for g in heads(tower(case.pixels.to(device), case.grid))]
+            for i, (guess, labels) in enumerate(zip(guesses, (case.shapes, case.motion, case.chars))):
+                mask = labels > 0
+                right[i] += int((guess[mask] == labels[mask]).sum())
+                held[i] += int(mask.sum())
+            false += int((guesses[0][case.shapes == 0] > 0).sum())
+    named = {k: r / max(h, 1) for k, r, h in zip(("shapes", "motions", "chars"), right, held)}
+    return {**named, "false shapes": false}
 
 
 def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_size: int = 16,
-                held_out: int = 100, device: str = "cpu", workers: int = 0, log=None) -> Qwen2VL:
+                held_out: int = 100, device: str = "cpu", workers: int = 0, mix: dict[str, float] = MIX,
+                log=None) -> Qwen2VL:
     """BASE's model with a fresh vision tower trained on token labels for `steps` AdamW steps
-    (warmup, then cosine to a tenth); pictures drawn by `workers` processes ahead of the steps
+    (warmup, then cosine to a tenth); cases drawn by `workers` processes ahead of the steps
     (0: between steps)."""
     log = log or (lambda text: print(text, flush=True))
     torch.manual_seed(seed)
@@ -113,20 +116,17 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
     model = Qwen2VL.from_pretrained(base, dtype=torch.float32, device=device)
     model.visual = random_model(base, device).visual.float().train()
     tower = model.visual
-    head = nn.Linear(model.config.vision.hidden_size, CLASSES, device=device)
-    params = list(tower.parameters()) + list(head.parameters())
+    heads = Heads(model.config.vision.hidden_size, device)
+    params = list(tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = min(30, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
                                                  * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
-    weight = torch.ones(CLASSES, device=device)
-    weight[0] = NOTHING_WEIGHT
-    held_out = [render(random.Random(f"held-out {seed} {i}"), processor) for i in range(held_out)]
-    lesson = in_order(Lesson(processor, steps, batch_size, seed), workers, seed)
+    held_out = [draw(random.Random(f"held-out {seed} {i}"), processor, mix) for i in range(held_out)]
+    lesson = in_order(Lesson(processor, steps, batch_size, seed, mix), workers, seed)
     start = time.time()
-    for step, (pixels, grids, labels) in enumerate(lesson, 1):
-        logits = head(tower(pixels.to(device), grids).float())
-        loss = nn.functional.cross_entropy(logits, labels.to(device), weight=weight)
+    for step, case in enumerate(lesson, 1):
+        loss = heads.loss(tower(case.pixels.to(device), case.grid), case)
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -134,11 +134,23 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
         schedule.step()
         if step % 50 == 0 or step == steps:
             tower.eval()
-            right, false = score(tower, head, held_out)
+            named = score(tower, heads, held_out)
             tower.train()
-            log(f"step {step}/{steps} | loss {loss.item():.4f} | held-out shapes named {right:.1%} | "
-                f"tokens wrongly named a shape {false} | {time.time() - start:.0f} s")
+            log(f"step {step}/{steps} | loss {loss.item():.4f} | held-out shapes named {named['shapes']:.1%}, "
+                f"motions {named['motions']:.1%}, characters {named['chars']:.1%} | tokens wrongly named a "
+                f"shape {named['false shapes']} | {time.time() - start:.0f} s")
     return model.eval()
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """"picture=4,video=1,word=1" -> weights of the kinds of case (tower_cases.KINDS)."""
+    mix = {}
+    for part in text.split(","):
+        kind, _, weight = part.partition("=")
+        if kind.strip() not in KINDS:
+            raise argparse.ArgumentTypeError(f"unknown kind {kind.strip()!r}; kinds: {', '.join(KINDS)}")
+        mix[kind.strip()] = float(weight)
+    return mix
 
 
 def main(argv=None) -> None:
@@ -150,11 +162,13 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    parser.add_argument("--workers", type=int, default=0, help="processes drawing the next steps' pictures")
+    parser.add_argument("--workers", type=int, default=0, help="processes drawing the next steps' cases")
+    parser.add_argument("--mix", type=parse_mix, default=MIX, metavar="KIND=W,...",
+                        help="how often each kind of case is drawn (default picture=4,video=1.5,word=1.5)")
     args = parser.parse_args(argv)
     base = resolve_model_path(args.base)
     model = teach_tower(base, args.steps, args.seed, args.lr, args.batch_size, device=args.device,
-                        workers=args.workers)
+                        workers=args.workers, mix=args.mix)
     save_full(model, base, args.out, torch.bfloat16)
     print(args.out)
 
