@@ -124,7 +124,7 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
                                                  * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
     held_out = [draw(random.Random(f"held-out {seed} {i}"), processor, mix) for i in range(held_out)]
     lesson = in_order(Lesson(processor, steps, batch_size, seed, mix), workers, seed)
-    start = time.time()
+    start, every = time.time(), max(50, steps // 15)  # the held-out score costs ~a step per case
     for step, case in enumerate(lesson, 1):
         loss = heads.loss(tower(case.pixels.to(device), case.grid), case)
         optimizer.zero_grad()
@@ -132,7 +132,7 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        if step % 50 == 0 or step == steps:
+        if step % every == 0 or step == steps:
             tower.eval()
             named = score(tower, heads, held_out)
             tower.train()
