@@ -213,13 +213,18 @@ def write_subset(source: str | Path, out: str | Path, max_shapes: int, pairs: bo
 
 def parse_mix(text: str) -> dict[str, float]:
     """"color=1.5,count=1.5,video=0.5" -> {"color": 1.5, ...}: a later stage's data, weighted to its weak tasks."""
+    return parse_weights(text, TASKS, "task")
+
+
+def parse_weights(text: str, names, what: str) -> dict[str, float]:
+    """"a=1.5,b=2" -> {"a": 1.5, "b": 2.0}, every name one of `names`, each a `what` (a --mix option's value)."""
     mix = {}
     for part in text.split(","):
-        task, _, weight = part.partition("=")
-        if task.strip() not in TASKS:
-            raise argparse.ArgumentTypeError(f"unknown task {task.strip()!r} in --mix; tasks: {', '.join(TASKS)}")
+        name, _, weight = part.partition("=")
+        if name.strip() not in names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {name.strip()!r} in --mix; {what}s: {', '.join(names)}")
         try:
-            mix[task.strip()] = float(weight)
+            mix[name.strip()] = float(weight)
         except ValueError:
             raise argparse.ArgumentTypeError(f"--mix {part!r}: the weight must be a number") from None
     return mix

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from qwen2vl.demo.dataset import parse_weights
 from qwen2vl.demo.tower_cases import CHAR_CLASSES, KINDS, MOTION_CLASSES, SHAPE_CLASSES, SLOTS, Drawn
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
@@ -142,17 +143,6 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
     return model.eval()
 
 
-def parse_mix(text: str) -> dict[str, float]:
-    """"picture=4,video=1,word=1" -> weights of the kinds of case (tower_cases.KINDS)."""
-    mix = {}
-    for part in text.split(","):
-        kind, _, weight = part.partition("=")
-        if kind.strip() not in KINDS:
-            raise argparse.ArgumentTypeError(f"unknown kind {kind.strip()!r}; kinds: {', '.join(KINDS)}")
-        mix[kind.strip()] = float(weight)
-    return mix
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Train a fresh vision tower for the demo on per-token shape labels.")
     parser.add_argument("base", help="checkpoint folder (or \"demo\") whose decoder and config are kept")
@@ -163,7 +153,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--workers", type=int, default=0, help="processes drawing the next steps' cases")
-    parser.add_argument("--mix", type=parse_mix, default=MIX, metavar="KIND=W,...",
+    parser.add_argument("--mix", type=lambda text: parse_weights(text, KINDS, "kind"), default=MIX,
+                        metavar="KIND=W,...",
                         help="how often each kind of case is drawn (default picture=4,video=1.5,word=1.5)")
     args = parser.parse_args(argv)
     base = resolve_model_path(args.base)

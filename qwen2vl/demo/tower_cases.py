@@ -75,7 +75,9 @@ class Labels:
         return token
 
 
-def _draw(processor: Processor, content: dict, frames: int = 1):
+def _draw(processor: Processor, content: dict):
+    """An image or video part through the processor: (pixel values, grid_thw, (frame pairs, rows, cols) of
+    merged tokens)."""
     batch = processor([{"role": "user", "content": [content]}])
     key = "video" if content["type"] == "video" else "image"
     pixels, grid = batch[f"pixel_values{'_videos' if key == 'video' else ''}"], batch[f"{key}_grid_thw"]
