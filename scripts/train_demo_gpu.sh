@@ -78,6 +78,7 @@ $PY -m benchmarks.train_step_attention "$WORK/tower" "$WORK/bench.jsonl" --devic
 # alone; A's steps ~2/3 of the whole model's) and PACE_MS, the rows' path's (an H200 run, 2026-12-04:
 # 0.24 s a step of 32 from 14 workers, where the model alone took 82 ms)
 PACE_MS=${PACE_MS:-240}
+SAVE_EVERY=${SAVE_EVERY:-200}
 ms=$(sed -n 's/^ *masked: \([0-9]*\).*/\1/p' "$WORK/bench.log")
 pace=$(( ${ms:-0} * 2 / 3 > PACE_MS ? ${ms:-0} * 2 / 3 : PACE_MS ))
 fit=$(( (BUDGET - (SECONDS - began) - 60) * 1000 / (2 * pace) ))
@@ -89,7 +90,7 @@ stage() {
     local name=$1; shift
     timeout $(( BUDGET - (SECONDS - began) - 20 )) $PY -m qwen2vl train --data "$WORK/all.jsonl" --full \
         --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE" --weight-decay 0.01 --log-every 50 \
-        --save-every 200 --output "$WORK/$name" "$@" 2>&1 | tee -a "$OUT/run.log" || true
+        --save-every "$SAVE_EVERY" --output "$WORK/$name" "$@" 2>&1 | tee -a "$OUT/run.log" || true
     if [[ -f "$WORK/$name/model.safetensors" ]]; then
         cp "$WORK/$name/model.safetensors" "$OUT/$name.safetensors"
     else
