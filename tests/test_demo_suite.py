@@ -289,3 +289,29 @@ def test_the_single_task_set_of_videos_keeps_every_frame(tmp_path):
         assert len(frames) == len(case.images)
         assert all(np.array_equal(np.asarray(Image.open(tmp_path / f)), np.asarray(image))
                    for f, image in zip(frames, case.images))
+
+
+def test_the_colour_lesson_asks_the_colour_of_every_kind_drawn_once(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import write_color_set
+
+    lines = [json.loads(t) for t in open(write_color_set(tmp_path, 16, 6))]
+    fill = {"square": (0.95, 1.0), "circle": (0.7, 0.85), "triangle": (0.3, 0.55)}  # of the region's box
+    asked_any = 0
+    for line in lines:
+        a = np.asarray(Image.open(tmp_path / line["images"][0]))
+        kinds = {}  # colour -> the kind drawn in it (colours are distinct)
+        for r in regions(Image.fromarray(a)):
+            x1, y1, x2, y2 = r["box"]
+            share = (a[y1:y2, x1:x2] == COLORS[r["color"]]).all(-1).mean()
+            kinds[r["color"]] = next(k for k, (lo, hi) in fill.items() if lo <= share <= hi)
+        once = {k for k in kinds.values() if list(kinds.values()).count(k) == 1}
+        asked = [m["content"].removeprefix("<image>") for m in line["messages"][::2]]
+        answers = [m["content"] for m in line["messages"][1::2]]
+        assert line["messages"][0]["content"].startswith("<image>")
+        assert sorted(q.removeprefix("What color is the ").removesuffix("?") for q in asked) == sorted(once)
+        for q, color in zip(asked, answers):
+            assert kinds[color] == q.removeprefix("What color is the ").removesuffix("?"), (q, color)
+        asked_any += len(asked)
+    assert asked_any >= 24

@@ -26,6 +26,7 @@ import json
 import random
 from pathlib import Path
 
+from qwen2vl.demo.lessons import write_color_set, write_kind_set
 from qwen2vl.demo.scenes import box_1000
 from qwen2vl.demo.tasks import TASKS, Case, render_case
 from qwen2vl.grounding import BOX_END, BOX_START, REF_END, REF_START
@@ -128,42 +129,6 @@ def write_single_task(out: str | Path, cases: int, seed: int, task: str, shapes:
     return path
 
 
-def kind_question(color: str) -> str:
-    return f"Which shape is {color}?"
-
-
-def write_kind_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int] = (1, 6),
-                   fraction: tuple[float, float] | None = None) -> Path:
-    """`cases` pictures of `shapes` shapes (lo-hi) in distinct colours, each shape asked about in random
-    order: "Which shape is red?" -> "the red circle". Not a suite task: a lesson in the shapes' kinds,
-    which the tower had not learnt after stage 9 (it named a lone shape's kind right 8 / 27 times, chance
-    9; colours 24 / 27), so "What color is the circle?" among other shapes was a guess among the colours
-    present. The answer is the grounding's words, whose tokens training had already moved (a bare
-    "circle" is the untrained bytes c-ir-cle). `fraction`: shape sides as this share of the picture's
-    shorter side (default the suite's 12-25%; bigger shapes are the easier first lesson)."""
-    from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
-
-    out = Path(out)
-    (out / "img").mkdir(parents=True, exist_ok=True)
-    path = out / "train.jsonl"
-    with open(path, "w") as f:
-        for index in range(cases):
-            rng = random.Random(f"qwen2vl-demo-kind:{seed}:{index}")
-            colors = rng.sample(list(COLORS), rng.randint(*shapes))
-            specs = [(rng.choice(SHAPES), c) for c in colors]
-            width, height, drawn = fit(rng, specs, fraction)
-            image = draw_scene(width, height, random_background(rng), drawn)
-            name = f"img/{index:06d}.png"
-            image.save(out / name)
-            messages = []
-            for shape in rng.sample(drawn, len(drawn)):
-                question = kind_question(shape.color)
-                messages += [{"role": "user", "content": ("<image>" if not messages else "") + question},
-                             {"role": "assistant", "content": f"the {shape.color} {shape.kind}"}]
-            f.write(json.dumps({"messages": messages, "images": [name]}) + "\n")
-    return path
-
-
 def shapes_in(line: dict) -> int | None:
     """How many shapes a training line's picture holds (from its list answer); None for the videos
     and picture pairs, whose lines have no list."""
@@ -255,7 +220,12 @@ def main(argv=None) -> None:
                         "shorter side (default the suite's 0.12-0.25)")
     parser.add_argument("--kinds", metavar="LO-HI", help="instead: --cases pictures of LO-HI shapes in distinct "
                         "colours, each asked 'Which shape is {color}?' (a lesson in the shapes' kinds)")
+    parser.add_argument("--colors", action="store_true", help="instead: --cases pictures of 1-6 shapes in distinct "
+                        "colours, each kind drawn once asked 'What color is the {kind}?' (looking a kind up)")
     args = parser.parse_args(argv)
+    if args.colors:
+        print(write_color_set(args.out, args.cases, args.seed))
+        return
     if args.kinds:
         lo, _, hi = args.kinds.partition("-")
         fraction = tuple(map(float, args.fraction.split("-"))) if args.fraction else None

@@ -1,0 +1,81 @@
+"""Lessons that are not suite tasks: each picture asked one kind of question about every shape it can be.
+
+    python -m qwen2vl.demo.dataset DIR --kinds 2-6 --cases 4000    # "Which shape is red?" -> "the red circle"
+    python -m qwen2vl.demo.dataset DIR --colors --cases 4000       # "What color is the circle?" -> "red"
+
+Written as dataset.py writes the suite's lines (DIR/train.jsonl and DIR/img/), for `qwen2vl train`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+
+def kind_question(color: str) -> str:
+    return f"Which shape is {color}?"
+
+
+def write_kind_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int] = (1, 6),
+                   fraction: tuple[float, float] | None = None) -> Path:
+    """`cases` pictures of `shapes` shapes (lo-hi) in distinct colours, each shape asked about in random
+    order: "Which shape is red?" -> "the red circle". Not a suite task: a lesson in the shapes' kinds,
+    which the tower had not learnt after stage 9 (it named a lone shape's kind right 8 / 27 times, chance
+    9; colours 24 / 27), so "What color is the circle?" among other shapes was a guess among the colours
+    present. The answer is the grounding's words, whose tokens training had already moved (a bare
+    "circle" is the untrained bytes c-ir-cle). `fraction`: shape sides as this share of the picture's
+    shorter side (default the suite's 12-25%; bigger shapes are the easier first lesson)."""
+    from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
+
+    out = Path(out)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    path = out / "train.jsonl"
+    with open(path, "w") as f:
+        for index in range(cases):
+            rng = random.Random(f"qwen2vl-demo-kind:{seed}:{index}")
+            colors = rng.sample(list(COLORS), rng.randint(*shapes))
+            specs = [(rng.choice(SHAPES), c) for c in colors]
+            width, height, drawn = fit(rng, specs, fraction)
+            image = draw_scene(width, height, random_background(rng), drawn)
+            name = f"img/{index:06d}.png"
+            image.save(out / name)
+            messages = []
+            for shape in rng.sample(drawn, len(drawn)):
+                question = kind_question(shape.color)
+                messages += [{"role": "user", "content": ("<image>" if not messages else "") + question},
+                             {"role": "assistant", "content": f"the {shape.color} {shape.kind}"}]
+            f.write(json.dumps({"messages": messages, "images": [name]}) + "\n")
+    return path
+
+
+def write_color_set(out: str | Path, cases: int, seed: int) -> Path:
+    """`cases` pictures of 1-6 shapes in distinct colours, where each kind drawn once is asked its colour, in
+    random order: "What color is the circle?" -> "red" (the suite's colour question, asked of every kind
+    it can be). The kind lesson (write_kind_set) read the other way: after it, the model named a shape by
+    its colour among several (77 / 80) but a colour by its kind ~1 / 3 of the time (docs/demo.md, "A second
+    GPU run"), though its lines asked both about as often."""
+    from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
+
+    out = Path(out)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    path = out / "train.jsonl"
+    with open(path, "w") as f:
+        for index in range(cases):
+            rng = random.Random(f"qwen2vl-demo-color:{seed}:{index}")
+            asked = rng.sample(SHAPES, rng.randint(1, 3))
+            others = [k for k in SHAPES if k not in asked]
+            kinds = asked + [rng.choice(others) for _ in range(rng.randint(0, 6 - len(asked)) if others else 0)]
+            specs = list(zip(kinds, rng.sample(list(COLORS), len(kinds))))
+            width, height, drawn = fit(rng, specs)
+            image = draw_scene(width, height, random_background(rng), drawn)
+            name = f"img/{index:06d}.png"
+            image.save(out / name)
+            once = [s for s in drawn if kinds.count(s.kind) == 1]
+            messages = []
+            for shape in rng.sample(once, len(once)):
+                messages += [{"role": "user", "content": ("<image>" if not messages else "")
+                              + f"What color is the {shape.kind}?"},
+                             {"role": "assistant", "content": shape.color}]
+            f.write(json.dumps({"messages": messages, "images": [name]}) + "\n")
+    return path
