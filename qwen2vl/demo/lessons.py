@@ -12,6 +12,8 @@ import json
 import random
 from pathlib import Path
 
+from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
+
 
 def kind_question(color: str) -> str:
     return f"Which shape is {color}?"
@@ -26,27 +28,13 @@ def write_kind_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, in
     present. The answer is the grounding's words, whose tokens training had already moved (a bare
     "circle" is the untrained bytes c-ir-cle). `fraction`: shape sides as this share of the picture's
     shorter side (default the suite's 12-25%; bigger shapes are the easier first lesson)."""
-    from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
+    def lesson(rng: random.Random):
+        colors = rng.sample(list(COLORS), rng.randint(*shapes))
+        width, height, drawn = fit(rng, [(rng.choice(SHAPES), c) for c in colors], fraction)
+        image = draw_scene(width, height, random_background(rng), drawn)
+        return image, [(kind_question(s.color), f"the {s.color} {s.kind}") for s in rng.sample(drawn, len(drawn))]
 
-    out = Path(out)
-    (out / "img").mkdir(parents=True, exist_ok=True)
-    path = out / "train.jsonl"
-    with open(path, "w") as f:
-        for index in range(cases):
-            rng = random.Random(f"qwen2vl-demo-kind:{seed}:{index}")
-            colors = rng.sample(list(COLORS), rng.randint(*shapes))
-            specs = [(rng.choice(SHAPES), c) for c in colors]
-            width, height, drawn = fit(rng, specs, fraction)
-            image = draw_scene(width, height, random_background(rng), drawn)
-            name = f"img/{index:06d}.png"
-            image.save(out / name)
-            messages = []
-            for shape in rng.sample(drawn, len(drawn)):
-                question = kind_question(shape.color)
-                messages += [{"role": "user", "content": ("<image>" if not messages else "") + question},
-                             {"role": "assistant", "content": f"the {shape.color} {shape.kind}"}]
-            f.write(json.dumps({"messages": messages, "images": [name]}) + "\n")
-    return path
+    return _write_lesson(out, cases, f"qwen2vl-demo-kind:{seed}", lesson)
 
 
 def write_color_set(out: str | Path, cases: int, seed: int) -> Path:
@@ -55,27 +43,32 @@ def write_color_set(out: str | Path, cases: int, seed: int) -> Path:
     it can be). The kind lesson (write_kind_set) read the other way: after it, the model named a shape by
     its colour among several (77 / 80) but a colour by its kind ~1 / 3 of the time (docs/demo.md, "A second
     GPU run"), though its lines asked both about as often."""
-    from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
+    def lesson(rng: random.Random):
+        asked = rng.sample(SHAPES, rng.randint(1, 3))
+        others = [k for k in SHAPES if k not in asked]
+        kinds = asked + [rng.choice(others) for _ in range(rng.randint(0, 6 - len(asked)) if others else 0)]
+        width, height, drawn = fit(rng, list(zip(kinds, rng.sample(list(COLORS), len(kinds)))))
+        image = draw_scene(width, height, random_background(rng), drawn)
+        once = [s for s in drawn if kinds.count(s.kind) == 1]
+        return image, [(f"What color is the {s.kind}?", s.color) for s in rng.sample(once, len(once))]
 
+    return _write_lesson(out, cases, f"qwen2vl-demo-color:{seed}", lesson)
+
+
+def _write_lesson(out: str | Path, cases: int, name: str, lesson) -> Path:
+    """OUT/train.jsonl and OUT/img/: case i is `lesson(random.Random(f"{name}:{i}"))` = (picture, [(question,
+    answer), ...]), one line a picture, its questions asked in turn."""
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     path = out / "train.jsonl"
     with open(path, "w") as f:
         for index in range(cases):
-            rng = random.Random(f"qwen2vl-demo-color:{seed}:{index}")
-            asked = rng.sample(SHAPES, rng.randint(1, 3))
-            others = [k for k in SHAPES if k not in asked]
-            kinds = asked + [rng.choice(others) for _ in range(rng.randint(0, 6 - len(asked)) if others else 0)]
-            specs = list(zip(kinds, rng.sample(list(COLORS), len(kinds))))
-            width, height, drawn = fit(rng, specs)
-            image = draw_scene(width, height, random_background(rng), drawn)
-            name = f"img/{index:06d}.png"
-            image.save(out / name)
-            once = [s for s in drawn if kinds.count(s.kind) == 1]
+            image, turns = lesson(random.Random(f"{name}:{index}"))
+            picture = f"img/{index:06d}.png"
+            image.save(out / picture)
             messages = []
-            for shape in rng.sample(once, len(once)):
-                messages += [{"role": "user", "content": ("<image>" if not messages else "")
-                              + f"What color is the {shape.kind}?"},
-                             {"role": "assistant", "content": shape.color}]
-            f.write(json.dumps({"messages": messages, "images": [name]}) + "\n")
+            for question, answer in turns:
+                messages += [{"role": "user", "content": ("<image>" if not messages else "") + question},
+                             {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": messages, "images": [picture]}) + "\n")
     return path
