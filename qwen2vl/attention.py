@@ -56,7 +56,7 @@ def block_diagonal_attention(q, k, v, cu_seqlens: list[int], softmax=torch.softm
     """
     if q.device.type == "cpu" and len(cu_seqlens) == 2 and cu_seqlens[1] - cu_seqlens[0] >= CPU_MATMUL_ATTENTION_MIN:
         return _matmul_attention(q, k, v, softmax=softmax)  # one image: no copy into `out`
-    if len(set(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))) > 1 and _one_masked_call(q):
+    if _one_masked_call(q) and len(set(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))) > 1:
         return masked_attention(q, k, v, block_mask(cu_seqlens, q.device, causal=False))
     out = torch.empty_like(q)
     by_length: dict[int, list[int]] = {}
