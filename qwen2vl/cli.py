@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.add_train_arguments(train)
     train.set_defaults(run=train_cli.run_train)
 
-    merge = sub.add_parser("merge", help="fold a LoRA adapter into a full checkpoint")
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into a full checkpoint, "
+                           "or make a full run's checkpoint-STEP one")
     train_cli.add_merge_arguments(merge)
     merge.set_defaults(run=train_cli.run_merge)
 

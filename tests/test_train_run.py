@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qwen2vl.processing.processor import Processor
 from qwen2vl.train.batch import pack
@@ -157,6 +157,36 @@ def test_full_training_from_random_weights_writes_a_loadable_checkpoint(setup):
     theirs = Qwen2VLForConditionalGeneration.from_pretrained(out).eval()(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-4, atol=1e-4)
     assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
+
+
+def test_merge_makes_a_full_runs_step_a_checkpoint_folder(setup, capsys):
+    """`qwen2vl merge BASE OUTPUT/checkpoint-STEP OUT`: the weights of that step (not the base's, not the
+    end's) in a folder that loads; a step of a run on another model is refused by name."""
+    from qwen2vl.cli import main
+    from qwen2vl.model import Qwen2VL
+    from qwen2vl.train.merge import merge
+
+    root, data = setup
+    run = root / "full_steps"
+    train(TrainConfig(model=str(root / "base"), data=str(data), output=str(run), full=True, train_vision=True,
+                      lr=1e-2, batch_size=2, steps=4, save_every=2, dtype="fp32"), log=lambda line: None)
+    assert main(["merge", str(root / "base"), str(run / "checkpoint-2"), str(root / "step2")]) == 0
+    assert capsys.readouterr().out.strip() == str(root / "step2")
+    step = load_file(str(run / "checkpoint-2" / "trainable.safetensors"))
+    exported = dict(Qwen2VL.from_pretrained(root / "step2", dtype=torch.float32).named_parameters())
+    stored = load_file(str(root / "base" / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].dtype
+    for name, t in step.items():
+        torch.testing.assert_close(exported[name], t.to(stored).float(), rtol=0, atol=0, msg=name)
+    base, end = (dict(Qwen2VL.from_pretrained(f, dtype=torch.float32).named_parameters()) for f in (root / "base", run))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(exported[name], base[name]) and not torch.equal(exported[name], end[name])
+    assert (root / "step2" / "tokenizer.json").is_file()
+
+    other = root / "other_model_step"  # a layer the base has not
+    other.mkdir()
+    save_file({"model.layers.9.mlp.up_proj.weight": step[name]}, str(other / "trainable.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.layers\.9\.mlp\.up_proj\.weight.*another model"):
+        merge(root / "base", other, root / "nowhere")
 
 
 def test_vision_lr_and_init_scale_reach_the_vision_tower_only(setup):

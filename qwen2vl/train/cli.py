@@ -163,7 +163,8 @@ def run_train(args) -> int:
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="the checkpoint the adapter was trained on: folder or hub repo id")
-    p.add_argument("adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors), or a "
+                   "full run's OUTPUT/checkpoint-STEP (its weights at that step become a checkpoint folder)")
     p.add_argument("output", help="folder for the merged checkpoint")
 
 

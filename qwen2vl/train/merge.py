@@ -1,4 +1,5 @@
-"""`qwen2vl merge BASE ADAPTER OUT`: a LoRA adapter folded into a full checkpoint, W' = W + scale * B A.
+"""`qwen2vl merge BASE ADAPTER OUT`: a LoRA adapter folded into a full checkpoint, W' = W + scale * B A;
+or, given a full run's `checkpoint-STEP` instead of an adapter, that step's weights as a checkpoint folder.
 
 Works on the checkpoint's tensors directly (no model built): every file of BASE is read, the adapted
 weights are updated in float32 and rounded back to their stored dtype, and the files are written under
@@ -10,16 +11,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from qwen2vl.adapter import read_adapter
 from qwen2vl.hub import resolve_model_path
-from qwen2vl.loader import canonical_name, checkpoint_files, read_tensors
-from qwen2vl.train.checkpoint import copy_side_files
+from qwen2vl.loader import canonical_name, checkpoint_dtype, checkpoint_files, read_tensors
+from qwen2vl.train.checkpoint import copy_side_files, save_full
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     base, out = resolve_model_path(base), Path(out)
+    if (Path(adapter) / "trainable.safetensors").is_file() and not (Path(adapter) / "adapter_config.json").is_file():
+        return export_step(base, Path(adapter), out)
     weights = read_adapter(adapter)  # checked before anything is written
     if out.resolve() == Path(base).resolve():
         raise ValueError(f"{out}: the output must be another folder than the base")
@@ -47,3 +51,25 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     copy_side_files(Path(base), out)
     return out
 
+
+
+def export_step(base: Path, step: Path, out: Path) -> Path:
+    """A full run's `checkpoint-STEP` (its trained weights, float32, by parameter name) over `base`'s weights,
+    written as the run's end writes its model (`save_full`, in `base`'s stored dtype): a run stopped early,
+    or one of its steps, becomes a model folder that `--model`, LLM and transformers load. `base` is the run's
+    --model, which supplies what was not trained (the vision tower without --train-vision)."""
+    from qwen2vl.model import Qwen2VL
+
+    if out.resolve() == base.resolve():
+        raise ValueError(f"{out}: the output must be another folder than the base")
+    saved = load_file(str(step / "trainable.safetensors"))
+    model = Qwen2VL.from_pretrained(base, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    unknown = sorted(n for n in saved if n not in params or params[n].shape != saved[n].shape)
+    if unknown:
+        raise ValueError(f"{step}: {unknown[:5]} are not parameters of {base} (or not of their shapes); "
+                         "was it trained on another model?")
+    with torch.no_grad():
+        for name, t in saved.items():
+            params[name].copy_(t)
+    return save_full(model, base, out, checkpoint_dtype(base))
