@@ -291,21 +291,30 @@ def test_the_single_task_set_of_videos_keeps_every_frame(tmp_path):
                    for f, image in zip(frames, case.images))
 
 
+FILL = {"square": (0.95, 1.0), "circle": (0.7, 0.85), "triangle": (0.3, 0.55)}  # a kind's share of its box
+
+
+def kinds_drawn(path) -> list[tuple[str, str]]:
+    """(colour, kind) of every shape in the picture, read from its pixels: shapes are GAP px apart, so each
+    is one region of its colour, and its kind is how much of its box it fills."""
+    a = np.asarray(Image.open(path))
+    drawn = []
+    for r in regions(Image.fromarray(a)):
+        x1, y1, x2, y2 = r["box"]
+        share = (a[y1:y2, x1:x2] == COLORS[r["color"]]).all(-1).mean()
+        drawn.append((r["color"], next(k for k, (lo, hi) in FILL.items() if lo <= share <= hi)))
+    return drawn
+
+
 def test_the_colour_lesson_asks_the_colour_of_every_kind_drawn_once(tmp_path):
     import json
 
     from qwen2vl.demo.dataset import write_color_set
 
     lines = [json.loads(t) for t in open(write_color_set(tmp_path, 16, 6))]
-    fill = {"square": (0.95, 1.0), "circle": (0.7, 0.85), "triangle": (0.3, 0.55)}  # of the region's box
     asked_any = 0
     for line in lines:
-        a = np.asarray(Image.open(tmp_path / line["images"][0]))
-        kinds = {}  # colour -> the kind drawn in it (colours are distinct)
-        for r in regions(Image.fromarray(a)):
-            x1, y1, x2, y2 = r["box"]
-            share = (a[y1:y2, x1:x2] == COLORS[r["color"]]).all(-1).mean()
-            kinds[r["color"]] = next(k for k, (lo, hi) in fill.items() if lo <= share <= hi)
+        kinds = dict(kinds_drawn(tmp_path / line["images"][0]))  # colour -> the kind drawn in it (distinct)
         once = {k for k in kinds.values() if list(kinds.values()).count(k) == 1}
         asked = [m["content"].removeprefix("<image>") for m in line["messages"][::2]]
         answers = [m["content"] for m in line["messages"][1::2]]
@@ -315,3 +324,21 @@ def test_the_colour_lesson_asks_the_colour_of_every_kind_drawn_once(tmp_path):
             assert kinds[color] == q.removeprefix("What color is the ").removesuffix("?"), (q, color)
         asked_any += len(asked)
     assert asked_any >= 24
+
+
+def test_the_count_lesson_asks_how_many_of_every_kind_and_in_all(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import write_count_set
+
+    lines = [json.loads(t) for t in open(write_count_set(tmp_path, 24, 7))]
+    most = 0
+    for line in lines:
+        drawn = [kind for _, kind in kinds_drawn(tmp_path / line["images"][0])]
+        asked = [m["content"].removeprefix("<image>") for m in line["messages"][::2]]
+        answers = dict(zip(asked, (m["content"] for m in line["messages"][1::2])))
+        assert line["messages"][0]["content"].startswith("<image>") and len(answers) == len(asked) == 4
+        assert answers.pop("How many shapes are there?") == str(len(drawn))
+        assert answers == {f"How many {k}s are there?": str(drawn.count(k)) for k in FILL}
+        most = max(most, *map(drawn.count, FILL))
+    assert most >= 4  # one kind drawn often, as the suite's count questions draw it

@@ -26,7 +26,7 @@ import json
 import random
 from pathlib import Path
 
-from qwen2vl.demo.lessons import write_color_set, write_kind_set
+from qwen2vl.demo.lessons import write_color_set, write_count_set, write_kind_set
 from qwen2vl.demo.scenes import box_1000
 from qwen2vl.demo.tasks import TASKS, Case, render_case
 from qwen2vl.grounding import BOX_END, BOX_START, REF_END, REF_START
@@ -222,9 +222,14 @@ def main(argv=None) -> None:
                         "colours, each asked 'Which shape is {color}?' (a lesson in the shapes' kinds)")
     parser.add_argument("--colors", action="store_true", help="instead: --cases pictures of 1-6 shapes in distinct "
                         "colours, each kind drawn once asked 'What color is the {kind}?' (looking a kind up)")
+    parser.add_argument("--counts", action="store_true", help="instead: --cases pictures of 0-6 shapes, each asked "
+                        "'How many {kind}s are there?' of every kind and 'How many shapes are there?'")
     args = parser.parse_args(argv)
     if args.colors:
         print(write_color_set(args.out, args.cases, args.seed))
+        return
+    if args.counts:
+        print(write_count_set(args.out, args.cases, args.seed))
         return
     if args.kinds:
         lo, _, hi = args.kinds.partition("-")

@@ -2,6 +2,7 @@
 
     python -m qwen2vl.demo.dataset DIR --kinds 2-6 --cases 4000    # "Which shape is red?" -> "the red circle"
     python -m qwen2vl.demo.dataset DIR --colors --cases 4000       # "What color is the circle?" -> "red"
+    python -m qwen2vl.demo.dataset DIR --counts --cases 4000       # "How many circles are there?" -> "2"
 
 Written as dataset.py writes the suite's lines (DIR/train.jsonl and DIR/img/), for `qwen2vl train`.
 """
@@ -53,6 +54,24 @@ def write_color_set(out: str | Path, cases: int, seed: int) -> Path:
         return image, [(f"What color is the {s.kind}?", s.color) for s in rng.sample(once, len(once))]
 
     return _write_lesson(out, cases, f"qwen2vl-demo-color:{seed}", lesson)
+
+
+def write_count_set(out: str | Path, cases: int, seed: int) -> Path:
+    """`cases` pictures of 0-6 shapes, each asked how many of every kind it holds and how many shapes in all,
+    in random order: "How many circles are there?" -> "2" ("0" for a kind not drawn). As the suite's count
+    questions draw them: one kind 0-6 times, the others filling 0 to 6 - that, colours at random (repeats
+    too). After the colour lesson the model counted all of a picture's shapes right in 77% of seed 78's
+    cases, but one kind's in 37% (docs/demo.md): the suite asks one question a picture, this asks all four."""
+    def lesson(rng: random.Random):
+        kind, n = rng.choice(SHAPES), rng.randint(0, 6)
+        kinds = [kind] * n + [rng.choice([k for k in SHAPES if k != kind]) for _ in range(rng.randint(0, 6 - n))]
+        width, height, drawn = fit(rng, [(k, rng.choice(list(COLORS))) for k in kinds])
+        image = draw_scene(width, height, random_background(rng), drawn)
+        turns = [(f"How many {k}s are there?", str(kinds.count(k))) for k in SHAPES]
+        turns.append(("How many shapes are there?", str(len(kinds))))
+        return image, rng.sample(turns, len(turns))
+
+    return _write_lesson(out, cases, f"qwen2vl-demo-count:{seed}", lesson)
 
 
 def _write_lesson(out: str | Path, cases: int, name: str, lesson) -> Path:
