@@ -223,7 +223,7 @@ def main(argv=None) -> None:
     parser.add_argument("--colors", action="store_true", help="instead: --cases pictures of 1-6 shapes in distinct "
                         "colours, each kind drawn once asked 'What color is the {kind}?' (looking a kind up)")
     parser.add_argument("--counts", action="store_true", help="instead: --cases pictures of 0-6 shapes, each asked "
-                        "'How many {kind}s are there?' of every kind and 'How many shapes are there?'")
+                        "'How many {kind}s are there?' of every kind drawn and 'How many shapes are there?'")
     args = parser.parse_args(argv)
     if args.colors:
         print(write_color_set(args.out, args.cases, args.seed))
