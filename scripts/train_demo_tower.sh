@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# From stage 9 (scripts/train_demo.sh, which runs this next) to the shipped demo checkpoint: a fresh vision
+# tower taught on per-token labels (the shape centred in each merged token, the moving shape's direction,
+# the characters of a word: qwen2vl.demo.tower), put in stage 9's checkpoint; then `qwen2vl train`, first the
+# decoder alone (A: it learns to read the new tower), then the whole model, the tower at a tenth of the rate
+# or less: B on the same lines, C and D with the box and word questions left out (63% of A's trained tokens
+# were boxes the model could not place; docs/demo.md, "A second GPU run"), then E-E3 the colour lesson ("What
+# color is the circle?" of every kind in a picture: the decoder had learnt to look a kind up by its colour,
+# not a colour by its kind) and the count questions weighted in.
+#
+#   scripts/train_demo_tower.sh WORK_DIR     # WORK_DIR/stage9 from train_demo.sh; DEVICE=cuda for the tower
+#
+# Where it ran (2026-12-04): the tower on an H200 (170 s), the rest on 2 Zen 5 cores: A 38 min, B 18, C 6 (it
+# was stopped after its step 300, which D starts from), D 27, E 8, E2 10, E3 12. A-D's lines were mixed by
+# throwaway scripts, so `mix` puts them in another order; E-E3's were mixed by these `mix` calls.
+set -euo pipefail
+WORK=${1:-/tmp/qwen2vl-demo}
+DEVICE=${DEVICE:-cpu}
+export OMP_WAIT_POLICY=PASSIVE
+
+mix() {  # OUT SEED FILE[:N]...: the lines of each FILE (N of them drawn at random, if given), shuffled, into
+         # OUT in WORK (picture paths made relative to WORK)
+    python - "$WORK" "$@" <<'PY'
+import json, os, random, sys
+work, out, seed, specs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+rng, lines = random.Random(seed), []
+for spec in specs:
+    name, _, n = spec.partition(":")
+    folder = os.path.relpath(os.path.dirname(os.path.join(work, name)), work)
+    these = open(os.path.join(work, name)).read().splitlines()
+    if folder != ".":
+        moved = []
+        for text in these:
+            line = json.loads(text)
+            if "images" in line:
+                line["images"] = [f"{folder}/{p}" for p in line["images"]]
+            if "videos" in line:
+                line["videos"] = [[f"{folder}/{p}" for p in v] for v in line["videos"]]
+            moved.append(json.dumps(line))
+        these = moved
+    lines += rng.sample(these, int(n)) if n else these
+rng.shuffle(lines)
+open(os.path.join(work, out), "w").write("\n".join(lines) + "\n")
+PY
+}
+run() {  # NAME: the rest are qwen2vl train arguments (torch's AdamW betas, unlike train_demo.sh's stages)
+    local name=$1
+    shift
+    python -m qwen2vl train --output "$WORK/$name" --full --log-every 25 --overwrite "$@" 2>&1 | tee "$WORK/$name.log"
+}
+
+python -m qwen2vl.demo.tower "$WORK/stage9" "$WORK/tower" --steps 1500 --batch-size 32 --device "$DEVICE" \
+    --mix picture=4,video=1.5,word=1.5 2>&1 | tee "$WORK/tower.log"   # shapes 93.8%, directions 87.7%
+
+# A and B: the suite's lines (boxes and words among them), the kind lessons ("Which shape is red?") and videos
+MIX=color=1,count=1.5,grounding=2,text=2.5,video=1.5,two_images=1.5
+python -m qwen2vl.demo.dataset "$WORK/m1" --cases 6000 --mix "$MIX" --seed 3101
+python -m qwen2vl.demo.dataset "$WORK/m2" --cases 6000 --mix "$MIX" --seed 3102
+python -m qwen2vl.demo.dataset "$WORK/k1" --kinds 1 --cases 1500 --seed 4101
+python -m qwen2vl.demo.dataset "$WORK/k6" --kinds 2-6 --cases 1500 --seed 4102
+python -m qwen2vl.demo.dataset "$WORK/vid" --only video --cases 2500 --seed 4103
+mix all.jsonl 0 m1/train.jsonl m2/train.jsonl k1/train.jsonl k6/train.jsonl vid/train.jsonl   # 17,500
+run A --model "$WORK/tower" --data "$WORK/all.jsonl" --save-every 600 \
+    --steps 3600 --batch-size 8 --lr 5e-4 --warmup-steps 50 --weight-decay 0.01
+run B --train-vision --model "$WORK/A" --data "$WORK/all.jsonl" --seed 1 --save-every 250 \
+    --steps 1000 --batch-size 8 --lr 2e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+
+# C: colours and counts alone weighted in; D: no boxes or words (the suite's lines cut to one-word answers)
+python -m qwen2vl.demo.dataset "$WORK/oc" --only color --cases 3000 --seed 1307
+python -m qwen2vl.demo.dataset "$WORK/on" --only count --cases 3000 --seed 1306
+mix cc.jsonl 0 oc/train.jsonl on/train.jsonl all.jsonl:6000   # 12,000
+run C --train-vision --model "$WORK/B" --data "$WORK/cc.jsonl" --seed 2 --save-every 300 \
+    --steps 900 --batch-size 8 --lr 2e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+python -m qwen2vl merge "$WORK/B" "$WORK/C/checkpoint-300" "$WORK/C300"   # D went on from C's step 300
+python -m qwen2vl.demo.dataset "$WORK/m1/oneword.jsonl" --subset-of "$WORK/m1/train.jsonl" --max-shapes 6 --pairs
+python -m qwen2vl.demo.dataset "$WORK/m2/oneword.jsonl" --subset-of "$WORK/m2/train.jsonl" --max-shapes 6 --pairs
+mix dd.jsonl 0 m1/oneword.jsonl m2/oneword.jsonl k1/train.jsonl k6/train.jsonl vid/train.jsonl \
+    oc/train.jsonl on/train.jsonl   # 18,100
+run D --train-vision --model "$WORK/C300" --data "$WORK/dd.jsonl" --seed 3 --save-every 300 \
+    --steps 1500 --batch-size 8 --lr 2e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+
+# E-E3: the colour lesson (1-3 questions a picture) and more counts, each run on fresh pictures with some of D's
+python -m qwen2vl.demo.dataset "$WORK/col" --colors --cases 5000 --seed 5101
+python -m qwen2vl.demo.dataset "$WORK/col2" --colors --cases 5000 --seed 5102
+python -m qwen2vl.demo.dataset "$WORK/col3" --colors --cases 5000 --seed 5103
+python -m qwen2vl.demo.dataset "$WORK/on2" --only count --cases 5000 --seed 5104
+mix ee.jsonl 7 col/train.jsonl dd.jsonl:9000                                          # 14,000
+mix e2.jsonl 8 col/train.jsonl col2/train.jsonl dd.jsonl:6000                         # 16,000
+mix e3.jsonl 9 col3/train.jsonl col/train.jsonl on2/train.jsonl dd.jsonl:6000         # 21,000
+run E --train-vision --model "$WORK/D" --data "$WORK/ee.jsonl" --seed 4 --save-every 200 \
+    --steps 800 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E2 --train-vision --model "$WORK/E" --data "$WORK/e2.jsonl" --seed 5 --save-every 250 \
+    --steps 1000 --batch-size 8 --lr 2e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E3 --train-vision --model "$WORK/E2" --data "$WORK/e3.jsonl" --seed 6 --save-every 300 \
+    --steps 1200 --batch-size 8 --lr 2e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
