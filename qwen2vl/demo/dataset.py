@@ -28,7 +28,7 @@ from pathlib import Path
 
 from qwen2vl.demo.lessons import write_color_set, write_count_set, write_kind_set
 from qwen2vl.demo.scenes import box_1000
-from qwen2vl.demo.tasks import TASKS, Case, render_case
+from qwen2vl.demo.tasks import TASKS, Case, color_question, count_question, render_case
 from qwen2vl.grounding import BOX_END, BOX_START, REF_END, REF_START
 
 # Cases per task in proportion to these weights: the hard tasks (boxes, reading) get more.
@@ -44,12 +44,12 @@ def extra_turns(case: Case, rng: random.Random, most: int) -> list[tuple[str, st
         return []
     shapes = case.info["shapes"]
     width, height = case.images[0].size
-    pool = [("How many shapes are there?", str(len(shapes)))]
+    pool = [(count_question(), str(len(shapes)))]
     for kind in ("circle", "square", "triangle"):
         same = [s for s in shapes if s.kind == kind]
-        pool.append((f"How many {kind}s are there?", str(len(same))))
+        pool.append((count_question(kind), str(len(same))))
         if len(same) == 1:
-            pool.append((f"What color is the {kind}?", same[0].color))
+            pool.append((color_question(kind), same[0].color))
     for s in shapes:
         if sum((t.kind, t.color) == (s.kind, s.color) for t in shapes) == 1:
             x1, y1, x2, y2 = box_1000(s.box, width, height)

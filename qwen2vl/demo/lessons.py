@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
+from qwen2vl.demo.tasks import color_question, count_question
 
 
 def kind_question(color: str) -> str:
@@ -51,7 +52,7 @@ def write_color_set(out: str | Path, cases: int, seed: int) -> Path:
         width, height, drawn = fit(rng, list(zip(kinds, rng.sample(list(COLORS), len(kinds)))))
         image = draw_scene(width, height, random_background(rng), drawn)
         once = [s for s in drawn if kinds.count(s.kind) == 1]
-        return image, [(f"What color is the {s.kind}?", s.color) for s in rng.sample(once, len(once))]
+        return image, [(color_question(s.kind), s.color) for s in rng.sample(once, len(once))]
 
     return _write_lesson(out, cases, f"qwen2vl-demo-color:{seed}", lesson)
 
@@ -68,8 +69,8 @@ def write_count_set(out: str | Path, cases: int, seed: int) -> Path:
         kinds = [kind] * n + [rng.choice([k for k in SHAPES if k != kind]) for _ in range(rng.randint(0, 6 - n))]
         width, height, drawn = fit(rng, [(k, rng.choice(list(COLORS))) for k in kinds])
         image = draw_scene(width, height, random_background(rng), drawn)
-        turns = [(f"How many {k}s are there?", str(kinds.count(k))) for k in SHAPES if k == kind or k in kinds]
-        turns.append(("How many shapes are there?", str(len(kinds))))
+        turns = [(count_question(k), str(kinds.count(k))) for k in SHAPES if k == kind or k in kinds]
+        turns.append((count_question(), str(len(kinds))))
         return image, rng.sample(turns, len(turns))
 
     return _write_lesson(out, cases, f"qwen2vl-demo-count:{seed}", lesson)

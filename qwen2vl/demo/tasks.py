@@ -72,23 +72,32 @@ def _scene(rng, specs: list[tuple[str, str]]) -> tuple[Image.Image, list[Shape]]
     return draw_scene(width, height, random_background(rng), shapes), shapes
 
 
+def color_question(kind: str) -> str:
+    return f"What color is the {kind}?"
+
+
+def count_question(kind: str | None = None) -> str:
+    """How many shapes, or (`kind`) how many of that kind."""
+    return f"How many {kind}s are there?" if kind else "How many shapes are there?"
+
+
 def color_case(rng) -> Case:
     kind, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     others = _other(rng, set(), rng.randint(0, 5), kinds=[k for k in SHAPES if k != kind])
     image, shapes = _scene(rng, [(kind, color), *others])
-    return Case("color", [image], f"What color is the {kind}?", color, info={"shapes": shapes})
+    return Case("color", [image], color_question(kind), color, info={"shapes": shapes})
 
 
 def count_case(rng) -> Case:
     if rng.random() < 0.5:
         n = rng.randint(0, 6)
         image, shapes = _scene(rng, _other(rng, set(), n))
-        return Case("count", [image], "How many shapes are there?", str(n), info={"shapes": shapes})
+        return Case("count", [image], count_question(), str(n), info={"shapes": shapes})
     kind, n = rng.choice(SHAPES), rng.randint(0, 6)
     specs = [(kind, rng.choice(list(COLORS))) for _ in range(n)]
     specs += _other(rng, set(), rng.randint(0, 6 - n), kinds=[k for k in SHAPES if k != kind])
     image, shapes = _scene(rng, specs)
-    return Case("count", [image], f"How many {kind}s are there?", str(n), info={"shapes": shapes})
+    return Case("count", [image], count_question(kind), str(n), info={"shapes": shapes})
 
 
 def grounding_case(rng) -> Case:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from qwen2vl.demo.scenes import COLORS, SHAPES
-from qwen2vl.demo.tasks import DIRECTIONS
+from qwen2vl.demo.tasks import DIRECTIONS, color_question, count_question
 
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -31,11 +31,11 @@ EOS, PAD = "<|im_end|>", "<|endoftext|>"
 def corpus() -> list[str]:
     """Every fixed string the suite and the chat template produce (each once)."""
     lines = ["system\nYou are a helpful assistant.", "user\n", "assistant\n",
-             "How many shapes are there?", "What does the text say?",
+             count_question(), "What does the text say?",
              "Which image has more shapes, the first or the second?", "first", "second",
              "(123,456),(789,100)", "List the shapes from left to right.", "none", *DIRECTIONS]
     for kind in SHAPES:
-        lines += [f"What color is the {kind}?", f"How many {kind}s are there?"]
+        lines += [color_question(kind), count_question(kind)]
         for color in COLORS:
             lines += [color, f"Where is the {color} {kind}?", f"the {color} {kind}", f"{color} {kind}, {color} {kind}",
                       f"Which direction does the {color} {kind} move?"]
