@@ -1,9 +1,10 @@
 """`qwen2vl merge BASE ADAPTER OUT`: a LoRA adapter folded into a full checkpoint, W' = W + scale * B A;
 or, given a full run's `checkpoint-STEP` instead of an adapter, that step's weights as a checkpoint folder.
 
-Works on the checkpoint's tensors directly (no model built): every file of BASE is read, the adapted
-weights are updated in float32 and rounded back to their stored dtype, and the files are written under
-the same names and layout, with the base's config, tokenizer and processor files beside them.
+An adapter works on the checkpoint's tensors directly (no model built): every file of BASE is read, the
+adapted weights are updated in float32 and rounded back to their stored dtype, and the files are written
+under the same names and layout, with the base's config, tokenizer and processor files beside them. A step
+is loaded into the model BASE builds and written as the run's end writes its model (`save_full`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from qwen2vl.train.checkpoint import copy_side_files, save_full
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     base, out = resolve_model_path(base), Path(out)
-    if (Path(adapter) / "trainable.safetensors").is_file() and not (Path(adapter) / "adapter_config.json").is_file():
-        return export_step(base, Path(adapter), out)
-    weights = read_adapter(adapter)  # checked before anything is written
     if out.resolve() == Path(base).resolve():
         raise ValueError(f"{out}: the output must be another folder than the base")
+    if (Path(adapter) / "trainable.safetensors").is_file() and not (Path(adapter) / "adapter_config.json").is_file():
+        return export_step(Path(base), Path(adapter), out)
+    weights = read_adapter(adapter)  # checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     pending = dict(weights.modules)
     for file in checkpoint_files(Path(base)):
@@ -52,7 +53,6 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     return out
 
 
-
 def export_step(base: Path, step: Path, out: Path) -> Path:
     """A full run's `checkpoint-STEP` (its trained weights, float32, by parameter name) over `base`'s weights,
     written as the run's end writes its model (`save_full`, in `base`'s stored dtype): a run stopped early,
@@ -60,8 +60,6 @@ def export_step(base: Path, step: Path, out: Path) -> Path:
     --model, which supplies what was not trained (the vision tower without --train-vision)."""
     from qwen2vl.model import Qwen2VL
 
-    if out.resolve() == base.resolve():
-        raise ValueError(f"{out}: the output must be another folder than the base")
     saved = load_file(str(step / "trainable.safetensors"))
     model = Qwen2VL.from_pretrained(base, dtype=torch.float32)
     params = dict(model.named_parameters())
