@@ -33,17 +33,7 @@ python -m qwen2vl.demo.dataset "$WORK/data/short.jsonl" --subset-of "$WORK/data/
 python -m qwen2vl.demo.dataset "$WORK/data/short6.jsonl" --subset-of "$WORK/data/train.jsonl" --max-shapes 6 --pairs
 python -m qwen2vl.demo.blank "$WORK/blank"
 # stage 5's data: the stage-3 lines and the two-shape colour cases, shuffled (paths made relative to data/)
-python - "$WORK" <<'PY'
-import json, random, sys
-work = sys.argv[1]
-lines = open(f"{work}/data/short6.jsonl").read().splitlines()
-for text in open(f"{work}/color2/train.jsonl"):
-    line = json.loads(text)
-    line["images"] = ["../color2/" + p for p in line["images"]]
-    lines.append(json.dumps(line))
-random.Random(0).shuffle(lines)
-open(f"{work}/data/mix.jsonl", "w").write("\n".join(lines) + "\n")
-PY
+python -m qwen2vl.demo.mix "$WORK/data/mix.jsonl" 0 "$WORK/data/short6.jsonl" "$WORK/color2/train.jsonl"
 
 # --adam-beta2 0.95: with torch's 0.999 the first steps' large gradients shrink later steps ~10x.
 # --vision-lr / --init-vision-scale: at one rate the visual features grew into one constant direction.
@@ -84,23 +74,16 @@ stage stage5 --model "$WORK/stage4" --data "$WORK/data/mix.jsonl" \
 # Wall time on 2 cores shared with other jobs (2026-12-03): 6c-6e 3.4 + 3.3 + 4.7 min, 7 7.2, 8 32, 9 9.4 min.
 python -m qwen2vl.demo.dataset "$WORK/video" --only video --cases 5000 --seed 1002       # 0-2 still shapes
 python -m qwen2vl.demo.dataset "$WORK/video0" --only video --shapes 0 --cases 3000 --seed 1003  # the moving one only
-python - "$WORK" <<'PY'
-import json, random, sys
+python - "$WORK" <<'PY'   # the moving shape alone, cut to its first two frames
+import json, sys
 work = sys.argv[1]
-# the moving shape alone, cut to its first two frames
 rows = [json.loads(t) for t in open(f"{work}/video0/train.jsonl")]
 open(f"{work}/video0/two.jsonl", "w").write("".join(json.dumps({**r, "videos": [r["videos"][0][:2]]}) + "\n" for r in rows))
-# stage 7: the first 2,400 videos with still shapes; stage 8: stage 5's lines and the last 2,000 of them, shuffled
-videos = open(f"{work}/video/train.jsonl").read().splitlines()
-open(f"{work}/video/first2400.jsonl", "w").write("\n".join(videos[:2400]) + "\n")
-lines = open(f"{work}/data/mix.jsonl").read().splitlines()
-for text in videos[3000:]:
-    line = json.loads(text)
-    line["videos"] = [["../video/" + p for p in line["videos"][0]]]
-    lines.append(json.dumps(line))
-random.Random(0).shuffle(lines)
-open(f"{work}/data/mixv.jsonl", "w").write("\n".join(lines) + "\n")   # one line in four a video
 PY
+# stage 7: the first 2,400 videos with still shapes; stage 8: stage 5's lines and the last 2,000 of them, shuffled
+head -n 2400 "$WORK/video/train.jsonl" > "$WORK/video/first2400.jsonl"
+tail -n +3001 "$WORK/video/train.jsonl" > "$WORK/video/last2000.jsonl"
+python -m qwen2vl.demo.mix "$WORK/data/mixv.jsonl" 0 "$WORK/data/mix.jsonl" "$WORK/video/last2000.jsonl"   # one in four a video
 stage stage6c --model "$WORK/stage5" --data "$WORK/video0/two.jsonl" \
     --steps 250 --batch-size 16 --lr 5e-4 --vision-lr 1e-3 --warmup-steps 20 --weight-decay 0.01
 stage stage6d --model "$WORK/stage6c" --data "$WORK/video0/two.jsonl" \

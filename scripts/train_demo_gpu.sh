@@ -58,26 +58,7 @@ say "data written"
 
 # one JSONL of every folder's lines, picture paths made relative to WORK, shuffled, the box questions
 # the suite's lines ask after their first (extra_turns) left out
-$PY - "$WORK" <<'PY'
-import json, random, sys
-from pathlib import Path
-work = Path(sys.argv[1])
-lines = []
-for folder in sorted(p for p in work.iterdir() if (p / "train.jsonl").is_file()):
-    for line in (folder / "train.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        turns = list(zip(row["messages"][::2], row["messages"][1::2]))  # the extra questions' boxes too
-        row["messages"] = [m for i, qa in enumerate(turns) if i == 0 or "<|box_start|>" not in qa[1]["content"]
-                           for m in qa]
-        for key in ("images", "videos"):
-            if key in row:
-                row[key] = [[f"{folder.name}/{f}" for f in v] if isinstance(v, list) else f"{folder.name}/{v}"
-                            for v in row[key]]
-        lines.append(json.dumps(row))
-random.Random(0).shuffle(lines)
-(work / "all.jsonl").write_text("\n".join(lines) + "\n")
-print(f"{len(lines)} rows", file=sys.stderr)
-PY
+$PY -m qwen2vl.demo.mix --drop-extra-boxes "$WORK/all.jsonl" 0 $(ls -d "$WORK"/*/train.jsonl | LC_ALL=C sort)
 
 say "one masked attention call vs one per row, the tower's checkpoint, the first rows"
 head -n $((BATCH * 6)) "$WORK/all.jsonl" > "$WORK/bench.jsonl"

@@ -19,30 +19,10 @@ WORK=${1:-/tmp/qwen2vl-demo}
 DEVICE=${DEVICE:-cpu}
 export OMP_WAIT_POLICY=PASSIVE
 
-mix() {  # OUT SEED FILE[:N]...: the lines of each FILE (N of them drawn at random, if given), shuffled, into
-         # OUT in WORK (picture paths made relative to WORK)
-    python - "$WORK" "$@" <<'PY'
-import json, os, random, sys
-work, out, seed, specs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-rng, lines = random.Random(seed), []
-for spec in specs:
-    name, _, n = spec.partition(":")
-    folder = os.path.relpath(os.path.dirname(os.path.join(work, name)), work)
-    these = open(os.path.join(work, name)).read().splitlines()
-    if folder != ".":
-        moved = []
-        for text in these:
-            line = json.loads(text)
-            if "images" in line:
-                line["images"] = [f"{folder}/{p}" for p in line["images"]]
-            if "videos" in line:
-                line["videos"] = [[f"{folder}/{p}" for p in v] for v in line["videos"]]
-            moved.append(json.dumps(line))
-        these = moved
-    lines += rng.sample(these, int(n)) if n else these
-rng.shuffle(lines)
-open(os.path.join(work, out), "w").write("\n".join(lines) + "\n")
-PY
+mix() {  # OUT SEED FILE[:N]...: in WORK, qwen2vl.demo.mix (each FILE's lines, N of them if given, shuffled)
+    local out=$1 seed=$2
+    shift 2
+    python -m qwen2vl.demo.mix "$WORK/$out" "$seed" "${@/#/$WORK/}"
 }
 run() {  # NAME: the rest are qwen2vl train arguments (torch's AdamW betas, unlike train_demo.sh's stages)
     local name=$1
