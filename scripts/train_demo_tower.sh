@@ -4,16 +4,17 @@
 # the characters of a word: qwen2vl.demo.tower), put in stage 9's checkpoint; then `qwen2vl train`, first the
 # decoder alone (A: it learns to read the new tower), then the whole model, the tower at a tenth of the rate
 # or less: B on the same lines, C and D with the box and word questions left out (63% of A's trained tokens
-# were boxes the model could not place; docs/demo.md, "A second GPU run"), then E-E7 the colour lesson ("What
+# were boxes the model could not place; docs/demo.md, "A second GPU run"), then E-E14 the colour lesson ("What
 # color is the circle?" of every kind in a picture: the decoder had learnt to look a kind up by its colour,
-# not a colour by its kind) and the count questions weighted in (E4 and E5, tried on a count lesson, are not
-# in this line: docs/demo.md).
+# not a colour by its kind) with the suite's count questions weighted in, picture pairs from E10 and the count
+# lesson from E11 (E4 and E5, which tried the count lesson on E3, are not in this line: docs/demo.md).
 #
 #   scripts/train_demo_tower.sh WORK_DIR     # WORK_DIR/stage9 from train_demo.sh; DEVICE=cuda for the tower
 #
 # Where it ran (2026-12-04): the tower on an H200 (170 s), the rest on 2 Zen 5 cores: A 38 min, B 18, C 6 (it
-# was stopped after its step 300, which D starts from), D 27, E 8, E2 10, E3 12, E6 15, E7 13. A-D's lines were
-# mixed by throwaway scripts, so `mix` puts them in another order; E-E7's were mixed by these `mix` calls.
+# was stopped after its step 300, which D starts from), D 27, E 8, E2 10, E3 12, E6 15, E7 13; then (2026-12-05)
+# E8-E14 11-14 each. A-D's lines were mixed by throwaway scripts, so `mix` puts them in another order; E-E14's
+# were mixed by these `mix` calls (checked with cmp against the files trained on).
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-demo}
 DEVICE=${DEVICE:-cpu}
@@ -60,7 +61,7 @@ mix dd.jsonl 0 m1/oneword.jsonl m2/oneword.jsonl k1/train.jsonl k6/train.jsonl v
 run D --train-vision --model "$WORK/C300" --data "$WORK/dd.jsonl" --seed 3 --save-every 300 \
     --steps 1500 --batch-size 8 --lr 2e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 
-# E-E7: the colour lesson (1-3 questions a picture) and more counts, each run on fresh pictures with some of D's
+# E-E14: the colour lesson (1-3 questions a picture) and more counts, each run on fresh pictures with some of D's
 python -m qwen2vl.demo.dataset "$WORK/col" --colors --cases 5000 --seed 5101
 python -m qwen2vl.demo.dataset "$WORK/col2" --colors --cases 5000 --seed 5102
 python -m qwen2vl.demo.dataset "$WORK/col3" --colors --cases 5000 --seed 5103
@@ -69,11 +70,50 @@ python -m qwen2vl.demo.dataset "$WORK/col6" --colors --cases 5000 --seed 5111
 python -m qwen2vl.demo.dataset "$WORK/on2" --only count --cases 5000 --seed 5104
 python -m qwen2vl.demo.dataset "$WORK/on4" --only count --cases 5000 --seed 5109
 python -m qwen2vl.demo.dataset "$WORK/on5" --only count --cases 5000 --seed 5112
+python -m qwen2vl.demo.dataset "$WORK/col7" --colors --cases 5000 --seed 5113
+python -m qwen2vl.demo.dataset "$WORK/col8" --colors --cases 5000 --seed 5116
+python -m qwen2vl.demo.dataset "$WORK/on6" --only count --cases 5000 --seed 5114
+python -m qwen2vl.demo.dataset "$WORK/on7" --only count --cases 5000 --seed 5115
+python -m qwen2vl.demo.dataset "$WORK/on8" --only count --cases 5000 --seed 5117
+python -m qwen2vl.demo.dataset "$WORK/on9" --only count --cases 5000 --seed 5118
+python -m qwen2vl.demo.dataset "$WORK/col9" --colors --cases 5000 --seed 5119
+python -m qwen2vl.demo.dataset "$WORK/on10" --only count --cases 5000 --seed 5120
+python -m qwen2vl.demo.dataset "$WORK/on11" --only count --cases 5000 --seed 5121
+python -m qwen2vl.demo.dataset "$WORK/pr" --cases 1500 --mix two_images=1 --seed 5122   # picture pairs
+python -m qwen2vl.demo.dataset "$WORK/col10" --colors --cases 5000 --seed 5123
+python -m qwen2vl.demo.dataset "$WORK/on12" --only count --cases 5000 --seed 5124
+python -m qwen2vl.demo.dataset "$WORK/on13" --only count --cases 5000 --seed 5125
+python -m qwen2vl.demo.dataset "$WORK/cnt3" --counts --cases 5000 --seed 5126   # the count lesson
+python -m qwen2vl.demo.dataset "$WORK/pr2" --cases 1500 --mix two_images=1 --seed 5127
+python -m qwen2vl.demo.dataset "$WORK/col11" --colors --cases 5000 --seed 5128
+python -m qwen2vl.demo.dataset "$WORK/on14" --only count --cases 5000 --seed 5129
+python -m qwen2vl.demo.dataset "$WORK/cnt4" --counts --cases 5000 --seed 5130
+python -m qwen2vl.demo.dataset "$WORK/pr3" --cases 1500 --mix two_images=1 --seed 5131
+python -m qwen2vl.demo.dataset "$WORK/col12" --colors --cases 5000 --seed 5132
+python -m qwen2vl.demo.dataset "$WORK/on15" --only count --cases 5000 --seed 5133
+python -m qwen2vl.demo.dataset "$WORK/cnt5" --counts --cases 5000 --seed 5134
+python -m qwen2vl.demo.dataset "$WORK/pr4" --cases 1500 --mix two_images=1 --seed 5135
+python -m qwen2vl.demo.dataset "$WORK/col13" --colors --cases 5000 --seed 5136
+python -m qwen2vl.demo.dataset "$WORK/on16" --only count --cases 5000 --seed 5137
+python -m qwen2vl.demo.dataset "$WORK/cnt6" --counts --cases 5000 --seed 5138
+python -m qwen2vl.demo.dataset "$WORK/pr5" --cases 1500 --mix two_images=1 --seed 5139
 mix ee.jsonl 7 col/train.jsonl dd.jsonl:9000                                          # 14,000
 mix e2.jsonl 8 col/train.jsonl col2/train.jsonl dd.jsonl:6000                         # 16,000
 mix e3.jsonl 9 col3/train.jsonl col/train.jsonl on2/train.jsonl dd.jsonl:6000         # 21,000
 mix e6.jsonl 12 col5/train.jsonl col3/train.jsonl on4/train.jsonl dd.jsonl:6000       # 21,000
 mix e7.jsonl 13 col6/train.jsonl col5/train.jsonl on5/train.jsonl dd.jsonl:6000       # 21,000
+mix e8.jsonl 14 col7/train.jsonl col6/train.jsonl on6/train.jsonl on7/train.jsonl dd.jsonl:6000   # 26,000
+mix e9.jsonl 15 col8/train.jsonl col7/train.jsonl on8/train.jsonl on9/train.jsonl dd.jsonl:6000   # 26,000
+mix e10.jsonl 16 col9/train.jsonl col8/train.jsonl on10/train.jsonl on11/train.jsonl pr/train.jsonl \
+    dd.jsonl:6000   # 27,500
+mix e11.jsonl 17 col10/train.jsonl col9/train.jsonl on12/train.jsonl on13/train.jsonl cnt3/train.jsonl \
+    pr2/train.jsonl dd.jsonl:6000   # 32,500
+mix e12.jsonl 18 col11/train.jsonl col10/train.jsonl on14/train.jsonl on13/train.jsonl cnt4/train.jsonl \
+    pr3/train.jsonl dd.jsonl:6000   # 32,500
+mix e13.jsonl 19 col12/train.jsonl col11/train.jsonl on15/train.jsonl on14/train.jsonl cnt5/train.jsonl \
+    pr4/train.jsonl dd.jsonl:6000   # 32,500
+mix e14.jsonl 20 col13/train.jsonl col12/train.jsonl on16/train.jsonl on15/train.jsonl cnt6/train.jsonl \
+    pr5/train.jsonl dd.jsonl:6000   # 32,500
 run E --train-vision --model "$WORK/D" --data "$WORK/ee.jsonl" --seed 4 --save-every 200 \
     --steps 800 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 run E2 --train-vision --model "$WORK/E" --data "$WORK/e2.jsonl" --seed 5 --save-every 250 \
@@ -83,4 +123,18 @@ run E3 --train-vision --model "$WORK/E2" --data "$WORK/e3.jsonl" --seed 6 --save
 run E6 --train-vision --model "$WORK/E3" --data "$WORK/e6.jsonl" --seed 9 --save-every 500 \
     --steps 1500 --batch-size 8 --lr 2e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 run E7 --train-vision --model "$WORK/E6" --data "$WORK/e7.jsonl" --seed 10 --save-every 600 \
+    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E8 --train-vision --model "$WORK/E7" --data "$WORK/e8.jsonl" --seed 11 --save-every 600 \
+    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E9 --train-vision --model "$WORK/E8" --data "$WORK/e9.jsonl" --seed 12 --save-every 600 \
+    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E10 --train-vision --model "$WORK/E9" --data "$WORK/e10.jsonl" --seed 13 --save-every 600 \
+    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E11 --train-vision --model "$WORK/E10" --data "$WORK/e11.jsonl" --seed 14 --save-every 600 \
+    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E12 --train-vision --model "$WORK/E11" --data "$WORK/e12.jsonl" --seed 15 --save-every 600 \
+    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E13 --train-vision --model "$WORK/E12" --data "$WORK/e13.jsonl" --seed 16 --save-every 600 \
+    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E14 --train-vision --model "$WORK/E13" --data "$WORK/e14.jsonl" --seed 17 --save-every 600 \
     --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
