@@ -34,7 +34,7 @@ mkdir -p "$WORK" "$OUT"
 began=$SECONDS
 say() { echo "[$(date +%T)] $*" | tee -a "$OUT/run.log"; }
 
-say "data: $GEN x $CASES suite cases, kinds 2 x $KIND_CASES, colours and counts alone 2 x $KIND_CASES, the colour lesson $KIND_CASES, videos $VIDEO_CASES (in the background)"
+say "data: $GEN x $CASES suite cases, kinds 2 x $KIND_CASES, colours and counts alone 2 x $KIND_CASES, the colour and count lessons 2 x $KIND_CASES, videos $VIDEO_CASES (in the background)"
 (
     for i in $(seq 1 "$GEN"); do
         nice -n 10 $PY -m qwen2vl.demo.dataset "$WORK/mix$i" --cases "$CASES" --mix "$MIX" --seed $((3000 + i)) >/dev/null &
@@ -45,6 +45,8 @@ say "data: $GEN x $CASES suite cases, kinds 2 x $KIND_CASES, colours and counts 
     nice -n 10 $PY -m qwen2vl.demo.dataset "$WORK/oc" --only color --cases "$KIND_CASES" --seed 4004 >/dev/null &
     nice -n 10 $PY -m qwen2vl.demo.dataset "$WORK/on" --only count --cases "$KIND_CASES" --seed 4005 >/dev/null &
     nice -n 10 $PY -m qwen2vl.demo.dataset "$WORK/cl" --colors --cases "$KIND_CASES" --seed 4006 >/dev/null &
+    # the count lesson: on the CPU it moved the kind counts once the shapes' total was right (docs/demo.md, E11-E14)
+    nice -n 10 $PY -m qwen2vl.demo.dataset "$WORK/cn" --counts --cases "$KIND_CASES" --seed 4007 >/dev/null &
     wait
 ) 2>"$OUT/data.err" &
 data=$!
