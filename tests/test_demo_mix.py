@@ -32,6 +32,8 @@ def lessons(tmp_path):
         {"messages": turn("<video>Which way?", "left"), "videos": [[f"img/{i}.png", f"img/{(i + 1) % 4}.png"]]}
         for i in range(4)])
     write_lines(tmp_path / "here.jsonl", [{"messages": turn("<image>How many?", "2"), "images": ["a/img/0.png"]}])
+    write_lines(tmp_path / "b" / "far.jsonl", [{"messages": turn("<image><image>Which?", "first"),
+                                                "images": [str(tmp_path / "a" / "img" / "1.png"), "https://x.org/2.png"]}])
     return tmp_path
 
 
@@ -51,6 +53,13 @@ def test_every_line_comes_once_and_its_pictures_are_found_from_the_new_files_fol
             assert (lessons / path).is_file(), path
     # a line from the output's own folder is kept as written
     assert (lessons / "here.jsonl").read_text().strip() in out.read_text().splitlines()
+
+
+def test_absolute_paths_and_urls_are_kept(lessons):
+    out = lessons / "all.jsonl"
+    main([str(out), "0", str(lessons / "b" / "far.jsonl")])
+    (row,) = [json.loads(t) for t in out.read_text().splitlines()]
+    assert row["images"] == [str(lessons / "a" / "img" / "1.png"), "https://x.org/2.png"]
 
 
 def test_n_lines_are_drawn_and_the_same_seed_writes_the_same_bytes(lessons):

@@ -19,10 +19,11 @@ BOX_START = "<|box_start|>"
 
 
 def rebase(paths, folder: str):
-    """Picture paths (a path, or a video's list of frame paths) put under `folder`."""
+    """Picture paths (a path, or a video's list of frame paths) put under `folder`; absolute paths and URLs
+    are found from anywhere, so they stay."""
     if isinstance(paths, list):
         return [rebase(p, folder) for p in paths]
-    return f"{folder}/{paths}"
+    return paths if os.path.isabs(paths) or "://" in paths else f"{folder}/{paths}"
 
 
 def first_box_only(row: dict) -> dict:
