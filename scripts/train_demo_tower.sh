@@ -4,7 +4,7 @@
 # the characters of a word: qwen2vl.demo.tower), put in stage 9's checkpoint; then `qwen2vl train`, first the
 # decoder alone (A: it learns to read the new tower), then the whole model, the tower at a tenth of the rate
 # or less: B on the same lines, C and D with the box and word questions left out (63% of A's trained tokens
-# were boxes the model could not place; docs/demo.md, "A second GPU run"), then E-E14 the colour lesson ("What
+# were boxes the model could not place; docs/demo.md, "A second GPU run"), then E-E15 the colour lesson ("What
 # color is the circle?" of every kind in a picture: the decoder had learnt to look a kind up by its colour,
 # not a colour by its kind) with the suite's count questions weighted in, picture pairs from E10 and the count
 # lesson from E11 (E4 and E5, which tried the count lesson on E3, are not in this line: docs/demo.md).
@@ -13,7 +13,7 @@
 #
 # Where it ran (2026-12-04): the tower on an H200 (170 s), the rest on 2 Zen 5 cores: A 38 min, B 18, C 6 (it
 # was stopped after its step 300, which D starts from), D 27, E 8, E2 10, E3 12, E6 15, E7 13; then (2026-12-05)
-# E8-E14 11-14 each. A-D's lines were mixed by throwaway scripts, so `mix` puts them in another order; E-E14's
+# E8-E15 11-14 each. A-D's lines were mixed by throwaway scripts, so `mix` puts them in another order; E-E15's
 # were mixed by these `mix` calls (checked with cmp against the files trained on).
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-demo}
@@ -61,7 +61,7 @@ mix dd.jsonl 0 m1/oneword.jsonl m2/oneword.jsonl k1/train.jsonl k6/train.jsonl v
 run D --train-vision --model "$WORK/C300" --data "$WORK/dd.jsonl" --seed 3 --save-every 300 \
     --steps 1500 --batch-size 8 --lr 2e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 
-# E-E14: the colour lesson (1-3 questions a picture) and more counts, each run on fresh pictures with some of D's
+# E-E15: the colour lesson (1-3 questions a picture) and more counts, each run on fresh pictures with some of D's
 python -m qwen2vl.demo.dataset "$WORK/col" --colors --cases 5000 --seed 5101
 python -m qwen2vl.demo.dataset "$WORK/col2" --colors --cases 5000 --seed 5102
 python -m qwen2vl.demo.dataset "$WORK/col3" --colors --cases 5000 --seed 5103
@@ -97,6 +97,10 @@ python -m qwen2vl.demo.dataset "$WORK/col13" --colors --cases 5000 --seed 5136
 python -m qwen2vl.demo.dataset "$WORK/on16" --only count --cases 5000 --seed 5137
 python -m qwen2vl.demo.dataset "$WORK/cnt6" --counts --cases 5000 --seed 5138
 python -m qwen2vl.demo.dataset "$WORK/pr5" --cases 1500 --mix two_images=1 --seed 5139
+python -m qwen2vl.demo.dataset "$WORK/col14" --colors --cases 5000 --seed 5140
+python -m qwen2vl.demo.dataset "$WORK/on17" --only count --cases 5000 --seed 5141
+python -m qwen2vl.demo.dataset "$WORK/cnt7" --counts --cases 5000 --seed 5142
+python -m qwen2vl.demo.dataset "$WORK/pr6" --cases 1500 --mix two_images=1 --seed 5143
 mix ee.jsonl 7 col/train.jsonl dd.jsonl:9000                                          # 14,000
 mix e2.jsonl 8 col/train.jsonl col2/train.jsonl dd.jsonl:6000                         # 16,000
 mix e3.jsonl 9 col3/train.jsonl col/train.jsonl on2/train.jsonl dd.jsonl:6000         # 21,000
@@ -114,6 +118,8 @@ mix e13.jsonl 19 col12/train.jsonl col11/train.jsonl on15/train.jsonl on14/train
     pr4/train.jsonl dd.jsonl:6000   # 32,500
 mix e14.jsonl 20 col13/train.jsonl col12/train.jsonl on16/train.jsonl on15/train.jsonl cnt6/train.jsonl \
     pr5/train.jsonl dd.jsonl:6000   # 32,500
+mix e15.jsonl 21 col14/train.jsonl col13/train.jsonl on17/train.jsonl on16/train.jsonl cnt7/train.jsonl \
+    pr6/train.jsonl dd.jsonl:6000   # 32,500
 run E --train-vision --model "$WORK/D" --data "$WORK/ee.jsonl" --seed 4 --save-every 200 \
     --steps 800 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 run E2 --train-vision --model "$WORK/E" --data "$WORK/e2.jsonl" --seed 5 --save-every 250 \
@@ -137,4 +143,6 @@ run E12 --train-vision --model "$WORK/E11" --data "$WORK/e12.jsonl" --seed 15 --
 run E13 --train-vision --model "$WORK/E12" --data "$WORK/e13.jsonl" --seed 16 --save-every 600 \
     --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 run E14 --train-vision --model "$WORK/E13" --data "$WORK/e14.jsonl" --seed 17 --save-every 600 \
+    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+run E15 --train-vision --model "$WORK/E14" --data "$WORK/e15.jsonl" --seed 18 --save-every 600 \
     --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
