@@ -15,7 +15,7 @@ import os
 import random
 from pathlib import Path
 
-BOX_START = "<|box_start|>"
+from qwen2vl.grounding import BOX_START
 
 
 def rebase(paths, folder: str):
