@@ -4,17 +4,18 @@
 # the characters of a word: qwen2vl.demo.tower), put in stage 9's checkpoint; then `qwen2vl train`, first the
 # decoder alone (A: it learns to read the new tower), then the whole model, the tower at a tenth of the rate
 # or less: B on the same lines, C and D with the box and word questions left out (63% of A's trained tokens
-# were boxes the model could not place; docs/demo.md, "A second GPU run"), then E-E15 the colour lesson ("What
+# were boxes the model could not place; docs/demo.md, "A second GPU run"), then E-E20 the colour lesson ("What
 # color is the circle?" of every kind in a picture: the decoder had learnt to look a kind up by its colour,
 # not a colour by its kind) with the suite's count questions weighted in, picture pairs from E10 and the count
-# lesson from E11 (E4 and E5, which tried the count lesson on E3, are not in this line: docs/demo.md).
+# lesson from E11, twice from E16 (E4 and E5, which tried the count lesson on E3, are not in this line: docs/demo.md).
 #
 #   scripts/train_demo_tower.sh WORK_DIR     # WORK_DIR/stage9 from train_demo.sh; DEVICE=cuda for the tower
 #
 # Where it ran (2026-12-04): the tower on an H200 (170 s), the rest on 2 Zen 5 cores: A 38 min, B 18, C 6 (it
 # was stopped after its step 300, which D starts from), D 27, E 8, E2 10, E3 12, E6 15, E7 13; then (2026-12-05)
-# E8-E15 11-14 each. A-D's lines were mixed by throwaway scripts, so `mix` puts them in another order; E-E15's
-# were mixed by these `mix` calls (checked with cmp against the files trained on).
+# E8-E15 11-14 each, E16-E20 14-18 each (E17 shared the cores with a second copy of itself). A-D's lines were
+# mixed by throwaway scripts, so `mix` puts them in another order; E-E20's were mixed by these `mix` calls
+# (checked with cmp against the files trained on).
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-demo}
 DEVICE=${DEVICE:-cpu}
@@ -146,3 +147,17 @@ run E14 --train-vision --model "$WORK/E13" --data "$WORK/e14.jsonl" --seed 17 --
     --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 run E15 --train-vision --model "$WORK/E14" --data "$WORK/e15.jsonl" --seed 18 --save-every 600 \
     --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+
+# E16-E20: the same with the count lesson twice (its newest two sets), each run from the one before
+for k in 16 17 18 19 20; do
+    b=$((5144 + 4 * (k - 16)))
+    python -m qwen2vl.demo.dataset "$WORK/col$((k - 1))" --colors --cases 5000 --seed $b
+    python -m qwen2vl.demo.dataset "$WORK/on$((k + 2))" --only count --cases 5000 --seed $((b + 1))
+    python -m qwen2vl.demo.dataset "$WORK/cnt$((k - 8))" --counts --cases 5000 --seed $((b + 2))
+    python -m qwen2vl.demo.dataset "$WORK/pr$((k - 9))" --cases 1500 --mix two_images=1 --seed $((b + 3))
+    mix e$k.jsonl $((k + 6)) col$((k - 1))/train.jsonl col$((k - 2))/train.jsonl on$((k + 2))/train.jsonl \
+        on$((k + 1))/train.jsonl cnt$((k - 8))/train.jsonl cnt$((k - 9))/train.jsonl pr$((k - 9))/train.jsonl \
+        dd.jsonl:6000   # 37,500
+    run E$k --train-vision --model "$WORK/E$((k - 1))" --data "$WORK/e$k.jsonl" --seed $((k + 3)) --save-every 600 \
+        --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
+done
