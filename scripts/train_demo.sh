@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the demo model (qwen2vl/demo/checkpoint) from nothing: training data, an untrained
-# checkpoint folder, twelve seeded `qwen2vl train` runs (a curriculum), then a fresh vision tower and seventeen more
+# checkpoint folder, twelve seeded `qwen2vl train` runs (a curriculum), then a fresh vision tower and twenty-two more
 # runs (scripts/train_demo_tower.sh), the loss plot and the evaluation.
 #
 #   scripts/train_demo.sh [WORK_DIR]          # default /tmp/qwen2vl-demo; run from the repository root
@@ -187,11 +187,11 @@ stage stage9 --model "$WORK/stage8" --data "$WORK/data/mix.jsonl" --seed 1 \
 # The tower came from the GPU recipe's second run (scripts/train_demo_gpu.sh on an H200, 170 s); DEVICE=cuda here
 # does the same where there is a GPU (on these 2 cores it is hours).
 bash scripts/train_demo_tower.sh "$WORK"
-FINAL=E15
+FINAL=E20
 
 {
     for s in 1a 1b 2 3 4 5 6c 6d 6e 7 8 9; do echo "# stage$s (scripts/train_demo.sh)"; cat "$WORK/stage$s.log"; done
-    for s in tower A B C D E E2 E3 E6 E7 E8 E9 E10 E11 E12 E13 E14 E15; do echo "# $s (scripts/train_demo_tower.sh)"; cat "$WORK/$s.log"; done
+    for s in tower A B C D E E2 E3 E6 E7 E8 E9 E10 E11 E12 E13 E14 E15 E16 E17 E18 E19 E20; do echo "# $s (scripts/train_demo_tower.sh)"; cat "$WORK/$s.log"; done
 } > "$WORK/train.log"
 python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png
 mkdir -p qwen2vl/demo/checkpoint
