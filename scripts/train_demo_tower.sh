@@ -62,7 +62,7 @@ mix dd.jsonl 0 m1/oneword.jsonl m2/oneword.jsonl k1/train.jsonl k6/train.jsonl v
 run D --train-vision --model "$WORK/C300" --data "$WORK/dd.jsonl" --seed 3 --save-every 300 \
     --steps 1500 --batch-size 8 --lr 2e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 
-# E-E15: the colour lesson (1-3 questions a picture) and more counts, each run on fresh pictures with some of D's
+# E-E11: the colour lesson (1-3 questions a picture) and more counts, each run on fresh pictures with some of D's
 python -m qwen2vl.demo.dataset "$WORK/col" --colors --cases 5000 --seed 5101
 python -m qwen2vl.demo.dataset "$WORK/col2" --colors --cases 5000 --seed 5102
 python -m qwen2vl.demo.dataset "$WORK/col3" --colors --cases 5000 --seed 5103
@@ -86,22 +86,6 @@ python -m qwen2vl.demo.dataset "$WORK/on12" --only count --cases 5000 --seed 512
 python -m qwen2vl.demo.dataset "$WORK/on13" --only count --cases 5000 --seed 5125
 python -m qwen2vl.demo.dataset "$WORK/cnt3" --counts --cases 5000 --seed 5126   # the count lesson
 python -m qwen2vl.demo.dataset "$WORK/pr2" --cases 1500 --mix two_images=1 --seed 5127
-python -m qwen2vl.demo.dataset "$WORK/col11" --colors --cases 5000 --seed 5128
-python -m qwen2vl.demo.dataset "$WORK/on14" --only count --cases 5000 --seed 5129
-python -m qwen2vl.demo.dataset "$WORK/cnt4" --counts --cases 5000 --seed 5130
-python -m qwen2vl.demo.dataset "$WORK/pr3" --cases 1500 --mix two_images=1 --seed 5131
-python -m qwen2vl.demo.dataset "$WORK/col12" --colors --cases 5000 --seed 5132
-python -m qwen2vl.demo.dataset "$WORK/on15" --only count --cases 5000 --seed 5133
-python -m qwen2vl.demo.dataset "$WORK/cnt5" --counts --cases 5000 --seed 5134
-python -m qwen2vl.demo.dataset "$WORK/pr4" --cases 1500 --mix two_images=1 --seed 5135
-python -m qwen2vl.demo.dataset "$WORK/col13" --colors --cases 5000 --seed 5136
-python -m qwen2vl.demo.dataset "$WORK/on16" --only count --cases 5000 --seed 5137
-python -m qwen2vl.demo.dataset "$WORK/cnt6" --counts --cases 5000 --seed 5138
-python -m qwen2vl.demo.dataset "$WORK/pr5" --cases 1500 --mix two_images=1 --seed 5139
-python -m qwen2vl.demo.dataset "$WORK/col14" --colors --cases 5000 --seed 5140
-python -m qwen2vl.demo.dataset "$WORK/on17" --only count --cases 5000 --seed 5141
-python -m qwen2vl.demo.dataset "$WORK/cnt7" --counts --cases 5000 --seed 5142
-python -m qwen2vl.demo.dataset "$WORK/pr6" --cases 1500 --mix two_images=1 --seed 5143
 mix ee.jsonl 7 col/train.jsonl dd.jsonl:9000                                          # 14,000
 mix e2.jsonl 8 col/train.jsonl col2/train.jsonl dd.jsonl:6000                         # 16,000
 mix e3.jsonl 9 col3/train.jsonl col/train.jsonl on2/train.jsonl dd.jsonl:6000         # 21,000
@@ -113,14 +97,6 @@ mix e10.jsonl 16 col9/train.jsonl col8/train.jsonl on10/train.jsonl on11/train.j
     dd.jsonl:6000   # 27,500
 mix e11.jsonl 17 col10/train.jsonl col9/train.jsonl on12/train.jsonl on13/train.jsonl cnt3/train.jsonl \
     pr2/train.jsonl dd.jsonl:6000   # 32,500
-mix e12.jsonl 18 col11/train.jsonl col10/train.jsonl on14/train.jsonl on13/train.jsonl cnt4/train.jsonl \
-    pr3/train.jsonl dd.jsonl:6000   # 32,500
-mix e13.jsonl 19 col12/train.jsonl col11/train.jsonl on15/train.jsonl on14/train.jsonl cnt5/train.jsonl \
-    pr4/train.jsonl dd.jsonl:6000   # 32,500
-mix e14.jsonl 20 col13/train.jsonl col12/train.jsonl on16/train.jsonl on15/train.jsonl cnt6/train.jsonl \
-    pr5/train.jsonl dd.jsonl:6000   # 32,500
-mix e15.jsonl 21 col14/train.jsonl col13/train.jsonl on17/train.jsonl on16/train.jsonl cnt7/train.jsonl \
-    pr6/train.jsonl dd.jsonl:6000   # 32,500
 run E --train-vision --model "$WORK/D" --data "$WORK/ee.jsonl" --seed 4 --save-every 200 \
     --steps 800 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 run E2 --train-vision --model "$WORK/E" --data "$WORK/e2.jsonl" --seed 5 --save-every 250 \
@@ -139,25 +115,20 @@ run E10 --train-vision --model "$WORK/E9" --data "$WORK/e10.jsonl" --seed 13 --s
     --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 run E11 --train-vision --model "$WORK/E10" --data "$WORK/e11.jsonl" --seed 14 --save-every 600 \
     --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
-run E12 --train-vision --model "$WORK/E11" --data "$WORK/e12.jsonl" --seed 15 --save-every 600 \
-    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
-run E13 --train-vision --model "$WORK/E12" --data "$WORK/e13.jsonl" --seed 16 --save-every 600 \
-    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
-run E14 --train-vision --model "$WORK/E13" --data "$WORK/e14.jsonl" --seed 17 --save-every 600 \
-    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
-run E15 --train-vision --model "$WORK/E14" --data "$WORK/e15.jsonl" --seed 18 --save-every 600 \
-    --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 
-# E16-E20: the same with the count lesson twice (its newest two sets), each run from the one before
-for k in 16 17 18 19 20; do
+# E12-E20: each run from the one before on its own fresh sets and the previous run's colour and count sets; from
+# E16 the count lesson twice (its newest two sets)
+for k in 12 13 14 15 16 17 18 19 20; do
     b=$((5144 + 4 * (k - 16)))
+    second_lesson=()
+    if ((k >= 16)); then second_lesson=("cnt$((k - 9))/train.jsonl"); fi
     python -m qwen2vl.demo.dataset "$WORK/col$((k - 1))" --colors --cases 5000 --seed $b
     python -m qwen2vl.demo.dataset "$WORK/on$((k + 2))" --only count --cases 5000 --seed $((b + 1))
     python -m qwen2vl.demo.dataset "$WORK/cnt$((k - 8))" --counts --cases 5000 --seed $((b + 2))
     python -m qwen2vl.demo.dataset "$WORK/pr$((k - 9))" --cases 1500 --mix two_images=1 --seed $((b + 3))
     mix e$k.jsonl $((k + 6)) col$((k - 1))/train.jsonl col$((k - 2))/train.jsonl on$((k + 2))/train.jsonl \
-        on$((k + 1))/train.jsonl cnt$((k - 8))/train.jsonl cnt$((k - 9))/train.jsonl pr$((k - 9))/train.jsonl \
-        dd.jsonl:6000   # 37,500
+        on$((k + 1))/train.jsonl cnt$((k - 8))/train.jsonl "${second_lesson[@]}" pr$((k - 9))/train.jsonl \
+        dd.jsonl:6000   # 32,500; 37,500 from E16
     run E$k --train-vision --model "$WORK/E$((k - 1))" --data "$WORK/e$k.jsonl" --seed $((k + 3)) --save-every 600 \
         --steps 1200 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5 --warmup-steps 30 --weight-decay 0.01
 done
