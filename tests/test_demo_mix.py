@@ -33,7 +33,8 @@ def lessons(tmp_path):
         for i in range(4)])
     write_lines(tmp_path / "here.jsonl", [{"messages": turn("<image>How many?", "2"), "images": ["a/img/0.png"]}])
     write_lines(tmp_path / "b" / "far.jsonl", [{"messages": turn("<image><image>Which?", "first"),
-                                                "images": [str(tmp_path / "a" / "img" / "1.png"), "https://x.org/2.png"]}])
+                                                "images": [str(tmp_path / "a" / "img" / "1.png"), "https://x.org/2.png",
+                                                           "data:image/png;base64,iVBORw0KGgo="]}])
     return tmp_path
 
 
@@ -55,11 +56,12 @@ def test_every_line_comes_once_and_its_pictures_are_found_from_the_new_files_fol
     assert (lessons / "here.jsonl").read_text().strip() in out.read_text().splitlines()
 
 
-def test_absolute_paths_and_urls_are_kept(lessons):
+def test_absolute_paths_urls_and_data_uris_are_kept(lessons):
     out = lessons / "all.jsonl"
     main([str(out), "0", str(lessons / "b" / "far.jsonl")])
     (row,) = [json.loads(t) for t in out.read_text().splitlines()]
-    assert row["images"] == [str(lessons / "a" / "img" / "1.png"), "https://x.org/2.png"]
+    assert row["images"] == [str(lessons / "a" / "img" / "1.png"), "https://x.org/2.png",
+                             "data:image/png;base64,iVBORw0KGgo="]
 
 
 def test_n_lines_are_drawn_and_the_same_seed_writes_the_same_bytes(lessons):

@@ -16,14 +16,15 @@ import random
 from pathlib import Path
 
 from qwen2vl.grounding import BOX_START
+from qwen2vl.train.data import is_relative_path
 
 
 def rebase(paths, folder: str):
-    """Picture paths (a path, or a video's list of frame paths) put under `folder`; absolute paths and URLs
-    are found from anywhere, so they stay."""
+    """Picture paths (a path, or a video's list of frame paths) put under `folder`; absolute paths, URLs and
+    data: URIs are found from anywhere (the rule `qwen2vl train` reads them by), so they stay."""
     if isinstance(paths, list):
         return [rebase(p, folder) for p in paths]
-    return paths if os.path.isabs(paths) or "://" in paths else f"{folder}/{paths}"
+    return f"{folder}/{paths}" if is_relative_path(paths) else paths
 
 
 def first_box_only(row: dict) -> dict:

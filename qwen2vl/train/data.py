@@ -163,10 +163,19 @@ def _with_paths(m: dict, base: Path, options: dict) -> dict:
     return {**m, "content": content}
 
 
+URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # a URL or data: URI, found from anywhere
+
+
+def is_relative_path(source: str) -> bool:
+    """True for a picture path that a data file gives relative to its own folder (not a URL, a data: URI or
+    an absolute path); `qwen2vl.demo.mix` rewrites these when it moves lines to another folder."""
+    return not URI.match(source) and not Path(source).expanduser().is_absolute()
+
+
 def _resolve(source, base: Path):
     if isinstance(source, list):
         return [_resolve(s, base) for s in source]
-    if not isinstance(source, str) or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", source):
+    if not isinstance(source, str) or URI.match(source):
         return source  # URLs and data: URIs as they are
     path = Path(source).expanduser()
     return str(path if path.is_absolute() else base / path)
@@ -174,7 +183,7 @@ def _resolve(source, base: Path):
 
 def _check_exists(source, kind: str, where: str) -> None:
     for s in source if isinstance(source, list) else [source]:
-        if isinstance(s, str) and not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", s) and not Path(s).is_file():
+        if isinstance(s, str) and not URI.match(s) and not Path(s).is_file():
             raise DataError(f"{where}: {kind} file not found: {s}")
 
 
