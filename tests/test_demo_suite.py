@@ -346,3 +346,30 @@ def test_the_count_lesson_asks_how_many_of_every_kind_drawn_and_in_all(tmp_path)
         most = max(most, *map(drawn.count, FILL))
         zeros += "0" in answers.values()
     assert most >= 4 and zeros  # one kind drawn often, or not at all, as the suite's count questions draw it
+
+
+def test_the_box_lesson_asks_the_box_of_every_shape_and_each_box_holds_its_shape(tmp_path):
+    import json
+
+    from qwen2vl.demo.dataset import write_box_set
+
+    lines = [json.loads(t) for t in open(write_box_set(tmp_path, 12, 8, (2, 6)))]
+    for line in lines:
+        image = Image.open(tmp_path / line["images"][0])
+        a = np.asarray(image)
+        drawn = {}
+        for r in regions(image):
+            x1, y1, x2, y2 = r["box"]
+            share = (a[y1:y2, x1:x2] == COLORS[r["color"]]).all(-1).mean()
+            drawn[f"{r['color']} {next(k for k, (lo, hi) in FILL.items() if lo <= share <= hi)}"] = r["box"]
+        asked = [m["content"].removeprefix("<image>").removeprefix("Where is the ").removesuffix("?")
+                 for m in line["messages"][::2]]
+        assert line["messages"][0]["content"].startswith("<image>") and 2 <= len(asked) <= 6
+        assert sorted(asked) == sorted(drawn)  # every shape asked once: no two of one colour and kind
+        for name, m in zip(asked, line["messages"][1::2]):
+            (region,) = parse_grounding(m["content"], *image.size)
+            assert region.label == f"the {name}" and region.kind == "box"
+            bx1, by1, bx2, by2 = region.bbox
+            x1, y1, x2, y2 = drawn[name]  # the shape's pixels lie in its box (the 0-1000 scale rounds)
+            assert bx1 - 2 <= x1 and by1 - 2 <= y1 and x2 <= bx2 + 2 and y2 <= by2 + 2, (name, region.bbox, drawn[name])
+            assert (x2 - x1) * (y2 - y1) >= 0.5 * (bx2 - bx1) * (by2 - by1)

@@ -26,7 +26,7 @@ import json
 import random
 from pathlib import Path
 
-from qwen2vl.demo.lessons import write_color_set, write_count_set, write_kind_set
+from qwen2vl.demo.lessons import write_box_set, write_color_set, write_count_set, write_kind_set
 from qwen2vl.demo.scenes import box_1000
 from qwen2vl.demo.tasks import TASKS, Case, color_question, count_question, render_case
 from qwen2vl.grounding import BOX_END, BOX_START, REF_END, REF_START
@@ -224,7 +224,13 @@ def main(argv=None) -> None:
                         "colours, each kind drawn once asked 'What color is the {kind}?' (looking a kind up)")
     parser.add_argument("--counts", action="store_true", help="instead: --cases pictures of 0-6 shapes, each asked "
                         "'How many {kind}s are there?' of every kind drawn and 'How many shapes are there?'")
+    parser.add_argument("--where", metavar="LO-HI", help="instead: --cases pictures of LO-HI shapes, no two alike, "
+                        "each asked 'Where is the {color} {kind}?' (boxes, several a picture)")
     args = parser.parse_args(argv)
+    if args.where:
+        lo, _, hi = args.where.partition("-")
+        print(write_box_set(args.out, args.cases, args.seed, (int(lo), int(hi or lo))))
+        return
     if args.colors:
         print(write_color_set(args.out, args.cases, args.seed))
         return

@@ -3,6 +3,7 @@
     python -m qwen2vl.demo.dataset DIR --kinds 2-6 --cases 4000    # "Which shape is red?" -> "the red circle"
     python -m qwen2vl.demo.dataset DIR --colors --cases 4000       # "What color is the circle?" -> "red"
     python -m qwen2vl.demo.dataset DIR --counts --cases 4000       # "How many circles are there?" -> "2"
+    python -m qwen2vl.demo.dataset DIR --where 1-6 --cases 4000    # "Where is the red circle?" -> its box
 
 Written as dataset.py writes the suite's lines (DIR/train.jsonl and DIR/img/), for `qwen2vl train`.
 """
@@ -13,8 +14,9 @@ import json
 import random
 from pathlib import Path
 
-from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
+from qwen2vl.demo.scenes import COLORS, SHAPES, box_1000, draw_scene, fit, random_background
 from qwen2vl.demo.tasks import color_question, count_question
+from qwen2vl.grounding import BOX_END, BOX_START, REF_END, REF_START
 
 
 def kind_question(color: str) -> str:
@@ -74,6 +76,25 @@ def write_count_set(out: str | Path, cases: int, seed: int) -> Path:
         return image, rng.sample(turns, len(turns))
 
     return _write_lesson(out, cases, f"qwen2vl-demo-count:{seed}", lesson)
+
+
+def write_box_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int] = (1, 6)) -> Path:
+    """`cases` pictures of `shapes` shapes (lo-hi), no two of the same colour and kind, each asked its box in
+    random order: "Where is the red circle?" -> the suite's grounding answer. A suite line asks one box a
+    picture; the tower's pass over the picture is most of a step's cost, so asking every shape's box gives
+    the digits, which take thousands of steps to leave chance (docs/demo.md), several times the signal a step."""
+    def lesson(rng: random.Random):
+        pairs = rng.sample([(k, c) for k in SHAPES for c in COLORS], rng.randint(*shapes))
+        width, height, drawn = fit(rng, pairs)
+        image = draw_scene(width, height, random_background(rng), drawn)
+        turns = []
+        for s in rng.sample(drawn, len(drawn)):
+            x1, y1, x2, y2 = box_1000(s.box, width, height)
+            turns.append((f"Where is the {s.name}?",
+                          f"{REF_START}the {s.name}{REF_END}{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"))
+        return image, turns
+
+    return _write_lesson(out, cases, f"qwen2vl-demo-box:{seed}", lesson)
 
 
 def _write_lesson(out: str | Path, cases: int, name: str, lesson) -> Path:
