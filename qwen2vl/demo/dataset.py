@@ -27,9 +27,7 @@ import random
 from pathlib import Path
 
 from qwen2vl.demo.lessons import write_box_set, write_color_set, write_count_set, write_kind_set
-from qwen2vl.demo.scenes import box_1000
-from qwen2vl.demo.tasks import TASKS, Case, color_question, count_question, render_case
-from qwen2vl.grounding import BOX_END, BOX_START, REF_END, REF_START
+from qwen2vl.demo.tasks import TASKS, Case, box_answer, color_question, count_question, render_case, where_question
 
 # Cases per task in proportion to these weights: the hard tasks (boxes, reading) get more.
 MIX = {"color": 1.0, "count": 1.5, "grounding": 2.5, "text": 3.0, "video": 1.0, "two_images": 1.5}
@@ -52,9 +50,7 @@ def extra_turns(case: Case, rng: random.Random, most: int) -> list[tuple[str, st
             pool.append((color_question(kind), same[0].color))
     for s in shapes:
         if sum((t.kind, t.color) == (s.kind, s.color) for t in shapes) == 1:
-            x1, y1, x2, y2 = box_1000(s.box, width, height)
-            pool.append((f"Where is the {s.name}?",
-                         f"{REF_START}the {s.name}{REF_END}{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"))
+            pool.append((where_question(s), box_answer(s, width, height)))
     pool = [qa for qa in pool if qa[0] != case.question]
     in_order = sorted(shapes, key=lambda s: (s.x + s.side / 2, s.y))
     listing = (LIST_QUESTION, ", ".join(s.name for s in in_order) or "none")

@@ -14,9 +14,8 @@ import json
 import random
 from pathlib import Path
 
-from qwen2vl.demo.scenes import COLORS, SHAPES, box_1000, draw_scene, fit, random_background
-from qwen2vl.demo.tasks import color_question, count_question
-from qwen2vl.grounding import BOX_END, BOX_START, REF_END, REF_START
+from qwen2vl.demo.scenes import COLORS, SHAPES, draw_scene, fit, random_background
+from qwen2vl.demo.tasks import box_answer, color_question, count_question, where_question
 
 
 def kind_question(color: str) -> str:
@@ -87,12 +86,7 @@ def write_box_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int
         pairs = rng.sample([(k, c) for k in SHAPES for c in COLORS], rng.randint(*shapes))
         width, height, drawn = fit(rng, pairs)
         image = draw_scene(width, height, random_background(rng), drawn)
-        turns = []
-        for s in rng.sample(drawn, len(drawn)):
-            x1, y1, x2, y2 = box_1000(s.box, width, height)
-            turns.append((f"Where is the {s.name}?",
-                          f"{REF_START}the {s.name}{REF_END}{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"))
-        return image, turns
+        return image, [(where_question(s), box_answer(s, width, height)) for s in rng.sample(drawn, len(drawn))]
 
     return _write_lesson(out, cases, f"qwen2vl-demo-box:{seed}", lesson)
 

@@ -81,6 +81,16 @@ def count_question(kind: str | None = None) -> str:
     return f"How many {kind}s are there?" if kind else "How many shapes are there?"
 
 
+def where_question(shape: Shape) -> str:
+    return f"Where is the {shape.name}?"
+
+
+def box_answer(shape: Shape, width: int, height: int) -> str:
+    """The grounding answer for `shape` in a width x height picture: its name and its square on the 0-1000 scale."""
+    x1, y1, x2, y2 = box_1000(shape.box, width, height)
+    return f"{REF_START}the {shape.name}{REF_END}{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"
+
+
 def color_case(rng) -> Case:
     kind, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     others = _other(rng, set(), rng.randint(0, 5), kinds=[k for k in SHAPES if k != kind])
@@ -104,10 +114,8 @@ def grounding_case(rng) -> Case:
     kind, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     image, shapes = _scene(rng, [(kind, color), *_other(rng, {(kind, color)}, rng.randint(0, 5))])
     target = next(s for s in shapes if (s.kind, s.color) == (kind, color))
-    x1, y1, x2, y2 = box_1000(target.box, *image.size)
-    answer = f"{REF_START}the {color} {kind}{REF_END}{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"
-    return Case("grounding", [image], f"Where is the {color} {kind}?", answer, info={"shapes": shapes,
-                                                                                   "box": target.box})
+    return Case("grounding", [image], where_question(target), box_answer(target, *image.size),
+                info={"shapes": shapes, "box": target.box})
 
 
 def text_case(rng) -> Case:
