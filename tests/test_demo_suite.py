@@ -294,16 +294,21 @@ def test_the_single_task_set_of_videos_keeps_every_frame(tmp_path):
 FILL = {"square": (0.95, 1.0), "circle": (0.7, 0.85), "triangle": (0.3, 0.55)}  # a kind's share of its box
 
 
-def kinds_drawn(path) -> list[tuple[str, str]]:
-    """(colour, kind) of every shape in the picture, read from its pixels: shapes are GAP px apart, so each
-    is one region of its colour, and its kind is how much of its box it fills."""
+def shapes_drawn(path) -> list[tuple[str, str, tuple[int, int, int, int]]]:
+    """(colour, kind, pixel box) of every shape in the picture, read from its pixels: shapes are GAP px apart,
+    so each is one region of its colour, and its kind is how much of its box it fills."""
     a = np.asarray(Image.open(path))
     drawn = []
     for r in regions(Image.fromarray(a)):
         x1, y1, x2, y2 = r["box"]
         share = (a[y1:y2, x1:x2] == COLORS[r["color"]]).all(-1).mean()
-        drawn.append((r["color"], next(k for k, (lo, hi) in FILL.items() if lo <= share <= hi)))
+        drawn.append((r["color"], next(k for k, (lo, hi) in FILL.items() if lo <= share <= hi), r["box"]))
     return drawn
+
+
+def kinds_drawn(path) -> list[tuple[str, str]]:
+    """(colour, kind) of every shape in the picture (shapes_drawn)."""
+    return [(color, kind) for color, kind, _ in shapes_drawn(path)]
 
 
 def test_the_colour_lesson_asks_the_colour_of_every_kind_drawn_once(tmp_path):
@@ -356,12 +361,7 @@ def test_the_box_lesson_asks_the_box_of_every_shape_and_each_box_holds_its_shape
     lines = [json.loads(t) for t in open(write_box_set(tmp_path, 12, 8, (2, 6)))]
     for line in lines:
         image = Image.open(tmp_path / line["images"][0])
-        a = np.asarray(image)
-        drawn = {}
-        for r in regions(image):
-            x1, y1, x2, y2 = r["box"]
-            share = (a[y1:y2, x1:x2] == COLORS[r["color"]]).all(-1).mean()
-            drawn[f"{r['color']} {next(k for k, (lo, hi) in FILL.items() if lo <= share <= hi)}"] = r["box"]
+        drawn = {f"{color} {kind}": box for color, kind, box in shapes_drawn(tmp_path / line["images"][0])}
         asked = [m["content"].removeprefix("<image>").removeprefix("Where is the ").removesuffix("?")
                  for m in line["messages"][::2]]
         assert line["messages"][0]["content"].startswith("<image>") and 2 <= len(asked) <= 6

@@ -172,6 +172,12 @@ def write_subset(source: str | Path, out: str | Path, max_shapes: int, pairs: bo
     return out
 
 
+def parse_range(text: str) -> tuple[int, int]:
+    """"2-6" -> (2, 6); "1" -> (1, 1): how many shapes a lesson's pictures hold."""
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
+
+
 def parse_mix(text: str) -> dict[str, float]:
     """"color=1.5,count=1.5,video=0.5" -> {"color": 1.5, ...}: a later stage's data, weighted to its weak tasks."""
     return parse_weights(text, TASKS, "task")
@@ -224,8 +230,7 @@ def main(argv=None) -> None:
                         "each asked 'Where is the {color} {kind}?' (boxes, several a picture)")
     args = parser.parse_args(argv)
     if args.where:
-        lo, _, hi = args.where.partition("-")
-        print(write_box_set(args.out, args.cases, args.seed, (int(lo), int(hi or lo))))
+        print(write_box_set(args.out, args.cases, args.seed, parse_range(args.where)))
         return
     if args.colors:
         print(write_color_set(args.out, args.cases, args.seed))
@@ -234,9 +239,8 @@ def main(argv=None) -> None:
         print(write_count_set(args.out, args.cases, args.seed))
         return
     if args.kinds:
-        lo, _, hi = args.kinds.partition("-")
         fraction = tuple(map(float, args.fraction.split("-"))) if args.fraction else None
-        print(write_kind_set(args.out, args.cases, args.seed, (int(lo), int(hi or lo)), fraction))
+        print(write_kind_set(args.out, args.cases, args.seed, parse_range(args.kinds), fraction))
         return
     if args.only:
         print(write_single_task(args.out, args.cases, args.seed, args.only, args.shapes))
