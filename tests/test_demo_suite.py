@@ -353,18 +353,21 @@ def test_the_count_lesson_asks_how_many_of_every_kind_drawn_and_in_all(tmp_path)
     assert most >= 4 and zeros  # one kind drawn often, or not at all, as the suite's count questions draw it
 
 
-def test_the_box_lesson_asks_the_box_of_every_shape_and_each_box_holds_its_shape(tmp_path):
+@pytest.mark.parametrize("shapes, side", [((2, 6), None), ((1, 1), 280)])
+def test_the_box_lesson_asks_the_box_of_every_shape_and_each_box_holds_its_shape(tmp_path, shapes, side):
     import json
 
     from qwen2vl.demo.dataset import write_box_set
 
-    lines = [json.loads(t) for t in open(write_box_set(tmp_path, 12, 8, (2, 6)))]
+    lines = [json.loads(t) for t in open(write_box_set(tmp_path, 12, 8, shapes, side))]
+    sizes = set()
     for line in lines:
         image = Image.open(tmp_path / line["images"][0])
+        sizes.add(image.size)
         drawn = {f"{color} {kind}": box for color, kind, box in shapes_drawn(tmp_path / line["images"][0])}
         asked = [m["content"].removeprefix("<image>").removeprefix("Where is the ").removesuffix("?")
                  for m in line["messages"][::2]]
-        assert line["messages"][0]["content"].startswith("<image>") and 2 <= len(asked) <= 6
+        assert line["messages"][0]["content"].startswith("<image>") and shapes[0] <= len(asked) <= shapes[1]
         assert sorted(asked) == sorted(drawn)  # every shape asked once: no two of one colour and kind
         for name, m in zip(asked, line["messages"][1::2]):
             (region,) = parse_grounding(m["content"], *image.size)
@@ -373,3 +376,4 @@ def test_the_box_lesson_asks_the_box_of_every_shape_and_each_box_holds_its_shape
             x1, y1, x2, y2 = drawn[name]  # the shape's pixels lie in its box (the 0-1000 scale rounds)
             assert bx1 - 2 <= x1 and by1 - 2 <= y1 and x2 <= bx2 + 2 and y2 <= by2 + 2, (name, region.bbox, drawn[name])
             assert (x2 - x1) * (y2 - y1) >= 0.5 * (bx2 - bx1) * (by2 - by1)
+    assert sizes == {(side, side)} if side else len(sizes) > 6  # one size when asked, else the suite's spread

@@ -27,6 +27,7 @@ import random
 from pathlib import Path
 
 from qwen2vl.demo.lessons import write_box_set, write_color_set, write_count_set, write_kind_set
+from qwen2vl.demo.scenes import MAX_SIDE, MIN_SIDE
 from qwen2vl.demo.tasks import TASKS, Case, box_answer, color_question, count_question, render_case, where_question
 
 # Cases per task in proportion to these weights: the hard tasks (boxes, reading) get more.
@@ -228,9 +229,13 @@ def main(argv=None) -> None:
                         "'How many {kind}s are there?' of every kind drawn and 'How many shapes are there?'")
     parser.add_argument("--where", metavar="LO-HI", help="instead: --cases pictures of LO-HI shapes, no two alike, "
                         "each asked 'Where is the {color} {kind}?' (boxes, several a picture)")
+    parser.add_argument("--side", type=int, help=f"with --where: every picture SIDE x SIDE ({MIN_SIDE}-{MAX_SIDE}; "
+                        "default the suite's random sizes)")
     args = parser.parse_args(argv)
+    if args.side is not None and not (args.where and MIN_SIDE <= args.side <= MAX_SIDE):
+        parser.error(f"--side goes with --where and is {MIN_SIDE}-{MAX_SIDE} px")
     if args.where:
-        print(write_box_set(args.out, args.cases, args.seed, parse_range(args.where)))
+        print(write_box_set(args.out, args.cases, args.seed, parse_range(args.where), args.side))
         return
     if args.colors:
         print(write_color_set(args.out, args.cases, args.seed))

@@ -4,6 +4,7 @@
     python -m qwen2vl.demo.dataset DIR --colors --cases 4000       # "What color is the circle?" -> "red"
     python -m qwen2vl.demo.dataset DIR --counts --cases 4000       # "How many circles are there?" -> "2"
     python -m qwen2vl.demo.dataset DIR --where 1-6 --cases 4000    # "Where is the red circle?" -> its box
+    python -m qwen2vl.demo.dataset DIR --where 1 --side 280 --cases 4000   # lone shapes, 280 x 280 pictures
 
 Written as dataset.py writes the suite's lines (DIR/train.jsonl and DIR/img/), for `qwen2vl train`.
 """
@@ -77,14 +78,17 @@ def write_count_set(out: str | Path, cases: int, seed: int) -> Path:
     return _write_lesson(out, cases, f"qwen2vl-demo-count:{seed}", lesson)
 
 
-def write_box_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int] = (1, 6)) -> Path:
+def write_box_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int] = (1, 6),
+                  side: int | None = None) -> Path:
     """`cases` pictures of `shapes` shapes (lo-hi), no two of the same colour and kind, each asked its box in
     random order: "Where is the red circle?" -> the suite's grounding answer. A suite line asks one box a
     picture; the tower's pass over the picture is most of a step's cost, so asking every shape's box gives
-    the digits, which take thousands of steps to leave chance (docs/demo.md), several times the signal a step."""
+    the digits, which take thousands of steps to leave chance (docs/demo.md), several times the signal a step.
+    `side`: every picture side x side, so that a box is the shape's place on one grid (no division by the
+    picture's size): the first boxes on the 2 cores were learnt on lone shapes at 280 x 280."""
     def lesson(rng: random.Random):
         pairs = rng.sample([(k, c) for k in SHAPES for c in COLORS], rng.randint(*shapes))
-        width, height, drawn = fit(rng, pairs)
+        width, height, drawn = fit(rng, pairs, side=side)
         image = draw_scene(width, height, random_background(rng), drawn)
         return image, [(where_question(s), box_answer(s, width, height)) for s in rng.sample(drawn, len(drawn))]
 

@@ -95,11 +95,12 @@ def place(rng: random.Random, width: int, height: int, specs: list[tuple[str, st
     return None
 
 
-def fit(rng: random.Random, specs: list[tuple[str, str]],
-        fraction: tuple[float, float] | None = None) -> tuple[int, int, list[Shape]]:
-    """A random picture size and `specs` placed in it (`place`), the size drawn again until they fit."""
+def fit(rng: random.Random, specs: list[tuple[str, str]], fraction: tuple[float, float] | None = None,
+        side: int | None = None) -> tuple[int, int, list[Shape]]:
+    """A random picture size (`side` x `side` when given) and `specs` placed in it (`place`), the size drawn
+    again until they fit."""
     while True:
-        width, height = random_size(rng)
+        width, height = (side, side) if side else random_size(rng)
         shapes = place(rng, width, height, specs, fraction=fraction)
         if shapes is not None:
             return width, height, shapes
