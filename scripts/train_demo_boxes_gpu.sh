@@ -4,9 +4,10 @@
 # pictures of one size, and runs of boxes alone lost every other task. So each stage here trains boxes beside
 # the lines that keep colours, counts, motions and pairs (the colour, count and kind lessons, suite cases
 # without boxes or words, videos):
-#   L  lone shapes on SIDE x SIDE pictures (`--where 1 --side SIDE`): the answer's attention finds the shape
-#   V  lone shapes of any size and the box lesson of 2-6 shapes (`--where 2-6`): the suite's pictures
-#   M  the box lesson at BOX_SHARE of the lines
+#   L  lone shapes on SIDE x SIDE pictures (`--where 1 --side SIDE`), L_SHARE percent of the lines: the
+#      answer's attention finds the shape (on the 2 cores: runs N1 and N2, ~2,400 steps of 16)
+#   V  lone shapes of any size and the box lesson of 2-6 shapes (`--where 2-6`): the suite's pictures (V1)
+#   M  the box lesson at M_SHARE percent of the lines, at a lower rate: the other tasks come back (M2)
 # Sized for one GPU and ~16 cores in under 10 minutes; a smoke run (L_STEPS=4 V_STEPS=4 M_STEPS=4 CASES=40
 # DEVICE=cpu WORKERS=0 GEN=1 BATCH=4 EVAL_CASES=5) runs the same commands.
 #
@@ -18,15 +19,16 @@ OUT=${OUT:-$WORK/out}
 FROM=${FROM:-demo}             # the checkpoint the stages start from
 DEVICE=${DEVICE:-cuda}
 GEN=${GEN:-4}                  # data-writing processes for each lesson
-CASES=${CASES:-3000}           # pictures per process and lesson
+CASES=${CASES:-4000}           # pictures per process and lesson
 SIDE=${SIDE:-280}
-BOX_SHARE=${BOX_SHARE:-30}     # percent of M's lines that are box-lesson lines (G1's 39% of box lines kept the
-                               # other tasks; these ask ~4 boxes a line); 20 or more (below, the keep lines run out)
-L_STEPS=${L_STEPS:-600}
-V_STEPS=${V_STEPS:-400}
-M_STEPS=${M_STEPS:-600}
-LR=${LR:-3e-4}
-VISION_LR=${VISION_LR:-1e-4}
+# percent of each stage's lines that are boxes, the rest the lines that keep the other tasks; each 20 or more
+# (below it the keep lines run out). G1's 39% kept the other tasks; N2's 73% moved the digits and lost some.
+L_SHARE=${L_SHARE:-75}
+V_SHARE=${V_SHARE:-50}
+M_SHARE=${M_SHARE:-30}
+L_STEPS=${L_STEPS:-1000}       # the CPU runs' 16-row steps halved: their rows, not their steps
+V_STEPS=${V_STEPS:-300}
+M_STEPS=${M_STEPS:-400}
 BATCH=${BATCH:-32}
 WORKERS=${WORKERS:-14}
 SAVE_EVERY=${SAVE_EVERY:-200}
@@ -59,18 +61,20 @@ lines() {  # PREFIX: every folder WORK/PREFIX-*'s train.jsonl
 keep() {  # N: N lines of each folder that keeps the other tasks (4 lessons a process)
     for f in $(lines colors) $(lines counts) $(lines kinds) $(lines suite); do echo "$f:$1"; done
 }
-# L and V: half their lines boxes; M: BOX_SHARE percent
-$PY -m qwen2vl.demo.mix "$WORK/L.jsonl" 1 $(lines "lone$SIDE") $(keep $((CASES / 4)))
-$PY -m qwen2vl.demo.mix "$WORK/V.jsonl" 2 $(lines lone) $(lines where) $(keep $((CASES / 2)))
-$PY -m qwen2vl.demo.mix "$WORK/M.jsonl" 3 $(lines where) $(keep $((CASES * (100 - BOX_SHARE) / (4 * BOX_SHARE))))
+beside() {  # BOXES SHARE: keep lines (each folder's share) for BOXES box lines a process to be SHARE percent
+    keep $(( $1 * (100 - $2) / (4 * $2) ))
+}
+$PY -m qwen2vl.demo.mix "$WORK/L.jsonl" 1 $(lines "lone$SIDE") $(beside "$CASES" "$L_SHARE")
+$PY -m qwen2vl.demo.mix "$WORK/V.jsonl" 2 $(lines lone) $(lines where) $(beside $((2 * CASES)) "$V_SHARE")
+$PY -m qwen2vl.demo.mix "$WORK/M.jsonl" 3 $(lines where) $(beside "$CASES" "$M_SHARE")
 
 # a stage that runs past the budget is stopped 20 s before it, and its last checkpoint comes back
 # (OUT/NAME-checkpoint.safetensors: the trained tensors, the rest as the stage began)
-stage() {  # NAME FROM STEPS
-    local name=$1 from=$2 steps=$3
+stage() {  # NAME FROM STEPS LR VISION_LR (the CPU runs' rates)
+    local name=$1 from=$2 steps=$3 lr=$4 vision_lr=$5
     say "$name: $steps steps of $BATCH from $from"
     timeout $(( BUDGET - (SECONDS - began) - 20 )) $PY -m qwen2vl train --model "$from" --data "$WORK/$name.jsonl" \
-        --full --train-vision --lr "$LR" --vision-lr "$VISION_LR" --warmup-steps 30 --steps "$steps" \
+        --full --train-vision --lr "$lr" --vision-lr "$vision_lr" --warmup-steps 30 --steps "$steps" \
         --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE" --weight-decay 0.01 --log-every 50 \
         --save-every "$SAVE_EVERY" --output "$WORK/$name" 2>&1 | tee -a "$OUT/run.log" || true
     if [[ -f "$WORK/$name/model.safetensors" ]]; then
@@ -85,7 +89,8 @@ stage() {  # NAME FROM STEPS
     return 1
 }
 
-stage L "$FROM" "$L_STEPS" && stage V "$WORK/L" "$V_STEPS" && stage M "$WORK/V" "$M_STEPS" || true
+stage L "$FROM" "$L_STEPS" 5e-4 2e-4 && stage V "$WORK/L" "$V_STEPS" 4e-4 1e-4 \
+    && stage M "$WORK/V" "$M_STEPS" 3e-4 5e-5 || true
 last=
 for name in M V L; do  # the furthest stage that finished
     if [[ -z "$last" && -f "$WORK/$name/model.safetensors" ]]; then last=$WORK/$name; fi
