@@ -37,7 +37,7 @@ BUDGET=${BUDGET:-540}          # seconds for the whole script; a stage past it i
 PY=${PY:-python3}
 mkdir -p "$WORK" "$OUT"
 began=$SECONDS
-say() { echo "[$(date +%T)] $*" | tee -a "$OUT/run.log"; }
+source "$(dirname "$0")/gpu_stage.sh"  # say, stage
 
 say "data: $GEN processes x $CASES pictures of each lesson"
 for i in $(seq 1 "$GEN"); do
@@ -68,29 +68,13 @@ $PY -m qwen2vl.demo.mix "$WORK/L.jsonl" 1 $(lines "lone$SIDE") $(beside "$CASES"
 $PY -m qwen2vl.demo.mix "$WORK/V.jsonl" 2 $(lines lone) $(lines where) $(beside $((2 * CASES)) "$V_SHARE")
 $PY -m qwen2vl.demo.mix "$WORK/M.jsonl" 3 $(lines where) $(beside "$CASES" "$M_SHARE")
 
-# a stage that runs past the budget is stopped 20 s before it, and its last checkpoint comes back
-# (OUT/NAME-checkpoint.safetensors: the trained tensors, the rest as the stage began)
-stage() {  # NAME FROM STEPS LR VISION_LR (the CPU runs' rates)
-    local name=$1 from=$2 steps=$3 lr=$4 vision_lr=$5
-    say "$name: $steps steps of $BATCH from $from"
-    timeout $(( BUDGET - (SECONDS - began) - 20 )) $PY -m qwen2vl train --model "$from" --data "$WORK/$name.jsonl" \
-        --full --train-vision --lr "$lr" --vision-lr "$vision_lr" --warmup-steps 30 --steps "$steps" \
-        --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE" --weight-decay 0.01 --log-every 50 \
-        --save-every "$SAVE_EVERY" --output "$WORK/$name" 2>&1 | tee -a "$OUT/run.log" || true
-    if [[ -f "$WORK/$name/model.safetensors" ]]; then
-        cp "$WORK/$name/model.safetensors" "$OUT/$name.safetensors"
-        return 0
-    fi
-    last=$(ls -d "$WORK/$name"/checkpoint-* 2>/dev/null | sort -V | tail -1 || true)
-    if [[ -n "$last" ]]; then
-        cp "$last/trainable.safetensors" "$OUT/$name-checkpoint.safetensors"
-        say "$name stopped by the budget; its last checkpoint: $last"
-    fi
-    return 1
+box_stage() {  # NAME FROM STEPS LR VISION_LR (the CPU runs' rates)
+    say "$1: $3 steps of $BATCH from $2"
+    stage "$1" "$WORK/$1.jsonl" --model "$2" --steps "$3" --train-vision --lr "$4" --vision-lr "$5" --warmup-steps 30
 }
 
-stage L "$FROM" "$L_STEPS" 5e-4 2e-4 && stage V "$WORK/L" "$V_STEPS" 4e-4 1e-4 \
-    && stage M "$WORK/V" "$M_STEPS" 3e-4 5e-5 || true
+box_stage L "$FROM" "$L_STEPS" 5e-4 2e-4 && box_stage V "$WORK/L" "$V_STEPS" 4e-4 1e-4 \
+    && box_stage M "$WORK/V" "$M_STEPS" 3e-4 5e-5 || true
 last=
 for name in M V L; do  # the furthest stage that finished
     if [[ -z "$last" && -f "$WORK/$name/model.safetensors" ]]; then last=$WORK/$name; fi

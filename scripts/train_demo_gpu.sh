@@ -32,7 +32,7 @@ BUDGET=${BUDGET:-540}          # seconds for the whole script: B takes fewer ste
 PY=${PY:-python3}
 mkdir -p "$WORK" "$OUT"
 began=$SECONDS
-say() { echo "[$(date +%T)] $*" | tee -a "$OUT/run.log"; }
+source "$(dirname "$0")/gpu_stage.sh"  # say, stage
 
 say "data: $GEN x $CASES suite cases, kinds 2 x $KIND_CASES, colours and counts alone 2 x $KIND_CASES, the colour and count lessons 2 x $KIND_CASES, videos $VIDEO_CASES (in the background)"
 (
@@ -76,34 +76,16 @@ pace=$(( ${ms:-0} * 2 / 3 > PACE_MS ? ${ms:-0} * 2 / 3 : PACE_MS ))
 fit=$(( (BUDGET - (SECONDS - began) - 60) * 1000 / (2 * pace) ))
 if (( fit < A_STEPS )); then A_STEPS=$(( fit > 100 ? fit : 100 )); fi
 
-# a stage that runs past the budget is stopped 20 s before it, and its last checkpoint comes back
-# (OUT/NAME-checkpoint.safetensors: the trained tensors, the rest as the stage began)
-stage() {
-    local name=$1; shift
-    timeout $(( BUDGET - (SECONDS - began) - 20 )) $PY -m qwen2vl train --data "$WORK/all.jsonl" --full \
-        --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE" --weight-decay 0.01 --log-every 50 \
-        --save-every "$SAVE_EVERY" --output "$WORK/$name" "$@" 2>&1 | tee -a "$OUT/run.log" || true
-    if [[ -f "$WORK/$name/model.safetensors" ]]; then
-        cp "$WORK/$name/model.safetensors" "$OUT/$name.safetensors"
-    else
-        last=$(ls -d "$WORK/$name"/checkpoint-* 2>/dev/null | sort -V | tail -1 || true)
-        if [[ -n "$last" ]]; then
-            cp "$last/trainable.safetensors" "$OUT/$name-checkpoint.safetensors"
-            say "$name stopped by the budget; its last checkpoint: $last"
-        fi
-    fi
-}
-
 say "A: the decoder learns to read the new tower ($A_STEPS steps of $BATCH)"
 a_began=$SECONDS
-stage A --model "$WORK/tower" --steps "$A_STEPS" --lr "$A_LR" --warmup-steps 50
+stage A "$WORK/all.jsonl" --model "$WORK/tower" --steps "$A_STEPS" --lr "$A_LR" --warmup-steps 50 || true
 # B's steps cost ~1.5x A's (the tower's backward too): as many as fit what is left of the budget
 fit=$(( (BUDGET - (SECONDS - began) - 30) * A_STEPS * 2 / (3 * (SECONDS - a_began + 1)) ))
 if (( fit < B_STEPS )); then B_STEPS=$(( fit > 50 ? fit : 50 )); fi
 
 if [[ -f "$WORK/A/model.safetensors" ]] && (( BUDGET - (SECONDS - began) > 90 )); then
     say "B: the whole model ($B_STEPS steps of $BATCH)"
-    stage B --model "$WORK/A" --steps "$B_STEPS" --train-vision --lr "$B_LR" --vision-lr "$B_VISION_LR" \
-        --warmup-steps 50 --seed 1
+    stage B "$WORK/all.jsonl" --model "$WORK/A" --steps "$B_STEPS" --train-vision --lr "$B_LR" --vision-lr "$B_VISION_LR" \
+        --warmup-steps 50 --seed 1 || true
 fi
 say "done"
