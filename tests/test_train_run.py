@@ -189,6 +189,32 @@ def test_merge_makes_a_full_runs_step_a_checkpoint_folder(setup, capsys):
         merge(root / "base", other, root / "nowhere")
 
 
+def test_stop_after_ends_where_a_run_stopped_by_hand_was_on_its_schedule(setup):
+    """--stop-after STEP: the weights of step STEP of the --steps run (its checkpoint), the learning rate
+    on the whole run's cosine, not one squeezed into STEP steps; a step past the run is refused."""
+    from qwen2vl.model import Qwen2VL
+
+    root, data = setup
+    full = dict(model=str(root / "base"), data=str(data), full=True, train_vision=True, lr=1e-2, batch_size=2,
+                steps=4, save_every=2, dtype="fp32")
+    whole_lines, cut_lines = [], []
+    train(TrainConfig(output=str(root / "stop_whole"), **full), log=whole_lines.append)
+    train(TrainConfig(output=str(root / "stop_cut"), stop_after=2, **full), log=cut_lines.append)
+    assert cut_lines[0].endswith(", stopping after step 2")
+    steps = [line for line in cut_lines if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in steps] == ["step 1/4", "step 2/4"]
+    lr = lambda line: line.split(" | ")[3]
+    assert [lr(line) for line in steps] == [lr(line) for line in whole_lines if line.startswith("step ")][:2]
+    step2 = load_file(str(root / "stop_whole" / "checkpoint-2" / "trainable.safetensors"))
+    cut = dict(Qwen2VL.from_pretrained(root / "stop_cut", dtype=torch.float32).named_parameters())
+    stored = load_file(str(root / "base" / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].dtype
+    for name, t in step2.items():
+        torch.testing.assert_close(cut[name], t.to(stored).float(), rtol=0, atol=0, msg=name)
+    assert (root / "stop_cut" / "checkpoint-2").is_dir()  # resumable: --resume without --stop-after ends the run
+    with pytest.raises(ValueError, match=r"--stop-after 5 is past the run's last step \(4\)"):
+        train(TrainConfig(output=str(root / "stop_never"), stop_after=5, **full), log=lambda line: None)
+
+
 def test_vision_lr_and_init_scale_reach_the_vision_tower_only(setup):
     """--vision-lr: the vision tower (merger included) steps at its own rate; --init-vision-scale: the
     merger's output layer starts scaled (visual features near the text embeddings' size)."""

@@ -84,6 +84,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--grad-accum", type=positive(int), default=1, help="micro-batches per optimizer step")
     o.add_argument("--epochs", type=positive(int), default=1, help="passes over the data (default 1)")
     o.add_argument("--steps", type=positive(int), help="optimizer steps (overrides --epochs)")
+    o.add_argument("--stop-after", type=positive(int), metavar="STEP", help="end the run after this step and "
+                   "write its result, the learning rate still following the schedule of all the steps (to "
+                   "repeat a run that was stopped by hand)")
     o.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations "
                    "in the backward pass: less memory, more time")
     o.add_argument("--seed", type=int, default=0, help="LoRA init, data order and dropout")
@@ -145,6 +148,7 @@ def config_from_args(args):
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, adam_beta2=args.adam_beta2,
         max_grad_norm=args.max_grad_norm,
         batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, steps=args.steps,
+        stop_after=args.stop_after,
         max_length=args.max_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=device, workers=args.workers,
         seed=args.seed,

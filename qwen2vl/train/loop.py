@@ -58,6 +58,7 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: int = 1
     steps: int | None = None  # overrides epochs
+    stop_after: int | None = None  # end after this step, the schedule still that of all the steps
     max_length: int | None = None  # longer rows are skipped
     min_pixels: int | None = None
     max_pixels: int | None = None
@@ -115,6 +116,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     total = cfg.steps or math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total))
+    stop = cfg.stop_after or total
+    if stop > total:
+        raise ValueError(f"--stop-after {stop} is past the run's last step ({total})")
     start = 0
     if cfg.resume:
         ckpt = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
@@ -122,10 +126,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
             raise FileNotFoundError(f"--resume: no checkpoint to resume from in {ckpt or out}")
         start = load_state(ckpt, params, optimizer, scheduler, cfg.resumable_settings())
         log(f"resumed from {ckpt} (step {start})")
+        if start >= stop:
+            raise ValueError(f"--stop-after {stop}: {ckpt} is already at step {start}")
     n_params = sum(p.numel() for p in params.values())
     what = "a LoRA adapter" if not cfg.full else "the whole model" if cfg.train_vision else "the decoder"
+    cut = f", stopping after step {stop}" if stop < total else ""
     log(f"training {what}: {n_params:,} parameters, {len(rows)} rows, {total} steps of {cfg.grad_accum} x "
-        f"{cfg.batch_size} rows, {cfg.dtype} on {cfg.device}")
+        f"{cfg.batch_size} rows, {cfg.dtype} on {cfg.device}{cut}")
 
     max_length = cfg.max_length or model.config.text.max_position_embeddings
     encoder = Encoder(processor, model.config, max_length, log)
@@ -135,7 +142,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             return contextlib.nullcontext()
         return torch.autocast(torch.device(cfg.device).type, dtype=DTYPES[cfg.dtype])
 
-    steps = StepBatches(rows, encoder, cfg.batch_size, cfg.grad_accum, cfg.seed, start, total)
+    # a run cut short (stop < total) keeps the cosine of all its steps: what a run stopped by hand had
+    steps = StepBatches(rows, encoder, cfg.batch_size, cfg.grad_accum, cfg.seed, start, stop)
     began, tokens_seen = time.perf_counter(), 0
     for step, group in enumerate(in_order(steps, cfg.workers), start):
         targets = sum(b.num_targets for b in group)
@@ -152,12 +160,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        if done % cfg.log_every == 0 or done == total:
+        if done % cfg.log_every == 0 or done == stop:
             elapsed = time.perf_counter() - began
             rate = (done - start) / elapsed
             log(f"step {done}/{total} | epoch {done * cfg.grad_accum / per_epoch:.2f} | loss {loss:.4f} | "
                 f"lr {lr:.2e} | grad {float(grad_norm):.3f} | {tokens_seen / elapsed:.0f} tok/s | "
-                f"{_clock(elapsed)} < {_clock((total - done) / rate)}")
+                f"{_clock(elapsed)} < {_clock((stop - done) / rate)}")
         saving = cfg.save_every and done % cfg.save_every == 0 and done < total
         if saving:
             ckpt = save_state(out / f"checkpoint-{done}", done, params, optimizer, scheduler,
@@ -165,7 +173,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             if not cfg.full:
                 save_lora(model, ckpt, cfg.lora_targets, cfg.lora_dropout, str(cfg.model))
             log(f"saved {ckpt}")
-        if eval_rows and (done == total or (cfg.eval_every and done % cfg.eval_every == 0)
+        if eval_rows and (done == stop or (cfg.eval_every and done % cfg.eval_every == 0)
                           or (saving and not cfg.eval_every)):
             n, size = len(eval_rows), cfg.batch_size
             held_out = encoder.batches([list(range(i, min(i + size, n))) for i in range(0, n, size)], eval_rows)
