@@ -21,16 +21,7 @@ WORK=${1:-/tmp/qwen2vl-demo}
 DEVICE=${DEVICE:-cpu}
 export OMP_WAIT_POLICY=PASSIVE
 
-mix() {  # OUT SEED FILE[:N]...: in WORK, qwen2vl.demo.mix (each FILE's lines, N of them if given, shuffled)
-    local out=$1 seed=$2
-    shift 2
-    python -m qwen2vl.demo.mix "$WORK/$out" "$seed" "${@/#/$WORK/}"
-}
-run() {  # NAME: the rest are qwen2vl train arguments (torch's AdamW betas, unlike train_demo.sh's stages)
-    local name=$1
-    shift
-    python -m qwen2vl train --output "$WORK/$name" --full --log-every 25 --overwrite "$@" 2>&1 | tee "$WORK/$name.log"
-}
+source "$(dirname "$0")/demo_runs.sh"  # mix, run, lesson_sets
 
 python -m qwen2vl.demo.tower "$WORK/stage9" "$WORK/tower" --steps 1500 --batch-size 32 --device "$DEVICE" \
     --mix picture=4,video=1.5,word=1.5 2>&1 | tee "$WORK/tower.log"   # shapes 93.8%, directions 87.7%
@@ -119,13 +110,9 @@ run E11 --train-vision --model "$WORK/E10" --data "$WORK/e11.jsonl" --seed 14 --
 # E12-E20: each run from the one before on its own fresh sets and the previous run's colour and count sets; from
 # E16 the count lesson twice (its newest two sets)
 for k in 12 13 14 15 16 17 18 19 20; do
-    b=$((5144 + 4 * (k - 16)))
     second_lesson=()
     if ((k >= 16)); then second_lesson=("cnt$((k - 9))/train.jsonl"); fi
-    python -m qwen2vl.demo.dataset "$WORK/col$((k - 1))" --colors --cases 5000 --seed $b
-    python -m qwen2vl.demo.dataset "$WORK/on$((k + 2))" --only count --cases 5000 --seed $((b + 1))
-    python -m qwen2vl.demo.dataset "$WORK/cnt$((k - 8))" --counts --cases 5000 --seed $((b + 2))
-    python -m qwen2vl.demo.dataset "$WORK/pr$((k - 9))" --cases 1500 --mix two_images=1 --seed $((b + 3))
+    lesson_sets $k
     mix e$k.jsonl $((k + 6)) col$((k - 1))/train.jsonl col$((k - 2))/train.jsonl on$((k + 2))/train.jsonl \
         on$((k + 1))/train.jsonl cnt$((k - 8))/train.jsonl "${second_lesson[@]}" pr$((k - 9))/train.jsonl \
         dd.jsonl:6000   # 32,500; 37,500 from E16

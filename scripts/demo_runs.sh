@@ -1,0 +1,21 @@
+# Sourced by the CPU recipes after stage 9 (train_demo_tower.sh, train_demo_boxes.sh): their mixes, their
+# runs and the E-runs' fresh lesson sets. Reads WORK.
+
+mix() {  # OUT SEED FILE[:N]...: in WORK, qwen2vl.demo.mix (each FILE's lines, N of them if given, shuffled)
+    local out=$1 seed=$2
+    shift 2
+    python -m qwen2vl.demo.mix "$WORK/$out" "$seed" "${@/#/$WORK/}"
+}
+run() {  # NAME: the rest are qwen2vl train arguments (torch's AdamW betas, unlike train_demo.sh's stages)
+    local name=$1
+    shift
+    python -m qwen2vl train --output "$WORK/$name" --full --log-every 25 --overwrite "$@" 2>&1 | tee "$WORK/$name.log"
+}
+lesson_sets() {  # K: run E{K}'s fresh sets: colour lesson col{K-1}, count questions on{K+2}, count lesson
+    # cnt{K-8}, picture pairs pr{K-9}, seeded from 5144 + 4 (K - 16)
+    local k=$1 b=$((5144 + 4 * ($1 - 16)))
+    python -m qwen2vl.demo.dataset "$WORK/col$((k - 1))" --colors --cases 5000 --seed $b
+    python -m qwen2vl.demo.dataset "$WORK/on$((k + 2))" --only count --cases 5000 --seed $((b + 1))
+    python -m qwen2vl.demo.dataset "$WORK/cnt$((k - 8))" --counts --cases 5000 --seed $((b + 2))
+    python -m qwen2vl.demo.dataset "$WORK/pr$((k - 9))" --cases 1500 --mix two_images=1 --seed $((b + 3))
+}
