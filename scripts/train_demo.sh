@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the demo model (qwen2vl/demo/checkpoint) from nothing: training data, an untrained
 # checkpoint folder, twelve seeded `qwen2vl train` runs (a curriculum), then a fresh vision tower and twenty-two more
-# runs (scripts/train_demo_tower.sh), the loss plot and the evaluation.
+# runs (scripts/train_demo_tower.sh) and eleven runs of boxes (scripts/train_demo_boxes.sh), the loss plot and the
+# evaluation.
 #
 #   scripts/train_demo.sh [WORK_DIR]          # default /tmp/qwen2vl-demo; run from the repository root
 #
@@ -15,9 +16,9 @@
 # and then on all pictures build on a tower that already sees colours. Stage 3 left it naming a colour
 # of the picture rather than the asked shape's; the colour of one of two shapes (stage 4, again one
 # answer per picture) taught which shape is which, and stage 5 mixes it into stage 3's questions.
-# Boxes and words (grounding, text) are left out of every stage: their many hard tokens were most of
+# Boxes and words (grounding, text) are left out of every stage here: their many hard tokens were most of
 # the loss of every mix that stayed at chance, and 800 steps with boxes back in left grounding at 0
-# (see docs/demo.md).
+# (see docs/demo.md). The boxes come last, on the finished model (scripts/train_demo_boxes.sh); words never.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-demo}
 # On shared cores, OpenMP threads that spin while waiting for a descheduled sibling burn the CPU
@@ -187,11 +188,15 @@ stage stage9 --model "$WORK/stage8" --data "$WORK/data/mix.jsonl" --seed 1 \
 # The tower came from the GPU recipe's second run (scripts/train_demo_gpu.sh on an H200, 170 s); DEVICE=cuda here
 # does the same where there is a GPU (on these 2 cores it is hours).
 bash scripts/train_demo_tower.sh "$WORK"
-FINAL=E20
+# 20-29. boxes beside the other tasks, from E20: nine more runs, the last shipped (scripts/train_demo_boxes.sh;
+# docs/demo.md, "Boxes beside the other tasks" and "Boxes shipped")
+bash scripts/train_demo_boxes.sh "$WORK"
+FINAL=Q4
 
 {
     for s in 1a 1b 2 3 4 5 6c 6d 6e 7 8 9; do echo "# stage$s (scripts/train_demo.sh)"; cat "$WORK/stage$s.log"; done
     for s in tower A B C D E E2 E3 E6 E7 E8 E9 E10 E11 E12 E13 E14 E15 E16 E17 E18 E19 E20; do echo "# $s (scripts/train_demo_tower.sh)"; cat "$WORK/$s.log"; done
+    for s in G1 N1 N2 V1 M2 P1 P2 Q1 Q2 Q3 Q4; do echo "# $s (scripts/train_demo_boxes.sh)"; cat "$WORK/$s.log"; done
 } > "$WORK/train.log"
 python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png
 mkdir -p qwen2vl/demo/checkpoint
