@@ -188,7 +188,7 @@ stage stage9 --model "$WORK/stage8" --data "$WORK/data/mix.jsonl" --seed 1 \
 # The tower came from the GPU recipe's second run (scripts/train_demo_gpu.sh on an H200, 170 s); DEVICE=cuda here
 # does the same where there is a GPU (on these 2 cores it is hours).
 bash scripts/train_demo_tower.sh "$WORK"
-# 20-29. boxes beside the other tasks, from E20: nine more runs, the last shipped (scripts/train_demo_boxes.sh;
+# 20-30. boxes beside the other tasks, from E20: eleven more runs, the last shipped (scripts/train_demo_boxes.sh;
 # docs/demo.md, "Boxes beside the other tasks" and "Boxes shipped")
 bash scripts/train_demo_boxes.sh "$WORK"
 FINAL=Q4
