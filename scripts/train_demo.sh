@@ -183,8 +183,8 @@ stage stage9 --model "$WORK/stage8" --data "$WORK/data/mix.jsonl" --seed 1 \
 #   stage mB --model "$WORK/kB" --data "$WORK/mixB.jsonl" --seed 3 \
 #       --steps 600 --batch-size 8 --lr 2e-4 --vision-lr 5e-5 --warmup-steps 20 --weight-decay 0.01    # video 24%
 
-# 10-19. a fresh vision tower taught on per-token labels, put in stage 9's checkpoint, then nine runs: the shipped
-# checkpoint is the last (scripts/train_demo_tower.sh; docs/demo.md, "After stage 9: the tower lesson, shipped").
+# 10-19. a fresh vision tower taught on per-token labels, put in stage 9's checkpoint, then twenty-two runs, to E20
+# (scripts/train_demo_tower.sh; docs/demo.md, "After stage 9: the tower lesson, shipped").
 # The tower came from the GPU recipe's second run (scripts/train_demo_gpu.sh on an H200, 170 s); DEVICE=cuda here
 # does the same where there is a GPU (on these 2 cores it is hours).
 bash scripts/train_demo_tower.sh "$WORK"
