@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from qwen2vl.demo import scenes
@@ -377,3 +377,56 @@ def test_the_box_lesson_asks_the_box_of_every_shape_and_each_box_holds_its_shape
             assert bx1 - 2 <= x1 and by1 - 2 <= y1 and x2 <= bx2 + 2 and y2 <= by2 + 2, (name, region.bbox, drawn[name])
             assert (x2 - x1) * (y2 - y1) >= 0.5 * (bx2 - bx1) * (by2 - by1)
     assert sizes == {(side, side)} if side else len(sizes) > 6  # one size when asked, else the suite's spread
+
+
+def ink(pixels, background) -> np.ndarray:
+    """The pixels a black word darkened past half of `background`, cropped to their box."""
+    mask = pixels[..., 0] < background[0] / 2
+    ys, xs = np.nonzero(mask)
+    return mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def overlap(a, b) -> float:
+    """IoU of two ink masks laid top-left on one canvas."""
+    h, w = max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1])
+    pa, pb = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    pa[:a.shape[0], :a.shape[1]], pb[:b.shape[0], :b.shape[1]] = a, b
+    return (pa & pb).sum() / (pa | pb).sum()
+
+
+def likeness(seen, word, size) -> float:
+    """`word` drawn on white at font `size` against the ink `seen` in a picture."""
+    reference = Image.new("RGB", (600, 200), (255, 255, 255))
+    ImageDraw.Draw(reference).text((20, 20), word, fill=(0, 0, 0), font=scenes.font(size))
+    return overlap(ink(np.asarray(reference).astype(np.int32), (255, 255, 255)), seen)
+
+
+@pytest.mark.parametrize("letters, sizes, side", [((1, 3), (30, 40), None), ((1, 1), (40, 64), 224)])
+def test_the_word_lesson_draws_its_answer_alone_at_a_size_in_range(tmp_path, letters, sizes, side):
+    import json
+
+    from qwen2vl.demo.dataset import write_word_set
+
+    lines = [json.loads(t) for t in open(write_word_set(tmp_path, 16, 3, letters, sizes, side))]
+    drawn_as_asked, lengths, picture_sizes = 0, set(), set()
+    for line in lines:
+        (question, answer) = [m["content"] for m in line["messages"]]
+        assert question == "<image>What does the text say?"
+        assert set(answer) <= set(scenes.WORD_CHARS) and letters[0] <= len(answer) <= letters[1]
+        lengths.add(len(answer))
+        image = Image.open(tmp_path / line["images"][0])
+        picture_sizes.add(image.size)
+        pixels = np.asarray(image).astype(np.int32)
+        values, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+        background = values[counts.argmax()]
+        assert all(200 <= c <= 255 for c in background)
+        assert not regions(image)  # no shapes: the word alone
+
+        seen = ink(pixels, background)
+        best = max(range(sizes[0] - 6, sizes[1] + 7), key=lambda s: likeness(seen, answer, s))
+        other = answer[1:] + answer[0] if len(set(answer)) > 1 else ("A" if answer[0] != "A" else "B") * len(answer)
+        if sizes[0] <= best <= sizes[1] and likeness(seen, answer, best) >= 0.9 > likeness(seen, other, best):
+            drawn_as_asked += 1
+    assert drawn_as_asked >= 0.8 * len(lines)  # font hinting moves an edge pixel now and then
+    assert lengths == set(range(letters[0], letters[1] + 1))
+    assert picture_sizes == {(side, side)} if side else len(picture_sizes) > 6

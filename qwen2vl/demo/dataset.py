@@ -26,9 +26,18 @@ import json
 import random
 from pathlib import Path
 
-from qwen2vl.demo.lessons import write_box_set, write_color_set, write_count_set, write_kind_set
+from qwen2vl.demo.lessons import write_box_set, write_color_set, write_count_set, write_kind_set, write_word_set
 from qwen2vl.demo.scenes import MAX_SIDE, MIN_SIDE
-from qwen2vl.demo.tasks import TASKS, Case, box_answer, color_question, count_question, render_case, where_question
+from qwen2vl.demo.tasks import (
+    TASKS,
+    TEXT_QUESTION,
+    Case,
+    box_answer,
+    color_question,
+    count_question,
+    render_case,
+    where_question,
+)
 
 # Cases per task in proportion to these weights: the hard tasks (boxes, reading) get more.
 MIX = {"color": 1.0, "count": 1.5, "grounding": 2.5, "text": 3.0, "video": 1.0, "two_images": 1.5}
@@ -136,7 +145,7 @@ def shapes_in(line: dict) -> int | None:
     return 0 if answers[0] == "none" else answers[0].count(",") + 1
 
 
-LONG_ANSWERS = ("Where is the ", "What does the text say?")  # boxes and words: many hard tokens each
+LONG_ANSWERS = ("Where is the ", TEXT_QUESTION)  # boxes and words: many hard tokens each
 
 
 def write_subset(source: str | Path, out: str | Path, max_shapes: int, pairs: bool = False,
@@ -229,11 +238,19 @@ def main(argv=None) -> None:
                         "'How many {kind}s are there?' of every kind drawn and 'How many shapes are there?'")
     parser.add_argument("--where", metavar="LO-HI", help="instead: --cases pictures of LO-HI shapes, no two alike, "
                         "each asked 'Where is the {color} {kind}?' (boxes, several a picture)")
-    parser.add_argument("--side", type=int, help=f"with --where: every picture SIDE x SIDE ({MIN_SIDE}-{MAX_SIDE}; "
-                        "default the suite's random sizes)")
+    parser.add_argument("--words", metavar="LO-HI", help="instead: --cases pictures of one word of LO-HI characters "
+                        "(A-Z0-9) in black, nothing else, asked 'What does the text say?' (reading)")
+    parser.add_argument("--font", metavar="LO-HI", default="18-40", help="with --words: font sizes (default the "
+                        "suite's 18-40)")
+    parser.add_argument("--side", type=int, help=f"with --where or --words: every picture SIDE x SIDE "
+                        f"({MIN_SIDE}-{MAX_SIDE}; default the suite's random sizes)")
     args = parser.parse_args(argv)
-    if args.side is not None and not (args.where and MIN_SIDE <= args.side <= MAX_SIDE):
-        parser.error(f"--side goes with --where and is {MIN_SIDE}-{MAX_SIDE} px")
+    if args.side is not None and not ((args.where or args.words) and MIN_SIDE <= args.side <= MAX_SIDE):
+        parser.error(f"--side goes with --where or --words and is {MIN_SIDE}-{MAX_SIDE} px")
+    if args.words:
+        letters, sizes = parse_range(args.words), parse_range(args.font)
+        print(write_word_set(args.out, args.cases, args.seed, letters, sizes, args.side))
+        return
     if args.where:
         print(write_box_set(args.out, args.cases, args.seed, parse_range(args.where), args.side))
         return

@@ -25,6 +25,7 @@ VIDEO_FRAMES = (4, 8)
 VIDEO_SIDE = (112, 224)  # square frames
 VIDEO_FPS = 2.0
 MIN_STEP = 0.08  # of the frame's side, per frame
+TEXT_QUESTION = "What does the text say?"
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
@@ -133,7 +134,7 @@ def text_case(rng) -> Case:
         shapes = place(rng, width, height, _other(rng, set(), rng.randint(0, 2)), keep_out=[keep_out])
         if shapes is not None:
             image = draw_scene(width, height, random_background(rng), shapes, word=(word, size, x, y))
-            return Case("text", [image], "What does the text say?", word,
+            return Case("text", [image], TEXT_QUESTION, word,
                         info={"shapes": shapes, "word": word, "size": size, "text_box": keep_out})
 
 

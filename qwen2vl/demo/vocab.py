@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from qwen2vl.demo.scenes import COLORS, SHAPES
-from qwen2vl.demo.tasks import DIRECTIONS, color_question, count_question
+from qwen2vl.demo.tasks import DIRECTIONS, TEXT_QUESTION, color_question, count_question
 
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -31,7 +31,7 @@ EOS, PAD = "<|im_end|>", "<|endoftext|>"
 def corpus() -> list[str]:
     """Every fixed string the suite and the chat template produce (each once)."""
     lines = ["system\nYou are a helpful assistant.", "user\n", "assistant\n",
-             count_question(), "What does the text say?",
+             count_question(), TEXT_QUESTION,
              "Which image has more shapes, the first or the second?", "first", "second",
              "(123,456),(789,100)", "List the shapes from left to right.", "none", *DIRECTIONS]
     for kind in SHAPES:
