@@ -430,3 +430,15 @@ def test_the_word_lesson_draws_its_answer_alone_at_a_size_in_range(tmp_path, let
     assert drawn_as_asked >= 0.8 * len(lines)  # font hinting moves an edge pixel now and then
     assert lengths == set(range(letters[0], letters[1] + 1))
     assert picture_sizes == {(side, side)} if side else len(picture_sizes) > 6
+
+
+def test_the_word_lesson_refuses_words_no_picture_holds_instead_of_drawing_forever(tmp_path, capsys):
+    from qwen2vl.demo.dataset import main, write_word_set
+
+    with pytest.raises(ValueError, match="more than the 112 x 112 px pictures hold"):
+        write_word_set(tmp_path, 2, 1, (6, 6), (60, 64), side=112)
+    with pytest.raises(ValueError, match="1 <= lo <= hi"):
+        write_word_set(tmp_path, 2, 1, (4, 2), (20, 30))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--words", "6", "--font", "200-220", "--cases", "2"])
+    assert "more than the 448 x 448 px pictures hold" in capsys.readouterr().err

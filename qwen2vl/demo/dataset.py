@@ -249,7 +249,10 @@ def main(argv=None) -> None:
         parser.error(f"--side goes with --where or --words and is {MIN_SIDE}-{MAX_SIDE} px")
     if args.words:
         letters, sizes = parse_range(args.words), parse_range(args.font)
-        print(write_word_set(args.out, args.cases, args.seed, letters, sizes, args.side))
+        try:
+            print(write_word_set(args.out, args.cases, args.seed, letters, sizes, args.side))
+        except ValueError as e:
+            parser.error(str(e))
         return
     if args.where:
         print(write_box_set(args.out, args.cases, args.seed, parse_range(args.where), args.side))

@@ -16,7 +16,17 @@ import json
 import random
 from pathlib import Path
 
-from qwen2vl.demo.scenes import COLORS, SHAPES, WORD_CHARS, draw_scene, fit, random_background, random_size, text_box
+from qwen2vl.demo.scenes import (
+    COLORS,
+    MAX_SIDE,
+    SHAPES,
+    WORD_CHARS,
+    draw_scene,
+    fit,
+    random_background,
+    random_size,
+    text_box,
+)
 from qwen2vl.demo.tasks import TEXT_QUESTION, box_answer, color_question, count_question, where_question
 
 
@@ -104,8 +114,17 @@ def write_word_set(out: str | Path, cases: int, seed: int, letters: tuple[int, i
     chance, and 800 of one character at 40-64 px on 224 x 224 pictures read 78 / 200 held-out characters
     (docs/demo.md), so the lesson starts from one big character and moves to the suite's words. `side`: every
     picture side x side (default the suite's random sizes); a size the word does not fit is drawn again."""
+    if not (1 <= letters[0] <= letters[1] and 1 <= sizes[0] <= sizes[1]):
+        raise ValueError(f"words of {letters[0]}-{letters[1]} characters at font {sizes[0]}-{sizes[1]}: each range is "
+                         "lo-hi with 1 <= lo <= hi")
+
     def lesson(rng: random.Random):
         word = "".join(rng.choice(WORD_CHARS) for _ in range(rng.randint(*letters)))
+        left, top, right, bottom = text_box(word, sizes[0], 0, 0)
+        most = side or MAX_SIDE
+        if right - left > most or bottom - top > most:  # else the loop below would never end
+            raise ValueError(f"{word!r} at font {sizes[0]} is {right - left} x {bottom - top} px, more than the "
+                             f"{most} x {most} px pictures hold: use smaller fonts or fewer characters")
         while True:
             width, height = (side, side) if side else random_size(rng)
             size = rng.randint(*sizes)
