@@ -20,11 +20,12 @@ from qwen2vl.demo.scenes import (
     COLORS,
     MAX_SIDE,
     SHAPES,
-    WORD_CHARS,
     draw_scene,
     fit,
+    fits,
     random_background,
     random_size,
+    random_word,
     text_box,
 )
 from qwen2vl.demo.tasks import TEXT_QUESTION, box_answer, color_question, count_question, where_question
@@ -119,17 +120,17 @@ def write_word_set(out: str | Path, cases: int, seed: int, letters: tuple[int, i
                          "lo-hi with 1 <= lo <= hi")
 
     def lesson(rng: random.Random):
-        word = "".join(rng.choice(WORD_CHARS) for _ in range(rng.randint(*letters)))
-        left, top, right, bottom = text_box(word, sizes[0], 0, 0)
+        word = random_word(rng, letters)
         most = side or MAX_SIDE
-        if right - left > most or bottom - top > most:  # else the loop below would never end
+        left, top, right, bottom = text_box(word, sizes[0], 0, 0)
+        if not fits((left, top, right, bottom), most, most):  # else the loop below would never end
             raise ValueError(f"{word!r} at font {sizes[0]} is {right - left} x {bottom - top} px, more than the "
                              f"{most} x {most} px pictures hold: use smaller fonts or fewer characters")
         while True:
             width, height = (side, side) if side else random_size(rng)
             size = rng.randint(*sizes)
             left, top, right, bottom = text_box(word, size, 0, 0)
-            if right - left <= width and bottom - top <= height:
+            if fits((left, top, right, bottom), width, height):
                 break
         x, y = rng.randint(-left, width - right), rng.randint(-top, height - bottom)
         image = draw_scene(width, height, random_background(rng), [], word=(word, size, x, y))

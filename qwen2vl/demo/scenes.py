@@ -120,6 +120,17 @@ def font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
+def random_word(rng: random.Random, letters: tuple[int, int]) -> str:
+    """A word of `letters` (lo-hi) characters from WORD_CHARS."""
+    return "".join(rng.choice(WORD_CHARS) for _ in range(rng.randint(*letters)))
+
+
+def fits(box: tuple[int, int, int, int], width: int, height: int) -> bool:
+    """Whether a box (a word's text_box) is no wider and no taller than width x height."""
+    left, top, right, bottom = box
+    return right - left <= width and bottom - top <= height
+
+
 def text_box(word: str, size: int, x: int, y: int) -> tuple[int, int, int, int]:
     """Pixels the word covers when drawn at (x, y) (x2/y2 exclusive)."""
     left, top, right, bottom = font(size).getbbox(word)

@@ -120,14 +120,14 @@ def grounding_case(rng) -> Case:
 
 
 def text_case(rng) -> Case:
-    word = "".join(rng.choice(scenes.WORD_CHARS) for _ in range(rng.randint(3, 6)))
+    word = scenes.random_word(rng, (3, 6))
     while True:
         width, height = random_size(rng)
         size = rng.randint(*scenes.FONT_SIZES)
-        while size > scenes.FONT_SIZES[0] and not _fits(scenes.text_box(word, size, 0, 0), width, height):
+        while size > scenes.FONT_SIZES[0] and not scenes.fits(scenes.text_box(word, size, 0, 0), width, height):
             size -= 1
         left, top, right, bottom = scenes.text_box(word, size, 0, 0)
-        if not _fits((left, top, right, bottom), width, height):
+        if not scenes.fits((left, top, right, bottom), width, height):
             continue
         x, y = rng.randint(-left, width - right), rng.randint(-top, height - bottom)
         keep_out = scenes.text_box(word, size, x, y)
@@ -137,10 +137,6 @@ def text_case(rng) -> Case:
             return Case("text", [image], TEXT_QUESTION, word,
                         info={"shapes": shapes, "word": word, "size": size, "text_box": keep_out})
 
-
-def _fits(box, width, height) -> bool:
-    left, top, right, bottom = box
-    return right - left <= width and bottom - top <= height
 
 
 def video_case(rng) -> Case:
