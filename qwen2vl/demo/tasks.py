@@ -138,7 +138,6 @@ def text_case(rng) -> Case:
                         info={"shapes": shapes, "word": word, "size": size, "text_box": keep_out})
 
 
-
 def video_case(rng) -> Case:
     side = rng.randint(*VIDEO_SIDE)
     frames = rng.randint(*VIDEO_FRAMES)
