@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Reading, from the shipped Q4 (scripts/train_demo_boxes.sh): eleven runs that put the reading lesson (pictures of
+# Reading, from the shipped Q4 (scripts/train_demo_boxes.sh): fifteen runs that put the reading lesson (pictures of
 # one word, `qwen2vl.demo.dataset --words`) and the suite's own text cases beside fresh colour, count, pair, video
-# and box lines (docs/demo.md, "Reading: the first lessons, R1-R5" and "Reading, R6-R11"). R1-R3 teach the
-# glyphs at high rates beside lines of Q4's mix; R4-R10 put fresh E-style sets beside the words, R7 and R9 with
-# half their lines reading at higher rates, R6, R8, R10 and R11 runs that bring the other tasks back.
+# and box lines (docs/demo.md, "Reading: the first lessons, R1-R5", "Reading, R6-R11" and "R12-R15"). R1-R3 teach
+# the glyphs at high rates beside lines of Q4's mix; R4-R10 put fresh E-style sets beside the words, R7, R9 and R14
+# with half their lines reading at higher rates, R6, R8, R10-R13 and R15 runs that bring the other tasks back.
 #
 #   scripts/train_demo_reading.sh WORK_DIR   # WORK_DIR/Q4, q4.jsonl and vid from train_demo_tower.sh / _boxes.sh
 #
 # Where it ran (2026-12-05, 2 Zen 5 cores, one run at a time; minutes of training from the logs): R1 25, R2 23,
 # R3 31, R4 34, R5 24 (R3 and R4 shared the cores part of the time), R6 23, R7 22, R8 23, R9 23, R10 22, R11 13
-# (8 rows a step). The sets were written by these commands (R1-R5's checked against the files trained on by
-# regenerating each set's first 20 cases) and the mixes are the calls trained on (R1-R5's file order recovered
-# by comparing the mix with the one trained on, byte for byte). Not shipped: the demo stays Q4.
+# (8 rows a step), R12 6, R13 6, R14 20, R15 9 (the cores shared with probes). The sets were written by these
+# commands (R1-R5's checked against the files trained on by regenerating each set's first 20 cases) and the mixes
+# are the calls trained on (R1-R5's file order recovered by comparing the mix with the one trained on, byte for
+# byte). Not shipped: the demo stays Q4.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-demo}
 export OMP_WAIT_POLICY=PASSIVE
@@ -110,3 +111,58 @@ mix r11.jsonl 11 w27/train.jsonl w28/train.jsonl col34/train.jsonl:4000 colx2/tr
     cnt27/train.jsonl:2500 pr26/train.jsonl vid7/train.jsonl bx6/train.jsonl q4.jsonl:3000
 run R11 --train-vision --warmup-steps 30 --weight-decay 0.01 --save-every 600 --model "$WORK/R10" \
     --data "$WORK/r11.jsonl" --seed 11 --steps 800 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5
+# R12: colour questions on pictures of 4-6 shapes (where R10's and R11's colour misses were), the rest drawn again
+# from R11's sets; 14,800
+set_of oc4 9304 1500 --only color --shapes 4
+set_of oc5 9305 1500 --only color --shapes 5
+set_of oc6 9306 1500 --only color --shapes 6
+mix r12.jsonl 12 oc4/train.jsonl oc5/train.jsonl oc6/train.jsonl w27/train.jsonl:1500 w28/train.jsonl:1000 \
+    on37/train.jsonl:1500 cnt27/train.jsonl:1500 pr26/train.jsonl:1000 vid7/train.jsonl:800 bx6/train.jsonl:1000 \
+    q4.jsonl:2000
+run R12 --train-vision --warmup-steps 30 --weight-decay 0.01 --save-every 600 --model "$WORK/R11" \
+    --data "$WORK/r12.jsonl" --seed 12 --steps 500 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5
+# R13: the same from R12 on fresh sets; 14,800
+set_of oc4b 9307 1500 --only color --shapes 4
+set_of oc5b 9308 1500 --only color --shapes 5
+set_of oc6b 9309 1500 --only color --shapes 6
+words w29 8129 1500 3-6 18-40 224
+set_of w30 8130 1000 --only text
+set_of vid8 9213 800 --only video
+set_of bx7 9214 1000 --where 1-6
+set_of on38 9215 1500 --only count
+set_of cnt28 9216 1500 --counts
+set_of pr27 9217 1000 --mix two_images=1
+mix r13.jsonl 13 oc4b/train.jsonl oc5b/train.jsonl oc6b/train.jsonl w29/train.jsonl w30/train.jsonl \
+    on38/train.jsonl cnt28/train.jsonl pr27/train.jsonl vid8/train.jsonl bx7/train.jsonl q4.jsonl:2000
+run R13 --train-vision --warmup-steps 30 --weight-decay 0.01 --save-every 600 --model "$WORK/R12" \
+    --data "$WORK/r13.jsonl" --seed 13 --steps 500 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5
+# R14: half the lines reading at R7's and R9's rates, from R12; 23,500
+words w31 8131 4000 3-6 18-40 224
+words w32 8132 3000 3-6
+set_of w33 8133 3000 --only text
+words w34 8134 2000 1-2 18-40 224
+set_of on39 9218 2000 --only count
+set_of cnt29 9219 2000 --counts
+set_of col35 9220 2000 --colors
+set_of pr28 9221 1000 --mix two_images=1
+set_of vid9 9222 1000 --only video
+set_of bx8 9223 1500 --where 1-6
+mix r14.jsonl 14 w31/train.jsonl w32/train.jsonl w33/train.jsonl w34/train.jsonl on39/train.jsonl \
+    cnt29/train.jsonl col35/train.jsonl pr28/train.jsonl vid9/train.jsonl bx8/train.jsonl q4.jsonl:2000
+reading R14 R12 14 900 4e-4 1.5e-4
+# R15: the other tasks back, from R14, colours weighted in; 16,300
+set_of oc4c 9310 1500 --only color --shapes 4
+set_of oc5c 9311 1500 --only color --shapes 5
+set_of oc6c 9312 1500 --only color --shapes 6
+set_of colx3 9313 2000 --colors
+set_of on40 9314 1500 --only count
+set_of cnt30 9315 1500 --counts
+set_of pr29 9316 1000 --mix two_images=1
+set_of vid10 9317 800 --only video
+set_of bx9 9318 1000 --where 1-6
+set_of w35 8135 1000 --only text
+words w36 8136 1000 3-6 18-40 224
+mix r15.jsonl 15 oc4c/train.jsonl oc5c/train.jsonl oc6c/train.jsonl colx3/train.jsonl on40/train.jsonl \
+    cnt30/train.jsonl pr29/train.jsonl vid10/train.jsonl bx9/train.jsonl w35/train.jsonl w36/train.jsonl q4.jsonl:2000
+run R15 --train-vision --warmup-steps 30 --weight-decay 0.01 --save-every 600 --model "$WORK/R14" \
+    --data "$WORK/r15.jsonl" --seed 15 --steps 600 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5
