@@ -71,10 +71,10 @@ set_of bx6 9212 1500 --where 1-6
 set_of colx2 9303 3000 --colors
 for k in 28 29 30 31 32 33 34 35; do lesson_sets $k; done
 
-R=(--train-vision --warmup-steps 30 --weight-decay 0.01 --batch-size 16 --save-every 600)
-reading() {  # NAME FROM SEED STEPS LR VISION_LR: a run of 16 rows a step on WORK/<name in lower case>.jsonl
+R=(--train-vision --warmup-steps 30 --weight-decay 0.01 --save-every 600)
+reading() {  # NAME FROM SEED STEPS LR VISION_LR [ROWS]: ROWS (default 16) a step on WORK/<name in lower case>.jsonl
     run "$1" "${R[@]}" --model "$WORK/$2" --data "$WORK/${1,,}.jsonl" --seed "$3" --steps "$4" --lr "$5" \
-        --vision-lr "$6"
+        --vision-lr "$6" --batch-size "${7:-16}"
 }
 mix r1.jsonl 1 w1/train.jsonl w2/train.jsonl q4.jsonl:8000   # 20,000
 reading R1 Q4 1 1250 3e-4 1e-4
@@ -109,8 +109,7 @@ reading R10 R9 10 1000 1.5e-4 4e-5
 # R11: 8 rows a step at the Q-runs' rates, colours weighted in again; 22,500
 mix r11.jsonl 11 w27/train.jsonl w28/train.jsonl col34/train.jsonl:4000 colx2/train.jsonl on37/train.jsonl:2500 \
     cnt27/train.jsonl:2500 pr26/train.jsonl vid7/train.jsonl bx6/train.jsonl q4.jsonl:3000
-run R11 --train-vision --warmup-steps 30 --weight-decay 0.01 --save-every 600 --model "$WORK/R10" \
-    --data "$WORK/r11.jsonl" --seed 11 --steps 800 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5
+reading R11 R10 11 800 1.5e-4 3e-5 8
 # R12: colour questions on pictures of 4-6 shapes (where R10's and R11's colour misses were), the rest drawn again
 # from R11's sets; 14,800
 set_of oc4 9304 1500 --only color --shapes 4
@@ -119,8 +118,7 @@ set_of oc6 9306 1500 --only color --shapes 6
 mix r12.jsonl 12 oc4/train.jsonl oc5/train.jsonl oc6/train.jsonl w27/train.jsonl:1500 w28/train.jsonl:1000 \
     on37/train.jsonl:1500 cnt27/train.jsonl:1500 pr26/train.jsonl:1000 vid7/train.jsonl:800 bx6/train.jsonl:1000 \
     q4.jsonl:2000
-run R12 --train-vision --warmup-steps 30 --weight-decay 0.01 --save-every 600 --model "$WORK/R11" \
-    --data "$WORK/r12.jsonl" --seed 12 --steps 500 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5
+reading R12 R11 12 500 1.5e-4 3e-5 8
 # R13: the same from R12 on fresh sets; 14,800
 set_of oc4b 9307 1500 --only color --shapes 4
 set_of oc5b 9308 1500 --only color --shapes 5
@@ -134,8 +132,7 @@ set_of cnt28 9216 1500 --counts
 set_of pr27 9217 1000 --mix two_images=1
 mix r13.jsonl 13 oc4b/train.jsonl oc5b/train.jsonl oc6b/train.jsonl w29/train.jsonl w30/train.jsonl \
     on38/train.jsonl cnt28/train.jsonl pr27/train.jsonl vid8/train.jsonl bx7/train.jsonl q4.jsonl:2000
-run R13 --train-vision --warmup-steps 30 --weight-decay 0.01 --save-every 600 --model "$WORK/R12" \
-    --data "$WORK/r13.jsonl" --seed 13 --steps 500 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5
+reading R13 R12 13 500 1.5e-4 3e-5 8
 # R14: half the lines reading at R7's and R9's rates, from R12; 23,500
 words w31 8131 4000 3-6 18-40 224
 words w32 8132 3000 3-6
@@ -164,5 +161,4 @@ set_of w35 8135 1000 --only text
 words w36 8136 1000 3-6 18-40 224
 mix r15.jsonl 15 oc4c/train.jsonl oc5c/train.jsonl oc6c/train.jsonl colx3/train.jsonl on40/train.jsonl \
     cnt30/train.jsonl pr29/train.jsonl vid10/train.jsonl bx9/train.jsonl w35/train.jsonl w36/train.jsonl q4.jsonl:2000
-run R15 --train-vision --warmup-steps 30 --weight-decay 0.01 --save-every 600 --model "$WORK/R14" \
-    --data "$WORK/r15.jsonl" --seed 15 --steps 600 --batch-size 8 --lr 1.5e-4 --vision-lr 3e-5
+reading R15 R14 15 600 1.5e-4 3e-5 8
