@@ -43,6 +43,33 @@ def test_not_x86_is_tier_none_and_a_bad_cap_is_named(monkeypatch):
         isa.capped(ZEN5, "sse")
 
 
+def test_weights_read_once_are_prefetched_by_vendor_and_the_hint_changes_no_result():
+    """prefetchnta on AMD (and where the vendor is unknown), prefetcht1 on Intel, compiled into every
+    kernel; the hint moves no bit of a product (bf16w_gemm built with each, streaming one row)."""
+    import torch
+
+    from qwen2vl.backends.cpu import gemm
+
+    assert isa.capped(ZEN5, None, "AuthenticAMD").stream_locality == 0
+    assert isa.capped(SAPPHIRE, None, "GenuineIntel").stream_locality == 2
+    assert isa.capped(ZEN3, None).stream_locality == 0
+    assert f"-DSTREAM_LOCALITY={isa.current().stream_locality}" in native.flags_for(native.AVX2)
+    if not isa.current().has(*native.AVX2):
+        pytest.skip("no AVX2 here")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(1, 96, generator=g)
+    packed, outs = gemm.pack_bf16(w, huge_pages=False), []
+    for locality in (0, 2):
+        flags = [f for f in native.flags_for(native.AVX2) if not f.startswith("-DSTREAM_LOCALITY")]
+        lib = ctypes.CDLL(str(native.build(native.CSRC / "bf16w_gemm.c", [*flags, f"-DSTREAM_LOCALITY={locality}"])))
+        native.header().type_functions(lib)
+        y = torch.empty(1, 40)
+        assert lib.bf16w_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), None, 0, 1, 40, 96, 1) == 0
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.allclose(outs[0], x @ w.float().t(), rtol=1e-5, atol=1e-5)
+
+
 def test_header_types_match_the_c_prototypes():
     h = native.header()
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

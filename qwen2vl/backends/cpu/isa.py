@@ -51,6 +51,7 @@ class Isa:
     features: frozenset[str]
     detected_tier: str  # before the cap
     cap: str | None  # the value of QWEN2VL_CPU_ISA, if set
+    vendor: str = ""  # /proc/cpuinfo's vendor_id: "GenuineIntel", "AuthenticAMD", or "" where unknown
 
     def has(self, *features: str) -> bool:
         return all(f in self.features for f in features)
@@ -60,6 +61,14 @@ class Isa:
         """Whether bf16 GEMMs run in hardware here (AVX-512 BF16 or AMX): elsewhere torch emulates
         them, ~6-10x slower than float32, so matmul-heavy phases must not compute in bf16."""
         return self.has("avx512_bf16") or self.has("amx_bf16")
+
+    @property
+    def stream_locality(self) -> int:
+        """The prefetch locality (gcc's 0-3) our kernels give weights a pass reads once, compiled in
+        (native.flags_for): prefetchnta (0) where that streams fastest, AMD's (a Zen 5 streams the 2B's
+        decode at the read probe's rate with it), prefetcht1 (2) on Intel, where prefetchnta held a
+        2-vCPU Xeon with AMX at 10 GB/s of its 25 and prefetcht1 at 22 (docs/performance.md)."""
+        return 2 if self.vendor == "GenuineIntel" else 0
 
     def matmul_dtype(self, dtype: torch.dtype, matmul: str | None = None) -> torch.dtype:
         """The dtype matmuls on `dtype` weights should run in here (the compute-dtype policy):
@@ -82,14 +91,20 @@ class Isa:
         return dtype
 
 
-def _cpuinfo_flags() -> set[str]:
+def _cpuinfo_field(name: str) -> str:
+    """The first value of `name` in /proc/cpuinfo, or "" without one."""
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.split(":", 1)[0].strip() == name), "")
     except OSError:
         line = ""
+    return line.split(":", 1)[1].strip() if line else ""
+
+
+def _cpuinfo_flags() -> set[str]:
+    line = _cpuinfo_field("flags")
     if line:
-        return set(line.split(":", 1)[1].split())
+        return set(line.split())
     # no /proc (macOS, Windows): torch's own probe gives the tier's base, no extras
     cap = torch.backends.cpu.get_cpu_capability().lower()  # "default", "avx2", "avx512", "amx"?
     tiers = TIERS[1: TIERS.index(cap) + 1] if cap in TIERS else ()
@@ -108,18 +123,18 @@ def tier_of(flags: set[str]) -> str:
     return tier
 
 
-def capped(flags: set[str], cap: str | None) -> Isa:
-    """The Isa of a CPU with `flags` under the cap `cap` (a tier name, or None for no cap)."""
+def capped(flags: set[str], cap: str | None, vendor: str = "") -> Isa:
+    """The Isa of a CPU with `flags` (and `vendor`) under the cap `cap` (a tier name, or None for no cap)."""
     if cap is not None and cap not in TIERS:
         raise ValueError(f"{ENV} must be one of {', '.join(TIERS)}, got {cap!r}")
     detected = tier_of(flags)
     tier = detected if cap is None else TIERS[min(TIERS.index(detected), TIERS.index(cap))]
     allowed = set().union(*(_BASE[t] | _EXTRAS[t] for t in TIERS[1: TIERS.index(tier) + 1]))
-    return Isa(tier, frozenset(flags & allowed), detected, cap)
+    return Isa(tier, frozenset(flags & allowed), detected, cap, vendor)
 
 
 @functools.cache
 def current() -> Isa:
     """This process's Isa: the CPU's features under $QWEN2VL_CPU_ISA (read once; `current.cache_clear()`
     after changing it, as the tests do)."""
-    return capped(_cpuinfo_flags(), os.environ.get(ENV) or None)
+    return capped(_cpuinfo_flags(), os.environ.get(ENV) or None, _cpuinfo_field("vendor_id"))

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 
 def flags_for(features: tuple[str, ...]) -> list[str]:
-    return [*BASE_FLAGS, *(FEATURE_FLAGS[f] for f in features)]
+    return [*BASE_FLAGS, f"-DSTREAM_LOCALITY={isa.current().stream_locality}", *(FEATURE_FLAGS[f] for f in features)]
 
 
 def build(source: Path, flags: list[str]) -> Path:

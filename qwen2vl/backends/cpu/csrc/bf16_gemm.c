@@ -34,12 +34,17 @@
 #ifndef WIDE_MAX
 #define WIDE_MAX 16 /* up to this many rows the wide tile, beyond it the register tile */
 #endif
-/* Prefetch distances, measured: streaming 8 KB ahead non-temporally (each weight is read once);
+/* Prefetch distances, measured: streaming 8 KB ahead, non-temporally on AMD (each weight is read once);
  * the register tile 4 KB ahead into all levels on its first pass (later passes re-read the
  * blocks from L1/L2), every 64-byte line (every other line left the 2B's weights streaming at
  * 48 GB/s in layer order at 8 rows, 63 GB/s with all: 1.3x the step at 8-16 rows, 1.06x at 283). */
 #define PF_STREAM 8192
 #define PF_TILE 4096
+/* The prefetch locality of weights a pass reads once (0: prefetchnta), set by native.py per CPU vendor
+ * (isa.Isa.stream_locality): an Intel Xeon streamed at 10 of its 25 GB/s with prefetchnta. */
+#ifndef STREAM_LOCALITY
+#define STREAM_LOCALITY 0
+#endif
 
 static inline __m512bh bcast_pair(const uint16_t *p) { /* x[k], x[k+1] to every 32-bit lane */
     int32_t v;
@@ -72,8 +77,8 @@ static inline __attribute__((always_inline)) void stream_tile(const uint16_t *w,
     for (int r = 0; r < mr; r++) a0[r] = a1[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K - 2; k += 4) {
         const uint16_t *wk = w + k * 16; /* two 64-byte lines: k pairs k/2 and k/2 + 1 */
-        __builtin_prefetch((const char *)wk + PF_STREAM, 0, 0);
-        __builtin_prefetch((const char *)wk + 64 + PF_STREAM, 0, 0);
+        __builtin_prefetch((const char *)wk + PF_STREAM, 0, STREAM_LOCALITY);
+        __builtin_prefetch((const char *)wk + 64 + PF_STREAM, 0, STREAM_LOCALITY);
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
         for (int r = 0; r < mr; r++) {
             a0[r] = _mm512_dpbf16_ps(a0[r], w0, bcast_pair(x + r * K + k));
@@ -121,7 +126,7 @@ static inline __attribute__((always_inline)) void wide_tile(const uint16_t *w, i
     for (int r = 0; r < mr; r++) a[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 2) {
         const uint16_t *p = w + k * 16;
-        __builtin_prefetch((const char *)p + PF_STREAM, 0, 0);
+        __builtin_prefetch((const char *)p + PF_STREAM, 0, STREAM_LOCALITY);
         __m512bh wv = (__m512bh)_mm512_loadu_si512(p);
         for (int r = 0; r < mr; r++) a[r] = _mm512_dpbf16_ps(a[r], wv, bcast_pair(x + r * K + k));
     }

@@ -16,7 +16,7 @@
  * doesn't depend on how many rows share its batch, nor on the thread count. The tiles differ in
  * how many chains run side by side, which the FMA latency needs (4 cycles, 2 per cycle: 8 chains):
  *   stream (1-4 rows, decode): mr rows x nb 16-row blocks (STREAM_BLOCKS_*), the weights read
- *     once, prefetched non-temporally 8 KB ahead in each block's stream;
+ *     once, prefetched 8 KB ahead (non-temporally on AMD) in each block's stream;
  *   register tile (5+ rows): 6 rows x 1 block (12 accumulators of 16 registers; each weight load
  *     feeds 6 FMAs, each broadcast 2); a group of blocks is walked by every row tile while it sits
  *     in L2, so the weights come from memory once per call whatever M is (at 9-16 rows the job of
@@ -38,6 +38,11 @@
 
 #define GROUP_BYTES (192 << 10) /* weights a group of blocks keeps in L2 for the register tile */
 #define PF_STREAM 8192
+/* The prefetch locality of weights a pass reads once (0: prefetchnta), set by native.py per CPU vendor
+ * (isa.Isa.stream_locality): an Intel Xeon streamed at 10 of its 25 GB/s with prefetchnta. */
+#ifndef STREAM_LOCALITY
+#define STREAM_LOCALITY 0
+#endif
 #define PF_TILE 4096
 
 #ifdef __AVX512F__
@@ -105,7 +110,7 @@ static inline __attribute__((always_inline)) void tile(const bf16 *w, int64_t K,
         const bf16 *p[8];
         for (int j = 0; j < nb; j++) {
             p[j] = w + j * 16 * K + c * 32;
-            if (pf == 1) __builtin_prefetch((const char *)p[j] + PF_STREAM, 0, 0);
+            if (pf == 1) __builtin_prefetch((const char *)p[j] + PF_STREAM, 0, STREAM_LOCALITY);
             if (pf == 2) __builtin_prefetch((const char *)p[j] + PF_TILE, 0, 3);
         }
         for (int parity = 0; parity < 2; parity++) { /* k = 2c, then 2c + 1: one chain, in order */
