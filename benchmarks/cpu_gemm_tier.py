@@ -8,7 +8,8 @@
   as the decoder) against torch's float32 F.linear on a float32 copy of the weight (MKL / oneDNN
   sgemm), interleaved, at vision fc1 5120x1280 with 1024 rows and decoder gate 8960x1536 with 283;
   and the int8 kernels at the same shapes: int_gemv (what an int8 model's prefill runs: activations
-  per block of 32) and int8_mm (activations per row, the matmul="int8" policy).
+  per block of 32) and int8_mm (activations per row, the matmul="int8" policy); where bf16_gemm is
+  built, its AVX-512 BF16 tiles, its AMX tiles where the CPU has them, and torch's bf16 matmul.
 Methods run interleaved, round by round; rounds during which other processes used the CPU are
 reported apart (this VM is shared). Kernels are called through ctypes on preallocated outputs,
 as the decode step calls them from C.
@@ -170,15 +171,32 @@ def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> No
                                                            y16.data_ptr(), None, 1, rows, out, inp, nt)]
         calls["int8_mm (per-row x), float32 x"] = [lambda: mm(w8.data_ptr(), s8.data_ptr(), 1, x32.data_ptr(),
                                                               y32.data_ptr(), None, 0, rows, out, inp, nt)]
-    if gemm.bf16_library() is not None:
-        bf16 = gemm.bf16_library().bf16_gemm
-        calls["bf16 (AVX-512 BF16)"] = [lambda: bf16(packed.data_ptr(), x16.data_ptr(), y16.data_ptr(), None, rows,
-                                                     out, inp, nt)]
+    if (lib := gemm.bf16_library()) is not None:
+        # the AMX tiles are one switch in the library: each call sets it (a syscall, microseconds)
+        def bf16(amx: bool):
+            lib.bf16_gemm_amx(1 if amx else 0)
+            lib.bf16_gemm(packed.data_ptr(), x16.data_ptr(), y16.data_ptr(), None, rows, out, inp, nt)
+
+        calls["bf16 (AVX-512 BF16)"] = [lambda: bf16(False)]
+        if amx_granted(lib):
+            calls["bf16 (AMX tiles)"] = [lambda: bf16(True)]
+        calls["torch F.linear bf16"] = [lambda: torch.mm(x16, w.t(), out=y16)]  # oneDNN: its own AMX where there is
     for fns in calls.values():
         fns[0]()
     for m, r in rounds(calls, n_rounds).items():
         c, a, b, nc, na = medians(r, 2 * rows * out * inp / 1e9)
         print(f"| {name} {out}x{inp} | {rows} | {m} | {c} | {a} | {b} | {nc} / {na} |")
+    if lib is not None:
+        lib.bf16_gemm_amx(1 if lib.amx else 0)  # back as the process had it
+
+
+def amx_granted(lib) -> bool:
+    """Whether `lib` is bf16_gemm's AMX variant and Linux grants the tile state (left as it was)."""
+    if "amx_bf16" not in lib.variant[1]:
+        return False
+    granted = bool(lib.bf16_gemm_amx(1))
+    lib.bf16_gemm_amx(1 if lib.amx else 0)
+    return granted
 
 
 def prefill(n_rounds: int) -> None:

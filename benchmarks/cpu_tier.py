@@ -6,6 +6,7 @@ ONEDNN_MAX_CPU_ISA=AVX2` makes it an AVX2 machine for us, torch and oneDNN alike
 - load: `LLM(folder, dtype="bfloat16")` against transformers' from_pretrained in its best dtype here
   (bfloat16 where the CPU has bf16 matmuls, else float32);
 - TTFT: a fresh 448x448 image + question (283 prompt tokens), ours against transformers in that dtype;
+  where the CPU has AMX tiles, also with bf16_gemm's tiles switched the other way ($QWEN2VL_AMX), run by run;
 - decode: tokens/s of one stream per mode (bf16, int8, int4), each against the memory-read bound
   (bytes a step reads / the read probe taken around the run); with `--llama DIR` (benchmarks/llama_cpp.sh
   builds it) llama.cpp's llama-bench on DIR's model-{bf16,q8_0,q4_0}.gguf in the same run.
@@ -27,10 +28,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.bandwidth import memory_gbs
+from benchmarks.cpu_gemm_tier import amx_granted
 from benchmarks.engine_cpu import Reference, engine_single, own_weights
 from benchmarks.random_checkpoint import random_checkpoint
 from qwen2vl import LLM
-from qwen2vl.backends.cpu import isa
+from qwen2vl.backends.cpu import gemm, isa
 from qwen2vl.backends.system import report
 
 STEP_BYTES = {"bf16": 3.09e9, "int8": 1.65e9, "int4": 0.93e9}  # a 2B decode step's weight reads (REFERENCE §6.3)
@@ -109,8 +111,17 @@ def main() -> None:
         llm, seconds = load_ours(folder)
         ours["load s"].append(seconds)
     engine_single(llm, next(seeds), 2)  # warm-up: kernels built, caches touched
+    lib = gemm.bf16_library()
+    flipped = None  # where the CPU has AMX tiles: TTFT with them switched the other way, run by run
+    if lib is not None and amx_granted(lib):
+        flipped = f"TTFT s, AMX tiles {'off' if lib.amx else 'on'}"
+        ours[flipped], ref[flipped] = [], ref["TTFT s"]
     for _ in range(args.reps):
         ours["TTFT s"].append(engine_single(llm, next(seeds), 2)[0])
+        if flipped:
+            lib.bf16_gemm_amx(0 if lib.amx else 1)
+            ours[flipped].append(engine_single(llm, next(seeds), 2)[0])
+            lib.bf16_gemm_amx(1 if lib.amx else 0)
     processor = llm.processor
     rates = {"bf16": decode_rate(llm, seeds, args.tokens, args.reps)} if "bf16" in args.modes else {}
     del llm
@@ -152,7 +163,9 @@ def main() -> None:
     print(f"{'':24}{'ours':>8}{'':28}{'transformers ' + str(ref_dtype).split('.')[1]:>24}")
     for key in ours:
         line = f"{key:24}{median(ours[key])}"
-        if ref[key]:
+        if key == flipped:
+            line += f"   over TTFT s: {statistics.median(ours[key]) / statistics.median(ours['TTFT s']):.2f}"
+        if ref.get(key):
             ratio = statistics.median(ours[key]) / statistics.median(ref[key])
             line += f"   {median(ref[key])}   ratio {ratio:.2f}"
         print(line)

@@ -160,13 +160,48 @@ def test_the_amx_variant_builds_and_with_its_tiles_off_is_the_avx512_kernel():
     lib = amx_build()
     if lib is None:
         pytest.skip("no AVX-512 BF16 here, or a compiler without AMX")
-    assert lib.bf16_gemm_amx(-1) == 0  # off until switched on
-    g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(37, 96, generator=g).bfloat16()
-    packed, bias = gemm.pack_bf16(w, huge_pages=False), torch.randn(40, generator=g).bfloat16()
-    y = torch.empty(37, 40, dtype=torch.bfloat16)
-    lib.bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), bias.data_ptr(), 37, 40, 96, 1)
-    assert torch.equal(y, gemm.bf16_gemm(x, packed, bias, 40))
+    # the process's own bf16_gemm may be this very library, its tiles on where the CPU has them
+    was_on = lib.bf16_gemm_amx(-1)
+    assert not was_on or gemm.bf16_library().amx  # off until switched on
+    lib.bf16_gemm_amx(0)
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(37, 96, generator=g).bfloat16()
+        packed, bias = gemm.pack_bf16(w, huge_pages=False), torch.randn(40, generator=g).bfloat16()
+        y = torch.empty(37, 40, dtype=torch.bfloat16)
+        lib.bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), bias.data_ptr(), 37, 40, 96, 1)
+        assert torch.equal(y, gemm.bf16_gemm(x, packed, bias, 40))
+    finally:
+        if was_on:
+            lib.bf16_gemm_amx(1)
+
+
+@pytest.mark.parametrize("m, n, k", [(17, 16, 32), (32, 48, 64), (37, 40, 96), (100, 130, 1280), (300, 256, 512)])
+def test_amx_tiles_compute_within_float32_rounding_where_the_cpu_has_them(m, n, k):
+    """On a CPU with AMX: the tiles against float64, rows and columns past the tiles' 32 and 16
+    included, with two threads (each configures its own tile state)."""
+    import torch
+
+    from qwen2vl.backends.cpu import gemm
+
+    lib = amx_build()
+    if lib is None or not isa.current().has("amx_bf16"):
+        pytest.skip("no AMX here (or a compiler without it)")
+    was_on = lib.bf16_gemm_amx(-1)
+    if not lib.bf16_gemm_amx(1):
+        pytest.skip("Linux refused the AMX tile state")
+    try:
+        g = torch.Generator().manual_seed(m)
+        w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(m, k, generator=g).bfloat16()
+        packed, bias = gemm.pack_bf16(w, huge_pages=False), torch.randn(n, generator=g).bfloat16()
+        y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+        lib.bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), bias.data_ptr(), m, n, k, 2)
+        ref = x.double() @ w.double().t() + bias.double()
+        bound = 2**-8 * ref.abs() + k * 2.0**-23 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+        assert ((y.double() - ref).abs() <= bound).all()
+    finally:
+        if not was_on:
+            lib.bf16_gemm_amx(0)
 
 
 def test_amx_tiles_that_compute_wrong_are_switched_off(monkeypatch, caplog):
@@ -199,8 +234,9 @@ def test_amx_tiles_that_compute_wrong_are_switched_off(monkeypatch, caplog):
         assert "failed their check" in caplog.text
 
 
-def test_amx_tiles_stay_off_unless_asked(monkeypatch):
-    """Without QWEN2VL_AMX=1 the AMX variant's tiles are never switched on (nor checked)."""
+def test_amx_tiles_are_checked_and_on_unless_switched_off(monkeypatch):
+    """The AMX variant's tiles go on where they pass their check; with QWEN2VL_AMX=0 they are never
+    asked for (nor checked)."""
     from qwen2vl.backends.cpu import gemm
 
     class Lib:
@@ -209,11 +245,14 @@ def test_amx_tiles_stay_off_unless_asked(monkeypatch):
         def bf16_gemm_amx(self, enable):
             raise AssertionError("asked for the tiles")
 
-    monkeypatch.delenv(gemm.AMX_ENV, raising=False)
+    monkeypatch.setenv(gemm.AMX_ENV, "0")
     monkeypatch.setattr(native, "library", lambda name: lib)
     lib = Lib()
     assert gemm.bf16_library() is lib and lib.amx is False
-    monkeypatch.setenv(gemm.AMX_ENV, "1")
+    monkeypatch.delenv(gemm.AMX_ENV)
     monkeypatch.setattr(gemm, "amx_check", lambda lib: True)
     lib = Lib()
     assert gemm.bf16_library().amx is True
+    monkeypatch.setattr(gemm, "amx_check", lambda lib: False)
+    lib = Lib()
+    assert gemm.bf16_library().amx is False

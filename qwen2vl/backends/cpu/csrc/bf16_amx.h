@@ -9,12 +9,10 @@
  *
  * Each output accumulates its k pairs in order inside the tile unit. Rows past M are read from a
  * zero-padded copy of the last rows, so no tile reads past x. Linux hands out the 8 KB of tile
- * state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM). The tiles are off unless
- * the Python side switches them on: only with QWEN2VL_AMX=1 (see gemm.bf16_library: rows > 16
- * would sum in another order than decode rows) and only if a checked product passes; when Linux
- * refuses, when switched off, or when the tail buffer can't be allocated, the AVX-512 tiles run.
- * Unmeasured: no machine with AMX was at hand when it was written; this machine compiles it and
- * runs it switched off (tests/test_native.py).
+ * state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM). The tiles are off until the
+ * Python side switches them on (gemm.bf16_library: at first use, unless QWEN2VL_AMX=0, and only if a
+ * checked product passes); when Linux refuses, when switched off, or when the tail buffer can't be
+ * allocated, the AVX-512 tiles run. Measured on a 2-vCPU Xeon (docs/performance.md, AMX tier).
  */
 #ifndef QWEN2VL_BF16_AMX_H
 #define QWEN2VL_BF16_AMX_H
@@ -25,6 +23,7 @@
 #include <unistd.h>
 
 #define AMX_ROWS 32 /* x rows per pass: two A tiles */
+#define AMX_CHUNK (1 << 20) /* bytes of weights a thread keeps in L2 while every row group passes over them */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -61,10 +60,19 @@ static void amx_configure(void) {
             store16(y + ((row0) + r) * N + (n0), _mm512_add_ps(_mm512_loadu_ps(c + r * 16), b), mask); \
     } while (0)
 
-/* y [M, N] = x [M, K] @ w.T + bias with K % 32 == 0. Returns -1 when out of memory (nothing written). */
+/* y [M, N] = x [M, K] @ w.T + bias with K % 32 == 0. Returns -1 when out of memory (nothing written).
+ *
+ * Order: a thread takes a chunk of weight-block pairs (~AMX_CHUNK bytes, at least 4 chunks a thread
+ * so the threads end together), and every row group of x passes over that chunk while it sits in L2.
+ * Row groups outermost re-read all the weights from memory once per 32 rows: on a 2-core Xeon that
+ * ran the 2B's prefill shapes at ~1,300-1,500 GFLOP/s against ~1,700-2,100 this way (bench: docs). */
 static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint16_t *bias, int64_t M,
                     int64_t N, int64_t K, int nthreads) {
     const int64_t blocks = (N + 15) / 16, groups = (M + AMX_ROWS - 1) / AMX_ROWS, pairs = (blocks + 1) / 2;
+    int64_t per = AMX_CHUNK / (2 * 16 * 2 * K), fair = (pairs + 4 * nthreads - 1) / (4 * nthreads);
+    if (per > fair) per = fair;
+    if (per < 1) per = 1;
+    const int64_t chunks = (pairs + per - 1) / per;
     uint16_t *tail = NULL; /* the last rows, zero-padded to AMX_ROWS */
     if (M % AMX_ROWS) {
         if (!(tail = calloc((size_t)AMX_ROWS * K, sizeof *tail))) return -1;
@@ -75,8 +83,10 @@ static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uin
         float c[256];
         amx_configure(); /* tile state is per thread */
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < groups * pairs; task++) {
-            const int64_t g = task / pairs, b0 = (task % pairs) * 2, m0 = g * AMX_ROWS;
+        for (int64_t task = 0; task < chunks * groups; task++) {
+          const int64_t chunk = task / groups, g = task % groups, m0 = g * AMX_ROWS;
+          for (int64_t pair = chunk * per; pair < pairs && pair < (chunk + 1) * per; pair++) {
+            const int64_t b0 = pair * 2;
             const uint16_t *xa = (tail && g == groups - 1) ? tail : x + m0 * K;
             const uint16_t *w0 = w + b0 * 16 * K, *w1 = w0 + 16 * K;
             const int two = b0 + 1 < blocks;
@@ -102,6 +112,7 @@ static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uin
                 AMX_STORE(1, m0, (b0 + 1) * 16);
                 AMX_STORE(3, m0 + 16, (b0 + 1) * 16);
             }
+          }
         }
         _tile_release();
     }
