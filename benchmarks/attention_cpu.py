@@ -1,10 +1,11 @@
 """The CPU's attention at the 2B's time-to-first-token shapes, variants alternating in one process:
 
 - decoder prefill (283 tokens, 12 query and 2 kv heads of 128, bf16): paged_attention.varlen through
-  SDPA's math path (3-D inputs: the default) against its fused kernel (4-D: what matmul="int8" runs),
+  SDPA's math path (3-D inputs: the default) against its fused kernel (4-D: what matmul="int8" and AMX run),
   with each one's relative error against float32;
 - vision attention (1024 patches, 16 heads of 80, float32 as the tower computes below AVX-512 BF16):
-  attention._matmul_attention taking 2 or 4 heads a slab (the same bits).
+  attention._matmul_attention taking 2 or 4 heads a slab (the same bits); in bf16, plain matmuls
+  against SDPA's fused kernel (what a bf16 model runs with AMX).
 
     QWEN2VL_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.attention_cpu
 """
@@ -18,7 +19,7 @@ import time
 import torch
 
 from benchmarks.cpu_tier import median
-from qwen2vl.attention import _matmul_attention
+from qwen2vl.attention import _matmul_attention, block_diagonal_attention
 from qwen2vl.backends.paged_attention import PagedBatch, varlen
 
 
@@ -58,14 +59,24 @@ def main() -> None:
         err = (varlen(q, k, v, None, None, batch, fused).float() - ref).norm() / ref.norm()
         print(f"decoder prefill, fused={fused}: relative error vs float32 {err:.2e}")
     report("decoder prefill attention, 283 tokens, bf16:", alternate(
-        {"math path (default)": lambda: varlen(q, k, v, None, None, batch),
-         "fused (matmul=int8)": lambda: varlen(q, k, v, None, None, batch, True)}, args.reps), 28)
+        {"math path": lambda: varlen(q, k, v, None, None, batch),
+         "fused (int8 knob, AMX)": lambda: varlen(q, k, v, None, None, batch, True)}, args.reps), 28)
 
     q, k, v = (torch.randn(1024, 16, 80, generator=g) for _ in range(3))
     assert torch.equal(_matmul_attention(q, k, v, heads=2), _matmul_attention(q, k, v, heads=4))
     report("vision attention, 1024 patches, float32:", alternate(
         {"2 heads a slab": lambda: _matmul_attention(q, k, v, heads=2).reshape(1024, -1),
          "4 heads a slab": lambda: _matmul_attention(q, k, v, heads=4).reshape(1024, -1)}, args.reps), 32)
+
+    # bf16, as the tower computes with bf16 matmuls: plain matmuls (CPU_MATMUL_ATTENTION_MIN) or SDPA's
+    # fused kernel (what the CPU backend asks for with AMX), each one's error against float64
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    ref = block_diagonal_attention(*(x.double() for x in (q, k, v)), [0, 1024], matmul_min=0)
+    paths = {"matmuls, 4 heads a slab": lambda: block_diagonal_attention(q, k, v, [0, 1024]),
+             "SDPA fused (AMX)": lambda: block_diagonal_attention(q, k, v, [0, 1024], matmul_min=0)}
+    for name, fn in paths.items():
+        print(f"vision, {name}: relative error vs float64 {(fn().double() - ref).norm() / ref.norm():.2e}")
+    report("vision attention, 1024 patches, bf16:", alternate(paths, args.reps), 32)
 
 
 if __name__ == "__main__":

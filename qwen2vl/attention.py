@@ -42,26 +42,31 @@ def packed_causal_attend(cu_seqlens: list[int]):
     return attend
 
 
-def block_diagonal_attention(q, k, v, cu_seqlens: list[int], softmax=torch.softmax) -> torch.Tensor:
+def block_diagonal_attention(q, k, v, cu_seqlens: list[int], softmax=torch.softmax,
+                             matmul_min: int | None = None) -> torch.Tensor:
     """Non-causal attention within each [cu_seqlens[i], cu_seqlens[i+1]) block, none across.
 
     q, k, v [N, H, D] -> [N, H, D]. On a GPU, blocks of several lengths go through one masked call
     (masked_attention) while the scores stay under MASKED_SCORES_MAX; otherwise no N x N mask is
     built: a block (an image, one temporal patch pair of a video, one of Qwen2.5-VL's windows) of
-    >= CPU_MATMUL_ATTENTION_MIN tokens on the CPU goes through _matmul_attention, whose
+    >= `matmul_min` tokens (default CPU_MATMUL_ATTENTION_MIN; 0: none) on the CPU goes through _matmul_attention, whose
     `softmax(scores, -1)` may work in place (the C kernel, backends/cpu/vision_ops.py: the scores are
     its own); the others through SDPA, blocks of one length together as one batch (a 1080p image has
     180 windows of at most four lengths: one call per length instead of one per window, measured
     1.6-2x faster on the CPU).
     """
-    if q.device.type == "cpu" and len(cu_seqlens) == 2 and cu_seqlens[1] - cu_seqlens[0] >= CPU_MATMUL_ATTENTION_MIN:
+    if matmul_min is None:
+        matmul_min = CPU_MATMUL_ATTENTION_MIN
+    elif matmul_min == 0:
+        matmul_min = float("inf")
+    if q.device.type == "cpu" and len(cu_seqlens) == 2 and cu_seqlens[1] - cu_seqlens[0] >= matmul_min:
         return _matmul_attention(q, k, v, softmax=softmax)  # one image: no copy into `out`
     if _one_masked_call(q) and len(set(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))) > 1:
         return masked_attention(q, k, v, block_mask(cu_seqlens, q.device, causal=False))
     out = torch.empty_like(q)
     by_length: dict[int, list[int]] = {}
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        if q.device.type == "cpu" and end - start >= CPU_MATMUL_ATTENTION_MIN:
+        if q.device.type == "cpu" and end - start >= matmul_min:
             out[start:end] = _matmul_attention(q[start:end], k[start:end], v[start:end], softmax=softmax)
         elif end > start:
             by_length.setdefault(end - start, []).append(start)
@@ -109,7 +114,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 # From this many tokens a block on the CPU goes through _matmul_attention: measured 2x faster than
-# SDPA's flash kernel from 256 tokens (1024: 15 vs 30 ms a layer, 4096: 0.18 vs 0.47 s), slower at 64
+# SDPA's flash kernel from 256 tokens (1024: 15 vs 30 ms a layer, 4096: 0.18 vs 0.47 s), slower at 64.
+# Not with AMX: there SDPA's flash kernel runs bf16 on the tiles, 1.5x faster at 1024 (8.6 vs 12.8 ms a
+# layer on a 2-vCPU Xeon, benchmarks/attention_cpu.py), and the CPU backend's ops ask for SDPA
+# (VisionKernels.matmul_min)
 CPU_MATMUL_ATTENTION_MIN = 256
 _SCORES_BUDGET = 1 << 22  # score elements per chunk (8 MB in bf16): the chunk stays in L3
 

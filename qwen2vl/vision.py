@@ -55,7 +55,8 @@ class VisionAttention(nn.Module):
         dim = qkv.shape[1] // (3 * heads)
         v = qkv[:, 2 * heads * dim:].view(n, heads, dim)
         q, k = ops.vision_rotary(qkv, cos, sin, 2 * heads, dim).split([heads, heads], 1)  # in float32, rounded
-        return self.proj(block_diagonal_attention(q, k, v, cu_seqlens, softmax=ops.softmax).reshape(n, -1))
+        out = block_diagonal_attention(q, k, v, cu_seqlens, softmax=ops.softmax, matmul_min=ops.matmul_min)
+        return self.proj(out.reshape(n, -1))
 
 
 class VisionMlp(nn.Module):

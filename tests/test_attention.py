@@ -51,6 +51,18 @@ def test_matmul_path_is_taken_and_close_in_bf16(monkeypatch):
     assert rel < 1e-2, rel
 
 
+@pytest.mark.parametrize("one_block", [False, True])
+def test_matmul_min_zero_sends_every_block_to_sdpa(monkeypatch, one_block):
+    """What the CPU backend asks for with AMX (VisionKernels.matmul_min = 0): no block by matmuls,
+    the big one (alone, or among others) through SDPA, the same values."""
+    monkeypatch.setattr(attention, "_matmul_attention", lambda *a, **k: pytest.fail("took the matmul path"))
+    q, k, v = qkv(torch.float32)
+    cu = [0, SIZES[1]] if one_block else [0, SIZES[0], SIZES[0] + SIZES[1], sum(SIZES)]
+    q, k, v = (x[: cu[-1]] for x in (q, k, v))
+    out = block_diagonal_attention(q, k, v, cu, matmul_min=0)
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+
+
 def test_blocks_of_one_length_go_together_and_match(monkeypatch):
     """Windows as Qwen2.5-VL cuts them (many of a few lengths, some over the CPU matmul threshold):
     one SDPA call per length, and the same values as masked attention."""

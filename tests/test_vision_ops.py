@@ -11,6 +11,7 @@ import tempfile
 import pytest
 import torch
 
+import qwen2vl.attention as attention
 from qwen2vl import Qwen2VL
 from qwen2vl.backends.cpu import vision_ops
 from qwen2vl.backends.cpu.backend import CpuBackend
@@ -121,3 +122,29 @@ def test_a_bf16_tower_computing_in_float32_takes_the_kernels(tier):
     backend.prepare(model, None)
     assert model.visual.compute_dtype == (BF16 if backend.isa.native_bf16_matmul else torch.float32)
     assert isinstance(model.visual.ops, VisionKernels)
+    # with AMX, SDPA's flash kernel (on the tiles) attends to every block; elsewhere big blocks take matmuls
+    assert model.visual.ops.matmul_min == (0 if backend.isa.has("amx_bf16") else None)
+
+
+def test_with_amx_a_bf16_model_attends_through_sdpa_fused(monkeypatch):
+    """With AMX, SDPA's fused kernel (on the tiles) takes the tower's attention and the decoder's
+    prefill; without, big vision blocks take plain matmuls and prefill SDPA's math path."""
+    from qwen2vl.backends.cpu import isa
+
+    if vision_ops.library() is None:
+        pytest.skip("no vision kernels here")
+    sapphire = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile",
+                "amx_bf16", "amx_int8"}
+    monkeypatch.setattr(isa.platform, "machine", lambda: "x86_64")
+    for flags in (sapphire - {"amx_tile", "amx_bf16", "amx_int8"}, sapphire):
+        model = Qwen2VL.from_pretrained(tiny_checkpoint(), dtype=BF16)
+        backend = CpuBackend()
+        backend.isa = isa.capped(flags, None)
+        backend.prepare(model, None)
+        amx = "amx_bf16" in flags
+        assert backend.fused_prefill == amx and model.visual.ops.matmul_min == (0 if amx else None)
+    grid = torch.tensor([[1, 16, 16]])  # 256 patches: the matmul path's size
+    pixels = randn(256, model.config.vision.patch_dim, seed=5, dtype=BF16)
+    monkeypatch.setattr(attention, "_matmul_attention", lambda *a, **k: pytest.fail("took the matmul path"))
+    with torch.inference_mode():
+        assert model.visual(pixels, grid).isfinite().all()

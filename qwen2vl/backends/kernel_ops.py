@@ -33,10 +33,11 @@ class TextKernels(TorchOps):
 
 class VisionKernels(TorchOps):
     """The vision tower's QuickGELU and rotary from `kernels` (quick_gelu_, rotary_), and its softmax
-    where the module has one (softmax_)."""
+    where the module has one (softmax_). `matmul_min`: attention.block_diagonal_attention's (0: SDPA
+    for every block, where its kernel is the faster one)."""
 
-    def __init__(self, kernels, takes: Callable[[torch.Tensor], bool]):
-        self.kernels, self.takes = kernels, takes
+    def __init__(self, kernels, takes: Callable[[torch.Tensor], bool], matmul_min: int | None = None):
+        self.kernels, self.takes, self.matmul_min = kernels, takes, matmul_min
 
     def for_input(self, x: torch.Tensor) -> TorchOps:
         return self if self.takes(x) else TORCH_OPS

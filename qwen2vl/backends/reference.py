@@ -66,6 +66,8 @@ class TorchOps:
         """torch.softmax (consumes scores)."""
         return torch.softmax(scores, dim)
 
+    matmul_min = None  # attention.block_diagonal_attention's: its default block length for plain matmuls
+
 
 TORCH_OPS = TorchOps()
 
