@@ -204,6 +204,24 @@ def test_amx_tiles_compute_within_float32_rounding_where_the_cpu_has_them(m, n, 
             lib.bf16_gemm_amx(0)
 
 
+def test_with_amx_tiles_on_a_row_of_a_call_of_9_or_more_rows_does_not_depend_on_the_others():
+    """Every call of more than 8 rows takes the tiles, in row groups of 32 whose sums run in one order
+    whatever M: a row's output is the same among 9 rows as among 40 (batched decode, prefill)."""
+    import torch
+
+    from qwen2vl.backends.cpu import gemm
+
+    lib = gemm.bf16_library()
+    if lib is None or not lib.amx:
+        pytest.skip("no AMX tiles switched on here")
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(300, 1536, generator=g).bfloat16(), torch.randn(40, 1536, generator=g).bfloat16()
+    packed = gemm.pack_bf16(w, huge_pages=False)
+    full = gemm.bf16_gemm(x, packed, None, 300)
+    for m in (9, 16, 17, 31, 33):
+        assert torch.equal(gemm.bf16_gemm(x[:m], packed, None, 300), full[:m])
+
+
 def test_amx_tiles_that_compute_wrong_are_switched_off(monkeypatch, caplog):
     """The load-time check (gemm.amx_check): a refused tile state or a wrong product leaves them off."""
     import logging

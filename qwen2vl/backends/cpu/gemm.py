@@ -45,12 +45,12 @@ AMX_ENV = "QWEN2VL_AMX"
 def bf16_library():
     """The loaded bf16_gemm kernel, or None where it can't be built or run here.
 
-    Its AMX variant's tiles serve calls of more than 16 rows (prefill, the vision tower) where the
-    CPU has them, switched on at first use if they pass `amx_check` (`lib.amx` says); $QWEN2VL_AMX=0
+    Its AMX variant's tiles serve calls of more than 8 rows (prefill, the vision tower, batched
+    decode) where the CPU has them, switched on at first use if they pass `amx_check` (`lib.amx` says); $QWEN2VL_AMX=0
     keeps them off. On a 2-vCPU Xeon they ran the 2B's prefill shapes 8-9x faster than the AVX-512
     BF16 tiles (as fast as oneDNN's) and the time to first token 5.4x (docs/performance.md). They
-    sum in another order than the AVX-512 tiles, so a row's output in a call of more than 16 rows
-    differs in the last bits from the same row among 5-16 (as rows 1-4, streamed, already differ
+    sum in another order than the AVX-512 tiles, so a row's output in a call of more than 8 rows
+    differs in the last bits from the same row among 5-8 (as rows 1-4, streamed, already differ
     from 5 and more)."""
     lib = native.library("bf16_gemm")
     if lib is not None and not hasattr(lib, "amx"):

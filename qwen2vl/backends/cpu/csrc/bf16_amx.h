@@ -1,5 +1,5 @@
-/* AMX bf16 tiles for bf16_gemm.c's prefill rows (Sapphire Rapids and later), included only when the
- * amx variant is compiled (-mamx-tile -mamx-bf16, native.py).
+/* AMX bf16 tiles for bf16_gemm.c's calls of more than 8 rows (prefill, the vision tower, batched decode), on
+ * Sapphire Rapids and later; included only when the amx variant is compiled (-mamx-tile -mamx-bf16, native.py).
  *
  * Why: prefill and the vision tower are compute-bound, and `tdpbf16ps` does a 16x32 by 32x16 bf16
  * product (8192 multiply-adds) per instruction, several times the AVX-512 BF16 register tile's rate.
