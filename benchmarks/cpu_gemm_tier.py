@@ -9,7 +9,8 @@
   sgemm), interleaved, at vision fc1 5120x1280 with 1024 rows and decoder gate 8960x1536 with 283;
   and the int8 kernels at the same shapes: int_gemv (what an int8 model's prefill runs: activations
   per block of 32) and int8_mm (activations per row, the matmul="int8" policy); where bf16_gemm is
-  built, its AVX-512 BF16 tiles, its AMX tiles where the CPU has them, and torch's bf16 matmul.
+  built, its AVX-512 BF16 tiles, its AMX tiles where the CPU has them, and torch's bf16 matmul;
+  int8_mm's AMX tiles where they are on.
 Methods run interleaved, round by round; rounds during which other processes used the CPU are
 reported apart (this VM is shared). Kernels are called through ctypes on preallocated outputs,
 as the decode step calls them from C.
@@ -164,13 +165,18 @@ def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> No
         calls["int8 (int_gemv), bf16 x"] = [lambda: ilib.int8_gemm(q8.weight.data_ptr(), q8.scales.data_ptr(), 1,
                                                                    x16.data_ptr(), y16.data_ptr(), None, 1, rows, out,
                                                                    inp, nt)]
-    if int8_mm.library() is not None:  # the same codes, activations per row: the matmul="int8" policy
-        mm = int8_mm.library().int8_mm
+    if (mmlib := int8_mm.library()) is not None:  # the same codes, activations per row: the matmul="int8" policy
         w8, s8 = q8.weight, q8.scales
-        calls["int8_mm (per-row x), bf16 x"] = [lambda: mm(w8.data_ptr(), s8.data_ptr(), 1, x16.data_ptr(),
-                                                           y16.data_ptr(), None, 1, rows, out, inp, nt)]
-        calls["int8_mm (per-row x), float32 x"] = [lambda: mm(w8.data_ptr(), s8.data_ptr(), 1, x32.data_ptr(),
-                                                              y32.data_ptr(), None, 0, rows, out, inp, nt)]
+
+        def mm(x, y, io_bf16, amx=False):  # the AMX tiles, like bf16_gemm's, are one switch in the library
+            mmlib.int8_mm_amx(1 if amx else 0)
+            mmlib.int8_mm(w8.data_ptr(), s8.data_ptr(), 1, x.data_ptr(), y.data_ptr(), None, io_bf16, rows, out,
+                          inp, nt)
+
+        calls["int8_mm (per-row x), bf16 x"] = [lambda: mm(x16, y16, 1)]
+        calls["int8_mm (per-row x), float32 x"] = [lambda: mm(x32, y32, 0)]
+        if mmlib.amx:
+            calls["int8_mm, AMX tiles, bf16 x"] = [lambda: mm(x16, y16, 1, amx=True)]
     if (lib := gemm.bf16_library()) is not None:
         # the AMX tiles are one switch in the library: each call sets it (a syscall, microseconds)
         def bf16(amx: bool):
@@ -188,6 +194,8 @@ def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> No
         print(f"| {name} {out}x{inp} | {rows} | {m} | {c} | {a} | {b} | {nc} / {na} |")
     if lib is not None:
         lib.bf16_gemm_amx(1 if lib.amx else 0)  # back as the process had it
+    if mmlib is not None:
+        mmlib.int8_mm_amx(1 if mmlib.amx else 0)
 
 
 def amx_granted(lib) -> bool:

@@ -1,6 +1,6 @@
 """csrc/int8_mm.c (W8A8, activations per row) at every tier this machine can play: bit-equal to its
 formula computed by torch on the same quantized operands (the integer dots exactly, in int64), a
-row's output the same whatever rows share its call, and the AVX2 and AVX-512 VNNI builds equal."""
+row's output the same whatever rows share its call, and the AVX2, AVX-512 VNNI and AMX builds equal."""
 
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def inputs(rows: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor
 
 
 # 1-3 rows; tiles of 4 (AVX2) or 8 (VNNI) rows and remainders; blocks of 16 outputs with a padded tail
-@pytest.mark.parametrize("rows", [1, 3, 4, 9, 21])
-@pytest.mark.parametrize("n,k", [(96, 64), (113, 200), (50, 1176)])
+# (AMX: K % 64 == 0 takes the tiles, in row groups of 32 with the rest zero)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 21, 40])
+@pytest.mark.parametrize("n,k", [(96, 64), (113, 200), (50, 1176), (70, 1280)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_mm_is_bit_equal_to_its_formula(rows, n, k, dtype, tier):
     q, scales, w, sw = quantized_linear(n, k, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
@@ -91,3 +92,28 @@ def test_an_in_features_over_the_int32_limit_is_refused():
     k = int8_mm.MAX_K + 4
     with pytest.raises(ValueError, match="65536"):
         int8_mm.int8_mm(torch.zeros(1, k), torch.zeros(1, k // 4, 16, 4, dtype=torch.uint8), torch.ones(16), None, 16)
+
+
+def test_amx_tiles_that_are_refused_or_differ_stay_off(monkeypatch, caplog):
+    """int8_mm.amx_check: a refused tile state, or a product that isn't the VNNI tile's bits, leaves
+    the tiles off (logged); an equal one leaves them on."""
+    import logging
+
+    class Lib:
+        def __init__(self, grant):
+            self.grant, self.calls = grant, []
+
+        def int8_mm_amx(self, enable):
+            self.calls.append(enable)
+            return int(self.grant and enable != 0)
+
+    outputs = []
+    monkeypatch.setattr(int8_mm, "int8_mm", lambda *a: outputs.pop(0))
+    with caplog.at_level(logging.WARNING, logger="qwen2vl.backends.cpu.int8_mm"):
+        assert int8_mm.amx_check(Lib(False)) is False and "refused" in caplog.text
+        outputs[:] = [torch.ones(2), torch.ones(2)]
+        same = Lib(True)
+        assert int8_mm.amx_check(same) is True and same.calls == [1, 0, 1]
+        outputs[:] = [torch.ones(2), torch.zeros(2)]
+        differ = Lib(True)
+        assert int8_mm.amx_check(differ) is False and differ.calls == [1, 0] and "differs" in caplog.text

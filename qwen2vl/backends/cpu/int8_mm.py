@@ -12,6 +12,9 @@ formula). `Int8RowsLinear` puts it under the linears where the compute-dtype pol
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,13 +22,44 @@ import torch.nn.functional as F
 from qwen2vl.backends.cpu import gemm, native
 from qwen2vl.backends.quant import Int8Linear
 
+log = logging.getLogger(__name__)
+
 # |dot| <= 255 * 127 * K (the VNNI build sums codes in [0, 255]) must stay below 2**31
 MAX_K = 65536
 
 
 def library():
-    """The loaded int8_mm kernel (AVX-512 VNNI or AVX2 build), or None where it can't be had."""
-    return native.library("int8_mm")
+    """The loaded int8_mm kernel (AMX, AVX-512 VNNI or AVX2 build), or None where it can't be had.
+
+    The AMX build's tiles go on at first use unless $QWEN2VL_AMX=0 (`lib.amx` says), if Linux grants
+    their state and they give the VNNI tile's bits on a checked product: on a 2-vCPU Xeon they ran
+    the 2B's prefill shapes ~2x faster than the VNNI tile (docs/performance.md)."""
+    lib = native.library("int8_mm")
+    if lib is not None and not hasattr(lib, "amx"):
+        lib.amx = False
+        if "amx_int8" in lib.variant[1] and os.environ.get(gemm.AMX_ENV) != "0":
+            lib.amx = amx_check(lib)
+    return lib
+
+
+def amx_check(lib) -> bool:
+    """Switch the AMX tiles on if Linux grants their state and a product with row and column tails
+    equals the VNNI tile's, bit for bit (both sum exactly in int32); else leave them off, logged."""
+    if not lib.int8_mm_amx(1):
+        log.warning("int8_mm: Linux refused the AMX tile state; the VNNI tile runs")
+        return False
+    g = torch.Generator().manual_seed(0)
+    weight = gemm.pack_int8(torch.randint(-127, 128, (48, 128), dtype=torch.int8, generator=g), huge_pages=False)
+    scales = torch.rand(48, generator=g) / 100
+    x, bias = torch.randn(37, 128, generator=g), torch.randn(40, generator=g)
+    tiles = int8_mm(x, weight, scales, bias, 40)
+    lib.int8_mm_amx(0)
+    vnni = int8_mm(x, weight, scales, bias, 40)
+    if not torch.equal(tiles, vnni):
+        log.warning("int8_mm: the AMX tiles' product differs from the VNNI tile's; the VNNI tile runs")
+        return False
+    lib.int8_mm_amx(1)
+    return True
 
 
 def takes(x: torch.Tensor) -> bool:

@@ -48,7 +48,9 @@ VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
                   ("bf16_gemm.c", (*AVX512, "avx512_bf16"))],
     "bf16w_gemm": [("bf16w_gemm.c", (*AVX2, *AVX512)), ("bf16w_gemm.c", AVX2)],
     "int_gemv": [("int_gemv.c", (*AVX512, "avx512_vnni")), ("int_gemv_avx2.c", AVX2)],
-    "int8_mm": [("int8_mm.c", (*AVX2, *AVX512, "avx512_vnni")), ("int8_mm.c", AVX2)],
+    # the AMX build adds int8 tile products (int8_amx.h) to the same source
+    "int8_mm": [("int8_mm.c", (*AVX2, *AVX512, "avx512_vnni", "amx_tile", "amx_int8")),
+                ("int8_mm.c", (*AVX2, *AVX512, "avx512_vnni")), ("int8_mm.c", AVX2)],
     # the small ops: one source each, for AVX-512 (with FMA on 8 lanes, bf16_simd.h's f32x8) or AVX2
     "layer_ops": [("layer_ops.c", (*AVX2, *AVX512)), ("layer_ops.c", AVX2)],
     "paged_decode": [("paged_decode.c", (*AVX2, *AVX512)), ("paged_decode.c", AVX2)],

@@ -194,14 +194,38 @@ static inline __attribute__((always_inline)) void rows_times_blocks(const uint8_
     }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && VNNI
+#include "int8_amx.h"
+#define HAVE_AMX8 1
+#else
+#define HAVE_AMX8 0
+#define amx8_state 0
+static void amx8_mm(const uint8_t *w, Rows a, const void *scales, int scales_bf16, const void *bias, void *y,
+                    int io_bf16, int64_t M, int64_t N, int64_t K, int nthreads) {
+    (void)w, (void)a, (void)scales, (void)scales_bf16, (void)bias, (void)y, (void)io_bf16, (void)M, (void)N, (void)K;
+    (void)nthreads;
+}
+int int8_mm_amx(int enable) { /* built without AMX: never on */
+    (void)enable;
+    return 0;
+}
+#endif
+
 int int8_mm(const uint8_t *w, const void *scales, int scales_bf16, const void *x, void *y, const void *bias,
             int io_bf16, int64_t M, int64_t N, int64_t K, int nthreads) {
-    Rows a = {malloc(M * K), malloc(M * sizeof(float)), malloc(M * sizeof(int32_t))};
+    const int amx = HAVE_AMX8 && amx8_state > 0 && K % 64 == 0;
+    const int64_t rows = amx ? (M + 31) / 32 * 32 : M; /* the AMX tiles read rows in groups of 32 */
+    Rows a = {malloc(rows * K), malloc(M * sizeof(float)), malloc(M * sizeof(int32_t))};
     const int ok = a.q && a.d && a.qsum;
     const int64_t blocks = (N + 15) / 16;
     int64_t group = GROUP_BYTES / (16 * K) / NT * NT;
     group = group < NT ? NT : group;
-    if (ok) {
+    if (ok && amx) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t m = 0; m < M; m++) quantize_row(x, io_bf16, K, a, m);
+        memset(a.q + M * K, 0, (rows - M) * K);
+        amx8_mm(w, a, scales, scales_bf16, bias, y, io_bf16, M, N, K, nthreads);
+    } else if (ok) {
 #pragma omp parallel num_threads(nthreads)
         {
 #pragma omp for schedule(static)

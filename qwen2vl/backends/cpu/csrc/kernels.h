@@ -44,6 +44,9 @@ int int8g_gemm(const uint8_t *w, const void *scales_zeros, int scales_bf16, cons
  * output independent of the rows beside it. x, y, bias bf16 or fp32 (io_bf16). 0, or -1 when out of memory. */
 int int8_mm(const uint8_t *w, const void *scales, int scales_bf16, const void *x, void *y, const void *bias,
             int io_bf16, int64_t M, int64_t N, int64_t K, int nthreads);
+/* Its AMX tiles (the amx variant only; 0 elsewhere): 1 asks Linux for the tile state and switches them on, 0
+ * off, -1 asks. 1 when on. The same bits as the VNNI tile. */
+int int8_mm_amx(int enable);
 
 /* layer_ops.c: a decoder layer's small ops on bf16 rows. */
 void rms_norm(const bf16 *x, const bf16 *res, bf16 *sum_out, const bf16 *w, bf16 *out, int64_t N, int64_t D,
