@@ -160,9 +160,9 @@ def test_the_amx_variant_builds_and_with_its_tiles_off_is_the_avx512_kernel():
     lib = amx_build()
     if lib is None:
         pytest.skip("no AVX-512 BF16 here, or a compiler without AMX")
-    # the process's own bf16_gemm may be this very library, its tiles on where the CPU has them
+    # off until switched on, unless this process loaded this very library before (its tiles on where
+    # the CPU has them: natively, or in an earlier test at the amx tier): switched off for the check
     was_on = lib.bf16_gemm_amx(-1)
-    assert not was_on or gemm.bf16_library().amx  # off until switched on
     lib.bf16_gemm_amx(0)
     try:
         g = torch.Generator().manual_seed(0)
@@ -274,3 +274,19 @@ def test_amx_tiles_are_checked_and_on_unless_switched_off(monkeypatch):
     monkeypatch.setattr(gemm, "amx_check", lambda lib: False)
     lib = Lib()
     assert gemm.bf16_library().amx is False
+
+
+def test_info_says_whether_the_amx_tiles_are_on(monkeypatch):
+    """`qwen2vl info --system`'s kernel lines: an AMX build says whether its tiles passed their check."""
+    from qwen2vl.backends import system
+    from qwen2vl.backends.cpu import gemm, int8_mm
+
+    class Lib:
+        def __init__(self, features, amx):
+            self.variant, self.amx = ("bf16_gemm.c", features), amx
+
+    for amx, said in ((True, "; AMX tiles on"), (False, "; AMX tiles off (QWEN2VL_AMX=0")):
+        monkeypatch.setattr(gemm, "bf16_library", lambda amx=amx: Lib(native.VARIANTS["bf16_gemm"][0][1], amx))
+        assert system._amx_tiles("bf16_gemm").startswith(said)
+    monkeypatch.setattr(int8_mm, "library", lambda: Lib(native.VARIANTS["int8_mm"][1][1], False))
+    assert system._amx_tiles("int8_mm") == "" and system._amx_tiles("layer_ops") == ""

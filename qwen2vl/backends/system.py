@@ -64,13 +64,26 @@ def kernel_lines() -> list[str]:
             lines.append(f"  {name:<13} off: {chosen[0]} did not build or load (see the log)")
         else:
             source, features = lib.variant
-            lines.append(f"  {name:<13} on: {source} for {'+'.join(features) or 'any tier'}")
+            lines.append(f"  {name:<13} on: {source} for {'+'.join(features) or 'any tier'}{_amx_tiles(name)}")
     return lines
+
+
+def _amx_tiles(name: str) -> str:
+    """Whether a library's AMX tiles are on (their check runs at its first use), for the AMX builds."""
+    from qwen2vl.backends.cpu import gemm, int8_mm
+
+    lib = {"bf16_gemm": gemm.bf16_library, "int8_mm": int8_mm.library}.get(name, lambda: None)()
+    if lib is None or not any(f.startswith("amx") for f in lib.variant[1]):
+        return ""
+    if lib.amx:
+        return "; AMX tiles on"
+    return f"; AMX tiles off ({gemm.AMX_ENV}=0, or Linux refused them or their check failed: see the log)"
 
 
 def report(probe: bool = True) -> str:
     here = isa.current()
     cap = f", capped by {isa.ENV}={here.cap}" if here.cap else ""
+    int8_tile = "AMX" if here.has("amx_int8") else "VNNI" if here.has("avx512_vnni") else "AVX2"
     lines = [
         f"cpu         {cpu_model()} ({os.cpu_count()} logical CPUs; torch uses {torch.get_num_threads()} threads)",
         f"tier        {here.tier} (the CPU's: {here.detected_tier}{cap})",
@@ -82,8 +95,7 @@ def report(probe: bool = True) -> str:
                           "bf16 weights and KV cache, matmuls in float32 (this CPU has no bf16 matmul: "
                           "torch would emulate it)"),
         "matmul int8 " + (f"available: LLM(matmul='int8') / --matmul int8 run the vision tower and prefill in "
-                          f"int8 (int8_mm, {'VNNI' if here.has('avx512_vnni') else 'AVX2'}; weights per channel, "
-                          "activations per token); off by default"
+                          f"int8 (int8_mm, {int8_tile}; weights per channel, activations per token); off by default"
                           if here.matmul_dtype(torch.bfloat16, "int8") == torch.int8 else
                           "unavailable (needs AVX2): matmul='int8' keeps the dtype's policy"),
         "C kernels",

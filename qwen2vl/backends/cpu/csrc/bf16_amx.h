@@ -16,38 +16,14 @@
  */
 #ifndef QWEN2VL_BF16_AMX_H
 #define QWEN2VL_BF16_AMX_H
-#include <immintrin.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define AMX_ROWS 32 /* x rows per pass: two A tiles */
-#define AMX_CHUNK (1 << 20) /* bytes of weights a thread keeps in L2 while every row group passes over them */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} TileConfig;
 
 static int amx_state = 0; /* 0: not asked yet (off), 1: on, -1: switched off or refused */
 
 int bf16_gemm_amx(int enable) {
     if (enable == 0) amx_state = -1;
-    if (enable == 1) amx_state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+    if (enable == 1) amx_state = amx_request() ? 1 : -1;
     return amx_state > 0;
-}
-
-/* tiles 0-3: C (fp32, 16 x 16), 4-5: A (two row groups), 6-7: B (two weight blocks); all 16 x 64 B */
-static void amx_configure(void) {
-    TileConfig cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    _tile_loadconfig(&cfg);
 }
 
 /* C tile t (16 x 16 fp32) + bias -> y rows m0.. (those < M) of block n0, rounded once to bf16 */
@@ -61,18 +37,11 @@ static void amx_configure(void) {
     } while (0)
 
 /* y [M, N] = x [M, K] @ w.T + bias with K % 32 == 0. Returns -1 when out of memory (nothing written).
- *
- * Order: a thread takes a chunk of weight-block pairs (~AMX_CHUNK bytes, at least 4 chunks a thread
- * so the threads end together), and every row group of x passes over that chunk while it sits in L2.
- * Row groups outermost re-read all the weights from memory once per 32 rows: on a 2-core Xeon that
- * ran the 2B's prefill shapes at ~1,300-1,500 GFLOP/s against ~1,700-2,100 this way (bench: docs). */
+ * A thread's chunks of weight-block pairs, every row group over each (amx_tiles.h). */
 static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint16_t *bias, int64_t M,
                     int64_t N, int64_t K, int nthreads) {
     const int64_t blocks = (N + 15) / 16, groups = (M + AMX_ROWS - 1) / AMX_ROWS, pairs = (blocks + 1) / 2;
-    int64_t per = AMX_CHUNK / (2 * 16 * 2 * K), fair = (pairs + 4 * nthreads - 1) / (4 * nthreads);
-    if (per > fair) per = fair;
-    if (per < 1) per = 1;
-    const int64_t chunks = (pairs + per - 1) / per;
+    const int64_t per = amx_pairs_per_chunk(2 * 16 * 2 * K, pairs, nthreads), chunks = (pairs + per - 1) / per;
     uint16_t *tail = NULL; /* the last rows, zero-padded to AMX_ROWS */
     if (M % AMX_ROWS) {
         if (!(tail = calloc((size_t)AMX_ROWS * K, sizeof *tail))) return -1;

@@ -229,6 +229,7 @@ static void tiled(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint1
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "amx_tiles.h"
 #include "bf16_amx.h"
 #define HAVE_AMX 1
 #else

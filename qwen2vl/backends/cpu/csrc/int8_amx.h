@@ -9,37 +9,17 @@
  * are the A tiles as they stand (16 rows of 64 bytes, stride K), padded with zero rows to 32. The
  * int32 sums are exact, like VNNI's, and the formula after them (store_tile) is the same code, so
  * the output is the VNNI tile's bit for bit (tests/test_int8_mm.py where the CPU has AMX).
- * Order as bf16_amx.h: a thread takes chunks of ~AMX8_CHUNK bytes of codes, every row group of
- * 32 passes over a chunk while it sits in L2. Off until the Python side switches it on
+ * Order as bf16_amx.h's (amx_tiles.h). Off until the Python side switches it on
  * (int8_mm.library: unless QWEN2VL_AMX=0, and only if a checked product is VNNI's).
  */
 #ifndef QWEN2VL_INT8_AMX_H
 #define QWEN2VL_INT8_AMX_H
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define AMX8_ROWS 32
-#define AMX8_CHUNK (1 << 20)
-
 static int amx8_state = 0; /* 0: not asked (off), 1: on, -1: switched off or refused */
 
 int int8_mm_amx(int enable) {
     if (enable == 0) amx8_state = -1;
-    if (enable == 1) amx8_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0
-                                      ? 1 : -1;
+    if (enable == 1) amx8_state = amx_request() ? 1 : -1;
     return amx8_state > 0;
-}
-
-static void amx8_configure(void) {
-    struct {
-        uint8_t palette, start_row, reserved[14];
-        uint16_t colsb[16];
-        uint8_t rows[16];
-    } cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    _tile_loadconfig(&cfg);
 }
 
 /* C tile t (16 x 16 int32) to y rows row0.. (those < M) of block b through store_tile */
@@ -54,18 +34,15 @@ static void amx8_configure(void) {
 /* a.q holds ceil(M / 32) * 32 rows (the last zero past M). K % 64 == 0. */
 static void amx8_mm(const uint8_t *w, Rows a, const void *scales, int scales_bf16, const void *bias, void *y,
                     int io_bf16, int64_t M, int64_t N, int64_t K, int nthreads) {
-    const int64_t blocks = (N + 15) / 16, groups = (M + AMX8_ROWS - 1) / AMX8_ROWS, pairs = (blocks + 1) / 2;
-    int64_t per = AMX8_CHUNK / (2 * 16 * K), fair = (pairs + 4 * nthreads - 1) / (4 * nthreads);
-    if (per > fair) per = fair;
-    if (per < 1) per = 1;
-    const int64_t chunks = (pairs + per - 1) / per;
+    const int64_t blocks = (N + 15) / 16, groups = (M + AMX_ROWS - 1) / AMX_ROWS, pairs = (blocks + 1) / 2;
+    const int64_t per = amx_pairs_per_chunk(2 * 16 * K, pairs, nthreads), chunks = (pairs + per - 1) / per;
 #pragma omp parallel num_threads(nthreads)
     {
         __m512i c[16];
-        amx8_configure();
+        amx_configure();
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < chunks * groups; task++) {
-          const int64_t chunk = task / groups, m0 = (task % groups) * AMX8_ROWS;
+          const int64_t chunk = task / groups, m0 = (task % groups) * AMX_ROWS;
           for (int64_t pair = chunk * per; pair < pairs && pair < (chunk + 1) * per; pair++) {
             const int64_t b0 = pair * 2;
             const int two = b0 + 1 < blocks;

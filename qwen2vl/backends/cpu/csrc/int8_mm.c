@@ -195,6 +195,7 @@ static inline __attribute__((always_inline)) void rows_times_blocks(const uint8_
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && VNNI
+#include "amx_tiles.h"
 #include "int8_amx.h"
 #define HAVE_AMX8 1
 #else
