@@ -17,6 +17,14 @@
  * asks (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA). */
 static int amx_request(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
 
+/* A kernel's exported switch over its `state` (0: not asked yet, off; 1: on; -1: switched off or
+ * refused): `enable` 1 asks Linux and switches on, 0 switches off, -1 only asks. 1 when on. */
+static int amx_switch(int *state, int enable) {
+    if (enable == 0) *state = -1;
+    if (enable == 1) *state = amx_request() ? 1 : -1;
+    return *state > 0;
+}
+
 /* tiles 0-3: C (16 x 16 sums), 4-5: A (two groups of 16 rows), 6-7: B (two blocks of 16 outputs);
  * all 16 rows of 64 bytes. The configuration is per thread. */
 static void amx_configure(void) {

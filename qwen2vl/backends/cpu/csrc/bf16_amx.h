@@ -8,8 +8,7 @@
  * 64-byte stride. x [M, K] row-major is the A tile as it stands (16 rows of 32 bf16, stride 2K).
  *
  * Each output accumulates its k pairs in order inside the tile unit. Rows past M are read from a
- * zero-padded copy of the last rows, so no tile reads past x. Linux hands out the 8 KB of tile
- * state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM). The tiles are off until the
+ * zero-padded copy of the last rows, so no tile reads past x. The tiles are off until the
  * Python side switches them on (gemm.bf16_library: at first use, unless QWEN2VL_AMX=0, and only if a
  * checked product passes); when Linux refuses, when switched off, or when the tail buffer can't be
  * allocated, the AVX-512 tiles run. Measured on a 2-vCPU Xeon (docs/performance.md, AMX tier).
@@ -20,11 +19,7 @@
 
 static int amx_state = 0; /* 0: not asked yet (off), 1: on, -1: switched off or refused */
 
-int bf16_gemm_amx(int enable) {
-    if (enable == 0) amx_state = -1;
-    if (enable == 1) amx_state = amx_request() ? 1 : -1;
-    return amx_state > 0;
-}
+int bf16_gemm_amx(int enable) { return amx_switch(&amx_state, enable); }
 
 /* C tile t (16 x 16 fp32) + bias -> y rows m0.. (those < M) of block n0, rounded once to bf16 */
 #define AMX_STORE(t, row0, n0)                                                                     \

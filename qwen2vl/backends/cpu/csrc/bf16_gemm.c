@@ -40,11 +40,6 @@
  * 48 GB/s in layer order at 8 rows, 63 GB/s with all: 1.3x the step at 8-16 rows, 1.06x at 283). */
 #define PF_STREAM 8192
 #define PF_TILE 4096
-/* The prefetch locality of weights a pass reads once (0: prefetchnta), set by native.py per CPU vendor
- * (isa.Isa.stream_locality): an Intel Xeon streamed at 10 of its 25 GB/s with prefetchnta. */
-#ifndef STREAM_LOCALITY
-#define STREAM_LOCALITY 0
-#endif
 
 static inline __m512bh bcast_pair(const uint16_t *p) { /* x[k], x[k+1] to every 32-bit lane */
     int32_t v;

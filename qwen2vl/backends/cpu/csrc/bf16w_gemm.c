@@ -38,11 +38,6 @@
 
 #define GROUP_BYTES (192 << 10) /* weights a group of blocks keeps in L2 for the register tile */
 #define PF_STREAM 8192
-/* The prefetch locality of weights a pass reads once (0: prefetchnta), set by native.py per CPU vendor
- * (isa.Isa.stream_locality): an Intel Xeon streamed at 10 of its 25 GB/s with prefetchnta. */
-#ifndef STREAM_LOCALITY
-#define STREAM_LOCALITY 0
-#endif
 #define PF_TILE 4096
 
 #ifdef __AVX512F__

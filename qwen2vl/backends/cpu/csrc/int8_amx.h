@@ -16,11 +16,7 @@
 #define QWEN2VL_INT8_AMX_H
 static int amx8_state = 0; /* 0: not asked (off), 1: on, -1: switched off or refused */
 
-int int8_mm_amx(int enable) {
-    if (enable == 0) amx8_state = -1;
-    if (enable == 1) amx8_state = amx_request() ? 1 : -1;
-    return amx8_state > 0;
-}
+int int8_mm_amx(int enable) { return amx_switch(&amx8_state, enable); }
 
 /* C tile t (16 x 16 int32) to y rows row0.. (those < M) of block b through store_tile */
 #define AMX8_STORE(t, row0, b)                                                                           \

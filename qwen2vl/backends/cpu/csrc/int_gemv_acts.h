@@ -34,11 +34,6 @@ static inline int chunk_rows(int64_t M, int64_t m0) { return M - m0 < MR ? (int)
  * shapes: int4 4-row calls of 1536x8960 288 -> 218 us, one-row calls 5-10% faster, 283-row
  * prefill within 3%. (gcc 12 dropped _mm_prefetch called from this helper: check objdump.) */
 #define PREFETCH 8192
-/* The prefetch locality of weights a pass reads once (0: prefetchnta), set by native.py per CPU vendor
- * (isa.Isa.stream_locality): an Intel Xeon streamed at 10 of its 25 GB/s with prefetchnta. */
-#ifndef STREAM_LOCALITY
-#define STREAM_LOCALITY 0
-#endif
 static inline void prefetch(const void *p, int once) {
     if (once)
         __builtin_prefetch(p, 0, STREAM_LOCALITY); /* prefetchnta where 0 */

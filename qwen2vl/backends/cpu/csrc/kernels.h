@@ -12,6 +12,13 @@
 
 typedef uint16_t bf16;
 
+/* The prefetch locality (gcc's 0-3) of weights a kernel pass reads once: native.py sets it per CPU
+ * vendor (isa.Isa.stream_locality; 0, prefetchnta, where unset): an Intel Xeon streamed at 10 of its
+ * 25 GB/s with prefetchnta. */
+#ifndef STREAM_LOCALITY
+#define STREAM_LOCALITY 0
+#endif
+
 /* pack.c: w [n, words] 32-bit words -> [ceil(n/16), words, 16], rows past n zero (the kernels' layout). */
 void pack_rows16(const uint32_t *w, uint32_t *out, int64_t n, int64_t words, int nthreads);
 /* pack.c: w [n, k] bf16 or fp32 quantized per row (symmetric int8, as backends/quant.py's Int8Linear)
