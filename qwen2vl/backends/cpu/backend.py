@@ -62,10 +62,13 @@ class CpuBackend(TorchBackend):
         if heavy == torch.int8 and int8_mm.library() is None:
             log.warning("matmul='int8': the int8_mm kernel did not load here; matmuls stay in %s", compute)
             heavy = compute
-        # SDPA's fused kernel for prefill attention: with the int8 knob in effect (its kernel loaded), which trades
-        # bits for TTFT, and with AMX, where it attends in bf16 on the tiles (3.4-4.2x the math path's speed a layer
-        # of the 2B's 283-token prefill on a 2-vCPU Xeon, benchmarks/attention_cpu.py)
-        self.fused_prefill = heavy == torch.int8 or (heavy == torch.bfloat16 and self.isa.has("amx_bf16"))
+        # with AMX, SDPA's fused kernel attends in bf16 on the tiles: the vision tower's blocks faster than plain
+        # matmuls (attention.py), prefill 3.4-4.2x the math path's speed a layer of the 2B's 283-token prefill on a
+        # 2-vCPU Xeon (benchmarks/attention_cpu.py)
+        sdpa_on_tiles = compute == torch.bfloat16 and self.isa.has("amx_bf16")
+        # SDPA's fused kernel for prefill attention: there, and with the int8 knob in effect (its kernel
+        # loaded), which trades bits for TTFT
+        self.fused_prefill = heavy == torch.int8 or sdpa_on_tiles
         if heavy == torch.int8:
             # decode rows (SMALL_ROWS or fewer a call) keep the linear they had: FastLinear, an Int8Linear
             fast = None if dtype == torch.float32 else (
@@ -94,9 +97,7 @@ class CpuBackend(TorchBackend):
             model.model.ops = TextKernels(layer_ops, layer_ops.supports)
             self.fused_decode = True
         if tower is not None and vision_ops.library() is not None:  # bf16, or float32 where it computes in that
-            # with AMX, SDPA's flash kernel attends in bf16 on the tiles: faster than plain matmuls (attention.py)
-            sdpa = compute == torch.bfloat16 and self.isa.has("amx_bf16")
-            tower.ops = VisionKernels(vision_ops, vision_ops.supports, matmul_min=0 if sdpa else None)
+            tower.ops = VisionKernels(vision_ops, vision_ops.supports, matmul_min=0 if sdpa_on_tiles else None)
 
     def attention(self, q, k, v, k_cache, v_cache, batch):
         if self.fused_decode and batch.is_decode and q.dtype == torch.bfloat16:
