@@ -10,14 +10,17 @@
   and the int8 kernels at the same shapes: int_gemv (what an int8 model's prefill runs: activations
   per block of 32) and int8_mm (activations per row, the matmul="int8" policy); where bf16_gemm is
   built, its AVX-512 BF16 tiles, its AMX tiles where the CPU has them, and torch's bf16 matmul;
-  int8_mm's AMX tiles where they are on.
+  int8_mm's AMX tiles where they are on;
+- codes: a quantized model's prefill calls (int8, int8 g128, int4 g32 / g128 weights, bf16 x) at the
+  decoder's gate and down shapes and several row counts: int_gemv's tile against the AMX bf16 tiles on the
+  codes widened to bf16 (bf16_gemm_codes), which take such calls from gemm.AMX_CODES_ROWS rows; GFLOP/s.
 Methods run interleaved, round by round; rounds during which other processes used the CPU are
 reported apart (this VM is shared). Kernels are called through ctypes on preallocated outputs,
 as the decode step calls them from C.
 
 Run as an AVX2 CPU (Zen 3-like): every library below the process capped, torch's too:
     QWEN2VL_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
-        python -m benchmarks.cpu_gemm_tier [--rows 1] [--rounds 9] [--part decode,prefill]
+        python -m benchmarks.cpu_gemm_tier [--rows 1] [--rounds 9] [--part decode,prefill,codes]
 """
 
 from __future__ import annotations
@@ -198,6 +201,57 @@ def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> No
         mmlib.int8_mm_amx(1 if mmlib.amx else 0)
 
 
+CODES = [("decoder gate", I, D), ("decoder down", D, I)]  # name, out, in
+CODE_ROWS = (8, 16, 24, 32, 64, 283)
+
+
+def codes_call(method: str, out: int, inp: int, rows: int, amx: bool):
+    """A no-argument call of `method`'s quantized linear on `rows` bf16 rows: int_gemv's kernel, or the
+    AMX bf16 tiles on its codes (bf16_gemm_codes)."""
+    lin = nn.Linear(inp, out, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(rows, inp).to(torch.bfloat16)
+    y = torch.empty(rows, out, dtype=torch.bfloat16)
+    nt, ilib, blib = torch.get_num_threads(), gemm.int_library(), gemm.bf16_library()
+    if method == "int8":
+        q = Int8Linear.from_linear(lin, blocked=True)
+        w, s, kind, group, fn = q.weight, q.scales, gemm.INT8, gemm.QK, ilib.int8_gemm
+    elif method == "int8 g128":
+        g = torch.Generator().manual_seed(out)
+        c = torch.randint(0, 256, (out, inp), dtype=torch.uint8, generator=g)
+        sz = torch.rand(out, inp // 128, generator=g) * 1e-3
+        q = Int8GroupLinear.from_codes(c, sz, sz, None, 128)
+        w, s, kind, group, fn = q.weight, q.scales_zeros, gemm.INT8G, 128, ilib.int8g_gemm
+    else:
+        group = int(method.split("g")[-1])
+        q = Int4Linear.from_linear(lin, group, blocked=True)
+        w, s, kind, fn = q.packed, q.scales_zeros, gemm.INT4, ilib.int4_gemm
+    sbf = s.dtype == torch.bfloat16
+    if amx:
+        return lambda: blib.bf16_gemm_codes(kind, w.data_ptr(), s.data_ptr(), sbf, x.data_ptr(), y.data_ptr(), None,
+                                            rows, out, inp, group, nt)
+    extra = () if kind == gemm.INT8 else (group,)
+    return lambda: fn(w.data_ptr(), s.data_ptr(), sbf, x.data_ptr(), y.data_ptr(), None, 1, rows, out, inp, *extra, nt)
+
+
+def codes(n_rounds: int) -> None:
+    print(f"\n## a quantized model's prefill calls (bf16 x): GFLOP/s; AMX from {gemm.AMX_CODES_ROWS} rows by default\n")
+    if gemm.amx_codes_library() is None or gemm.int_library() is None:
+        print("no AMX tiles here (or no int_gemv): nothing to compare")
+        return
+    print("| shape | rows | weights | int_gemv | AMX tiles on the codes | AMX / int_gemv |")
+    print("|---|---|---|---|---|---|")
+    for name, out, inp in CODES:
+        for rows in CODE_ROWS:
+            for method in ("int8", "int8 g128", "int4 g32", "int4 g128"):
+                calls = {amx: [codes_call(method, out, inp, rows, amx)] for amx in (False, True)}
+                for fns in calls.values():
+                    if fns[0]() != 0:
+                        raise SystemExit(f"{method}: the kernel failed")
+                res = {amx: medians(r, 2 * rows * out * inp / 1e9)[0] for amx, r in rounds(calls, n_rounds).items()}
+                ratio = float(res[True]) / float(res[False]) if "-" not in res.values() else float("nan")
+                print(f"| {name} {out}x{inp} | {rows} | {method} | {res[False]} | {res[True]} | {ratio:.2f} |")
+
+
 def amx_granted(lib) -> bool:
     """Whether `lib` is bf16_gemm's AMX variant and Linux grants the tile state (left as it was)."""
     if "amx_bf16" not in lib.variant[1]:
@@ -233,6 +287,8 @@ def main() -> None:
                 decode(int(rows), args.rounds, args.min_bytes)
         if "prefill" in args.part:
             prefill(args.rounds)
+        if "codes" in args.part:
+            codes(args.rounds)
     print(f"\nread probe after: {memory_gbs(3)[1]:.1f} GB/s")
 
 

@@ -7,6 +7,7 @@ ONEDNN_MAX_CPU_ISA=AVX2` makes it an AVX2 machine for us, torch and oneDNN alike
   (bfloat16 where the CPU has bf16 matmuls, else float32);
 - TTFT: a fresh 448x448 image + question (283 prompt tokens), ours against transformers in that dtype;
   where the CPU has AMX tiles, also with bf16_gemm's tiles switched the other way ($QWEN2VL_AMX), run by run;
+- TTFT of the int8 and int4 models too (where the AMX tiles take their prefill, also on int_gemv, run by run);
 - decode: tokens/s of one stream per mode (bf16, int8, int4), each against the memory-read bound
   (bytes a step reads / the read probe taken around the run); with `--llama DIR` (benchmarks/llama_cpp.sh
   builds it) llama.cpp's llama-bench on DIR's model-{bf16,q8_0,q4_0}.gguf in the same run.
@@ -152,17 +153,28 @@ def main() -> None:
             ref["TTFT s"].append(model.single(next(seeds), 2)[0])
         del model
         gc.collect()
+    codes = gemm.amx_codes_library() is not None  # the quantized models' prefill rows on the AMX tiles
     for mode in args.modes:
         if mode not in rates:
             llm = load_ours(folder, QUANT[mode])[0]
             engine_single(llm, next(seeds), 2)
+            key, off = f"TTFT s, {mode}", f"TTFT s, {mode}, int_gemv prefill"
+            ours[key], ref[key] = [], ref["TTFT s"]
+            if codes:
+                ours[off], ref[off] = [], ref["TTFT s"]
+            for _ in range(args.reps):
+                ours[key].append(engine_single(llm, next(seeds), 2)[0])
+                if codes:  # the same model with its prefill on int_gemv, as before the tiles took it
+                    rows, gemm.AMX_CODES_ROWS = gemm.AMX_CODES_ROWS, 1 << 30
+                    ours[off].append(engine_single(llm, next(seeds), 2)[0])
+                    gemm.AMX_CODES_ROWS = rows
             rates[mode] = decode_rate(llm, seeds, args.tokens, args.reps)
             del llm
             gc.collect()
 
-    print(f"{'':24}{'ours':>8}{'':28}{'transformers ' + str(ref_dtype).split('.')[1]:>24}")
+    print(f"{'':34}{'ours':>8}{'':28}{'transformers ' + str(ref_dtype).split('.')[1]:>24}")
     for key in ours:
-        line = f"{key:24}{median(ours[key])}"
+        line = f"{key:34}{median(ours[key])}"
         if key == flipped:
             line += f"   over TTFT s: {statistics.median(ours[key]) / statistics.median(ours['TTFT s']):.2f}"
         if ref.get(key):

@@ -91,24 +91,38 @@ def supports(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and int_library() is not None
 
 
+INT8, INT4, INT8G = 1, 2, 4  # int_gemv's weight kinds (kernels.h's enum)
+# From this many rows a bf16 call of a quantized model runs on the AMX bf16 tiles (bf16_gemm_codes: the codes
+# widened to bf16 a chunk at a time) where they are on, else int_gemv. Measured on a 2-vCPU Xeon
+# (python -m benchmarks.cpu_gemm_tier --part codes): see docs/performance.md, AMX tier.
+AMX_CODES_ROWS = 32
+
+
 def int8_gemm(x, weight, scales, bias, out_features: int) -> torch.Tensor:
     """x [M, K] times pack_int8 weights with per-row `scales` [N padded], plus bias: [M, out_features]."""
-    return _call(int_library().int8_gemm, x, weight, scales, bias, out_features)
+    return _call(INT8, x, weight, scales, bias, out_features, QK)
 
 
 def int4_gemm(x, packed, scales_zeros, bias, out_features: int, group_size: int) -> torch.Tensor:
     """x [M, K] times pack_int4 weights with pack_groups scales and zeros, plus bias: [M, out_features]."""
-    return _call(int_library().int4_gemm, x, packed, scales_zeros, bias, out_features, group_size)
+    return _call(INT4, x, packed, scales_zeros, bias, out_features, group_size)
 
 
 def int8g_gemm(x, weight, scales_zeros, bias, out_features: int, group_size: int) -> torch.Tensor:
     """x [M, K] times pack_int8 codes with pack_groups scales and zeros (w = (code - 128) * s + z per
     group), plus bias: [M, out_features]."""
-    return _call(int_library().int8g_gemm, x, weight, scales_zeros, bias, out_features, group_size)
+    return _call(INT8G, x, weight, scales_zeros, bias, out_features, group_size)
+
+
+def amx_codes_library():
+    """The bf16_gemm kernel where its AMX tiles are on (they take a quantized model's bf16 calls of
+    AMX_CODES_ROWS rows or more), else None."""
+    lib = bf16_library()
+    return lib if lib is not None and lib.amx else None
 
 
 @torch.compiler.disable  # a ctypes call: dynamo can't trace it
-def _call(fn, x, weight, scales, bias, n, *extra) -> torch.Tensor:
+def _call(kind, x, weight, scales, bias, n, group) -> torch.Tensor:
     x = x.contiguous()
     m, k = x.shape
     assert k % QK == 0 and weight.is_contiguous() and scales.is_contiguous()
@@ -117,8 +131,15 @@ def _call(fn, x, weight, scales, bias, n, *extra) -> torch.Tensor:
     if m == 0:  # nothing to compute (and malloc(0) may return NULL)
         return y
     bf16 = x.dtype == torch.bfloat16
-    rc = fn(weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, x.data_ptr(), y.data_ptr(),
-            None if bias is None else bias.data_ptr(), bf16, m, n, k, *extra, torch.get_num_threads())
+    args = (weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, x.data_ptr(), y.data_ptr(),
+            None if bias is None else bias.data_ptr())
+    threads = torch.get_num_threads()
+    if bf16 and m >= AMX_CODES_ROWS and (amx := amx_codes_library()) is not None:
+        if amx.bf16_gemm_codes(kind, *args, m, n, k, group, threads) == 0:
+            return y
+    lib = int_library()
+    fn = {INT8: lib.int8_gemm, INT4: lib.int4_gemm, INT8G: lib.int8g_gemm}[kind]
+    rc = fn(*args, bf16, m, n, k, threads) if kind == INT8 else fn(*args, bf16, m, n, k, group, threads)
     if rc != 0:
         raise MemoryError("int_gemv: out of memory for the quantized activations")
     return y

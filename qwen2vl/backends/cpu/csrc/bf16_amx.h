@@ -31,17 +31,46 @@ int bf16_gemm_amx(int enable) { return amx_switch(&amx_state, enable); }
             store16(y + ((row0) + r) * N + (n0), _mm512_add_ps(_mm512_loadu_ps(c + r * 16), b), mask); \
     } while (0)
 
+/* *tail = x's last M % AMX_ROWS rows zero-padded to AMX_ROWS (NULL where M is a multiple), so no tile
+ * reads past x. -1 when out of memory. */
+static int amx_tail(const uint16_t *x, int64_t M, int64_t K, uint16_t **tail) {
+    *tail = NULL;
+    if (M % AMX_ROWS == 0) return 0;
+    if (!(*tail = calloc((size_t)AMX_ROWS * K, sizeof **tail))) return -1;
+    memcpy(*tail, x + (M / AMX_ROWS) * AMX_ROWS * K, (size_t)(M % AMX_ROWS) * K * sizeof **tail);
+    return 0;
+}
+
+/* Rows xa (two A tiles of 16 rows, stride K) times one or two B blocks (w0, and w1 where `two`) into C
+ * tiles 0-3: 0 and 2 rows 0-15 and 16-31 of block w0, 1 and 3 of w1. */
+static inline __attribute__((always_inline)) void amx_pass(const uint16_t *xa, const uint16_t *w0,
+                                                           const uint16_t *w1, int two, int64_t K) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, xa + k, 2 * K);
+        _tile_loadd(5, xa + 16 * K + k, 2 * K);
+        _tile_loadd(6, w0 + k * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (two) {
+            _tile_loadd(7, w1 + k * 16, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+}
+
 /* y [M, N] = x [M, K] @ w.T + bias with K % 32 == 0. Returns -1 when out of memory (nothing written).
  * A thread's chunks of weight-block pairs, every row group over each (amx_tiles.h). */
 static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint16_t *bias, int64_t M,
                     int64_t N, int64_t K, int nthreads) {
     const int64_t blocks = (N + 15) / 16, groups = (M + AMX_ROWS - 1) / AMX_ROWS, pairs = (blocks + 1) / 2;
     const int64_t per = amx_pairs_per_chunk(2 * 16 * 2 * K, pairs, nthreads), chunks = (pairs + per - 1) / per;
-    uint16_t *tail = NULL; /* the last rows, zero-padded to AMX_ROWS */
-    if (M % AMX_ROWS) {
-        if (!(tail = calloc((size_t)AMX_ROWS * K, sizeof *tail))) return -1;
-        memcpy(tail, x + (M / AMX_ROWS) * AMX_ROWS * K, (size_t)(M % AMX_ROWS) * K * sizeof *tail);
-    }
+    uint16_t *tail;
+    if (amx_tail(x, M, K, &tail)) return -1;
 #pragma omp parallel num_threads(nthreads)
     {
         float c[256];
@@ -54,22 +83,7 @@ static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uin
             const uint16_t *xa = (tail && g == groups - 1) ? tail : x + m0 * K;
             const uint16_t *w0 = w + b0 * 16 * K, *w1 = w0 + 16 * K;
             const int two = b0 + 1 < blocks;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t k = 0; k < K; k += 32) {
-                _tile_loadd(4, xa + k, 2 * K);
-                _tile_loadd(5, xa + 16 * K + k, 2 * K);
-                _tile_loadd(6, w0 + k * 16, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(2, 5, 6);
-                if (two) {
-                    _tile_loadd(7, w1 + k * 16, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-            }
+            amx_pass(xa, w0, w1, two, K);
             AMX_STORE(0, m0, b0 * 16);
             AMX_STORE(2, m0 + 16, b0 * 16);
             if (two) {

@@ -226,6 +226,7 @@ static void tiled(const uint16_t *w, const uint16_t *x, uint16_t *y, const uint1
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include "amx_tiles.h"
 #include "bf16_amx.h"
+#include "amx_codes.h"
 #define HAVE_AMX 1
 #else
 #define HAVE_AMX 0
@@ -238,6 +239,12 @@ static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uin
 int bf16_gemm_amx(int enable) { /* built without AMX: never on */
     (void)enable;
     return 0;
+}
+int bf16_gemm_codes(int64_t kind, const uint8_t *w, const void *sz, int sz_bf16, const uint16_t *x, uint16_t *y,
+                    const uint16_t *bias, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads) {
+    (void)kind, (void)w, (void)sz, (void)sz_bf16, (void)x, (void)y, (void)bias, (void)M, (void)N, (void)K;
+    (void)group, (void)nthreads;
+    return -1;
 }
 #endif
 

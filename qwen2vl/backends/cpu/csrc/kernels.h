@@ -31,6 +31,11 @@ void bf16_gemm(const bf16 *w, const bf16 *x, bf16 *y, const bf16 *bias, int64_t 
 /* Its AMX tiles for prefill rows (the amx variant only; 0 elsewhere): 1 asks Linux for the tile state and
  * switches them on, 0 switches them off, -1 asks whether they are on. 1 when on. */
 int bf16_gemm_amx(int enable);
+/* Its AMX tiles on int_gemv's weights (kind INT8, INT4 or INT8G, layouts and scales as int8_gemm / int4_gemm /
+ * int8g_gemm below) for a quantized model's prefill rows, the codes widened to bf16 (amx_codes.h). -1, with
+ * nothing to keep, where the tiles are off (and in every other build) or out of memory. */
+int bf16_gemm_codes(int64_t kind, const uint8_t *w, const void *sz, int sz_bf16, const bf16 *x, bf16 *y,
+                    const bf16 *bias, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads);
 
 /* bf16w_gemm.c: the same with fp32 arithmetic (CPUs without AVX-512 BF16); x and y bf16 or fp32
  * (io_bf16), bias bf16 or NULL. 0, or -1 when out of memory. */
