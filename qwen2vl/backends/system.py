@@ -76,7 +76,7 @@ def _amx_tiles(name: str) -> str:
     if lib is None or not any(f.startswith("amx") for f in lib.variant[1]):
         return ""
     if lib.amx:
-        return "; AMX tiles on"
+        return "; AMX tiles on" + (" (int8 / int4 models' prefill too)" if name == "bf16_gemm" else "")
     return f"; AMX tiles off ({gemm.AMX_ENV}=0, or Linux refused them or their check failed: see the log)"
 
 

@@ -8,8 +8,9 @@ them to fp32 in registers; its activations are bf16 or float32.
 to int8 on the fly, with
 AVX-512 VNNI integer dot products (its header gives the formulas and the weight layouts, which
 `pack_int8` / `pack_int4` below produce); without AVX-512 `int_gemv_avx2.c` does the same with
-AVX2's vpmaddubsw, with the same results bit for bit. native.py builds and loads the variant for
-this CPU's tier.
+AVX2's vpmaddubsw, with the same results bit for bit. Where bf16_gemm's AMX tiles are on, that
+kernel's `bf16_gemm_codes` takes the same codes for bf16 calls of AMX_CODES_ROWS rows and more
+(csrc/amx_codes.h). native.py builds and loads the variant for this CPU's tier.
 
 `int_library()` / `bf16_library()` / `bf16w_library()` are None where a kernel can't be had (no
 compiler, a failed compile, a CPU without the features); native.py logs why, once, and the caller
