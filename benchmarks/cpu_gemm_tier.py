@@ -13,7 +13,7 @@
   int8_mm's AMX tiles where they are on;
 - codes: a quantized model's prefill calls (int8, int8 g128, int4 g32 / g128 weights, bf16 x) at the
   decoder's gate and down shapes and several row counts: int_gemv's tile against the AMX bf16 tiles on the
-  codes widened to bf16 (bf16_gemm_codes), which take such calls from gemm.AMX_CODES_ROWS rows; GFLOP/s.
+  codes widened to bf16 (bf16_gemm_codes), which take such calls from gemm.AMX_CODES_ROWS rows (per kind); GFLOP/s.
 Methods run interleaved, round by round; rounds during which other processes used the CPU are
 reported apart (this VM is shared). Kernels are called through ctypes on preallocated outputs,
 as the decode step calls them from C.
@@ -234,7 +234,8 @@ def codes_call(method: str, out: int, inp: int, rows: int, amx: bool):
 
 
 def codes(n_rounds: int) -> None:
-    print(f"\n## a quantized model's prefill calls (bf16 x): GFLOP/s; AMX from {gemm.AMX_CODES_ROWS} rows by default\n")
+    print("\n## a quantized model's prefill calls (bf16 x): GFLOP/s; AMX by default from "
+          f"{gemm.AMX_CODES_ROWS[gemm.INT8]} rows (int8), {gemm.AMX_CODES_ROWS[gemm.INT4]} (int4, int8 g128)\n")
     if gemm.amx_codes_library() is None or gemm.int_library() is None:
         print("no AMX tiles here (or no int_gemv): nothing to compare")
         return

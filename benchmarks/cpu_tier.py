@@ -165,7 +165,7 @@ def main() -> None:
             for _ in range(args.reps):
                 ours[key].append(engine_single(llm, next(seeds), 2)[0])
                 if codes:  # the same model with its prefill on int_gemv, as before the tiles took it
-                    rows, gemm.AMX_CODES_ROWS = gemm.AMX_CODES_ROWS, 1 << 30
+                    rows, gemm.AMX_CODES_ROWS = gemm.AMX_CODES_ROWS, dict.fromkeys(gemm.AMX_CODES_ROWS, 1 << 30)
                     ours[off].append(engine_single(llm, next(seeds), 2)[0])
                     gemm.AMX_CODES_ROWS = rows
             rates[mode] = decode_rate(llm, seeds, args.tokens, args.reps)

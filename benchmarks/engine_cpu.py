@@ -68,7 +68,9 @@ def engine_batch(llm: LLM, seeds: list[int], tokens: int) -> float:
 
 def engine_decode_rate(llm: LLM, seeds: list[int], steps: int) -> float:
     """Generated tokens/s over `steps` engine steps in which all len(seeds) requests decode."""
-    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    # enough tokens that the first requests, decoding while the last ones prefill (a step's token budget
+    # takes ~7 prompts of 283 tokens), are still running after `steps`; the rest are aborted
+    params = SamplingParams(temperature=0, max_tokens=steps + 4 + len(seeds), ignore_eos=True)
     for s in seeds:
         llm.engine.add_request(f"decode-{s}", llm.prompt(conversation(s)), params)
     while len(llm.engine.step()) < len(seeds):  # vision, prefill and the first token of each
@@ -77,6 +79,8 @@ def engine_decode_rate(llm: LLM, seeds: list[int], steps: int) -> float:
     for _ in range(steps):
         assert len(llm.engine.step()) == len(seeds)
     elapsed = time.perf_counter() - start
+    for s in seeds:
+        llm.engine.abort(f"decode-{s}")
     while llm.engine.has_work():
         llm.engine.step()
     return len(seeds) * steps / elapsed

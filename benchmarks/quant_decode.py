@@ -1,7 +1,8 @@
 """Single-stream decode speed of int8 / int4 weights against bf16, through the engine (2B shapes, CPU).
 
 One process holds the `LLM`s (bf16 FastLinears, `quantization="int8"`, `"int4"`, and on request
-`bf16-onednn`: bf16 FastLinears on oneDNN instead of our bf16 kernel); each
+`bf16-onednn`: bf16 FastLinears on oneDNN instead of our bf16 kernel; `int8-int_gemv`, `int4-int_gemv`: the
+quantized models with the C decode step's batches of 32 rows and more kept off the AMX tiles); each
 repetition runs every one in turn (this VM's memory speed drifts, so ratios come from runs seconds
 apart): one request with its own 448x448 image, prefilled, then `--steps` decode steps timed.
 Printed: tokens/s per run with the read probe around it (the lower of before and after: this VM
@@ -9,7 +10,8 @@ switches between a fast and a slow memory phase), the median, and its ratio to b
 of each repetition's run to bf16's in the same repetition, and their median; with `--min-read`,
 the same over the repetitions run entirely in the phase above that read rate.
 
-    python -m benchmarks.quant_decode [--reps 3] [--steps 32] [--modes bf16 int8 int4 bf16-onednn] [--min-read 70]
+    python -m benchmarks.quant_decode [--reps 3] [--steps 32] [--batch 1] [--min-read 70] \\
+        [--modes bf16 int8 int4 bf16-onednn int8-int_gemv int4-int_gemv]
 """
 
 from __future__ import annotations
@@ -24,12 +26,18 @@ from benchmarks.bandwidth import probe, probed
 from benchmarks.engine_cpu import engine_decode_rate, step_bytes
 from qwen2vl import LLM
 
+KV_GIB = 2.0  # room for 64 requests of a 448x448 image each
+
 
 def load(folder: str, mode: str) -> LLM:
+    if mode.endswith("-int_gemv"):  # int8 / int4 with every decode batch on int_gemv, as before the AMX tiles took
+        with unittest.mock.patch("qwen2vl.backends.cpu.gemm.amx_codes_library", return_value=None):  # 32+ rows
+            return LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=KV_GIB, quantization=mode.split("-")[0])
     if mode == "bf16-onednn":  # FastLinear's other path, as on a CPU without AVX-512 BF16
         with unittest.mock.patch("qwen2vl.backends.cpu.linear.kernel_takes", return_value=False):
-            return LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=0.5)
-    return LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=0.5, quantization=None if mode == "bf16" else mode)
+            return LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=KV_GIB)
+    quantization = None if mode == "bf16" else mode
+    return LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=KV_GIB, quantization=quantization)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ def bf16_weights(q) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("kind,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 256), ("int8g", 32),
                                              ("int8g", 128)])
-@pytest.mark.parametrize("rows", [32, 33, 70])  # 33, 70: the last group of 32 rows padded
+@pytest.mark.parametrize("rows", [64, 65, 100])  # 65, 100: the last group of 32 rows padded
 @pytest.mark.parametrize("n", [96, 97, 200])  # 97: the last block padded; 200: an odd number of blocks (13)
 def test_amx_codes_equal_bf16_product_of_the_module_weights(kind, group_size, rows, n, amx):
     q = quantize(kind, make_linear(torch.bfloat16, n, bias=rows % 2 == 1), group_size)
@@ -55,10 +55,11 @@ def test_amx_codes_equal_bf16_product_of_the_module_weights(kind, group_size, ro
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "int8g"])
 def test_amx_codes_from_their_row_count_only_bf16(kind, amx):
-    """Below AMX_CODES_ROWS rows, and for float32 x, int_gemv runs (its activation blocks differ in the
-    last bits from the tiles' bf16 x): a row's output among 31 rows differs from it among 32."""
+    """Below AMX_CODES_ROWS[kind] rows, and for float32 x, int_gemv runs (its activation blocks differ in
+    the last bits from the tiles' bf16 x): a row's output among 63 rows differs from it among 64 (int8)."""
     q = quantize(kind, make_linear(torch.bfloat16, 96, bias=True))
-    x = torch.randn(gemm.AMX_CODES_ROWS, K).to(torch.bfloat16)
+    rows = gemm.AMX_CODES_ROWS[{"int8": gemm.INT8, "int4": gemm.INT4, "int8g": gemm.INT8G}[kind]]
+    x = torch.randn(rows, K).to(torch.bfloat16)
     with torch.no_grad():
         full, fewer = q(x), q(x[:-1])
         assert not torch.equal(full[:-1], fewer)
@@ -67,7 +68,7 @@ def test_amx_codes_from_their_row_count_only_bf16(kind, amx):
 
 def test_amx_codes_fall_back_to_int_gemv_when_the_tiles_are_off(amx):
     q = quantize("int4", make_linear(torch.bfloat16, 96))
-    x = torch.randn(40, K).to(torch.bfloat16)
+    x = torch.randn(70, K).to(torch.bfloat16)
     lib = gemm.bf16_library()
     with torch.no_grad():
         on = q(x)

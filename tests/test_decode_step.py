@@ -63,6 +63,31 @@ def assert_c_step_equals_python_path(llm, monkeypatch):
     assert fast == plain
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_decode_step_in_c_takes_a_quantized_batch_to_the_amx_tiles_as_the_python_path(quantization, monkeypatch,
+                                                                                       tier):
+    """gemm.AMX_CODES_ROWS[kind] rows and more decoding together: the C step calls the AMX tiles on the codes where
+    they are on, as the Python linears do, so the two paths still agree bit for bit."""
+    if gemm.amx_codes_library() is None:
+        pytest.skip("the AMX tiles are not on at this tier")
+    llm = LLM(str(tiny_checkpoint()), dtype="bfloat16", device="cpu", kv_cache_gib=0.05, quantization=quantization,
+              enable_prefix_caching=False)
+    skip_without_linear_kernels(llm.model.model)
+    runner = llm.engine.runner
+    kind = gemm.INT8 if quantization == "int8" else gemm.INT4
+    assert runner.decode_step._layers[0].down.amx_rows == gemm.AMX_CODES_ROWS[kind]
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 200, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 30, (gemm.AMX_CODES_ROWS[kind] + 3,), generator=g)]
+    calls = []
+    step = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, x, *a: calls.append(x.shape[0]) or step(self, x, *a))
+    fast = tokens_and_logprobs(llm, prompts, 4)
+    assert max(calls) == len(prompts)
+    runner.decode_step = None
+    assert fast == tokens_and_logprobs(llm, prompts, 4)
+
+
 def test_decode_step_in_c_runs_gptq_int8_groups_as_the_python_path(tmp_path, monkeypatch, tier):
     """A GPTQ checkpoint of 8 bits in groups (Qwen's GPTQ-Int8 layout; groups of 32 here, the tiny model's
     widths being 64 and 96): every decoder linear is an INT8G kernel linear in the C step."""

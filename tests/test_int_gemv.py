@@ -57,7 +57,7 @@ def magnitude(q) -> torch.Tensor:
 def tier(request, monkeypatch):
     # int_gemv itself at every row count: where the AMX tiles are on they take bf16 calls of
     # gemm.AMX_CODES_ROWS rows and more (tests/test_amx_codes.py)
-    monkeypatch.setattr(gemm, "AMX_CODES_ROWS", 1 << 30)
+    monkeypatch.setattr(gemm, "AMX_CODES_ROWS", dict.fromkeys(gemm.AMX_CODES_ROWS, 1 << 30))
     with kernel_at(request.param):
         yield request.param
 

@@ -81,8 +81,8 @@ def test_header_types_match_the_c_prototypes():
     assert h.functions["decode_step_work"] == (i64, [p])
     linear = h.structs["Linear"]
     assert [name for name, _ in linear._fields_] == ["kind", "fn", "w", "scales", "bias", "scales_bf16", "n", "k",
-                                                      "group"]
-    assert ctypes.sizeof(linear) == 9 * 8
+                                                      "group", "amx", "amx_rows"]
+    assert ctypes.sizeof(linear) == 11 * 8
     layer = dict(h.structs["Layer"]._fields_)
     assert layer["qkv"] is linear and layer["norm1"] is p
     assert dict(h.structs["Decoder"]._fields_)["eps"] is f32

@@ -13,7 +13,7 @@ Kernels, one per module, picked when it is built:
   instructions, which keeps decode memory-bound (torch's kernels below convert every weight to
   float and are compute-bound on a few cores: docs/performance.md). The weights are stored only
   in its blocked layout (`blocked` is True). Where the CPU's AMX tiles are on, bf16 calls of
-  gemm.AMX_CODES_ROWS rows and more (prefill) run on them instead, the codes widened to bf16.
+  gemm.AMX_CODES_ROWS rows and more (prefill, large decode batches) run on them instead, the codes widened to bf16.
 - elsewhere torch's CPU weight-only kernels, `aten._weight_int8pack_mm` and
   `aten._weight_int4pack_mm_for_cpu`, on weights in their layouts.
 Dequantize + F.linear is the fallback on other devices (and for fp16 activations); the tests

@@ -46,17 +46,20 @@ def _linear(module, keep: list):
     if isinstance(module, FastLinear) and module.path == "bf16w kernel" and gemm.bf16w_library() is not None:
         return Linear(BF16W, native.address(gemm.bf16w_library().bf16w_gemm), module.packed.data_ptr(), None,
                       bias_ptr, 0, module.out_features, module.in_features, 0)
+    # the int kinds: int_gemv, and from gemm.AMX_CODES_ROWS rows the AMX tiles where they are on (as _call)
+    lib = gemm.amx_codes_library()
+    amx = lambda kind: (None, 0) if lib is None else (native.address(lib.bf16_gemm_codes), gemm.AMX_CODES_ROWS[kind])
     if isinstance(module, (Int8Linear, Int4Linear)) and module.blocked and gemm.int_library() is not None:
         int8 = isinstance(module, Int8Linear)
         w, scales = (module.weight, module.scales) if int8 else (module.packed, module.scales_zeros)
         fn = gemm.int_library().int8_gemm if int8 else gemm.int_library().int4_gemm
         return Linear(INT8 if int8 else INT4, native.address(fn), w.data_ptr(), scales.data_ptr(), bias_ptr,
                       int(scales.dtype == torch.bfloat16), module.out_features, module.in_features,
-                      0 if int8 else module.group_size)
+                      0 if int8 else module.group_size, *amx(INT8 if int8 else INT4))
     if isinstance(module, Int8GroupLinear) and gemm.int_library() is not None:  # a GPTQ-Int8 checkpoint's
         return Linear(INT8G, native.address(gemm.int_library().int8g_gemm), module.weight.data_ptr(),
                       module.scales_zeros.data_ptr(), bias_ptr, int(module.scales_zeros.dtype == torch.bfloat16),
-                      module.out_features, module.in_features, module.group_size)
+                      module.out_features, module.in_features, module.group_size, *amx(INT8G))
     return None
 
 

@@ -9,7 +9,7 @@ to int8 on the fly, with
 AVX-512 VNNI integer dot products (its header gives the formulas and the weight layouts, which
 `pack_int8` / `pack_int4` below produce); without AVX-512 `int_gemv_avx2.c` does the same with
 AVX2's vpmaddubsw, with the same results bit for bit. Where bf16_gemm's AMX tiles are on, that
-kernel's `bf16_gemm_codes` takes the same codes for bf16 calls of AMX_CODES_ROWS rows and more
+kernel's `bf16_gemm_codes` takes the same codes for bf16 calls of AMX_CODES_ROWS[kind] rows and more
 (csrc/amx_codes.h). native.py builds and loads the variant for this CPU's tier.
 
 `int_library()` / `bf16_library()` / `bf16w_library()` are None where a kernel can't be had (no
@@ -93,10 +93,12 @@ def supports(x: torch.Tensor) -> bool:
 
 
 INT8, INT4, INT8G = 1, 2, 4  # int_gemv's weight kinds (kernels.h's enum)
-# From this many rows a bf16 call of a quantized model runs on the AMX bf16 tiles (bf16_gemm_codes: the codes
-# widened to bf16 a chunk at a time) where they are on, else int_gemv. Measured on a 2-vCPU Xeon
-# (python -m benchmarks.cpu_gemm_tier --part codes): see docs/performance.md, AMX tier.
-AMX_CODES_ROWS = 32
+# From this many rows (per weight kind) a bf16 call of a quantized model runs on the AMX bf16 tiles
+# (bf16_gemm_codes: the codes widened to bf16 a chunk at a time) where they are on, else int_gemv. Measured
+# on a 2-vCPU Xeon (docs/performance.md, AMX tier): the calls alone (python -m benchmarks.cpu_gemm_tier --part
+# codes) are ahead from 32 rows for every kind; whole decode steps of 32 requests (python -m
+# benchmarks.quant_decode --batch 32) were for int4 (1.20x) and not for int8 (0.95x), 64 for both (1.13x, 1.39x).
+AMX_CODES_ROWS = {INT8: 64, INT4: 32, INT8G: 32}
 
 
 def int8_gemm(x, weight, scales, bias, out_features: int) -> torch.Tensor:
@@ -117,7 +119,7 @@ def int8g_gemm(x, weight, scales_zeros, bias, out_features: int, group_size: int
 
 def amx_codes_library():
     """The bf16_gemm kernel where its AMX tiles are on (they take a quantized model's bf16 calls of
-    AMX_CODES_ROWS rows or more), else None."""
+    AMX_CODES_ROWS rows or more, per kind), else None."""
     lib = bf16_library()
     return lib if lib is not None and lib.amx else None
 
@@ -135,7 +137,7 @@ def _call(kind, x, weight, scales, bias, n, group) -> torch.Tensor:
     args = (weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, x.data_ptr(), y.data_ptr(),
             None if bias is None else bias.data_ptr())
     threads = torch.get_num_threads()
-    if bf16 and m >= AMX_CODES_ROWS and (amx := amx_codes_library()) is not None:
+    if bf16 and m >= AMX_CODES_ROWS[kind] and (amx := amx_codes_library()) is not None:
         if amx.bf16_gemm_codes(kind, *args, m, n, k, group, threads) == 0:
             return y
     lib = int_library()

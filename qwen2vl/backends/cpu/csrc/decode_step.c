@@ -22,6 +22,7 @@ typedef __typeof__(&bf16w_gemm) bf16w_gemm_fn;
 typedef __typeof__(&int8_gemm) int8_gemm_fn;
 typedef __typeof__(&int4_gemm) int4_gemm_fn;
 _Static_assert(__builtin_types_compatible_p(int4_gemm_fn, __typeof__(&int8g_gemm)), "INT8G is called as INT4");
+typedef __typeof__(&bf16_gemm_codes) bf16_gemm_codes_fn;
 typedef __typeof__(&rms_norm) rms_norm_fn;
 typedef __typeof__(&rotary) rotary_fn;
 typedef __typeof__(&silu_mul) silu_mul_fn;
@@ -34,6 +35,11 @@ int64_t decode_step_work(const Decoder *d) {
 }
 
 static int linear(const Linear *l, const bf16 *x, bf16 *y, int64_t M, int nt) {
+    /* a quantized model's batches of amx_rows and more on the AMX tiles, as its Python linears take them */
+    if (l->amx && M >= l->amx_rows &&
+        ((bf16_gemm_codes_fn)l->amx)(l->kind, l->w, l->scales, (int)l->scales_bf16, x, y, l->bias, M, l->n, l->k,
+                                     l->group, nt) == 0)
+        return 0;
     switch (l->kind) {
     case BF16:
         ((bf16_gemm_fn)l->fn)(l->w, x, y, l->bias, M, l->n, l->k, nt);

@@ -98,6 +98,8 @@ typedef struct {
     const void *fn;                /* bf16_gemm, int8_gemm, int4_gemm, bf16w_gemm or int8g_gemm */
     const void *w, *scales, *bias; /* scales: per row (INT8) or scales|zeros per group (INT4, INT8G); bias bf16 or NULL */
     int64_t scales_bf16, n, k, group;
+    const void *amx;  /* INT8, INT4, INT8G: bf16_gemm_codes where the AMX tiles are on, else NULL ... */
+    int64_t amx_rows; /* ... which takes calls of this many rows and more (gemm.AMX_CODES_ROWS) */
 } Linear;
 
 typedef struct {
