@@ -7,7 +7,7 @@
 - prefill / vision: GFLOP/s of bf16w_gemm's register tile (float32 x as the vision tower, bf16 x
   as the decoder) against torch's float32 F.linear on a float32 copy of the weight (MKL / oneDNN
   sgemm), interleaved, at vision fc1 5120x1280 with 1024 rows and decoder gate 8960x1536 with 283;
-  and the int8 kernels at the same shapes: int_gemv (what an int8 model's prefill runs: activations
+  and the int8 kernels at the same shapes: int_gemv (an int8 model's prefill without AMX: activations
   per block of 32) and int8_mm (activations per row, the matmul="int8" policy); where bf16_gemm is
   built, its AVX-512 BF16 tiles, its AMX tiles where the CPU has them, and torch's bf16 matmul;
   int8_mm's AMX tiles where they are on;

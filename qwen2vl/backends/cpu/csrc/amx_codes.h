@@ -124,12 +124,7 @@ int bf16_gemm_codes(int64_t kind, const uint8_t *w, const void *sz, int sz_bf16,
                     const uint16_t *w0 = buf + (b0 - b_first) * 16 * K, *w1 = w0 + 16 * K;
                     const int two = b0 + 1 < b_end;
                     amx_pass(xa, w0, w1, two, K);
-                    AMX_CODES_STORE(0, m0, b0 * 16);
-                    AMX_CODES_STORE(2, m0 + 16, b0 * 16);
-                    if (two) {
-                        AMX_CODES_STORE(1, m0, (b0 + 1) * 16);
-                        AMX_CODES_STORE(3, m0 + 16, (b0 + 1) * 16);
-                    }
+                    AMX_STORE_PASS(AMX_CODES_STORE, m0, b0, two);
                 }
             }
         }

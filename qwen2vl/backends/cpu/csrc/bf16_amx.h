@@ -31,6 +31,18 @@ int bf16_gemm_amx(int enable) { return amx_switch(&amx_state, enable); }
             store16(y + ((row0) + r) * N + (n0), _mm512_add_ps(_mm512_loadu_ps(c + r * 16), b), mask); \
     } while (0)
 
+/* amx_pass's four C tiles through `store` (a macro of the tile, its first row, its first output): rows m0..
+ * of blocks b0 and, where `two`, b0 + 1 */
+#define AMX_STORE_PASS(store, m0, b0, two)           \
+    do {                                              \
+        store(0, m0, (b0) * 16);                      \
+        store(2, (m0) + 16, (b0) * 16);               \
+        if (two) {                                    \
+            store(1, m0, ((b0) + 1) * 16);            \
+            store(3, (m0) + 16, ((b0) + 1) * 16);     \
+        }                                             \
+    } while (0)
+
 /* *tail = x's last M % AMX_ROWS rows zero-padded to AMX_ROWS (NULL where M is a multiple), so no tile
  * reads past x. -1 when out of memory. */
 static int amx_tail(const uint16_t *x, int64_t M, int64_t K, uint16_t **tail) {
@@ -84,12 +96,7 @@ static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uin
             const uint16_t *w0 = w + b0 * 16 * K, *w1 = w0 + 16 * K;
             const int two = b0 + 1 < blocks;
             amx_pass(xa, w0, w1, two, K);
-            AMX_STORE(0, m0, b0 * 16);
-            AMX_STORE(2, m0 + 16, b0 * 16);
-            if (two) {
-                AMX_STORE(1, m0, (b0 + 1) * 16);
-                AMX_STORE(3, m0 + 16, (b0 + 1) * 16);
-            }
+            AMX_STORE_PASS(AMX_STORE, m0, b0, two);
           }
         }
         _tile_release();
