@@ -1,5 +1,5 @@
 /* int8 and int4 weights (int_gemv.c's layouts and kinds) times bf16 activations on the AMX bf16 tiles: the
- * prefill and vision rows of a quantized model (the amx variant of bf16_gemm.c only).
+ * prefill rows and large decode batches of a quantized model (the amx variant of bf16_gemm.c only).
  *
  * Why: int_gemv's VNNI tile quantizes the activations per block of 32 k and ran the 2B's prefill shapes at
  * ~700 GFLOP/s on a 2-vCPU Xeon, where the bf16 tiles run ~1,600-1,900: an int8 or int4 model reached its
@@ -10,8 +10,8 @@
  * tiles' rate.
  *
  * Values: INT8's codes are q + 128 with a scale per output row; q is exact in bf16 and the scale is
- * applied to the fp32 sums (y = s[n] * (x . q) + bias), so only x's bf16 rounding remains, none of the
- * activation quantization. INT4 (q + 8) and INT8G (q + 128) have a scale and a zero per group of k: the
+ * applied to the fp32 sums (y = s[n] * (x . q) + bias): the bf16 x as given, no activation quantization,
+ * and no rounding but the sums' and the output's. INT4 (q + 8) and INT8G (q + 128) have a scale and a zero per group of k: the
  * weight (q * s + z, in fp32) is rounded once to bf16, as `dequantize(torch.bfloat16)` rounds it.
  */
 #ifndef QWEN2VL_AMX_CODES_H
@@ -94,11 +94,11 @@ static void widen_block(int kind, const uint8_t *w, const char *sz, int sz_bf16,
  * written that the caller keeps: it runs int_gemv instead). */
 int bf16_gemm_codes(int64_t kind, const uint8_t *w, const void *sz, int sz_bf16, const uint16_t *x, uint16_t *y,
                     const uint16_t *bias, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads) {
-    if (amx_state <= 0 || K % 32 || (kind != INT8 && (group % 32 || K % group))) return -1;
+    if (amx_state <= 0 || K % 32 || (kind != INT8 && (group <= 0 || group % 32 || K % group))) return -1;
     const int64_t blocks = (N + 15) / 16, groups = (M + AMX_ROWS - 1) / AMX_ROWS, pairs = (blocks + 1) / 2;
     const int64_t per = amx_pairs_per_chunk(2 * 16 * 2 * K, pairs, nthreads), chunks = (pairs + per - 1) / per;
     const int64_t code_bytes = kind == INT4 ? 8 * K : 16 * K, esz = sz_bf16 ? 2 : 4; /* a block's codes */
-    const int64_t sz_block = kind == INT8 ? 0 : (K / (group ? group : 1)) * 32 * esz;
+    const int64_t sz_block = kind == INT8 ? 0 : (K / group) * 32 * esz; /* a block's scales and zeros */
     const size_t buf_elems = (size_t)per * 2 * 16 * K; /* a chunk of bf16 B tiles */
     uint16_t *tail, *bufs = aligned_alloc(64, (size_t)nthreads * buf_elems * sizeof *bufs);
     if (!bufs || amx_tail(x, M, K, &tail)) {
@@ -113,7 +113,8 @@ int bf16_gemm_codes(int64_t kind, const uint8_t *w, const void *sz, int sz_bf16,
         amx_configure(); /* tile state is per thread */
 #pragma omp for schedule(static)
         for (int64_t chunk = 0; chunk < chunks; chunk++) {
-            const int64_t b_first = chunk * per * 2, b_end = (chunk + 1) * per * 2 < blocks ? (chunk + 1) * per * 2 : blocks;
+            const int64_t b_first = chunk * per * 2;
+            const int64_t b_end = b_first + per * 2 < blocks ? b_first + per * 2 : blocks;
             for (int64_t b = b_first; b < b_end; b++)
                 widen_block((int)kind, w + b * code_bytes, (const char *)sz + b * sz_block, sz_bf16, K, group,
                             buf + (b - b_first) * 16 * K);
