@@ -3,7 +3,7 @@
 `probe()` measures, in the calling process and with torch's current thread count:
 - copy: `dst.copy_(src)` of a 1 GiB float32 tensor, counted as read + write bytes;
   both tensors on transparent huge pages where Linux allows it, like the packed weights
-  (`qwen2vl.backends.cpu.gemm.empty_huge`): the fastest reads this machine gives, so the honest bound;
+  (`qwen2vl.backends.cpu.packing.empty_huge`): the fastest reads this machine gives, so the honest bound;
 - read: `src.sum()` of the same tensor, counted as bytes read (the bound a decode GEMV can reach);
 - gemm: bf16 `F.linear(x[2048, 1536], W[8960, 1536])` in GFLOP/s (the compute side, for prefill).
 This VM's speed drifts and other processes share it, so each figure is a median of `reps` and a
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwen2vl.backends.cpu.gemm import empty_huge
+from qwen2vl.backends.cpu.packing import empty_huge
 
 GIB = 1 << 30
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.bandwidth import GIB, memory_gbs, others_cpu_ticks
-from qwen2vl.backends.cpu import gemm, int8_mm, isa, native
+from qwen2vl.backends.cpu import gemm, int8_mm, isa, native, packing
 from qwen2vl.backends.int8_groups import Int8GroupLinear
 from qwen2vl.backends.quant import Int4Linear, Int8Linear
 
@@ -55,11 +55,11 @@ def decoder_call(method: str, out: int, inp: int, bias: bool, rows: int):
     b = None if lin.bias is None else lin.bias.detach().contiguous()
     nt = torch.get_num_threads()
     if method == "bf16w":
-        w = gemm.pack_bf16(lin.weight)
+        w = packing.pack_bf16(lin.weight)
         fn = gemm.bf16w_library().bf16w_gemm
         return (lambda: fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), ptr(b), 1, rows, out, inp, nt)), w.nbytes
     if method == "bf16 (AVX-512 BF16)":
-        w = gemm.pack_bf16(lin.weight)
+        w = packing.pack_bf16(lin.weight)
         fn = gemm.bf16_library().bf16_gemm
         return (lambda: fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), ptr(b), rows, out, inp, nt)), w.nbytes
     lib = gemm.int_library()
@@ -149,7 +149,7 @@ def decode(rows: int, n_rounds: int, min_bytes: float) -> None:
 
 def prefill_shape(name: str, out: int, inp: int, rows: int, n_rounds: int) -> None:
     w = (torch.randn(out, inp) * 0.05).to(torch.bfloat16)
-    w32, packed = w.float(), gemm.pack_bf16(w)
+    w32, packed = w.float(), packing.pack_bf16(w)
     x32 = torch.randn(rows, inp)
     x16, y32, y16 = x32.to(torch.bfloat16), torch.empty(rows, out), torch.empty(rows, out, dtype=torch.bfloat16)
     fn, nt = gemm.bf16w_library().bf16w_gemm, torch.get_num_threads()

@@ -18,15 +18,15 @@ import torch
 
 from benchmarks.cpu_tier import load_ours, median
 from benchmarks.random_checkpoint import random_checkpoint
-from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.cpu import packing
 from qwen2vl.backends.quant import quantize_int8_rows
 
-C_QUANTIZE = gemm.quantize_int8
+C_QUANTIZE = packing.quantize_int8
 
 
 def torch_quantize(w: torch.Tensor, huge_pages: bool = True):
     q, scales = quantize_int8_rows(w)
-    return gemm.pack_int8(gemm.pad_rows(q, gemm.ROWS), huge_pages), gemm.pad_rows(scales, gemm.ROWS)
+    return packing.pack_int8(packing.pad_rows(q, packing.ROWS), huge_pages), packing.pad_rows(scales, packing.ROWS)
 
 
 # variant: (matmul, the quantizer Int8Linear.from_linear calls)
@@ -66,11 +66,11 @@ def main() -> None:
     loads = {name: [] for name in VARIANTS}
     for _ in range(args.reps):
         for name, (matmul, quantizer) in VARIANTS.items():
-            gemm.quantize_int8 = quantizer
+            packing.quantize_int8 = quantizer
             try:
                 llm, seconds = load_ours(folder, matmul=matmul)
             finally:
-                gemm.quantize_int8 = C_QUANTIZE
+                packing.quantize_int8 = C_QUANTIZE
             loads[name].append(seconds)
             del llm
             gc.collect()

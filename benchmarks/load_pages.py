@@ -7,7 +7,7 @@ the file rather than reading them.
 Loads the 2B-shaped checkpoint with `LLM(dtype="bfloat16")` alternately as shipped (the packed
 weights mapped from packed_cache.py's file, written by one untimed load first into a folder of
 this benchmark's own), packed in memory (the cache off: linears mapped from the checkpoint,
-gemm.empty_huge: fresh mappings advised MADV_HUGEPAGE), with plain torch.empty memory for the packed
+packing.empty_huge: fresh mappings advised MADV_HUGEPAGE), with plain torch.empty memory for the packed
 weights, and with the linears read into fresh memory (loader.py before the maps), `--reps` times
 each, and prints the load times; with `--decode`, the first two stay loaded and one 48-token
 stream alternates between them (time to first token of its fresh image, decode tok/s), with the
@@ -31,10 +31,10 @@ from benchmarks.cpu_tier import median
 from benchmarks.engine_cpu import engine_single
 from benchmarks.random_checkpoint import random_checkpoint
 from qwen2vl import LLM
-from qwen2vl.backends.cpu import gemm, packed_cache
+from qwen2vl.backends.cpu import packed_cache, packing
 from qwen2vl.model import Qwen2VL
 
-HUGE = gemm.empty_huge
+HUGE = packing.empty_huge
 MAPPED = Qwen2VL.from_pretrained.__func__
 
 
@@ -66,14 +66,14 @@ def first_touch_gbs(nbytes: int = 512 << 20) -> dict[str, float]:
 
 
 def load(folder: str, variant: str) -> tuple[LLM, float]:
-    gemm.empty_huge, from_pretrained, os.environ[packed_cache.ENV] = VARIANTS[variant]
+    packing.empty_huge, from_pretrained, os.environ[packed_cache.ENV] = VARIANTS[variant]
     Qwen2VL.from_pretrained = classmethod(from_pretrained)
     try:
         start = time.perf_counter()
         llm = LLM(folder, dtype="bfloat16", device="cpu", kv_cache_gib=0.5)
         return llm, time.perf_counter() - start
     finally:
-        gemm.empty_huge, Qwen2VL.from_pretrained = HUGE, classmethod(MAPPED)
+        packing.empty_huge, Qwen2VL.from_pretrained = HUGE, classmethod(MAPPED)
         del os.environ[packed_cache.ENV]
 
 

@@ -4,7 +4,7 @@
 
 Each load times, by wrapping the functions that do them: reading the checkpoint (the model built on
 the meta device, the small tensors read, the linears mapped), fusing q/k/v, packing the linears
-(gemm.pack_bf16: the transposes into fresh memory) by group (decoder on huge pages, lm_head, the
+(packing.pack_bf16: the transposes into fresh memory) by group (decoder on huge pages, lm_head, the
 vision tower on plain pages), mapping them from packed_cache.py's file instead, writing that file,
 the tokenizer, and the rest (processor, engine, KV cache). Loads alternate between the packed cache
 on (its file written by one untimed load first, in a folder of this benchmark's own) and off, and
@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.random_checkpoint import random_checkpoint
 from qwen2vl import LLM
-from qwen2vl.backends.cpu import gemm, packed_cache
+from qwen2vl.backends.cpu import packed_cache, packing
 from qwen2vl.backends.cpu.packed_cache import PackedCache
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing import tokenizer
@@ -56,7 +56,7 @@ def pack_group(w, huge_pages=True):
 
 timing(Qwen2VL, "from_pretrained", lambda *a, **k: "read checkpoint")
 timing(Attention, "fuse_qkv", lambda *a: "fuse q/k/v")
-timing(gemm, "pack_bf16", pack_group)
+timing(packing, "pack_bf16", pack_group)
 timing(PackedCache, "_read", lambda *a: "cache: open and map")
 timing(PackedCache, "_save", lambda *a: "cache: write (its own thread)")
 timing(tokenizer.Tokenizer, "from_pretrained", lambda *a: "tokenizer")

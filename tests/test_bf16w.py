@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.cpu import gemm, packing
 from tests.helpers.gemm_checks import exact_integer_gemm
 from tests.helpers.tiers import TIERS_HERE, at_tier
 
@@ -49,7 +49,7 @@ def operands(rows, n, k, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_bf16w_kernel_tiles_and_tails(rows, n, k, dtype):
     x, w, bias = operands(rows, n, k, dtype, rows * 1000 + n + k)
-    packed = gemm.pack_bf16(w)
+    packed = packing.pack_bf16(w)
     assert_fp32_sum_of(gemm.bf16w_gemm(x, packed, bias, n), x, w, bias)
     assert_fp32_sum_of(gemm.bf16w_gemm(x, packed, None, n), x, w, None)
 
@@ -59,7 +59,7 @@ def test_a_rows_result_does_not_depend_on_its_batch(dtype):
     """Every tile sums each output as one fp32 FMA chain over k in order: any rows, any batch, any
     neighbours, the same bits."""
     x, w, bias = operands(40, 70, 3002, dtype, 3)
-    packed = gemm.pack_bf16(w)
+    packed = packing.pack_bf16(w)
     full = gemm.bf16w_gemm(x, packed, bias, 70)
     for m0, m1 in [(0, 1), (7, 8), (0, 2), (3, 6), (0, 4), (1, 6), (0, 9), (4, 17), (11, 27), (0, 39)]:
         assert torch.equal(gemm.bf16w_gemm(x[m0:m1], packed, bias, 70), full[m0:m1]), (m0, m1)
@@ -67,7 +67,7 @@ def test_a_rows_result_does_not_depend_on_its_batch(dtype):
 
 def test_bf16w_kernel_is_independent_of_thread_count_and_takes_no_rows():
     x, w, _ = operands(41, 200, 96, torch.bfloat16, 1)
-    packed, threads = gemm.pack_bf16(w), torch.get_num_threads()
+    packed, threads = packing.pack_bf16(w), torch.get_num_threads()
     try:
         outs = {}
         for t in (1, 2, 3):
@@ -85,14 +85,14 @@ def test_bf16w_kernel_rounds_to_nearest_even(rows):
     # small integers: every product and sum is exact in float32, so the only rounding is the final
     # one to bf16, which must be torch's round-to-nearest-even bit for bit (float32: no rounding)
     w, x, bias, exact = exact_integer_gemm(rows)
-    packed = gemm.pack_bf16(w)
+    packed = packing.pack_bf16(w)
     assert torch.equal(gemm.bf16w_gemm(x, packed, bias, 64), exact.to(torch.bfloat16))
     assert torch.equal(gemm.bf16w_gemm(x.float(), packed, bias, 64), exact.float())
 
 
 def test_strided_input_and_a_float32_bias_read_as_bf16():
     x, w, bias = operands(5, 33, 64, torch.float32, 2)
-    packed = gemm.pack_bf16(w)
+    packed = packing.pack_bf16(w)
     want = gemm.bf16w_gemm(x, packed, bias, 33)
     assert torch.equal(gemm.bf16w_gemm(x.t().contiguous().t(), packed, bias.float(), 33), want)
 
@@ -103,7 +103,7 @@ def test_bf16w_equals_bf16_kernel_up_to_their_float32_sums():
     if gemm.bf16_library() is None:
         pytest.skip("no AVX-512 BF16 here")
     x, w, bias = operands(9, 100, 512, torch.bfloat16, 5)
-    packed = gemm.pack_bf16(w)
+    packed = packing.pack_bf16(w)
     a, b = gemm.bf16w_gemm(x, packed, bias, 100), gemm.bf16_gemm(x, packed, bias, 100)
     size = x.double().abs() @ w.double().abs().t()
     assert ((a.double() - b.double()).abs() <= 2**-7 * a.double().abs().maximum(b.double().abs())
@@ -124,7 +124,7 @@ def test_fast_linear_takes_bf16w_for_bf16_weights_in_float32_arithmetic(dtype):
     with torch.no_grad():
         y = fast(x.view(7, 1, 96))
         assert y.shape == (7, 1, 48) and y.dtype == dtype
-        assert torch.equal(y.view(7, 48), gemm.bf16w_gemm(x, gemm.pack_bf16(w), bias, 48))
+        assert torch.equal(y.view(7, 48), gemm.bf16w_gemm(x, packing.pack_bf16(w), bias, 48))
         assert_fp32_sum_of(y.view(7, 48), x, w, bias)
         half = fast(x.half())
     assert half.dtype == torch.float16

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen2vl.backends.cpu import gemm, int8_mm
+from qwen2vl.backends.cpu import int8_mm, packing
 from tests.helpers.tiers import TIERS_HERE, at_tier, tier_fixture
 
 tier = tier_fixture(lambda: int8_mm.library() is not None)
@@ -20,7 +20,7 @@ def quantized_linear(n: int, k: int, scales_dtype: torch.dtype, seed: int = 0):
     q[0, :8] = 127  # the largest products, to check nothing saturates
     q[1, :8] = -127
     scales = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(scales_dtype)
-    return q, scales, gemm.pack_int8(gemm.pad_rows(q, gemm.ROWS)), gemm.pad_rows(scales, gemm.ROWS)
+    return q, scales, packing.pack_int8(packing.pad_rows(q, packing.ROWS)), packing.pad_rows(scales, packing.ROWS)
 
 
 def reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qwen2vl.backends.cpu import gemm, native
+from qwen2vl.backends.cpu import native, packing
 from qwen2vl.backends.quant import Int8Linear, quantize_int8_rows
 from tests.helpers.tiers import tier_fixture
 
@@ -29,11 +29,11 @@ def weights(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quantize_int8_gives_the_torch_codes_and_scales(n, k, dtype, tier):
     w = weights(n, k, dtype)
-    codes, scales = gemm.quantize_int8(w, huge_pages=False)
+    codes, scales = packing.quantize_int8(w, huge_pages=False)
     q, ref_scales = quantize_int8_rows(w)
     assert scales.dtype == dtype and codes.shape == (-(-n // 16), k // 4, 16, 4)
-    assert torch.equal(codes, gemm.pack_int8(gemm.pad_rows(q, gemm.ROWS)))
-    assert torch.equal(scales, gemm.pad_rows(ref_scales, gemm.ROWS))  # positive or 0: equal values, equal bits
+    assert torch.equal(codes, packing.pack_int8(packing.pad_rows(q, packing.ROWS)))
+    assert torch.equal(scales, packing.pad_rows(ref_scales, packing.ROWS))  # positive or 0: equal values, equal bits
     assert q[3, :8].tolist() == [127, 0, 2, 2, 0, -2, 126, -126]  # the ties above, to even
 
 
@@ -44,5 +44,5 @@ def test_int8_linear_from_linear_takes_it_and_falls_back_where_it_cannot(tier):
     slow = Int8Linear.from_codes(q, scales, linear.bias.detach().clone(), blocked=True)
     for a, b in ((fast.weight, slow.weight), (fast.scales, slow.scales), (fast.bias, slow.bias)):
         assert torch.equal(a, b)
-    assert gemm.quantize_int8(linear.weight.half()) is None  # float16: the torch code
-    assert gemm.quantize_int8(torch.zeros(16, 6)) is None  # k % 4 != 0
+    assert packing.quantize_int8(linear.weight.half()) is None  # float16: the torch code
+    assert packing.quantize_int8(torch.zeros(16, 6)) is None  # k % 4 != 0

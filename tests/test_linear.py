@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl.backends.cpu import gemm, isa, native
+from qwen2vl.backends.cpu import gemm, isa, native, packing
 from qwen2vl.backends.cpu.linear import FastLinear, reorder_weight, speed_up_linears
 from qwen2vl.text import fuse_linears
 from tests.helpers.gemm_checks import exact_integer_gemm
@@ -105,8 +105,8 @@ def test_bf16_kernel_tiles_and_tails(rows, n, k):
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-    packed = gemm.pack_bf16(w)
-    assert packed.shape == ((n + 15) // 16, k // 2, 16, 2) and torch.equal(gemm.unpack_bf16(packed, n), w)
+    packed = packing.pack_bf16(w)
+    assert packed.shape == ((n + 15) // 16, k // 2, 16, 2) and torch.equal(packing.unpack_bf16(packed, n), w)
     close_to_linear(gemm.bf16_gemm(x, packed, bias, n), x, w, bias)
     close_to_linear(gemm.bf16_gemm(x, packed, None, n), x, w, None)
 
@@ -118,7 +118,7 @@ def test_the_wide_and_the_register_tile_sum_in_the_same_order():
     g = torch.Generator().manual_seed(3)
     w, bias = torch.randn(70, 3000, generator=g).to(torch.bfloat16), torch.randn(70, generator=g).to(torch.bfloat16)
     x = torch.randn(24, 3000, generator=g).to(torch.bfloat16)
-    packed = gemm.pack_bf16(w)
+    packed = packing.pack_bf16(w)
     tiled = gemm.bf16_gemm(x, packed, bias, 70)
     for rows in (9, 13, 16):
         assert torch.equal(gemm.bf16_gemm(x[:rows], packed, bias, 70), tiled[:rows])
@@ -129,7 +129,7 @@ def test_bf16_kernel_is_independent_of_thread_count_and_takes_no_rows():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(200, 96, generator=g).to(torch.bfloat16)
     x = torch.randn(11, 96, generator=g).to(torch.bfloat16)
-    packed, threads = gemm.pack_bf16(w), torch.get_num_threads()
+    packed, threads = packing.pack_bf16(w), torch.get_num_threads()
     try:
         outs = []
         for t in (1, 2, 3):
@@ -164,7 +164,7 @@ def test_bf16_kernel_rounds_to_nearest_even(rows):
     # final one to bf16 (sums up to ~2^14 keep 8 bits: ties and round-ups happen), which must be
     # torch's round-to-nearest-even bit for bit
     w, x, bias, exact = exact_integer_gemm(rows)
-    assert torch.equal(gemm.bf16_gemm(x, gemm.pack_bf16(w), bias, 64), exact.to(torch.bfloat16))
+    assert torch.equal(gemm.bf16_gemm(x, packing.pack_bf16(w), bias, 64), exact.to(torch.bfloat16))
 
 
 def test_bf16_kernel_build_failure_falls_back_to_onednn_and_logs_once(monkeypatch, tmp_path, caplog):
@@ -206,10 +206,10 @@ def _vm_flags(address: int) -> set[str]:
                     reason="no transparent huge pages here")
 def test_packed_weights_are_advised_onto_huge_pages(monkeypatch):
     w = torch.randn(4096, 1536).to(torch.bfloat16)  # 12 MiB: several whole 2 MiB pages inside
-    packed = gemm.pack_bf16(w)
-    assert torch.equal(gemm.unpack_bf16(packed, 4096), w)
+    packed = packing.pack_bf16(w)
+    assert torch.equal(packing.unpack_bf16(packed, 4096), w)
     assert "hg" in _vm_flags(packed.data_ptr() + packed.numel())  # the middle is advised onto huge pages
-    small = gemm.empty_huge((10,), torch.float32)  # too small to advise: plain memory
+    small = packing.empty_huge((10,), torch.float32)  # too small to advise: plain memory
     assert small.shape == (10,)
 
     # huge_pages=False (as LLM packs the vision tower) never asks for advised memory. Checked on the
@@ -217,7 +217,7 @@ def test_packed_weights_are_advised_onto_huge_pages(monkeypatch):
     def refuse(*args):
         raise AssertionError("huge pages asked for")
 
-    monkeypatch.setattr(gemm, "empty_huge", refuse)
+    monkeypatch.setattr(packing, "empty_huge", refuse)
     fast = FastLinear(w, huge_pages=False)
     assert torch.equal(fast.dense_weight().to(w.dtype), w)
 
@@ -235,8 +235,8 @@ def test_empty_huge_survives_a_kernel_without_thp(monkeypatch):
 
     fake = types.SimpleNamespace(mmap=Refusing, MADV_HUGEPAGE=mmap.MADV_HUGEPAGE, MAP_PRIVATE=mmap.MAP_PRIVATE,
                                  MAP_ANONYMOUS=mmap.MAP_ANONYMOUS)
-    monkeypatch.setattr(gemm, "mmap", fake)
-    t = gemm.empty_huge((3 << 20,), torch.float32)
+    monkeypatch.setattr(packing, "mmap", fake)
+    t = packing.empty_huge((3 << 20,), torch.float32)
     t.fill_(2)
     assert t.shape == (3 << 20,) and t.sum().item() == 6 << 20
 
@@ -248,14 +248,14 @@ def test_pack_c_writes_the_layout_torch_does(monkeypatch, n, words, huge):
     """pack.c's blocks of 16 rows equal torch's strided copy, zero rows included, at any thread count."""
     w = torch.randint(-2**31, 2**31 - 1, (n, words), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
     threads = torch.get_num_threads()
-    ours = [gemm.pack_words(w, huge)]
+    ours = [packing.pack_words(w, huge)]
     torch.set_num_threads(1)
     try:
-        ours.append(gemm.pack_words(w, huge))
+        ours.append(packing.pack_words(w, huge))
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setattr(native, "library", lambda name: None)
-    theirs = gemm.pack_words(w, huge)
+    theirs = packing.pack_words(w, huge)
     assert theirs.shape == ((n + 15) // 16, words, 16)
     for out in ours:
         assert torch.equal(out, theirs)

@@ -7,7 +7,7 @@ import ctypes
 
 import pytest
 
-from qwen2vl.backends.cpu import isa, native
+from qwen2vl.backends.cpu import isa, native, packing
 from tests.helpers.tiers import TIERS_HERE, at_tier
 
 ZEN3 = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}
@@ -48,7 +48,6 @@ def test_weights_read_once_are_prefetched_by_vendor_and_the_hint_changes_no_resu
     kernel; the hint moves no bit of a product (bf16w_gemm built with each, streaming one row)."""
     import torch
 
-    from qwen2vl.backends.cpu import gemm
 
     assert isa.capped(ZEN5, None, "AuthenticAMD").stream_locality == 0
     assert isa.capped(SAPPHIRE, None, "GenuineIntel").stream_locality == 2
@@ -58,7 +57,7 @@ def test_weights_read_once_are_prefetched_by_vendor_and_the_hint_changes_no_resu
         pytest.skip("no AVX2 here")
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(1, 96, generator=g)
-    packed, outs = gemm.pack_bf16(w, huge_pages=False), []
+    packed, outs = packing.pack_bf16(w, huge_pages=False), []
     for locality in (0, 2):
         flags = [f for f in native.flags_for(native.AVX2) if not f.startswith("-DSTREAM_LOCALITY")]
         lib = ctypes.CDLL(str(native.build(native.CSRC / "bf16w_gemm.c", [*flags, f"-DSTREAM_LOCALITY={locality}"])))
@@ -167,7 +166,7 @@ def test_the_amx_variant_builds_and_with_its_tiles_off_is_the_avx512_kernel():
     try:
         g = torch.Generator().manual_seed(0)
         w, x = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(37, 96, generator=g).bfloat16()
-        packed, bias = gemm.pack_bf16(w, huge_pages=False), torch.randn(40, generator=g).bfloat16()
+        packed, bias = packing.pack_bf16(w, huge_pages=False), torch.randn(40, generator=g).bfloat16()
         y = torch.empty(37, 40, dtype=torch.bfloat16)
         lib.bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), bias.data_ptr(), 37, 40, 96, 1)
         assert torch.equal(y, gemm.bf16_gemm(x, packed, bias, 40))
@@ -182,7 +181,6 @@ def test_amx_tiles_compute_within_float32_rounding_where_the_cpu_has_them(m, n, 
     included, with two threads (each configures its own tile state)."""
     import torch
 
-    from qwen2vl.backends.cpu import gemm
 
     lib = amx_build()
     if lib is None or not isa.current().has("amx_bf16"):
@@ -193,7 +191,7 @@ def test_amx_tiles_compute_within_float32_rounding_where_the_cpu_has_them(m, n, 
     try:
         g = torch.Generator().manual_seed(m)
         w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(m, k, generator=g).bfloat16()
-        packed, bias = gemm.pack_bf16(w, huge_pages=False), torch.randn(n, generator=g).bfloat16()
+        packed, bias = packing.pack_bf16(w, huge_pages=False), torch.randn(n, generator=g).bfloat16()
         y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
         lib.bf16_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), bias.data_ptr(), m, n, k, 2)
         ref = x.double() @ w.double().t() + bias.double()
@@ -216,7 +214,7 @@ def test_with_amx_tiles_on_a_row_of_a_call_of_9_or_more_rows_does_not_depend_on_
         pytest.skip("no AMX tiles switched on here")
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(300, 1536, generator=g).bfloat16(), torch.randn(40, 1536, generator=g).bfloat16()
-    packed = gemm.pack_bf16(w, huge_pages=False)
+    packed = packing.pack_bf16(w, huge_pages=False)
     full = gemm.bf16_gemm(x, packed, None, 300)
     for m in (9, 16, 17, 31, 33):
         assert torch.equal(gemm.bf16_gemm(x[:m], packed, None, 300), full[:m])
@@ -242,7 +240,7 @@ def test_amx_tiles_that_compute_wrong_are_switched_off(monkeypatch, caplog):
         assert gemm.amx_check(Lib(False)) is False
         assert "refused" in caplog.text
         def exact(x, packed, bias, n):
-            return (x.float() @ gemm.unpack_bf16(packed, n).float().t() + bias.float()).bfloat16()
+            return (x.float() @ packing.unpack_bf16(packed, n).float().t() + bias.float()).bfloat16()
 
         monkeypatch.setattr(gemm, "bf16_gemm", exact)
         assert gemm.amx_check(Lib(True)) is True

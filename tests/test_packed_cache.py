@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwen2vl.backends import prepare
-from qwen2vl.backends.cpu import gemm, isa, packed_cache
+from qwen2vl.backends.cpu import isa, packed_cache, packing
 from qwen2vl.backends.cpu.linear import FastLinear, kernel_takes
 from qwen2vl.model import Qwen2VL
 from tests.helpers.checkpoints import build_reference, save_checkpoint
@@ -76,7 +76,7 @@ def test_a_second_load_maps_the_first_loads_packing_bit_for_bit(tier, cache, tmp
             raise AssertionError("packed again although the cache file has it")
 
         with monkeypatch.context() as m:
-            m.setattr(gemm, "pack_bf16", no_packing)
+            m.setattr(packing, "pack_bf16", no_packing)
             second = load(folder)
         again = kernel_packed(second)
         assert again.keys() == packed.keys()
@@ -166,7 +166,7 @@ def test_the_load_returns_before_its_write_ends_and_a_later_load_waits_for_it(ca
     def no_packing(*args):
         raise AssertionError("packed again: the second load did not wait for the first's file")
 
-    monkeypatch.setattr(gemm, "pack_bf16", no_packing)
+    monkeypatch.setattr(packing, "pack_bf16", no_packing)
     second = load(folder)  # opening the cache waits for the first load's write, then maps it
     assert len(list(cache.glob("*.bin"))) == 1
     assert torch.equal(logits(second), logits(model))

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qwen2vl.backends.quant as quant
-from qwen2vl.backends.cpu import gemm, isa, native
+from qwen2vl.backends.cpu import gemm, isa, native, packing
 from qwen2vl.backends.quant import Int4Linear, Int8Linear, pack_torch_int4, quantize_model, unpack_torch_int4
 from tests.helpers.quant_checks import (
     KERNEL_TIERS,
@@ -39,13 +39,13 @@ def test_layouts_round_trip_and_torch_int4_layout_matches_its_packer():
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.uint8)
     assert torch.equal(unpack_torch_int4(pack_torch_int4(codes)), codes)
-    assert torch.equal(gemm.unpack_int4(gemm.pack_int4(codes)), codes)
+    assert torch.equal(packing.unpack_int4(packing.pack_int4(codes)), codes)
     q = torch.randint(-127, 128, (128, 64), generator=g, dtype=torch.int8)
-    assert torch.equal(gemm.unpack_int8(gemm.pack_int8(q)), q)
+    assert torch.equal(packing.unpack_int8(packing.pack_int8(q)), q)
     scales, zeros = torch.randn(2, 128, 2, generator=g)
-    assert all(map(torch.equal, gemm.unpack_groups(gemm.pack_groups(scales, zeros)), (scales, zeros)))
+    assert all(map(torch.equal, packing.unpack_groups(packing.pack_groups(scales, zeros)), (scales, zeros)))
     # int_gemv's int4 layout: byte j of a 64-byte chunk is row j // 4, k = j % 4 (low) and 4 + j % 4 (high)
-    assert gemm.pack_int4(codes)[0, 0, 1, 2] == codes[1, 2] | codes[1, 6] << 4
+    assert packing.pack_int4(codes)[0, 0, 1, 2] == codes[1, 2] | codes[1, 6] << 4
     # our packer produces exactly the layout torch's kernel takes on AVX-512 ATen (on AVX2 its layout
     # differs, and it is ~1000x too slow to want: Int4Linear dequantizes there when our kernel is missing)
     if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and \

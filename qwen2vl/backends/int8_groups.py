@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.cpu import gemm, packing
 
 GROUPS = (32, 64, 128, 256)  # whole activation blocks of 32, a power of two of them (the kernel's shift)
 
@@ -42,13 +42,13 @@ class Int8GroupLinear(nn.Module):
             raise ValueError(f"8-bit groups of {group_size} don't tile in_features={k}: groups of "
                              f"{', '.join(map(str, GROUPS))} dividing it")
         q = (codes.to(torch.int16) - 128).to(torch.int8)  # pack_int8 stores q + 128: the codes themselves
-        q, scales, zeros = (gemm.pad_rows(t, gemm.ROWS) for t in (q, scales, zeros))
-        return cls(gemm.pack_int8(q), gemm.pack_groups(scales, zeros), bias, n, k, group_size)
+        q, scales, zeros = (packing.pad_rows(t, packing.ROWS) for t in (q, scales, zeros))
+        return cls(packing.pack_int8(q), packing.pack_groups(scales, zeros), bias, n, k, group_size)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q = code - 128, int8 [N, K]; scales and zeros [N, K/group]."""
-        (scales, zeros), n = gemm.unpack_groups(self.scales_zeros), self.out_features
-        return gemm.unpack_int8(self.weight)[:n], scales[:n], zeros[:n]
+        (scales, zeros), n = packing.unpack_groups(self.scales_zeros), self.out_features
+        return packing.unpack_int8(self.weight)[:n], scales[:n], zeros[:n]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         q, scales, zeros = self.unpack()

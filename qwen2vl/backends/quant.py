@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.cpu import gemm, packing
 from qwen2vl.backends.swap import replace_linears
 
 INT4_BLOCK_N = 64  # the CPU int4 kernel's layout packs output channels in blocks of 64
@@ -43,7 +43,7 @@ def _round(t: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
 
 def pack_torch_int4(codes: torch.Tensor) -> torch.Tensor:
     """Codes [N, K] in 0..15 (N a multiple of 64) -> uint8 [N, K/2] in torch's CPU int4 kernel's layout
-    (`_weight_int4pack_mm_for_cpu` on AVX-512 ATen; our own kernel's layout is gemm.pack_int4).
+    (`_weight_int4pack_mm_for_cpu` on AVX-512 ATen; our own kernel's layout is packing.pack_int4).
 
     The layout is [N/64, K, 32] bytes: byte j of (block b, column k) holds output channel
     64b + j in its low nibble and 64b + 32 + j in its high nibble.
@@ -104,11 +104,11 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocked: bool | None = None, huge_pages: bool = True) -> Int8Linear:
         """Quantized per output channel (quantize_int8_rows); `huge_pages=False` for codes that decode
-        doesn't stream (gemm.empty_huge)."""
+        doesn't stream (packing.empty_huge)."""
         blocked = use_int_gemv(linear.weight) if blocked is None else blocked
         bias = None if linear.bias is None else linear.bias.detach().clone()
         # the blocked layout straight from C in one pass (the torch code below takes ~8 over float32 copies)
-        packed = gemm.quantize_int8(linear.weight.detach(), huge_pages) if blocked else None
+        packed = packing.quantize_int8(linear.weight.detach(), huge_pages) if blocked else None
         if packed is not None:
             return cls(*packed, bias, *linear.weight.shape)
         return cls.from_codes(*quantize_int8_rows(linear.weight.detach()), bias, blocked, huge_pages)
@@ -119,12 +119,13 @@ class Int8Linear(nn.Module):
         """From q, int8 [N, K] in [-127, 127], and per-row scales [N] (w = q * scale), as they are."""
         n, k = q.shape
         if blocked:
-            q, scales = gemm.pack_int8(gemm.pad_rows(q, gemm.ROWS), huge_pages), gemm.pad_rows(scales, gemm.ROWS)
+            q, scales = (packing.pad_rows(t, packing.ROWS) for t in (q, scales))
+            q = packing.pack_int8(q, huge_pages)
         return cls(q, scales, bias, n, k)
 
     def codes(self) -> torch.Tensor:
         """q, int8 [N, K]."""
-        return gemm.unpack_int8(self.weight)[: self.out_features] if self.blocked else self.weight
+        return packing.unpack_int8(self.weight)[: self.out_features] if self.blocked else self.weight
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         scales = self.scales[: self.out_features].float()
@@ -166,7 +167,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 groups of {group_size} don't tile in_features={k}")
         blocked = use_int_gemv(linear.weight) if blocked is None else blocked
         # zero rows up to the kernel's block
-        w = gemm.pad_rows(linear.weight.detach().float(), gemm.ROWS if blocked else INT4_BLOCK_N)
+        w = packing.pad_rows(linear.weight.detach().float(), packing.ROWS if blocked else INT4_BLOCK_N)
         w = w.view(-1, k // group_size, group_size)
         lo, hi, dtype = w.amin(-1), w.amax(-1), linear.weight.dtype
         # 16 levels span each group; the zero sits on level 8 and is stored in the model dtype
@@ -181,17 +182,17 @@ class Int4Linear(nn.Module):
         """From codes [N, K] in 0..15 and per-group scales and zeros [N, K/group] (w = (q - 8) * s + z),
         stored in the dtype they come in."""
         n, k = codes.shape
-        rows = gemm.ROWS if blocked else INT4_BLOCK_N
-        codes, scales, zeros = (gemm.pad_rows(t, rows) for t in (codes, scales, zeros))
+        rows = packing.ROWS if blocked else INT4_BLOCK_N
+        codes, scales, zeros = (packing.pad_rows(t, rows) for t in (codes, scales, zeros))
         if blocked:
-            return cls(gemm.pack_int4(codes), gemm.pack_groups(scales, zeros), bias, n, k, group_size)
+            return cls(packing.pack_int4(codes), packing.pack_groups(scales, zeros), bias, n, k, group_size)
         scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
         return cls(pack_torch_int4(codes), scales_zeros, bias, n, k, group_size)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes [N, K] (uint8), scales and zeros [N, K/group]."""
         if self.blocked:
-            codes, (scales, zeros) = gemm.unpack_int4(self.packed), gemm.unpack_groups(self.scales_zeros)
+            codes, (scales, zeros) = packing.unpack_int4(self.packed), packing.unpack_groups(self.scales_zeros)
         else:
             codes, (scales, zeros) = unpack_torch_int4(self.packed), self.scales_zeros.permute(2, 1, 0)
         n = self.out_features

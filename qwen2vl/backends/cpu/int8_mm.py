@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl.backends.cpu import gemm, native
+from qwen2vl.backends.cpu import gemm, native, packing
 from qwen2vl.backends.quant import Int8Linear
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def amx_check(lib) -> bool:
         log.warning("int8_mm: Linux refused the AMX tile state; the VNNI tile runs")
         return False
     g = torch.Generator().manual_seed(0)
-    weight = gemm.pack_int8(torch.randint(-127, 128, (48, 128), dtype=torch.int8, generator=g), huge_pages=False)
+    weight = packing.pack_int8(torch.randint(-127, 128, (48, 128), dtype=torch.int8, generator=g), huge_pages=False)
     scales = torch.rand(48, generator=g) / 100
     x, bias = torch.randn(37, 128, generator=g), torch.randn(40, generator=g)
     tiles = int8_mm(x, weight, scales, bias, 40)
@@ -123,7 +123,7 @@ class Int8RowsLinear(nn.Module):
             return int8_mm(x2, self.weight, self.scales, self.bias, self.out_features).view(*x.shape[:-1], -1)
         if self.small is not None:
             return self.small(x)
-        w = gemm.unpack_int8(self.weight)[: self.out_features].to(x.dtype) * self.scales[: self.out_features, None]
+        w = packing.unpack_int8(self.weight)[: self.out_features].to(x.dtype) * self.scales[: self.out_features, None]
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl.backends.cpu import gemm, isa
+from qwen2vl.backends.cpu import gemm, isa, packing
 from qwen2vl.backends.cpu.packed_cache import PackedCache
 from qwen2vl.backends.swap import replace_linears
 
@@ -66,14 +66,14 @@ class FastLinear(nn.Module):
     dtype, isa.Isa.matmul_dtype: float32 for bf16 weights where bf16 matmuls would be emulated)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, use_kernel: bool = True,
-                 huge_pages: bool = True, compute_dtype: torch.dtype | None = None, pack=gemm.pack_bf16):
+                 huge_pages: bool = True, compute_dtype: torch.dtype | None = None, pack=packing.pack_bf16):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         compute = compute_dtype or isa.current().matmul_dtype(weight.dtype)
         self.path = "F.linear"
         self.packed = None  # opaque or oddly shaped, so a plain attribute rather than a buffer
         if use_kernel and kernel_takes(weight, compute):
-            self.packed = pack(weight.detach(), huge_pages)  # gemm.pack_bf16, or its packed_cache.py copy
+            self.packed = pack(weight.detach(), huge_pages)  # packing.pack_bf16, or its packed_cache.py copy
             self.path = "bf16 kernel" if compute == torch.bfloat16 else "bf16w kernel"
         elif (packed := reorder_weight(weight.detach().to(compute))) is not None:
             self.packed, self.path = packed, "oneDNN"
@@ -85,7 +85,7 @@ class FastLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, use_kernel: bool = True, huge_pages: bool = True,
-                    compute_dtype: torch.dtype | None = None, pack=gemm.pack_bf16) -> FastLinear:
+                    compute_dtype: torch.dtype | None = None, pack=packing.pack_bf16) -> FastLinear:
         return cls(linear.weight, linear.bias, use_kernel, huge_pages, compute_dtype, pack)
 
     # dynamo traces the oneDNN op but inductor can only lower it on weights it froze itself; a
@@ -108,7 +108,7 @@ class FastLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The plain [N, K] weight (rebuilt from the reordered one when that is all that is kept)."""
         if self.path.endswith("kernel"):
-            return gemm.unpack_bf16(self.packed, self.out_features)
+            return packing.unpack_bf16(self.packed, self.out_features)
         return self.weight if self.packed is None else self.packed.to_dense()
 
     def extra_repr(self) -> str:
@@ -126,7 +126,7 @@ def speed_up_linears(model: nn.Module, skip: tuple[str, ...] = ("visual",), huge
     file where it has them, by name (`prefix` + the name in `model`).
     """
     def make(name: str, linear: nn.Linear) -> FastLinear:
-        pack = gemm.pack_bf16 if cache is None else lambda w, huge: cache.pack_bf16(prefix + name, w, huge)
+        pack = packing.pack_bf16 if cache is None else lambda w, huge: cache.pack_bf16(prefix + name, w, huge)
         return FastLinear.from_linear(linear, huge_pages=huge_pages, compute_dtype=compute_dtype, pack=pack)
 
     return replace_linears(model, make, skip)

@@ -6,7 +6,7 @@ transformers maps the safetensors file and touches nothing). The first load of a
 as before and then writes what it packed to one file; later loads map that file privately (never
 written: its pages stay the page cache's, shared by every process that maps it) and hand out views
 of it. Where the filesystem keeps large folios (ext4 and xfs on Linux >= 6.x), the kernel maps the
-file 2 MiB at a time, as the huge pages gemm.empty_huge asks for (measured on this VM: 3.75 of
+file 2 MiB at a time, as the huge pages packing.empty_huge asks for (measured on this VM: 3.75 of
 4.3 GB FilePmdMapped), so decode's TLB reach is the same.
 
 Where: $QWEN2VL_PACKED_CACHE (a folder), else $XDG_CACHE_HOME/qwen2vl/packed (~/.cache by
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from qwen2vl.backends.cpu import gemm
+from qwen2vl.backends.cpu import packing
 from qwen2vl.loader import checkpoint_files
 
 ENV = "QWEN2VL_PACKED_CACHE"
@@ -67,7 +67,7 @@ def cache_dir() -> Path | None:
 def checkpoint_key(folder: Path, dtype: torch.dtype) -> str:
     """A hash of what the packed weights depend on: the format, the dtype, every shard's name,
     size, mtime and header (shapes and offsets of every tensor)."""
-    h = hashlib.sha256(json.dumps([FORMAT, str(dtype), gemm.ROWS]).encode())
+    h = hashlib.sha256(json.dumps([FORMAT, str(dtype), packing.ROWS]).encode())
     for file in checkpoint_files(folder):
         stat = file.stat()
         with open(file, "rb") as f:
@@ -124,14 +124,14 @@ class PackedCache:
             pass
 
     def pack_bf16(self, name: str, weight: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
-        """gemm.pack_bf16(weight, huge_pages), from the file where it has `name` at this shape."""
-        shape = gemm.packed_bf16_shape(*weight.shape)
+        """packing.pack_bf16(weight, huge_pages), from the file where it has `name` at this shape."""
+        shape = packing.packed_bf16_shape(*weight.shape)
         entry = self.entries.get(name)
         if entry is not None and entry[1] == shape:
             packed = torch.frombuffer(self.map, dtype=torch.bfloat16, count=math.prod(shape), offset=entry[0])
             packed = packed.view(shape)
         else:
-            packed = gemm.pack_bf16(weight, huge_pages)
+            packed = packing.pack_bf16(weight, huge_pages)
             self.missed += 1
         self.packed[name] = packed
         return packed
