@@ -124,7 +124,7 @@ int bf16_gemm_codes(int64_t kind, const uint8_t *w, const void *sz, int sz_bf16,
                 for (int64_t b0 = b_first; b0 < b_end; b0 += 2) {
                     const uint16_t *w0 = buf + (b0 - b_first) * 16 * K, *w1 = w0 + 16 * K;
                     const int two = b0 + 1 < b_end;
-                    amx_pass(xa, w0, w1, two, K);
+                    AMX_PASS(_tile_dpbf16ps, xa, w0, w1, two, K);
                     AMX_STORE_PASS(AMX_CODES_STORE, m0, b0, two);
                 }
             }

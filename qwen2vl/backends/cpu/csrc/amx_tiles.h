@@ -1,5 +1,6 @@
-/* What the AMX kernels (bf16_amx.h, int8_amx.h) share: the tile state Linux hands out, one shape for
- * all eight tiles, and the order a thread walks the weights in. bf16_gemm.c and int8_mm.c include it
+/* What the AMX kernels (bf16_amx.h, amx_codes.h, int8_amx.h) share: the tile state Linux hands out, one
+ * shape for all eight tiles, a pass of 32 rows over two weight blocks and its four stores, and the order a
+ * thread walks the weights in. bf16_gemm.c and int8_mm.c include it
  * themselves, before their kernel's header (native.py hashes the headers a source includes, one level).
  */
 #ifndef QWEN2VL_AMX_TILES_H
@@ -38,6 +39,43 @@ static void amx_configure(void) {
     for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
 }
+
+/* One pass of rows xa (two A tiles of 16 rows, K elements a row) over one or two B blocks (w0, and w1 where
+ * `two`) into C tiles 0-3: 0 and 2 rows 0-15 and 16-31 of block w0, 1 and 3 of w1. `dot` is the tiles'
+ * product (_tile_dpbf16ps for bf16 elements, _tile_dpbsud for int8 codes): a tile row is 64 bytes of k,
+ * and a B block's k at w + k * 16 in either layout. */
+#define AMX_PASS(dot, xa, w0, w1, two, K)                                      \
+    do {                                                                       \
+        const int64_t row_bytes_ = (K) * (int64_t)sizeof *(xa);                \
+        _tile_zero(0);                                                         \
+        _tile_zero(1);                                                         \
+        _tile_zero(2);                                                         \
+        _tile_zero(3);                                                         \
+        for (int64_t k = 0; k < (K); k += 64 / (int64_t)sizeof *(xa)) {        \
+            _tile_loadd(4, (xa) + k, row_bytes_);                              \
+            _tile_loadd(5, (xa) + 16 * (K) + k, row_bytes_);                   \
+            _tile_loadd(6, (w0) + k * 16, 64);                                 \
+            dot(0, 4, 6);                                                      \
+            dot(2, 5, 6);                                                      \
+            if (two) {                                                         \
+                _tile_loadd(7, (w1) + k * 16, 64);                             \
+                dot(1, 4, 7);                                                  \
+                dot(3, 5, 7);                                                  \
+            }                                                                  \
+        }                                                                      \
+    } while (0)
+
+/* AMX_PASS's four C tiles through `store` (a macro of the tile, its first row, its first output): rows m0..
+ * of blocks b0 and, where `two`, b0 + 1 */
+#define AMX_STORE_PASS(store, m0, b0, two)           \
+    do {                                              \
+        store(0, m0, (b0) * 16);                      \
+        store(2, (m0) + 16, (b0) * 16);               \
+        if (two) {                                    \
+            store(1, m0, ((b0) + 1) * 16);            \
+            store(3, (m0) + 16, ((b0) + 1) * 16);     \
+        }                                             \
+    } while (0)
 
 /* Weight-block pairs (`pair_bytes` each) a thread takes as one chunk: about AMX_CHUNK bytes, and at
  * least 4 chunks a thread so the threads end together. Every row group of x passes over a chunk while

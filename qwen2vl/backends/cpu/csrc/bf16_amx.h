@@ -31,18 +31,6 @@ int bf16_gemm_amx(int enable) { return amx_switch(&amx_state, enable); }
             store16(y + ((row0) + r) * N + (n0), _mm512_add_ps(_mm512_loadu_ps(c + r * 16), b), mask); \
     } while (0)
 
-/* amx_pass's four C tiles through `store` (a macro of the tile, its first row, its first output): rows m0..
- * of blocks b0 and, where `two`, b0 + 1 */
-#define AMX_STORE_PASS(store, m0, b0, two)           \
-    do {                                              \
-        store(0, m0, (b0) * 16);                      \
-        store(2, (m0) + 16, (b0) * 16);               \
-        if (two) {                                    \
-            store(1, m0, ((b0) + 1) * 16);            \
-            store(3, (m0) + 16, ((b0) + 1) * 16);     \
-        }                                             \
-    } while (0)
-
 /* *tail = x's last M % AMX_ROWS rows zero-padded to AMX_ROWS (NULL where M is a multiple), so no tile
  * reads past x. -1 when out of memory. */
 static int amx_tail(const uint16_t *x, int64_t M, int64_t K, uint16_t **tail) {
@@ -51,28 +39,6 @@ static int amx_tail(const uint16_t *x, int64_t M, int64_t K, uint16_t **tail) {
     if (!(*tail = calloc((size_t)AMX_ROWS * K, sizeof **tail))) return -1;
     memcpy(*tail, x + (M / AMX_ROWS) * AMX_ROWS * K, (size_t)(M % AMX_ROWS) * K * sizeof **tail);
     return 0;
-}
-
-/* Rows xa (two A tiles of 16 rows, stride K) times one or two B blocks (w0, and w1 where `two`) into C
- * tiles 0-3: 0 and 2 rows 0-15 and 16-31 of block w0, 1 and 3 of w1. */
-static inline __attribute__((always_inline)) void amx_pass(const uint16_t *xa, const uint16_t *w0,
-                                                           const uint16_t *w1, int two, int64_t K) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t k = 0; k < K; k += 32) {
-        _tile_loadd(4, xa + k, 2 * K);
-        _tile_loadd(5, xa + 16 * K + k, 2 * K);
-        _tile_loadd(6, w0 + k * 16, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
-        if (two) {
-            _tile_loadd(7, w1 + k * 16, 64);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-    }
 }
 
 /* y [M, N] = x [M, K] @ w.T + bias with K % 32 == 0. Returns -1 when out of memory (nothing written).
@@ -95,7 +61,7 @@ static int amx_gemm(const uint16_t *w, const uint16_t *x, uint16_t *y, const uin
             const uint16_t *xa = (tail && g == groups - 1) ? tail : x + m0 * K;
             const uint16_t *w0 = w + b0 * 16 * K, *w1 = w0 + 16 * K;
             const int two = b0 + 1 < blocks;
-            amx_pass(xa, w0, w1, two, K);
+            AMX_PASS(_tile_dpbf16ps, xa, w0, w1, two, K);
             AMX_STORE_PASS(AMX_STORE, m0, b0, two);
           }
         }

@@ -18,13 +18,13 @@ static int amx8_state = 0; /* 0: not asked (off), 1: on, -1: switched off or ref
 
 int int8_mm_amx(int enable) { return amx_switch(&amx8_state, enable); }
 
-/* C tile t (16 x 16 int32) to y rows row0.. (those < M) of block b through store_tile */
-#define AMX8_STORE(t, row0, b)                                                                           \
+/* C tile t (16 x 16 int32) to y rows row0.. (those < M) of outputs n0.. through store_tile */
+#define AMX8_STORE(t, row0, n0)                                                                           \
     do {                                                                                                 \
         _tile_stored(t, c, 64);                                                                          \
         if ((row0) < M)                                                                                  \
             store_tile((const ivec *)c, a, scales, scales_bf16, bias, (char *)y, io_bf16, row0,          \
-                       M - (row0) < 16 ? (int)(M - (row0)) : 16, b, 1, N);                               \
+                       M - (row0) < 16 ? (int)(M - (row0)) : 16, (n0) / 16, 1, N);                               \
     } while (0)
 
 /* a.q holds ceil(M / 32) * 32 rows (the last zero past M). K % 64 == 0. */
@@ -44,28 +44,8 @@ static void amx8_mm(const uint8_t *w, Rows a, const void *scales, int scales_bf1
             const int two = b0 + 1 < blocks;
             const int8_t *xa = a.q + m0 * K;
             const uint8_t *w0 = w + b0 * 16 * K, *w1 = w0 + 16 * K;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t k = 0; k < K; k += 64) {
-                _tile_loadd(4, xa + k, K);
-                _tile_loadd(5, xa + 16 * K + k, K);
-                _tile_loadd(6, w0 + k * 16, 64);
-                _tile_dpbsud(0, 4, 6);
-                _tile_dpbsud(2, 5, 6);
-                if (two) {
-                    _tile_loadd(7, w1 + k * 16, 64);
-                    _tile_dpbsud(1, 4, 7);
-                    _tile_dpbsud(3, 5, 7);
-                }
-            }
-            AMX8_STORE(0, m0, b0);
-            AMX8_STORE(2, m0 + 16, b0);
-            if (two) {
-                AMX8_STORE(1, m0, b0 + 1);
-                AMX8_STORE(3, m0 + 16, b0 + 1);
-            }
+            AMX_PASS(_tile_dpbsud, xa, w0, w1, two, K);
+            AMX_STORE_PASS(AMX8_STORE, m0, b0, two);
           }
         }
         _tile_release();

@@ -32,8 +32,8 @@ void bf16_gemm(const bf16 *w, const bf16 *x, bf16 *y, const bf16 *bias, int64_t 
  * switches them on, 0 switches them off, -1 asks whether they are on. 1 when on. */
 int bf16_gemm_amx(int enable);
 /* Its AMX tiles on int_gemv's weights (kind INT8, INT4 or INT8G, layouts and scales as int8_gemm / int4_gemm /
- * int8g_gemm below) for a quantized model's prefill rows, the codes widened to bf16 (amx_codes.h). -1, with
- * nothing to keep, where the tiles are off (and in every other build) or out of memory. */
+ * int8g_gemm below) for a quantized model's prefill rows and large decode batches, the codes widened to bf16
+ * (amx_codes.h). -1, with nothing to keep, where the tiles are off (and in every other build) or out of memory. */
 int bf16_gemm_codes(int64_t kind, const uint8_t *w, const void *sz, int sz_bf16, const bf16 *x, bf16 *y,
                     const bf16 *bias, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads);
 
