@@ -43,6 +43,20 @@ def _targets(text: str) -> list[str]:
     return names
 
 
+def _token_ids(text: str) -> list[int]:
+    """'3,7,10-12' -> [3, 7, 10, 11, 12]."""
+    ids = []
+    try:
+        for part in (t.strip() for t in text.split(",") if t.strip()):
+            lo, _, hi = part.partition("-")
+            ids += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids and ranges such as 3,7,10-12, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("no token ids given")
+    return ids
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = TRAIN_EPILOG
@@ -55,6 +69,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--full", action="store_true", help="train every decoder weight (default: a LoRA adapter)")
     m.add_argument("--train-vision", action="store_true", help="with --full: train the vision tower too "
                    "(default: frozen)")
+    m.add_argument("--train-tokens", type=_token_ids, metavar="IDS", help="with --full: train only these "
+                   "tokens' rows of the embedding (and of an untied head), every other weight frozen: new tokens, "
+                   "or tokens the model never saw (ids and ranges: 3,7,10-12)")
     m.add_argument("--init-random", action="store_true", help="with --full: start from random weights "
                    "(the folder needs only config.json, tokenizer and preprocessor files)")
     m.add_argument("--init-vision-scale", type=positive(float), help="with --init-random: scale the vision "
@@ -139,8 +156,8 @@ def config_from_args(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return TrainConfig(
         model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, full=args.full,
-        train_vision=args.train_vision, init_random=args.init_random, lora_rank=rank,
-        lora_alpha=args.lora_alpha or 2.0 * rank,
+        train_vision=args.train_vision, train_tokens=args.train_tokens, init_random=args.init_random,
+        lora_rank=rank, lora_alpha=args.lora_alpha or 2.0 * rank,
         lora_dropout=0.05 if args.lora_dropout is None else args.lora_dropout,
         lora_targets=args.lora_targets or list(DECODER_LINEARS), loraplus_ratio=args.loraplus_ratio,
         lr=args.lr, vision_lr=args.vision_lr,

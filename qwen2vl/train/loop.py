@@ -40,6 +40,7 @@ class TrainConfig:
     eval_data: str | None = None
     full: bool = False  # else LoRA
     train_vision: bool = False
+    train_tokens: list[int] | None = None  # with full: only these rows of the embedding (and head) trained
     init_random: bool = False
     init_vision_scale: float = 1.0  # with init_random: the merger's output layer scaled by this
     lora_rank: int = 16
@@ -75,8 +76,8 @@ class TrainConfig:
 
     def resumable_settings(self) -> dict:
         """What a resumed run must keep (the data order and the trained tensors depend on it)."""
-        keep = ("data", "full", "train_vision", "lora_rank", "lora_alpha", "lora_targets", "loraplus_ratio",
-                "batch_size", "grad_accum", "seed", "max_length", "min_pixels", "max_pixels")
+        keep = ("data", "full", "train_vision", "train_tokens", "lora_rank", "lora_alpha", "lora_targets",
+                "loraplus_ratio", "batch_size", "grad_accum", "seed", "max_length", "min_pixels", "max_pixels")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -86,6 +87,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{out} is not empty; --resume to continue its run, --overwrite to replace it, "
                          "or choose another --output")
+    if cfg.train_tokens and (not cfg.full or cfg.train_vision or cfg.init_random or cfg.weight_decay):
+        raise ValueError("--train-tokens trains some embedding rows of a trained model and nothing else: it "
+                         "needs --full, and no --train-vision, --init-random or --weight-decay (which would "
+                         "shrink the frozen rows too)")
     torch.manual_seed(cfg.seed)
     folder = resolve_model_path(cfg.model)
     processor = Processor.from_pretrained(folder)
@@ -97,7 +102,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model = load_for_training(folder, dtype=DTYPES[cfg.dtype], device=cfg.device, full=cfg.full,
                               train_vision=cfg.train_vision, init_random=cfg.init_random,
                               init_vision_scale=cfg.init_vision_scale, lora=lora,
-                              gradient_checkpointing=cfg.gradient_checkpointing)
+                              gradient_checkpointing=cfg.gradient_checkpointing, train_tokens=cfg.train_tokens)
     params = trainable_parameters(model)
     lr = cfg.lr or (1e-5 if cfg.full else 1e-4)
     groups = []
@@ -129,7 +134,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if start >= stop:
             raise ValueError(f"--stop-after {stop}: {ckpt} is already at step {start}")
     n_params = sum(p.numel() for p in params.values())
-    what = "a LoRA adapter" if not cfg.full else "the whole model" if cfg.train_vision else "the decoder"
+    if cfg.train_tokens:  # the embedding's (and an untied head's) rows that the gradient reaches
+        n_params = sum(p[0].numel() for p in params.values()) * len(set(cfg.train_tokens))
+    what = ("a LoRA adapter" if not cfg.full else f"the rows of {len(set(cfg.train_tokens))} tokens"
+            if cfg.train_tokens else "the whole model" if cfg.train_vision else "the decoder")
     cut = f", stopping after step {stop}" if stop < total else ""
     log(f"training {what}: {n_params:,} parameters, {len(rows)} rows, {total} steps of {cfg.grad_accum} x "
         f"{cfg.batch_size} rows, {cfg.dtype} on {cfg.device}{cut}")

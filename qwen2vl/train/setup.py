@@ -4,6 +4,8 @@ chosen and put in float32 (master weights), the rest frozen in the run's dtype.
 - LoRA (the default): every base weight frozen, LoRA A/B on the chosen decoder linears trained.
 - full (`--full`): the decoder, its embeddings and head trained; the vision tower too with
   `--train-vision` (else frozen: its features are already good, and it is a third of the 2B).
+- some tokens (`--full --train-tokens IDS`): only those tokens' rows of the embedding (and of an untied
+  head) trained, every other weight frozen (new tokens, or tokens the model never saw in training).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from qwen2vl.train.step import checkpoint_layers
 
 def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, train_vision: bool,
                       init_random: bool = False, init_vision_scale: float = 1.0, lora: dict | None = None,
-                      gradient_checkpointing: bool = False) -> Qwen2VL:
-    """`lora`: {targets, rank, alpha, dropout} for LoRA runs (None with full=True)."""
+                      gradient_checkpointing: bool = False, train_tokens: list[int] | None = None) -> Qwen2VL:
+    """`lora`: {targets, rank, alpha, dropout} for LoRA runs (None with full=True); `train_tokens`: with
+    full=True, train only these rows of the embedding and head."""
     if init_random:
         model = random_model(folder, device, vision_scale=init_vision_scale)
     else:
@@ -32,7 +35,9 @@ def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, t
     for p in model.parameters():
         p.requires_grad_(False)
         p.data = p.data.to(dtype)
-    if full:
+    if full and train_tokens:
+        train_rows(model, train_tokens)
+    elif full:
         trained = [model.model, model.lm_head] + ([model.visual] if train_vision else [])
         for module in trained:
             for p in module.parameters():
@@ -46,6 +51,21 @@ def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, t
         if full and train_vision:
             checkpoint_layers(model.visual.blocks)
     return model.train()
+
+
+def train_rows(model: Qwen2VL, ids: list[int]) -> None:
+    """Make the embedding (and an untied head) trainable with a gradient of zero outside rows `ids`, so
+    that AdamW (no weight decay) leaves every other row as it was."""
+    vocab = model.model.embed_tokens.weight.shape[0]
+    bad = sorted({i for i in ids if not 0 <= i < vocab})
+    if bad:
+        raise ValueError(f"--train-tokens: ids {bad[:5]} are outside the vocabulary (0-{vocab - 1})")
+    for weight in {id(w): w for w in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
+        mask = torch.zeros(weight.shape[0], 1, device=weight.device)
+        mask[sorted(set(ids))] = 1.0
+        weight.data = weight.data.float()
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
 
 
 def random_model(folder: Path, device, vision_scale: float = 1.0) -> Qwen2VL:
