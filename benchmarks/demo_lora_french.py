@@ -81,6 +81,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup-ratio", default="0.1", help="of the 300 steps (default 0.1)")
     parser.add_argument("--loraplus-ratio", help="LoRA+: B learns at this x --lr (default: off)")
     parser.add_argument("--model", default="demo", help="the base model (default demo; a candidate checkpoint)")
+    parser.add_argument("--seed", default="0", help="qwen2vl train's --seed: LoRA init, row order, dropout (default 0)")
+    parser.add_argument("--held-out-seed", type=int, default=HELD_OUT_SEED, help=f"the held-out cases' set "
+                        f"(default {HELD_OUT_SEED}; the rows are set {TRAIN_SEED})")
     args = parser.parse_args(argv)
     work = Path(args.work)
     shapes = args.shapes or None
@@ -88,13 +91,14 @@ def main(argv=None) -> None:
     command = [sys.executable, "-m", "qwen2vl", "train", "--model", args.model, "--data", str(data),
                "--output", str(work / "lora"), "--lora-rank", "16", "--epochs", "3", "--lr", args.lr,
                "--lora-alpha", args.lora_alpha, "--warmup-ratio", args.warmup_ratio, "--overwrite",
-               "--log-every", "50"] + (["--loraplus-ratio", args.loraplus_ratio] if args.loraplus_ratio else [])
+               "--log-every", "50", "--seed", args.seed]
+    command += ["--loraplus-ratio", args.loraplus_ratio] if args.loraplus_ratio else []
     print("$", " ".join(["qwen2vl", *command[3:]]), flush=True)
     began = time.perf_counter()
     subprocess.run(command, check=True)
     took = time.perf_counter() - began
 
-    cases = colour_cases(HELD_OUT_SEED, args.cases, shapes)
+    cases = colour_cases(args.held_out_seed, args.cases, shapes)
     llm = LLM(args.model, lora={"french": str(work / "lora")}, kv_cache_gib=0.05)
     english = ask(llm, cases, "", None)
     base_french = ask(llm, cases, SUFFIX, None)
@@ -102,7 +106,8 @@ def main(argv=None) -> None:
     n = len(cases)
     right = lambda answers, truth: sum(a == t for a, t in zip(answers, truth))
     print(f"\ntraining: {args.rows} rows x 3 epochs, {took:.0f} s of wall time (including start-up)")
-    print(f"held-out colour cases (seed {HELD_OUT_SEED}, {args.shapes or 'any number of'} shape(s) a picture): {n}")
+    print(f"held-out colour cases (seed {args.held_out_seed}, {args.shapes or 'any number of'} shape(s) a picture): "
+          f"{n}")
     print(f"base model, English question:  right {right(english, [c.answer for c in cases])}/{n}")
     in_french = sum(a in FRENCH.values() for a in base_french)
     print(f"base model, + '{SUFFIX.strip()}': right in French "

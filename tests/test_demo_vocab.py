@@ -80,3 +80,36 @@ def test_transformers_reads_the_same_tokenizer_and_chat_template(blank):
                 {"role": "assistant", "content": "red"}]
     proc = Processor.from_pretrained(blank)
     assert hf.apply_chat_template(messages, tokenize=False) == proc.apply_chat_template(messages)
+
+
+def test_the_unused_tokens_are_in_no_suite_row_and_spell_other_words(tmp_path):
+    """`unused_token_ids` (what `--train-tokens` trains in the letters lesson) holds no token of the rows the
+    demo was trained on (every task but reading, with their extra questions, through the chat template),
+    and does hold the letters of words the suite never answers."""
+    from qwen2vl.demo.dataset import write_dataset
+    from qwen2vl.hub import resolve_model_path
+    from qwen2vl.train.data import read_rows
+
+    folder = resolve_model_path("demo")
+    unused = set(vocab.unused_token_ids(folder))
+    proc = Processor.from_pretrained(folder)
+    mix = {"color": 1, "count": 1, "grounding": 1, "video": 1, "two_images": 1}
+    rows = read_rows(write_dataset(tmp_path, 40, seed=9, mix=mix))
+    seen = {i for row in rows for i in proc.encode_text(row.messages, answers_hold_special_tokens=True)}
+    assert len(seen) > 80 and not seen & unused
+    tok = Tokenizer.from_pretrained(folder)
+    for word in ("rouge", "jaune", "KQWZ"):  # digits are not: counts and boxes answer them
+        assert set(tok.encode(word)) <= unused, word
+
+
+def test_the_letters_lesson_is_seeded_and_answers_the_string_it_shows(tmp_path):
+    from qwen2vl.demo.letters import PROMPT, write_letters
+    from qwen2vl.train.data import read_rows
+
+    first, again = write_letters(tmp_path / "a", 50, seed=3), write_letters(tmp_path / "b", 50, seed=3)
+    assert first.read_bytes() == again.read_bytes() != write_letters(tmp_path / "c", 50, seed=4).read_bytes()
+    rows = read_rows(first)
+    for row in rows:
+        (user, assistant) = row.messages
+        assert user["content"] == PROMPT + assistant["content"]
+    assert {len(r.messages[1]["content"]) for r in rows} == set(range(3, 9))

@@ -75,3 +75,23 @@ def build_tokenizer(out: str | Path, chat_template: str) -> None:
         "chat_template": chat_template,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def unused_token_ids(folder: str | Path) -> list[int]:
+    """The ids of folder's tokenizer that no fixed text of the suite produces (special tokens left out):
+    the bytes and merges that spell only other words (a French colour, a word read from an image). No
+    suite answer or question holds them, so the demo's training never used their embedding rows."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    used = {i for line in corpus() for i in tok.encode(line, add_special_tokens=False).ids}
+    special = {tok.token_to_id(s) for s in SPECIAL_TOKENS}
+    return sorted(set(tok.get_vocab().values()) - used - special)
+
+
+if __name__ == "__main__":  # python -m qwen2vl.demo.vocab [FOLDER]: those ids, for qwen2vl train --train-tokens
+    import sys
+
+    from qwen2vl.hub import resolve_model_path
+
+    print(",".join(map(str, unused_token_ids(resolve_model_path(sys.argv[1] if len(sys.argv) > 1 else "demo")))))
