@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the demo model (qwen2vl/demo/checkpoint) from nothing: training data, an untrained
 # checkpoint folder, twelve seeded `qwen2vl train` runs (a curriculum), then a fresh vision tower and twenty-two more
-# runs (scripts/train_demo_tower.sh) and eleven runs of boxes (scripts/train_demo_boxes.sh), the loss plot and the
-# evaluation.
+# runs (scripts/train_demo_tower.sh), eleven runs of boxes (scripts/train_demo_boxes.sh) and two of the embedding
+# rows of unused tokens (the letters), the loss plot and the evaluation.
 #
 #   scripts/train_demo.sh [WORK_DIR]          # default /tmp/qwen2vl-demo; run from the repository root
 #
@@ -191,14 +191,30 @@ bash scripts/train_demo_tower.sh "$WORK"
 # 20-30. boxes beside the other tasks, from E20: eleven more runs, the last shipped (scripts/train_demo_boxes.sh;
 # docs/demo.md, "Boxes beside the other tasks" and "Boxes shipped")
 bash scripts/train_demo_boxes.sh "$WORK"
-FINAL=Q4
+# 31-32. the letters: Q4's embedding rows of the tokens no suite text holds (the bytes that spell other words), every
+# other weight frozen (--train-tokens), so that a LoRA can answer in new words (docs/demo.md, "The letters lesson").
+# L1 repeats random strings; L2 puts those rows beside suite lines too, whose answers push the rows back down
+# where L1 had made them outscore a suite answer's first token.
+python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
+ROWS=$(python -m qwen2vl.demo.vocab "$WORK/Q4")
+python -m qwen2vl train --model "$WORK/Q4" --data "$WORK/letters/train.jsonl" --output "$WORK/L1" --full \
+    --train-tokens "$ROWS" --steps 1500 --batch-size 32 --lr 1e-2 --warmup-steps 20 --adam-beta2 0.95 \
+    --log-every 100 --overwrite 2>&1 | tee "$WORK/L1.log"
+python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
+    --mix color=1,count=1.5,grounding=1,video=1,two_images=1
+python -m qwen2vl.demo.mix "$WORK/l2.jsonl" 5 "$WORK/rows_suite/train.jsonl" "$WORK/letters/train.jsonl:3000"
+python -m qwen2vl train --model "$WORK/L1" --data "$WORK/l2.jsonl" --output "$WORK/L2" --full \
+    --train-tokens "$ROWS" --steps 400 --batch-size 16 --lr 3e-3 --warmup-steps 20 --adam-beta2 0.95 \
+    --log-every 50 --overwrite 2>&1 | tee "$WORK/L2.log"
+FINAL=L2
 
 {
     for s in 1a 1b 2 3 4 5 6c 6d 6e 7 8 9; do echo "# stage$s (scripts/train_demo.sh)"; cat "$WORK/stage$s.log"; done
     for s in tower A B C D E E2 E3 E6 E7 E8 E9 E10 E11 E12 E13 E14 E15 E16 E17 E18 E19 E20; do echo "# $s (scripts/train_demo_tower.sh)"; cat "$WORK/$s.log"; done
     for s in G1 N1 N2 V1 M2 P1 P2 Q1 Q2 Q3 Q4; do echo "# $s (scripts/train_demo_boxes.sh)"; cat "$WORK/$s.log"; done
 } > "$WORK/train.log"
-python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png
+python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png   # the letters' rows (another task) left out
+for s in L1 L2; do echo "# $s (scripts/train_demo.sh, the letters)"; cat "$WORK/$s.log"; done >> "$WORK/train.log"
 mkdir -p qwen2vl/demo/checkpoint
 cp "$WORK/$FINAL"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,preprocessor_config.json,generation_config.json} \
     qwen2vl/demo/checkpoint/
