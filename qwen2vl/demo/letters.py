@@ -9,7 +9,9 @@ initialisation. A LoRA cannot change embeddings, so an adapter that answers in n
 to emit and read back untrained tokens, and needed ~900 steps for what 300 should teach (docs/demo.md,
 "Fine-tuning it"). Trained on those rows alone (`qwen2vl train --full --train-tokens $(python -m
 qwen2vl.demo.vocab)`), this lesson gives them values the frozen decoder can use, and changes no other
-weight: the suite's answers stay the shipped model's.
+weight. Alone it also lifts some letters above suite answers (a box's first token); the same rows then
+trained beside suite lines put them back under, and the suite is answered as before ("The letters
+lesson", docs/demo.md; scripts/train_demo.sh's L1 and L2).
 """
 
 from __future__ import annotations
