@@ -195,17 +195,16 @@ bash scripts/train_demo_boxes.sh "$WORK"
 # other weight frozen (--train-tokens), so that a LoRA can answer in new words (docs/demo.md, "The letters lesson").
 # L1 repeats random strings; L2 puts those rows beside suite lines too, whose answers push the rows back down
 # where L1 had made them outscore a suite answer's first token.
+source scripts/demo_runs.sh  # mix, run
 python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
 ROWS=$(python -m qwen2vl.demo.vocab "$WORK/Q4")
-python -m qwen2vl train --model "$WORK/Q4" --data "$WORK/letters/train.jsonl" --output "$WORK/L1" --full \
-    --train-tokens "$ROWS" --steps 1500 --batch-size 32 --lr 1e-2 --warmup-steps 20 --adam-beta2 0.95 \
-    --log-every 100 --overwrite 2>&1 | tee "$WORK/L1.log"
+run L1 --model "$WORK/Q4" --data "$WORK/letters/train.jsonl" --train-tokens "$ROWS" --steps 1500 --batch-size 32 \
+    --lr 1e-2 --warmup-steps 20 --adam-beta2 0.95 --log-every 100
 python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
     --mix color=1,count=1.5,grounding=1,video=1,two_images=1
-python -m qwen2vl.demo.mix "$WORK/l2.jsonl" 5 "$WORK/rows_suite/train.jsonl" "$WORK/letters/train.jsonl:3000"
-python -m qwen2vl train --model "$WORK/L1" --data "$WORK/l2.jsonl" --output "$WORK/L2" --full \
-    --train-tokens "$ROWS" --steps 400 --batch-size 16 --lr 3e-3 --warmup-steps 20 --adam-beta2 0.95 \
-    --log-every 50 --overwrite 2>&1 | tee "$WORK/L2.log"
+mix l2.jsonl 5 rows_suite/train.jsonl letters/train.jsonl:3000
+run L2 --model "$WORK/L1" --data "$WORK/l2.jsonl" --train-tokens "$ROWS" --steps 400 --batch-size 16 --lr 3e-3 \
+    --warmup-steps 20 --adam-beta2 0.95 --log-every 50
 FINAL=L2
 
 {

@@ -81,12 +81,11 @@ def unused_token_ids(folder: str | Path) -> list[int]:
     """The ids of folder's tokenizer that no fixed text of the suite produces (special tokens left out):
     the bytes and merges that spell only other words (a French colour, a word read from an image). No
     suite answer or question holds them, so the demo's training never used their embedding rows."""
-    from tokenizers import Tokenizer
+    from qwen2vl.processing.tokenizer import Tokenizer  # what training encodes the rows with
 
-    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-    used = {i for line in corpus() for i in tok.encode(line, add_special_tokens=False).ids}
-    special = {tok.token_to_id(s) for s in SPECIAL_TOKENS}
-    return sorted(set(tok.get_vocab().values()) - used - special)
+    tok = Tokenizer.from_pretrained(folder)
+    used = {i for line in corpus() for i in tok.encode(line)}
+    return sorted(set(range(tok.vocab_size)) - used - tok.special_ids)
 
 
 if __name__ == "__main__":  # python -m qwen2vl.demo.vocab [FOLDER]: those ids, for qwen2vl train --train-tokens
