@@ -6,9 +6,12 @@ Tensor names are what PEFT 0.21 writes for transformers 5's Qwen2VLForConditiona
 [out, r], and the adapted layer computes base(x) + scale * B(A(x)), scale = lora_alpha / r
 (lora_alpha / sqrt(r) with use_rslora; rank_pattern / alpha_pattern give per-module values).
 
-Adapters on the decoder's linears (q/k/v/o, gate/up/down) are what we train, merge and serve; an
-adapter with anything else (DoRA, trained biases, modules_to_save, the vision tower, embeddings) is
-refused with its reason rather than half applied.
+Adapters on the decoder's linears (q/k/v/o, gate/up/down) are what we train, merge and serve, with
+PEFT's trainable tokens beside them (`trainable_token_indices`: new embedding rows for a few tokens,
+`...embed_tokens.token_adapter.trainable_tokens_delta` [n, D], which replace the base's rows and, with
+tied embeddings, the head's: qwen2vl/token_rows.py). An adapter with anything else (DoRA, trained
+biases, modules_to_save, the vision tower, whole embeddings, an untied head's tokens) is refused with its
+reason rather than half applied.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 _PREFIX = "base_model.model."
 _MODULE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_TOKENS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
+EMBEDDING = "model.embed_tokens"
 
 
 @dataclass
@@ -39,10 +44,17 @@ class LoRAWeights:
 
 
 @dataclass
+class TokenWeights:
+    ids: list[int]  # token ids, in the order of rows
+    rows: torch.Tensor  # [n, D]: their embedding rows, in place of the base's
+
+
+@dataclass
 class Adapter:
     path: Path
     config: dict
     modules: dict[str, LoRAWeights]  # by our module name, "model.layers.0.self_attn.q_proj"
+    tokens: TokenWeights | None = None
 
 
 def peft_key(module: str, which: str) -> str:
@@ -59,14 +71,18 @@ def read_adapter(folder: str | Path) -> Adapter:
     config = json.loads((folder / CONFIG).read_text())
     _check_config(config, folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    tokens = None
     for key, tensor in load_file(str(folder / WEIGHTS)).items():
+        if t := _TOKENS.match(key.removeprefix(_PREFIX)):
+            tokens = _token_weights(config, canonical_name(t["module"]), tensor, folder)
+            continue
         m = _KEY.match(key.removeprefix(_PREFIX))
         module = canonical_name(m["module"]) if m else None
         if module is None or not _MODULE.match(module):
             raise ValueError(f"{folder}: tensor {key} is not a LoRA weight of a decoder linear "
                              f"({', '.join(DECODER_LINEARS)}); only those are supported")
         pairs.setdefault(module, {})[m["which"]] = tensor
-    if not pairs:
+    if not pairs and tokens is None:
         raise ValueError(f"{folder}: {WEIGHTS} holds no LoRA weights")
     modules = {}
     for module, ab in pairs.items():
@@ -76,7 +92,28 @@ def read_adapter(folder: str | Path) -> Adapter:
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"{folder}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} don't chain")
         modules[module] = LoRAWeights(a, b, _scale(config, module, a.shape[0]))
-    return Adapter(folder, config, modules)
+    if config.get("trainable_token_indices") and tokens is None:
+        raise ValueError(f"{folder}: {CONFIG} names trainable_token_indices but {WEIGHTS} holds no token rows")
+    return Adapter(folder, config, modules, tokens)
+
+
+def _token_weights(config: dict, module: str, rows: torch.Tensor, folder: Path) -> TokenWeights:
+    """The trainable tokens' rows of `module`, with their ids from the config (a list, or {module: list})."""
+    if module != EMBEDDING:
+        raise ValueError(f"{folder}: trainable tokens on {module}: only the embedding's are supported")
+    ids = config.get("trainable_token_indices")
+    if isinstance(ids, dict):
+        named = [v for k, v in ids.items() if EMBEDDING.endswith(k.split(".")[-1])]
+        if len(ids) != 1 or not named:
+            raise ValueError(f"{folder / CONFIG}: trainable_token_indices {sorted(ids)}: only the embedding's "
+                             "tokens are supported")
+        ids = named[0]
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{folder / CONFIG}: trainable_token_indices must list token ids, got {ids!r}")
+    if len(set(ids)) != len(ids) or rows.dim() != 2 or rows.shape[0] != len(ids):
+        raise ValueError(f"{folder}: {len(ids)} trainable token ids (distinct: {len(set(ids))}) for token rows "
+                         f"of shape {tuple(rows.shape)}")
+    return TokenWeights(ids, rows)
 
 
 def _check_config(config: dict, folder: Path) -> None:
@@ -107,21 +144,25 @@ def _scale(config: dict, module: str, rank: int) -> float:
 
 
 def write_adapter(folder: str | Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], *, rank: int,
-                  alpha: float, dropout: float, targets: list[str], base: str | None) -> Path:
-    """Save {module: (A, B)} as a PEFT adapter PEFT itself loads (PeftModel.from_pretrained)."""
+                  alpha: float, dropout: float, targets: list[str], base: str | None,
+                  tokens: TokenWeights | None = None) -> Path:
+    """Save {module: (A, B)} (and `tokens`' rows) as a PEFT adapter PEFT itself loads (PeftModel.from_pretrained)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (a, b) in modules.items():
         tensors[peft_key(module, "A")] = a.detach().cpu().contiguous()
         tensors[peft_key(module, "B")] = b.detach().cpu().contiguous()
+    if tokens is not None:
+        key = peft_key(EMBEDDING, "A").removesuffix(".lora_A.weight") + ".token_adapter.trainable_tokens_delta"
+        tensors[key] = tokens.rows.detach().cpu().contiguous()
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": rank, "lora_alpha": alpha,
         "lora_dropout": dropout, "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
         "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_pattern": None, "trainable_token_indices": list(tokens.ids) if tokens is not None else None,
     }
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder

@@ -13,6 +13,10 @@ batch, no per-adapter loop, no data-dependent shapes; another adapter's columns 
 
 `base` is called as it is, so a plain nn.Linear, a FastLinear or an int8/int4 linear all work; the C
 decode step (kernels/decode_step.py) sees a module that is none of its kernels and stays off.
+
+Adapters with trainable tokens (new embedding rows for some tokens) are read through one TokenRows
+(qwen2vl/token_rows.py) with the same per-row slots: the embedding's rows are per token row of the step,
+the head's per logits row, so the runner sets the slots again before it computes logits.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen2vl.adapter import Adapter
+from qwen2vl.token_rows import TokenRows, attach_token_rows
 
 
 class LoRARows:
@@ -83,8 +88,25 @@ def attach_adapters(model, adapters: dict[str, Adapter]) -> LoRARows:
         missing = sorted(set(adapter.modules) - seen[name])
         if missing:
             raise ValueError(f"adapter {name!r} ({adapter.path}): modules not in this model: {missing[:5]}")
+    tables = {slot: _token_table(name, a.tokens, cfg) for slot, (name, a) in enumerate(adapters.items(), 1)
+              if a.tokens is not None}
+    if tables:
+        token_rows = TokenRows.build({s: (ids, t.to(model.device, model.dtype)) for s, (ids, t) in tables.items()},
+                                     cfg.vocab_size, len(adapters) + 1)
+        attach_token_rows(model, token_rows.to(model.device), rows)
     model.lora = rows
     return rows
+
+
+def _token_table(name: str, tokens, cfg) -> tuple[list[int], torch.Tensor]:
+    bad = [i for i in tokens.ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"adapter {name!r}: token ids {bad[:5]} are outside this model's vocabulary "
+                         f"(0-{cfg.vocab_size - 1}); was it trained on another model?")
+    if tokens.rows.shape[1] != cfg.hidden_size:
+        raise ValueError(f"adapter {name!r}: token rows {tokens.rows.shape[1]} wide, this model's embedding "
+                         f"{cfg.hidden_size}; was it trained on another model?")
+    return tokens.ids, tokens.rows
 
 
 def _wrap(base, modules: list[tuple[str, int]], adapters: dict[str, Adapter], rows, dtype, device, seen):

@@ -1,5 +1,6 @@
 """`qwen2vl train --full --train-tokens IDS`: only those rows of the embedding (and of an untied head)
-change; every other weight of the checkpoint it writes is the base's, bit for bit."""
+change; every other weight of the checkpoint it writes is the base's, bit for bit. (Beside LoRA:
+tests/test_lora_tokens.py.)"""
 
 from __future__ import annotations
 
@@ -54,12 +55,12 @@ def test_only_the_named_rows_change(setup):
         assert moved[3:] == [False, False]  # the embedding rows of tokens no row holds have no gradient
 
 
-def test_train_tokens_needs_a_full_run_without_weight_decay_or_vision(setup):
+def test_full_train_tokens_refuses_weight_decay_and_vision(setup):
     root, data, answer_ids = setup
     base = dict(model=str(root / "base"), data=str(data), output=str(root / "bad"), dtype="fp32", steps=1,
                 train_tokens=answer_ids[:2], overwrite=True)
-    for extra in ({}, {"full": True, "weight_decay": 0.01}, {"full": True, "train_vision": True}):
-        with pytest.raises(ValueError, match="--train-tokens .* needs --full, and no --train-vision"):
+    for extra in ({"full": True, "weight_decay": 0.01}, {"full": True, "train_vision": True}):
+        with pytest.raises(ValueError, match="--full --train-tokens .* no --train-vision, --init-random or "):
             train(TrainConfig(**base, **extra), log=lambda _: None)
     with pytest.raises(ValueError, match=r"--train-tokens: ids \[151936\] are outside the vocabulary"):
         train(TrainConfig(**{**base, "train_tokens": [3, 151936]}, full=True), log=lambda _: None)

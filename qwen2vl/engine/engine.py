@@ -176,6 +176,8 @@ def profile_peak_bytes(model, config: EngineConfig) -> int:
     if getattr(model, "lora", None) is not None:  # LoRA linears need a slot per row; their matmuls count too
         model.lora.set([0], [n], model.device)
     hidden = model.model(x, positions, causal_attend)
+    if getattr(model, "lora", None) is not None:  # the head reads a slot per logits row (token_rows.py)
+        model.lora.set([0], [min(n, config.max_num_seqs)], model.device)
     model.compute_logits(hidden[: min(n, config.max_num_seqs)])
     del x, hidden
     peak = torch.cuda.max_memory_allocated(model.device) - before

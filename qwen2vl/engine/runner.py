@@ -55,6 +55,8 @@ class ModelRunner:
         logprobs: list = [None] * len(seqs)
         if done:
             rows = torch.tensor([batch.q_starts[i] + batch.q_lens[i] - 1 for i in done], device=self.device)
+            if self.lora is not None:  # an adapter's own token rows score its tokens: one slot per logits row
+                self.lora.set([seqs[i].lora for i in done], [1] * len(done), self.device)
             sampled, lps = self.sample(self.model.compute_logits(hidden.index_select(0, rows)), [seqs[i] for i in done])
             for i, t, lp in zip(done, sampled, lps):
                 tokens[i], logprobs[i] = t, lp

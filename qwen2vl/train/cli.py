@@ -69,9 +69,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--full", action="store_true", help="train every decoder weight (default: a LoRA adapter)")
     m.add_argument("--train-vision", action="store_true", help="with --full: train the vision tower too "
                    "(default: frozen)")
-    m.add_argument("--train-tokens", type=_token_ids, metavar="IDS", help="with --full: train only these "
-                   "tokens' rows of the embedding (and of an untied head), every other weight frozen: new tokens, "
-                   "or tokens the model never saw (ids and ranges: 3,7,10-12)")
+    m.add_argument("--train-tokens", type=_token_ids, metavar="IDS", help="train these tokens' rows of the "
+                   "embedding (ids and ranges: 3,7,10-12): new tokens, or tokens the model never saw. With LoRA, "
+                   "beside the adapter and saved in it (PEFT's trainable_token_indices; a tied head uses them "
+                   "too); with --full, only them (and an untied head's), every other weight frozen")
     m.add_argument("--init-random", action="store_true", help="with --full: start from random weights "
                    "(the folder needs only config.json, tokenizer and preprocessor files)")
     m.add_argument("--init-vision-scale", type=positive(float), help="with --init-random: scale the vision "
@@ -90,6 +91,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--vision-lr", type=positive(float), help="with --train-vision: peak learning rate of the vision "
                    "tower and its merger (default --lr; from scratch, 1/10 of it keeps the visual features from "
                    "blowing up into one constant direction)")
+    o.add_argument("--token-lr", type=positive(float), help="with --train-tokens: the token rows' peak "
+                   "learning rate (default --lr; new rows usually want several times an adapter's)")
     o.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: --warmup-ratio of the steps)")
     o.add_argument("--warmup-ratio", type=_fraction, default=0.0, help="warmup as a fraction of the steps")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
@@ -140,6 +143,8 @@ def config_from_args(args):
         raise ValueError("--train-vision needs --full (a LoRA adapter covers the decoder's linears only)")
     if args.init_random and not args.full:
         raise ValueError("--init-random needs --full (an adapter on random weights learns nothing useful)")
+    if args.token_lr is not None and not args.train_tokens:
+        raise ValueError("--token-lr needs --train-tokens (the rows it sets the rate of)")
     if args.vision_lr is not None and not args.train_vision:
         raise ValueError("--vision-lr needs --train-vision (the vision tower is frozen otherwise)")
     if args.init_vision_scale is not None and not args.init_random:
@@ -160,7 +165,7 @@ def config_from_args(args):
         lora_rank=rank, lora_alpha=args.lora_alpha or 2.0 * rank,
         lora_dropout=0.05 if args.lora_dropout is None else args.lora_dropout,
         lora_targets=args.lora_targets or list(DECODER_LINEARS), loraplus_ratio=args.loraplus_ratio,
-        lr=args.lr, vision_lr=args.vision_lr,
+        lr=args.lr, vision_lr=args.vision_lr, token_lr=args.token_lr,
         init_vision_scale=args.init_vision_scale or 1.0, warmup_steps=args.warmup_steps,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, adam_beta2=args.adam_beta2,
         max_grad_norm=args.max_grad_norm,
@@ -187,12 +192,16 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors), or a "
                    "full run's OUTPUT/checkpoint-STEP (its weights at that step become a checkpoint folder)")
     p.add_argument("output", help="folder for the merged checkpoint")
+    p.add_argument("--tokens-only", action="store_true", help="put only the adapter's trained token rows "
+                   "(--train-tokens) in the checkpoint, not its LoRA: an adapter trained to teach new rows, "
+                   "then set aside")
 
 
 def run_merge(args) -> int:
     from qwen2vl.train.merge import merge
 
-    out = merge(args.base, args.adapter, args.output)
-    print(f"merged {args.adapter} into {args.base}", file=sys.stderr)
+    out = merge(args.base, args.adapter, args.output, tokens_only=args.tokens_only)
+    what = "the token rows of " if args.tokens_only else ""
+    print(f"merged {what}{args.adapter} into {args.base}", file=sys.stderr)
     print(out)
     return 0

@@ -40,7 +40,7 @@ class TrainConfig:
     eval_data: str | None = None
     full: bool = False  # else LoRA
     train_vision: bool = False
-    train_tokens: list[int] | None = None  # with full: only these rows of the embedding (and head) trained
+    train_tokens: list[int] | None = None  # these rows of the embedding trained (beside LoRA, or alone: full)
     init_random: bool = False
     init_vision_scale: float = 1.0  # with init_random: the merger's output layer scaled by this
     lora_rank: int = 16
@@ -50,6 +50,7 @@ class TrainConfig:
     loraplus_ratio: float | None = None  # LoRA+: B's learning rate is this times A's
     lr: float | None = None  # default: 1e-4 for LoRA, 1e-5 full
     vision_lr: float | None = None  # the vision tower's (with train_vision); default lr
+    token_lr: float | None = None  # the train_tokens rows'; default lr
     warmup_steps: int | None = None
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -87,10 +88,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{out} is not empty; --resume to continue its run, --overwrite to replace it, "
                          "or choose another --output")
-    if cfg.train_tokens and (not cfg.full or cfg.train_vision or cfg.init_random or cfg.weight_decay):
-        raise ValueError("--train-tokens trains some embedding rows of a trained model and nothing else: it "
-                         "needs --full, and no --train-vision, --init-random or --weight-decay (which would "
-                         "shrink the frozen rows too)")
+    if cfg.train_tokens and cfg.full and (cfg.train_vision or cfg.init_random or cfg.weight_decay):
+        raise ValueError("--full --train-tokens trains some embedding rows of a trained model and nothing else: "
+                         "no --train-vision, --init-random or --weight-decay (which would shrink the frozen rows "
+                         "too)")
     torch.manual_seed(cfg.seed)
     folder = resolve_model_path(cfg.model)
     processor = Processor.from_pretrained(folder)
@@ -111,6 +112,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
         group_lr = (cfg.vision_lr or lr) if vision else lr
         groups += [{"params": [p for p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": group_lr},
                    {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr": group_lr}]  # biases, norms
+    if cfg.train_tokens:  # the rows: their own rate, no decay (it would pull them toward zero, not the base's)
+        token_params = {id(p) for name, p in params.items()
+                        if name.endswith(("token_rows.rows", "embed_tokens.weight")) or name == "lm_head.weight"}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in token_params]
+        groups.append({"params": [p for p in params.values() if id(p) in token_params], "weight_decay": 0.0,
+                       "lr": cfg.token_lr or lr})
     if cfg.loraplus_ratio:  # LoRA+ (Hayou et al. 2024): B, which starts at zero, learns ratio x faster than A
         b = {id(p) for name, p in params.items() if name.endswith("lora_B")}
         groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in b]
@@ -134,10 +142,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if start >= stop:
             raise ValueError(f"--stop-after {stop}: {ckpt} is already at step {start}")
     n_params = sum(p.numel() for p in params.values())
-    if cfg.train_tokens:  # the embedding's (and an untied head's) rows that the gradient reaches
+    if cfg.full and cfg.train_tokens:  # the embedding's (and an untied head's) rows that the gradient reaches
         n_params = sum(p[0].numel() for p in params.values()) * len(set(cfg.train_tokens))
-    what = ("a LoRA adapter" if not cfg.full else f"the rows of {len(set(cfg.train_tokens))} tokens"
-            if cfg.train_tokens else "the whole model" if cfg.train_vision else "the decoder")
+    token_rows = f"the rows of {len(set(cfg.train_tokens or []))} tokens"
+    what = ((f"a LoRA adapter and {token_rows}" if cfg.train_tokens else "a LoRA adapter") if not cfg.full
+            else token_rows if cfg.train_tokens else "the whole model" if cfg.train_vision else "the decoder")
     cut = f", stopping after step {stop}" if stop < total else ""
     log(f"training {what}: {n_params:,} parameters, {len(rows)} rows, {total} steps of {cfg.grad_accum} x "
         f"{cfg.batch_size} rows, {cfg.dtype} on {cfg.device}{cut}")

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen2vl.adapter import DECODER_LINEARS, write_adapter
+from qwen2vl.adapter import DECODER_LINEARS, TokenWeights, write_adapter
+from qwen2vl.token_rows import attached_token_rows
 
 
 class LoRALinear(nn.Module):
@@ -56,8 +57,11 @@ def lora_modules(model) -> dict[str, LoRALinear]:
 
 
 def save_lora(model, folder, targets: list[str], dropout: float, base: str | None):
-    """The trained adapter as a PEFT adapter folder."""
+    """The trained adapter (and its trained token rows, if any) as a PEFT adapter folder."""
     modules = lora_modules(model)
     first = next(iter(modules.values()))
+    rows = attached_token_rows(model)
+    tokens = (rows.token_of_row.tolist(), rows.rows) if rows is not None else None
     return write_adapter(folder, {name: (m.lora_A, m.lora_B) for name, m in modules.items()},
-                         rank=first.rank, alpha=first.alpha, dropout=dropout, targets=targets, base=base)
+                         rank=first.rank, alpha=first.alpha, dropout=dropout, targets=targets, base=base,
+                         tokens=TokenWeights(*tokens) if tokens is not None else None)

@@ -1,5 +1,7 @@
-"""`qwen2vl merge BASE ADAPTER OUT`: a LoRA adapter folded into a full checkpoint, W' = W + scale * B A;
-or, given a full run's `checkpoint-STEP` instead of an adapter, that step's weights as a checkpoint folder.
+"""`qwen2vl merge BASE ADAPTER OUT`: a LoRA adapter folded into a full checkpoint, W' = W + scale * B A, its
+trained token rows (if any) put in place of the embedding's (and a tied head's stored copy's); with
+`tokens_only`, the rows alone (a LoRA trained beside new rows to teach them, then set aside); or, given a
+full run's `checkpoint-STEP` instead of an adapter, that step's weights as a checkpoint folder.
 
 An adapter works on the checkpoint's tensors directly (no model built): every file of BASE is read, the
 adapted weights are updated in float32 and rounded back to their stored dtype, and the files are written
@@ -16,24 +18,34 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen2vl.adapter import read_adapter
+from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.loader import canonical_name, checkpoint_dtype, checkpoint_files, read_tensors
 from qwen2vl.train.checkpoint import copy_side_files, save_full
 
 
-def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+def merge(base: str | Path, adapter: str | Path, out: str | Path, tokens_only: bool = False) -> Path:
     base, out = resolve_model_path(base), Path(out)
     if out.resolve() == Path(base).resolve():
         raise ValueError(f"{out}: the output must be another folder than the base")
     if (Path(adapter) / "trainable.safetensors").is_file() and not (Path(adapter) / "adapter_config.json").is_file():
         return export_step(Path(base), Path(adapter), out)
     weights = read_adapter(adapter)  # checked before anything is written
+    if tokens_only and weights.tokens is None:
+        raise ValueError(f"{adapter}: --tokens-only, but the adapter holds no token rows")
     out.mkdir(parents=True, exist_ok=True)
-    pending = dict(weights.modules)
+    pending = {} if tokens_only else dict(weights.modules)
+    # the rows replace the embedding's, and a tied head's stored copy (some checkpoints keep one) must agree
+    rows_into = {"model.embed_tokens.weight"} | ({"lm_head.weight"} if Qwen2VLConfig.from_pretrained(base)
+                                                 .tie_word_embeddings else set())
+    rows_written = False
     for file in checkpoint_files(Path(base)):
         tensors = {}
         for disk_name, read in read_tensors(file):
             t = read()
+            if weights.tokens is not None and canonical_name(disk_name) in rows_into:
+                t = _with_rows(t, weights.tokens, base, adapter)
+                rows_written |= canonical_name(disk_name) == "model.embed_tokens.weight"
             module = canonical_name(disk_name).removesuffix(".weight")
             lora = pending.pop(module, None) if disk_name.endswith(".weight") else None
             if lora is not None:
@@ -46,11 +58,22 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
         save_file(tensors, str(out / file.name), metadata={"format": "pt"})
     if pending:
         raise ValueError(f"{adapter}: modules not in {base}: {sorted(pending)[:5]}; was it trained on another model?")
+    if weights.tokens is not None and not rows_written:
+        raise ValueError(f"{adapter}: token rows, but {base} stores no model.embed_tokens.weight to put them in")
     index = Path(base) / "model.safetensors.index.json"
     if index.is_file():
         shutil.copy(index, out / index.name)
     copy_side_files(Path(base), out)
     return out
+
+
+def _with_rows(weight: torch.Tensor, tokens, base: Path, adapter) -> torch.Tensor:
+    if tokens.rows.shape[1] != weight.shape[1] or max(tokens.ids) >= weight.shape[0]:
+        raise ValueError(f"{adapter}: token rows {tuple(tokens.rows.shape)} for ids up to {max(tokens.ids)}, "
+                         f"the embedding of {base} {tuple(weight.shape)}; was it trained on another model?")
+    weight = weight.clone()
+    weight[torch.tensor(tokens.ids)] = tokens.rows.to(weight.dtype)
+    return weight
 
 
 def export_step(base: Path, step: Path, out: Path) -> Path:

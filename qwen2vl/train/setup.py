@@ -5,7 +5,11 @@ chosen and put in float32 (master weights), the rest frozen in the run's dtype.
 - full (`--full`): the decoder, its embeddings and head trained; the vision tower too with
   `--train-vision` (else frozen: its features are already good, and it is a third of the 2B).
 - some tokens (`--full --train-tokens IDS`): only those tokens' rows of the embedding (and of an untied
-  head) trained, every other weight frozen (new tokens, or tokens the model never saw in training).
+  head) trained, every other weight frozen (new tokens, or tokens the model never saw in training); the
+  whole embedding stays one tensor (a gradient mask), as the full checkpoint it is written into.
+- LoRA and some tokens (`--train-tokens IDS` without `--full`): PEFT's trainable tokens beside the
+  adapter, those rows of the embedding (and of a tied head) a small tensor of their own
+  (qwen2vl/token_rows.py), saved in the adapter; no vocabulary-sized gradient or optimizer state.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.nn as nn
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.model import Qwen2VL
 from qwen2vl.text import RMSNorm
+from qwen2vl.token_rows import TokenRows, attach_token_rows
 from qwen2vl.train.lora import add_lora
 from qwen2vl.train.step import checkpoint_layers
 
@@ -46,6 +51,8 @@ def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, t
     else:
         assert lora is not None and not train_vision
         add_lora(model, **lora)  # A and B are new float32 parameters, trained
+        if train_tokens:
+            add_token_rows(model, train_tokens)
     if gradient_checkpointing:
         checkpoint_layers(model.model.layers)
         if full and train_vision:
@@ -56,16 +63,30 @@ def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, t
 def train_rows(model: Qwen2VL, ids: list[int]) -> None:
     """Make the embedding (and an untied head) trainable with a gradient of zero outside rows `ids`, so
     that AdamW (no weight decay) leaves every other row as it was."""
-    vocab = model.model.embed_tokens.weight.shape[0]
-    bad = sorted({i for i in ids if not 0 <= i < vocab})
-    if bad:
-        raise ValueError(f"--train-tokens: ids {bad[:5]} are outside the vocabulary (0-{vocab - 1})")
+    _check_ids(model, ids)
     for weight in {id(w): w for w in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
         mask = torch.zeros(weight.shape[0], 1, device=weight.device)
         mask[sorted(set(ids))] = 1.0
         weight.data = weight.data.float()
         weight.requires_grad_(True)
         weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
+
+
+def add_token_rows(model: Qwen2VL, ids: list[int]) -> None:
+    """Rows `ids` of the embedding as a float32 parameter the model reads them through (token_rows.py)."""
+    _check_ids(model, ids)
+    ids = sorted(set(ids))
+    weight = model.model.embed_tokens.weight
+    rows = weight.detach()[torch.tensor(ids, device=weight.device)].float().clone()
+    token_rows = TokenRows.build({0: (ids, rows)}, weight.shape[0], 1, trainable=True).to(weight.device)
+    attach_token_rows(model, token_rows)
+
+
+def _check_ids(model: Qwen2VL, ids: list[int]) -> None:
+    vocab = model.model.embed_tokens.weight.shape[0]
+    bad = sorted({i for i in ids if not 0 <= i < vocab})
+    if bad:
+        raise ValueError(f"--train-tokens: ids {bad[:5]} are outside the vocabulary (0-{vocab - 1})")
 
 
 def random_model(folder: Path, device, vision_scale: float = 1.0) -> Qwen2VL:
