@@ -191,21 +191,25 @@ bash scripts/train_demo_tower.sh "$WORK"
 # 20-30. boxes beside the other tasks, from E20: eleven more runs, the last shipped (scripts/train_demo_boxes.sh;
 # docs/demo.md, "Boxes beside the other tasks" and "Boxes shipped")
 bash scripts/train_demo_boxes.sh "$WORK"
-# 31-32. the letters: Q4's embedding rows of the tokens no suite text holds (the bytes that spell other words), every
-# other weight frozen (--train-tokens), so that a LoRA can answer in new words (docs/demo.md, "The letters lesson").
-# L1 repeats random strings; L2 puts those rows beside suite lines too, whose answers push the rows back down
-# where L1 had made them outscore a suite answer's first token.
+# 31-33. the letters: Q4's embedding rows of the tokens no suite text holds (the bytes that spell other words), so
+# that a LoRA can answer in new words (docs/demo.md, "The letters lesson"). J1 trains them on a lesson that repeats
+# random strings, beside a rank-16 LoRA that learns to copy (--train-tokens beside LoRA, the rows at 10x its rate);
+# only the rows are kept (merge --tokens-only). J2 trains the rows alone (--full --train-tokens, every other weight
+# frozen) on suite lines beside letters lines, whose answers push the rows back under the suite answers' tokens.
+# (L1 / L2, shipped before J2, were the same two steps without the LoRA: scripts/train_demo.sh at face60c.)
 source scripts/demo_runs.sh  # mix, run
 python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
 ROWS=$(python -m qwen2vl.demo.vocab "$WORK/Q4")
-run L1 --model "$WORK/Q4" --data "$WORK/letters/train.jsonl" --train-tokens "$ROWS" --steps 1500 --batch-size 32 \
-    --lr 1e-2 --warmup-steps 20 --adam-beta2 0.95 --log-every 100
+python -m qwen2vl train --model "$WORK/Q4" --data "$WORK/letters/train.jsonl" --output "$WORK/J1a" --overwrite \
+    --train-tokens "$ROWS" --lora-dropout 0 --lr 1e-3 --token-lr 1e-2 --steps 1500 --batch-size 32 --warmup-steps 20 \
+    --adam-beta2 0.95 --log-every 100 2>&1 | tee "$WORK/J1a.log"
+python -m qwen2vl merge "$WORK/Q4" "$WORK/J1a" "$WORK/J1" --tokens-only
 python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
     --mix color=1,count=1.5,grounding=1,video=1,two_images=1
 mix l2.jsonl 5 rows_suite/train.jsonl letters/train.jsonl:3000
-run L2 --model "$WORK/L1" --data "$WORK/l2.jsonl" --train-tokens "$ROWS" --steps 400 --batch-size 16 --lr 3e-3 \
+run J2 --model "$WORK/J1" --data "$WORK/l2.jsonl" --train-tokens "$ROWS" --steps 400 --batch-size 16 --lr 3e-3 \
     --warmup-steps 20 --adam-beta2 0.95 --log-every 50
-FINAL=L2
+FINAL=J2
 
 {
     for s in 1a 1b 2 3 4 5 6c 6d 6e 7 8 9; do echo "# stage$s (scripts/train_demo.sh)"; cat "$WORK/stage$s.log"; done
@@ -213,7 +217,7 @@ FINAL=L2
     for s in G1 N1 N2 V1 M2 P1 P2 Q1 Q2 Q3 Q4; do echo "# $s (scripts/train_demo_boxes.sh)"; cat "$WORK/$s.log"; done
 } > "$WORK/train.log"
 python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png   # the letters' rows (another task) left out
-for s in L1 L2; do echo "# $s (scripts/train_demo.sh, the letters)"; cat "$WORK/$s.log"; done >> "$WORK/train.log"
+for s in J1a J2; do echo "# $s (scripts/train_demo.sh, the letters)"; cat "$WORK/$s.log"; done >> "$WORK/train.log"
 mkdir -p qwen2vl/demo/checkpoint
 cp "$WORK/$FINAL"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,preprocessor_config.json,generation_config.json} \
     qwen2vl/demo/checkpoint/
