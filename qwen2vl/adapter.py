@@ -9,7 +9,8 @@ Tensor names are what PEFT 0.21 writes for transformers 5's Qwen2VLForConditiona
 Adapters on the decoder's linears (q/k/v/o, gate/up/down) are what we train, merge and serve, with
 PEFT's trainable tokens beside them (`trainable_token_indices`: new embedding rows for a few tokens,
 `...embed_tokens.token_adapter.trainable_tokens_delta` [n, D], which replace the base's rows and, with
-tied embeddings, the head's: qwen2vl/token_rows.py). An adapter with anything else (DoRA, trained
+tied embeddings, the head's: qwen2vl/token_rows.py), or those rows alone (PEFT's TRAINABLE_TOKENS
+adapters, `token_indices`). An adapter with anything else (DoRA, trained
 biases, modules_to_save, the vision tower, whole embeddings, an untied head's tokens) is refused with its
 reason rather than half applied.
 """
@@ -32,7 +33,8 @@ DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 _PREFIX = "base_model.model."
 _MODULE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-_TOKENS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
+# beside LoRA `...embed_tokens.token_adapter.trainable_tokens_delta`; alone (TRAINABLE_TOKENS) without token_adapter
+_TOKENS = re.compile(r"^(?P<module>.+?)(?:\.token_adapter)?\.trainable_tokens_delta$")
 EMBEDDING = "model.embed_tokens"
 
 
@@ -71,10 +73,13 @@ def read_adapter(folder: str | Path) -> Adapter:
     config = json.loads((folder / CONFIG).read_text())
     _check_config(config, folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    tokens = None
+    tokens = head = None
     for key, tensor in load_file(str(folder / WEIGHTS)).items():
         if t := _TOKENS.match(key.removeprefix(_PREFIX)):
-            tokens = _token_weights(config, canonical_name(t["module"]), tensor, folder)
+            if canonical_name(t["module"]) == "lm_head" and config.get("peft_type") == "TRAINABLE_TOKENS":
+                head = tensor  # a tied head's copy of the embedding's rows, which PEFT saves alone
+            else:
+                tokens = _token_weights(config, canonical_name(t["module"]), tensor, folder)
             continue
         m = _KEY.match(key.removeprefix(_PREFIX))
         module = canonical_name(m["module"]) if m else None
@@ -92,24 +97,27 @@ def read_adapter(folder: str | Path) -> Adapter:
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"{folder}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} don't chain")
         modules[module] = LoRAWeights(a, b, _scale(config, module, a.shape[0]))
-    if config.get("trainable_token_indices") and tokens is None:
-        raise ValueError(f"{folder}: {CONFIG} names trainable_token_indices but {WEIGHTS} holds no token rows")
+    if (config.get("trainable_token_indices") or config.get("peft_type") == "TRAINABLE_TOKENS") and tokens is None:
+        raise ValueError(f"{folder}: {CONFIG} names trainable tokens but {WEIGHTS} holds no embedding rows for them")
+    if head is not None and not torch.equal(head, tokens.rows):
+        raise ValueError(f"{folder}: lm_head has token rows of its own (an untied head's): not supported")
     return Adapter(folder, config, modules, tokens)
 
 
 def _token_weights(config: dict, module: str, rows: torch.Tensor, folder: Path) -> TokenWeights:
-    """The trainable tokens' rows of `module`, with their ids from the config (a list, or {module: list})."""
+    """The trainable tokens' rows of `module`, with their ids from the config (a list, or {module: list}):
+    `trainable_token_indices` beside LoRA, `token_indices` in a TRAINABLE_TOKENS adapter."""
     if module != EMBEDDING:
         raise ValueError(f"{folder}: trainable tokens on {module}: only the embedding's are supported")
-    ids = config.get("trainable_token_indices")
+    field = "token_indices" if config.get("peft_type") == "TRAINABLE_TOKENS" else "trainable_token_indices"
+    ids = config.get(field)
     if isinstance(ids, dict):
         named = [v for k, v in ids.items() if EMBEDDING.endswith(k.split(".")[-1])]
         if len(ids) != 1 or not named:
-            raise ValueError(f"{folder / CONFIG}: trainable_token_indices {sorted(ids)}: only the embedding's "
-                             "tokens are supported")
+            raise ValueError(f"{folder / CONFIG}: {field} {sorted(ids)}: only the embedding's tokens are supported")
         ids = named[0]
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ValueError(f"{folder / CONFIG}: trainable_token_indices must list token ids, got {ids!r}")
+        raise ValueError(f"{folder / CONFIG}: {field} must list token ids, got {ids!r}")
     if len(set(ids)) != len(ids) or rows.dim() != 2 or rows.shape[0] != len(ids):
         raise ValueError(f"{folder}: {len(ids)} trainable token ids (distinct: {len(set(ids))}) for token rows "
                          f"of shape {tuple(rows.shape)}")
@@ -118,7 +126,8 @@ def _token_weights(config: dict, module: str, rows: torch.Tensor, folder: Path) 
 
 def _check_config(config: dict, folder: Path) -> None:
     refuse = {
-        "peft_type": (config.get("peft_type") != "LORA", "only LoRA adapters are supported"),
+        "peft_type": (config.get("peft_type") not in ("LORA", "TRAINABLE_TOKENS"),
+                      "only LoRA adapters (with trainable tokens or without) and trainable tokens are supported"),
         "use_dora": (bool(config.get("use_dora")), "DoRA is not supported"),
         "bias": (config.get("bias", "none") != "none", "adapters that train biases are not supported"),
         "lora_bias": (bool(config.get("lora_bias")), "adapters with a lora_B bias are not supported"),

@@ -136,6 +136,30 @@ def test_peft_loads_our_adapter_and_gives_our_logits(setup):
     assert (our_logits(root / "base", rows_only, inputs) - base).abs().max() > 1e-2
 
 
+def test_a_trainable_tokens_adapter_peft_writes_gives_peft_logits(setup):
+    """PEFT's TRAINABLE_TOKENS adapter (the rows alone; a tied head's copy saved beside them) served as PEFT runs it."""
+    from peft import PeftModel, TrainableTokensConfig, get_peft_model
+
+    root, hf, _, ids = setup
+    peft = get_peft_model(hf, TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=ids))
+    try:
+        with torch.no_grad():
+            next(p for n, p in peft.named_parameters() if "trainable_tokens_delta" in n).normal_(0, 0.5)
+        peft.save_pretrained(root / "tt")
+    finally:
+        peft.unload()
+    text = "Yes. A noisy square."
+    inputs = Processor.from_pretrained(root / "base")(conversation(root, text), add_generation_prompt=True)
+    peft = PeftModel.from_pretrained(hf, str(root / "tt")).eval()
+    try:
+        theirs = hf_logits(peft, inputs)
+    finally:
+        peft.unload()
+    assert read_adapter(root / "tt").modules == {} and read_adapter(root / "tt").tokens.ids == ids
+    assert (theirs - our_logits(root / "base", None, inputs)).abs().max() > 1e-2
+    torch.testing.assert_close(our_logits(root / "base", root / "tt", inputs), theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_merged_checkpoint_gives_the_unmerged_logits(setup):
     root, _, _, ids = setup
     folder = save_lora(trained_model(root, ids, seed=1), root / "adapter1", TARGETS, 0.0, None)
