@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from qwen2vl.demo import tower_cases
 from qwen2vl.demo.scenes import COLORS, SHAPES, TEXT_COLOR
 from qwen2vl.demo.tasks import DIRECTIONS
-from qwen2vl.demo.tower import teach_tower
+from qwen2vl.demo.tower import Heads, teach_tower, token_places
 from qwen2vl.demo.tower_cases import CHARS, SHAPE_CLASSES, SLOTS
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
@@ -112,3 +112,42 @@ def test_workers_draw_the_pictures_the_lesson_draws_without_them():
               for workers in (0, 2)]
     for (name, a), b in zip(towers[0].state_dict().items(), towers[1].state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_token_places_are_the_cells_of_the_shapes_centres():
+    """The place head's targets: the cell of the token holding a shape's centre contains that centre."""
+    processor = Processor.from_pretrained(DEMO)
+    rng = random.Random(5)
+    checked = 0
+    for _ in range(6):
+        width, height = tower_cases.random_size(rng)
+        shapes = tower_cases.place(rng, width, height, [("circle", "red"), ("square", "blue")])
+        if shapes is None:
+            continue
+        image = tower_cases.draw_scene(width, height, (230, 230, 230), shapes)
+        pixels, grid, (t, rows, cols) = tower_cases._draw(processor, {"type": "image", "image": image})
+        labels = tower_cases.Labels(t, rows, cols, width, height)
+        places = token_places(grid)
+        assert places.shape == (rows * cols, 2)
+        for s in shapes:
+            token = labels.shape(0, s)
+            x, y = (s.x + s.side / 2) / width, (s.y + s.side / 2) / height
+            assert abs(places[token, 0] - x) <= 0.5 / cols + 1e-6 and abs(places[token, 1] - y) <= 0.5 / rows + 1e-6
+            checked += 1
+    assert checked >= 6
+
+
+def test_the_place_head_is_taught_only_when_weighted():
+    lines = []
+    teach_tower(DEMO, steps=2, batch_size=2, held_out=2, log=lines.append, place_weight=1.0)
+    assert "place R^2" in lines[-1]
+    processor = Processor.from_pretrained(DEMO)
+    case = tower_cases.picture(random.Random(6), processor)
+    tokens = torch.randn(case.shapes.numel(), 256)
+    heads = Heads(256, "cpu", place_weight=0.0)
+    weighted = Heads(256, "cpu", place_weight=1.0)
+    weighted.load_state_dict(heads.state_dict())
+    held = case.shapes > 0  # a picture: no characters
+    error = weighted.place(tokens)[held] - token_places(case.grid)[held]
+    torch.testing.assert_close(weighted.loss(tokens, case) - heads.loss(tokens, case), (error**2).mean(),
+                               rtol=1e-5, atol=1e-6)
