@@ -114,19 +114,24 @@ def test_adapters_on_fused_qkv_and_gate_up_linears(setup):
         torch.testing.assert_close(got, our_logits(root / "base", name, inputs), rtol=1e-4, atol=1e-4)
 
 
-def test_mixed_adapter_batch_equals_each_run_alone(setup):
-    root, _, _ = setup
-    llm = LLM(str(root / "base"), lora={"a": root / "a", "b": root / "b"}, dtype="float32", kv_cache_gib=0.02,
-              block_size=4)
-    prompts = [llm.prompt(conversation(root)), llm.prompt(conversation(root, "And the colours?"))]
-    names = [None, "a", "b", "a", None, "b"]
+def batch_equals_each_alone(llm, prompts, names: list[str | None]) -> list:
+    """Generate prompts[i % 2] with adapter names[i], all in one batch, then each alone, one after another
+    (the prefix cache then holds the same prompt under other adapters): the same tokens and logprobs."""
     batch = llm.generate([prompts[i % 2] for i in range(len(names))], GREEDY, lora=names)
-    # alone, one after another: the prefix cache now holds the same prompt under other adapters
     alone = [llm.generate(prompts[i % 2], GREEDY, lora=name)[0] for i, name in enumerate(names)]
     for together, single in zip(batch, alone):
         assert together.token_ids == single.token_ids
         torch.testing.assert_close([lp.logprob for lp in together.outputs[0].logprobs],
                                    [lp.logprob for lp in single.outputs[0].logprobs], rtol=0, atol=1e-4)
+    return batch
+
+
+def test_mixed_adapter_batch_equals_each_run_alone(setup):
+    root, _, _ = setup
+    llm = LLM(str(root / "base"), lora={"a": root / "a", "b": root / "b"}, dtype="float32", kv_cache_gib=0.02,
+              block_size=4)
+    prompts = [llm.prompt(conversation(root)), llm.prompt(conversation(root, "And the colours?"))]
+    batch = batch_equals_each_alone(llm, prompts, [None, "a", "b", "a", None, "b"])
     assert len({tuple(o.token_ids) for o in batch[:3]}) == 3  # base, a and b answer differently
     assert llm.engine.stats().prefix_cache_hits > 0  # the cache was used, within each adapter
     with pytest.raises(ValueError, match="no LoRA adapter named 'c'"):
