@@ -10,9 +10,9 @@ Adapters on the decoder's linears (q/k/v/o, gate/up/down) are what we train, mer
 PEFT's trainable tokens beside them (`trainable_token_indices`: new embedding rows for a few tokens,
 `...embed_tokens.token_adapter.trainable_tokens_delta` [n, D], which replace the base's rows and, with
 tied embeddings, the head's: qwen2vl/token_rows.py), or those rows alone (PEFT's TRAINABLE_TOKENS
-adapters, `token_indices`). An adapter with anything else (DoRA, trained
-biases, modules_to_save, the vision tower, whole embeddings, an untied head's tokens) is refused with its
-reason rather than half applied.
+adapters, `token_indices`). An adapter with anything else (DoRA, trained biases, modules_to_save, the
+vision tower, whole embeddings, an untied head's tokens) is refused with its reason rather than half
+applied.
 """
 
 from __future__ import annotations

@@ -114,15 +114,16 @@ def test_adapters_on_fused_qkv_and_gate_up_linears(setup):
         torch.testing.assert_close(got, our_logits(root / "base", name, inputs), rtol=1e-4, atol=1e-4)
 
 
-def batch_equals_each_alone(llm, prompts, names: list[str | None]) -> list:
+def batch_equals_each_alone(llm, prompts, names: list[str | None], atol: float = 1e-4) -> list:
     """Generate prompts[i % 2] with adapter names[i], all in one batch, then each alone, one after another
-    (the prefix cache then holds the same prompt under other adapters): the same tokens and logprobs."""
+    (the prefix cache then holds the same prompt under other adapters): the same tokens and logprobs
+    (within `atol`: bf16 kernels may round a batch's rows otherwise than a row alone)."""
     batch = llm.generate([prompts[i % 2] for i in range(len(names))], GREEDY, lora=names)
     alone = [llm.generate(prompts[i % 2], GREEDY, lora=name)[0] for i, name in enumerate(names)]
     for together, single in zip(batch, alone):
         assert together.token_ids == single.token_ids
         torch.testing.assert_close([lp.logprob for lp in together.outputs[0].logprobs],
-                                   [lp.logprob for lp in single.outputs[0].logprobs], rtol=0, atol=1e-4)
+                                   [lp.logprob for lp in single.outputs[0].logprobs], rtol=0, atol=atol)
     return batch
 
 

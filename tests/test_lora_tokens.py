@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen2vl.adapter import CONFIG, WEIGHTS, peft_key, read_adapter
+from qwen2vl.adapter import CONFIG, WEIGHTS, TokenWeights, peft_key, read_adapter, write_adapter
 from qwen2vl.cli import main
 from qwen2vl.engine.llm import LLM
 from qwen2vl.loader import canonical_name
@@ -243,3 +243,18 @@ def test_adapters_we_cannot_apply_are_refused(setup, tmp_path, change, message):
     (folder / CONFIG).write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError, match=message):
         read_adapter(folder)
+
+
+def test_an_adapter_of_rows_alone_keeps_the_c_decode_step(setup):
+    """No LoRA linears: the CPU's fused decode step stays on, the rows applied around it (embedding, head)."""
+    root, _, _, ids = setup
+    rows = torch.randn(len(ids), 64, generator=torch.Generator().manual_seed(7))
+    folder = write_adapter(root / "rows_bf16", {}, rank=4, alpha=8.0, dropout=0.0, targets=[], base=None,
+                           tokens=TokenWeights(ids, rows))
+    llm = LLM(str(root / "base"), lora={"r": folder}, dtype="bfloat16", kv_cache_gib=0.02, block_size=4)
+    if llm.engine.runner.backend.decode_step(llm.engine.runner.model, llm.engine.cache) is None:
+        pytest.skip("this CPU tier has no fused decode step")
+    assert llm.engine.runner.decode_step is not None
+    prompts = [llm.prompt(conversation(root, "Yes. A noisy square.")), llm.prompt(conversation(root))]
+    batch = batch_equals_each_alone(llm, prompts, [None, "r", "r", None], atol=2e-2)
+    assert batch[0].token_ids != batch[2].token_ids or batch[1].token_ids != batch[3].token_ids

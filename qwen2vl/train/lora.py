@@ -61,7 +61,7 @@ def save_lora(model, folder, targets: list[str], dropout: float, base: str | Non
     modules = lora_modules(model)
     first = next(iter(modules.values()))
     rows = attached_token_rows(model)
-    tokens = (rows.token_of_row.tolist(), rows.rows) if rows is not None else None
+    tokens = TokenWeights(rows.token_of_row.tolist(), rows.rows) if rows is not None else None
     return write_adapter(folder, {name: (m.lora_A, m.lora_B) for name, m in modules.items()},
                          rank=first.rank, alpha=first.alpha, dropout=dropout, targets=targets, base=base,
-                         tokens=TokenWeights(*tokens) if tokens is not None else None)
+                         tokens=tokens)
