@@ -16,7 +16,8 @@ position embedding, and the shipped one's shape tokens hold no place at all (a l
 so boxes and a word's character order must come from the decoder's M-RoPE, whose width frequencies are
 0.003 rad a token at most in the demo's shape. Asked, the tower learns it, through the background it sees
 on each side (the shipped tower taught the place alone: R^2 0.97 for x and 0.98 for y after 250 steps of 16
-on the CPU; a fresh one at weight 20: 0.97 after 350, its naming slower meanwhile).
+on the CPU; a fresh one at weight 20: 0.97 after 350, but after 800 it named half the shapes a lesson
+without the place names, and almost no motions: an experiment, not the recipe's default).
 
 Why (docs/demo.md, 2026-12-04): the curriculum's tower (stages 1-9) sees colours but not kinds, and
 cannot learn them: its patch embedding projects every patch onto its colour with a norm ~7x a fresh
