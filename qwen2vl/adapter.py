@@ -50,6 +50,16 @@ class TokenWeights:
     ids: list[int]  # token ids, in the order of rows
     rows: torch.Tensor  # [n, D]: their embedding rows, in place of the base's
 
+    def check_fits(self, vocab: int, width: int, what: str) -> None:
+        """A ValueError naming `what` unless these rows fit an embedding of `vocab` tokens, `width` wide."""
+        bad = [i for i in self.ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"{what}: token ids {bad[:5]} are outside this model's vocabulary (0-{vocab - 1}); "
+                             "was it trained on another model?")
+        if self.rows.shape[1] != width:
+            raise ValueError(f"{what}: token rows {self.rows.shape[1]} wide, this model's embedding {width}; "
+                             "was it trained on another model?")
+
 
 @dataclass
 class Adapter:

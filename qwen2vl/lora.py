@@ -88,25 +88,16 @@ def attach_adapters(model, adapters: dict[str, Adapter]) -> LoRARows:
         missing = sorted(set(adapter.modules) - seen[name])
         if missing:
             raise ValueError(f"adapter {name!r} ({adapter.path}): modules not in this model: {missing[:5]}")
-    tables = {slot: _token_table(name, a.tokens, cfg) for slot, (name, a) in enumerate(adapters.items(), 1)
-              if a.tokens is not None}
+    tables = {}
+    for slot, (name, adapter) in enumerate(adapters.items(), 1):
+        if adapter.tokens is not None:
+            adapter.tokens.check_fits(cfg.vocab_size, cfg.hidden_size, f"adapter {name!r}")
+            tables[slot] = (adapter.tokens.ids, adapter.tokens.rows.to(model.device, model.dtype))
     if tables:
-        token_rows = TokenRows.build({s: (ids, t.to(model.device, model.dtype)) for s, (ids, t) in tables.items()},
-                                     cfg.vocab_size, len(adapters) + 1)
+        token_rows = TokenRows.build(tables, cfg.vocab_size, len(adapters) + 1)
         attach_token_rows(model, token_rows.to(model.device), rows)
     model.lora = rows
     return rows
-
-
-def _token_table(name: str, tokens, cfg) -> tuple[list[int], torch.Tensor]:
-    bad = [i for i in tokens.ids if not 0 <= i < cfg.vocab_size]
-    if bad:
-        raise ValueError(f"adapter {name!r}: token ids {bad[:5]} are outside this model's vocabulary "
-                         f"(0-{cfg.vocab_size - 1}); was it trained on another model?")
-    if tokens.rows.shape[1] != cfg.hidden_size:
-        raise ValueError(f"adapter {name!r}: token rows {tokens.rows.shape[1]} wide, this model's embedding "
-                         f"{cfg.hidden_size}; was it trained on another model?")
-    return tokens.ids, tokens.rows
 
 
 def _wrap(base, modules: list[tuple[str, int]], adapters: dict[str, Adapter], rows, dtype, device, seen):

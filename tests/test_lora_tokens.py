@@ -258,3 +258,15 @@ def test_an_adapter_of_rows_alone_keeps_the_c_decode_step(setup):
     prompts = [llm.prompt(conversation(root, "Yes. A noisy square.")), llm.prompt(conversation(root))]
     batch = batch_equals_each_alone(llm, prompts, [None, "r", "r", None], atol=2e-2)
     assert batch[0].token_ids != batch[2].token_ids or batch[1].token_ids != batch[3].token_ids
+
+
+@pytest.mark.parametrize("ids, width, message", [([3, 200000], 64, r"token ids \[200000\] are outside"),
+                                                 ([3, 7], 32, "token rows 32 wide, this model's embedding 64")])
+def test_rows_for_another_model_are_refused_by_serving_and_merge(setup, tmp_path, ids, width, message):
+    root, _, _, _ = setup
+    folder = write_adapter(tmp_path / "a", {}, rank=4, alpha=8.0, dropout=0.0, targets=[], base=None,
+                           tokens=TokenWeights(ids, torch.zeros(len(ids), width)))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(root / "base"), lora={"x": folder}, dtype="float32", kv_cache_gib=0.02)
+    with pytest.raises(ValueError, match=message):
+        merge(root / "base", folder, tmp_path / "merged")

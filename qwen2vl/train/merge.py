@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen2vl.adapter import read_adapter
+from qwen2vl.adapter import TokenWeights, read_adapter
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.loader import canonical_name, checkpoint_dtype, checkpoint_files, read_tensors
@@ -44,7 +44,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, tokens_only: b
         for disk_name, read in read_tensors(file):
             t = read()
             if weights.tokens is not None and canonical_name(disk_name) in rows_into:
-                t = _with_rows(t, weights.tokens, base, adapter)
+                t = _with_rows(t, weights.tokens, adapter)
                 rows_written |= canonical_name(disk_name) == "model.embed_tokens.weight"
             module = canonical_name(disk_name).removesuffix(".weight")
             lora = pending.pop(module, None) if disk_name.endswith(".weight") else None
@@ -67,10 +67,8 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, tokens_only: b
     return out
 
 
-def _with_rows(weight: torch.Tensor, tokens, base: Path, adapter) -> torch.Tensor:
-    if tokens.rows.shape[1] != weight.shape[1] or max(tokens.ids) >= weight.shape[0]:
-        raise ValueError(f"{adapter}: token rows {tuple(tokens.rows.shape)} for ids up to {max(tokens.ids)}, "
-                         f"the embedding of {base} {tuple(weight.shape)}; was it trained on another model?")
+def _with_rows(weight: torch.Tensor, tokens: TokenWeights, adapter) -> torch.Tensor:
+    tokens.check_fits(weight.shape[0], weight.shape[1], str(adapter))
     weight = weight.clone()
     weight[torch.tensor(tokens.ids)] = tokens.rows.to(weight.dtype)
     return weight
