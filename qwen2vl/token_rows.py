@@ -68,10 +68,6 @@ class RowsEmbedding(nn.Module):
         super().__init__()
         self.base, self.token_rows, self.lora_rows = base, token_rows, lora_rows
 
-    @property
-    def weight(self) -> torch.Tensor:  # the base's (what a tied head and the loader's checks see)
-        return self.base.weight
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         slots = None if self.lora_rows is None else self.lora_rows.rows
         return self.token_rows.embed(self.base(ids), ids, slots)
