@@ -113,17 +113,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
         groups += [{"params": [p for p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": group_lr},
                    {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr": group_lr}]  # biases, norms
     if cfg.train_tokens:  # the rows: their own rate, no decay (it would pull them toward zero, not the base's)
-        token_params = {id(p) for name, p in params.items()
-                        if name.endswith(("token_rows.rows", "embed_tokens.weight")) or name == "lm_head.weight"}
-        for g in groups:
-            g["params"] = [p for p in g["params"] if id(p) not in token_params]
-        groups.append({"params": [p for p in params.values() if id(p) in token_params], "weight_decay": 0.0,
-                       "lr": cfg.token_lr or lr})
+        _own_group(groups, [p for name, p in params.items() if name.endswith(("token_rows.rows", "embed_tokens.weight"))
+                            or name == "lm_head.weight"], weight_decay=0.0, lr=cfg.token_lr or lr)
     if cfg.loraplus_ratio:  # LoRA+ (Hayou et al. 2024): B, which starts at zero, learns ratio x faster than A
-        b = {id(p) for name, p in params.items() if name.endswith("lora_B")}
-        groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in b]
-        groups.append({"params": [p for p in params.values() if id(p) in b], "weight_decay": cfg.weight_decay,
-                       "lr": lr * cfg.loraplus_ratio})
+        _own_group(groups, [p for name, p in params.items() if name.endswith("lora_B")],
+                   weight_decay=cfg.weight_decay, lr=lr * cfg.loraplus_ratio)
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, cfg.adam_beta2))
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = cfg.steps or math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
@@ -145,8 +139,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if cfg.full and cfg.train_tokens:  # the embedding's (and an untied head's) rows that the gradient reaches
         n_params = sum(p[0].numel() for p in params.values()) * len(set(cfg.train_tokens))
     token_rows = f"the rows of {len(set(cfg.train_tokens or []))} tokens"
-    what = ((f"a LoRA adapter and {token_rows}" if cfg.train_tokens else "a LoRA adapter") if not cfg.full
-            else token_rows if cfg.train_tokens else "the whole model" if cfg.train_vision else "the decoder")
+    if not cfg.full:
+        what = f"a LoRA adapter and {token_rows}" if cfg.train_tokens else "a LoRA adapter"
+    elif cfg.train_tokens:
+        what = token_rows
+    else:
+        what = "the whole model" if cfg.train_vision else "the decoder"
     cut = f", stopping after step {stop}" if stop < total else ""
     log(f"training {what}: {n_params:,} parameters, {len(rows)} rows, {total} steps of {cfg.grad_accum} x "
         f"{cfg.batch_size} rows, {cfg.dtype} on {cfg.device}{cut}")
@@ -198,6 +196,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if not cfg.full:
         return save_lora(model, out, cfg.lora_targets, cfg.lora_dropout, str(cfg.model))
     return save_full(model, folder, out, checkpoint_dtype(folder))
+
+
+def _own_group(groups: list[dict], params: list, **settings) -> None:
+    """Move `params` out of the optimizer's `groups` into a group of their own with `settings` (lr, decay)."""
+    moved = {id(p) for p in params}
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in moved]
+    groups.append({"params": params, **settings})
 
 
 @torch.no_grad()
