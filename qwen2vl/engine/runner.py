@@ -20,6 +20,7 @@ from qwen2vl.engine.kv_cache import KVCache
 from qwen2vl.engine.sampler import Sampler
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.engine.vision_cache import VisionCache
+from qwen2vl.token_rows import attached_token_rows
 
 
 class ModelRunner:
@@ -31,6 +32,8 @@ class ModelRunner:
         self.device = model.device
         self.graphs = None  # cuda_graph.GraphRunner: the engine sets it on CUDA unless enforce_eager
         self.lora = getattr(model, "lora", None)  # LoRARows of served adapters (qwen2vl/lora.py), or None
+        # an adapter's own token rows rescore its tokens in the head, which then needs a slot per logits row
+        self.lora_head = self.lora is not None and attached_token_rows(model) is not None
         # where the backend has one (the CPU's C kernels), a whole decode step in one call
         self.decode_step = self.backend.decode_step(model, cache)
         self.sample = Sampler(self.device, self.backend.top_k)
@@ -55,7 +58,7 @@ class ModelRunner:
         logprobs: list = [None] * len(seqs)
         if done:
             rows = torch.tensor([batch.q_starts[i] + batch.q_lens[i] - 1 for i in done], device=self.device)
-            if self.lora is not None:  # an adapter's own token rows score its tokens: one slot per logits row
+            if self.lora_head:
                 self.lora.set([seqs[i].lora for i in done], [1] * len(done), self.device)
             sampled, lps = self.sample(self.model.compute_logits(hidden.index_select(0, rows)), [seqs[i] for i in done])
             for i, t, lp in zip(done, sampled, lps):
