@@ -148,7 +148,7 @@ def test_full_training_from_random_weights_writes_a_loadable_checkpoint(setup):
             shutil.copy(f, bare / f.name)
     lines = []
     out = train(TrainConfig(model=str(bare), data=str(data), output=str(root / "full"), full=True, train_vision=True,
-                            init_random=True, lr=3e-3, batch_size=4, steps=4, dtype="fp32", eval_data=str(data)),
+                            init_random="all", lr=3e-3, batch_size=4, steps=4, dtype="fp32", eval_data=str(data)),
                 log=lines.append)
     losses = [float(line.split("loss ")[1].split(" ")[0]) for line in lines if line.startswith("step ")]
     assert losses[-1] < losses[0] - 0.5, losses  # it learns (the eval loss is the last line)

@@ -73,8 +73,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "embedding (ids and ranges: 3,7,10-12): new tokens, or tokens the model never saw. With LoRA, "
                    "beside the adapter and saved in it (PEFT's trainable_token_indices; a tied head uses them "
                    "too); with --full, only them (and an untied head's), every other weight frozen")
-    m.add_argument("--init-random", action="store_true", help="with --full: start from random weights "
-                   "(the folder needs only config.json, tokenizer and preprocessor files)")
+    m.add_argument("--init-random", nargs="?", const="all", choices=["all", "decoder"], help="with --full: start "
+                   "from random weights (the folder needs only config.json, tokenizer and preprocessor files); "
+                   "'decoder': keep the folder's vision tower, a new decoder, embeddings and head")
     m.add_argument("--init-vision-scale", type=positive(float), help="with --init-random: scale the vision "
                    "merger's output layer by this, so that visual features start near the text embeddings' "
                    "size (0.1 for the demo model's shapes; default 1)")
@@ -147,8 +148,8 @@ def config_from_args(args):
         raise ValueError("--token-lr needs --train-tokens (the rows it sets the rate of)")
     if args.vision_lr is not None and not args.train_vision:
         raise ValueError("--vision-lr needs --train-vision (the vision tower is frozen otherwise)")
-    if args.init_vision_scale is not None and not args.init_random:
-        raise ValueError("--init-vision-scale needs --init-random")
+    if args.init_vision_scale is not None and args.init_random != "all":
+        raise ValueError("--init-vision-scale needs --init-random (all weights new: a kept tower is not scaled)")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -161,7 +162,7 @@ def config_from_args(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return TrainConfig(
         model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, full=args.full,
-        train_vision=args.train_vision, train_tokens=args.train_tokens, init_random=args.init_random,
+        train_vision=args.train_vision, train_tokens=args.train_tokens, init_random=args.init_random or "",
         lora_rank=rank, lora_alpha=args.lora_alpha or 2.0 * rank,
         lora_dropout=0.05 if args.lora_dropout is None else args.lora_dropout,
         lora_targets=args.lora_targets or list(DECODER_LINEARS), loraplus_ratio=args.loraplus_ratio,

@@ -41,7 +41,7 @@ class TrainConfig:
     full: bool = False  # else LoRA
     train_vision: bool = False
     train_tokens: list[int] | None = None  # these rows of the embedding trained (beside LoRA, or alone: full)
-    init_random: bool = False
+    init_random: str = ""  # "all": random weights; "decoder": the checkpoint's vision tower, a new decoder
     init_vision_scale: float = 1.0  # with init_random: the merger's output layer scaled by this
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -88,6 +88,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{out} is not empty; --resume to continue its run, --overwrite to replace it, "
                          "or choose another --output")
+    if cfg.init_random not in ("", "all", "decoder"):
+        raise ValueError(f"init_random is '', 'all' or 'decoder', got {cfg.init_random!r}")
     if cfg.train_tokens and cfg.full and (cfg.train_vision or cfg.init_random or cfg.weight_decay):
         raise ValueError("--full --train-tokens trains some embedding rows of a trained model and nothing else: "
                          "no --train-vision, --init-random or --weight-decay (which would shrink the frozen rows "

@@ -29,12 +29,15 @@ from qwen2vl.train.step import checkpoint_layers
 
 
 def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, train_vision: bool,
-                      init_random: bool = False, init_vision_scale: float = 1.0, lora: dict | None = None,
+                      init_random: str = "", init_vision_scale: float = 1.0, lora: dict | None = None,
                       gradient_checkpointing: bool = False, train_tokens: list[int] | None = None) -> Qwen2VL:
     """`lora`: {targets, rank, alpha, dropout} for LoRA runs (None with full=True); `train_tokens`: with
-    full=True, train only these rows of the embedding and head."""
-    if init_random:
+    full=True, train only these rows of the embedding and head; `init_random`: "all" (random weights) or
+    "decoder" (the folder's vision tower, a new decoder)."""
+    if init_random == "all":
         model = random_model(folder, device, vision_scale=init_vision_scale)
+    elif init_random == "decoder":
+        model = random_decoder(folder, device)
     else:
         model = Qwen2VL.from_pretrained(folder, dtype=dtype, device=device)
     for p in model.parameters():
@@ -93,12 +96,40 @@ def random_model(folder: Path, device, vision_scale: float = 1.0) -> Qwen2VL:
     """A Qwen2VL of `folder`'s config.json with transformers' initialisation: normal(0,
     initializer_range) weights and embeddings, zero biases, unit norms. The folder's weights, if it
     has any, are not read. `vision_scale` scales the vision merger's output layer."""
-    config = Qwen2VLConfig.from_pretrained(folder)
-    raw = json.loads((Path(folder) / "config.json").read_text())
-    std = raw.get("initializer_range") or (raw.get("text_config") or {}).get("initializer_range") or 0.02
     with torch.device(device):
-        model = Qwen2VL(config)
-    for module in model.modules():
+        model = Qwen2VL(Qwen2VLConfig.from_pretrained(folder))
+    _initialise(model, _initializer_range(folder))
+    if vision_scale != 1.0:  # visual features start near the text embeddings' size (a from-scratch run)
+        with torch.no_grad():
+            model.visual.merger.mlp[-1].weight.mul_(vision_scale)
+    _tie(model)
+    return model
+
+
+def random_decoder(folder: Path, device) -> Qwen2VL:
+    """`folder`'s checkpoint with its vision tower kept and the decoder, embeddings and head initialised as
+    random_model does: a new decoder taught to read a trained tower."""
+    model = Qwen2VL.from_pretrained(folder, dtype=torch.float32, device=device)
+    std = _initializer_range(folder)
+    _initialise(model.model, std)
+    _initialise(model.lm_head, std)
+    _tie(model)
+    return model
+
+
+def _tie(model: Qwen2VL) -> None:
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _initializer_range(folder: Path) -> float:
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    return raw.get("initializer_range") or (raw.get("text_config") or {}).get("initializer_range") or 0.02
+
+
+def _initialise(root: nn.Module, std: float) -> None:
+    """transformers' initialisation of every module under `root`."""
+    for module in root.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, 0.0, std)
             if getattr(module, "bias", None) is not None:
@@ -108,12 +139,6 @@ def random_model(folder: Path, device, vision_scale: float = 1.0) -> Qwen2VL:
             nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
-    if vision_scale != 1.0:  # visual features start near the text embeddings' size (a from-scratch run)
-        with torch.no_grad():
-            model.visual.merger.mlp[-1].weight.mul_(vision_scale)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
