@@ -1,5 +1,5 @@
-# Sourced by the CPU recipes after stage 9 (train_demo_tower.sh, train_demo_boxes.sh): their mixes, their
-# runs and the E-runs' fresh lesson sets. Reads WORK.
+# Sourced by the CPU recipes after stage 9 (train_demo_tower.sh, train_demo_boxes.sh, train_demo_reading.sh,
+# train_demo_decoder.sh): their mixes, their runs, sets and the E-runs' fresh lesson sets. Reads WORK.
 
 mix() {  # OUT SEED FILE[:N]...: in WORK, qwen2vl.demo.mix (each FILE's lines, N of them if given, shuffled)
     local out=$1 seed=$2
@@ -10,6 +10,11 @@ run() {  # NAME: the rest are qwen2vl train arguments (torch's AdamW betas, unli
     local name=$1
     shift
     python -m qwen2vl train --output "$WORK/$name" --full --log-every 25 --overwrite "$@" 2>&1 | tee "$WORK/$name.log"
+}
+set_of() {  # NAME SEED CASES ARGS...: one of qwen2vl.demo.dataset's sets, in WORK
+    local name=$1 seed=$2 cases=$3
+    shift 3
+    python -m qwen2vl.demo.dataset "$WORK/$name" "$@" --cases "$cases" --seed "$seed"
 }
 lesson_sets() {  # K: run E{K}'s fresh sets: colour lesson col{K-1}, count questions on{K+2}, count lesson
     # cnt{K-8}, picture pairs pr{K-9}, seeded from 5144 + 4 (K - 16)

@@ -13,12 +13,8 @@ DEVICE=${DEVICE:-cpu}
 STEPS=${STEPS:-2400}
 DEMO=$(python -c "import qwen2vl.demo, pathlib; print(pathlib.Path(qwen2vl.demo.__file__).parent / 'checkpoint')")
 mkdir -p "$WORK"
-set_of() {  # NAME SEED CASES ARGS...: one of qwen2vl.demo.dataset's sets
-    local name=$1 seed=$2 cases=$3
-    shift 3
-    python -m qwen2vl.demo.dataset "$WORK/$name" "$@" --cases "$cases" --seed "$seed" > /dev/null
-}
-run() {  # NAME: the rest are qwen2vl train arguments; the log goes to WORK/NAME.log
+source "$(dirname "$0")/demo_runs.sh"  # set_of
+new_run() {  # NAME: the rest are qwen2vl train arguments; the log goes to WORK/NAME.log
     local name=$1
     shift
     python -m qwen2vl train --output "$WORK/$name" --full --batch-size 16 --adam-beta2 0.95 --weight-decay 0.01 \
@@ -27,7 +23,7 @@ run() {  # NAME: the rest are qwen2vl train arguments; the log goes to WORK/NAME
 
 # R0t: where is the only shape, 750 steps from a new decoder
 set_of lone 31 12000 --where 1
-run R0t --model "$DEMO" --init-random decoder --data "$WORK/lone/train.jsonl" --lr 1e-3 --steps 750 \
+new_run R0t --model "$DEMO" --init-random decoder --data "$WORK/lone/train.jsonl" --lr 1e-3 --steps 750 \
     --warmup-steps 30 --seed 0
 
 # Z: every task from a new decoder, then Z2, a second pass over the same lines
@@ -40,7 +36,7 @@ set_of z_vid 46 3000 --only video
 set_of z_many 47 6000 --where 1-6
 set_of z_lone 48 4000 --where 1
 python -m qwen2vl.demo.mix "$WORK/mixZ.jsonl" 7 "$WORK"/z_{suite,col,on,cnt,pr,vid,many,lone}/train.jsonl
-run Z --model "$DEMO" --init-random decoder --data "$WORK/mixZ.jsonl" --lr 1e-3 --steps "$STEPS" \
+new_run Z --model "$DEMO" --init-random decoder --data "$WORK/mixZ.jsonl" --lr 1e-3 --steps "$STEPS" \
     --warmup-steps 50 --seed 0 --save-every 600
-run Z2 --model "$WORK/Z" --data "$WORK/mixZ.jsonl" --lr 4e-4 --steps $((STEPS * 5 / 8)) --warmup-steps 30 --seed 1 \
+new_run Z2 --model "$WORK/Z" --data "$WORK/mixZ.jsonl" --lr 4e-4 --steps $((STEPS * 5 / 8)) --warmup-steps 30 --seed 1 \
     --save-every 500

@@ -16,15 +16,10 @@
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-demo}
 export OMP_WAIT_POLICY=PASSIVE
-source "$(dirname "$0")/demo_runs.sh"  # mix, run, lesson_sets
+source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, lesson_sets
 
 words() {  # NAME SEED CASES LENGTHS [FONT [SIDE]]: the reading lesson, one word alone on a picture
     python -m qwen2vl.demo.dataset "$WORK/$1" --words "$4" ${5:+--font "$5"} ${6:+--side "$6"} --cases "$3" --seed "$2"
-}
-set_of() {  # NAME SEED CASES ARGS...: any other set
-    local name=$1 seed=$2 cases=$3
-    shift 3
-    python -m qwen2vl.demo.dataset "$WORK/$name" "$@" --cases "$cases" --seed "$seed"
 }
 words w1 8101 8000 1 40-64 224
 words w2 8102 4000 1-3 28-56 224
