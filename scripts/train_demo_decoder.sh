@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A new decoder on the shipped demo's vision tower (docs/demo.md, "A new decoder on the shipped tower"): R0t, the
-# box lesson alone on lone shapes, and Z / Z2, every task's lines, each from random decoder weights
-# (`qwen2vl train --full --init-random decoder`; the tower kept as it is).
+# box lesson alone on lone shapes, and Z / Z2, every task's lines; R0t and Z start from random decoder weights
+# (`qwen2vl train --full --init-random decoder`; the tower kept as it is), Z2 from Z.
 #
 #   scripts/train_demo_decoder.sh WORK_DIR          # DEVICE=cuda on a GPU; STEPS scales Z's 2,400 steps
 #
-# Where it ran (2026-12-06, 2 vCPUs of an AMX Xeon, one run at a time): R0t 8 min, Z 36.5 min, Z2 (beside the
-# test suite part of the time). Not shipped: the demo stays J2.
+# Where it ran (2026-12-06, 2 vCPUs of an AMX Xeon): R0t 8 min (its throwaway form), Z 36.5 min, Z2 42.6 min (the
+# test suite beside it for about 20 of them). Not shipped: Z2 misses the colour goal; the demo stays J2.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-decoder}
 DEVICE=${DEVICE:-cpu}

@@ -1,5 +1,5 @@
-"""The model a run trains: loaded from a checkpoint (or randomly initialised), with what is trained
-chosen and put in float32 (master weights), the rest frozen in the run's dtype.
+"""The model a run trains: loaded from a checkpoint (or randomly initialised, or its decoder alone), with what
+is trained chosen and put in float32 (master weights), the rest frozen in the run's dtype.
 
 - LoRA (the default): every base weight frozen, LoRA A/B on the chosen decoder linears trained.
 - full (`--full`): the decoder, its embeddings and head trained; the vision tower too with
