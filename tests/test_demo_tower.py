@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from qwen2vl.demo import tower_cases
 from qwen2vl.demo.scenes import COLORS, SHAPES, TEXT_COLOR
 from qwen2vl.demo.tasks import DIRECTIONS
-from qwen2vl.demo.tower import Heads, teach_tower, token_places
+from qwen2vl.demo.tower import Heads, iou, score, teach_tower, token_places
 from qwen2vl.demo.tower_cases import CHARS, SHAPE_CLASSES, SLOTS
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
@@ -151,3 +151,82 @@ def test_the_place_head_is_taught_only_when_weighted():
     error = weighted.place(tokens)[held] - token_places(case.grid)[held]
     torch.testing.assert_close(weighted.loss(tokens, case) - heads.loss(tokens, case), (error**2).mean(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_still_shapes_box_is_its_square_in_tokens_from_its_centres_token():
+    processor = Processor.from_pretrained(DEMO)
+    rng = random.Random(7)
+    checked = 0
+    for _ in range(6):
+        width, height = tower_cases.random_size(rng)
+        shapes = tower_cases.place(rng, width, height, [("circle", "red"), ("triangle", "green"), ("square", "blue")])
+        if shapes is None:
+            continue
+        image = tower_cases.draw_scene(width, height, (230, 230, 230), shapes)
+        _, _, (t, rows, cols) = tower_cases._draw(processor, {"type": "image", "image": image})
+        labels = tower_cases.Labels(t, rows, cols, width, height)
+        for s in shapes:
+            token = labels.shape(0, s)
+            col, row = token % cols, token // cols
+            box = labels.boxes[token] + torch.tensor([col, row, col, row])  # tokens from the picture's corner
+            px = box * torch.tensor([width / cols, height / rows] * 2)
+            torch.testing.assert_close(px, torch.tensor(s.box, dtype=torch.float32), rtol=0, atol=1e-3)
+            centre = (labels.boxes[token, :2] + labels.boxes[token, 2:]) / 2
+            assert ((centre >= 0) & (centre < 1)).all()  # the centre lies in the token's own cell
+            checked += 1
+        assert int((~labels.boxes[:, 0].isnan()).sum()) == len(shapes)
+    assert checked >= 9
+
+
+def test_a_moving_shape_has_no_box_and_each_still_one_has_one_in_every_frame_pair():
+    processor = Processor.from_pretrained(DEMO)
+    rng = random.Random(9)
+    for _ in range(4):
+        state = rng.getstate()
+        case = tower_cases.video(rng, processor)
+        rng.setstate(state)
+        still = tower_cases.tasks.video_case(rng).info["shapes"]
+        boxed = ~case.boxes[:, 0].isnan()
+        assert int(boxed.sum()) == len(still) * int(case.grid[0, 0])
+        assert not boxed[case.motion > 0].any()
+
+
+def test_iou_of_known_boxes():
+    a = torch.tensor([[0.0, 0, 2, 2], [0, 0, 1, 1], [0, 0, 1, 1]])
+    b = torch.tensor([[1.0, 0, 3, 2], [0, 0, 1, 1], [2, 2, 3, 3]])
+    torch.testing.assert_close(iou(a, b), torch.tensor([1 / 3, 1.0, 0.0]))
+
+
+def test_the_box_head_is_taught_only_when_weighted_and_scored_on_still_shapes():
+    processor = Processor.from_pretrained(DEMO)
+    rng = random.Random(8)
+    case = tower_cases.picture(rng, processor)
+    while int((case.shapes > 0).sum()) < 2:
+        case = tower_cases.picture(rng, processor)
+    tokens = torch.randn(case.shapes.numel(), 256)
+    heads, weighted = Heads(256, "cpu"), Heads(256, "cpu", box_weight=2.0)
+    weighted.load_state_dict(heads.state_dict())
+    boxed = ~case.boxes[:, 0].isnan()
+    error = weighted.box(tokens)[boxed] - case.boxes[boxed]
+    torch.testing.assert_close(weighted.loss(tokens, case) - heads.loss(tokens, case), 2 * (error**2).mean(),
+                               rtol=1e-5, atol=1e-6)
+    token = int(boxed.nonzero()[0])
+    boxes = torch.full_like(case.boxes, float("nan"))
+    boxes[token] = case.boxes[token]
+    one = tower_cases.Drawn(case.pixels, case.grid, case.shapes, case.motion, case.chars, boxes)
+    tower = lambda pixels, grid: tokens  # noqa: E731
+    for shift, boxed_share, off in ((0.0, 1.0, 0.0), (10.0, 0.0, 5.0)):  # 10 tokens right: x edges off by 10
+        with torch.no_grad():  # a head that answers this box whatever the token
+            weighted.box.weight.zero_()
+            weighted.box.bias.copy_(case.boxes[token] + torch.tensor([shift, 0, shift, 0]))
+        named = score(tower, weighted, [one])
+        assert named["boxed"] == boxed_share and abs(named["box error"] - off) < 1e-4
+
+
+def test_keep_tower_starts_from_the_checkpoints_tower():
+    kept = teach_tower(DEMO, steps=1, lr=0.0, batch_size=1, held_out=1, keep_tower=True, log=lambda _: None)
+    fresh = teach_tower(DEMO, steps=1, lr=0.0, batch_size=1, held_out=1, log=lambda _: None)
+    base = Qwen2VL.from_pretrained(DEMO, dtype=torch.float32).visual.state_dict()
+    for name, tensor in base.items():
+        assert torch.equal(kept.visual.state_dict()[name], tensor), name
+    assert not torch.equal(fresh.visual.state_dict()["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])

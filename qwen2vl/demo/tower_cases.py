@@ -1,12 +1,16 @@
 """What the tower lesson (tower.py) shows the vision tower, and what each merged token must name.
 
-Three kinds of case, each with three labels per merged token (raster order, frame pair by frame pair):
+Three kinds of case, each with these labels per merged token (raster order, frame pair by frame pair):
 - a suite picture of 0-6 shapes: `shapes` names the (kind, colour) of the shape whose square's centre
   lies in the token's cell, or nothing;
 - a suite video (one shape moving, 0-2 still): `shapes` as above in each frame pair (the moving shape
   where its centre is midway between the pair's two frames), and `motion` names its direction there;
 - a suite word picture (a word of 3-6 characters and 0-2 shapes): `chars` names, in each quarter of
   the token's width, the character whose centre lies in it (a token of the smallest font holds ~4).
+
+and a fourth, `boxes`: for the token holding a still shape's centre, that shape's square (left, top, right,
+bottom) in token units from the token's own top-left corner; NaN elsewhere (the moving shape of a video
+included: it has a box in each frame, not one per pair).
 
 Why motion and characters (docs/demo.md, "On a GPU"): a tower taught shapes alone gave the decoder
 nothing to read a direction or a word from (videos at chance after 2,400 mixed steps); the curriculum's
@@ -40,11 +44,12 @@ class Drawn:
     shapes: torch.Tensor  # (tokens,)
     motion: torch.Tensor  # (tokens,)
     chars: torch.Tensor  # (tokens, SLOTS)
+    boxes: torch.Tensor  # (tokens, 4), NaN where no still shape's centre is
 
     @staticmethod
     def cat(cases: list[Drawn]) -> Drawn:
         return Drawn(*(torch.cat([getattr(c, f) for c in cases]) for f in ("pixels", "grid", "shapes", "motion",
-                                                                             "chars")))
+                                                                             "chars", "boxes")))
 
 
 def shape_class(shape: Shape) -> int:
@@ -61,6 +66,7 @@ class Labels:
         self.shapes = torch.zeros(n, dtype=torch.long)
         self.motion = torch.zeros(n, dtype=torch.long)
         self.chars = torch.zeros(n, SLOTS, dtype=torch.long)
+        self.boxes = torch.full((n, 4), float("nan"))
 
     def token(self, frame: int, x: float, y: float) -> tuple[int, float]:
         """(token index, place across its width in [0, 1)) of the point (x, y) px in a frame pair."""
@@ -69,9 +75,17 @@ class Labels:
         return (frame * self.rows + row) * self.cols + int(col_f), col_f % 1
 
     def shape(self, frame: int, shape: Shape, cx: float | None = None, cy: float | None = None) -> int:
-        token, _ = self.token(frame, shape.x + shape.side / 2 if cx is None else cx,
-                              shape.y + shape.side / 2 if cy is None else cy)
+        """Label the token holding the shape's centre, or (cx, cy) px for a moving shape (which gets no box)."""
+        still = cx is None
+        token, _ = self.token(frame, shape.x + shape.side / 2 if still else cx,
+                              shape.y + shape.side / 2 if still else cy)
         self.shapes[token] = shape_class(shape)
+        if still:
+            cell = token % (self.rows * self.cols)
+            col, row = cell % self.cols, cell // self.cols
+            across, down = self.cols / self.width, self.rows / self.height  # tokens a pixel
+            x1, y1, x2, y2 = shape.box
+            self.boxes[token] = torch.tensor([x1 * across - col, y1 * down - row, x2 * across - col, y2 * down - row])
         return token
 
 
@@ -98,7 +112,7 @@ def picture(rng: random.Random, processor: Processor) -> Drawn:
     labels = Labels(t, rows, cols, width, height)
     for s in shapes:
         labels.shape(0, s)
-    return Drawn(pixels, grid, labels.shapes, labels.motion, labels.chars)
+    return Drawn(pixels, grid, labels.shapes, labels.motion, labels.chars, labels.boxes)
 
 
 def video(rng: random.Random, processor: Processor) -> Drawn:
@@ -114,7 +128,7 @@ def video(rng: random.Random, processor: Processor) -> Drawn:
         a, b = path[min(2 * pair, len(path) - 1)], path[min(2 * pair + 1, len(path) - 1)]  # odd counts: last repeated
         token = labels.shape(pair, a, (a.x + b.x + a.side) / 2, (a.y + b.y + a.side) / 2)
         labels.motion[token] = 1 + direction if a != b else 0
-    return Drawn(pixels, grid, labels.shapes, labels.motion, labels.chars)
+    return Drawn(pixels, grid, labels.shapes, labels.motion, labels.chars, labels.boxes)
 
 
 def word(rng: random.Random, processor: Processor) -> Drawn:
@@ -132,7 +146,7 @@ def word(rng: random.Random, processor: Processor) -> Drawn:
         start, end = font.getlength(text[:i]), font.getlength(text[:i + 1])
         token, place_in = labels.token(0, x + (start + end) / 2, (top + bottom) / 2)
         labels.chars[token, int(place_in * SLOTS)] = 1 + CHARS.index(char)
-    return Drawn(pixels, grid, labels.shapes, labels.motion, labels.chars)
+    return Drawn(pixels, grid, labels.shapes, labels.motion, labels.chars, labels.boxes)
 
 
 KINDS = {"picture": picture, "video": video, "word": word}
