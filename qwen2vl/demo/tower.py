@@ -190,10 +190,11 @@ def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float
 def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_size: int = 16,
                 held_out: int = 100, device: str = "cpu", workers: int = 0, mix: dict[str, float] = MIX,
                 log=None, place_weight: float = PLACE_WEIGHT, box_weight: float = BOX_WEIGHT,
-                keep_tower: bool = False) -> Qwen2VL:
+                keep_tower: bool = False, head_lr: float | None = None) -> Qwen2VL:
     """BASE's model with a fresh vision tower (BASE's own with `keep_tower`) trained on token labels for
     `steps` AdamW steps (warmup, then cosine to a tenth); cases drawn by `workers` processes ahead of the
-    steps (0: between steps)."""
+    steps (0: between steps). The heads learn at `head_lr` (default `lr`): a kept tower's heads start from
+    nothing while the tower does not, and the place head's bias alone has to travel ~0.5."""
     log = log or (lambda text: print(text, flush=True))
     torch.manual_seed(seed)
     processor = Processor.from_pretrained(base)
@@ -203,7 +204,9 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
     tower = model.visual.float().train()
     heads = Heads(model.config.vision.hidden_size, device, place_weight, box_weight)
     params = list(tower.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    optimizer = torch.optim.AdamW([{"params": list(tower.parameters())},
+                                   {"params": list(heads.parameters()), "lr": lr if head_lr is None else head_lr}],
+                                  lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = min(30, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
                                                  * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
@@ -237,6 +240,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--head-lr", type=float, help="the heads' learning rate (default --lr)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--place-weight", type=float, default=PLACE_WEIGHT, help="weight of the place head's "
                         "loss (where each token holding a shape or a character is; default 0: left out)")
@@ -252,7 +256,7 @@ def main(argv=None) -> None:
     base = resolve_model_path(args.base)
     model = teach_tower(base, args.steps, args.seed, args.lr, args.batch_size, device=args.device,
                         workers=args.workers, mix=args.mix, place_weight=args.place_weight,
-                        box_weight=args.box_weight, keep_tower=args.keep_tower)
+                        box_weight=args.box_weight, keep_tower=args.keep_tower, head_lr=args.head_lr)
     save_full(model, base, args.out, torch.bfloat16)
     print(args.out)
 
