@@ -38,6 +38,15 @@ def test_digits_are_counted_against_the_cases_box():
     assert "tens digit right where the hundreds is 50.0%" in format_report("m", report)
 
 
+def test_lone_shapes_are_told_apart_from_shapes_among_others():
+    cases = render_cases(10, 60, ["grounding"])
+    alone = [len(c.info["shapes"]) == 1 for c in cases]
+    answers = [c.answer if one else "none" for c, one in zip(cases, alone)]  # every lone shape right, no other
+    report = digit_report(cases, answers)
+    assert report["right alone"] == 1.0 and report["right among others"] == 0
+    assert report["right"] == sum(alone) / len(cases) and 0 < sum(alone) < len(cases)
+
+
 def test_no_boxes_at_all_reports_none_formed():
     cases = render_cases(8, 2, ["grounding"])
     report = digit_report(cases, ["no", "idea"])
@@ -52,5 +61,7 @@ def test_a_box_on_another_shape_is_not_found_and_its_colour_is_told():
         *box_1000(o.box, *c.images[0].size)) for c, o in zip(cases, others)]
     report = digit_report(cases, answers)
     assert report["found"] == 0 and report["right"] == 0
+    assert report["right alone"] == 0 and report["right among others"] == 0
+    assert report["found by chance"] == sum(1 / len(c.info["shapes"]) for c in cases) / len(cases) < 0.5
     same = sum(o.color == n.color for o, n in zip(others, named))
     assert report["same colour"] == same / len(cases) and 0 < same < len(cases)

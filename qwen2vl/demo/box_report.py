@@ -36,13 +36,18 @@ def box_numbers(text: str) -> list[int] | None:
 
 
 def digit_report(cases: list[Case], answers: list[str]) -> dict[str, float]:
-    """Over grounding cases and their answers: shares right and formed; of the formed, the share whose nearest
-    shape is the named one, or another of its colour; the numbers' hundreds and tens digits right (tens among
-    those whose hundreds are right), and their absolute error's median and 90th percentile."""
-    right = formed = found = same_color = hundreds = tens = 0
+    """Over grounding cases and their answers: shares right (of all, of lone shapes, of shapes among others) and
+    formed; of the formed, the share whose nearest
+    shape is the named one (and that share for a shape picked at random), or another of its colour; the
+    numbers' hundreds and tens digits right (tens among those whose hundreds are right), and their absolute
+    error's median and 90th percentile."""
+    right = formed = found = same_color = hundreds = tens = alone = alone_right = 0
     errors = []
     for case, answer in zip(cases, answers, strict=True):
         right += score(case, answer)
+        if len(case.info["shapes"]) == 1:
+            alone += 1
+            alone_right += score(case, answer)
         got, true = box_numbers(answer), box_numbers(case.answer)
         if got is None:
             continue
@@ -58,7 +63,10 @@ def digit_report(cases: list[Case], answers: list[str]) -> dict[str, float]:
                 tens += (a // 10) % 10 == (b // 10) % 10
     errors.sort()
     return {"cases": len(cases), "right": right / max(len(cases), 1), "formed": formed / max(len(cases), 1),
+            "right alone": alone_right / max(alone, 1), "right among others": (right - alone_right) / max(
+                len(cases) - alone, 1),
             "found": found / max(formed, 1), "same colour": same_color / max(formed, 1),
+            "found by chance": sum(1 / len(case.info["shapes"]) for case in cases) / max(len(cases), 1),
             "hundreds": hundreds / max(len(errors), 1), "tens": tens / max(hundreds, 1),
             "median error": _quantile(errors, 0.5), "p90 error": _quantile(errors, 0.9)}
 
@@ -80,8 +88,10 @@ def _quantile(ordered: list[int], q: float) -> float:
 
 
 def format_report(model: str, report: dict[str, float]) -> str:
-    return (f"{model}: {report['cases']} grounding cases, {report['right']:.1%} right (IoU >= 0.5), "
-            f"{report['formed']:.1%} a box; the nearest shape the named one in {report['found']:.1%}, another "
+    return (f"{model}: {report['cases']} grounding cases, {report['right']:.1%} right (IoU >= 0.5; "
+            f"{report['right alone']:.1%} of lone shapes, {report['right among others']:.1%} among others), "
+            f"{report['formed']:.1%} a box; the nearest shape the named one in {report['found']:.1%} (one picked at "
+            f"random: {report['found by chance']:.1%}), another "
             f"of its colour in {report['same colour']:.1%}; numbers: hundreds digit right {report['hundreds']:.1%}, "
             f"tens digit right where the hundreds is {report['tens']:.1%} (chance 10%); error median "
             f"{report['median error']}, "
