@@ -231,3 +231,6 @@ def test_keep_tower_starts_from_the_checkpoints_tower():
     for name, tensor in base.items():
         assert torch.equal(kept.visual.state_dict()[name], tensor), name
     assert not torch.equal(fresh.visual.state_dict()["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])
+    taught = teach_tower(DEMO, steps=1, batch_size=1, held_out=1, keep_tower=True, log=lambda _: None).visual
+    moved = [name for name, tensor in base.items() if not torch.equal(taught.state_dict()[name], tensor)]
+    assert len(moved) == len(base), sorted(set(base) - set(moved))  # the kept tower learns: every tensor moves

@@ -201,7 +201,7 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
     model = Qwen2VL.from_pretrained(base, dtype=torch.float32, device=device)
     if not keep_tower:
         model.visual = random_model(base, device).visual
-    tower = model.visual.float().train()
+    tower = model.visual.float().train().requires_grad_(True)  # a loaded model's weights come frozen
     heads = Heads(model.config.vision.hidden_size, device, place_weight, box_weight)
     params = list(tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW([{"params": list(tower.parameters())},
