@@ -8,9 +8,10 @@ nearest the box (centre to centre) is the named one, and when not, whether it ha
 kind mistaken) or not; how often each of a box's four numbers (0-1000) has the right hundreds digit, how
 often its tens digit is right where the hundreds is, and the numbers' error in quantiles.
 
-Why (docs/demo.md, "Box edges in the tower"): IoU >= 0.5 hides where a box is lost. Every decoder
-trained so far gets the hundreds digit right 65-85% of the time and the tens digit at chance (10%), so its
-boxes are as fine as a tenth of the picture and no finer; a change that teaches the tens digit shows here
+Why (docs/demo.md, "Where the boxes are lost"): IoU >= 0.5 hides where a box is lost. Among other shapes,
+every decoder trained so far boxes the named one no more often than a random pick would, and on lone shapes
+it gets the hundreds digit right 67-85% of the time and the tens digit at chance (10%): its boxes are as fine
+as a tenth of the picture and no finer. A change that finds the shape, or teaches the tens digit, shows here
 long before it moves the share right.
 """
 
