@@ -56,14 +56,19 @@ def test_a_labelled_token_holds_its_shapes_colour_in_the_processed_picture():
     assert SHAPE_CLASSES == 1 + len(SHAPES) * len(COLORS)
 
 
+def video_and_case(rng: random.Random, processor: Processor):
+    """The lesson's next video and the same video as the suite asks about it (drawn from the same state)."""
+    state = rng.getstate()
+    case = tower_cases.video(rng, processor)
+    rng.setstate(state)
+    return case, tower_cases.tasks.video_case(rng)
+
+
 def test_a_moving_shape_is_labelled_with_its_direction_where_it_is_in_each_frame_pair():
     processor = Processor.from_pretrained(DEMO)
     rng = random.Random(4)
     for _ in range(8):
-        state = rng.getstate()
-        case = tower_cases.video(rng, processor)
-        rng.setstate(state)
-        answer = tower_cases.tasks.video_case(rng)  # the same video, as the suite asks about it
+        case, answer = video_and_case(rng, processor)
         pairs = int(case.grid[0, 0])
         moving = case.motion.nonzero().flatten().tolist()
         assert len(moving) == len(answer.images) // 2  # one token a pair (an odd count's last pair is still)
@@ -182,10 +187,8 @@ def test_a_moving_shape_has_no_box_and_each_still_one_has_one_in_every_frame_pai
     processor = Processor.from_pretrained(DEMO)
     rng = random.Random(9)
     for _ in range(4):
-        state = rng.getstate()
-        case = tower_cases.video(rng, processor)
-        rng.setstate(state)
-        still = tower_cases.tasks.video_case(rng).info["shapes"]
+        case, answer = video_and_case(rng, processor)
+        still = answer.info["shapes"]
         boxed = ~case.boxes[:, 0].isnan()
         assert int(boxed.sum()) == len(still) * int(case.grid[0, 0])
         assert not boxed[case.motion > 0].any()
