@@ -119,19 +119,25 @@ def test_workers_draw_the_pictures_the_lesson_draws_without_them():
         assert torch.equal(a, b), name
 
 
-def test_token_places_are_the_cells_of_the_shapes_centres():
-    """The place head's targets: the cell of the token holding a shape's centre contains that centre."""
+def labelled_scenes(seed: int, specs: list[tuple[str, str]], tries: int = 6):
+    """Up to `tries` pictures of `specs` on a plain background: (shapes, width, height, grid_thw, empty Labels)."""
     processor = Processor.from_pretrained(DEMO)
-    rng = random.Random(5)
-    checked = 0
-    for _ in range(6):
+    rng = random.Random(seed)
+    for _ in range(tries):
         width, height = tower_cases.random_size(rng)
-        shapes = tower_cases.place(rng, width, height, [("circle", "red"), ("square", "blue")])
+        shapes = tower_cases.place(rng, width, height, specs)
         if shapes is None:
             continue
         image = tower_cases.draw_scene(width, height, (230, 230, 230), shapes)
-        pixels, grid, (t, rows, cols) = tower_cases._draw(processor, {"type": "image", "image": image})
-        labels = tower_cases.Labels(t, rows, cols, width, height)
+        _, grid, (t, rows, cols) = tower_cases._draw(processor, {"type": "image", "image": image})
+        yield shapes, width, height, grid, tower_cases.Labels(t, rows, cols, width, height)
+
+
+def test_token_places_are_the_cells_of_the_shapes_centres():
+    """The place head's targets: the cell of the token holding a shape's centre contains that centre."""
+    checked = 0
+    for shapes, width, height, grid, labels in labelled_scenes(5, [("circle", "red"), ("square", "blue")]):
+        rows, cols = labels.rows, labels.cols
         places = token_places(grid)
         assert places.shape == (rows * cols, 2)
         for s in shapes:
@@ -159,17 +165,10 @@ def test_the_place_head_is_taught_only_when_weighted():
 
 
 def test_a_still_shapes_box_is_its_square_in_tokens_from_its_centres_token():
-    processor = Processor.from_pretrained(DEMO)
-    rng = random.Random(7)
     checked = 0
-    for _ in range(6):
-        width, height = tower_cases.random_size(rng)
-        shapes = tower_cases.place(rng, width, height, [("circle", "red"), ("triangle", "green"), ("square", "blue")])
-        if shapes is None:
-            continue
-        image = tower_cases.draw_scene(width, height, (230, 230, 230), shapes)
-        _, _, (t, rows, cols) = tower_cases._draw(processor, {"type": "image", "image": image})
-        labels = tower_cases.Labels(t, rows, cols, width, height)
+    for shapes, width, height, _, labels in labelled_scenes(7, [("circle", "red"), ("triangle", "green"),
+                                                                ("square", "blue")]):
+        rows, cols = labels.rows, labels.cols
         for s in shapes:
             token = labels.shape(0, s)
             col, row = token % cols, token // cols
