@@ -24,8 +24,7 @@ from qwen2vl.demo.evaluate import EVAL_SEED, run_llm
 from qwen2vl.demo.scenes import box_1000
 from qwen2vl.demo.score import score
 from qwen2vl.demo.tasks import Case, render_cases
-
-BOX_START = "<|box_start|>"
+from qwen2vl.grounding import BOX_START
 
 
 def box_numbers(text: str) -> list[int] | None:
@@ -38,17 +37,17 @@ def box_numbers(text: str) -> list[int] | None:
 
 def digit_report(cases: list[Case], answers: list[str]) -> dict[str, float]:
     """Over grounding cases and their answers: shares right (of all, of lone shapes, of shapes among others) and
-    formed; of the formed, the share whose nearest
-    shape is the named one (and that share for a shape picked at random), or another of its colour; the
-    numbers' hundreds and tens digits right (tens among those whose hundreds are right), and their absolute
-    error's median and 90th percentile."""
+    formed; of the formed, the share whose nearest shape is the named one (and that share for a shape picked at
+    random), or another of its colour; the numbers' hundreds and tens digits right (tens among those whose
+    hundreds are right), and their absolute error's median and 90th percentile."""
     right = formed = found = same_color = hundreds = tens = alone = alone_right = 0
     errors = []
     for case, answer in zip(cases, answers, strict=True):
-        right += score(case, answer)
+        ok = score(case, answer)
+        right += ok
         if len(case.info["shapes"]) == 1:
             alone += 1
-            alone_right += score(case, answer)
+            alone_right += ok
         got, true = box_numbers(answer), box_numbers(case.answer)
         if got is None:
             continue
