@@ -171,8 +171,9 @@ def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float
             mask = _holding(case)
             guessed.append(heads.place(tokens.float()).cpu()[mask])
             true.append(token_places(case.grid)[mask])
-            boxes.append(heads.box(tokens.float()).cpu()[_boxed(case)])
-            true_boxes.append(case.boxes[_boxed(case)])
+            still = _boxed(case)
+            boxes.append(heads.box(tokens.float()).cpu()[still])
+            true_boxes.append(case.boxes[still])
             guesses = [g.argmax(-1).cpu() for g in heads(tokens)]
             for i, (guess, labels) in enumerate(zip(guesses, (case.shapes, case.motion, case.chars))):
                 mask = labels > 0
