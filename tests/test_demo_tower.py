@@ -5,13 +5,14 @@ and a lesson changes the tower and nothing else."""
 from __future__ import annotations
 
 import random
+import re
 
 import torch
 from safetensors.torch import load_file
 
 from qwen2vl.demo import tower_cases
 from qwen2vl.demo.scenes import COLORS, SHAPES, TEXT_COLOR
-from qwen2vl.demo.tasks import DIRECTIONS
+from qwen2vl.demo.tasks import DIRECTIONS, box_answer
 from qwen2vl.demo.tower import Heads, iou, score, teach_tower, token_places
 from qwen2vl.demo.tower_cases import CHARS, SHAPE_CLASSES, SLOTS
 from qwen2vl.hub import resolve_model_path
@@ -182,6 +183,46 @@ def test_a_still_shapes_box_is_its_square_in_tokens_from_its_centres_token():
     assert checked >= 9
 
 
+def test_a_still_shapes_digits_are_the_hundreds_and_tens_its_grounding_answer_writes():
+    checked = 0
+    for shapes, width, height, _, labels in labelled_scenes(17, [("square", "red"), ("circle", "purple")]):
+        for s in shapes:
+            token = labels.shape(0, s)
+            numbers = re.findall(r"\d+", box_answer(s, width, height).split("<|box_start|>")[1])
+            assert labels.digits[token].tolist() == [d for n in numbers for d in (int(n) // 100, int(n) // 10 % 10)]
+            checked += 1
+        assert int((labels.digits != tower_cases.IGNORE).all(dim=1).sum()) == len(shapes)
+        assert int((labels.digits != tower_cases.IGNORE).any(dim=1).sum()) == len(shapes)
+    assert checked >= 6
+
+
+def test_the_digit_head_is_made_and_taught_only_when_weighted_and_reads_normalised_tokens():
+    processor = Processor.from_pretrained(DEMO)
+    rng = random.Random(18)
+    case = tower_cases.picture(rng, processor)
+    while int((case.shapes > 0).sum()) < 2:
+        case = tower_cases.picture(rng, processor)
+    tokens = torch.randn(case.shapes.numel(), 256)
+    heads, weighted = Heads(256, "cpu"), Heads(256, "cpu", digit_weight=3.0)
+    assert not hasattr(heads, "digits")
+    weighted.load_state_dict(heads.state_dict(), strict=False)
+    still = case.digits[:, 0] != tower_cases.IGNORE
+    logits = weighted.digit_logits(tokens)
+    torch.testing.assert_close(weighted.digit_logits(tokens * 7), logits)  # the scale of a token does not count
+    expected = 3 * torch.nn.functional.cross_entropy(logits[still].flatten(0, 1), case.digits[still].flatten())
+    torch.testing.assert_close(weighted.loss(tokens, case) - heads.loss(tokens, case), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a head that answers the first still shape's digits whatever the token
+        weighted.digits.weight.zero_()
+        weighted.digits.bias.copy_(torch.nn.functional.one_hot(case.digits[still][0], 11).flatten() * 10.0)
+    named = score(lambda pixels, grid: tokens, weighted, [case])
+    first = case.digits[still][0]
+    shapes = int(still.sum()) * 4
+    hundreds = int((case.digits[still][:, 0::2] == first[0::2]).sum()) / shapes
+    tens = int((case.digits[still][:, 1::2] == first[1::2]).sum()) / shapes
+    assert (named["hundreds"], named["tens"]) == (hundreds, tens)
+    assert hundreds > 0
+
+
 def test_a_moving_shape_has_no_box_and_each_still_one_has_one_in_every_frame_pair():
     processor = Processor.from_pretrained(DEMO)
     rng = random.Random(9)
@@ -215,7 +256,7 @@ def test_the_box_head_is_taught_only_when_weighted_and_scored_on_still_shapes():
     token = int(boxed.nonzero()[0])
     boxes = torch.full_like(case.boxes, float("nan"))
     boxes[token] = case.boxes[token]
-    one = tower_cases.Drawn(case.pixels, case.grid, case.shapes, case.motion, case.chars, boxes)
+    one = tower_cases.Drawn(case.pixels, case.grid, case.shapes, case.motion, case.chars, boxes, case.digits)
     tower = lambda pixels, grid: tokens  # noqa: E731
     for shift, boxed_share, off in ((0.0, 1.0, 0.0), (10.0, 0.0, 5.0)):  # 10 tokens right: x edges off by 10
         with torch.no_grad():  # a head that answers this box whatever the token

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from qwen2vl.demo import tower_cases
 from qwen2vl.demo.dataset import parse_weights
 from qwen2vl.demo.tower_cases import CHAR_CLASSES, KINDS, MOTION_CLASSES, SHAPE_CLASSES, SLOTS, Drawn
 from qwen2vl.hub import resolve_model_path
@@ -57,6 +58,7 @@ from qwen2vl.train.setup import random_model
 
 PLACE_WEIGHT = 0.0  # the place head's loss weight; 0 (the shipped tower's lesson) leaves it out
 BOX_WEIGHT = 0.0  # the box head's, likewise
+DIGIT_WEIGHT = 0.0  # the digit head's, likewise
 NOTHING_WEIGHT = 0.2  # most tokens hold no shape's centre; at full weight "nothing" everywhere is a cheap minimum
 MIX = {"picture": 4.0, "video": 1.5, "word": 1.5}  # how often each kind of case (tower_cases.KINDS) is drawn
 
@@ -86,9 +88,11 @@ class Lesson(torch.utils.data.Dataset):
 class Heads(nn.Module):
     """Linear heads on the merged tokens: the shape, its motion, the character in each quarter; and the place
     of the tokens that hold a shape or a character, weighted by `place_weight`, and the box of each still
-    shape from its centre's token, weighted by `box_weight` (0: not trained)."""
+    shape from its centre's token, weighted by `box_weight`, and that box's digits as the answer writes them,
+    weighted by `digit_weight` (0: not trained)."""
 
-    def __init__(self, width: int, device, place_weight: float = PLACE_WEIGHT, box_weight: float = BOX_WEIGHT):
+    def __init__(self, width: int, device, place_weight: float = PLACE_WEIGHT, box_weight: float = BOX_WEIGHT,
+                 digit_weight: float = DIGIT_WEIGHT):
         super().__init__()
         self.shapes = nn.Linear(width, SHAPE_CLASSES, device=device)
         self.motion = nn.Linear(width, MOTION_CLASSES, device=device)
@@ -96,6 +100,17 @@ class Heads(nn.Module):
         self.place = nn.Linear(width, 2, device=device)
         self.box = nn.Linear(width, 4, device=device)
         self.place_weight, self.box_weight = place_weight, box_weight
+        if digit_weight:  # made only when taught, so that the other heads' first weights are drawn as before
+            self.digits = nn.Linear(width, tower_cases.DIGITS * tower_cases.DIGIT_CLASSES, device=device)
+        self.digit_weight = digit_weight
+
+    def digit_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[tokens, DIGITS, DIGIT_CLASSES], read from the tokens as the decoder's first RMSNorm scales them: the
+        digits must be a large part of the token, not a faint direction a linear probe can still find (T8's place,
+        R^2 0.94 to a probe, went unread by every decoder)."""
+        tokens = tokens.float()
+        tokens = tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.digits(tokens).unflatten(-1, (tower_cases.DIGITS, tower_cases.DIGIT_CLASSES))
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens = tokens.float()
@@ -114,6 +129,10 @@ class Heads(nn.Module):
             boxed = _boxed(case).to(device)
             error = self.box(tokens.float()[boxed]) - case.boxes.to(device)[boxed]
             named = named + self.box_weight * (error ** 2).sum() / max(4 * int(boxed.sum()), 1)
+        if self.digit_weight and bool((case.digits != tower_cases.IGNORE).any()):
+            logits, labels = self.digit_logits(tokens).flatten(0, 1), case.digits.to(device).flatten()
+            named = named + self.digit_weight * nn.functional.cross_entropy(logits, labels,
+                                                                            ignore_index=tower_cases.IGNORE)
         return named
 
 
@@ -161,10 +180,10 @@ def _weights(classes: int, device) -> torch.Tensor:
 def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float]:
     """Share of labelled shapes, motions and characters named right; tokens wrongly named a shape; the place
     head's R^2 over x and y of the tokens it is taught on; the box head's share of still shapes boxed at IoU >=
-    0.5 and its mean edge error in tokens."""
+    0.5 and its mean edge error in tokens; the digit head's share of hundreds and of tens digits right."""
     right, held, false = [0, 0, 0], [0, 0, 0], 0
     device = heads.shapes.weight.device
-    guessed, true, boxes, true_boxes = [], [], [], []
+    guessed, true, boxes, true_boxes, digits = [], [], [], [], [0, 0, 0]
     with torch.no_grad():
         for case in cases:
             tokens = tower(case.pixels.to(device), case.grid)
@@ -174,6 +193,10 @@ def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float
             still = _boxed(case)
             boxes.append(heads.box(tokens.float()).cpu()[still])
             true_boxes.append(case.boxes[still])
+            if heads.digit_weight and bool(still.any()):
+                hit = heads.digit_logits(tokens).argmax(-1).cpu()[still] == case.digits[still]
+                digits = [digits[0] + int(hit[:, 0::2].sum()), digits[1] + int(hit[:, 1::2].sum()),
+                          digits[2] + hit[:, 0::2].numel()]
             guesses = [g.argmax(-1).cpu() for g in heads(tokens)]
             for i, (guess, labels) in enumerate(zip(guesses, (case.shapes, case.motion, case.chars))):
                 mask = labels > 0
@@ -186,13 +209,16 @@ def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float
     boxes, true_boxes = torch.cat(boxes), torch.cat(true_boxes)
     boxed = float((iou(boxes, true_boxes) >= 0.5).float().mean()) if len(boxes) else 0.0
     edge = float((boxes - true_boxes).abs().mean()) if len(boxes) else 0.0
-    return {**named, "false shapes": false, "place R2": place, "boxed": boxed, "box error": edge}
+    hundreds, tens = (d / max(digits[2], 1) for d in digits[:2])
+    return {**named, "false shapes": false, "place R2": place, "boxed": boxed, "box error": edge,
+            "hundreds": hundreds, "tens": tens}
 
 
 def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_size: int = 16,
                 held_out: int = 100, device: str = "cpu", workers: int = 0, mix: dict[str, float] = MIX,
                 log=None, place_weight: float = PLACE_WEIGHT, box_weight: float = BOX_WEIGHT,
-                keep_tower: bool = False, head_lr: float | None = None) -> Qwen2VL:
+                keep_tower: bool = False, head_lr: float | None = None,
+                digit_weight: float = DIGIT_WEIGHT) -> Qwen2VL:
     """BASE's model with a fresh vision tower (BASE's own with `keep_tower`) trained on token labels for
     `steps` AdamW steps (warmup, then cosine to a tenth); cases drawn by `workers` processes ahead of the
     steps (0: between steps). The heads learn at `head_lr` (default `lr`): a kept tower's heads start from
@@ -204,7 +230,7 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
     if not keep_tower:
         model.visual = random_model(base, device).visual
     tower = model.visual.float().train().requires_grad_(True)  # a loaded model's weights come frozen
-    heads = Heads(model.config.vision.hidden_size, device, place_weight, box_weight)
+    heads = Heads(model.config.vision.hidden_size, device, place_weight, box_weight, digit_weight)
     params = list(tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW([{"params": list(tower.parameters())},
                                    {"params": list(heads.parameters()), "lr": lr if head_lr is None else head_lr}],
@@ -229,6 +255,8 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
             place = f" | place R^2 {named['place R2']:.2f}" if place_weight else ""
             if box_weight:
                 place += f" | boxed {named['boxed']:.1%}, edges off {named['box error']:.2f} of a token"
+            if digit_weight:
+                place += f" | box digits right: hundreds {named['hundreds']:.1%}, tens {named['tens']:.1%}"
             log(f"step {step}/{steps} | loss {loss.item():.4f} | held-out shapes named {named['shapes']:.1%}, "
                 f"motions {named['motions']:.1%}, characters {named['chars']:.1%} | tokens wrongly named a "
                 f"shape {named['false shapes']}{place} | {time.time() - start:.0f} s")
@@ -248,6 +276,8 @@ def main(argv=None) -> None:
                         "loss (where each token holding a shape or a character is; default 0: left out)")
     parser.add_argument("--box-weight", type=float, default=BOX_WEIGHT, help="weight of the box head's loss "
                         "(where a still shape's edges lie, from its centre's token; default 0: left out)")
+    parser.add_argument("--digit-weight", type=float, default=DIGIT_WEIGHT, help="weight of the digit head's "
+                        "loss (a still shape's box as the answer writes it, hundreds and tens; default 0)")
     parser.add_argument("--keep-tower", action="store_true", help="start from BASE's tower, not a fresh one")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--workers", type=int, default=0, help="processes drawing the next steps' cases")
@@ -258,7 +288,8 @@ def main(argv=None) -> None:
     base = resolve_model_path(args.base)
     model = teach_tower(base, args.steps, args.seed, args.lr, args.batch_size, device=args.device,
                         workers=args.workers, mix=args.mix, place_weight=args.place_weight,
-                        box_weight=args.box_weight, keep_tower=args.keep_tower, head_lr=args.head_lr)
+                        box_weight=args.box_weight, keep_tower=args.keep_tower, head_lr=args.head_lr,
+                        digit_weight=args.digit_weight)
     save_full(model, base, args.out, torch.bfloat16)
     print(args.out)
 

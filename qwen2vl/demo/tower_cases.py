@@ -10,7 +10,9 @@ Three kinds of case, each with these labels per merged token (raster order, fram
 
 and a fourth, `boxes`: for the token holding a still shape's centre, that shape's square (left, top, right,
 bottom) in token units from the token's own top-left corner; NaN elsewhere (the moving shape of a video
-included: it has a box in each frame, not one per pair).
+included: it has a box in each frame, not one per pair). A fifth, `digits`, is the same square as the
+grounding answer writes it (0-1000 of the picture's width and height): each number's hundreds and tens
+digits, x1's first; IGNORE elsewhere.
 
 Why motion and characters (docs/demo.md, "On a GPU"): a tower taught shapes alone gave the decoder
 nothing to read a direction or a word from (videos at chance after 2,400 mixed steps); the curriculum's
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen2vl.demo import scenes, tasks
-from qwen2vl.demo.scenes import COLORS, SHAPES, Shape, draw_scene, place, random_background, random_size
+from qwen2vl.demo.scenes import COLORS, SHAPES, Shape, box_1000, draw_scene, place, random_background, random_size
 from qwen2vl.processing.processor import Processor
 
 SHAPE_CLASSES = 1 + len(SHAPES) * len(COLORS)  # nothing, then every (kind, colour)
@@ -34,6 +36,9 @@ MOTION_CLASSES = 1 + len(DIRECTIONS)  # still (or nothing), then each direction
 CHARS = scenes.WORD_CHARS
 CHAR_CLASSES = 1 + len(CHARS)
 SLOTS = 4  # character places across a token's width
+DIGITS = 8  # the hundreds and tens of x1, y1, x2, y2
+DIGIT_CLASSES = 11  # a hundreds digit of 1000 is 10
+IGNORE = -100  # cross_entropy's ignore_index
 
 
 @dataclass
@@ -45,11 +50,12 @@ class Drawn:
     motion: torch.Tensor  # (tokens,)
     chars: torch.Tensor  # (tokens, SLOTS)
     boxes: torch.Tensor  # (tokens, 4), NaN where no still shape's centre is
+    digits: torch.Tensor  # (tokens, DIGITS), IGNORE where no still shape's centre is
 
     @staticmethod
     def cat(cases: list[Drawn]) -> Drawn:
         return Drawn(*(torch.cat([getattr(c, f) for c in cases]) for f in ("pixels", "grid", "shapes", "motion",
-                                                                             "chars", "boxes")))
+                                                                             "chars", "boxes", "digits")))
 
 
 def shape_class(shape: Shape) -> int:
@@ -67,6 +73,10 @@ class Labels:
         self.motion = torch.zeros(n, dtype=torch.long)
         self.chars = torch.zeros(n, SLOTS, dtype=torch.long)
         self.boxes = torch.full((n, 4), float("nan"))
+        self.digits = torch.full((n, DIGITS), IGNORE)
+
+    def drawn(self, pixels: torch.Tensor, grid: torch.Tensor) -> Drawn:
+        return Drawn(pixels, grid, self.shapes, self.motion, self.chars, self.boxes, self.digits)
 
     def token(self, frame: int, x: float, y: float) -> tuple[int, float]:
         """(token index, place across its width in [0, 1)) of the point (x, y) px in a frame pair."""
@@ -86,6 +96,8 @@ class Labels:
             across, down = self.cols / self.width, self.rows / self.height  # tokens a pixel
             x1, y1, x2, y2 = shape.box
             self.boxes[token] = torch.tensor([x1 * across - col, y1 * down - row, x2 * across - col, y2 * down - row])
+            self.digits[token] = torch.tensor([d for v in box_1000(shape.box, self.width, self.height)
+                                               for d in (v // 100, v // 10 % 10)])
         return token
 
 
@@ -112,7 +124,7 @@ def picture(rng: random.Random, processor: Processor) -> Drawn:
     labels = Labels(t, rows, cols, width, height)
     for s in shapes:
         labels.shape(0, s)
-    return Drawn(pixels, grid, labels.shapes, labels.motion, labels.chars, labels.boxes)
+    return labels.drawn(pixels, grid)
 
 
 def video(rng: random.Random, processor: Processor) -> Drawn:
@@ -128,7 +140,7 @@ def video(rng: random.Random, processor: Processor) -> Drawn:
         a, b = path[min(2 * pair, len(path) - 1)], path[min(2 * pair + 1, len(path) - 1)]  # odd counts: last repeated
         token = labels.shape(pair, a, (a.x + b.x + a.side) / 2, (a.y + b.y + a.side) / 2)
         labels.motion[token] = 1 + direction if a != b else 0
-    return Drawn(pixels, grid, labels.shapes, labels.motion, labels.chars, labels.boxes)
+    return labels.drawn(pixels, grid)
 
 
 def word(rng: random.Random, processor: Processor) -> Drawn:
@@ -146,7 +158,7 @@ def word(rng: random.Random, processor: Processor) -> Drawn:
         start, end = font.getlength(text[:i]), font.getlength(text[:i + 1])
         token, place_in = labels.token(0, x + (start + end) / 2, (top + bottom) / 2)
         labels.chars[token, int(place_in * SLOTS)] = 1 + CHARS.index(char)
-    return Drawn(pixels, grid, labels.shapes, labels.motion, labels.chars, labels.boxes)
+    return labels.drawn(pixels, grid)
 
 
 KINDS = {"picture": picture, "video": video, "word": word}
