@@ -183,6 +183,16 @@ def test_a_still_shapes_box_is_its_square_in_tokens_from_its_centres_token():
     assert checked >= 9
 
 
+def picture_and_tokens(seed: int):
+    """A suite picture of two shapes or more, and random tokens (256 wide) in place of a tower's."""
+    processor = Processor.from_pretrained(DEMO)
+    rng = random.Random(seed)
+    case = tower_cases.picture(rng, processor)
+    while int((case.shapes > 0).sum()) < 2:
+        case = tower_cases.picture(rng, processor)
+    return case, torch.randn(case.shapes.numel(), 256)
+
+
 def test_a_still_shapes_digits_are_the_hundreds_and_tens_its_grounding_answer_writes():
     checked = 0
     for shapes, width, height, _, labels in labelled_scenes(17, [("square", "red"), ("circle", "purple")]):
@@ -197,12 +207,7 @@ def test_a_still_shapes_digits_are_the_hundreds_and_tens_its_grounding_answer_wr
 
 
 def test_the_digit_head_is_made_and_taught_only_when_weighted_and_reads_normalised_tokens():
-    processor = Processor.from_pretrained(DEMO)
-    rng = random.Random(18)
-    case = tower_cases.picture(rng, processor)
-    while int((case.shapes > 0).sum()) < 2:
-        case = tower_cases.picture(rng, processor)
-    tokens = torch.randn(case.shapes.numel(), 256)
+    case, tokens = picture_and_tokens(18)
     heads, weighted = Heads(256, "cpu"), Heads(256, "cpu", digit_weight=3.0)
     assert not hasattr(heads, "digits")
     weighted.load_state_dict(heads.state_dict(), strict=False)
@@ -241,12 +246,7 @@ def test_iou_of_known_boxes():
 
 
 def test_the_box_head_is_taught_only_when_weighted_and_scored_on_still_shapes():
-    processor = Processor.from_pretrained(DEMO)
-    rng = random.Random(8)
-    case = tower_cases.picture(rng, processor)
-    while int((case.shapes > 0).sum()) < 2:
-        case = tower_cases.picture(rng, processor)
-    tokens = torch.randn(case.shapes.numel(), 256)
+    case, tokens = picture_and_tokens(8)
     heads, weighted = Heads(256, "cpu"), Heads(256, "cpu", box_weight=2.0)
     weighted.load_state_dict(heads.state_dict())
     boxed = ~case.boxes[:, 0].isnan()
