@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from qwen2vl.demo import tower_cases
 from qwen2vl.demo.scenes import COLORS, SHAPES, TEXT_COLOR
 from qwen2vl.demo.tasks import DIRECTIONS, box_answer
-from qwen2vl.demo.tower import Heads, iou, score, teach_tower, token_places
+from qwen2vl.demo.tower import score, teach_tower
 from qwen2vl.demo.tower_cases import CHARS, SHAPE_CLASSES, SLOTS
+from qwen2vl.demo.tower_heads import Heads, iou, token_places
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import Processor
@@ -277,3 +278,11 @@ def test_keep_tower_starts_from_the_checkpoints_tower():
     taught = teach_tower(DEMO, steps=1, batch_size=1, held_out=1, keep_tower=True, log=lambda _: None).visual
     moved = [name for name, tensor in base.items() if not torch.equal(taught.state_dict()[name], tensor)]
     assert len(moved) == len(base), sorted(set(base) - set(moved))  # the kept tower learns: every tensor moves
+
+
+def test_heads_first_holds_the_kept_tower_still_for_those_steps_only():
+    base = Qwen2VL.from_pretrained(DEMO, dtype=torch.float32).visual.state_dict()
+    for heads_first, moves in ((2, False), (1, True)):
+        taught = teach_tower(DEMO, steps=2, batch_size=1, held_out=1, keep_tower=True, heads_first=heads_first,
+                             log=lambda _: None).visual.state_dict()
+        assert (not torch.equal(taught["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])) == moves

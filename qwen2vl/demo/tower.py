@@ -11,8 +11,10 @@ in OUT (the decoder's weights as BASE has them; `qwen2vl train` then teaches the
 With `--place-weight W`, a fourth head must also say where each token holding a shape or a character is
 (its cell's centre as fractions of the picture's width and height; mean squared error, times W).
 With `--box-weight W`, a fifth head must say, from the token holding a still shape's centre, where that
-shape's square lies (its edges in token units from the token's corner; mean squared error, times W), and
-`--keep-tower` starts from BASE's tower instead of a fresh one.
+shape's square lies (its edges in token units from the token's corner; mean squared error, times W);
+with `--digit-weight W`, a sixth, from the same token, that square's hundreds and tens digits as the grounding
+answer writes them (tower_heads.py). `--keep-tower` starts from BASE's tower instead of a fresh one, and
+`--heads-first N` lets only the heads learn for N steps first.
 
 Why the box (docs/demo.md, "Where the boxes are lost"): no decoder's box is finer than its hundreds digit.
 The shipped tower's tokens hold where a shape's edges lie inside its token (a linear probe, the box head on the
@@ -46,9 +48,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qwen2vl.demo import tower_cases
 from qwen2vl.demo.dataset import parse_weights
-from qwen2vl.demo.tower_cases import CHAR_CLASSES, KINDS, MOTION_CLASSES, SHAPE_CLASSES, SLOTS, Drawn
+from qwen2vl.demo.tower_cases import KINDS, Drawn
+from qwen2vl.demo.tower_heads import Heads, iou, placed_tokens, still_centres, token_places
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import Processor
@@ -56,10 +58,6 @@ from qwen2vl.train.checkpoint import save_full
 from qwen2vl.train.feed import in_order
 from qwen2vl.train.setup import random_model
 
-PLACE_WEIGHT = 0.0  # the place head's loss weight; 0 (the shipped tower's lesson) leaves it out
-BOX_WEIGHT = 0.0  # the box head's, likewise
-DIGIT_WEIGHT = 0.0  # the digit head's, likewise
-NOTHING_WEIGHT = 0.2  # most tokens hold no shape's centre; at full weight "nothing" everywhere is a cheap minimum
 MIX = {"picture": 4.0, "video": 1.5, "word": 1.5}  # how often each kind of case (tower_cases.KINDS) is drawn
 
 
@@ -85,97 +83,6 @@ class Lesson(torch.utils.data.Dataset):
         return Drawn.cat([draw(rng, self.processor, self.mix) for _ in range(self.batch_size)])
 
 
-class Heads(nn.Module):
-    """Linear heads on the merged tokens: the shape, its motion, the character in each quarter; and the place
-    of the tokens that hold a shape or a character, weighted by `place_weight`, and the box of each still
-    shape from its centre's token, weighted by `box_weight`, and that box's digits as the answer writes them,
-    weighted by `digit_weight` (0: not trained)."""
-
-    def __init__(self, width: int, device, place_weight: float = PLACE_WEIGHT, box_weight: float = BOX_WEIGHT,
-                 digit_weight: float = DIGIT_WEIGHT):
-        super().__init__()
-        self.shapes = nn.Linear(width, SHAPE_CLASSES, device=device)
-        self.motion = nn.Linear(width, MOTION_CLASSES, device=device)
-        self.chars = nn.Linear(width, SLOTS * CHAR_CLASSES, device=device)
-        self.place = nn.Linear(width, 2, device=device)
-        self.box = nn.Linear(width, 4, device=device)
-        self.place_weight, self.box_weight = place_weight, box_weight
-        if digit_weight:  # made only when taught, so that the other heads' first weights are drawn as before
-            self.digits = nn.Linear(width, tower_cases.DIGITS * tower_cases.DIGIT_CLASSES, device=device)
-        self.digit_weight = digit_weight
-
-    def digit_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[tokens, DIGITS, DIGIT_CLASSES], read from the tokens as the decoder's first RMSNorm scales them: the
-        digits must be a large part of the token, not a faint direction a linear probe can still find (T8's place,
-        R^2 0.94 to a probe, went unread by every decoder)."""
-        tokens = tokens.float()
-        tokens = tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.digits(tokens).unflatten(-1, (tower_cases.DIGITS, tower_cases.DIGIT_CLASSES))
-
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = tokens.float()
-        return self.shapes(tokens), self.motion(tokens), self.chars(tokens).unflatten(-1, (SLOTS, CHAR_CLASSES))
-
-    def loss(self, tokens: torch.Tensor, case: Drawn) -> torch.Tensor:
-        device = tokens.device
-        named = sum(nn.functional.cross_entropy(logits.flatten(0, -2), labels.to(device).flatten(),
-                                                weight=_weights(logits.shape[-1], device))
-                    for logits, labels in zip(self(tokens), (case.shapes, case.motion, case.chars)))
-        if self.place_weight:
-            held = _holding(case).to(device)
-            error = self.place(tokens.float()[held]) - token_places(case.grid).to(device)[held]
-            named = named + self.place_weight * (error ** 2).sum() / max(2 * int(held.sum()), 1)  # none: 0
-        if self.box_weight:
-            boxed = _boxed(case).to(device)
-            error = self.box(tokens.float()[boxed]) - case.boxes.to(device)[boxed]
-            named = named + self.box_weight * (error ** 2).sum() / max(4 * int(boxed.sum()), 1)
-        if self.digit_weight and bool((case.digits != tower_cases.IGNORE).any()):
-            logits, labels = self.digit_logits(tokens).flatten(0, 1), case.digits.to(device).flatten()
-            named = named + self.digit_weight * nn.functional.cross_entropy(logits, labels,
-                                                                            ignore_index=tower_cases.IGNORE)
-        return named
-
-
-def token_places(grid: torch.Tensor, merge: int = 2) -> torch.Tensor:
-    """[tokens, 2]: each merged token's cell centre as fractions of its picture's width and height, for the
-    cases of `grid` (t, h, w in patches) one after another, frame pair by frame pair, in raster order."""
-    places = []
-    for t, h, w in grid.tolist():
-        rows, cols = h // merge, w // merge
-        y = (torch.arange(rows) + 0.5) / rows
-        x = (torch.arange(cols) + 0.5) / cols
-        cell = torch.stack([x.repeat(rows), y.repeat_interleave(cols)], dim=1)  # raster order
-        places.append(cell.repeat(t, 1))
-    return torch.cat(places)
-
-
-def _holding(case: Drawn) -> torch.Tensor:
-    """The tokens whose place is taught: a shape's centre or a character is in them (a plain background's
-    tokens are all alike, and cannot know where they are)."""
-    return (case.shapes > 0) | (case.chars > 0).any(dim=1)
-
-
-def _boxed(case: Drawn) -> torch.Tensor:
-    return ~case.boxes[:, 0].isnan()
-
-
-def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[n] intersection over union of boxes [n, 4] (left, top, right, bottom) in the same units."""
-    wide = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
-    high = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
-    both = wide * high
-    return both / (_area(a) + _area(b) - both).clamp(min=1e-9)
-
-
-def _area(box: torch.Tensor) -> torch.Tensor:
-    return (box[:, 2] - box[:, 0]).clamp(min=0) * (box[:, 3] - box[:, 1]).clamp(min=0)
-
-
-def _weights(classes: int, device) -> torch.Tensor:
-    weight = torch.ones(classes, device=device)
-    weight[0] = NOTHING_WEIGHT
-    return weight
-
 
 def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float]:
     """Share of labelled shapes, motions and characters named right; tokens wrongly named a shape; the place
@@ -187,10 +94,10 @@ def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float
     with torch.no_grad():
         for case in cases:
             tokens = tower(case.pixels.to(device), case.grid)
-            mask = _holding(case)
+            mask = placed_tokens(case)
             guessed.append(heads.place(tokens.float()).cpu()[mask])
             true.append(token_places(case.grid)[mask])
-            still = _boxed(case)
+            still = still_centres(case)
             boxes.append(heads.box(tokens.float()).cpu()[still])
             true_boxes.append(case.boxes[still])
             if heads.digit_weight and bool(still.any()):
@@ -216,13 +123,15 @@ def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float
 
 def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_size: int = 16,
                 held_out: int = 100, device: str = "cpu", workers: int = 0, mix: dict[str, float] = MIX,
-                log=None, place_weight: float = PLACE_WEIGHT, box_weight: float = BOX_WEIGHT,
+                log=None, place_weight: float = 0.0, box_weight: float = 0.0,
                 keep_tower: bool = False, head_lr: float | None = None,
-                digit_weight: float = DIGIT_WEIGHT) -> Qwen2VL:
+                digit_weight: float = 0.0, heads_first: int = 0) -> Qwen2VL:
     """BASE's model with a fresh vision tower (BASE's own with `keep_tower`) trained on token labels for
     `steps` AdamW steps (warmup, then cosine to a tenth); cases drawn by `workers` processes ahead of the
     steps (0: between steps). The heads learn at `head_lr` (default `lr`): a kept tower's heads start from
-    nothing while the tower does not, and the place head's bias alone has to travel ~0.5."""
+    nothing while the tower does not, and the place head's bias alone has to travel ~0.5. For the first
+    `heads_first` steps the tower's rate is 0 and only the heads learn: fresh heads' first gradients through a
+    kept tower unteach it (T8's and T9's held-out shapes named fell from ~95% to 1-18% in 50 steps)."""
     log = log or (lambda text: print(text, flush=True))
     torch.manual_seed(seed)
     processor = Processor.from_pretrained(base)
@@ -236,8 +145,12 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
                                    {"params": list(heads.parameters()), "lr": lr if head_lr is None else head_lr}],
                                   lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = min(30, steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)
-                                                 * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+
+    def rate(start: int):
+        cosine = lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))  # noqa: E731
+        return lambda s: (s >= start) * min(1.0, (s - start + 1) / warmup) * cosine(s)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [rate(heads_first), rate(0)])
     held_out = [draw(random.Random(f"held-out {seed} {i}"), processor, mix) for i in range(held_out)]
     lesson = in_order(Lesson(processor, steps, batch_size, seed, mix), workers, seed)
     start, every = time.time(), max(50, steps // 15)  # the held-out score costs ~a step per case
@@ -272,12 +185,14 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--head-lr", type=float, help="the heads' learning rate (default --lr)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--place-weight", type=float, default=PLACE_WEIGHT, help="weight of the place head's "
+    parser.add_argument("--place-weight", type=float, default=0.0, help="weight of the place head's "
                         "loss (where each token holding a shape or a character is; default 0: left out)")
-    parser.add_argument("--box-weight", type=float, default=BOX_WEIGHT, help="weight of the box head's loss "
+    parser.add_argument("--box-weight", type=float, default=0.0, help="weight of the box head's loss "
                         "(where a still shape's edges lie, from its centre's token; default 0: left out)")
-    parser.add_argument("--digit-weight", type=float, default=DIGIT_WEIGHT, help="weight of the digit head's "
+    parser.add_argument("--digit-weight", type=float, default=0.0, help="weight of the digit head's "
                         "loss (a still shape's box as the answer writes it, hundreds and tens; default 0)")
+    parser.add_argument("--heads-first", type=int, default=0, help="steps at the start in which only the heads "
+                        "learn (the tower's rate 0; for --keep-tower)")
     parser.add_argument("--keep-tower", action="store_true", help="start from BASE's tower, not a fresh one")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--workers", type=int, default=0, help="processes drawing the next steps' cases")
@@ -289,7 +204,7 @@ def main(argv=None) -> None:
     model = teach_tower(base, args.steps, args.seed, args.lr, args.batch_size, device=args.device,
                         workers=args.workers, mix=args.mix, place_weight=args.place_weight,
                         box_weight=args.box_weight, keep_tower=args.keep_tower, head_lr=args.head_lr,
-                        digit_weight=args.digit_weight)
+                        digit_weight=args.digit_weight, heads_first=args.heads_first)
     save_full(model, base, args.out, torch.bfloat16)
     print(args.out)
 
