@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 
-from qwen2vl.demo.box_report import box_numbers, digit_report, format_report
-from qwen2vl.demo.scenes import box_1000
-from qwen2vl.demo.tasks import render_cases
+from qwen2vl.demo.box_report import box_numbers, digit_report, every_shape, format_report, name_report
+from qwen2vl.demo.scenes import Shape, box_1000
+from qwen2vl.demo.tasks import Case, render_cases
 
 
 def with_tens_moved(answer: str) -> str:
@@ -65,3 +65,30 @@ def test_a_box_on_another_shape_is_not_found_and_its_colour_is_told():
     assert report["found by chance"] == sum(1 / len(c.info["shapes"]) for c in cases) / len(cases) < 0.5
     same = sum(o.color == n.color for o, n in zip(others, named))
     assert report["same colour"] == same / len(cases) and 0 < same < len(cases)
+
+
+def picture_of(*shapes: Shape) -> Case:
+    case = render_cases(7, 1, ["grounding"])[0]  # its picture serves as any: only the shapes listed are scored
+    return Case("grounding", case.images, "", "", info={"shapes": list(shapes), "box": shapes[0].box})
+
+
+def test_every_shape_asks_each_shape_its_name_tells_apart():
+    red, blue, blue_too, green = (Shape("circle", "red", 10, 10, 30), Shape("square", "blue", 60, 10, 30),
+                                  Shape("square", "blue", 10, 60, 30), Shape("triangle", "green", 60, 60, 30))
+    pictures = every_shape([picture_of(red, blue, blue_too, green), picture_of(red, blue, blue_too),
+                            picture_of(green)])
+    assert len(pictures) == 1  # the second tells one shape apart, the third holds one
+    assert [case.question for case in pictures[0]] == ["Where is the red circle?", "Where is the green triangle?"]
+    assert [case.info["box"] for case in pictures[0]] == [red.box, green.box]
+    assert "(" in pictures[0][1].answer and "the green triangle" in pictures[0][1].answer
+
+
+def test_name_report_tells_answers_that_ignore_the_name():
+    left, middle, right = (Shape("circle", "red", 10, 10, 30), Shape("square", "blue", 100, 10, 30),
+                           Shape("triangle", "green", 200, 10, 30))
+    picture = every_shape([picture_of(left, middle, right)])[0]
+    leftmost = picture[0].answer  # every answer the leftmost shape's box
+    report = name_report([picture, picture], [[leftmost] * 3, [case.answer for case in picture]])
+    assert report == {"pictures": 2, "one shape": 0.5, "leftmost": 1.0, "leftmost by chance": 1 / 3}
+    report = name_report([picture], [[picture[2].answer, picture[2].answer, "no box"]])
+    assert report["one shape"] == 1.0 and report["leftmost"] == 0.0

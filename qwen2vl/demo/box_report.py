@@ -13,6 +13,11 @@ every decoder trained so far boxes the named one no more often than a random pic
 it gets the hundreds digit right 67-85% of the time and the tens digit at chance (10%): its boxes are as fine
 as a tenth of the picture and no finer. A change that finds the shape, or teaches the tens digit, shows here
 long before it moves the share right.
+
+With `--every-shape`, each picture of two shapes or more is also asked the box of every shape it holds, and the
+report says how often one picture's answers all land nearest one shape whatever the name, and how often that
+shape is the leftmost (docs/demo.md: every decoder so far boxes one shape, most often the leftmost, whatever
+shape is named).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import re
 from qwen2vl.demo.evaluate import EVAL_SEED, run_llm
 from qwen2vl.demo.scenes import box_1000
 from qwen2vl.demo.score import score
-from qwen2vl.demo.tasks import Case, render_cases
+from qwen2vl.demo.tasks import Case, box_answer, render_cases, where_question
 from qwen2vl.grounding import BOX_START
 
 
@@ -83,6 +88,35 @@ def _nearest(case: Case, box: list[int]):
     return min(case.info["shapes"], key=distance)
 
 
+def every_shape(cases: list[Case]) -> list[list[Case]]:
+    """For each case whose picture holds two shapes or more that its name alone tells apart: the same picture
+    asked the box of each of them."""
+    pictures = []
+    for case in cases:
+        names = [shape.name for shape in case.info["shapes"]]
+        told = [shape for shape in case.info["shapes"] if names.count(shape.name) == 1]
+        if len(told) > 1:
+            size, shapes = case.images[0].size, case.info["shapes"]
+            pictures.append([Case("grounding", case.images, where_question(shape), box_answer(shape, *size),
+                                  info={"shapes": shapes, "box": shape.box}) for shape in told])
+    return pictures
+
+
+def name_report(pictures: list[list[Case]], answers: list[list[str]]) -> dict[str, float]:
+    """Over pictures each asked every shape's box: the share of pictures whose formed answers all land nearest
+    one shape, and of those, the share where it is the leftmost (and that share for a shape picked at random)."""
+    one = leftmost = chance = 0
+    for cases, said in zip(pictures, answers, strict=True):
+        boxes = [box for box in map(box_numbers, said) if box is not None]
+        landed = {_nearest(cases[0], box) for box in boxes}
+        if len(boxes) > 1 and len(landed) == 1:
+            one += 1
+            leftmost += landed.pop() == min(cases[0].info["shapes"], key=lambda shape: shape.box[0] + shape.box[2])
+            chance += 1 / len(cases[0].info["shapes"])
+    return {"pictures": len(pictures), "one shape": one / max(len(pictures), 1), "leftmost": leftmost / max(one, 1),
+            "leftmost by chance": chance / max(one, 1)}
+
+
 def _quantile(ordered: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
@@ -106,10 +140,18 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", type=int, default=200)
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--every-shape", action="store_true", help="also ask every shape of each picture")
     args = parser.parse_args(argv)
+    llm = LLM(args.model, device=args.device)
     cases = render_cases(args.seed, args.cases, ["grounding"])
-    answers = run_llm(LLM(args.model, device=args.device), cases)
-    print(format_report(args.model, digit_report(cases, answers)))
+    print(format_report(args.model, digit_report(cases, run_llm(llm, cases))))
+    if args.every_shape:
+        pictures = every_shape(cases)
+        said = iter(run_llm(llm, [case for picture in pictures for case in picture]))
+        named = name_report(pictures, [[next(said) for _ in picture] for picture in pictures])
+        print(f"every shape asked in {named['pictures']} pictures of 2-6 shapes: the answers all land nearest one "
+              f"shape in {named['one shape']:.1%}; that shape is the leftmost in {named['leftmost']:.1%} of those "
+              f"(a shape picked at random: {named['leftmost by chance']:.1%})")
 
 
 if __name__ == "__main__":
