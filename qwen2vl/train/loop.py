@@ -82,8 +82,9 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
-    """Run `cfg`; returns the folder holding the result."""
+def train(cfg: TrainConfig, log=print, objective=loss_sum) -> Path:
+    """Run `cfg`; returns the folder holding the result. `objective(model, batch)` is what the steps minimise (summed
+    over the batch's trained tokens; a lesson may add its own terms); held-out loss stays `loss_sum`."""
     out = Path(cfg.output)
     if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{out} is not empty; --resume to continue its run, --overwrite to replace it, "
@@ -167,7 +168,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         loss = 0.0
         for b in group:
             with autocast():
-                part = loss_sum(model, b) / max(targets, 1)
+                part = objective(model, b) / max(targets, 1)
             part.backward()
             loss += part.item()
             tokens_seen += b.num_tokens

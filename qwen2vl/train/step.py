@@ -19,14 +19,15 @@ from qwen2vl.train.batch import Batch
 from qwen2vl.train.examples import IGNORE
 
 
-def loss_sum(model, batch: Batch) -> torch.Tensor:
-    """Sum over the batch's trained tokens of -log p(token) (float32 scalar)."""
+def loss_sum(model, batch: Batch, attend=None) -> torch.Tensor:
+    """Sum over the batch's trained tokens of -log p(token) (float32 scalar). `attend` (default: causal within
+    each packed sequence) lets a lesson look at the attention as it is computed (qwen2vl/demo/box_attention.py)."""
     device = model.device
     ids = batch.input_ids.to(device)
     vision = model.encode_vision(ids, batch.pixel_values, batch.image_grid_thw, batch.pixel_values_videos,
                                  batch.video_grid_thw)
     x = model.embed(ids, vision)  # [N, D]
-    hidden = model.model(x, batch.positions.to(device), packed_causal_attend(batch.cu_seqlens))
+    hidden = model.model(x, batch.positions.to(device), attend or packed_causal_attend(batch.cu_seqlens))
     targets = batch.targets.to(device)
     keep = targets != IGNORE
     logits = model.compute_logits(hidden[keep])  # [T, vocab] float32
