@@ -83,7 +83,6 @@ class Lesson(torch.utils.data.Dataset):
         return Drawn.cat([draw(rng, self.processor, self.mix) for _ in range(self.batch_size)])
 
 
-
 def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float]:
     """Share of labelled shapes, motions and characters named right; tokens wrongly named a shape; the place
     head's R^2 over x and y of the tokens it is taught on; the box head's share of still shapes boxed at IoU >=
