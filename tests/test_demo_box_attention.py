@@ -61,9 +61,9 @@ def test_the_taught_rows_are_the_named_shapes_tokens(tmp_path):
 
 
 def test_a_box_that_holds_no_cell_centre_names_the_cell_of_its_centre():
-    assert named_cells([0, 0, 40, 40], 5, 5) == [0]  # cell centres at 100, 300, ...: none inside
-    assert named_cells([610, 810, 640, 840], 5, 5) == [4 * 5 + 3]
-    assert named_cells([0, 0, 1000, 1000], 2, 3) == list(range(6))
+    assert named_cells((0, 0, 40, 40), 5, 5) == [0]  # cell centres at 100, 300, ...: none inside
+    assert named_cells((610, 810, 640, 840), 5, 5) == [4 * 5 + 3]
+    assert named_cells((0, 0, 1000, 1000), 2, 3) == list(range(6))
 
 
 def test_the_attention_scored_is_the_attention_the_decoder_computes():

@@ -18,7 +18,6 @@ steps; whether the box then follows depends on what the found token holds.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from qwen2vl.attention import packed_causal_attend
 from qwen2vl.config import Qwen2VLConfig
-from qwen2vl.grounding import BOX_END, BOX_START
+from qwen2vl.grounding import BOX_END, BOX_START, parse_grounding
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.processing.processor import Processor
 from qwen2vl.train.cli import add_train_arguments, config_from_args
@@ -36,7 +35,7 @@ from qwen2vl.train.step import loss_sum
 EVERY = 50  # steps between the log's attention lines
 
 
-def named_cells(box: list[int], rows: int, cols: int) -> list[int]:
+def named_cells(box: tuple[int, int, int, int], rows: int, cols: int) -> list[int]:
     """Raster indices of the merged tokens whose cell centre lies in `box` (0-1000 of width and height); the
     token holding the box's centre when no cell centre does (a small shape on a coarse grid)."""
     x1, y1, x2, y2 = box
@@ -55,7 +54,7 @@ def box_queries(batch, tokenizer, image_token_id: int, merge: int = 2) -> list[t
     found, image = [], 0
     for a, b in zip(cu[:-1], cu[1:]):
         pads = [i for i in range(a, b) if ids[i] == image_token_id]
-        pictures = sum(1 for i in range(a, b) if ids[i] == image_token_id and (i == a or ids[i - 1] != image_token_id))
+        pictures = sum(1 for i in pads if i == a or ids[i - 1] != image_token_id)  # a picture is a run of pads
         image += pictures
         if pictures != 1:
             continue
@@ -63,9 +62,9 @@ def box_queries(batch, tokenizer, image_token_id: int, merge: int = 2) -> list[t
         for j in range(a, b - 1):
             if ids[j] != start_id or end_id not in ids[j:b]:
                 continue
-            numbers = [int(n) for n in re.findall(r"\d+", tokenizer.decode(ids[j + 1:ids.index(end_id, j)]))]
-            if len(numbers) == 4:
-                found.append((j + 1, a, [pads[0] + c for c in named_cells(numbers, h // merge, w // merge)]))
+            box = parse_grounding(tokenizer.decode(ids[j:ids.index(end_id, j) + 1], skip_special_tokens=False))
+            if box:
+                found.append((j + 1, a, [pads[0] + c for c in named_cells(box[0].bbox, h // merge, w // merge)]))
     return found
 
 
@@ -98,13 +97,13 @@ class AttentionLesson:
         self.calls += 1
         if not losses:
             return lm
-        named = torch.stack(losses).mean()
-        self.on_named.append(float(torch.exp(-torch.stack(losses).detach()).mean()))
+        off_named = torch.stack(losses)  # -log attention on the named shape, one per box
+        self.on_named.append(float(torch.exp(-off_named.detach()).mean()))
         if self.calls % EVERY == 0:
             self.log(f"attention of layer {self.layer}, head {self.head} on the named shape: "
                      f"{sum(self.on_named) / len(self.on_named):.3f} (the last {len(self.on_named)} batches)")
             self.on_named = []
-        return lm + self.weight * named * batch.num_targets  # train() divides by the targets
+        return lm + self.weight * off_named.mean() * batch.num_targets  # train() divides by the targets
 
 
 def main(argv=None) -> int:
