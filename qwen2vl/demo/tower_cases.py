@@ -29,6 +29,7 @@ import torch
 from qwen2vl.demo import scenes, tasks
 from qwen2vl.demo.scenes import COLORS, SHAPES, Shape, box_1000, draw_scene, place, random_background, random_size
 from qwen2vl.processing.processor import Processor
+from qwen2vl.train.examples import IGNORE
 
 SHAPE_CLASSES = 1 + len(SHAPES) * len(COLORS)  # nothing, then every (kind, colour)
 DIRECTIONS = tuple(tasks.DIRECTIONS)
@@ -38,7 +39,6 @@ CHAR_CLASSES = 1 + len(CHARS)
 SLOTS = 4  # character places across a token's width
 DIGITS = 8  # the hundreds and tens of x1, y1, x2, y2
 DIGIT_CLASSES = 11  # a hundreds digit of 1000 is 10
-IGNORE = -100  # cross_entropy's ignore_index
 
 
 @dataclass

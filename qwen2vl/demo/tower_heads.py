@@ -14,9 +14,6 @@ import torch.nn as nn
 from qwen2vl.demo import tower_cases
 from qwen2vl.demo.tower_cases import CHAR_CLASSES, MOTION_CLASSES, SHAPE_CLASSES, SLOTS, Drawn
 
-PLACE_WEIGHT = 0.0  # the place head's loss weight; 0 (the shipped tower's lesson) leaves it out
-BOX_WEIGHT = 0.0  # the box head's, likewise
-DIGIT_WEIGHT = 0.0  # the digit head's, likewise
 NOTHING_WEIGHT = 0.2  # most tokens hold no shape's centre; at full weight "nothing" everywhere is a cheap minimum
 
 
@@ -24,10 +21,10 @@ class Heads(nn.Module):
     """Linear heads on the merged tokens: the shape, its motion, the character in each quarter; and the place
     of the tokens that hold a shape or a character, weighted by `place_weight`, and the box of each still
     shape from its centre's token, weighted by `box_weight`, and that box's digits as the answer writes them,
-    weighted by `digit_weight` (0: not trained)."""
+    weighted by `digit_weight` (0, the shipped tower's lesson: not trained)."""
 
-    def __init__(self, width: int, device, place_weight: float = PLACE_WEIGHT, box_weight: float = BOX_WEIGHT,
-                 digit_weight: float = DIGIT_WEIGHT):
+    def __init__(self, width: int, device, place_weight: float = 0.0, box_weight: float = 0.0,
+                 digit_weight: float = 0.0):
         super().__init__()
         self.shapes = nn.Linear(width, SHAPE_CLASSES, device=device)
         self.motion = nn.Linear(width, MOTION_CLASSES, device=device)
