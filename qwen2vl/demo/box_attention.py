@@ -2,26 +2,33 @@
 
     python -m qwen2vl.demo.box_attention --model demo --data ROWS.jsonl --output DIR [qwen2vl train's flags]
                                          [--layer 2] [--head 0] [--attention-weight 1.0]
+                                         [--every-position] [--value-weight 0] [--route-weight 0]
 
-At each box's "(" (the token that predicts x1's first digit), head HEAD of decoder layer LAYER must put its
-attention on the named shape: the loss adds WEIGHT x -log(its attention on the picture tokens whose cell centre
-lies in the box; the cell holding the box's centre if none does), averaged over the batch's boxes. The box is
-the teacher-forced answer itself, so any rows of box questions (`python -m qwen2vl.demo.dataset DIR --where
-2-3`) serve. Every 50 steps the log says the mean attention on the named shape.
+At each box's "(" (the token that predicts x1's first digit; with `--every-position`, at every token of the box's
+numbers up to the last digit), head HEAD of decoder layer LAYER must put its attention on the named shape: the
+loss adds WEIGHT x -log(its attention on the picture tokens whose cell centre lies in the box; the cell holding
+the box's centre if none does), averaged over the batch's queries. With `--value-weight`, what the head reads
+there must also say the box: the first four dimensions of its attention-weighted values must be the box's
+x1, y1, x2, y2 scaled to [-1, 1] (mean squared error, times the weight). With `--route-weight`, every other head
+of every layer must look away from the picture at those tokens (-log(1 - its attention on the picture's tokens),
+averaged, times the weight), so that the taught head is the box's only way in. The box is the teacher-forced
+answer itself, so any rows of box questions (`python -m qwen2vl.demo.dataset DIR --where 2-3`) serve. Every 50
+steps the log says the mean attention on the named shape (and the value's error and the other heads' attention
+on the picture when taught).
 
 Why (docs/demo.md, "The named shape"): every decoder trained so far answers one picture's box questions with
 the box of one shape, most often the leftmost, whatever shape the question names; the LM loss alone never
 taught a head to find the named shape (`box_report --every-shape`). Taught here, a head finds it within 100
-steps; whether the box then follows depends on what the found token holds.
+steps; whether the box then follows depends on what the head reads there and on which heads the digits use.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from qwen2vl.attention import packed_causal_attend
 from qwen2vl.config import Qwen2VLConfig
@@ -33,6 +40,17 @@ from qwen2vl.train.loop import stderr_log, train
 from qwen2vl.train.step import loss_sum
 
 EVERY = 50  # steps between the log's attention lines
+BOX_DIMS = 4  # the value dimensions that must say the box: x1, y1, x2, y2
+
+
+@dataclass
+class BoxQuery:
+    """A row of a packed batch that predicts a box's digit, with what the lessons need there."""
+    row: int
+    start: int  # the first row of its sequence
+    named: list[int]  # the rows of the named shape's tokens
+    box: tuple[int, int, int, int]  # the teacher-forced box, 0-1000 of width and height
+    picture: list[int]  # every row of the picture
 
 
 def named_cells(box: tuple[int, int, int, int], rows: int, cols: int) -> list[int]:
@@ -46,9 +64,10 @@ def named_cells(box: tuple[int, int, int, int], rows: int, cols: int) -> list[in
     return [min(rows - 1, int((y1 + y2) / 2000 * rows)) * cols + min(cols - 1, int((x1 + x2) / 2000 * cols))]
 
 
-def box_queries(batch, tokenizer, image_token_id: int, merge: int = 2) -> list[tuple[int, int, list[int]]]:
-    """(the "(" after each <|box_start|>, its sequence's first row, the named shape's rows) for the boxes of a
-    packed batch's sequences that hold one picture."""
+def box_queries(batch, tokenizer, image_token_id: int, merge: int = 2,
+                every_position: bool = False) -> list[BoxQuery]:
+    """The "(" after each <|box_start|> (with `every_position`, each token from it to the last digit) of the
+    boxes of a packed batch's sequences that hold one picture."""
     ids, cu = batch.input_ids.tolist(), batch.cu_seqlens
     start_id, end_id = tokenizer.token_to_id(BOX_START), tokenizer.token_to_id(BOX_END)
     found, image = [], 0
@@ -62,48 +81,100 @@ def box_queries(batch, tokenizer, image_token_id: int, merge: int = 2) -> list[t
         for j in range(a, b - 1):
             if ids[j] != start_id or end_id not in ids[j:b]:
                 continue
-            box = parse_grounding(tokenizer.decode(ids[j:ids.index(end_id, j) + 1], skip_special_tokens=False))
+            end = ids.index(end_id, j)
+            box = parse_grounding(tokenizer.decode(ids[j:end + 1], skip_special_tokens=False))
             if box:
-                found.append((j + 1, a, [pads[0] + c for c in named_cells(box[0].bbox, h // merge, w // merge)]))
+                named = [pads[0] + c for c in named_cells(box[0].bbox, h // merge, w // merge)]
+                found.extend(BoxQuery(row, a, named, box[0].bbox, pads)
+                             for row in (range(j + 1, end) if every_position else (j + 1,)))
     return found
 
 
-def attention_on(q: torch.Tensor, k: torch.Tensor, query: int, start: int, targets: list[int], head: int):
-    """-log of the attention that query row `query` of head `head` puts on rows `targets` (causal, within the
-    sequence that begins at `start`); q [N, Hq, D], k [N, Hkv, D] as the decoder's attend gets them."""
-    scores = k[start:query + 1, head // (q.shape[1] // k.shape[1])].float() @ q[query, head].float()
-    logp = F.log_softmax(scores / q.shape[-1] ** 0.5, 0)
-    return -torch.logsumexp(logp[torch.tensor(targets) - start], 0)
+def attention_logs(q: torch.Tensor, k: torch.Tensor, rows: list[int], start: int) -> torch.Tensor:
+    """[query heads, len(rows), keys]: the log of the causal attention of query rows `rows` of the sequence that
+    begins at `start` on its keys start..max(rows), as the decoder computes it (-inf after each query); q [N, Hq,
+    D], k [N, Hkv, D]. Logs, because a head can put all but 1e-5 of its attention on the picture, and
+    -log(1 - that) from the weights would round."""
+    keys = k[start:max(rows) + 1].float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q[rows].float(), keys) / q.shape[-1] ** 0.5
+    later = torch.arange(start, max(rows) + 1, device=q.device)[None, :] > torch.tensor(rows, device=q.device)[:, None]
+    return scores.masked_fill(later, float("-inf")).log_softmax(-1)
+
+
+def _within(logs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """-log of the attention on the keys where `rows` is True."""
+    return -torch.logsumexp(logs.masked_fill(~rows.to(logs.device), float("-inf")), dim=-1)
+
+
+def _on(queries: list[BoxQuery], field: str, start: int, keys: int) -> torch.Tensor:
+    """[len(queries), keys] True on each query's `field` rows."""
+    mask = torch.zeros(len(queries), keys, dtype=torch.bool)
+    for i, query in enumerate(queries):
+        mask[i, torch.tensor(getattr(query, field)) - start] = True
+    return mask
 
 
 class AttentionLesson:
-    """The training objective: the LM loss plus `weight` x the head's -log attention on the named shapes."""
+    """The training objective: the LM loss plus `weight` x the head's -log attention on the named shapes, and,
+    when weighted, the error of the box its values say (`value_weight`) and the other heads' look at the
+    picture (`route_weight`)."""
 
-    def __init__(self, tokenizer, image_token_id: int, layer: int, head: int, weight: float, log=stderr_log):
+    def __init__(self, tokenizer, image_token_id: int, layer: int, head: int, weight: float, log=stderr_log,
+                 value_weight: float = 0.0, route_weight: float = 0.0, every_position: bool = False):
         self.tokenizer, self.image_token_id = tokenizer, image_token_id
         self.layer, self.head, self.weight, self.log = layer, head, weight, log
-        self.calls, self.on_named = 0, []
+        self.value_weight, self.route_weight, self.every_position = value_weight, route_weight, every_position
+        self.calls, self.seen = 0, {"on the named shape": [], "value's box error": [], "others on the picture": []}
 
     def __call__(self, model, batch) -> torch.Tensor:
-        queries, losses = box_queries(batch, self.tokenizer, self.image_token_id), []
+        queries = box_queries(batch, self.tokenizer, self.image_token_id, every_position=self.every_position)
+        sequences: dict[int, list[BoxQuery]] = {}
+        for query in queries:
+            sequences.setdefault(query.start, []).append(query)
+        named, values, routes = [], [], []
         causal = packed_causal_attend(batch.cu_seqlens)
 
         def attend(layer, q, k, v):
-            if layer == self.layer:
-                losses.extend(attention_on(q, k, *query, self.head) for query in queries)
+            if layer == self.layer or self.route_weight:
+                for start, group in sequences.items():
+                    rows = [query.row for query in group]
+                    logs = attention_logs(q, k, rows, start)  # [Hq, n, keys]
+                    keys = logs.shape[-1]
+                    others = torch.ones(logs.shape[0], dtype=torch.bool)
+                    if layer == self.layer:
+                        named.append(_within(logs[self.head], _on(group, "named", start, keys)))
+                        if self.value_weight:
+                            kv = self.head // (q.shape[1] // k.shape[1])
+                            read = logs[self.head].exp() @ v[start:start + keys, kv, :BOX_DIMS].float()
+                            box = torch.tensor([query.box for query in group], dtype=torch.float) / 500 - 1
+                            values.append(((read - box.to(read.device)) ** 2).mean(-1))
+                        others[self.head] = False
+                    if self.route_weight:
+                        routes.append(_within(logs[others], ~_on(group, "picture", start, keys)).flatten())
             return causal(layer, q, k, v)
 
         lm = loss_sum(model, batch, attend)
         self.calls += 1
-        if not losses:
+        if not named:
             return lm
-        off_named = torch.stack(losses)  # -log attention on the named shape, one per box
-        self.on_named.append(float(torch.exp(-off_named.detach()).mean()))
+        off_named = torch.cat(named)  # -log attention on the named shape, one per query
+        extra = self.weight * off_named.mean()
+        self.seen["on the named shape"].append(float(torch.exp(-off_named.detach()).mean()))
+        if values:
+            error = torch.cat(values).mean()
+            extra = extra + self.value_weight * error
+            self.seen["value's box error"].append(float(error.detach()))
+        if routes:
+            look = torch.cat(routes).mean()
+            extra = extra + self.route_weight * look
+            self.seen["others on the picture"].append(float(1 - torch.exp(-look.detach())))
         if self.calls % EVERY == 0:
-            self.log(f"attention of layer {self.layer}, head {self.head} on the named shape: "
-                     f"{sum(self.on_named) / len(self.on_named):.3f} (the last {len(self.on_named)} batches)")
-            self.on_named = []
-        return lm + self.weight * off_named.mean() * batch.num_targets  # train() divides by the targets
+            said = {name: sum(v) / len(v) for name, v in self.seen.items() if v}
+            self.log(f"layer {self.layer}, head {self.head}: " + ", ".join(f"{name} {value:.3f}"
+                                                                          for name, value in said.items())
+                     + f" (the last {len(self.seen['on the named shape'])} batches)")
+            self.seen = {name: [] for name in self.seen}
+        return lm + extra * batch.num_targets  # train() divides by the targets
 
 
 def main(argv=None) -> int:
@@ -112,11 +183,18 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", type=int, default=2, help="the decoder layer whose head is taught (from 0)")
     parser.add_argument("--head", type=int, default=0, help="the query head taught (from 0)")
     parser.add_argument("--attention-weight", type=float, default=1.0)
+    parser.add_argument("--every-position", action="store_true",
+                        help="teach the head at every token of the box's numbers, not at its '(' alone")
+    parser.add_argument("--value-weight", type=float, default=0.0,
+                        help="the head's first four value dimensions must say the box (mean squared error x this)")
+    parser.add_argument("--route-weight", type=float, default=0.0,
+                        help="every other head must look away from the picture at the taught tokens")
     args = parser.parse_args(argv)
     folder = resolve_model_path(args.model)
     lesson = AttentionLesson(Processor.from_pretrained(folder).tokenizer,
                              Qwen2VLConfig.from_pretrained(folder).image_token_id, args.layer, args.head,
-                             args.attention_weight)
+                             args.attention_weight, value_weight=args.value_weight, route_weight=args.route_weight,
+                             every_position=args.every_position)
     print(train(config_from_args(args), log=stderr_log, objective=lesson))
     return 0
 
