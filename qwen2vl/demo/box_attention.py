@@ -126,6 +126,24 @@ class AttentionLesson:
         self.value_weight, self.route_weight, self.every_position = value_weight, route_weight, every_position
         self.calls, self.seen = 0, {"on the named shape": [], "value's box error": [], "others on the picture": []}
 
+    def _score(self, layer: int, q, k, v, start: int, group: list[BoxQuery], named: list, values: list,
+               routes: list) -> None:
+        """One sequence's queries at one layer: -log attention on the named shape and the value's box error
+        (the taught layer), and the other heads' -log(1 - attention on the picture)."""
+        logs = attention_logs(q, k, [query.row for query in group], start)  # [Hq, n, keys]
+        keys = logs.shape[-1]
+        others = torch.ones(logs.shape[0], dtype=torch.bool)
+        if layer == self.layer:
+            named.append(_within(logs[self.head], _on(group, "named", start, keys)))
+            if self.value_weight:
+                kv = self.head // (q.shape[1] // k.shape[1])
+                read = logs[self.head].exp() @ v[start:start + keys, kv, :BOX_DIMS].float()
+                box = torch.tensor([query.box for query in group], dtype=torch.float) / 500 - 1  # 0-1000 -> [-1, 1]
+                values.append(((read - box.to(read.device)) ** 2).mean(-1))
+            others[self.head] = False
+        if self.route_weight:
+            routes.append(_within(logs[others], ~_on(group, "picture", start, keys)).flatten())
+
     def __call__(self, model, batch) -> torch.Tensor:
         queries = box_queries(batch, self.tokenizer, self.image_token_id, every_position=self.every_position)
         sequences: dict[int, list[BoxQuery]] = {}
@@ -137,20 +155,7 @@ class AttentionLesson:
         def attend(layer, q, k, v):
             if layer == self.layer or self.route_weight:
                 for start, group in sequences.items():
-                    rows = [query.row for query in group]
-                    logs = attention_logs(q, k, rows, start)  # [Hq, n, keys]
-                    keys = logs.shape[-1]
-                    others = torch.ones(logs.shape[0], dtype=torch.bool)
-                    if layer == self.layer:
-                        named.append(_within(logs[self.head], _on(group, "named", start, keys)))
-                        if self.value_weight:
-                            kv = self.head // (q.shape[1] // k.shape[1])
-                            read = logs[self.head].exp() @ v[start:start + keys, kv, :BOX_DIMS].float()
-                            box = torch.tensor([query.box for query in group], dtype=torch.float) / 500 - 1
-                            values.append(((read - box.to(read.device)) ** 2).mean(-1))
-                        others[self.head] = False
-                    if self.route_weight:
-                        routes.append(_within(logs[others], ~_on(group, "picture", start, keys)).flatten())
+                    self._score(layer, q, k, v, start, group, named, values, routes)
             return causal(layer, q, k, v)
 
         lm = loss_sum(model, batch, attend)
