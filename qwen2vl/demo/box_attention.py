@@ -172,7 +172,8 @@ class AttentionLesson:
         if routes:
             look = torch.cat(routes).mean()
             extra = extra + self.route_weight * look
-            self.seen["others on the picture"].append(float(1 - torch.exp(-look.detach())))
+            self.seen["others on the picture"].append(float(1 - torch.exp(-look.detach())))  # 1 - geometric mean of
+            # their attention off the picture: one head staring at it shows where a plain mean would hide it
         if self.calls % EVERY == 0:
             said = {name: sum(v) / len(v) for name, v in self.seen.items() if v}
             self.log(f"layer {self.layer}, head {self.head}: " + ", ".join(f"{name} {value:.3f}"

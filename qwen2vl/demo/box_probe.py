@@ -39,10 +39,12 @@ def gather(model: Qwen2VL, processor: Processor, rows: list, layer: int, head: i
     """({name: [boxes, ...] features at each box's "("}, [boxes, 4] the true boxes, 0-1000)."""
     config = model.config
     found: dict[str, list] = {}
-    boxes, caught = [], {}
+    boxes, caught, hooks = [], {}, []
     for i, block in enumerate(model.model.layers):  # the residual stream after a layer is its two outputs' sum
-        block.register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(f"after layer {i}", out[0] + out[1]))
-        block.self_attn.register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(f"attention {i}", out))
+        hooks.append(block.register_forward_hook(
+            lambda m, a, out, i=i: caught.__setitem__(f"after layer {i}", out[0] + out[1])))
+        hooks.append(block.self_attn.register_forward_hook(
+            lambda m, a, out, i=i: caught.__setitem__(f"attention {i}", out)))
     with torch.no_grad():
         for first in range(0, len(rows), ROWS_A_BATCH):
             batch = pack([encode_row(r, processor, config) for r in rows[first:first + ROWS_A_BATCH]])
@@ -63,6 +65,8 @@ def gather(model: Qwen2VL, processor: Processor, rows: list, layer: int, head: i
                 for name, hidden in caught.items():
                     found.setdefault(name, []).append(hidden[query.row])
                 boxes.append(torch.tensor(query.box, dtype=torch.float))
+    for hook in hooks:
+        hook.remove()
     return {name: torch.stack(f).float().cpu() for name, f in found.items()}, torch.stack(boxes)
 
 
