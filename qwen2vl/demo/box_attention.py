@@ -101,6 +101,22 @@ def attention_logs(q: torch.Tensor, k: torch.Tensor, rows: list[int], start: int
     return scores.masked_fill(later, float("-inf")).log_softmax(-1)
 
 
+def value_read(logs: torch.Tensor, v: torch.Tensor, start: int, head: int, q_heads: int) -> torch.Tensor:
+    """[n, BOX_DIMS]: the first BOX_DIMS dimensions of what query head `head` reads with attention `logs` [n, keys]
+    (attention_logs' rows for that head) from values v [N, Hkv, D], on the value lesson's [-1, 1] scale."""
+    kv = head // (q_heads // v.shape[1])
+    return logs.exp() @ v[start:start + logs.shape[-1], kv, :BOX_DIMS].float()
+
+
+def box_to_unit(boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes on the answer's 0-1000 scale -> the value lesson's [-1, 1]."""
+    return boxes / 500 - 1
+
+
+def unit_to_box(read: torch.Tensor) -> torch.Tensor:
+    return (read + 1) * 500
+
+
 def _within(logs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """-log of the attention on the keys where `rows` is True."""
     return -torch.logsumexp(logs.masked_fill(~rows.to(logs.device), float("-inf")), dim=-1)
@@ -136,9 +152,8 @@ class AttentionLesson:
         if layer == self.layer:
             named.append(_within(logs[self.head], _on(group, "named", start, keys)))
             if self.value_weight:
-                kv = self.head // (q.shape[1] // k.shape[1])
-                read = logs[self.head].exp() @ v[start:start + keys, kv, :BOX_DIMS].float()
-                box = torch.tensor([query.box for query in group], dtype=torch.float) / 500 - 1  # 0-1000 -> [-1, 1]
+                read = value_read(logs[self.head], v, start, self.head, q.shape[1])
+                box = box_to_unit(torch.tensor([query.box for query in group], dtype=torch.float))
                 values.append(((read - box.to(read.device)) ** 2).mean(-1))
             others[self.head] = False
         if self.route_weight:

@@ -11,9 +11,10 @@ in the picture's tokens of the named shape (the ceiling: what the tower gives), 
 and in the residual stream after each layer. Each line: the share of boxes with IoU >= 0.5 and the median error
 (0-1000).
 
-Why (docs/demo.md, "A head taught to carry the box"): a head taught to find the named shape finds it on the rows
-it is taught on (0.91) and on held-out pictures much less; the suite's answers alone cannot tell a decoder that
-does not find the shape from one that finds it and loses the box on the way to the digits.
+Why (docs/demo.md, "A head taught to carry the box"): the training log averages the head's attention over every
+token it is taught at (0.9 with `--every-position`, where it was 0.5 at the `(` that matters), and the suite's
+answers alone cannot tell a decoder that does not find the shape from one that finds it and loses the box on the
+way to the digits.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import argparse
 import torch
 
 from qwen2vl.attention import packed_causal_attend
-from qwen2vl.demo.box_attention import BOX_DIMS, attention_logs, box_queries
+from qwen2vl.demo.box_attention import attention_logs, box_queries, unit_to_box, value_read
 from qwen2vl.demo.tower_heads import iou
 from qwen2vl.model import Qwen2VL
 from qwen2vl.processing.processor import Processor
@@ -55,12 +56,11 @@ def gather(model: Qwen2VL, processor: Processor, rows: list, layer: int, head: i
                                                                        layer, taught))
             q, k, v = taught["qkv"]
             for query in box_queries(batch, processor.tokenizer, config.image_token_id):
-                logs = attention_logs(q, k, [query.row], query.start)[head, 0]
+                logs = attention_logs(q, k, [query.row], query.start)[head]  # [1, keys]
                 named = torch.tensor(query.named, device=logs.device) - query.start
-                kv = head // (q.shape[1] // k.shape[1])
-                read = logs.exp() @ v[query.start:query.row + 1, kv, :BOX_DIMS].float()
-                found.setdefault("on the named shape", []).append(logs[named].exp().sum().reshape(1))
-                found.setdefault("value box", []).append((read + 1) * 500)  # box_attention's [-1, 1] scale
+                found.setdefault("on the named shape", []).append(logs[0, named].exp().sum().reshape(1))
+                found.setdefault("value box", []).append(unit_to_box(value_read(logs, v, query.start, head,
+                                                                                q.shape[1]))[0])
                 found.setdefault("the named shape's tokens", []).append(x[query.named].mean(0))
                 for name, hidden in caught.items():
                     found.setdefault(name, []).append(hidden[query.row])
