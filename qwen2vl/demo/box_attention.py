@@ -130,6 +130,23 @@ def _on(queries: list[BoxQuery], field: str, start: int, keys: int) -> torch.Ten
     return mask
 
 
+@dataclass
+class _Sequence:
+    """One packed sequence's box queries, with the masks and boxes every layer's lessons use (made once a batch)."""
+    start: int
+    rows: list[int]
+    named: torch.Tensor  # [n, keys] the named shape's rows
+    picture: torch.Tensor  # [n, keys] the picture's rows
+    boxes: torch.Tensor  # [n, BOX_DIMS] on the value lesson's [-1, 1]
+
+    @staticmethod
+    def of(group: list[BoxQuery]) -> _Sequence:
+        start, rows = group[0].start, [query.row for query in group]
+        keys = max(rows) + 1 - start
+        return _Sequence(start, rows, _on(group, "named", start, keys), _on(group, "picture", start, keys),
+                         box_to_unit(torch.tensor([query.box for query in group], dtype=torch.float)))
+
+
 class AttentionLesson:
     """The training objective: the LM loss plus `weight` x the head's -log attention on the named shapes, and,
     when weighted, the error of the box its values say (`value_weight`) and the other heads' look at the
@@ -142,35 +159,33 @@ class AttentionLesson:
         self.value_weight, self.route_weight, self.every_position = value_weight, route_weight, every_position
         self.calls, self.seen = 0, {"on the named shape": [], "value's box error": [], "others on the picture": []}
 
-    def _score(self, layer: int, q, k, v, start: int, group: list[BoxQuery], named: list, values: list,
-               routes: list) -> None:
+    def _score(self, layer: int, q, k, v, seq: _Sequence, named: list, values: list, routes: list) -> None:
         """One sequence's queries at one layer: -log attention on the named shape and the value's box error
         (the taught layer), and the other heads' -log(1 - attention on the picture)."""
-        logs = attention_logs(q, k, [query.row for query in group], start)  # [Hq, n, keys]
-        keys = logs.shape[-1]
+        logs = attention_logs(q, k, seq.rows, seq.start)  # [Hq, n, keys]
         others = torch.ones(logs.shape[0], dtype=torch.bool)
         if layer == self.layer:
-            named.append(_within(logs[self.head], _on(group, "named", start, keys)))
+            named.append(_within(logs[self.head], seq.named))
             if self.value_weight:
-                read = value_read(logs[self.head], v, start, self.head, q.shape[1])
-                box = box_to_unit(torch.tensor([query.box for query in group], dtype=torch.float))
-                values.append(((read - box.to(read.device)) ** 2).mean(-1))
+                read = value_read(logs[self.head], v, seq.start, self.head, q.shape[1])
+                values.append(((read - seq.boxes.to(read.device)) ** 2).mean(-1))
             others[self.head] = False
         if self.route_weight:
-            routes.append(_within(logs[others], ~_on(group, "picture", start, keys)).flatten())
+            routes.append(_within(logs[others], ~seq.picture).flatten())
 
     def __call__(self, model, batch) -> torch.Tensor:
         queries = box_queries(batch, self.tokenizer, self.image_token_id, every_position=self.every_position)
-        sequences: dict[int, list[BoxQuery]] = {}
+        groups: dict[int, list[BoxQuery]] = {}
         for query in queries:
-            sequences.setdefault(query.start, []).append(query)
+            groups.setdefault(query.start, []).append(query)
+        sequences = [_Sequence.of(group) for group in groups.values()]
         named, values, routes = [], [], []
         causal = packed_causal_attend(batch.cu_seqlens)
 
         def attend(layer, q, k, v):
             if layer == self.layer or self.route_weight:
-                for start, group in sequences.items():
-                    self._score(layer, q, k, v, start, group, named, values, routes)
+                for seq in sequences:
+                    self._score(layer, q, k, v, seq, named, values, routes)
             return causal(layer, q, k, v)
 
         lm = loss_sum(model, batch, attend)
