@@ -11,6 +11,7 @@ import sys
 
 from qwen2vl.adapter import DECODER_LINEARS
 from qwen2vl.chat_cli import positive
+from qwen2vl.train.precision import CHOICES
 
 TRAIN_EPILOG = """\
 data: JSONL, one conversation per line, either LLaMA-Factory's multimodal sharegpt layout
@@ -118,8 +119,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--max-pixels", type=positive(int), help="per image / video frame: fewer visual tokens; "
                    "use the same limit at inference")
     r = p.add_argument_group("run")
-    r.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="bf16: frozen weights in bf16, "
-                   "compute under autocast, trained weights kept in fp32 (default); fp32: everything fp32")
+    r.add_argument("--dtype", choices=CHOICES, default="auto", help="bf16: frozen weights in bf16, compute under "
+                   "autocast, trained weights kept in fp32; fp32: everything fp32; auto (default): bf16 where the "
+                   "device multiplies bf16 in hardware (CUDA, a CPU with AVX-512 BF16 or AMX), else fp32 (an AVX2 "
+                   "CPU emulates bf16 matmuls: 13-20x slower)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--workers", type=int, default=0, help="processes that prepare the next steps' rows "
                    "(pictures, tokens) while one trains; worth it on a GPU, whose step is shorter than the "

@@ -26,6 +26,7 @@ from qwen2vl.train.checkpoint import latest_checkpoint, load_state, save_full, s
 from qwen2vl.train.data import read_rows
 from qwen2vl.train.feed import Encoder, StepBatches, check_rows, in_order
 from qwen2vl.train.lora import save_lora
+from qwen2vl.train.precision import training_dtype
 from qwen2vl.train.setup import load_for_training, trainable_parameters
 from qwen2vl.train.step import loss_sum
 
@@ -65,7 +66,7 @@ class TrainConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     gradient_checkpointing: bool = False
-    dtype: str = "bf16"
+    dtype: str = "auto"  # "auto": bf16 where the device has bf16 matmuls, else fp32 (precision.py)
     device: str = "cpu"
     workers: int = 0  # processes encoding the next steps' rows (0: the training process, between steps)
     seed: int = 0
@@ -95,6 +96,7 @@ def train(cfg: TrainConfig, log=print, objective=loss_sum) -> Path:
         raise ValueError("--full --train-tokens trains some embedding rows of a trained model and nothing else: "
                          "no --train-vision, --init-random or --weight-decay (which would shrink the frozen rows "
                          "too)")
+    dtype = training_dtype(cfg.dtype, cfg.device, log)
     torch.manual_seed(cfg.seed)
     folder = resolve_model_path(cfg.model)
     processor = Processor.from_pretrained(folder)
@@ -103,7 +105,7 @@ def train(cfg: TrainConfig, log=print, objective=loss_sum) -> Path:
     check_rows(rows + eval_rows, processor, cfg.workers)  # template problems show up now, not hours in
     lora = None if cfg.full else dict(targets=cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                       dropout=cfg.lora_dropout)
-    model = load_for_training(folder, dtype=DTYPES[cfg.dtype], device=cfg.device, full=cfg.full,
+    model = load_for_training(folder, dtype=DTYPES[dtype], device=cfg.device, full=cfg.full,
                               train_vision=cfg.train_vision, init_random=cfg.init_random,
                               init_vision_scale=cfg.init_vision_scale, lora=lora,
                               gradient_checkpointing=cfg.gradient_checkpointing, train_tokens=cfg.train_tokens)
@@ -150,15 +152,15 @@ def train(cfg: TrainConfig, log=print, objective=loss_sum) -> Path:
         what = "the whole model" if cfg.train_vision else "the decoder"
     cut = f", stopping after step {stop}" if stop < total else ""
     log(f"training {what}: {n_params:,} parameters, {len(rows)} rows, {total} steps of {cfg.grad_accum} x "
-        f"{cfg.batch_size} rows, {cfg.dtype} on {cfg.device}{cut}")
+        f"{cfg.batch_size} rows, {dtype}{' (auto)' * (cfg.dtype == 'auto')} on {cfg.device}{cut}")
 
     max_length = cfg.max_length or model.config.text.max_position_embeddings
     encoder = Encoder(processor, model.config, max_length, log)
 
     def autocast():
-        if cfg.dtype == "fp32":
+        if dtype == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(torch.device(cfg.device).type, dtype=DTYPES[cfg.dtype])
+        return torch.autocast(torch.device(cfg.device).type, dtype=DTYPES[dtype])
 
     # a run cut short (stop < total) keeps the cosine of all its steps: what a run stopped by hand had
     steps = StepBatches(rows, encoder, cfg.batch_size, cfg.grad_accum, cfg.seed, start, stop)
