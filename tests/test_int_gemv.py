@@ -99,10 +99,11 @@ def test_int_gemv_takes_zero_rows_strided_input_and_leading_dims(tier):
         assert torch.equal(q(x.t().reshape(2, 3, K)), q(x.t()).view(2, 3, 97))
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8g"])
-def test_int_gemv_result_does_not_depend_on_thread_count(kind, tier):
+@pytest.mark.parametrize("kind", ["int8", "int4", "int8g"])
+@pytest.mark.parametrize("rows", [1, 5])  # 1: int8's one-row path (4 weight blocks a pass on AVX2)
+def test_int_gemv_result_does_not_depend_on_thread_count(kind, rows, tier):
     q = quantize(kind, make_linear(torch.bfloat16, 200))
-    x = torch.randn(5, K).to(torch.bfloat16)
+    x = torch.randn(rows, K).to(torch.bfloat16)
     threads = torch.get_num_threads()
     try:
         ys = []
@@ -114,9 +115,10 @@ def test_int_gemv_result_does_not_depend_on_thread_count(kind, tier):
     assert torch.equal(*ys)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8g"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int8g"])
 def test_int_gemv_rows_do_not_depend_on_their_batch(kind, tier):
-    """Passes of 4 rows, one or several: each row's dots and float steps are its own."""
+    """Passes of 4 rows, one or several: each row's dots and float steps are its own (a lone row: int8's
+    one-row path on AVX2, whose passes read 4 weight blocks side by side, and its tail of 3 here)."""
     q = quantize(kind, make_linear(torch.bfloat16, 97))
     x = torch.randn(23, K).to(torch.bfloat16)
     with torch.no_grad():
