@@ -100,7 +100,7 @@ def test_int_gemv_takes_zero_rows_strided_input_and_leading_dims(tier):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "int8g"])
-@pytest.mark.parametrize("rows", [1, 5])  # 1: int8's one-row path (4 weight blocks a pass on AVX2)
+@pytest.mark.parametrize("rows", [1, 5])  # 1: one pass of one row over each weight block
 def test_int_gemv_result_does_not_depend_on_thread_count(kind, rows, tier):
     q = quantize(kind, make_linear(torch.bfloat16, 200))
     x = torch.randn(rows, K).to(torch.bfloat16)
@@ -117,8 +117,7 @@ def test_int_gemv_result_does_not_depend_on_thread_count(kind, rows, tier):
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "int8g"])
 def test_int_gemv_rows_do_not_depend_on_their_batch(kind, tier):
-    """Passes of 4 rows, one or several: each row's dots and float steps are its own (a lone row: int8's
-    one-row path on AVX2, whose passes read 4 weight blocks side by side, and its tail of 3 here)."""
+    """Passes of 4 rows, one or several, or a lone row: each row's dots and float steps are its own."""
     q = quantize(kind, make_linear(torch.bfloat16, 97))
     x = torch.randn(23, K).to(torch.bfloat16)
     with torch.no_grad():

@@ -142,39 +142,6 @@ static inline __attribute__((always_inline)) void int8_tile(const uint8_t *w, in
     }
 }
 
-/* INT8, one activation row (decode): nb <= ROW_STREAMS 16-row blocks side by side, each read as its own
- * stream, where int8_tile reads one block after another. Per block the integer dots and float steps of
- * int8_tile with mr = 1, in its order: the same bits. (On a Zen 3 one block at a time streamed at 80% of
- * the read probe, where bf16w's decode, 4 blocks at once, streams at ~96%; 2 blocks 90%, 4 blocks 95%.) */
-#define ROW_STREAMS 4
-static inline __attribute__((always_inline)) void int8_row_blocks(const uint8_t *w, int64_t K, Acts a, const int nb,
-                                                                  __m256 *acc) {
-    const int64_t nblk = K / QK;
-    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-    for (int i = 0; i < 2 * nb; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nblk; b++) {
-        __m256i s[2 * ROW_STREAMS];
-        for (int i = 0; i < 2 * nb; i++) s[i] = _mm256_setzero_si256();
-        for (int c = 0; c < QK / 4; c++) {
-            const __m256i xb = bcast4(a.q + (b * QK / 4 + c) * 4);
-            for (int j = 0; j < nb; j++) {
-                const uint8_t *wc = w + j * 16 * K + (b * QK / 4 + c) * 64;
-                prefetch(wc + PREFETCH, 1);
-                __m256i q0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wc), flip);
-                __m256i q1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wc + 32)), flip);
-                __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(q0), _mm256_sign_epi8(xb, q0));
-                __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(q1), _mm256_sign_epi8(xb, q1));
-                s[2 * j] = _mm256_add_epi32(s[2 * j], _mm256_madd_epi16(p0, ones));
-                s[2 * j + 1] = _mm256_add_epi32(s[2 * j + 1], _mm256_madd_epi16(p1, ones));
-            }
-        }
-        const __m256i off = _mm256_set1_epi32(128 * a.blk[b].sq);
-        const __m256 d = _mm256_set1_ps(a.blk[b].d);
-        for (int i = 0; i < 2 * nb; i++)
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s[i], off)), d, acc[i]);
-    }
-}
-
 /* INT4 (bits 4) and INT8G (bits 8): scales and zeros per group, int_gemv.c's float steps. */
 static inline __attribute__((always_inline)) void group_tile(const int bits, const uint8_t *w, const char *sz,
                                                              int sz_bf16, int64_t K, int64_t group, Acts a,
@@ -230,34 +197,7 @@ static inline __attribute__((always_inline)) void tiles(int kind, const uint8_t 
     }
 }
 
-/* INT8, one row (decode): this thread's share of the passes over ROW_STREAMS weight blocks (an orphaned
- * omp for, inside gemm's parallel region), then the per-row offset and scale and the bias, as gemm's. */
-static void int8_one_row(const uint8_t *w, const void *scales, int scales_bf16, const void *bias, void *y,
-                         int io_bf16, int64_t N, int64_t K, Acts a) {
-    const int64_t esz = io_bf16 ? 2 : 4, sesz = scales_bf16 ? 2 : 4;
-#pragma omp for schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += 16 * ROW_STREAMS) {
-        const int nb = N - n0 < 16 * ROW_STREAMS ? (int)((N - n0 + 15) / 16) : ROW_STREAMS;
-        __m256 acc[2 * ROW_STREAMS];
-        if (nb == ROW_STREAMS)
-            int8_row_blocks(w + n0 * K, K, a, ROW_STREAMS, acc);
-        else
-            for (int j = 0; j < nb; j++) int8_row_blocks(w + (n0 + 16 * j) * K, K, a, 1, acc + 2 * j);
-        for (int j = 0; j < nb; j++) {
-            const int64_t nj = n0 + 16 * j;
-            const int n = N - nj < 16 ? (int)(N - nj) : 16;
-            __m256 rowscale[2], b[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, out[2];
-            avx2_load16((const char *)scales + nj * sesz, scales_bf16, 16, rowscale);
-            if (bias) avx2_load16((const char *)bias + nj * esz, io_bf16, n, b);
-            for (int h = 0; h < 2; h++)
-                out[h] = _mm256_fmadd_ps(_mm256_sub_ps(acc[2 * j + h], _mm256_set1_ps(a.offset[0])), rowscale[h], b[h]);
-            avx2_store16((char *)y + nj * esz, out, io_bf16, n);
-        }
-    }
-}
-
-/* int_gemv.c's driver: quantize x, then each thread takes whole 16-row weight blocks (an int8
- * row: int8_one_row's passes of ROW_STREAMS blocks). */
+/* int_gemv.c's driver: quantize x, then each thread takes whole 16-row weight blocks. */
 static int gemm(int kind, const uint8_t *w, const void *scales, int scales_bf16, const void *x, void *y,
                 const void *bias, int io_bf16, int64_t M, int64_t N, int64_t K, int64_t group, int nthreads) {
     const int64_t nb = K / QK, esz = io_bf16 ? 2 : 4, sesz = scales_bf16 ? 2 : 4;
@@ -268,27 +208,23 @@ static int gemm(int kind, const uint8_t *w, const void *scales, int scales_bf16,
         {
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) quantize_row((const char *)x + m * K * esz, io_bf16, M, K, a, m);
-            if (kind == INT8 && M == 1) {
-                int8_one_row(w, scales, scales_bf16, bias, y, io_bf16, N, K, a);
-            } else {
 #pragma omp for schedule(static)
-                for (int64_t n0 = 0; n0 < N; n0 += 16) {
-                    const int n = N - n0 < 16 ? (int)(N - n0) : 16;
-                    __m256 rowscale[2] = {_mm256_set1_ps(1), _mm256_set1_ps(1)}, b[2] = {_mm256_setzero_ps(),
-                                                                                       _mm256_setzero_ps()};
-                    if (kind == INT8) avx2_load16((const char *)scales + n0 * sesz, scales_bf16, 16, rowscale);
-                    if (bias) avx2_load16((const char *)bias + n0 * esz, io_bf16, n, b);
-                    const uint8_t *wb = w + n0 * K / (kind == INT4 ? 2 : 1);
-                    const char *sb = (const char *)scales + (kind == INT8 ? 0 : n0 * (K / group) * 2 * sesz);
-                    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-                        __m256 acc[2 * MR];
-                        const int mr = chunk_rows(M, m0);
-                        tiles(kind, wb, sb, scales_bf16, K, group, a, m0, mr, acc);
-                        for (int r = 0; r < mr; r++) {
-                            __m256 out[2];
-                            for (int h = 0; h < 2; h++) out[h] = _mm256_fmadd_ps(acc[2 * r + h], rowscale[h], b[h]);
-                            avx2_store16((char *)y + ((m0 + r) * N + n0) * esz, out, io_bf16, n);
-                        }
+            for (int64_t n0 = 0; n0 < N; n0 += 16) {
+                const int n = N - n0 < 16 ? (int)(N - n0) : 16;
+                __m256 rowscale[2] = {_mm256_set1_ps(1), _mm256_set1_ps(1)}, b[2] = {_mm256_setzero_ps(),
+                                                                                   _mm256_setzero_ps()};
+                if (kind == INT8) avx2_load16((const char *)scales + n0 * sesz, scales_bf16, 16, rowscale);
+                if (bias) avx2_load16((const char *)bias + n0 * esz, io_bf16, n, b);
+                const uint8_t *wb = w + n0 * K / (kind == INT4 ? 2 : 1);
+                const char *sb = (const char *)scales + (kind == INT8 ? 0 : n0 * (K / group) * 2 * sesz);
+                for (int64_t m0 = 0; m0 < M; m0 += MR) {
+                    __m256 acc[2 * MR];
+                    const int mr = chunk_rows(M, m0);
+                    tiles(kind, wb, sb, scales_bf16, K, group, a, m0, mr, acc);
+                    for (int r = 0; r < mr; r++) {
+                        __m256 out[2];
+                        for (int h = 0; h < 2; h++) out[h] = _mm256_fmadd_ps(acc[2 * r + h], rowscale[h], b[h]);
+                        avx2_store16((char *)y + ((m0 + r) * N + n0) * esz, out, io_bf16, n);
                     }
                 }
             }
