@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, log=print, objective=loss_sum) -> Path:
         what = "the whole model" if cfg.train_vision else "the decoder"
     cut = f", stopping after step {stop}" if stop < total else ""
     log(f"training {what}: {n_params:,} parameters, {len(rows)} rows, {total} steps of {cfg.grad_accum} x "
-        f"{cfg.batch_size} rows, {dtype}{' (auto)' * (cfg.dtype == 'auto')} on {cfg.device}{cut}")
+        f"{cfg.batch_size} rows, {dtype}{' (auto)' if cfg.dtype == 'auto' else ''} on {cfg.device}{cut}")
 
     max_length = cfg.max_length or model.config.text.max_position_embeddings
     encoder = Encoder(processor, model.config, max_length, log)
