@@ -145,7 +145,11 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # on the meta device (from_pretrained) the table is left uninitialised: nn.Embedding's normal_
+        # there runs torch's Python refs, whose first call imports torch._dynamo, 2 s of every start-up
+        meta = torch.get_default_device().type == "meta"
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape) if meta else None)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ops = TORCH_OPS  # a backend may swap in its kernels (backends/)

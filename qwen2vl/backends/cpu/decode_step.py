@@ -15,6 +15,7 @@ import ctypes
 import torch
 
 from qwen2vl.backends.cpu import gemm, layer_ops, native
+from qwen2vl.backends.cpu.untraced import untraced
 from qwen2vl.rotary import mrope_cos_sin
 
 BF16, INT8, INT4, BF16W, INT8G = 0, 1, 2, 3, 4  # Linear.kind, the enum in kernels.h
@@ -103,7 +104,7 @@ class DecodeStep:
             ctypes.addressof(layers))
         return cls(decoder, layers, keep, cfg)
 
-    @torch.compiler.disable  # a ctypes call: dynamo can't trace it
+    @untraced  # a ctypes call: dynamo can't trace it
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """x [M, D] bf16 embeddings of M decoding tokens, positions [3, M], batch the runner's
         PagedBatch -> final-normed hidden states [M, D]; writes the tokens' k/v to the cache."""

@@ -28,6 +28,7 @@ import torch
 
 from qwen2vl.backends.cpu import native
 from qwen2vl.backends.cpu.packing import pack_bf16
+from qwen2vl.backends.cpu.untraced import untraced
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def amx_codes_library():
     return lib if lib is not None and lib.amx else None
 
 
-@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+@untraced  # a ctypes call: dynamo can't trace it
 def _call(kind, x, weight, scales, bias, n, group) -> torch.Tensor:
     x = x.contiguous()
     m, k = x.shape
@@ -147,7 +148,7 @@ def _call(kind, x, weight, scales, bias, n, group) -> torch.Tensor:
     return y
 
 
-@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+@untraced  # a ctypes call: dynamo can't trace it
 def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """bf16 x [M, K] times pack_bf16 weights, plus bf16 bias: bf16 [M, out_features]."""
     x = x.contiguous()
@@ -161,7 +162,7 @@ def bf16_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, 
     return y
 
 
-@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+@untraced  # a ctypes call: dynamo can't trace it
 def bf16w_gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """x [M, K] (bf16 or float32) times pack_bf16 weights in fp32 arithmetic, plus bias (read as bf16):
     [M, out_features] in x's dtype. For CPUs without AVX-512 BF16 (bf16w_gemm.c)."""

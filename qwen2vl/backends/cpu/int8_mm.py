@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen2vl.backends.cpu import gemm, native, packing
+from qwen2vl.backends.cpu.untraced import untraced
 from qwen2vl.backends.quant import Int8Linear
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def takes(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and library() is not None
 
 
-@torch.compiler.disable  # a ctypes call: dynamo can't trace it
+@untraced  # a ctypes call: dynamo can't trace it
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
             out_features: int) -> torch.Tensor:
     """x [M, K] (bf16 or float32) times pack_int8 codes `weight` [N/16, K/4, 16, 4] with per-channel

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from qwen2vl.backends.cpu import gemm, isa, packing
 from qwen2vl.backends.cpu.packed_cache import PackedCache
+from qwen2vl.backends.cpu.untraced import untraced
 from qwen2vl.backends.swap import replace_linears
 
 
@@ -90,7 +91,7 @@ class FastLinear(nn.Module):
 
     # dynamo traces the oneDNN op but inductor can only lower it on weights it froze itself; a
     # compiled model should keep nn.Linear and set torch._inductor.config.freezing = True instead
-    @torch.compiler.disable
+    @untraced
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "bf16 kernel" and x.dtype == torch.bfloat16:
             y = gemm.bf16_gemm(x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features)
