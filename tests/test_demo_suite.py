@@ -401,13 +401,16 @@ def likeness(seen, word, size) -> float:
     return overlap(ink(np.asarray(reference).astype(np.int32), (255, 255, 255)), seen)
 
 
-@pytest.mark.parametrize("letters, sizes, side", [((1, 3), (30, 40), None), ((1, 1), (40, 64), 224)])
+@pytest.mark.parametrize("letters, sizes, side", [((1, 3), (30, 40), None), ((1, 1), (40, 64), 224),
+                                                 ((3, 6), (18, 40), "strip")])
 def test_the_word_lesson_draws_its_answer_alone_at_a_size_in_range(tmp_path, letters, sizes, side):
     import json
 
     from qwen2vl.demo.dataset import write_word_set
 
-    lines = [json.loads(t) for t in open(write_word_set(tmp_path, 16, 3, letters, sizes, side))]
+    strip = side == "strip"
+    lines = [json.loads(t) for t in open(write_word_set(tmp_path, 16, 3, letters, sizes, None if strip else side,
+                                                        strip=strip))]
     drawn_as_asked, lengths, picture_sizes = 0, set(), set()
     for line in lines:
         (question, answer) = [m["content"] for m in line["messages"]]
@@ -429,7 +432,11 @@ def test_the_word_lesson_draws_its_answer_alone_at_a_size_in_range(tmp_path, let
             drawn_as_asked += 1
     assert drawn_as_asked >= 0.8 * len(lines)  # font hinting moves an edge pixel now and then
     assert lengths == set(range(letters[0], letters[1] + 1))
-    assert picture_sizes == {(side, side)} if side else len(picture_sizes) > 6
+    if strip:  # just big enough: 56 px tall, whole tokens wide
+        assert {h for _, h in picture_sizes} == {56} and all(w % 28 == 0 for w, _ in picture_sizes)
+        assert len(picture_sizes) > 3
+    else:
+        assert picture_sizes == {(side, side)} if side else len(picture_sizes) > 6
 
 
 def test_the_word_lesson_refuses_words_no_picture_holds_instead_of_drawing_forever(tmp_path, capsys):
@@ -442,3 +449,8 @@ def test_the_word_lesson_refuses_words_no_picture_holds_instead_of_drawing_forev
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--words", "6", "--font", "200-220", "--cases", "2"])
     assert "more than the 448 x 448 px pictures hold" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="more than a strip.s 56 px"):
+        write_word_set(tmp_path, 2, 1, (3, 6), (40, 80), strip=True)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--words", "3-6", "--strip", "--side", "224", "--cases", "2"])
+    assert "--strip goes with --words, without --side" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import re
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -83,15 +84,19 @@ def test_a_moving_shape_is_labelled_with_its_direction_where_it_is_in_each_frame
             assert min(closest(case.pixels, token, processor, color, frame) for frame in (0, 1)) < 12
 
 
-def test_each_character_of_a_word_is_labelled_in_order_where_it_is_drawn():
+@pytest.mark.parametrize("kind", ["word", "strip"])
+def test_each_character_of_a_word_is_labelled_in_order_where_it_is_drawn(kind):
     processor = Processor.from_pretrained(DEMO)
     rng = random.Random(5)
     whole = 0
     for _ in range(20):
         state = rng.getstate()
-        case = tower_cases.word(rng, processor)
+        case = tower_cases.KINDS[kind](rng, processor)
         rng.setstate(state)
-        word = tower_cases.tasks.text_case(rng).info["word"]
+        word = (tower_cases.tasks.text_case(rng).info["word"] if kind == "word"
+                else tower_cases.scenes.random_word(rng, (3, 6)))
+        if kind == "strip":  # a strip is 56 px tall, two rows of tokens: nothing but the word
+            assert case.grid[0, 1] == 4 and not case.shapes.any()
         read = "".join(CHARS[c - 1] for c in case.chars.flatten().tolist() if c)  # raster order, slot by slot
         whole += read == word
         assert len(read) >= len(word) - 1 and all(c in word for c in read), (read, word)  # two may share a slot

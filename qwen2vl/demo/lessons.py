@@ -6,6 +6,7 @@
     python -m qwen2vl.demo.dataset DIR --where 1-6 --cases 4000    # "Where is the red circle?" -> its box
     python -m qwen2vl.demo.dataset DIR --where 1 --side 280 --cases 4000   # lone shapes, 280 x 280 pictures
     python -m qwen2vl.demo.dataset DIR --words 1 --font 40-64 --side 224 --cases 12800   # one big character
+    python -m qwen2vl.demo.dataset DIR --words 3-6 --strip --cases 20000   # words on strips just big enough
 
 Written as dataset.py writes the suite's lines (DIR/train.jsonl and DIR/img/), for `qwen2vl train`.
 """
@@ -16,6 +17,7 @@ import json
 import random
 from pathlib import Path
 
+from qwen2vl.demo import scenes
 from qwen2vl.demo.scenes import (
     COLORS,
     MAX_SIDE,
@@ -108,19 +110,29 @@ def write_box_set(out: str | Path, cases: int, seed: int, shapes: tuple[int, int
 
 
 def write_word_set(out: str | Path, cases: int, seed: int, letters: tuple[int, int] = (3, 6),
-                   sizes: tuple[int, int] = (18, 40), side: int | None = None) -> Path:
+                   sizes: tuple[int, int] = (18, 40), side: int | None = None, strip: bool = False) -> Path:
     """`cases` pictures of one word of `letters` characters (lo-hi) from the suite's A-Z0-9 in black, font size
     `sizes` (lo-hi), nothing else drawn: "What does the text say?" -> the word. The suite's reading task with
     its sizes as knobs: from the shipped checkpoint, 400 steps of words of 1-3 characters at 32-56 px stayed at
     chance, and 800 of one character at 40-64 px on 224 x 224 pictures read 78 / 200 held-out characters
     (docs/demo.md), so the lesson starts from one big character and moves to the suite's words. `side`: every
-    picture side x side (default the suite's random sizes); a size the word does not fit is drawn again."""
+    picture side x side (default the suite's random sizes); a size the word does not fit is drawn again.
+    `strip`: instead, each picture just big enough for its word (scenes.strip: 56 px tall, 6-16 tokens)."""
     if not (1 <= letters[0] <= letters[1] and 1 <= sizes[0] <= sizes[1]):
         raise ValueError(f"words of {letters[0]}-{letters[1]} characters at font {sizes[0]}-{sizes[1]}: each range is "
                          "lo-hi with 1 <= lo <= hi")
+    _, top, _, bottom = text_box(scenes.WORD_CHARS, sizes[1], 0, 0)
+    if strip and (tallest := bottom - top) > scenes.STRIP_HEIGHT:
+        raise ValueError(f"a word at font {sizes[1]} is up to {tallest} px tall, more than a strip's "
+                         f"{scenes.STRIP_HEIGHT} px: use fonts up to {sizes[1] * scenes.STRIP_HEIGHT // tallest}")
 
     def lesson(rng: random.Random):
         word = random_word(rng, letters)
+        if strip:
+            size = rng.randint(*sizes)
+            width, height, x, y = scenes.strip(rng, word, size)
+            image = draw_scene(width, height, random_background(rng), [], word=(word, size, x, y))
+            return image, [(TEXT_QUESTION, word)]
         most = side or MAX_SIDE
         left, top, right, bottom = text_box(word, sizes[0], 0, 0)
         if not fits((left, top, right, bottom), most, most):  # else the loop below would never end
@@ -136,7 +148,7 @@ def write_word_set(out: str | Path, cases: int, seed: int, letters: tuple[int, i
         image = draw_scene(width, height, random_background(rng), [], word=(word, size, x, y))
         return image, [(TEXT_QUESTION, word)]
 
-    return _write_lesson(out, cases, f"qwen2vl-demo-word:{seed}", lesson)
+    return _write_lesson(out, cases, f"qwen2vl-demo-{'strip' if strip else 'word'}:{seed}", lesson)
 
 
 def _write_lesson(out: str | Path, cases: int, name: str, lesson) -> Path:

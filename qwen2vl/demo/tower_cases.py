@@ -1,12 +1,13 @@
 """What the tower lesson (tower.py) shows the vision tower, and what each merged token must name.
 
-Three kinds of case, each with these labels per merged token (raster order, frame pair by frame pair):
+Four kinds of case, each with these labels per merged token (raster order, frame pair by frame pair):
 - a suite picture of 0-6 shapes: `shapes` names the (kind, colour) of the shape whose square's centre
   lies in the token's cell, or nothing;
 - a suite video (one shape moving, 0-2 still): `shapes` as above in each frame pair (the moving shape
   where its centre is midway between the pair's two frames), and `motion` names its direction there;
 - a suite word picture (a word of 3-6 characters and 0-2 shapes): `chars` names, in each quarter of
-  the token's width, the character whose centre lies in it (a token of the smallest font holds ~4).
+  the token's width, the character whose centre lies in it (a token of the smallest font holds ~4);
+- a word strip: such a word alone on a picture just big enough for it (scenes.strip), labelled the same.
 
 and a fourth, `boxes`: for the token holding a still shape's centre, that shape's square (left, top, right,
 bottom) in token units from the token's own top-left corner; NaN elsewhere (the moving shape of a video
@@ -151,14 +152,31 @@ def word(rng: random.Random, processor: Processor) -> Drawn:
     labels = Labels(t, rows, cols, *image.size)
     for s in case.info["shapes"]:
         labels.shape(0, s)
-    font = scenes.font(size)
     left, top, _, bottom = case.info["text_box"]
-    x = left - font.getbbox(text)[0]  # where draw.text began: text_box is the drawn pixels' box
+    _label_chars(labels, text, size, left - scenes.font(size).getbbox(text)[0], top, bottom)
+    return labels.drawn(pixels, grid)
+
+
+def strip(rng: random.Random, processor: Processor) -> Drawn:
+    """A word of 3-6 characters alone on a strip just big enough for it (scenes.strip), each character in its
+    token's quarter: the word kind's glyphs at a tenth of its tokens."""
+    text, size = scenes.random_word(rng, (3, 6)), rng.randint(*scenes.FONT_SIZES)
+    width, height, x, y = scenes.strip(rng, text, size)
+    image = draw_scene(width, height, random_background(rng), [], word=(text, size, x, y))
+    pixels, grid, (t, rows, cols) = _draw(processor, {"type": "image", "image": image})
+    labels = Labels(t, rows, cols, width, height)
+    _, top, _, bottom = scenes.text_box(text, size, x, y)
+    _label_chars(labels, text, size, x, top, bottom)
+    return labels.drawn(pixels, grid)
+
+
+def _label_chars(labels: Labels, text: str, size: int, x: int, top: int, bottom: int) -> None:
+    """Each character of `text`, drawn from x, named in the quarter of the token its centre lies in."""
+    font = scenes.font(size)
     for i, char in enumerate(text):
         start, end = font.getlength(text[:i]), font.getlength(text[:i + 1])
         token, place_in = labels.token(0, x + (start + end) / 2, (top + bottom) / 2)
         labels.chars[token, int(place_in * SLOTS)] = 1 + CHARS.index(char)
-    return labels.drawn(pixels, grid)
 
 
-KINDS = {"picture": picture, "video": video, "word": word}
+KINDS = {"picture": picture, "video": video, "word": word, "strip": strip}
