@@ -117,7 +117,7 @@ def write_word_set(out: str | Path, cases: int, seed: int, letters: tuple[int, i
     chance, and 800 of one character at 40-64 px on 224 x 224 pictures read 78 / 200 held-out characters
     (docs/demo.md), so the lesson starts from one big character and moves to the suite's words. `side`: every
     picture side x side (default the suite's random sizes); a size the word does not fit is drawn again.
-    `strip`: instead, each picture just big enough for its word (scenes.strip: 56 px tall, 6-16 tokens)."""
+    `strip`: instead, each picture just big enough for its word (scenes.strip: 56 px tall, 4-16 tokens)."""
     if not (1 <= letters[0] <= letters[1] and 1 <= sizes[0] <= sizes[1]):
         raise ValueError(f"words of {letters[0]}-{letters[1]} characters at font {sizes[0]}-{sizes[1]}: each range is "
                          "lo-hi with 1 <= lo <= hi")

@@ -143,8 +143,8 @@ STRIP_HEIGHT = 56  # px: two rows of merged tokens, the suite's largest font wit
 def strip(rng: random.Random, word: str, size: int) -> tuple[int, int, int, int]:
     """A picture just big enough for `word` at font `size`: (width, height, x, y) to draw it at. STRIP_HEIGHT
     tall and a multiple of 28 px wide (the merged token) with 0-1 token to spare, so that the processor keeps
-    the glyphs' size and a picture is 6-16 tokens where the suite's average is ~100: a reading lesson's rows
-    cost a tenth of the suite's (docs/demo.md, "Reading on strips")."""
+    the glyphs' size and a picture is 4-16 merged tokens (8 most often) where the suite's average is ~100: a
+    reading lesson's rows cost a tenth of the suite's (docs/demo.md, "Reading on strips")."""
     left, top, right, bottom = text_box(word, size, 0, 0)
     width = max(STRIP_HEIGHT, -(-(right - left + 6) // 28) * 28 + 28 * rng.randint(0, 1))
     return width, STRIP_HEIGHT, rng.randint(-left, width - right), rng.randint(-top, STRIP_HEIGHT - bottom)

@@ -9,7 +9,7 @@ Four kinds of case, each with these labels per merged token (raster order, frame
   the token's width, the character whose centre lies in it (a token of the smallest font holds ~4);
 - a word strip: such a word alone on a picture just big enough for it (scenes.strip), labelled the same.
 
-and a fourth, `boxes`: for the token holding a still shape's centre, that shape's square (left, top, right,
+and a fourth label, `boxes`: for the token holding a still shape's centre, that shape's square (left, top, right,
 bottom) in token units from the token's own top-left corner; NaN elsewhere (the moving shape of a video
 included: it has a box in each frame, not one per pair). A fifth, `digits`, is the same square as the
 grounding answer writes it (0-1000 of the picture's width and height): each number's hundreds and tens
