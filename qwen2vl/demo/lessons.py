@@ -121,18 +121,16 @@ def write_word_set(out: str | Path, cases: int, seed: int, letters: tuple[int, i
     if not (1 <= letters[0] <= letters[1] and 1 <= sizes[0] <= sizes[1]):
         raise ValueError(f"words of {letters[0]}-{letters[1]} characters at font {sizes[0]}-{sizes[1]}: each range is "
                          "lo-hi with 1 <= lo <= hi")
-    _, top, _, bottom = text_box(scenes.WORD_CHARS, sizes[1], 0, 0)
-    if strip and (tallest := bottom - top) > scenes.STRIP_HEIGHT:
-        raise ValueError(f"a word at font {sizes[1]} is up to {tallest} px tall, more than a strip's "
-                         f"{scenes.STRIP_HEIGHT} px: use fonts up to {sizes[1] * scenes.STRIP_HEIGHT // tallest}")
+    if strip:
+        _, top, _, bottom = text_box(scenes.WORD_CHARS, sizes[1], 0, 0)
+        if (tallest := bottom - top) > scenes.STRIP_HEIGHT:
+            raise ValueError(f"a word at font {sizes[1]} is up to {tallest} px tall, more than a strip's "
+                             f"{scenes.STRIP_HEIGHT} px: use fonts up to {sizes[1] * scenes.STRIP_HEIGHT // tallest}")
 
     def lesson(rng: random.Random):
         word = random_word(rng, letters)
         if strip:
-            size = rng.randint(*sizes)
-            width, height, x, y = scenes.strip(rng, word, size)
-            image = draw_scene(width, height, random_background(rng), [], word=(word, size, x, y))
-            return image, [(TEXT_QUESTION, word)]
+            return scenes.strip(rng, word, rng.randint(*sizes))[0], [(TEXT_QUESTION, word)]
         most = side or MAX_SIDE
         left, top, right, bottom = text_box(word, sizes[0], 0, 0)
         if not fits((left, top, right, bottom), most, most):  # else the loop below would never end

@@ -140,14 +140,16 @@ def text_box(word: str, size: int, x: int, y: int) -> tuple[int, int, int, int]:
 STRIP_HEIGHT = 56  # px: two rows of merged tokens, the suite's largest font with room to move
 
 
-def strip(rng: random.Random, word: str, size: int) -> tuple[int, int, int, int]:
-    """A picture just big enough for `word` at font `size`: (width, height, x, y) to draw it at. STRIP_HEIGHT
-    tall and a multiple of 28 px wide (the merged token) with 0-1 token to spare, so that the processor keeps
-    the glyphs' size and a picture is 4-16 merged tokens (8 most often) where the suite's average is ~100: a
-    reading lesson's rows cost a tenth of the suite's (docs/demo.md, "Reading on strips")."""
+def strip(rng: random.Random, word: str, size: int) -> tuple[Image.Image, int, int]:
+    """`word` at font `size` in black on a picture just big enough for it: (the picture, x, y it was drawn at).
+    STRIP_HEIGHT tall and a multiple of 28 px wide (the merged token) with 0-1 token to spare, so that the
+    processor keeps the glyphs' size and a picture is 4-16 merged tokens (8 most often) where the suite's average
+    is ~100: a reading lesson's rows cost a tenth of the suite's (docs/demo.md, "Reading on strips")."""
     left, top, right, bottom = text_box(word, size, 0, 0)
+    # at least STRIP_HEIGHT wide: the demo's min_pixels (56 x 56) would scale a smaller picture up
     width = max(STRIP_HEIGHT, -(-(right - left + 6) // 28) * 28 + 28 * rng.randint(0, 1))
-    return width, STRIP_HEIGHT, rng.randint(-left, width - right), rng.randint(-top, STRIP_HEIGHT - bottom)
+    x, y = rng.randint(-left, width - right), rng.randint(-top, STRIP_HEIGHT - bottom)
+    return draw_scene(width, STRIP_HEIGHT, random_background(rng), [], word=(word, size, x, y)), x, y
 
 
 def draw_scene(width: int, height: int, background, shapes: list[Shape],

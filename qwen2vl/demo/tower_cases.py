@@ -161,10 +161,9 @@ def strip(rng: random.Random, processor: Processor) -> Drawn:
     """A word of 3-6 characters alone on a strip just big enough for it (scenes.strip), each character in its
     token's quarter: the word kind's glyphs at a tenth of its tokens."""
     text, size = scenes.random_word(rng, (3, 6)), rng.randint(*scenes.FONT_SIZES)
-    width, height, x, y = scenes.strip(rng, text, size)
-    image = draw_scene(width, height, random_background(rng), [], word=(text, size, x, y))
+    image, x, y = scenes.strip(rng, text, size)
     pixels, grid, (t, rows, cols) = _draw(processor, {"type": "image", "image": image})
-    labels = Labels(t, rows, cols, width, height)
+    labels = Labels(t, rows, cols, *image.size)
     _, top, _, bottom = scenes.text_box(text, size, x, y)
     _label_chars(labels, text, size, x, top, bottom)
     return labels.drawn(pixels, grid)
