@@ -1,5 +1,6 @@
 # Sourced by the CPU recipes after stage 9 (train_demo_tower.sh, train_demo_boxes.sh, train_demo_reading.sh,
-# train_demo_decoder.sh): their mixes, their runs, sets and the E-runs' fresh lesson sets. Reads WORK.
+# train_demo_decoder.sh, train_demo_strips.sh): their mixes, their runs, sets and the E-runs' fresh lesson sets.
+# Reads WORK.
 
 mix() {  # OUT SEED FILE[:N]...: in WORK, qwen2vl.demo.mix (each FILE's lines, N of them if given, shuffled)
     local out=$1 seed=$2
@@ -23,4 +24,15 @@ lesson_sets() {  # K: run E{K}'s fresh sets: colour lesson col{K-1}, count quest
     python -m qwen2vl.demo.dataset "$WORK/on$((k + 2))" --only count --cases 5000 --seed $((b + 1))
     python -m qwen2vl.demo.dataset "$WORK/cnt$((k - 8))" --counts --cases 5000 --seed $((b + 2))
     python -m qwen2vl.demo.dataset "$WORK/pr$((k - 9))" --cases 1500 --mix two_images=1 --seed $((b + 3))
+}
+every_task_sets() {  # P SEED: a new decoder's every-task lines (mixZ's kinds), P_suite ... P_lone, seeded SEED-SEED+7
+    local p=$1 s=$2
+    set_of "${p}_suite" "$s" 12000
+    set_of "${p}_col" $((s + 1)) 5000 --colors
+    set_of "${p}_on" $((s + 2)) 5000 --only count
+    set_of "${p}_cnt" $((s + 3)) 5000 --counts
+    set_of "${p}_pr" $((s + 4)) 3000 --mix two_images=1
+    set_of "${p}_vid" $((s + 5)) 3000 --only video
+    set_of "${p}_many" $((s + 6)) 6000 --where 1-6
+    set_of "${p}_lone" $((s + 7)) 4000 --where 1
 }

@@ -13,7 +13,7 @@ DEVICE=${DEVICE:-cpu}
 STEPS=${STEPS:-2400}
 DEMO=$(python -c "import qwen2vl.demo, pathlib; print(pathlib.Path(qwen2vl.demo.__file__).parent / 'checkpoint')")
 mkdir -p "$WORK"
-source "$(dirname "$0")/demo_runs.sh"  # set_of
+source "$(dirname "$0")/demo_runs.sh"  # set_of, every_task_sets
 new_run() {  # NAME: the rest are qwen2vl train arguments; the log goes to WORK/NAME.log
     local name=$1
     shift
@@ -27,14 +27,7 @@ new_run R0t --model "$DEMO" --init-random decoder --data "$WORK/lone/train.jsonl
     --warmup-steps 30 --seed 0
 
 # Z: every task from a new decoder, then Z2, a second pass over the same lines
-set_of z_suite 41 12000
-set_of z_col 42 5000 --colors
-set_of z_on 43 5000 --only count
-set_of z_cnt 44 5000 --counts
-set_of z_pr 45 3000 --mix two_images=1
-set_of z_vid 46 3000 --only video
-set_of z_many 47 6000 --where 1-6
-set_of z_lone 48 4000 --where 1
+every_task_sets z 41
 python -m qwen2vl.demo.mix "$WORK/mixZ.jsonl" 7 "$WORK"/z_{suite,col,on,cnt,pr,vid,many,lone}/train.jsonl
 new_run Z --model "$DEMO" --init-random decoder --data "$WORK/mixZ.jsonl" --lr 1e-3 --steps "$STEPS" \
     --warmup-steps 50 --seed 0 --save-every 600
