@@ -7,7 +7,7 @@
 #   scripts/train_demo_strips.sh WORK_DIR    # DEVICE=cuda on a GPU
 #
 # Where it ran (2 vCPUs of an AMD Zen 3, fp32, 2026-12-07; minutes): G1 9.6, G2 28.5, TS1 36 (from H1, whose
-# tower is G2's: H1 trained J2's decoder on it, frozen), N10 18, NS 15, Y1 47 (stopped), Y2 40, C10 and C10000 8.5
+# tower is G2's: H1 trained J2's decoder on it, frozen), N10 18, NS 15, Y1 50 (stopped), Y2 40, C10 and C10000 8.5
 # each. The strip sets st1 and st2 that N10 trained on were drawn by the strip code before it was committed (st3's,
 # seed 9604, are these commands' pictures), so a rebuild trains on other strips of the same kind.
 set -euo pipefail
