@@ -2,14 +2,15 @@
 # Reading on strips, from the shipped demo (docs/demo.md, "Reading from scratch ...", "Reading on strips" and
 # "Every task on the reading decoder"): the tower taught glyphs (G1, G2 on word pictures, TS1 on strips), a new
 # decoder at rope_theta 10 taught strips (N10), then the suite's words (NS), then every task's lines (Y1; Y2 the
-# same from a new decoder), and colours alone at two rotary bases (C10, C10000). Not shipped: the demo stays J2.
+# same from a new decoder; Y3 Z's recipe on TS1t10), and colours alone at two rotary bases (C10, C10000). Not
+# shipped: the demo stays J2.
 #
 #   scripts/train_demo_strips.sh WORK_DIR    # DEVICE=cuda on a GPU
 #
 # Where it ran (2 vCPUs of an AMD Zen 3, fp32, 2026-12-07; minutes): G1 9.6, G2 28.5, TS1 36 (from H1, whose
-# tower is G2's: H1 trained J2's decoder on it, frozen), N10 18, NS 15, Y1 50 (stopped), Y2 40, C10 and C10000 8.5
-# each. The strip sets st1 and st2 that N10 trained on were drawn by the strip code before it was committed (st3's,
-# seed 9604, are these commands' pictures), so a rebuild trains on other strips of the same kind.
+# tower is G2's: H1 trained J2's decoder on it, frozen), N10 18, NS 15, Y1 50 (stopped), Y2 40, Y3 16, C10 and
+# C10000 8.5 each. The strip sets st1 and st2 that N10 trained on were drawn by the strip code before it was
+# committed (st3's, seed 9604, are these commands' pictures), so a rebuild trains on other strips of the same kind.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-strips}
 DEVICE=${DEVICE:-cpu}
@@ -67,6 +68,13 @@ Y=(--data "$WORK/mixY.jsonl" --lr 7e-4 --vision-lr 5e-5 --steps 2400 --batch-siz
    --save-every 400)
 run Y1 --model "$WORK/NS" "${Y[@]}" --stop-after 1085   # stopped by hand there; colours 13 of 100 at step 800
 run Y2 --model "$WORK/TS1t10" --init-random decoder "${Y[@]}" --stop-after 800   # the same from a new decoder
+
+# Y3: Z's recipe (mixZ's kinds alone, the tower frozen, 1e-3) on TS1t10 (colours 16 of 100 at step 600; Z 62)
+mix mixY0.jsonl 7 y_{suite,col,on,cnt,pr,vid,many,lone}/train.jsonl   # 43,000
+python -m qwen2vl train --output "$WORK/Y3" --model "$WORK/TS1t10" --init-random decoder --full \
+    --data "$WORK/mixY0.jsonl" --lr 1e-3 --steps 2400 --stop-after 600 --batch-size 16 --warmup-steps 50 \
+    --adam-beta2 0.95 --weight-decay 0.01 --seed 0 --device "$DEVICE" --log-every 25 --overwrite 2>&1 \
+    | tee "$WORK/Y3.log"
 
 # C10, C10000: colours alone, a new decoder on TS1's frozen tower at rope_theta 10 and 10,000 (107 and 104 of 200)
 cp -r "$WORK/TS1" "$WORK/TS1t10000"
