@@ -74,7 +74,7 @@ mix mixY0.jsonl 7 y_{suite,col,on,cnt,pr,vid,many,lone}/train.jsonl   # 43,000
 python -m qwen2vl train --output "$WORK/Y3" --model "$WORK/TS1t10" --init-random decoder --full \
     --data "$WORK/mixY0.jsonl" --lr 1e-3 --steps 2400 --stop-after 600 --batch-size 16 --warmup-steps 50 \
     --adam-beta2 0.95 --weight-decay 0.01 --seed 0 --device "$DEVICE" --log-every 25 --overwrite 2>&1 \
-    | tee "$WORK/Y3.log"
+    | tee "$WORK/Y3.log"   # Y3b: this with TS1t10000 (made below)
 
 # C10, C10000: colours alone, a new decoder on TS1's frozen tower at rope_theta 10 and 10,000 (107 and 104 of 200)
 cp -r "$WORK/TS1" "$WORK/TS1t10000"
