@@ -2,14 +2,14 @@
 # Reading on strips, from the shipped demo (docs/demo.md, "Reading from scratch ...", "Reading on strips" and
 # "Every task on the reading decoder"): the tower taught glyphs (G1, G2 on word pictures, TS1 on strips), a new
 # decoder at rope_theta 10 taught strips (N10), then the suite's words (NS), then every task's lines (Y1; Y2 the
-# same from a new decoder; Y3 Z's recipe on TS1t10), and colours alone at two rotary bases (C10, C10000). Not
-# shipped: the demo stays J2.
+# same from a new decoder; Y3, Y3b Z's recipe on TS1's tower), and colours alone at two rotary bases (C10,
+# C10000). Not shipped: the demo stays J2.
 #
 #   scripts/train_demo_strips.sh WORK_DIR    # DEVICE=cuda on a GPU
 #
 # Where it ran (2 vCPUs of an AMD Zen 3, fp32, 2026-12-07; minutes): G1 9.6, G2 28.5, TS1 36 (from H1, whose
-# tower is G2's: H1 trained J2's decoder on it, frozen), N10 18, NS 15, Y1 50 (stopped), Y2 40, Y3 16, C10 and
-# C10000 8.5 each. The strip sets st1 and st2 that N10 trained on were drawn by the strip code before it was
+# tower is G2's: H1 trained J2's decoder on it, frozen), N10 18, NS 15, Y1 50 (stopped), Y2 40, Y3 16, Y3b 17, C10
+# and C10000 8.5 each. The strip sets st1 and st2 that N10 trained on were drawn by the strip code before it was
 # committed (st3's, seed 9604, are these commands' pictures), so a rebuild trains on other strips of the same kind.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-strips}
@@ -17,8 +17,8 @@ DEVICE=${DEVICE:-cpu}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$WORK"
 source "$(dirname "$0")/demo_runs.sh"  # mix, set_of, every_task_sets
-E=(--full --train-vision --adam-beta2 0.95 --weight-decay 0.01 --device "$DEVICE")
-run() {  # NAME: the rest are qwen2vl train arguments
+E=(--full --adam-beta2 0.95 --weight-decay 0.01 --device "$DEVICE")
+run() {  # NAME: the rest are qwen2vl train arguments (the tower frozen unless --train-vision)
     local name=$1
     shift
     python -m qwen2vl train --output "$WORK/$name" "${E[@]}" --log-every 25 --overwrite "$@" 2>&1 \
@@ -48,40 +48,41 @@ json.dump(config, open(sys.argv[1], "w"), indent=2)
 EOF
 for s in 9601 9603 9604; do set_of st$s $s 20000 --words 3-6 --strip; done
 joined st123.jsonl st9601 st9603 st9604
-run N10 --model "$WORK/TS1t10" --init-random decoder --data "$WORK/st123.jsonl" --lr 1e-3 --vision-lr 1e-4 \
-    --steps 1000 --batch-size 32 --warmup-steps 30 --seed 0   # strips 78.7% of characters in place
+run N10 --model "$WORK/TS1t10" --init-random decoder --data "$WORK/st123.jsonl" --train-vision --lr 1e-3 \
+    --vision-lr 1e-4 --steps 1000 --batch-size 32 --warmup-steps 30 --seed 0   # strips 78.7% of characters in place
 
 # NS: the suite's words (a word beside 0-2 shapes), half the lines strips
 set_of sx 9605 6000 --only text
-head -6000 "$WORK/st9604/train.jsonl" | sed 's#"img/#"st9604/img/#g' > "$WORK/st3a.jsonl"
+joined st3.jsonl st9604
+head -6000 "$WORK/st3.jsonl" > "$WORK/st3a.jsonl"
 joined sx.jsonl sx
 mix mixNS.jsonl 5 sx.jsonl st3a.jsonl
-run NS --model "$WORK/N10" --data "$WORK/mixNS.jsonl" --lr 5e-4 --vision-lr 1e-4 --steps 300 --batch-size 32 \
-    --warmup-steps 20 --seed 0   # the suite's words 28% whole
+run NS --model "$WORK/N10" --data "$WORK/mixNS.jsonl" --train-vision --lr 5e-4 --vision-lr 1e-4 --steps 300 \
+    --batch-size 32 --warmup-steps 20 --seed 0   # the suite's words 28% whole
 
 # Y1: every task's lines (scripts/train_demo_decoder.sh's mixZ, drawn again) with the suite's words and strips
 every_task_sets y 141
 set_of y_text 149 6000 --only text
 joined st12.jsonl st9601 st9603
 mix mixY.jsonl 7 y_{suite,col,on,cnt,pr,vid,many,lone,text}/train.jsonl st12.jsonl:6000   # 55,000
-Y=(--data "$WORK/mixY.jsonl" --lr 7e-4 --vision-lr 5e-5 --steps 2400 --batch-size 16 --warmup-steps 50 --seed 0
-   --save-every 400)
+Y=(--data "$WORK/mixY.jsonl" --train-vision --lr 7e-4 --vision-lr 5e-5 --steps 2400 --batch-size 16
+   --warmup-steps 50 --seed 0 --save-every 400)
 run Y1 --model "$WORK/NS" "${Y[@]}" --stop-after 1085   # stopped by hand there; colours 13 of 100 at step 800
 run Y2 --model "$WORK/TS1t10" --init-random decoder "${Y[@]}" --stop-after 800   # the same from a new decoder
 
-# Y3: Z's recipe (mixZ's kinds alone, the tower frozen, 1e-3) on TS1t10 (colours 16 of 100 at step 600; Z 62)
+# Y3, Y3b: Z's recipe (mixZ's kinds alone, the tower frozen, 1e-3) on TS1's tower at rope_theta 10 and 10,000
+# (colours 16 and 22 of 100 at step 600; Z 62)
+cp -r "$WORK/TS1" "$WORK/TS1t10000"
 mix mixY0.jsonl 7 y_{suite,col,on,cnt,pr,vid,many,lone}/train.jsonl   # 43,000
-python -m qwen2vl train --output "$WORK/Y3" --model "$WORK/TS1t10" --init-random decoder --full \
-    --data "$WORK/mixY0.jsonl" --lr 1e-3 --steps 2400 --stop-after 600 --batch-size 16 --warmup-steps 50 \
-    --adam-beta2 0.95 --weight-decay 0.01 --seed 0 --device "$DEVICE" --log-every 25 --overwrite 2>&1 \
-    | tee "$WORK/Y3.log"   # Y3b: this with TS1t10000 (made below)
+Y3=(--init-random decoder --data "$WORK/mixY0.jsonl" --lr 1e-3 --steps 2400 --stop-after 600 --batch-size 16
+    --warmup-steps 50 --seed 0)
+run Y3 --model "$WORK/TS1t10" "${Y3[@]}"
+run Y3b --model "$WORK/TS1t10000" "${Y3[@]}"
 
 # C10, C10000: colours alone, a new decoder on TS1's frozen tower at rope_theta 10 and 10,000 (107 and 104 of 200)
-cp -r "$WORK/TS1" "$WORK/TS1t10000"
 set_of c_on 150 3000 --only color
 mix mixC.jsonl 3 y_col/train.jsonl c_on/train.jsonl
 for t in 10 10000; do
-    python -m qwen2vl train --output "$WORK/C$t" --model "$WORK/TS1t$t" --init-random decoder --full \
-        --data "$WORK/mixC.jsonl" --lr 1e-3 --steps 400 --batch-size 16 --warmup-steps 30 --adam-beta2 0.95 \
-        --weight-decay 0.01 --seed 0 --device "$DEVICE" --log-every 25 --overwrite 2>&1 | tee "$WORK/C$t.log"
+    run C$t --model "$WORK/TS1t$t" --init-random decoder --data "$WORK/mixC.jsonl" --lr 1e-3 --steps 400 \
+        --batch-size 16 --warmup-steps 30 --seed 0
 done
