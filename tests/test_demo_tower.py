@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from qwen2vl.demo import tower_cases
 from qwen2vl.demo.scenes import COLORS, SHAPES, TEXT_COLOR
 from qwen2vl.demo.tasks import DIRECTIONS, box_answer
-from qwen2vl.demo.tower import score, teach_tower
+from qwen2vl.demo.tower import drift, score, teach_tower
 from qwen2vl.demo.tower_cases import CHARS, SHAPE_CLASSES, SLOTS
 from qwen2vl.demo.tower_heads import Heads, iou, token_places
 from qwen2vl.hub import resolve_model_path
@@ -291,3 +291,33 @@ def test_heads_first_holds_the_kept_tower_still_for_those_steps_only():
         taught = teach_tower(DEMO, steps=2, batch_size=1, held_out=1, keep_tower=True, heads_first=heads_first,
                              log=lambda _: None).visual.state_dict()
         assert (not torch.equal(taught["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])) == moves
+
+
+def test_drift_is_the_squared_change_of_the_tokens_without_characters_over_their_old_norm():
+    processor = Processor.from_pretrained(DEMO)
+    case = tower_cases.KINDS["word"](random.Random(3), processor)
+    held = (case.chars == 0).all(-1)
+    assert held.any() and not held.all()
+    old = torch.randn(len(held), 8)
+    assert float(drift(old.clone(), old, case)) == 0.0
+    moved = old.clone()
+    moved[~held] += 100.0  # the characters' tokens may move freely
+    assert float(drift(moved, old, case)) == 0.0
+    moved[held] *= 1.5  # the rest: (0.5 |old|)^2 / |old|^2
+    assert float(drift(moved, old, case)) == pytest.approx(0.25)
+
+
+def test_the_anchor_holds_a_kept_towers_shape_tokens_and_needs_a_kept_tower():
+    with pytest.raises(ValueError, match="--keep-tower"):
+        teach_tower(DEMO, steps=1, batch_size=1, held_out=1, anchor_weight=1.0, log=lambda _: None)
+    processor = Processor.from_pretrained(DEMO)
+    case = tower_cases.KINDS["picture"](random.Random(9), processor)
+    base = Qwen2VL.from_pretrained(DEMO, dtype=torch.float32).visual
+    moved, lines = {}, []
+    for weight in (0.0, 1000.0):
+        tower = teach_tower(DEMO, steps=4, batch_size=2, held_out=1, keep_tower=True, anchor_weight=weight,
+                            mix={"picture": 1.0}, log=lines.append).visual.float()
+        with torch.no_grad():
+            moved[weight] = float(drift(tower(case.pixels, case.grid), base(case.pixels, case.grid), case))
+    assert "| drift " in lines[-1] and "| drift " not in lines[0]
+    assert 0 < moved[1000.0] < moved[0.0] / 2, moved

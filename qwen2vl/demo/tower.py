@@ -14,7 +14,14 @@ With `--box-weight W`, a fifth head must say, from the token holding a still sha
 shape's square lies (its edges in token units from the token's corner; mean squared error, times W);
 with `--digit-weight W`, a sixth, from the same token, that square's hundreds and tens digits as the grounding
 answer writes them (tower_heads.py). `--keep-tower` starts from BASE's tower instead of a fresh one, and
-`--heads-first N` lets only the heads learn for N steps first.
+`--heads-first N` lets only the heads learn for N steps first. With `--anchor-weight W` (and `--keep-tower`),
+every token that holds no character must stay what BASE's tower made of it (squared change over the old
+tokens' squared norm, times W), so that a tower taught glyphs keeps the shape tokens BASE's decoder reads.
+
+Why the anchor (docs/demo.md, "Every task on the reading decoder"): TS1, the shipped tower taught glyphs on
+strips, still named every shape to a probe, yet beside the other tasks a new decoder learnt colours from it at a
+quarter of the pace it learnt them from the shipped tower (16-22 of 100 after 600 steps against 62), and J2's
+decoder could not read G2's moved tower (colours 67 of 100).
 
 Why the box (docs/demo.md, "Where the boxes are lost"): no decoder's box is finer than its hundreds digit.
 The shipped tower's tokens hold where a shape's edges lie inside its token (a linear probe, the box head on the
@@ -40,6 +47,7 @@ after 1,000 steps of 16, 95% after 1,800 (measured with a version that cached 6,
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import random
 import time
@@ -83,16 +91,25 @@ class Lesson(torch.utils.data.Dataset):
         return Drawn.cat([draw(rng, self.processor, self.mix) for _ in range(self.batch_size)])
 
 
-def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float]:
+def drift(tokens: torch.Tensor, anchor: torch.Tensor, case: Drawn) -> torch.Tensor:
+    """The squared change of the tokens that hold no character, over their old squared norm."""
+    kept = (case.chars == 0).all(-1).to(tokens.device)
+    return ((tokens[kept].float() - anchor[kept]) ** 2).sum() / (anchor[kept] ** 2).sum().clamp(min=1e-9)
+
+
+def score(tower: nn.Module, heads: Heads, cases: list[Drawn], anchor: nn.Module | None = None) -> dict[str, float]:
     """Share of labelled shapes, motions and characters named right; tokens wrongly named a shape; the place
     head's R^2 over x and y of the tokens it is taught on; the box head's share of still shapes boxed at IoU >=
-    0.5 and its mean edge error in tokens; the digit head's share of hundreds and of tens digits right."""
-    right, held, false = [0, 0, 0], [0, 0, 0], 0
+    0.5 and its mean edge error in tokens; the digit head's share of hundreds and of tens digits right; with
+    `anchor` (BASE's tower), the mean drift of the tokens that hold no character."""
+    right, held, false, moved = [0, 0, 0], [0, 0, 0], 0, 0.0
     device = heads.shapes.weight.device
     guessed, true, boxes, true_boxes, digits = [], [], [], [], [0, 0, 0]
     with torch.no_grad():
         for case in cases:
             tokens = tower(case.pixels.to(device), case.grid)
+            if anchor is not None:
+                moved += float(drift(tokens, anchor(case.pixels.to(device), case.grid), case)) / len(cases)
             mask = placed_tokens(case)
             guessed.append(heads.place(tokens.float()).cpu()[mask])
             true.append(token_places(case.grid)[mask])
@@ -117,26 +134,30 @@ def score(tower: nn.Module, heads: Heads, cases: list[Drawn]) -> dict[str, float
     edge = float((boxes - true_boxes).abs().mean()) if len(boxes) else 0.0
     hundreds, tens = (d / max(digits[2], 1) for d in digits[:2])
     return {**named, "false shapes": false, "place R2": place, "boxed": boxed, "box error": edge,
-            "hundreds": hundreds, "tens": tens}
+            "hundreds": hundreds, "tens": tens, "drift": moved}
 
 
 def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_size: int = 16,
                 held_out: int = 100, device: str = "cpu", workers: int = 0, mix: dict[str, float] = MIX,
                 log=None, place_weight: float = 0.0, box_weight: float = 0.0,
                 keep_tower: bool = False, head_lr: float | None = None,
-                digit_weight: float = 0.0, heads_first: int = 0) -> Qwen2VL:
+                digit_weight: float = 0.0, heads_first: int = 0, anchor_weight: float = 0.0) -> Qwen2VL:
     """BASE's model with a fresh vision tower (BASE's own with `keep_tower`) trained on token labels for
     `steps` AdamW steps (warmup, then cosine to a tenth); cases drawn by `workers` processes ahead of the
     steps (0: between steps). The heads learn at `head_lr` (default `lr`): a kept tower's heads start from
     nothing while the tower does not, and the place head's bias alone has to travel ~0.5. For the first
     `heads_first` steps the tower's rate is 0 and only the heads learn: fresh heads' first gradients through a
-    kept tower unteach it (T8's and T9's held-out shapes named fell from ~95% to 1-18% in 50 steps)."""
+    kept tower unteach it (T8's and T9's held-out shapes named fell from ~95% to 1-18% in 50 steps).
+    `anchor_weight` (a kept tower only) holds the tokens without characters where BASE's tower put them."""
+    if anchor_weight and not keep_tower:
+        raise ValueError("--anchor-weight holds a kept tower's tokens: it needs --keep-tower")
     log = log or (lambda text: print(text, flush=True))
     torch.manual_seed(seed)
     processor = Processor.from_pretrained(base)
     model = Qwen2VL.from_pretrained(base, dtype=torch.float32, device=device)
     if not keep_tower:
         model.visual = random_model(base, device).visual
+    anchor = copy.deepcopy(model.visual).float().eval() if anchor_weight else None  # frozen, as loaded
     tower = model.visual.float().train().requires_grad_(True)  # a loaded model's weights come frozen
     heads = Heads(model.config.vision.hidden_size, device, place_weight, box_weight, digit_weight)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -154,7 +175,12 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
     lesson = in_order(Lesson(processor, steps, batch_size, seed, mix), workers, seed)
     start, every = time.time(), max(50, steps // 15)  # the held-out score costs ~a step per case
     for step, case in enumerate(lesson, 1):
-        loss = heads.loss(tower(case.pixels.to(device), case.grid), case)
+        tokens = tower(case.pixels.to(device), case.grid)
+        loss = heads.loss(tokens, case)
+        if anchor is not None:
+            with torch.no_grad():
+                old = anchor(case.pixels.to(device), case.grid).float()
+            loss = loss + anchor_weight * drift(tokens, old, case)
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -162,13 +188,15 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
         schedule.step()
         if step % every == 0 or step == steps:
             tower.eval()
-            named = score(tower, heads, held_out)
+            named = score(tower, heads, held_out, anchor)
             tower.train()
             place = f" | place R^2 {named['place R2']:.2f}" if place_weight else ""
             if box_weight:
                 place += f" | boxed {named['boxed']:.1%}, edges off {named['box error']:.2f} of a token"
             if digit_weight:
                 place += f" | box digits right: hundreds {named['hundreds']:.1%}, tens {named['tens']:.1%}"
+            if anchor is not None:
+                place += f" | drift {named['drift']:.4f}"
             log(f"step {step}/{steps} | loss {loss.item():.4f} | held-out shapes named {named['shapes']:.1%}, "
                 f"motions {named['motions']:.1%}, characters {named['chars']:.1%} | tokens wrongly named a "
                 f"shape {named['false shapes']}{place} | {time.time() - start:.0f} s")
@@ -193,6 +221,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heads-first", type=int, default=0, help="steps at the start in which only the heads "
                         "learn (the tower's rate 0; for --keep-tower)")
     parser.add_argument("--keep-tower", action="store_true", help="start from BASE's tower, not a fresh one")
+    parser.add_argument("--anchor-weight", type=float, default=0.0, help="weight of the squared change of the "
+                        "tokens without characters from BASE's tower's (for --keep-tower; default 0: left out)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--workers", type=int, default=0, help="processes drawing the next steps' cases")
     parser.add_argument("--mix", type=lambda text: parse_weights(text, KINDS, "kind"), default=MIX,
@@ -203,7 +233,8 @@ def main(argv=None) -> None:
     model = teach_tower(base, args.steps, args.seed, args.lr, args.batch_size, device=args.device,
                         workers=args.workers, mix=args.mix, place_weight=args.place_weight,
                         box_weight=args.box_weight, keep_tower=args.keep_tower, head_lr=args.head_lr,
-                        digit_weight=args.digit_weight, heads_first=args.heads_first)
+                        digit_weight=args.digit_weight, heads_first=args.heads_first,
+                        anchor_weight=args.anchor_weight)
     save_full(model, base, args.out, torch.bfloat16)
     print(args.out)
 
