@@ -1,5 +1,6 @@
 # Sourced by the CPU recipes after stage 9 (train_demo_tower.sh, train_demo_boxes.sh, train_demo_reading.sh,
-# train_demo_decoder.sh, train_demo_strips.sh): their mixes, their runs, sets and the E-runs' fresh lesson sets.
+# train_demo_decoder.sh, train_demo_strips.sh, train_demo_anchored.sh): their mixes, their runs, sets and the E-runs'
+# fresh lesson sets.
 # Reads WORK.
 
 mix() {  # OUT SEED FILE[:N]...: in WORK, qwen2vl.demo.mix (each FILE's lines, N of them if given, shuffled)
@@ -35,4 +36,14 @@ every_task_sets() {  # P SEED: a new decoder's every-task lines (mixZ's kinds), 
     set_of "${p}_vid" $((s + 5)) 3000 --only video
     set_of "${p}_many" $((s + 6)) 6000 --where 1-6
     set_of "${p}_lone" $((s + 7)) 4000 --where 1
+}
+rotary_copy() {  # FROM TO THETA: checkpoint FROM copied to TO with rope_theta THETA in its config (a new
+    # decoder's runs take their rotary base from there)
+    cp -r "$1" "$2"
+    python - "$2/config.json" "$3" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config["rope_theta"] = float(sys.argv[2])
+json.dump(config, open(sys.argv[1], "w"), indent=2)
+PY
 }

@@ -16,7 +16,7 @@ WORK=${1:-/tmp/qwen2vl-strips}
 DEVICE=${DEVICE:-cpu}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$WORK"
-source "$(dirname "$0")/demo_runs.sh"  # mix, set_of, every_task_sets
+source "$(dirname "$0")/demo_runs.sh"  # mix, set_of, every_task_sets, rotary_copy
 E=(--full --adam-beta2 0.95 --weight-decay 0.01 --device "$DEVICE")
 run() {  # NAME: the rest are qwen2vl train arguments (the tower frozen unless --train-vision)
     local name=$1
@@ -39,13 +39,7 @@ tower "$WORK/G1" G2 22 1200 16 word=1      # characters 44.3%, shapes 95.2%
 tower "$WORK/G2" TS1 31 1000 64 strip=6,word=1,picture=0.5   # characters 81.5%
 
 # N10: a new decoder whose rotary base is 10, not 10,000 (every other weight of TS1's config kept)
-cp -r "$WORK/TS1" "$WORK/TS1t10"
-python - "$WORK/TS1t10/config.json" <<'EOF'
-import json, sys
-config = json.load(open(sys.argv[1]))
-config["rope_theta"] = 10.0
-json.dump(config, open(sys.argv[1], "w"), indent=2)
-EOF
+rotary_copy "$WORK/TS1" "$WORK/TS1t10" 10
 for s in 9601 9603 9604; do set_of st$s $s 20000 --words 3-6 --strip; done
 joined st123.jsonl st9601 st9603 st9604
 run N10 --model "$WORK/TS1t10" --init-random decoder --data "$WORK/st123.jsonl" --train-vision --lr 1e-3 \
