@@ -32,7 +32,8 @@ for s in 9601 9603; do sed "s#\"img/#\"st$s/img/#g" "$WORK/st$s/train.jsonl"; do
 mix mixY.jsonl 7 y_{suite,col,on,cnt,pr,vid,many,lone,text}/train.jsonl st12.jsonl:6000   # 55,000
 mix mixK.jsonl 8 mixY0.jsonl:20000 y_text/train.jsonl st12.jsonl:14000   # 40,000, half of them reading
 
-run K1 "${E[@]}" --model "$WORK/TK" --data "$WORK/mixK.jsonl" --lr 5e-4 --steps 1200 --warmup-steps 30 --save-every 400  # reads nothing
+run K1 "${E[@]}" --model "$WORK/TK" --data "$WORK/mixK.jsonl" --lr 5e-4 --steps 1200 --warmup-steps 30 \
+    --save-every 400  # reads nothing
 
 rotary_copy "$WORK/TK" "$WORK/TKt10" 10
 Z=("${E[@]}" --init-random decoder --lr 1e-3 --steps 2400 --stop-after 600 --warmup-steps 50)
