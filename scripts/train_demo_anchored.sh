@@ -4,12 +4,13 @@
 # held where the shipped tower put it (`--anchor-weight`); then K1, J2's decoder taught on TK's frozen tower (every
 # task's lines, the suite's words and strips, half of them reading); K2, Y2's lines from a new decoder at
 # rope_theta 10 on TK; Z0, Z's recipe (scripts/train_demo_decoder.sh) on fresh sets from the shipped demo; K3, Z0
-# on TK; K4, K3 at rope_theta 10. Not shipped: the demo stays J2.
+# on TK; K4, K3 at rope_theta 10; K5 and K6, strips alone from a new decoder on TK at 10,000 and 10. Not shipped:
+# the demo stays J2.
 #
 #   scripts/train_demo_anchored.sh WORK_DIR    # DEVICE=cuda on a GPU
 #
 # Where it ran (2 vCPUs of an AMD Zen 5, bf16, 2026-12-07; minutes): TK 54, K1 15.6, K2 9.5, Z0 11, K3 11,
-# K4 15 (the test suites beside it).
+# K4 15 (the test suites beside it), K5 and K6 4.5 each.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-anchored}
 DEVICE=${DEVICE:-cpu}
@@ -41,3 +42,10 @@ run K2 --model "$WORK/TKt10" --data "$WORK/mixY.jsonl" "${Z[@]}"
 run Z0 --model demo --data "$WORK/mixY0.jsonl" "${Z[@]}"
 run K3 --model "$WORK/TK" --data "$WORK/mixY0.jsonl" "${Z[@]}"     # colours 57 of 100 (Z0 49)
 run K4 --model "$WORK/TKt10" --data "$WORK/mixY0.jsonl" "${Z[@]}"   # colours 19: the base of 10 slows them
+
+# K5, K6: strips alone, a new decoder on TK's frozen tower at 10,000 and 10 (21.1% and 24.9% of characters in place;
+# the last --batch-size given counts)
+S=("${E[@]}" --init-random decoder --data "$WORK/st12.jsonl" --lr 1e-3 --steps 1000 --stop-after 500 --batch-size 32
+   --warmup-steps 30)
+run K5 --model "$WORK/TK" "${S[@]}"
+run K6 --model "$WORK/TKt10" "${S[@]}"
