@@ -4,13 +4,13 @@
 # held where the shipped tower put it (`--anchor-weight`); then K1, J2's decoder taught on TK's frozen tower (every
 # task's lines, the suite's words and strips, half of them reading); K2, Y2's lines from a new decoder at
 # rope_theta 10 on TK; Z0, Z's recipe (scripts/train_demo_decoder.sh) on fresh sets from the shipped demo; K3, Z0
-# on TK; K4, K3 at rope_theta 10; K5 and K6, strips alone from a new decoder on TK at 10,000 and 10. Not shipped:
-# the demo stays J2.
+# on TK; K4, K3 at rope_theta 10; K5 and K6, strips alone from a new decoder on TK at 10,000 and 10; K7, K5 then
+# every task's lines. Not shipped: the demo stays J2.
 #
 #   scripts/train_demo_anchored.sh WORK_DIR    # DEVICE=cuda on a GPU
 #
 # Where it ran (2 vCPUs of an AMD Zen 5, bf16, 2026-12-07; minutes): TK 54, K1 15.6, K2 9.5, Z0 11, K3 11,
-# K4 15 (the test suites beside it), K5 and K6 4.5 each.
+# K4 15 (the test suites beside it), K5 and K6 4.5 each, K7 10.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-anchored}
 DEVICE=${DEVICE:-cpu}
@@ -49,3 +49,6 @@ S=("${E[@]}" --init-random decoder --data "$WORK/st12.jsonl" --lr 1e-3 --steps 1
    --warmup-steps 30)
 run K5 --model "$WORK/TK" "${S[@]}"
 run K6 --model "$WORK/TKt10" "${S[@]}"
+
+# K7: K5, then every task's lines with the reading lines (colours 47, videos 95 of 100; strips 7.9% in place)
+run K7 "${E[@]}" --model "$WORK/K5" --data "$WORK/mixY.jsonl" --lr 1e-3 --steps 2400 --stop-after 600 --warmup-steps 50
