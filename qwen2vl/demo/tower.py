@@ -96,22 +96,23 @@ class Lesson(torch.utils.data.Dataset):
 def drift(tokens: torch.Tensor, anchor: torch.Tensor, case: Drawn) -> torch.Tensor:
     """The squared change of the tokens that hold no character, over their old squared norm."""
     kept = (case.chars == 0).all(-1).to(tokens.device)
-    return ((tokens[kept].float() - anchor[kept]) ** 2).sum() / (anchor[kept] ** 2).sum().clamp(min=1e-9)
+    return ((tokens[kept] - anchor[kept]) ** 2).sum() / (anchor[kept] ** 2).sum().clamp(min=1e-9)
 
 
-def score(tower: nn.Module, heads: Heads, cases: list[Drawn], anchor: nn.Module | None = None) -> dict[str, float]:
+def score(tower: nn.Module, heads: Heads, cases: list[Drawn],
+          anchored: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Share of labelled shapes, motions and characters named right; tokens wrongly named a shape; the place
     head's R^2 over x and y of the tokens it is taught on; the box head's share of still shapes boxed at IoU >=
     0.5 and its mean edge error in tokens; the digit head's share of hundreds and of tens digits right; with
-    `anchor` (BASE's tower), the mean drift of the tokens that hold no character."""
+    `anchored` (each case's tokens from BASE's tower), the mean drift of the tokens that hold no character."""
     right, held, false, moved = [0, 0, 0], [0, 0, 0], 0, 0.0
     device = heads.shapes.weight.device
     guessed, true, boxes, true_boxes, digits = [], [], [], [], [0, 0, 0]
     with torch.no_grad():
-        for case in cases:
+        for i, case in enumerate(cases):
             tokens = tower(case.pixels.to(device), case.grid)
-            if anchor is not None:
-                moved += float(drift(tokens, anchor(case.pixels.to(device), case.grid), case)) / len(cases)
+            if anchored is not None:
+                moved += float(drift(tokens, anchored[i], case)) / len(cases)
             mask = placed_tokens(case)
             guessed.append(heads.place(tokens.float()).cpu()[mask])
             true.append(token_places(case.grid)[mask])
@@ -174,6 +175,10 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [rate(heads_first), rate(0)])
     held_out = [draw(random.Random(f"held-out {seed} {i}"), processor, mix) for i in range(held_out)]
+    anchored = None  # the held-out cases' tokens from the frozen BASE tower: the same at every score
+    if anchor is not None:
+        with torch.no_grad():
+            anchored = [anchor(case.pixels.to(device), case.grid) for case in held_out]
     lesson = in_order(Lesson(processor, steps, batch_size, seed, mix), workers, seed)
     start, every = time.time(), max(50, steps // 15)  # the held-out score costs ~a step per case
     for step, case in enumerate(lesson, 1):
@@ -181,7 +186,7 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
         loss = heads.loss(tokens, case)
         if anchor is not None:
             with torch.no_grad():
-                old = anchor(case.pixels.to(device), case.grid).float()
+                old = anchor(case.pixels.to(device), case.grid)
             loss = loss + anchor_weight * drift(tokens, old, case)
         optimizer.zero_grad()
         loss.backward()
@@ -190,7 +195,7 @@ def teach_tower(base: Path, steps: int, seed: int = 5, lr: float = 1e-3, batch_s
         schedule.step()
         if step % every == 0 or step == steps:
             tower.eval()
-            named = score(tower, heads, held_out, anchor)
+            named = score(tower, heads, held_out, anchored)
             tower.train()
             place = f" | place R^2 {named['place R2']:.2f}" if place_weight else ""
             if box_weight:
