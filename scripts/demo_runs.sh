@@ -37,6 +37,11 @@ every_task_sets() {  # P SEED: a new decoder's every-task lines (mixZ's kinds), 
     set_of "${p}_many" $((s + 6)) 6000 --where 1-6
     set_of "${p}_lone" $((s + 7)) 4000 --where 1
 }
+joined() {  # OUT SET...: the sets' lines one after another, as trained (the trainer shuffles them)
+    local out=$1
+    shift
+    for s in "$@"; do sed "s#\"img/#\"$s/img/#g" "$WORK/$s/train.jsonl"; done > "$WORK/$out"
+}
 rotary_copy() {  # FROM TO THETA: checkpoint FROM copied to TO with rope_theta THETA in its config (a new
     # decoder's runs take their rotary base from there)
     cp -r "$1" "$2"

@@ -16,7 +16,7 @@ WORK=${1:-/tmp/qwen2vl-anchored}
 DEVICE=${DEVICE:-cpu}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$WORK"
-source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, every_task_sets, rotary_copy
+source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, every_task_sets, joined, rotary_copy
 E=(--batch-size 16 --adam-beta2 0.95 --weight-decay 0.01 --seed 0 --device "$DEVICE")  # every run (the tower frozen)
 
 # TK: characters 56.2% of held-out ones named, shapes ~91%, the held tokens' drift 0.0146 at the end
@@ -29,7 +29,7 @@ every_task_sets y 141
 mix mixY0.jsonl 7 y_{suite,col,on,cnt,pr,vid,many,lone}/train.jsonl   # 43,000
 set_of y_text 149 6000 --only text
 for s in 9601 9603; do set_of st$s $s 20000 --words 3-6 --strip; done
-for s in 9601 9603; do sed "s#\"img/#\"st$s/img/#g" "$WORK/st$s/train.jsonl"; done > "$WORK/st12.jsonl"
+joined st12.jsonl st9601 st9603
 mix mixY.jsonl 7 y_{suite,col,on,cnt,pr,vid,many,lone,text}/train.jsonl st12.jsonl:6000   # 55,000
 mix mixK.jsonl 8 mixY0.jsonl:20000 y_text/train.jsonl st12.jsonl:14000   # 40,000, half of them reading
 
