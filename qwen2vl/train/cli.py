@@ -45,14 +45,14 @@ def _targets(text: str) -> list[str]:
 
 
 def _token_ids(text: str) -> list[int]:
-    """'3,7,10-12' -> [3, 7, 10, 11, 12]."""
+    """'3,7,10-12' -> [3, 7, 10, 11, 12] (token ids, or layer numbers)."""
     ids = []
     try:
         for part in (t.strip() for t in text.split(",") if t.strip()):
             lo, _, hi = part.partition("-")
             ids += range(int(lo), int(hi or lo) + 1)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected token ids and ranges such as 3,7,10-12, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected numbers and ranges such as 3,7,10-12, got {text!r}") from None
     if not ids:
         raise argparse.ArgumentTypeError("no token ids given")
     return ids
@@ -70,6 +70,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--full", action="store_true", help="train every decoder weight (default: a LoRA adapter)")
     m.add_argument("--train-vision", action="store_true", help="with --full: train the vision tower too "
                    "(default: frozen)")
+    m.add_argument("--train-layers", type=_token_ids, metavar="LAYERS", help="with --full: train only these "
+                   "decoder layers (numbers and ranges: 4,5 or 4-5), every other weight frozen (new layers on top "
+                   "of a trained decoder: python -m qwen2vl.demo.grow)")
     m.add_argument("--train-tokens", type=_token_ids, metavar="IDS", help="train these tokens' rows of the "
                    "embedding (ids and ranges: 3,7,10-12): new tokens, or tokens the model never saw. With LoRA, "
                    "beside the adapter and saved in it (PEFT's trainable_token_indices; a tied head uses them "
@@ -147,6 +150,11 @@ def config_from_args(args):
         raise ValueError("--train-vision needs --full (a LoRA adapter covers the decoder's linears only)")
     if args.init_random and not args.full:
         raise ValueError("--init-random needs --full (an adapter on random weights learns nothing useful)")
+    if args.train_layers and not args.full:
+        raise ValueError("--train-layers needs --full (a LoRA adapter already trains only what it adds)")
+    if args.train_layers and (args.train_tokens or args.train_vision or args.init_random):
+        raise ValueError("--train-layers trains those decoder layers and nothing else: no --train-tokens, "
+                         "--train-vision or --init-random")
     if args.token_lr is not None and not args.train_tokens:
         raise ValueError("--token-lr needs --train-tokens (the rows it sets the rate of)")
     if args.vision_lr is not None and not args.train_vision:
@@ -165,7 +173,8 @@ def config_from_args(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return TrainConfig(
         model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, full=args.full,
-        train_vision=args.train_vision, train_tokens=args.train_tokens, init_random=args.init_random or "",
+        train_vision=args.train_vision, train_layers=args.train_layers, train_tokens=args.train_tokens,
+        init_random=args.init_random or "",
         lora_rank=rank, lora_alpha=args.lora_alpha or 2.0 * rank,
         lora_dropout=0.05 if args.lora_dropout is None else args.lora_dropout,
         lora_targets=args.lora_targets or list(DECODER_LINEARS), loraplus_ratio=args.loraplus_ratio,

@@ -41,6 +41,7 @@ class TrainConfig:
     eval_data: str | None = None
     full: bool = False  # else LoRA
     train_vision: bool = False
+    train_layers: list[int] | None = None  # with full: only these decoder layers trained
     train_tokens: list[int] | None = None  # these rows of the embedding trained (beside LoRA, or alone: full)
     init_random: str = ""  # "all": random weights; "decoder": the checkpoint's vision tower, a new decoder
     init_vision_scale: float = 1.0  # with init_random: the merger's output layer scaled by this
@@ -78,8 +79,9 @@ class TrainConfig:
 
     def resumable_settings(self) -> dict:
         """What a resumed run must keep (the data order and the trained tensors depend on it)."""
-        keep = ("data", "full", "train_vision", "train_tokens", "lora_rank", "lora_alpha", "lora_targets",
-                "loraplus_ratio", "batch_size", "grad_accum", "seed", "max_length", "min_pixels", "max_pixels")
+        keep = ("data", "full", "train_vision", "train_layers", "train_tokens", "lora_rank", "lora_alpha",
+                "lora_targets", "loraplus_ratio", "batch_size", "grad_accum", "seed", "max_length", "min_pixels",
+                "max_pixels")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -108,7 +110,8 @@ def train(cfg: TrainConfig, log=print, objective=loss_sum) -> Path:
     model = load_for_training(folder, dtype=DTYPES[dtype], device=cfg.device, full=cfg.full,
                               train_vision=cfg.train_vision, init_random=cfg.init_random,
                               init_vision_scale=cfg.init_vision_scale, lora=lora,
-                              gradient_checkpointing=cfg.gradient_checkpointing, train_tokens=cfg.train_tokens)
+                              gradient_checkpointing=cfg.gradient_checkpointing, train_tokens=cfg.train_tokens,
+                              train_layers=cfg.train_layers)
     params = trainable_parameters(model)
     lr = cfg.lr or (1e-5 if cfg.full else 1e-4)
     groups = []
@@ -148,6 +151,8 @@ def train(cfg: TrainConfig, log=print, objective=loss_sum) -> Path:
         what = f"a LoRA adapter and {token_rows}" if cfg.train_tokens else "a LoRA adapter"
     elif cfg.train_tokens:
         what = token_rows
+    elif cfg.train_layers:
+        what = "decoder layers " + ", ".join(map(str, cfg.train_layers))
     else:
         what = "the whole model" if cfg.train_vision else "the decoder"
     cut = f", stopping after step {stop}" if stop < total else ""

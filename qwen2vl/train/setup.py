@@ -4,6 +4,8 @@ is trained chosen and put in float32 (master weights), the rest frozen in the ru
 - LoRA (the default): every base weight frozen, LoRA A/B on the chosen decoder linears trained.
 - full (`--full`): the decoder, its embeddings and head trained; the vision tower too with
   `--train-vision` (else frozen: its features are already good, and it is a third of the 2B).
+- some layers (`--full --train-layers 4,5`): only those decoder layers trained, everything else frozen (new
+  layers on top of a trained decoder, qwen2vl/demo/grow.py, learn while the layers below keep every answer).
 - some tokens (`--full --train-tokens IDS`): only those tokens' rows of the embedding (and of an untied
   head) trained, every other weight frozen (new tokens, or tokens the model never saw in training); the
   whole embedding stays one tensor (a gradient mask), as the full checkpoint it is written into.
@@ -30,10 +32,12 @@ from qwen2vl.train.step import checkpoint_layers
 
 def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, train_vision: bool,
                       init_random: str = "", init_vision_scale: float = 1.0, lora: dict | None = None,
-                      gradient_checkpointing: bool = False, train_tokens: list[int] | None = None) -> Qwen2VL:
+                      gradient_checkpointing: bool = False, train_tokens: list[int] | None = None,
+                      train_layers: list[int] | None = None) -> Qwen2VL:
     """`lora`: {targets, rank, alpha, dropout} for LoRA runs (None with full=True); `train_tokens`: with
-    full=True, train only these rows of the embedding and head; `init_random`: "all" (random weights) or
-    "decoder" (the folder's vision tower, a new decoder)."""
+    full=True, train only these rows of the embedding and head; `train_layers`: with full=True, train only
+    these decoder layers; `init_random`: "all" (random weights) or "decoder" (the folder's vision tower, a new
+    decoder)."""
     if init_random == "all":
         model = random_model(folder, device, vision_scale=init_vision_scale)
     elif init_random == "decoder":
@@ -47,6 +51,8 @@ def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, t
         train_rows(model, train_tokens)
     elif full:
         trained = [model.model, model.lm_head] + ([model.visual] if train_vision else [])
+        if train_layers:
+            trained = [_decoder_layer(model, i) for i in train_layers]
         for module in trained:
             for p in module.parameters():
                 p.data = p.data.float()
@@ -61,6 +67,13 @@ def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, t
         if full and train_vision:
             checkpoint_layers(model.visual.blocks)
     return model.train()
+
+
+def _decoder_layer(model: Qwen2VL, index: int) -> nn.Module:
+    layers = model.model.layers
+    if not 0 <= index < len(layers):
+        raise ValueError(f"--train-layers: the decoder has layers 0-{len(layers) - 1}, not {index}")
+    return layers[index]
 
 
 def train_rows(model: Qwen2VL, ids: list[int]) -> None:
