@@ -52,3 +52,15 @@ config["rope_theta"] = float(sys.argv[2])
 json.dump(config, open(sys.argv[1], "w"), indent=2)
 PY
 }
+with_tower() {  # FROM TOWER TO: checkpoint FROM copied to TO with TOWER's vision weights (a decoder on another tower)
+    cp -r "$1" "$3" && rm -rf "$3"/checkpoint-*
+    python - "$3" "$2" <<'PY'
+import sys
+from safetensors.torch import load_file, save_file
+out, tower = sys.argv[1], sys.argv[2]
+weights, vision = load_file(f"{out}/model.safetensors"), load_file(f"{tower}/model.safetensors")
+assert {k for k in weights if k.startswith("visual.")} == {k for k in vision if k.startswith("visual.")}
+weights.update({k: t for k, t in vision.items() if k.startswith("visual.")})
+save_file(weights, f"{out}/model.safetensors", metadata={"format": "pt"})
+PY
+}

@@ -5,18 +5,21 @@
 # task's lines, the suite's words and strips, half of them reading); K2, Y2's lines from a new decoder at
 # rope_theta 10 on TK; Z0, Z's recipe (scripts/train_demo_decoder.sh) on fresh sets from the shipped demo; K3, Z0
 # on TK; K4, K3 at rope_theta 10; K5 and K6, strips alone from a new decoder on TK at 10,000 and 10; K7, K5 then
-# every task's lines. Not shipped: the demo stays J2.
+# every task's lines, and K7b, K7 on; U1-U4, new decoder layers around J2's (qwen2vl.demo.grow), trained alone;
+# TK2, TK taught on (anchored to TK); K7c and K7c0, K7b's decoder 600 steps on TK2 and on TK.
+# Not shipped: the demo stays J2.
 #
 #   scripts/train_demo_anchored.sh WORK_DIR    # DEVICE=cuda on a GPU
 #
 # Where it ran (2 vCPUs of an AMD Zen 5, bf16, 2026-12-07; minutes): TK 54, K1 15.6, K2 9.5, Z0 11, K3 11,
-# K4 15 (the test suites beside it), K5 and K6 4.5 each, K7 10.
+# K4 15 (the test suites beside it), K5 and K6 4.5 each, K7 10; K7b 22, U1 12.5, U2-U4 4-4.5 each, TK2 29, K7c 9
+# and K7c0 9.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-anchored}
 DEVICE=${DEVICE:-cpu}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$WORK"
-source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, every_task_sets, joined, rotary_copy
+source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, every_task_sets, joined, rotary_copy, with_tower
 E=(--batch-size 16 --adam-beta2 0.95 --weight-decay 0.01 --seed 0 --device "$DEVICE")  # every run (the tower frozen)
 
 # TK: characters 56.2% of held-out ones named, shapes ~91%, the held tokens' drift 0.0146 at the end
@@ -52,3 +55,28 @@ run K6 --model "$WORK/TKt10" "${S[@]}"
 
 # K7: K5, then every task's lines with the reading lines (colours 47, videos 95 of 100; strips 7.9% in place)
 run K7 "${E[@]}" --model "$WORK/K5" --data "$WORK/mixY.jsonl" --lr 1e-3 --steps 2400 --stop-after 600 --warmup-steps 50
+
+# K7b: K7 on to a whole schedule's length (1,800 more steps from about its rate at step 600, 21 min)
+run K7b "${E[@]}" --model "$WORK/K7" --data "$WORK/mixY.jsonl" --lr 8.5e-4 --steps 1800 --warmup-steps 20 --seed 1 \
+    --save-every 600
+
+# U1-U4: new decoder layers around J2's on TK (python -m qwen2vl.demo.grow), trained alone: none reads
+python -m qwen2vl.demo.grow "$WORK/TK" "$WORK/TKg2" --layers 2
+python -m qwen2vl.demo.grow "$WORK/TK" "$WORK/TKg4" --layers 4
+python -m qwen2vl.demo.grow "$WORK/TK" "$WORK/TKb2" --layers 2 --below
+run U1 "${E[@]}" --model "$WORK/TKg2" --train-layers 4,5 --data "$WORK/mixK.jsonl" --lr 1e-3 --steps 1500 \
+    --warmup-steps 30 --save-every 500
+U=("${E[@]}" --data "$WORK/st12.jsonl" --lr 1e-3 --steps 1000 --stop-after 500 --batch-size 32 --warmup-steps 30)
+run U2 --model "$WORK/TKg2" --train-layers 4,5 "${U[@]}"
+run U3 --model "$WORK/TKg4" --train-layers 4-7 "${U[@]}"
+run U4 --model "$WORK/TKb2" --train-layers 0,1 "${U[@]}"
+
+# TK2: TK's glyphs taught on, its tokens the anchor (held-out characters 62.8%; J2's decoder on it 97, 90, 98, 96)
+python -m qwen2vl.demo.tower "$WORK/TK" "$WORK/TK2" --keep-tower --anchor-weight 10 --seed 43 --steps 800 \
+    --batch-size 64 --mix strip=6,word=1,picture=1,video=0.5 --lr 7e-4 --head-lr 1e-2 --heads-first 50 \
+    --device "$DEVICE" 2>&1 | tee "$WORK/TK2.log"
+# K7c: K7b's decoder on TK2's tower, 600 steps on; K7c0 the same on TK
+with_tower "$WORK/K7b" "$WORK/TK2" "$WORK/K7bT2"
+C=("${E[@]}" --data "$WORK/mixY.jsonl" --lr 5e-4 --steps 600 --warmup-steps 20 --seed 2)
+run K7c --model "$WORK/K7bT2" "${C[@]}"
+run K7c0 --model "$WORK/K7b" "${C[@]}"

@@ -54,7 +54,7 @@ def _token_ids(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers and ranges such as 3,7,10-12, got {text!r}") from None
     if not ids:
-        raise argparse.ArgumentTypeError("no token ids given")
+        raise argparse.ArgumentTypeError("no numbers given")
     return ids
 
 

@@ -51,7 +51,8 @@ def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, t
         train_rows(model, train_tokens)
     elif full:
         trained = [model.model, model.lm_head] + ([model.visual] if train_vision else [])
-        if train_layers:
+        if train_layers:  # nothing else (the CLI refuses --train-vision beside it)
+            assert not train_vision
             trained = [_decoder_layer(model, i) for i in train_layers]
         for module in trained:
             for p in module.parameters():
