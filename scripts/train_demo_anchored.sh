@@ -6,14 +6,14 @@
 # rope_theta 10 on TK; Z0, Z's recipe (scripts/train_demo_decoder.sh) on fresh sets from the shipped demo; K3, Z0
 # on TK; K4, K3 at rope_theta 10; K5 and K6, strips alone from a new decoder on TK at 10,000 and 10; K7, K5 then
 # every task's lines, and K7b, K7 on; U1-U4, new decoder layers around J2's (qwen2vl.demo.grow), trained alone;
-# TK2, TK taught on (anchored to TK); K7c and K7c0, K7b's decoder 600 steps on TK2 and on TK.
+# TK2, TK taught on (anchored to TK); K7c and K7c0, K7b's decoder 600 steps on TK2 and on TK; K7d, K7c0 on.
 # Not shipped: the demo stays J2.
 #
 #   scripts/train_demo_anchored.sh WORK_DIR    # DEVICE=cuda on a GPU
 #
 # Where it ran (2 vCPUs of an AMD Zen 5, bf16, 2026-12-07; minutes): TK 54, K1 15.6, K2 9.5, Z0 11, K3 11,
 # K4 15 (the test suites beside it), K5 and K6 4.5 each, K7 10; K7b 22, U1 12.5, U2-U4 4-4.5 each, TK2 29, K7c 9
-# and K7c0 9.
+# and K7c0 9, K7d 16.5.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-anchored}
 DEVICE=${DEVICE:-cpu}
@@ -80,3 +80,5 @@ with_tower "$WORK/K7b" "$WORK/TK2" "$WORK/K7bT2"
 C=("${E[@]}" --data "$WORK/mixY.jsonl" --lr 5e-4 --steps 600 --warmup-steps 20 --seed 2)
 run K7c --model "$WORK/K7bT2" "${C[@]}"
 run K7c0 --model "$WORK/K7b" "${C[@]}"
+# K7d: K7c0 on (colours 98, counts 78, videos 100, pairs 94 of 100; strips 30.5% in place)
+run K7d "${E[@]}" --model "$WORK/K7c0" --data "$WORK/mixY.jsonl" --lr 5e-4 --steps 1200 --warmup-steps 20 --seed 3
