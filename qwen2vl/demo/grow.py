@@ -27,7 +27,7 @@ from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.hub import resolve_model_path
 from qwen2vl.model import Qwen2VL
 from qwen2vl.train.checkpoint import save_full
-from qwen2vl.train.setup import _initialise, _initializer_range
+from qwen2vl.train.setup import initialise, initializer_range, tie_head
 
 
 def grow(base: Path, out: Path, layers: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
@@ -41,14 +41,11 @@ def grow(base: Path, out: Path, layers: int, seed: int = 0, dtype: torch.dtype =
         for key in ("num_hidden_layers", "max_window_layers"):  # no sliding window in any layer, as in the base
             if key in text:
                 text[key] = first + layers
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    with torch.device("cpu"):
-        model = Qwen2VL(Qwen2VLConfig.from_pretrained(out))
+    model = Qwen2VL(Qwen2VLConfig.from_dict(raw))  # on the CPU, float32
     torch.manual_seed(seed)
-    new = range(layers) if below else range(first, first + layers)
+    new, std = (range(layers) if below else range(first, first + layers)), initializer_range(base)
     for layer in (model.model.layers[i] for i in new):
-        _initialise(layer, _initializer_range(base))
+        initialise(layer, std)
         torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
         torch.nn.init.zeros_(layer.mlp.down_proj.weight)
     state = old.state_dict()
@@ -57,11 +54,9 @@ def grow(base: Path, out: Path, layers: int, seed: int = 0, dtype: torch.dtype =
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith(tuple(f"model.layers.{i}." for i in new)) for k in missing), (
         missing, unexpected)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    config_text = (out / "config.json").read_text()
-    save_full(model, base, out, dtype)  # copies BASE's side files, its config.json among them
-    (out / "config.json").write_text(config_text)
+    tie_head(model)
+    save_full(model, base, out, dtype)  # copies BASE's side files, its config.json among them: replaced below
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return out
 
 

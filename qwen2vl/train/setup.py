@@ -50,10 +50,11 @@ def load_for_training(folder: Path, *, dtype: torch.dtype, device, full: bool, t
     if full and train_tokens:
         train_rows(model, train_tokens)
     elif full:
-        trained = [model.model, model.lm_head] + ([model.visual] if train_vision else [])
         if train_layers:  # nothing else (the CLI refuses --train-vision beside it)
             assert not train_vision
             trained = [_decoder_layer(model, i) for i in train_layers]
+        else:
+            trained = [model.model, model.lm_head] + ([model.visual] if train_vision else [])
         for module in trained:
             for p in module.parameters():
                 p.data = p.data.float()
@@ -112,11 +113,11 @@ def random_model(folder: Path, device, vision_scale: float = 1.0) -> Qwen2VL:
     has any, are not read. `vision_scale` scales the vision merger's output layer."""
     with torch.device(device):
         model = Qwen2VL(Qwen2VLConfig.from_pretrained(folder))
-    _initialise(model, _initializer_range(folder))
+    initialise(model, initializer_range(folder))
     if vision_scale != 1.0:  # visual features start near the text embeddings' size (a from-scratch run)
         with torch.no_grad():
             model.visual.merger.mlp[-1].weight.mul_(vision_scale)
-    _tie(model)
+    tie_head(model)
     return model
 
 
@@ -124,24 +125,24 @@ def random_decoder(folder: Path, device) -> Qwen2VL:
     """`folder`'s checkpoint with its vision tower kept and the decoder, embeddings and head initialised as
     random_model does: a new decoder taught to read a trained tower."""
     model = Qwen2VL.from_pretrained(folder, dtype=torch.float32, device=device)
-    std = _initializer_range(folder)
-    _initialise(model.model, std)
-    _initialise(model.lm_head, std)
-    _tie(model)
+    std = initializer_range(folder)
+    initialise(model.model, std)
+    initialise(model.lm_head, std)
+    tie_head(model)
     return model
 
 
-def _tie(model: Qwen2VL) -> None:
+def tie_head(model: Qwen2VL) -> None:
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def _initializer_range(folder: Path) -> float:
+def initializer_range(folder: Path) -> float:
     raw = json.loads((Path(folder) / "config.json").read_text())
     return raw.get("initializer_range") or (raw.get("text_config") or {}).get("initializer_range") or 0.02
 
 
-def _initialise(root: nn.Module, std: float) -> None:
+def initialise(root: nn.Module, std: float) -> None:
     """transformers' initialisation of every module under `root`."""
     for module in root.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
