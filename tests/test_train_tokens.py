@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen2vl.processing.tokenizer import Tokenizer
-from qwen2vl.train.cli import _token_ids
+from qwen2vl.train.cli import _numbers
 from qwen2vl.train.loop import TrainConfig, train
 from tests.helpers.training import model_folder, sample_rows, write_jsonl
 
@@ -66,8 +66,8 @@ def test_full_train_tokens_refuses_weight_decay_and_vision(setup):
         train(TrainConfig(**{**base, "train_tokens": [3, 151936]}, full=True), log=lambda _: None)
 
 
-def test_token_ids_take_lists_and_ranges():
-    assert _token_ids("3, 7,10-12") == [3, 7, 10, 11, 12]
+def test_numbers_take_lists_and_ranges():
+    assert _numbers("3, 7,10-12") == [3, 7, 10, 11, 12]
     for bad in ("", "a", "3-b", ","):
         with pytest.raises(argparse.ArgumentTypeError):
-            _token_ids(bad)
+            _numbers(bad)

@@ -44,8 +44,8 @@ def _targets(text: str) -> list[str]:
     return names
 
 
-def _token_ids(text: str) -> list[int]:
-    """'3,7,10-12' -> [3, 7, 10, 11, 12] (token ids, or layer numbers)."""
+def _numbers(text: str) -> list[int]:
+    """'3,7,10-12' -> [3, 7, 10, 11, 12]: --train-tokens' ids and --train-layers' layers."""
     ids = []
     try:
         for part in (t.strip() for t in text.split(",") if t.strip()):
@@ -70,10 +70,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--full", action="store_true", help="train every decoder weight (default: a LoRA adapter)")
     m.add_argument("--train-vision", action="store_true", help="with --full: train the vision tower too "
                    "(default: frozen)")
-    m.add_argument("--train-layers", type=_token_ids, metavar="LAYERS", help="with --full: train only these "
+    m.add_argument("--train-layers", type=_numbers, metavar="LAYERS", help="with --full: train only these "
                    "decoder layers (numbers and ranges: 4,5 or 4-5), every other weight frozen (new layers on top "
                    "of a trained decoder: python -m qwen2vl.demo.grow)")
-    m.add_argument("--train-tokens", type=_token_ids, metavar="IDS", help="train these tokens' rows of the "
+    m.add_argument("--train-tokens", type=_numbers, metavar="IDS", help="train these tokens' rows of the "
                    "embedding (ids and ranges: 3,7,10-12): new tokens, or tokens the model never saw. With LoRA, "
                    "beside the adapter and saved in it (PEFT's trainable_token_indices; a tied head uses them "
                    "too); with --full, only them (and an untied head's), every other weight frozen")
