@@ -6,14 +6,16 @@
 # rope_theta 10 on TK; Z0, Z's recipe (scripts/train_demo_decoder.sh) on fresh sets from the shipped demo; K3, Z0
 # on TK; K4, K3 at rope_theta 10; K5 and K6, strips alone from a new decoder on TK at 10,000 and 10; K7, K5 then
 # every task's lines, and K7b, K7 on; U1-U4, new decoder layers around J2's (qwen2vl.demo.grow), trained alone;
-# TK2, TK taught on (anchored to TK); K7c and K7c0, K7b's decoder 600 steps on TK2 and on TK; K7d, K7c0 on.
-# Not shipped: the demo stays J2.
+# TK2, TK taught on (anchored to TK); K7c and K7c0, K7b's decoder 600 steps on TK2 and on TK; K7d, K7c0 on; K7e,
+# K7d on; K7f, K7e on fresh lines with the counts weighted in; K7g, K7f on with a quarter of its lines boxes; K7f_L,
+# the letters' rows on K7f.
+# Not shipped: the demo stays J2 (K7f beats it on four tasks of 1,000 cases and misses the rule on boxes).
 #
 #   scripts/train_demo_anchored.sh WORK_DIR    # DEVICE=cuda on a GPU
 #
 # Where it ran (2 vCPUs of an AMD Zen 5, bf16, 2026-12-07; minutes): TK 54, K1 15.6, K2 9.5, Z0 11, K3 11,
 # K4 15 (the test suites beside it), K5 and K6 4.5 each, K7 10; K7b 22, U1 12.5, U2-U4 4-4.5 each, TK2 29, K7c 9
-# and K7c0 9, K7d 16.5.
+# and K7c0 9, K7d 16.5, K7e 35, K7f 54 (the test suites beside it), K7g 18, K7f_L 12.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-anchored}
 DEVICE=${DEVICE:-cpu}
@@ -82,3 +84,35 @@ run K7c --model "$WORK/K7bT2" "${C[@]}"
 run K7c0 --model "$WORK/K7b" "${C[@]}"
 # K7d: K7c0 on (colours 98, counts 78, videos 100, pairs 94 of 100; strips 30.5% in place)
 run K7d "${E[@]}" --model "$WORK/K7c0" --data "$WORK/mixY.jsonl" --lr 5e-4 --steps 1200 --warmup-steps 20 --seed 3
+# K7e: K7d on, 2,400 steps (on seeds 101-105: colours 99.5, counts 88.3, videos 98.7, pairs 96.7, boxes 5.0%)
+run K7e "${E[@]}" --model "$WORK/K7d" --data "$WORK/mixY.jsonl" --lr 5e-4 --steps 2400 --warmup-steps 20 --seed 4 \
+    --save-every 800
+# K7f: K7e on fresh sets of every task's lines, the count questions and the count lesson twice (mixV, 65,000):
+# on seeds 101-105 colours 99.7, counts 91.0, videos 98.4, pairs 98.2, boxes 5.6%; the strips 38.0% in place
+every_task_sets v 161
+set_of v_text 169 6000 --only text
+set_of v_on2 170 5000 --only count
+set_of v_cnt2 171 5000 --counts
+set_of v_st 9611 6000 --words 3-6 --strip
+mix mixV.jsonl 11 v_{suite,col,on,cnt,pr,vid,many,lone,text,on2,cnt2,st}/train.jsonl
+run K7f "${E[@]}" --model "$WORK/K7e" --data "$WORK/mixV.jsonl" --lr 4e-4 --steps 2400 --warmup-steps 20 --seed 5 \
+    --save-every 800
+# K7g: K7f on, a quarter of the lines boxes (mixW, 40,000): counts 93.5, boxes 3.8% on seeds 101-105
+set_of w_many 181 6000 --where 1-6
+set_of w_lone 182 4000 --where 1
+set_of w_on 183 5000 --only count
+set_of w_cnt 184 5000 --counts
+mix mixW.jsonl 13 w_{many,lone,on,cnt}/train.jsonl mixV.jsonl:20000
+run K7g "${E[@]}" --model "$WORK/K7f" --data "$WORK/mixW.jsonl" --lr 3e-4 --steps 1200 --warmup-steps 20 --seed 6
+# K7f_L: the letters' rows on K7f (scripts/train_demo.sh's J1a / J1 / J2 steps; French check 49, 29, 45 of 50)
+python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
+python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
+    --mix color=1,count=1.5,grounding=1,video=1,two_images=1
+mix l2.jsonl 5 rows_suite/train.jsonl letters/train.jsonl:3000
+ROWS=$(python -m qwen2vl.demo.vocab "$WORK/K7f")
+python -m qwen2vl train --model "$WORK/K7f" --data "$WORK/letters/train.jsonl" --output "$WORK/K7f_La" --overwrite \
+    --train-tokens "$ROWS" --lora-dropout 0 --lr 1e-3 --token-lr 1e-2 --steps 1500 --batch-size 32 --warmup-steps 20 \
+    --adam-beta2 0.95 --log-every 100 --device "$DEVICE" 2>&1 | tee "$WORK/K7f_La.log"
+python -m qwen2vl merge "$WORK/K7f" "$WORK/K7f_La" "$WORK/K7f_L1" --tokens-only
+run K7f_L --model "$WORK/K7f_L1" --data "$WORK/l2.jsonl" --train-tokens "$ROWS" --steps 400 --batch-size 16 --lr 3e-3 \
+    --warmup-steps 20 --adam-beta2 0.95 --log-every 50 --device "$DEVICE"
