@@ -1,6 +1,6 @@
-# Sourced by the CPU recipes after stage 9 (train_demo_tower.sh, train_demo_boxes.sh, train_demo_reading.sh,
-# train_demo_decoder.sh, train_demo_strips.sh, train_demo_anchored.sh): their mixes, their runs, sets and the E-runs'
-# fresh lesson sets.
+# Sourced by train_demo.sh (its letters) and the CPU recipes after stage 9 (train_demo_tower.sh, train_demo_boxes.sh,
+# train_demo_reading.sh, train_demo_decoder.sh, train_demo_strips.sh, train_demo_anchored.sh): their mixes, their runs,
+# sets, the E-runs' fresh lesson sets and the letters' rows.
 # Reads WORK.
 
 mix() {  # OUT SEED FILE[:N]...: in WORK, qwen2vl.demo.mix (each FILE's lines, N of them if given, shuffled)
@@ -63,4 +63,20 @@ assert {k for k in weights if k.startswith("visual.")} == {k for k in vision if 
 weights.update({k: t for k, t in vision.items() if k.startswith("visual.")})
 save_file(weights, f"{out}/model.safetensors", metadata={"format": "pt"})
 PY
+}
+letters() {  # FROM ADAPTER ROWS OUT: the letters' rows (docs/demo.md, "The letters lesson") on FROM: taught beside a
+    # LoRA on the letters (ADAPTER), kept alone (ROWS, merge --tokens-only), then taught alone on suite and letters
+    # lines (OUT); on DEVICE if set (else qwen2vl train's default)
+    local rows device=(${DEVICE:+--device "$DEVICE"})
+    python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
+    rows=$(python -m qwen2vl.demo.vocab "$WORK/$1")
+    python -m qwen2vl train --model "$WORK/$1" --data "$WORK/letters/train.jsonl" --output "$WORK/$2" --overwrite \
+        --train-tokens "$rows" --lora-dropout 0 --lr 1e-3 --token-lr 1e-2 --steps 1500 --batch-size 32 \
+        --warmup-steps 20 --adam-beta2 0.95 --log-every 100 "${device[@]}" 2>&1 | tee "$WORK/$2.log"
+    python -m qwen2vl merge "$WORK/$1" "$WORK/$2" "$WORK/$3" --tokens-only
+    python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
+        --mix color=1,count=1.5,grounding=1,video=1,two_images=1
+    mix l2.jsonl 5 rows_suite/train.jsonl letters/train.jsonl:3000
+    run "$4" --model "$WORK/$3" --data "$WORK/l2.jsonl" --train-tokens "$rows" --steps 400 --batch-size 16 --lr 3e-3 \
+        --warmup-steps 20 --adam-beta2 0.95 --log-every 50 "${device[@]}"
 }

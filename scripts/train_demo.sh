@@ -197,18 +197,8 @@ bash scripts/train_demo_boxes.sh "$WORK"
 # only the rows are kept (merge --tokens-only). J2 trains the rows alone (--full --train-tokens, every other weight
 # frozen) on suite lines beside letters lines, whose answers push the rows back under the suite answers' tokens.
 # (L1 / L2, shipped before J2, were the same two steps without the LoRA: scripts/train_demo.sh at face60c.)
-source scripts/demo_runs.sh  # mix, run
-python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
-ROWS=$(python -m qwen2vl.demo.vocab "$WORK/Q4")
-python -m qwen2vl train --model "$WORK/Q4" --data "$WORK/letters/train.jsonl" --output "$WORK/J1a" --overwrite \
-    --train-tokens "$ROWS" --lora-dropout 0 --lr 1e-3 --token-lr 1e-2 --steps 1500 --batch-size 32 --warmup-steps 20 \
-    --adam-beta2 0.95 --log-every 100 2>&1 | tee "$WORK/J1a.log"
-python -m qwen2vl merge "$WORK/Q4" "$WORK/J1a" "$WORK/J1" --tokens-only
-python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
-    --mix color=1,count=1.5,grounding=1,video=1,two_images=1
-mix l2.jsonl 5 rows_suite/train.jsonl letters/train.jsonl:3000
-run J2 --model "$WORK/J1" --data "$WORK/l2.jsonl" --train-tokens "$ROWS" --steps 400 --batch-size 16 --lr 3e-3 \
-    --warmup-steps 20 --adam-beta2 0.95 --log-every 50
+source scripts/demo_runs.sh  # letters
+letters Q4 J1a J1 J2
 FINAL=J2
 
 {

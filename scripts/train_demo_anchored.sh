@@ -21,7 +21,7 @@ WORK=${1:-/tmp/qwen2vl-anchored}
 DEVICE=${DEVICE:-cpu}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$WORK"
-source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, every_task_sets, joined, rotary_copy, with_tower
+source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, every_task_sets, joined, rotary_copy, with_tower, letters
 E=(--batch-size 16 --adam-beta2 0.95 --weight-decay 0.01 --seed 0 --device "$DEVICE")  # every run (the tower frozen)
 
 # TK: characters 56.2% of held-out ones named, shapes ~91%, the held tokens' drift 0.0146 at the end
@@ -105,17 +105,7 @@ set_of w_cnt 184 5000 --counts
 mix mixW.jsonl 13 w_{many,lone,on,cnt}/train.jsonl mixV.jsonl:20000
 run K7g "${E[@]}" --model "$WORK/K7f" --data "$WORK/mixW.jsonl" --lr 3e-4 --steps 1200 --warmup-steps 20 --seed 6
 # K7f_L: the letters' rows on K7f (scripts/train_demo.sh's J1a / J1 / J2 steps; French check 49, 29, 45 of 50)
-python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
-python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
-    --mix color=1,count=1.5,grounding=1,video=1,two_images=1
-mix l2.jsonl 5 rows_suite/train.jsonl letters/train.jsonl:3000
-ROWS=$(python -m qwen2vl.demo.vocab "$WORK/K7f")
-python -m qwen2vl train --model "$WORK/K7f" --data "$WORK/letters/train.jsonl" --output "$WORK/K7f_La" --overwrite \
-    --train-tokens "$ROWS" --lora-dropout 0 --lr 1e-3 --token-lr 1e-2 --steps 1500 --batch-size 32 --warmup-steps 20 \
-    --adam-beta2 0.95 --log-every 100 --device "$DEVICE" 2>&1 | tee "$WORK/K7f_La.log"
-python -m qwen2vl merge "$WORK/K7f" "$WORK/K7f_La" "$WORK/K7f_L1" --tokens-only
-run K7f_L --model "$WORK/K7f_L1" --data "$WORK/l2.jsonl" --train-tokens "$ROWS" --steps 400 --batch-size 16 --lr 3e-3 \
-    --warmup-steps 20 --adam-beta2 0.95 --log-every 50 --device "$DEVICE"
+letters K7f K7f_La K7f_L1 K7f_L
 # K7h: K7f on its own lines at a lower rate (seeds 101-105: counts 92.5, boxes 5.7%, 2.1 points under J2's)
 run K7h "${E[@]}" --model "$WORK/K7f" --data "$WORK/mixV.jsonl" --lr 1.5e-4 --steps 800 --warmup-steps 20 --seed 7
 # K7i: K7h on, the same (boxes back to 5.1%)
