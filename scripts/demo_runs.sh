@@ -80,3 +80,13 @@ letters() {  # FROM ADAPTER ROWS OUT: the letters' rows (docs/demo.md, "The lett
     run "$4" --model "$WORK/$3" --data "$WORK/l2.jsonl" --train-tokens "$rows" --steps 400 --batch-size 16 --lr 3e-3 \
         --warmup-steps 20 --adam-beta2 0.95 --log-every 50 "${device[@]}"
 }
+j2_folder() {  # DIR: J2, the demo shipped from 2026-12-06 until K7j_L (2026-12-07), as commit caf2fce holds it,
+    # unless DIR has it already: the start of the recipes written while it was the shipped demo
+    [ -f "$1/model.safetensors" ] && return
+    mkdir -p "$1"
+    local f
+    for f in config.json model.safetensors tokenizer.json tokenizer_config.json preprocessor_config.json \
+        generation_config.json; do
+        git -C "$(dirname "${BASH_SOURCE[0]}")" show "caf2fce:qwen2vl/demo/checkpoint/$f" > "$1/$f"
+    done
+}

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# A new decoder on the shipped demo's vision tower (docs/demo.md, "A new decoder on the shipped tower"): R0t, the
-# box lesson alone on lone shapes, and Z / Z2, every task's lines; R0t and Z start from random decoder weights
-# (`qwen2vl train --full --init-random decoder`; the tower kept as it is), Z2 from Z.
+# A new decoder on J2's vision tower, the demo shipped then (docs/demo.md, "A new decoder on the shipped tower"):
+# R0t, the box lesson alone on lone shapes, and Z / Z2, every task's lines; R0t and Z start from random decoder
+# weights (`qwen2vl train --full --init-random decoder`; the tower kept as it is), Z2 from Z.
 #
 #   scripts/train_demo_decoder.sh WORK_DIR          # DEVICE=cuda on a GPU; STEPS scales Z's 2,400 steps
 #
 # Where it ran (2026-12-06, 2 vCPUs of an AMX Xeon): R0t 8 min (its throwaway form), Z 36.5 min, Z2 42.6 min (the
-# test suite beside it for about 20 of them). Not shipped: Z2 misses the colour goal; the demo stays J2.
+# test suite beside it for about 20 of them). Not shipped: Z2 misses the colour goal (the demo
+# was J2 then).
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-decoder}
 DEVICE=${DEVICE:-cpu}
 STEPS=${STEPS:-2400}
-DEMO=$(python -c "import qwen2vl.demo, pathlib; print(pathlib.Path(qwen2vl.demo.__file__).parent / 'checkpoint')")
 mkdir -p "$WORK"
-source "$(dirname "$0")/demo_runs.sh"  # set_of, every_task_sets
+source "$(dirname "$0")/demo_runs.sh"  # set_of, every_task_sets, j2_folder
+DEMO=$WORK/J2
+j2_folder "$DEMO"  # the package's checkpoint when these ran (commit caf2fce's)
 new_run() {  # NAME: the rest are qwen2vl train arguments; the log goes to WORK/NAME.log
     local name=$1
     shift

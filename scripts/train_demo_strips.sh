@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Reading on strips, from the shipped demo (docs/demo.md, "Reading from scratch ...", "Reading on strips" and
+# Reading on strips, from J2, the demo shipped then (docs/demo.md, "Reading from scratch ...", "Reading on strips" and
 # "Every task on the reading decoder"): the tower taught glyphs (G1, G2 on word pictures, TS1 on strips), a new
 # decoder at rope_theta 10 taught strips (N10), then the suite's words (NS), then every task's lines (Y1; Y2 the
 # same from a new decoder; Y3, Y3b Z's recipe on TS1's tower), and colours alone at two rotary bases (C10,
-# C10000). Not shipped: the demo stays J2.
+# C10000). Not shipped (the demo was J2 then; K7j_L since, scripts/train_demo_anchored.sh).
 #
 #   scripts/train_demo_strips.sh WORK_DIR    # DEVICE=cuda on a GPU
 #
@@ -16,14 +16,15 @@ WORK=${1:-/tmp/qwen2vl-strips}
 DEVICE=${DEVICE:-cpu}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$WORK"
-source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, every_task_sets, joined, rotary_copy
+source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, every_task_sets, joined, rotary_copy, j2_folder
+j2_folder "$WORK/J2"  # the package's checkpoint when these ran (commit caf2fce's)
 E=(--adam-beta2 0.95 --weight-decay 0.01 --device "$DEVICE")  # every run (the tower frozen unless --train-vision)
 tower() {  # BASE OUT SEED STEPS BATCH MIX: the tower lesson, the tower kept and taught further
     python -m qwen2vl.demo.tower "$1" "$WORK/$2" --keep-tower --seed "$3" --steps "$4" --batch-size "$5" --mix "$6" \
         --lr 1e-3 --head-lr 1e-2 --heads-first 50 --device "$DEVICE" 2>&1 | tee "$WORK/$2.log"
 }
 
-tower demo G1 21 400 16 word=1             # characters 18.1%, shapes 94.7%
+tower "$WORK/J2" G1 21 400 16 word=1            # characters 18.1%, shapes 94.7%
 tower "$WORK/G1" G2 22 1200 16 word=1      # characters 44.3%, shapes 95.2%
 tower "$WORK/G2" TS1 31 1000 64 strip=6,word=1,picture=0.5   # characters 81.5%
 
