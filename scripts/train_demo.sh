@@ -2,7 +2,8 @@
 # Rebuild the demo model (qwen2vl/demo/checkpoint) from nothing: training data, an untrained
 # checkpoint folder, twelve seeded `qwen2vl train` runs (a curriculum), then a fresh vision tower and twenty-two more
 # runs (scripts/train_demo_tower.sh), eleven runs of boxes (scripts/train_demo_boxes.sh) and two of the embedding
-# rows of unused tokens (the letters), the loss plot and the evaluation.
+# rows of unused tokens (the letters), which made J2; then J2's tower taught the glyphs, a new decoder on it and ten
+# runs to K7j, and K7j's letters (scripts/train_demo_anchored.sh with TRIED=0); the loss plot and the evaluation.
 #
 #   scripts/train_demo.sh [WORK_DIR]          # default /tmp/qwen2vl-demo; run from the repository root
 #
@@ -18,7 +19,8 @@
 # answer per picture) taught which shape is which, and stage 5 mixes it into stage 3's questions.
 # Boxes and words (grounding, text) are left out of every stage here: their many hard tokens were most of
 # the loss of every mix that stayed at chance, and 800 steps with boxes back in left grounding at 0
-# (see docs/demo.md). The boxes come last, on the finished model (scripts/train_demo_boxes.sh); words never.
+# (see docs/demo.md). The boxes come last, on the finished model (scripts/train_demo_boxes.sh); words only on a
+# new decoder (scripts/train_demo_anchored.sh), which reads before it learns the other tasks.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-demo}
 # On shared cores, OpenMP threads that spin while waiting for a descheduled sibling burn the CPU
@@ -199,15 +201,24 @@ bash scripts/train_demo_boxes.sh "$WORK"
 # (L1 / L2, shipped before J2, were the same two steps without the LoRA: scripts/train_demo.sh at face60c.)
 source scripts/demo_runs.sh  # letters
 letters Q4 J1a J1 J2
-FINAL=J2
+# 34-47. J2's tower taught the glyphs with its other tokens held (TK), a new decoder on it taught strips (K5), then
+# every task with reading (K7 to K7j), and K7j's letters as J2's (docs/demo.md, "A tower taught glyphs" to "K7j")
+TRIED=0 J2="$WORK/J2" bash scripts/train_demo_anchored.sh "$WORK"
+FINAL=K7j_L
 
 {
     for s in 1a 1b 2 3 4 5 6c 6d 6e 7 8 9; do echo "# stage$s (scripts/train_demo.sh)"; cat "$WORK/stage$s.log"; done
     for s in tower A B C D E E2 E3 E6 E7 E8 E9 E10 E11 E12 E13 E14 E15 E16 E17 E18 E19 E20; do echo "# $s (scripts/train_demo_tower.sh)"; cat "$WORK/$s.log"; done
     for s in G1 N1 N2 V1 M2 P1 P2 Q1 Q2 Q3 Q4; do echo "# $s (scripts/train_demo_boxes.sh)"; cat "$WORK/$s.log"; done
+    # K5 is a new decoder (the loss starts high again); TK, the tower lesson before it, logs another loss
+    for s in K5 K7 K7b K7c0 K7d K7e K7f K7h K7j; do echo "# $s (scripts/train_demo_anchored.sh)"; cat "$WORK/$s.log"; done
 } > "$WORK/train.log"
 python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png   # the letters' rows (another task) left out
-for s in J1a J2; do echo "# $s (scripts/train_demo.sh, the letters)"; cat "$WORK/$s.log"; done >> "$WORK/train.log"
+{
+    for s in J1a J2; do echo "# $s (scripts/train_demo.sh, the letters)"; cat "$WORK/$s.log"; done
+    echo "# TK (scripts/train_demo_anchored.sh, the tower's glyph lesson)"; cat "$WORK/TK.log"
+    for s in K7j_La K7j_L; do echo "# $s (scripts/train_demo_anchored.sh, the letters)"; cat "$WORK/$s.log"; done
+} >> "$WORK/train.log"
 mkdir -p qwen2vl/demo/checkpoint
 cp "$WORK/$FINAL"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,preprocessor_config.json,generation_config.json} \
     qwen2vl/demo/checkpoint/
