@@ -64,12 +64,13 @@ weights.update({k: t for k, t in vision.items() if k.startswith("visual.")})
 save_file(weights, f"{out}/model.safetensors", metadata={"format": "pt"})
 PY
 }
-letters() {  # FROM ADAPTER ROWS OUT: the letters' rows (docs/demo.md, "The letters lesson") on FROM: taught beside a
-    # LoRA on the letters (ADAPTER), kept alone (ROWS, merge --tokens-only), then taught alone on suite and letters
-    # lines (OUT); on DEVICE if set (else qwen2vl train's default)
+letters() {  # FROM ADAPTER ROWS OUT [--keep-read]: the letters' rows (docs/demo.md, "The letters lesson") on FROM:
+    # taught beside a LoRA on the letters (ADAPTER), kept alone (ROWS, merge --tokens-only), then taught alone on
+    # suite and letters lines (OUT); on DEVICE if set (else qwen2vl train's default). --keep-read: not the rows of
+    # the characters a read word is spelled with (for a decoder that reads)
     local rows device=(${DEVICE:+--device "$DEVICE"})
     python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
-    rows=$(python -m qwen2vl.demo.vocab "$WORK/$1")
+    rows=$(python -m qwen2vl.demo.vocab "$WORK/$1" "${@:5}")
     python -m qwen2vl train --model "$WORK/$1" --data "$WORK/letters/train.jsonl" --output "$WORK/$2" --overwrite \
         --train-tokens "$rows" --lora-dropout 0 --lr 1e-3 --token-lr 1e-2 --steps 1500 --batch-size 32 \
         --warmup-steps 20 --adam-beta2 0.95 --log-every 100 "${device[@]}" 2>&1 | tee "$WORK/$2.log"

@@ -102,6 +102,21 @@ def test_the_unused_tokens_are_in_no_suite_row_and_spell_other_words(tmp_path):
         assert set(tok.encode(word)) <= unused, word
 
 
+def test_keep_read_leaves_the_read_characters_rows_alone():
+    """With `keep_read` (a demo that reads) the letters lesson's rows hold no character a read word is spelled
+    with, and still the French words' letters."""
+    from qwen2vl.demo.scenes import WORD_CHARS
+    from qwen2vl.hub import resolve_model_path
+
+    folder = resolve_model_path("demo")
+    tok = Tokenizer.from_pretrained(folder)
+    unused, kept = set(vocab.unused_token_ids(folder)), set(vocab.unused_token_ids(folder, keep_read=True))
+    read = {i for char in WORD_CHARS for i in tok.encode(char)}
+    assert kept < unused and not kept & read and unused & read
+    for word in ("rouge", "jaune", "violet"):
+        assert set(tok.encode(word)) <= kept, word
+
+
 def test_the_letters_lesson_is_seeded_and_answers_the_string_it_shows(tmp_path):
     from qwen2vl.demo.letters import PROMPT, write_letters
     from qwen2vl.train.data import read_rows

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qwen2vl.demo.scenes import COLORS, SHAPES
+from qwen2vl.demo.scenes import COLORS, SHAPES, WORD_CHARS
 from qwen2vl.demo.tasks import DIRECTIONS, TEXT_QUESTION, color_question, count_question
 
 QWEN2_PATTERN = (
@@ -77,20 +77,26 @@ def build_tokenizer(out: str | Path, chat_template: str) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def unused_token_ids(folder: str | Path) -> list[int]:
+def unused_token_ids(folder: str | Path, keep_read: bool = False) -> list[int]:
     """The ids of folder's tokenizer that no fixed text of the suite produces (special tokens left out):
     the bytes and merges that spell only other words (a French colour, a word read from an image). No
-    suite answer or question holds them, so the demo's training never used their embedding rows."""
+    suite answer or question holds them, so a demo that was never taught to read never used their embedding
+    rows. `keep_read` leaves out the characters a read word is spelled with (`WORD_CHARS`, one token each):
+    a demo that reads answers with their rows, which the letters lesson would otherwise overwrite."""
     from qwen2vl.processing.tokenizer import Tokenizer  # what training encodes the rows with
 
     tok = Tokenizer.from_pretrained(folder)
     used = {i for line in corpus() for i in tok.encode(line)}
+    if keep_read:
+        used |= {i for char in WORD_CHARS for i in tok.encode(char)}
     return sorted(set(range(tok.vocab_size)) - used - tok.special_ids)
 
 
-if __name__ == "__main__":  # python -m qwen2vl.demo.vocab [FOLDER]: those ids, for qwen2vl train --train-tokens
+if __name__ == "__main__":  # python -m qwen2vl.demo.vocab [FOLDER] [--keep-read]: those ids, for --train-tokens
     import sys
 
     from qwen2vl.hub import resolve_model_path
 
-    print(",".join(map(str, unused_token_ids(resolve_model_path(sys.argv[1] if len(sys.argv) > 1 else "demo")))))
+    args = [a for a in sys.argv[1:] if a != "--keep-read"]
+    ids = unused_token_ids(resolve_model_path(args[0] if args else "demo"), keep_read="--keep-read" in sys.argv)
+    print(",".join(map(str, ids)))
