@@ -93,10 +93,12 @@ def unused_token_ids(folder: str | Path, keep_read: bool = False) -> list[int]:
 
 
 if __name__ == "__main__":  # python -m qwen2vl.demo.vocab [FOLDER] [--keep-read]: those ids, for --train-tokens
-    import sys
+    import argparse
 
     from qwen2vl.hub import resolve_model_path
 
-    args = [a for a in sys.argv[1:] if a != "--keep-read"]
-    ids = unused_token_ids(resolve_model_path(args[0] if args else "demo"), keep_read="--keep-read" in sys.argv)
-    print(",".join(map(str, ids)))
+    parser = argparse.ArgumentParser(description="The letters lesson's rows: the tokens no suite text holds.")
+    parser.add_argument("folder", nargs="?", default="demo")
+    parser.add_argument("--keep-read", action="store_true", help="leave out the characters read words are spelled with")
+    args = parser.parse_args()
+    print(",".join(map(str, unused_token_ids(resolve_model_path(args.folder), keep_read=args.keep_read))))
