@@ -29,6 +29,9 @@ def test_what_it_reads_is_what_the_decoder_computes(tmp_path):
         seen.setdefault(layer, v)
         return causal(layer, q, k, v)
 
+    residual = {}  # the last layer's output stream, every row (the final norm's input)
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda m, a, out: None if "rows" in residual else residual.update(rows=out[0] + out[1]))
     with torch.no_grad():
         lm = loss_sum(model, batch, watch)
         added = (lesson(model, batch) - lm) / batch.num_targets  # the mean of -log attention on the named shape
@@ -43,10 +46,13 @@ def test_what_it_reads_is_what_the_decoder_computes(tmp_path):
     for i, q in enumerate(queries):
         torch.testing.assert_close(features["the named shape's tokens"][i], embeddings[q.named].mean(0))
         torch.testing.assert_close(norm(features["after layer 3"][i]), last[q.row])  # the final norm's input
-    assert set(features) >= {"attention 0", "after layer 3", "value box"}
+        torch.testing.assert_close(norm(residual["rows"][q.named]), last[q.named])  # the hook's stream is the model's
+        torch.testing.assert_close(features["the named shape after layer 3"][i], residual["rows"][q.named].mean(0))
+    hook.remove()
+    assert set(features) >= {"attention 0", "after layer 3", "value box", "the named shape after layer 0"}
     assert features["after layer 3"].shape == (2, model.config.text.hidden_size)
     lines = report(features, boxes, 1, 3)
-    assert len(lines) == 3 + 1 + 2 * model.config.text.num_hidden_layers and "layer 1, head 3" in lines[1]
+    assert len(lines) == 3 + 1 + 3 * model.config.text.num_hidden_layers and "layer 1, head 3" in lines[1]
 
 
 def test_the_probe_finds_a_box_that_is_linearly_there_and_not_noise():

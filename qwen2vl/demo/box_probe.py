@@ -7,9 +7,10 @@ seed no training set used) through MODEL and prints, at each box's "(" (the toke
 the attention head HEAD of layer LAYER puts on the named shape (what `box_attention` teaches, on rows it never
 saw), the box that head's first four value dimensions say as `box_attention --value-weight` reads them, and then
 how much of the box a linear probe (ridge, fit on the first three quarters of the boxes, scored on the rest) finds
-in the picture's tokens of the named shape (the ceiling: what the tower gives), in each layer's attention output
-and in the residual stream after each layer. Each line: the share of boxes with IoU >= 0.5 and the median error
-(0-1000).
+in the picture's tokens of the named shape (the ceiling: what the tower gives), in each layer's attention output,
+in the residual stream after each layer, and in the named shape's tokens after each layer (what the decoder's own
+positions, M-RoPE, add to them: a head can only carry to "(" what the tokens it lands on hold). Each line: the
+share of boxes with IoU >= 0.5 and the median error (0-1000).
 
 Why (docs/demo.md, "A head taught to carry the box"): the training log averages the head's attention over every
 token it is taught at (0.9 with `--every-position`, where it was 0.5 at the `(` that matters), and the suite's
@@ -64,6 +65,8 @@ def gather(model: Qwen2VL, processor: Processor, rows: list, layer: int, head: i
                 found.setdefault("the named shape's tokens", []).append(x[query.named].mean(0))
                 for name, hidden in caught.items():
                     found.setdefault(name, []).append(hidden[query.row])
+                    if name.startswith("after layer"):  # what the decoder has written into the shape's own tokens
+                        found.setdefault(f"the named shape {name}", []).append(hidden[query.named].mean(0))
                 boxes.append(torch.tensor(query.box, dtype=torch.float))
     for hook in hooks:
         hook.remove()
