@@ -92,7 +92,7 @@ def probe(features: torch.Tensor, boxes: torch.Tensor, fit: int) -> torch.Tensor
 
 def box_line(name: str, said: torch.Tensor, boxes: torch.Tensor) -> str:
     error = (said - boxes).abs().flatten().sort().values
-    return f"  {name:28s} IoU >= 0.5 {float((iou(said, boxes) >= 0.5).float().mean()):6.1%}, " \
+    return f"  {name:30s} IoU >= 0.5 {float((iou(said, boxes) >= 0.5).float().mean()):6.1%}, " \
            f"error median {float(error[len(error) // 2]):5.1f}"
 
 
