@@ -42,13 +42,15 @@ joined() {  # OUT SET...: the sets' lines one after another, as trained (the tra
     shift
     for s in "$@"; do sed "s#\"img/#\"$s/img/#g" "$WORK/$s/train.jsonl"; done > "$WORK/$out"
 }
-rotary_copy() {  # FROM TO THETA: checkpoint FROM copied to TO with rope_theta THETA in its config (a new
-    # decoder's runs take their rotary base from there)
+rotary_copy() {  # FROM TO THETA [T,H,W]: checkpoint FROM copied to TO with rope_theta THETA (and M-RoPE's sections
+    # T,H,W, summing to head_dim / 2) in its config (a new decoder's runs take their rotary from there)
     cp -r "$1" "$2"
-    python - "$2/config.json" "$3" <<'PY'
+    python - "$2/config.json" "$3" "${4:-}" <<'PY'
 import json, sys
 config = json.load(open(sys.argv[1]))
 config["rope_theta"] = float(sys.argv[2])
+if sys.argv[3]:
+    config["rope_scaling"]["mrope_section"] = [int(n) for n in sys.argv[3].split(",")]
 json.dump(config, open(sys.argv[1], "w"), indent=2)
 PY
 }
@@ -75,19 +77,41 @@ letters() {  # FROM ADAPTER ROWS OUT [--keep-read]: the letters' rows (docs/demo
         --train-tokens "$rows" --lora-dropout 0 --lr 1e-3 --token-lr 1e-2 --steps 1500 --batch-size 32 \
         --warmup-steps 20 --adam-beta2 0.95 --log-every 100 "${device[@]}" 2>&1 | tee "$WORK/$2.log"
     python -m qwen2vl merge "$WORK/$1" "$WORK/$2" "$WORK/$3" --tokens-only
-    python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
-        --mix color=1,count=1.5,grounding=1,video=1,two_images=1
+    rows_suite
     mix l2.jsonl 5 rows_suite/train.jsonl letters/train.jsonl:3000
     run "$4" --model "$WORK/$3" --data "$WORK/l2.jsonl" --train-tokens "$rows" --steps 400 --batch-size 16 --lr 3e-3 \
         --warmup-steps 20 --adam-beta2 0.95 --log-every 50 "${device[@]}"
 }
+rows_suite() {  # the suite's lines the letters' rows are taught beside (no words read: the rows' own step)
+    python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
+        --mix color=1,count=1.5,grounding=1,video=1,two_images=1
+}
+read_rows() {  # FROM OUT: FROM's letters' rows (vocab --keep-read) taught again beside reading lines, every other
+    # weight frozen: the rows the letters step moved stop answering where a word is read (K7j_L read `PKLCT4` as
+    # `at X7F`), and the letters and the suite's lines keep what they are for (docs/demo.md, "K7j_R")
+    local rows device=(${DEVICE:+--device "$DEVICE"})
+    [ -f "$WORK/letters/train.jsonl" ] || python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
+    rows_suite
+    set_of r_text 9701 3000 --only text
+    set_of r_st 9702 3000 --words 3-6 --strip
+    mix "$2.jsonl" 5 rows_suite/train.jsonl letters/train.jsonl:3000 r_text/train.jsonl r_st/train.jsonl
+    rows=$(python -m qwen2vl.demo.vocab "$WORK/$1" --keep-read)
+    run "$2" --model "$WORK/$1" --data "$WORK/$2.jsonl" --train-tokens "$rows" --steps 400 --batch-size 16 --lr 3e-3 \
+        --warmup-steps 20 --adam-beta2 0.95 --log-every 50 "${device[@]}"
+}
+CHECKPOINT_FILES=(config.json model.safetensors tokenizer.json tokenizer_config.json preprocessor_config.json
+    generation_config.json)  # what the package's checkpoint folder ships besides train.log
 j2_folder() {  # DIR: J2, the demo shipped from 2026-12-06 until K7j_L (2026-12-07), as commit caf2fce holds it,
     # unless DIR has it already: the start of the recipes written while it was the shipped demo
     [ -f "$1/model.safetensors" ] && return
     mkdir -p "$1"
     local f
-    for f in config.json model.safetensors tokenizer.json tokenizer_config.json preprocessor_config.json \
-        generation_config.json; do
+    for f in "${CHECKPOINT_FILES[@]}"; do
         git -C "$(dirname "${BASH_SOURCE[0]}")" show "caf2fce:qwen2vl/demo/checkpoint/$f" > "$1/$f"
     done
+}
+logs() {  # LABEL NAME...: each run's log from WORK under a "# NAME (LABEL)" line, as train.log holds them
+    local label=$1 name
+    shift
+    for name in "$@"; do echo "# $name ($label)"; cat "$WORK/$name.log"; done
 }

@@ -3,7 +3,8 @@
 # checkpoint folder, twelve seeded `qwen2vl train` runs (a curriculum), then a fresh vision tower and twenty-two more
 # runs (scripts/train_demo_tower.sh), eleven runs of boxes (scripts/train_demo_boxes.sh) and two of the embedding
 # rows of unused tokens (the letters), which made J2; then J2's tower taught the glyphs, a new decoder on it and ten
-# runs to K7j, and K7j's letters (scripts/train_demo_anchored.sh with TRIED=0); the loss plot and the evaluation.
+# runs to K7j, K7j's letters and those rows again beside reading lines (scripts/train_demo_anchored.sh with TRIED=0);
+# the loss plot and the evaluation.
 #
 #   scripts/train_demo.sh [WORK_DIR]          # default /tmp/qwen2vl-demo; run from the repository root
 #
@@ -201,26 +202,27 @@ bash scripts/train_demo_boxes.sh "$WORK"
 # (L1 / L2, shipped before J2, were the same two steps without the LoRA: scripts/train_demo.sh at face60c.)
 source scripts/demo_runs.sh  # letters
 letters Q4 J1a J1 J2
-# 34-47. J2's tower taught the glyphs with its other tokens held (TK), a new decoder on it taught strips (K5), then
-# every task with reading (K7 to K7j), and K7j's letters as J2's (docs/demo.md, "A tower taught glyphs" to "K7j")
+# 34-48. J2's tower taught the glyphs with its other tokens held (TK), a new decoder on it taught strips (K5), then
+# every task with reading (K7 to K7j), K7j's letters as J2's, and those rows again beside reading lines (K7j_R;
+# docs/demo.md, "A tower taught glyphs" to "K7j_R")
 TRIED=0 J2="$WORK/J2" bash scripts/train_demo_anchored.sh "$WORK"
-FINAL=K7j_L
+FINAL=K7j_R
 
 {
-    for s in 1a 1b 2 3 4 5 6c 6d 6e 7 8 9; do echo "# stage$s (scripts/train_demo.sh)"; cat "$WORK/stage$s.log"; done
-    for s in tower A B C D E E2 E3 E6 E7 E8 E9 E10 E11 E12 E13 E14 E15 E16 E17 E18 E19 E20; do echo "# $s (scripts/train_demo_tower.sh)"; cat "$WORK/$s.log"; done
-    for s in G1 N1 N2 V1 M2 P1 P2 Q1 Q2 Q3 Q4; do echo "# $s (scripts/train_demo_boxes.sh)"; cat "$WORK/$s.log"; done
+    logs scripts/train_demo.sh stage{1a,1b,2,3,4,5,6c,6d,6e,7,8,9}
+    logs scripts/train_demo_tower.sh tower A B C D E E2 E3 E{6..20}
+    logs scripts/train_demo_boxes.sh G1 N1 N2 V1 M2 P1 P2 Q1 Q2 Q3 Q4
     # K5 is a new decoder (the loss starts high again); TK, the tower lesson before it, logs another loss
-    for s in K5 K7 K7b K7c0 K7d K7e K7f K7h K7j; do echo "# $s (scripts/train_demo_anchored.sh)"; cat "$WORK/$s.log"; done
+    logs scripts/train_demo_anchored.sh K5 K7 K7b K7c0 K7d K7e K7f K7h K7j
 } > "$WORK/train.log"
 python scripts/plot_loss.py "$WORK/train.log" docs/demo_loss.png   # the letters' rows (another task) left out
 {
-    for s in J1a J2; do echo "# $s (scripts/train_demo.sh, the letters)"; cat "$WORK/$s.log"; done
-    echo "# TK (scripts/train_demo_anchored.sh, the tower's glyph lesson)"; cat "$WORK/TK.log"
-    for s in K7j_La K7j_L; do echo "# $s (scripts/train_demo_anchored.sh, the letters)"; cat "$WORK/$s.log"; done
+    logs "scripts/train_demo.sh, the letters" J1a J2
+    logs "scripts/train_demo_anchored.sh, the tower's glyph lesson" TK
+    logs "scripts/train_demo_anchored.sh, the letters" K7j_La K7j_L
+    logs "scripts/train_demo_anchored.sh, the letters' rows beside reading lines" K7j_R
 } >> "$WORK/train.log"
 mkdir -p qwen2vl/demo/checkpoint
-cp "$WORK/$FINAL"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,preprocessor_config.json,generation_config.json} \
-    qwen2vl/demo/checkpoint/
+cp "${CHECKPOINT_FILES[@]/#/$WORK/$FINAL/}" qwen2vl/demo/checkpoint/
 cp "$WORK/train.log" qwen2vl/demo/checkpoint/train.log
 python -m qwen2vl eval demo --quantization int8 --quantization int4 --server --dtype bfloat16,float32

@@ -9,19 +9,22 @@
 # TK2, TK taught on (anchored to TK); K7c and K7c0, K7b's decoder 600 steps on TK2 and on TK; K7d, K7c0 on; K7e,
 # K7d on; K7f, K7e on fresh lines with the counts weighted in; K7g, K7f on with a quarter of its lines boxes;
 # K7f_L, the letters' rows on K7f; K7h, K7f on at a lower rate, and K7i, K7h on; K7j, K7h on with lone shapes' boxes
-# added, and K7j_L, the letters' rows on K7j: the shipped demo (docs/demo.md, "K7j: shipped").
+# added, and K7j_L, the letters' rows on K7j (docs/demo.md, "K7j: shipped"); K7j_R, K7j_L's letters' rows taught
+# again beside reading lines: the shipped demo; K7k, K7j_R on with a third of its lines reading, K7k_R, its rows, and
+# K7l, K7k on with lone shapes' boxes; Mt and M0, new decoders taught boxes at two M-RoPE layouts (docs/demo.md,
+# "K7j_R: shipped").
 #
 #   J2=DIR scripts/train_demo_anchored.sh WORK_DIR    # DEVICE=cuda on a GPU; TRIED=0: only K7j_L's own runs
 #
 # J2 is the demo this recipe starts from: scripts/train_demo.sh's last run before it ($WORK/J2, the default),
 # else the package's checkpoint folder at commit caf2fce, written there (j2_folder). scripts/train_demo.sh runs
 # this with TRIED=0, which leaves out the runs tried and not shipped (K1-K4, Z0, K6, U1-U4, TK2, K7c, K7g, K7f_L,
-# K7i: about 2.9 h here); K7j_L's own runs take about 4 h.
+# K7i, K7j_L0, K7k, K7k_R, K7l, Mt, M0: about 4 h here); K7j_R's own runs take about 4 h.
 #
 # Where it ran (2 vCPUs of an AMD Zen 5, bf16, 2026-12-07; minutes): TK 54, K1 15.6, K2 9.5, Z0 11, K3 11,
 # K4 15 (the test suites beside it), K5 and K6 4.5 each, K7 10; K7b 22, U1 12.5, U2-U4 4-4.5 each, TK2 29, K7c 9
 # and K7c0 9, K7d 16.5, K7e 35, K7f 54 (the test suites beside it), K7g 18, K7f_L 12, K7h 11, K7i 11, K7j 12,
-# K7j_L 12.
+# K7j_L 12; on 2 vCPUs of an AMX Xeon (bf16, 2026-12-08): K7j_R 4, K7k 18, K7k_R 4, K7l 10, Mt 12.5, M0 14.5.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-anchored}
 J2=${J2:-$WORK/J2}
@@ -31,7 +34,7 @@ DEVICE=${DEVICE:-cpu}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$WORK"
 source "$(dirname "$0")/demo_runs.sh"  # mix, run, set_of, every_task_sets, joined, rotary_copy, with_tower, letters,
-# j2_folder
+# read_rows, j2_folder
 j2_folder "$J2"  # from git unless there (scripts/train_demo.sh's own J2)
 E=(--batch-size 16 --adam-beta2 0.95 --weight-decay 0.01 --seed 0 --device "$DEVICE")  # every run (the tower frozen)
 
@@ -136,7 +139,41 @@ set_of x_lone 191 4000 --where 1
 mix mixL.jsonl 15 mixV.jsonl:24000 w_lone/train.jsonl x_lone/train.jsonl
 run K7j "${E[@]}" --model "$WORK/K7h" --data "$WORK/mixL.jsonl" --lr 1.5e-4 --steps 800 --warmup-steps 20 --seed 10
 # K7j_L: the letters' rows on K7j, as J2's on Q4 (scripts/train_demo.sh), but not the rows of the characters it
-# reads with (K7j_L0, all of them as for J2, lost most of the reading: 9.3% of the suite's characters, K7j 33.7%):
-# the shipped demo
+# reads with (K7j_L0, all of them as for J2, lost most of the reading: 9.3% of the suite's characters, K7j 33.7%)
 if tried; then letters K7j K7j_La0 K7j_L10 K7j_L0; fi
 letters K7j K7j_La K7j_L1 K7j_L --keep-read
+# K7j_R: K7j_L's rows again beside the suite's words and strips, every other weight frozen (the suite's characters
+# 15.1% -> 33.6% in place, words whole 1% -> 4%; the other tasks as K7j_L's): the shipped demo
+read_rows K7j_L K7j_R
+if tried; then
+    # K7k: K7j_R on with a third of its lines reading (37.6% of the suite's characters, 5.5% of words), and its
+    # rows (nothing more read); the boxes fell to 3.9% on seeds 101-105 (K7j_R 7.2%)
+    set_of k_suite 211 3000
+    set_of k_col 212 1500 --colors
+    set_of k_on 213 1500 --only count
+    set_of k_cnt 214 1500 --counts
+    set_of k_pr 215 1000 --mix two_images=1
+    set_of k_vid 216 1000 --only video
+    set_of k_lone 217 1500 --where 1
+    set_of k_many 218 500 --where 1-6
+    set_of k_text 219 2500 --only text
+    set_of k_st 9711 2500 --words 3-6 --strip
+    mix mixK8.jsonl 17 k_{suite,col,on,cnt,pr,vid,lone,many,text,st}/train.jsonl
+    run K7k "${E[@]}" --model "$WORK/K7j_R" --data "$WORK/mixK8.jsonl" --lr 3e-4 --steps 1000 --warmup-steps 20 \
+        --seed 11
+    read_rows K7k K7k_R
+    # K7l: K7k on with a quarter of its lines lone shapes' boxes, as K7j on K7h (boxes 4.8%, the suite's characters
+    # 37.3%: not shipped)
+    set_of m_lone 231 4000 --where 1
+    mix mixL2.jsonl 21 mixK8.jsonl m_lone/train.jsonl
+    run K7l "${E[@]}" --model "$WORK/K7k" --data "$WORK/mixL2.jsonl" --lr 1.5e-4 --steps 800 --warmup-steps 20 --seed 12
+    # Mt, M0: a new decoder on K7j_R's tower taught boxes alone (lone shapes and pictures of 2-6, each shape asked),
+    # at rope_theta 1,000 and sections 4 / 8 / 20 (the width section 0.075-0.0012 rad a column) and as shipped
+    # (10,000, 8 / 12 / 12: 0.0032-0.00013); the suite's boxes 3.0% and 1.0%, neither finds the named shape
+    set_of m_many 232 8000 --where 2-6
+    mix mixM.jsonl 19 m_lone/train.jsonl m_many/train.jsonl
+    rotary_copy "$WORK/K7j_R" "$WORK/Mt.base" 1000 4,8,20
+    M=("${E[@]}" --init-random decoder --data "$WORK/mixM.jsonl" --lr 1e-3 --steps 800 --warmup-steps 30)
+    run Mt --model "$WORK/Mt.base" "${M[@]}"
+    run M0 --model "$WORK/K7j_R" "${M[@]}"
+fi
