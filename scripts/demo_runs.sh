@@ -88,7 +88,7 @@ rows_suite() {  # the suite's lines the letters' rows are taught beside (no word
 }
 read_rows() {  # FROM OUT: FROM's letters' rows (vocab --keep-read) taught again beside reading lines, every other
     # weight frozen: the rows the letters step moved stop answering where a word is read (K7j_L read `PKLCT4` as
-    # `at X7F`), and the letters and the suite's lines keep what they are for (docs/demo.md, "K7j_R")
+    # `at X7F`), and the letters and the suite's lines keep what they are for (docs/demo.md, "K7j_R: shipped")
     local rows device=(${DEVICE:+--device "$DEVICE"})
     [ -f "$WORK/letters/train.jsonl" ] || python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
     rows_suite

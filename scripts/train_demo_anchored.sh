@@ -14,7 +14,7 @@
 # K7l, K7k on with lone shapes' boxes; Mt and M0, new decoders taught boxes at two M-RoPE layouts (docs/demo.md,
 # "K7j_R: shipped").
 #
-#   J2=DIR scripts/train_demo_anchored.sh WORK_DIR    # DEVICE=cuda on a GPU; TRIED=0: only K7j_L's own runs
+#   J2=DIR scripts/train_demo_anchored.sh WORK_DIR    # DEVICE=cuda on a GPU; TRIED=0: only K7j_R's own runs
 #
 # J2 is the demo this recipe starts from: scripts/train_demo.sh's last run before it ($WORK/J2, the default),
 # else the package's checkpoint folder at commit caf2fce, written there (j2_folder). scripts/train_demo.sh runs
