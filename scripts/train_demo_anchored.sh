@@ -11,21 +11,21 @@
 # K7f_L, the letters' rows on K7f; K7h, K7f on at a lower rate, and K7i, K7h on; K7j, K7h on with lone shapes' boxes
 # added, and K7j_L, the letters' rows on K7j (docs/demo.md, "K7j: shipped"); K7j_R, K7j_L's letters' rows taught
 # again beside reading lines: the shipped demo; K7k, K7j_R on with a third of its lines reading, K7k_R, its rows, and
-# K7l, K7k on with lone shapes' boxes; Mt and M0, new decoders taught boxes at two M-RoPE layouts, and Mtc and M0c,
-# the same on every task's lines (docs/demo.md, "K7j_R: shipped").
+# K7l, K7k on with lone shapes' boxes; Mt and M0, new decoders taught boxes at two M-RoPE layouts, Mtc and M0c the
+# same on every task's lines, Mts and M0s on strips (docs/demo.md, "K7j_R: shipped").
 #
 #   J2=DIR scripts/train_demo_anchored.sh WORK_DIR    # DEVICE=cuda on a GPU; TRIED=0: only K7j_R's own runs
 #
 # J2 is the demo this recipe starts from: scripts/train_demo.sh's last run before it ($WORK/J2, the default),
 # else the package's checkpoint folder at commit caf2fce, written there (j2_folder). scripts/train_demo.sh runs
 # this with TRIED=0, which leaves out the runs tried and not shipped (K1-K4, Z0, K6, U1-U4, TK2, K7c, K7g, K7f_L,
-# K7i, K7j_L0, K7k, K7k_R, K7l, Mt, M0, Mtc, M0c: about 4.2 h here); K7j_R's own runs take about 4 h.
+# K7i, K7j_L0, K7k, K7k_R, K7l, Mt, M0, Mtc, M0c, Mts, M0s: about 4.3 h here); K7j_R's own runs take about 4 h.
 #
 # Where it ran (2 vCPUs of an AMD Zen 5, bf16, 2026-12-07; minutes): TK 54, K1 15.6, K2 9.5, Z0 11, K3 11,
 # K4 15 (the test suites beside it), K5 and K6 4.5 each, K7 10; K7b 22, U1 12.5, U2-U4 4-4.5 each, TK2 29, K7c 9
 # and K7c0 9, K7d 16.5, K7e 35, K7f 54 (the test suites beside it), K7g 18, K7f_L 12, K7h 11, K7i 11, K7j 12,
 # K7j_L 12; on 2 vCPUs of an AMX Xeon (bf16, 2026-12-08): K7j_R 4, K7k 18, K7k_R 4, K7l 10, Mt 12.5, M0 14.5,
-# Mtc and M0c 6.5 each.
+# Mtc and M0c 6.5 each, Mts and M0s 2.5 each.
 set -euo pipefail
 WORK=${1:-/tmp/qwen2vl-anchored}
 J2=${J2:-$WORK/J2}
@@ -183,4 +183,12 @@ if tried; then
         --warmup-steps 50)
     run Mtc --model "$WORK/Mt.base" "${MC[@]}"
     run M0c --model "$WORK/K7j_R" "${MC[@]}"
+    # Mts, M0s: the two layouts on K5's strips command: 22.2% and 22.3% of the strips' characters in place (level)
+    set_of s16a 9601 8000 --words 3-6 --strip  # the first 8,000 of st9601 and st9603, left whole
+    set_of s16b 9603 8000 --words 3-6 --strip
+    joined st16.jsonl s16a s16b
+    MS=("${E[@]}" --init-random decoder --data "$WORK/st16.jsonl" --lr 1e-3 --steps 1000 --stop-after 500 \
+        --batch-size 32 --warmup-steps 30)
+    run Mts --model "$WORK/Mt.base" "${MS[@]}"
+    run M0s --model "$WORK/K7j_R" "${MS[@]}"
 fi
