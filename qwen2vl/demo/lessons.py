@@ -118,6 +118,13 @@ def write_word_set(out: str | Path, cases: int, seed: int, letters: tuple[int, i
     (docs/demo.md), so the lesson starts from one big character and moves to the suite's words. `side`: every
     picture side x side (default the suite's random sizes); a size the word does not fit is drawn again.
     `strip`: instead, each picture just big enough for its word (scenes.strip: 56 px tall, 4-16 tokens)."""
+    return _write_lesson(out, cases, *word_lesson(seed, letters, sizes, side, strip))
+
+
+def word_lesson(seed: int, letters: tuple[int, int] = (3, 6), sizes: tuple[int, int] = (18, 40),
+                side: int | None = None, strip: bool = False):
+    """(name, lesson) of `write_word_set`'s set of `seed`: `lesson_case(name, lesson, i)` is its picture i,
+    drawn again without writing it (the reading report's held-out strips)."""
     if not (1 <= letters[0] <= letters[1] and 1 <= sizes[0] <= sizes[1]):
         raise ValueError(f"words of {letters[0]}-{letters[1]} characters at font {sizes[0]}-{sizes[1]}: each range is "
                          "lo-hi with 1 <= lo <= hi")
@@ -146,18 +153,23 @@ def write_word_set(out: str | Path, cases: int, seed: int, letters: tuple[int, i
         image = draw_scene(width, height, random_background(rng), [], word=(word, size, x, y))
         return image, [(TEXT_QUESTION, word)]
 
-    return _write_lesson(out, cases, f"qwen2vl-demo-{'strip' if strip else 'word'}:{seed}", lesson)
+    return f"qwen2vl-demo-{'strip' if strip else 'word'}:{seed}", lesson
+
+
+def lesson_case(name: str, lesson, index: int):
+    """Case `index` of the lesson set `name`: (picture, [(question, answer), ...])."""
+    return lesson(random.Random(f"{name}:{index}"))
 
 
 def _write_lesson(out: str | Path, cases: int, name: str, lesson) -> Path:
-    """OUT/train.jsonl and OUT/img/: case i is `lesson(random.Random(f"{name}:{i}"))` = (picture, [(question,
-    answer), ...]), one line a picture, its questions asked in turn."""
+    """OUT/train.jsonl and OUT/img/: case i is `lesson_case(name, lesson, i)` = (picture, [(question, answer),
+    ...]), one line a picture, its questions asked in turn."""
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     path = out / "train.jsonl"
     with open(path, "w") as f:
         for index in range(cases):
-            image, turns = lesson(random.Random(f"{name}:{index}"))
+            image, turns = lesson_case(name, lesson, index)
             picture = f"img/{index:06d}.png"
             image.save(out / picture)
             messages = []

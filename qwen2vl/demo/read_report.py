@@ -16,24 +16,21 @@ one that does not. The figures the docs give since "Reading on strips" are these
 from __future__ import annotations
 
 import argparse
-import random
 
-from qwen2vl.demo import scenes
 from qwen2vl.demo.evaluate import EVAL_SEED, run_llm
-from qwen2vl.demo.tasks import TEXT_QUESTION, Case, render_cases
+from qwen2vl.demo.lessons import lesson_case, word_lesson
+from qwen2vl.demo.tasks import Case, render_cases
 
 STRIP_SEED = 9602
-WORD_LETTERS = (3, 6)
 
 
 def strip_cases(seed: int, cases: int) -> list[Case]:
     """The strips `python -m qwen2vl.demo.dataset DIR --words 3-6 --strip --seed SEED` writes, as cases."""
+    name, lesson = word_lesson(seed, strip=True)
     out = []
     for index in range(cases):
-        rng = random.Random(f"qwen2vl-demo-strip:{seed}:{index}")  # lessons.write_word_set's stream
-        word = scenes.random_word(rng, WORD_LETTERS)
-        image = scenes.strip(rng, word, rng.randint(*scenes.FONT_SIZES))[0]
-        out.append(Case("text", [image], TEXT_QUESTION, word, info={"word": word}))
+        image, [(question, word)] = lesson_case(name, lesson, index)
+        out.append(Case("text", [image], question, word, info={"word": word}))
     return out
 
 
