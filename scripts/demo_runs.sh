@@ -79,8 +79,12 @@ letters() {  # FROM ADAPTER ROWS OUT [--keep-read]: the letters' rows (docs/demo
     python -m qwen2vl merge "$WORK/$1" "$WORK/$2" "$WORK/$3" --tokens-only
     rows_suite
     mix l2.jsonl 5 rows_suite/train.jsonl letters/train.jsonl:3000
-    run "$4" --model "$WORK/$3" --data "$WORK/l2.jsonl" --train-tokens "$rows" --steps 400 --batch-size 16 --lr 3e-3 \
-        --warmup-steps 20 --adam-beta2 0.95 --log-every 50 "${device[@]}"
+    rows_run "$4" "$3" l2.jsonl "$rows"
+}
+rows_run() {  # OUT FROM LINES ROWS: the rows alone taught on LINES (every other weight frozen): the letters' second
+    # step and read_rows
+    run "$1" --model "$WORK/$2" --data "$WORK/$3" --train-tokens "$4" --steps 400 --batch-size 16 --lr 3e-3 \
+        --warmup-steps 20 --adam-beta2 0.95 --log-every 50 ${DEVICE:+--device "$DEVICE"}
 }
 rows_suite() {  # the suite's lines the letters' rows are taught beside (no words read: the rows' own step)
     python -m qwen2vl.demo.dataset "$WORK/rows_suite" --cases 3000 --seed 7701 \
@@ -89,15 +93,12 @@ rows_suite() {  # the suite's lines the letters' rows are taught beside (no word
 read_rows() {  # FROM OUT: FROM's letters' rows (vocab --keep-read) taught again beside reading lines, every other
     # weight frozen: the rows the letters step moved stop answering where a word is read (K7j_L read `PKLCT4` as
     # `at X7F`), and the letters and the suite's lines keep what they are for (docs/demo.md, "K7j_R: shipped")
-    local rows device=(${DEVICE:+--device "$DEVICE"})
     [ -f "$WORK/letters/train.jsonl" ] || python -m qwen2vl.demo.letters "$WORK/letters" --cases 20000 --seed 1
     rows_suite
     set_of r_text 9701 3000 --only text
     set_of r_st 9702 3000 --words 3-6 --strip
     mix "$2.jsonl" 5 rows_suite/train.jsonl letters/train.jsonl:3000 r_text/train.jsonl r_st/train.jsonl
-    rows=$(python -m qwen2vl.demo.vocab "$WORK/$1" --keep-read)
-    run "$2" --model "$WORK/$1" --data "$WORK/$2.jsonl" --train-tokens "$rows" --steps 400 --batch-size 16 --lr 3e-3 \
-        --warmup-steps 20 --adam-beta2 0.95 --log-every 50 "${device[@]}"
+    rows_run "$2" "$1" "$2.jsonl" "$(python -m qwen2vl.demo.vocab "$WORK/$1" --keep-read)"
 }
 CHECKPOINT_FILES=(config.json model.safetensors tokenizer.json tokenizer_config.json preprocessor_config.json
     generation_config.json)  # what the package's checkpoint folder ships besides train.log
