@@ -4,8 +4,8 @@
   SDPA's math path (3-D inputs: the default) against its fused kernel (4-D: what matmul="int8" and AMX run),
   with each one's relative error against float32;
 - vision attention (1024 patches, 16 heads of 80, float32 as the tower computes below AVX-512 BF16):
-  attention._matmul_attention taking 2 or 4 heads a slab (the same bits); in bf16, plain matmuls
-  against SDPA's fused kernel (what a bf16 model runs with AMX).
+  attention._matmul_attention taking 2 or 4 heads a slab (the same bits) against SDPA's fused kernel (what
+  an Intel CPU runs); in bf16, plain matmuls against SDPA's fused kernel (what a bf16 model runs with AMX).
 
     QWEN2VL_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.attention_cpu
 """
@@ -64,9 +64,12 @@ def main() -> None:
 
     q, k, v = (torch.randn(1024, 16, 80, generator=g) for _ in range(3))
     assert torch.equal(_matmul_attention(q, k, v, heads=2), _matmul_attention(q, k, v, heads=4))
+    # float32, as the tower computes without bf16 matmuls: SDPA's fused kernel is what the CPU backend asks for
+    # on Intel CPUs (backend.py's sdpa_vision); AMD keeps the plain matmuls until this says otherwise
     report("vision attention, 1024 patches, float32:", alternate(
         {"2 heads a slab": lambda: _matmul_attention(q, k, v, heads=2).reshape(1024, -1),
-         "4 heads a slab": lambda: _matmul_attention(q, k, v, heads=4).reshape(1024, -1)}, args.reps), 32)
+         "4 heads a slab": lambda: _matmul_attention(q, k, v, heads=4).reshape(1024, -1),
+         "SDPA fused (Intel)": lambda: block_diagonal_attention(q, k, v, [0, 1024], matmul_min=0)}, args.reps), 32)
 
     # bf16, as the tower computes with bf16 matmuls: plain matmuls (CPU_MATMUL_ATTENTION_MIN) or SDPA's
     # fused kernel (what the CPU backend asks for with AMX), each one's error against float64

@@ -113,11 +113,12 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out[0].transpose(0, 1)
 
 
-# From this many tokens a block on the CPU goes through _matmul_attention: measured 2x faster than
+# From this many tokens a block on the CPU goes through _matmul_attention: measured (a Zen 5, bf16) 2x faster than
 # SDPA's flash kernel from 256 tokens (1024: 15 vs 30 ms a layer, 4096: 0.18 vs 0.47 s), slower at 64.
 # Not with AMX: there SDPA's flash kernel runs bf16 on the tiles, 1.5x faster at 1024 (8.6 vs 12.8 ms a
 # layer on a 2-vCPU Xeon, benchmarks/attention_cpu.py), and the CPU backend's ops ask for SDPA
-# (VisionKernels.matmul_min)
+# (VisionKernels.matmul_min); nor in float32 on Intel CPUs, where SDPA's flash kernel measured 1.4-2x faster at
+# every length (an Ice Lake Xeon, 1024: 26 vs 52 ms a layer; backends/cpu/backend.py)
 CPU_MATMUL_ATTENTION_MIN = 256
 _SCORES_BUDGET = 1 << 22  # score elements per chunk (8 MB in bf16): the chunk stays in L3
 

@@ -66,6 +66,11 @@ class CpuBackend(TorchBackend):
         # matmuls (attention.py), prefill 3.4-4.2x the math path's speed a layer of the 2B's 283-token prefill on a
         # 2-vCPU Xeon (benchmarks/attention_cpu.py)
         sdpa_on_tiles = compute == torch.bfloat16 and self.isa.has("amx_bf16")
+        # in float32 on an Intel CPU SDPA's fused kernel also beats plain matmuls at every block length: 1.4-2x on
+        # an Ice Lake Xeon (1024 patches: 26 against 52 ms a layer; AVX2-capped 58 against 98), whose 16 MB of
+        # float32 scores a slab the plain matmuls walk through memory. Not measured on AMD in float32 (a Zen 5's
+        # bf16 took matmuls 2x faster: attention.py), so AMD keeps them until benchmarks/attention_cpu.py says
+        sdpa_vision = sdpa_on_tiles or (compute == torch.float32 and self.isa.vendor == "GenuineIntel")
         # SDPA's fused kernel for prefill attention: there, and with the int8 knob in effect (its kernel
         # loaded), which trades bits for TTFT
         self.fused_prefill = heavy == torch.int8 or sdpa_on_tiles
@@ -97,7 +102,7 @@ class CpuBackend(TorchBackend):
             model.model.ops = TextKernels(layer_ops, layer_ops.supports)
             self.fused_decode = True
         if tower is not None and vision_ops.library() is not None:  # bf16, or float32 where it computes in that
-            tower.ops = VisionKernels(vision_ops, vision_ops.supports, matmul_min=0 if sdpa_on_tiles else None)
+            tower.ops = VisionKernels(vision_ops, vision_ops.supports, matmul_min=0 if sdpa_vision else None)
 
     def attention(self, q, k, v, k_cache, v_cache, batch):
         if self.fused_decode and batch.is_decode and q.dtype == torch.bfloat16:
