@@ -1,8 +1,9 @@
 """The CPU's attention at the 2B's time-to-first-token shapes, variants alternating in one process:
 
-- decoder prefill (283 tokens, 12 query and 2 kv heads of 128, bf16): paged_attention.varlen through
-  SDPA's math path (3-D inputs: the default) against its fused kernel (4-D: what matmul="int8" and AMX run),
-  with each one's relative error against float32;
+- decoder prefill (283 tokens or --prefill-tokens, 12 query and 2 kv heads of 128, bf16): paged_attention.varlen
+  through SDPA's math path (3-D inputs: the default where bf16 matmuls are native) against its fused kernel
+  (4-D: what matmul="int8" and AMX run) in bf16 and on float32 copies (what CPUs without bf16 matmuls run),
+  with each one's relative error against float64;
 - vision attention (1024 patches, 16 heads of 80, float32 as the tower computes below AVX-512 BF16):
   attention._matmul_attention taking 2 or 4 heads a slab (the same bits) against SDPA's fused kernel (what
   an Intel CPU runs); in bf16, plain matmuls against SDPA's fused kernel (what a bf16 model runs with AMX).
@@ -46,21 +47,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill-tokens", type=int, default=283, help="the decoder prefill's length (283: the 2B's "
+                    "448x448 image + question)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
 
-    n = 283
+    n = args.prefill_tokens
     q, k, v = (torch.randn(n, h, 128, generator=g).bfloat16() for h in (12, 2, 2))
     # one sequence, nothing cached: varlen attends over the fresh k/v (the cache is not read)
     batch = PagedBatch(torch.arange(n), [0], [n], [n], torch.arange(n)[None], torch.tensor([n]))
-    ref = varlen(q.float(), k.float(), v.float(), None, None, batch)
-    for fused in (False, True):
-        err = (varlen(q, k, v, None, None, batch, fused).float() - ref).norm() / ref.norm()
-        print(f"decoder prefill, fused={fused}: relative error vs float32 {err:.2e}")
-    report("decoder prefill attention, 283 tokens, bf16:", alternate(
-        {"math path": lambda: varlen(q, k, v, None, None, batch),
-         "fused (int8 knob, AMX)": lambda: varlen(q, k, v, None, None, batch, True)}, args.reps), 28)
+    ref = varlen(q.double(), k.double(), v.double(), None, None, batch)
+    paths = {"math path": lambda: varlen(q, k, v, None, None, batch),
+             "fused (int8 knob, AMX)": lambda: varlen(q, k, v, None, None, batch, True),
+             "fused on float32 copies": lambda: varlen(q, k, v, None, None, batch, True, torch.float32)}
+    for name, fn in paths.items():
+        print(f"decoder prefill, {name}: relative error vs float64 {(fn().double() - ref).norm() / ref.norm():.2e}")
+    report(f"decoder prefill attention, {n} tokens, bf16 (float32 copies: where bf16 matmuls are emulated):",
+           alternate(paths, args.reps), 28)
 
     q, k, v = (torch.randn(1024, 16, 80, generator=g) for _ in range(3))
     assert torch.equal(_matmul_attention(q, k, v, heads=2), _matmul_attention(q, k, v, heads=4))

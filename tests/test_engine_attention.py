@@ -27,6 +27,19 @@ def test_varlen_matches_causal_attention(cached, new, fused):
     torch.testing.assert_close(paged_attention(q, k, v, cache.k[0], cache.v[0], batch, fused), want)
 
 
+@pytest.mark.parametrize("cached, new", [([0], [7]), ([5], [6]), ([0, 9, 3, 12], [5, 1, 4, 1])])
+def test_bf16_attends_in_float32_copies_when_asked(cached, new):
+    """What the CPU backend asks for where bf16 matmuls would be emulated: the fused kernel on float32
+    copies of q and of the fresh and cached k/v, the output rounded once to bf16."""
+    q, k, v, cache, batch, want = build(cached, new)
+    q, k, v, kc, vc = (x.bfloat16() for x in (q, k, v, cache.k[0], cache.v[0]))
+    got = paged_attention(q, k, v, kc, vc, batch, True, torch.float32)
+    assert got.dtype == torch.bfloat16
+    exact = varlen(*(x.float() for x in (q, k, v, kc, vc)), batch, True).bfloat16()
+    assert torch.equal(got, exact)
+    torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.03)
+
+
 @pytest.mark.parametrize("cached", [[0, 13, 3, 30, 7], [9, 9, 9], [21]])  # padded + masked, or sliced
 def test_batched_decode_matches_varlen_and_causal_attention(cached):
     q, k, v, cache, batch, want = build(cached, [1] * len(cached), seed=1)

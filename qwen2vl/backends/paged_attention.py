@@ -68,12 +68,14 @@ class PagedAttend:
     def __call__(self, layer: int, q, k, v) -> torch.Tensor:
         return self.backend.attention(q, k, v, *self.layers[layer], self.batch)
 
-def paged_attention(q, k, v, k_cache, v_cache, batch: PagedBatch, fused: bool = False) -> torch.Tensor:
+def paged_attention(q, k, v, k_cache, v_cache, batch: PagedBatch, fused: bool = False,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """q [N, Hq, Dh], fresh k/v [N, Hkv, Dh] (already written to the cache),
-    k_cache/v_cache [num_blocks, block_size, Hkv, Dh] of one layer -> [N, Hq, Dh]. `fused`: see varlen."""
+    k_cache/v_cache [num_blocks, block_size, Hkv, Dh] of one layer -> [N, Hq, Dh]. `fused`, `dtype`
+    (prefill's): see varlen."""
     if batch.is_decode:
         return decode(q, k_cache, v_cache, batch)
-    return varlen(q, k, v, k_cache, v_cache, batch, fused)
+    return varlen(q, k, v, k_cache, v_cache, batch, fused, dtype)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -82,12 +84,15 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[2:])
 
 
-def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch, fused: bool = False) -> torch.Tensor:
+def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch, fused: bool = False,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
     """`fused`: SDPA on 4-D inputs, which its fused CPU (flash) kernel takes, instead of the 3-D ones
     that run its unfused math path (the default, whose bits the engine's tests pin). In bf16 on 2
     AVX2 cores (no bf16 matmuls) the fused one took 0.25x the math path's time a layer of the 2B's
     283-token prefill (12 vs 42 ms, shared machine), relative error vs float32 0.0019 against 0.0016
-    (benchmarks/attention_cpu.py); matmul="int8" asks for it."""
+    (benchmarks/attention_cpu.py); matmul="int8" asks for it. `dtype`: what SDPA computes in (q's by
+    default); float32 copies give the fused kernel the math path's accuracy (the math path upcasts
+    bf16 itself), which the CPU backend asks for where bf16 matmuls would be emulated."""
     out = torch.empty_like(q)
     for i, (start, n, ctx) in enumerate(zip(batch.q_starts, batch.q_lens, batch.ctx_lens)):
         rows = slice(start, start + n)
@@ -101,7 +106,7 @@ def varlen(q, k, v, k_cache, v_cache, batch: PagedBatch, fused: bool = False) ->
             if n > 1:  # query j sees keys up to ctx - n + j
                 idx = torch.arange(ctx, device=q.device)
                 mask = idx[None, :] <= idx[ctx - n :, None]
-        qh, kh, vh = (x.transpose(0, 1) for x in (q[rows], kk, vv))  # [H, n, Dh]
+        qh, kh, vh = (x.transpose(0, 1).to(dtype or x.dtype) for x in (q[rows], kk, vv))  # [H, n, Dh]
         if fused:
             qh, kh, vh = qh[None], kh[None], vh[None]
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, enable_gqa=True)

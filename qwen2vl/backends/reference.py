@@ -78,6 +78,7 @@ class TorchBackend:
 
     name = "torch"
     fused_prefill = False  # prefill attention through SDPA's fused kernel (paged_attention.varlen's `fused`)
+    prefill_dtype = None  # and in this dtype (varlen's `dtype`; None: the activations')
 
     def prepare(self, model, quantization: str | None) -> None:
         """The torch code as it is: q/k/v fused into one linear, the linears quantized if asked
@@ -94,7 +95,7 @@ class TorchBackend:
     def attention(self, q, k, v, k_cache, v_cache, batch: PagedBatch) -> torch.Tensor:
         """Write this step's k/v to the cache, then attend q [N, Hq, Dh] over it -> [N, Hq, Dh]."""
         self.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        return paged_attention(q, k, v, k_cache, v_cache, batch, fused=self.fused_prefill)
+        return paged_attention(q, k, v, k_cache, v_cache, batch, self.fused_prefill, self.prefill_dtype)
 
     def decode_step(self, model, cache):
         """A callable running a whole decode step (x, positions, batch) -> hidden, or None: the

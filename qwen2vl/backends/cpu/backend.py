@@ -74,6 +74,11 @@ class CpuBackend(TorchBackend):
         # SDPA's fused kernel for prefill attention: there, and with the int8 knob in effect (its kernel
         # loaded), which trades bits for TTFT
         self.fused_prefill = heavy == torch.int8 or sdpa_on_tiles
+        if dtype in HALF and compute == torch.float32:
+            # without bf16 (fp16) matmuls the math path upcasts to float32 itself; the fused kernel on float32 copies
+            # keeps its accuracy at 0.5x its time a layer of 283 tokens, 0.28x of 1,024, 0.25x of 4,096 (1.5 s of
+            # a layer; an Ice Lake Xeon, benchmarks/attention_cpu.py), and a long document's prefill with it
+            self.fused_prefill, self.prefill_dtype = True, torch.float32
         if heavy == torch.int8:
             # decode rows (SMALL_ROWS or fewer a call) keep the linear they had: FastLinear, an Int8Linear
             fast = None if dtype == torch.float32 else (
