@@ -13,7 +13,8 @@ load:
 The compute-dtype policy: where the CPU has no native bf16 matmul (no AVX-512 BF16, no AMX), torch
 emulates bf16 GEMMs ~6-10x slower than float32, so a bf16 model keeps its bf16 weights and KV cache
 but its matmuls run in float32: the decoder's linears convert activations on the way in and out,
-and the vision tower (GEMMs and attention, all compute-bound) runs in float32 throughout.
+the vision tower (GEMMs and attention, all compute-bound) runs in float32 throughout, and prefill
+attention runs SDPA's fused kernel on float32 copies of q/k/v.
 
 Its one knob, `matmul="int8"` (LLM's argument, Isa.matmul_dtype): the matmul-heavy phases in int8
 (int8_mm.py): the vision tower's linears become int8 codes, and each decoder linear gets int8 codes
