@@ -114,6 +114,6 @@ def test_the_knob_fuses_prefill_attention_only_where_it_is_in_effect(monkeypatch
             q, k, v, cache, batch, want = build([0, 3], [5, 4])
             torch.testing.assert_close(model.backend.attention(q, k, v, *cache.layers[0], batch), want)
             assert seen.pop() == model.backend.fused_prefill and not seen
-            # fused too where bf16 matmuls would be emulated (in float32 then: test_paged_attention.py)
+            # fused too where bf16 matmuls would be emulated (on float32 copies then: test_engine_attention.py)
             emulated = not model.backend.isa.native_bf16_matmul
             assert model.backend.fused_prefill == (emulated or (tier != "none" and int8_mm.library() is not None))
