@@ -67,19 +67,18 @@ class CpuBackend(TorchBackend):
         # matmuls (attention.py), prefill 3.4-4.2x the math path's speed a layer of the 2B's 283-token prefill on a
         # 2-vCPU Xeon (benchmarks/attention_cpu.py)
         sdpa_on_tiles = compute == torch.bfloat16 and self.isa.has("amx_bf16")
+        emulated = dtype in HALF and compute == torch.float32  # a 16-bit model whose matmuls run in float32
         # in float32 on an Intel CPU SDPA's fused kernel also beats plain matmuls at every block length: 1.4-2x on
         # an Ice Lake Xeon (1024 patches: 26 against 52 ms a layer; AVX2-capped 58 against 98), whose 16 MB of
         # float32 scores a slab the plain matmuls walk through memory. Not measured on AMD in float32 (a Zen 5's
         # bf16 took matmuls 2x faster: attention.py), so AMD keeps them until benchmarks/attention_cpu.py says
-        sdpa_vision = sdpa_on_tiles or (compute == torch.float32 and self.isa.vendor == "GenuineIntel")
-        # SDPA's fused kernel for prefill attention: there, and with the int8 knob in effect (its kernel
-        # loaded), which trades bits for TTFT
-        self.fused_prefill = heavy == torch.int8 or sdpa_on_tiles
-        if dtype in HALF and compute == torch.float32:
-            # without bf16 (fp16) matmuls the math path upcasts to float32 itself; the fused kernel on float32 copies
-            # keeps its accuracy at 0.5x its time a layer of 283 tokens, 0.28x of 1,024, 0.25x of 4,096 (1.5 s of
-            # a layer; an Ice Lake Xeon, benchmarks/attention_cpu.py), and a long document's prefill with it
-            self.fused_prefill, self.prefill_dtype = True, torch.float32
+        sdpa_vision = sdpa_on_tiles or (emulated and self.isa.vendor == "GenuineIntel")
+        # SDPA's fused kernel for prefill attention: there, with the int8 knob in effect (its kernel loaded), which
+        # trades bits for TTFT, and where matmuls are emulated, on float32 copies: the math path upcasts to float32
+        # itself, and the fused kernel keeps its accuracy at 0.5x its time a layer of 283 tokens, 0.28x of 1,024,
+        # 0.25x of 4,096 (1.5 s of a layer; an Ice Lake Xeon, benchmarks/attention_cpu.py)
+        self.fused_prefill = heavy == torch.int8 or sdpa_on_tiles or emulated
+        self.prefill_dtype = torch.float32 if emulated else None
         if heavy == torch.int8:
             # decode rows (SMALL_ROWS or fewer a call) keep the linear they had: FastLinear, an Int8Linear
             fast = None if dtype == torch.float32 else (
