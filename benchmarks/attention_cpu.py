@@ -2,8 +2,8 @@
 
 - decoder prefill (283 tokens or --prefill-tokens, 12 query and 2 kv heads of 128, bf16): paged_attention.varlen
   through SDPA's math path (3-D inputs: the default where bf16 matmuls are native) against its fused kernel
-  (4-D: what matmul="int8" and AMX run) in bf16 and on float32 copies (what CPUs without bf16 matmuls run),
-  with each one's relative error against float64;
+  (4-D) in bf16 (what AMX runs, and matmul="int8" with bf16 matmuls) and on float32 copies (what CPUs without
+  bf16 matmuls run, the int8 knob too), with each one's relative error against float64;
 - vision attention (1024 patches, 16 heads of 80, float32 as the tower computes below AVX-512 BF16):
   attention._matmul_attention taking 2 or 4 heads a slab (the same bits) against SDPA's fused kernel (what
   an Intel CPU runs); in bf16, plain matmuls against SDPA's fused kernel (what a bf16 model runs with AMX).
@@ -59,7 +59,7 @@ def main() -> None:
     batch = PagedBatch(torch.arange(n), [0], [n], [n], torch.arange(n)[None], torch.tensor([n]))
     ref = varlen(q.double(), k.double(), v.double(), None, None, batch)
     paths = {"math path": lambda: varlen(q, k, v, None, None, batch),
-             "fused (int8 knob, AMX)": lambda: varlen(q, k, v, None, None, batch, True),
+             "fused in bf16 (AMX)": lambda: varlen(q, k, v, None, None, batch, True),
              "fused on float32 copies": lambda: varlen(q, k, v, None, None, batch, True, torch.float32)}
     for name, fn in paths.items():
         print(f"decoder prefill, {name}: relative error vs float64 {(fn().double() - ref).norm() / ref.norm():.2e}")
